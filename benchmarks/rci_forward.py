@@ -1,0 +1,57 @@
+"""RCI forward vs plain forward, in one run: prints time ratios at N = K and N = 1.5K.
+
+Usage: python benchmarks/rci_forward.py [--device cpu|cuda] [--k 64] [--width 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import interleaved_medians  # noqa: E402
+
+from codedsmooth.core import SplineCode, rci_forward  # noqa: E402
+from codedsmooth.models import build_model, resolve_device  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--width", type=int, default=64, help="PreActResNet-18 width (64 = standard)")
+    ap.add_argument("--rounds", type=int, default=10)
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    k = args.k
+    setups = {
+        "small_cnn 8x8 (digits)": (build_model("small_cnn", image_size=8, in_channels=1), (1, 8, 8)),
+        f"preact_resnet18 w{args.width} 32x32": (build_model("preact_resnet18", width=args.width), (3, 32, 32)),
+    }
+    print(f"device={device} K={k} threads={torch.get_num_threads()}")
+    for label, (model, shape) in setups.items():
+        model = model.to(device).eval()
+        trunk, block = model.split()
+        x = torch.rand(k, *shape, device=device)
+        gen = torch.Generator().manual_seed(0)
+        codes = {n: SplineCode(k, n, device=device) for n in (k, math.ceil(1.5 * k))}
+        with torch.inference_mode():
+            fns = {"plain": lambda: model(x)}
+            for n, code in codes.items():
+                fns[f"rci N={n}"] = lambda code=code: rci_forward(block, trunk(x), code, gen)
+            med = interleaved_medians(fns, rounds=args.rounds, sync=sync)
+        base = med["plain"]
+        parts = [f"plain {base * 1e3:.2f} ms"]
+        for n in codes:
+            parts.append(f"rci N={n}: {med[f'rci N={n}'] * 1e3:.2f} ms, ratio {med[f'rci N={n}'] / base:.3f}")
+        print(f"{label}: " + " | ".join(parts))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from codedsmooth.models import TrainConfig, load_checkpoint, load_dataset, train
+
+
+@pytest.mark.parametrize("method", ["erm", "mixup", "coded"])
+def test_each_method_learns_digits(method, digits, tmp_path):
+    res = train(TrainConfig(method=method, epochs=3, width=8, batch_size=32, out=str(tmp_path / method), progress=False), data=digits)
+    assert res.test_accuracy > 0.5  # chance is 0.1
+    ck = load_checkpoint(res.checkpoint)
+    assert ck.config["training"]["method"] == method
+    assert len(ck.config["history"]) == 3
+    if method == "coded":
+        ns = [h["n"] for h in ck.config["history"]]
+        assert ns[0] == 32 and ns[-1] == 48
+        assert all(h["coded_loss"] > 0 for h in ck.config["history"])
+
+
+def test_invalid_config_is_rejected():
+    with pytest.raises(ValueError, match="--n-end must be >= --batch-size"):
+        TrainConfig(batch_size=32, n_end=16).validate()
+    with pytest.raises(ValueError, match="--method"):
+        TrainConfig(method="sgd").validate()
+
+
+def test_imagefolder_built_on_the_fly(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls, base in (("dark", 40), ("light", 210)):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(12):
+            arr = np.clip(base + rng.normal(0, 20, (20, 24, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(tmp_path / "data" / cls / f"{i}.png")
+    data = load_dataset("imagefolder", tmp_path / "data", image_size=8)
+    assert data.classes == ["dark", "light"] and data.input_shape == (3, 8, 8)
+    assert len(data.train_x) + len(data.test_x) == 24
+    res = train(TrainConfig(data="imagefolder", arch="small_cnn", method="coded", epochs=5, width=4, batch_size=6, lr=0.05, out=str(tmp_path / "ck"), progress=False), data=data)
+    assert res.test_accuracy >= 0.5
+
+
+def test_cli_train_writes_checkpoint_and_rejects_bad_options(tmp_path):
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "codedsmooth.cli", "train", "--epochs", "1", "--width", "4", "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["checkpoint"] == str(out)
+    assert "epoch 1/1" in proc.stderr
+    bad = subprocess.run([sys.executable, "-m", "codedsmooth.cli", "train", "--data", "cifar10"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--data-dir" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_import_from_a_directory_with_its_own_models_folder(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text("raise ImportError('the user folder was imported')\n")
+    (tmp_path / "core").mkdir()
+    (tmp_path / "core" / "__init__.py").write_text("raise ImportError('the user folder was imported')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", "import codedsmooth.core, codedsmooth.models; import models"],
+        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60,
+    )
+    assert "the user folder was imported" in proc.stderr  # the user's own `models` is theirs
+    proc = subprocess.run([sys.executable, "-c", "import codedsmooth.core, codedsmooth.models"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
