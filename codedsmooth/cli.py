@@ -44,18 +44,66 @@ def _run_train(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    from codedsmooth.service.settings import ServeSettings
+
+    p = sub.add_parser(
+        "serve",
+        help="serve a checkpoint over HTTP with randomized coded inference",
+        description="Every option is also read from the env var CODEDSMOOTH_<NAME> (flags win).",
+    )
+    for name, field in ServeSettings.model_fields.items():
+        if name == "log_level":  # the global --log-level covers it
+            continue
+        flag = "--" + name.replace("_", "-")
+        env = f"CODEDSMOOTH_{name.upper()}"
+        default = "none" if field.default is None else field.default
+        helptext = f"{field.description} (env {env}; default: {default})"
+        annotation = str(field.annotation)
+        if field.annotation is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        elif "Literal" in annotation:
+            p.add_argument(flag, choices=list(field.annotation.__args__), default=None, help=helptext)
+        else:
+            kind = int if "int" in annotation else float if "float" in annotation else str
+            p.add_argument(flag, type=kind, default=None, help=helptext)
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from pydantic import ValidationError
+
+    from codedsmooth.service.server import run_server
+    from codedsmooth.service.settings import ServeSettings
+
+    given = {k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None}
+    if args.log_level is not None:
+        given["log_level"] = args.log_level.lower()
+    try:
+        settings = ServeSettings(**given)
+    except ValidationError as exc:
+        lines = [f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
+        raise ValueError("; ".join(lines)) from None
+    if settings.checkpoint is not None:
+        from codedsmooth.models import load_checkpoint
+
+        load_checkpoint(settings.checkpoint)  # fail fast with the file and the problem, before binding
+    return run_server(settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codedsmooth", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    parser.add_argument("--log-level", default=None, help="logging level: debug, info, warning, error (default: info)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_serve(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=(args.log_level or "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:

@@ -1,0 +1,185 @@
+"""Micro-batcher: one asyncio queue, batches by item count and delay, model off the event loop.
+
+The delay timer starts when the batch's first request arrived, so a request
+that already waited behind a running batch is not held any longer. Requests
+whose client went away or whose deadline passed are dropped before compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from .engine import BatchResult, InferenceEngine
+from .errors import DeadlineExceeded, Unavailable
+from .metrics import Metrics
+
+log = logging.getLogger("codedsmooth.batcher")
+
+
+@dataclass
+class Work:
+    inputs: torch.Tensor
+    arrival: float  # time.monotonic()
+    deadline: float
+    future: asyncio.Future = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+class MicroBatcher:
+    def __init__(self, engine: InferenceEngine, metrics: Metrics, max_batch_size: int, max_delay_s: float, max_queue_size: int):
+        self.engine = engine
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.queue: asyncio.Queue[Work] = asyncio.Queue(maxsize=max_queue_size)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codedsmooth-model")
+        self.draining = False
+        self.busy = False
+        self._held: Work | None = None  # a request that did not fit the last batch
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="codedsmooth-batcher")
+
+    @property
+    def idle(self) -> bool:
+        return self.queue.empty() and self._held is None and not self.busy
+
+    def submit(self, inputs: torch.Tensor, arrival: float, deadline: float) -> asyncio.Future:
+        """Queue one request; raises ``Unavailable`` at once when draining or full."""
+        if self.draining:
+            self.metrics.rejected.labels("draining").inc()
+            raise Unavailable("server is shutting down", retry_after_s=5)
+        fut = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait(Work(inputs, arrival, deadline, fut))
+        except asyncio.QueueFull:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise Unavailable(f"queue full ({self.queue.maxsize} requests waiting)", retry_after_s=1) from None
+        self.metrics.queue_depth.set(self.queue.qsize())
+        return fut
+
+    async def _next_batch(self) -> list[Work]:
+        first = self._held or await self.queue.get()
+        self._held = None
+        self.busy = True  # from here until the batch is answered, the batcher is not idle
+        batch, items = [first], first.size
+        until = first.arrival + self.max_delay_s
+        while items < self.max_batch_size:
+            try:
+                work = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = until - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    work = await asyncio.wait_for(self.queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            if items + work.size > self.max_batch_size:
+                self._held = work
+                break
+            batch.append(work)
+            items += work.size
+        self.metrics.queue_depth.set(self.queue.qsize())
+        return batch
+
+    def _live(self, batch: list[Work]) -> list[Work]:
+        now = time.monotonic()
+        live = []
+        for work in batch:
+            if work.future.done():  # cancelled: the client went away or its handler timed out
+                self.metrics.rejected.labels("cancelled").inc()
+            elif now >= work.deadline:
+                self.metrics.rejected.labels("deadline").inc()
+                work.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+            else:
+                live.append(work)
+                self.metrics.queue_wait.observe(now - work.arrival)
+        return live
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = self._live(await self._next_batch())
+            try:
+                if not batch:
+                    continue
+                start = time.perf_counter()
+                result: BatchResult = await loop.run_in_executor(self.executor, self.engine.run, [w.inputs for w in batch])
+                self._observe(result, time.perf_counter() - start, len(batch))
+                for work, probs in zip(batch, result.probabilities):
+                    if not work.future.done():
+                        work.future.set_result(probs)
+            except Exception as exc:  # a failing batch: retry each request alone so one cannot sink the rest
+                log.exception("batch of %d requests failed; retrying one by one", len(batch))
+                await self._run_one_by_one(batch, exc)
+            finally:
+                self.busy = False
+
+    async def _run_one_by_one(self, batch: list[Work], first_error: Exception) -> None:
+        loop = asyncio.get_running_loop()
+        for work in batch:
+            if work.future.done():
+                continue
+            try:
+                result = await loop.run_in_executor(self.executor, self.engine.run, [work.inputs])
+                if not work.future.done():
+                    work.future.set_result(result.probabilities[0])
+            except Exception as exc:  # noqa: BLE001
+                if not work.future.done():
+                    work.future.set_exception(exc)
+
+    def _observe(self, result: BatchResult, seconds: float, requests: int) -> None:
+        m, s = self.metrics, result.stats
+        m.inference.observe(seconds)
+        m.batch_size.observe(s.items)
+        m.batch_requests.observe(requests)
+        if s.groups:
+            m.rci_groups.observe(s.groups)
+            m.rci_filler_share.observe(s.filler_share)
+        if s.checked_items:
+            m.rci_checked.inc(s.checked_items)
+            m.rci_flips.inc(s.label_flips)
+            if s.decode_residual is not None:
+                m.rci_residual.set(s.decode_residual)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new work, wait until queued and running work is done. True if it finished in time."""
+        self.draining = True
+        end = time.monotonic() + timeout_s
+        while not self.idle:
+            if time.monotonic() >= end:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for work in ([self._held] if self._held else []) + _drain_queue(self.queue):
+            if not work.future.done():
+                work.future.set_exception(Unavailable("server stopped"))
+        self.executor.shutdown(wait=True)
+
+
+def _drain_queue(queue: asyncio.Queue) -> list[Work]:
+    items = []
+    while True:
+        try:
+            items.append(queue.get_nowait())
+        except asyncio.QueueEmpty:
+            return items

@@ -1,0 +1,109 @@
+"""Request and response bodies (pydantic), for validation where cheap and for the OpenAPI document."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(..., description="what is wrong")
+
+
+class PredictRequest(BaseModel):
+    inputs: list[list[list[list[float]]]] = Field(
+        ..., description="items, each a tensor of the model's input shape [C, H, W] as nested lists of raw pixels in [0, 1]", min_length=1
+    )
+
+
+class RciInfo(BaseModel):
+    enabled: bool
+    scope: Literal["request", "batch"]
+    group_size: int = Field(..., description="K: items per coding group")
+    coded_points: int = Field(..., description="N: coded samples per coding group")
+
+
+class Prediction(BaseModel):
+    label: str
+    index: int
+    probabilities: list[float]
+
+
+class PredictResponse(BaseModel):
+    model: str
+    predictions: list[Prediction]
+    rci: RciInfo
+
+
+class ModelInfo(BaseModel):
+    name: str
+    input_shape: list[int]
+    classes: list[str]
+    method: str
+    dataset: str
+    test_accuracy: float | None
+    target_block: str
+    rci: RciInfo
+
+
+class HealthBody(BaseModel):
+    status: Literal["ok", "loading", "draining"]
+
+
+# Open Inference Protocol v2 -------------------------------------------------
+
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class V2TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata]
+
+
+class V2InferInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: Any = None
+
+
+class V2RequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class V2InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[V2InferInput] = Field(..., min_length=1)
+    outputs: list[V2RequestedOutput] | None = None
+
+
+class V2InferOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[V2InferOutput]

@@ -1,0 +1,66 @@
+"""Server settings: one pydantic object fed by CLI flags and ``CODEDSMOOTH_*`` env vars."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServeSettings(BaseSettings):
+    """Everything ``codedsmooth serve`` can be told. Flags win over env vars, env vars over defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="CODEDSMOOTH_", extra="ignore")
+
+    checkpoint: str | None = Field(None, description="checkpoint directory (default: the embedded default checkpoint)")
+    host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in the container)")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind")
+    device: str | None = Field(None, description="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="most items in one device batch")
+    max_delay_ms: float = Field(5.0, ge=0, description="longest wait for batch-mates, from the first request's arrival")
+    max_queue_size: int = Field(256, ge=1, description="requests waiting for the model; beyond this, 503 + Retry-After")
+    timeout_ms: float = Field(10000.0, gt=0, description="deadline per request, from arrival; 504 when passed")
+    rci: bool = Field(True, description="randomized coded inference on/off")
+    rci_scope: Literal["request", "batch"] = Field("request", description="code each request with trusted filler (request) or the whole micro-batch together (batch)")
+    rci_group_size: int | None = Field(None, ge=2, description="K at inference (default: the checkpoint's K)")
+    coded_points: int | None = Field(None, ge=2, description="N at inference (default: ceil(1.5 K))")
+    rci_seed: int | None = Field(None, description="fix the RCI randomness (tests and reproduction only: a fixed seed lets clients predict the code)")
+    rci_check_rate: float = Field(0.1, ge=0, le=1, description="share of batches also run without RCI to count label flips and the decode residual")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body; bigger gets 413 before it is read")
+    max_items_per_request: int = Field(64, ge=1, description="most inputs in one request")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: the CPU quota)")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long to finish in-flight requests before exiting")
+    log_level: str = Field("info", description="uvicorn log level")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value):
+        if value in (None, "", "auto"):
+            return None
+        if not (value == "cpu" or value == "cuda" or value.startswith("cuda:")):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+    def group_size(self, checkpoint_k: int) -> int:
+        return self.rci_group_size or checkpoint_k
+
+    def coded_points_for(self, k: int) -> int:
+        n = self.coded_points or math.ceil(1.5 * k)
+        if n < k:
+            raise ValueError(f"coded_points N={n} must be >= the group size K={k}")
+        return n
+
+
+def cpu_quota() -> int:
+    """CPUs this process may use: the cgroup quota if one is set, else the affinity mask."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.floor(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
