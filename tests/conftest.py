@@ -1,5 +1,3 @@
-import socket
-
 import pytest
 import torch
 
@@ -18,12 +16,6 @@ def tiny_checkpoint(tmp_path_factory, digits):
     cfg = TrainConfig(method="coded", epochs=4, width=8, batch_size=16, out=str(out), progress=False, seed=0, filler_size=32)
     train(cfg, data=digits)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
