@@ -85,9 +85,14 @@ def _run_serve(args) -> int:
         lines = [f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
         raise ValueError("; ".join(lines)) from None
     if settings.checkpoint is not None:
+        from concurrent.futures import ThreadPoolExecutor
+
         from codedsmooth.models import load_checkpoint
 
-        load_checkpoint(settings.checkpoint)  # fail fast with the file and the problem, before binding
+        # Fail fast with the file and the problem, before binding. Not on the main thread: torch
+        # kernels run there would slow the server's model thread (see codedsmooth.service.engine).
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(load_checkpoint, settings.checkpoint).result()
     return run_server(settings)
 
 

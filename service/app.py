@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -70,9 +71,10 @@ class ServiceState:
         self.ready = False
         self.draining = False
         self.in_flight = 0  # HTTP requests being handled, kept by MetricsMiddleware
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codedsmooth-model")
 
     def _load(self) -> None:
-        torch.set_num_threads(self.settings.threads or cpu_quota())
+        torch.set_num_threads(self.settings.threads or cpu_quota())  # on the model thread, as all torch work
         device = resolve_device(self.settings.device)
         path = self.settings.checkpoint or default_checkpoint_path()
         self.checkpoint = load_checkpoint(path, device=device)
@@ -84,9 +86,9 @@ class ServiceState:
         )
 
     async def start(self) -> None:
-        await asyncio.to_thread(self._load)
+        await asyncio.get_running_loop().run_in_executor(self.executor, self._load)
         s = self.settings
-        self.batcher = MicroBatcher(self.engine, self.metrics, s.max_batch_size, s.max_delay_ms / 1000.0, s.max_queue_size)
+        self.batcher = MicroBatcher(self.engine, self.metrics, self.executor, s.max_batch_size, s.max_delay_ms / 1000.0, s.max_queue_size)
         self.batcher.start()
         self.ready = True
         self.metrics.ready.set(1)
@@ -103,6 +105,7 @@ class ServiceState:
         await self.drain()
         if self.batcher is not None:
             await self.batcher.stop()
+        self.executor.shutdown(wait=True)
 
     @property
     def rci_info(self) -> RciInfo:
@@ -121,7 +124,7 @@ class ServiceState:
             raise NotFound(f"unknown model {name!r}; this server serves {self.checkpoint.name!r}")
         return self.checkpoint
 
-    async def infer(self, request: Request, x: torch.Tensor) -> torch.Tensor:
+    async def infer(self, request: Request, x: torch.Tensor) -> np.ndarray:
         """Queue ``x``, wait for its probabilities; 504 past the deadline, dropped if the client leaves."""
         self.require_ready()
         arrival = request.state.arrival
@@ -151,7 +154,12 @@ def _error_response(status: int, message: str, headers: dict[str, str] | None = 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def _predictions(probs: torch.Tensor, classes: list[str]) -> list[Prediction]:
+def _json(body) -> Response:
+    """Serialise a response model once (FastAPI would validate and encode it again)."""
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+def _predictions(probs: np.ndarray, classes: list[str]) -> list[Prediction]:
     idx = probs.argmax(1).tolist()
     return [Prediction(label=classes[i], index=i, probabilities=p) for i, p in zip(idx, probs.tolist())]
 
@@ -258,7 +266,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         ck = state.checkpoint
         x = tensor_from_predict_body(payload, ck.input_shape, settings.max_items_per_request)
         probs = await state.infer(request, x)
-        return PredictResponse(model=ck.name, predictions=_predictions(probs, ck.classes), rci=state.rci_info)
+        return _json(PredictResponse(model=ck.name, predictions=_predictions(probs, ck.classes), rci=state.rci_info))
 
     @app.post(
         "/v1/predict/image",
@@ -298,7 +306,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             await form.close()
         x = tensor_from_images(images, ck.input_shape, settings.max_items_per_request)
         probs = await state.infer(request, x)
-        return PredictResponse(model=ck.name, predictions=_predictions(probs, ck.classes), rci=state.rci_info)
+        return _json(PredictResponse(model=ck.name, predictions=_predictions(probs, ck.classes), rci=state.rci_info))
 
     # ---- Open Inference Protocol v2 ------------------------------------------
 
@@ -375,7 +383,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         binary_default = bool((req.parameters or {}).get("binary_data_output", False))
         binary_wanted = {o.name: bool((o.parameters or {}).get("binary_data", binary_default)) for o in (req.outputs or [])}
         probs = await state.infer(request, x)
-        arrays = {"probabilities": probs.numpy().astype(np.float32), "index": probs.argmax(1).numpy().astype(np.int64)}
+        arrays = {"probabilities": probs.astype(np.float32), "index": probs.argmax(1).astype(np.int64)}
         outputs, chunks = [], []
         for out_name in wanted:
             arr = arrays[out_name]

@@ -24,7 +24,7 @@ log = logging.getLogger("codedsmooth.batcher")
 
 @dataclass
 class Work:
-    inputs: torch.Tensor
+    inputs: torch.Tensor  # (n, *input_shape) float32, made from numpy without torch kernels
     arrival: float  # time.monotonic()
     deadline: float
     future: asyncio.Future = field(repr=False)
@@ -35,13 +35,13 @@ class Work:
 
 
 class MicroBatcher:
-    def __init__(self, engine: InferenceEngine, metrics: Metrics, max_batch_size: int, max_delay_s: float, max_queue_size: int):
+    def __init__(self, engine: InferenceEngine, metrics: Metrics, executor: ThreadPoolExecutor, max_batch_size: int, max_delay_s: float, max_queue_size: int):
         self.engine = engine
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.queue: asyncio.Queue[Work] = asyncio.Queue(maxsize=max_queue_size)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codedsmooth-model")
+        self.executor = executor  # the single model thread, shared with loading and warm-up
         self.draining = False
         self.busy = False
         self._held: Work | None = None  # a request that did not fit the last batch
@@ -173,7 +173,6 @@ class MicroBatcher:
         for work in ([self._held] if self._held else []) + _drain_queue(self.queue):
             if not work.future.done():
                 work.future.set_exception(Unavailable("server stopped"))
-        self.executor.shutdown(wait=True)
 
 
 def _drain_queue(queue: asyncio.Queue) -> list[Work]:

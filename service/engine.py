@@ -1,6 +1,9 @@
 """The model side of the server: trunk → (RCI over coding groups | plain block) → probabilities.
 
-Called from one worker thread only. A device batch holds the items of several
+Called from one worker thread only: every torch call of the server (load,
+warm-up, inference) runs on that thread, because CPU kernels slow down by
+about 2× once a second thread has run parallel torch work (OpenMP teams per
+thread compete for the cores). Results leave as numpy arrays. A device batch holds the items of several
 requests; the trunk runs once on all real items, the coded block runs once on
 the coded samples of all coding groups.
 
@@ -20,6 +23,7 @@ import os
 import random
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from codedsmooth.core import SplineCode, random_permutations, rci_forward_groups
@@ -40,7 +44,7 @@ class BatchStats:
 
 @dataclass
 class BatchResult:
-    probabilities: list[torch.Tensor]  # one (n_i, classes) CPU tensor per request
+    probabilities: list[np.ndarray]  # one (n_i, classes) float32 array per request
     stats: BatchStats = field(default_factory=lambda: BatchStats(0))
 
 
@@ -138,8 +142,8 @@ class InferenceEngine:
                 stats.decode_residual = float((plain - logits).pow(2).sum(1).mean())
         else:
             logits = self.block(z)
-        probs = torch.softmax(logits.float(), dim=1).cpu()
-        return BatchResult(list(torch.split(probs, sizes)), stats)
+        probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
+        return BatchResult(np.split(probs, np.cumsum(sizes)[:-1]), stats)
 
     def warm_up(self, max_batch: int) -> None:
         """Run the shapes the server will see so the first request pays no start-up cost."""

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import numpy as np
+import orjson
 import torch
 from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
@@ -26,6 +27,15 @@ def require_content_type(content_type: str | None, expected: str) -> None:
 def parse_json(raw: bytes) -> Any:
     if not raw:
         raise BadRequest("empty body; expected JSON")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if b"NaN" in raw or b"Infinity" in raw:  # not JSON, but common from Python clients; refused below
+            return _parse_lenient(raw)
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+
+
+def _parse_lenient(raw: bytes) -> Any:
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

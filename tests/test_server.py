@@ -54,7 +54,7 @@ def test_rci_on_with_fixed_seed_equals_in_process_engine(tiny_checkpoint, digits
     for scope in ("request", "batch"):
         settings = ServeSettings(rci_seed=123, rci_scope=scope, coded_points=20, rci_check_rate=0)
         engine = InferenceEngine(load_checkpoint(tiny_checkpoint), settings, torch.device("cpu"))
-        expected = engine.run([x]).probabilities[0].numpy()
+        expected = engine.run([x]).probabilities[0]
         with running_server(tiny_checkpoint, rci_seed=123, rci_scope=scope, coded_points=20, rci_check_rate=0) as server:
             got = predict(server.url, x)
             body = httpx.post(server.url + "/v1/predict", json={"inputs": x[:1].tolist()}).json()
