@@ -96,12 +96,76 @@ def _run_serve(args) -> int:
     return run_server(settings)
 
 
+def _add_attack(sub) -> None:
+    p = sub.add_parser("attack", help="attack a checkpoint in-process or a running server, with a JSON report and a plot")
+    p.add_argument("--checkpoint", default=None, help="the attacker's copy of the model; the in-process target when --url is not given (default: the embedded checkpoint)")
+    p.add_argument("--url", default=None, help="attack a running server at this URL instead of an in-process target")
+    p.add_argument("--data-dir", default=None, help="local files of the checkpoint's data set when it is not digits")
+    p.add_argument("--attack", choices=("fgsm", "pgd", "eot-pgd", "square", "cotenant"), default="pgd", help="attack (default: pgd)")
+    p.add_argument("--threat", choices=("transfer", "adaptive", "blackbox"), default="adaptive",
+                   help="transfer: gradients of the model without RCI; adaptive: gradients through RCI (EOT for eot-pgd and fgsm); blackbox: queries only (default: adaptive)")
+    p.add_argument("--eps", type=float, nargs="+", default=[0.1], help="L∞ radius in pixel units [0, 1]; several values for a sweep (default: 0.1)")
+    p.add_argument("--steps", type=int, default=20, help="PGD steps; co-tenant optimisation steps (default: 20)")
+    p.add_argument("--eot-samples", type=int, default=8, help="RCI draws averaged per gradient in EOT (default: 8)")
+    p.add_argument("--samples", type=int, default=200, help="test items attacked (default: 200)")
+    p.add_argument("--queries", type=int, default=300, help="black-box query budget per item (default: 300)")
+    p.add_argument("--repeats", type=int, default=1, help="black-box: queries averaged per candidate against RCI's randomness (default: 1)")
+    p.add_argument("--rci", action=argparse.BooleanOptionalAction, default=True, help="in-process target: RCI on/off (default: on)")
+    p.add_argument("--rci-scope", choices=("request", "batch"), default="request", help="in-process target: coding scope (default: request)")
+    p.add_argument("--rci-group-size", type=int, default=None, help="in-process target: K (default: the checkpoint's)")
+    p.add_argument("--coded-points", type=int, default=None, help="in-process target: N (default: ceil(1.5 K))")
+    p.add_argument("--no-sanity", action="store_true", help="skip the sanity checks (identity permutation, PGD <= FGSM, large eps)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--report", default=None, help="write the JSON report here")
+    p.add_argument("--plot", default=None, help="write a PNG plot of accuracy vs eps here")
+    p.set_defaults(func=_run_attack)
+
+
+def _run_attack(args) -> int:
+    from codedsmooth.probe.runner import attack_command
+
+    report = attack_command(args)
+    summary = {k: report[k] for k in ("target", "clean_accuracy", "robust_accuracy", "cotenant") if k in report}
+    if "sanity" in report:
+        summary["sanity"] = {c["name"]: c["passed"] for c in report["sanity"]}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="train (or reuse) erm, mixup and coded on digits, attack them every way, write docs/RESULTS.md")
+    p.add_argument("--out", default="docs/RESULTS.md", help="markdown report; a .png plot and a .json with all numbers go beside it (default: docs/RESULTS.md)")
+    p.add_argument("--runs", default="runs/report", help="where the three checkpoints are kept and reused (default: runs/report)")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs per method (default: 30)")
+    p.add_argument("--seed", type=int, default=0, help="training and attack seed (default: 0)")
+    p.add_argument("--samples", type=int, default=200, help="test images attacked (default: 200)")
+    p.add_argument("--eps", type=float, default=0.1, help="L∞ radius of the main table (default: 0.1)")
+    p.add_argument("--steps", type=int, default=20, help="PGD steps (default: 20)")
+    p.add_argument("--eot-samples", type=int, default=8, help="EOT draws per gradient (default: 8)")
+    p.add_argument("--blackbox-samples", type=int, default=100, help="images attacked over HTTP (default: 100)")
+    p.add_argument("--queries", type=int, default=200, help="black-box queries per image (default: 200)")
+    p.add_argument("--retrain", action="store_true", help="train again even when checkpoints exist")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args) -> int:
+    from codedsmooth.probe.report import ReportConfig, run_report
+
+    keys = ReportConfig.__dataclass_fields__.keys()
+    cfg = ReportConfig(**{k: v for k, v in vars(args).items() if k in keys})
+    command = "codedsmooth report" + ("" if args.out == "docs/RESULTS.md" else f" --out {args.out}")
+    print(run_report(cfg, command))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codedsmooth", description=__doc__)
     parser.add_argument("--log-level", default=None, help="logging level: debug, info, warning, error (default: info)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_serve(sub)
+    _add_attack(sub)
+    _add_report(sub)
     return parser
 
 
@@ -109,9 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=(args.log_level or "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise for the attack client
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ConnectionError) as exc:
         print(f"codedsmooth {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

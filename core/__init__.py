@@ -1,6 +1,7 @@
 """The math of coded-smoothing: spline codes, the coded loss, N schedule and RCI. Pure torch."""
 
-from .rci import identity_permutations, random_permutations, rci_forward, rci_forward_groups
+from .attacks import fgsm, input_gradient, margin, pgd, project, square_attack
+from .rci import identity_permutations, random_permutations, rci_forward, rci_forward_groups, rci_forward_with_companions
 from .smoothing import MIN_CODED_BATCH, CodedSmoothing, NSchedule, coded_points_for
 from .spline import SplineCode, chebyshev_points, data_points, natural_spline_matrix
 
@@ -17,4 +18,11 @@ __all__ = [
     "rci_forward_groups",
     "random_permutations",
     "identity_permutations",
+    "rci_forward_with_companions",
+    "fgsm",
+    "pgd",
+    "square_attack",
+    "input_gradient",
+    "margin",
+    "project",
 ]

@@ -67,3 +67,26 @@ def rci_forward(
         raise ValueError(f"batch has {k} items but the code expects K={code.k}")
     perms = random_permutations(1, k, generator) if permute else identity_permutations(1, k)
     return rci_forward_groups(block, x.unsqueeze(0), code, perms)[0]
+
+
+def rci_forward_with_companions(
+    block: nn.Module,
+    z: torch.Tensor,
+    companions: torch.Tensor,
+    code: SplineCode,
+    generator: torch.Generator | None = None,
+    permute: bool = True,
+) -> torch.Tensor:
+    """RCI outputs for M items, each coded in its own group with K-1 companions.
+
+    ``z`` is (M, *shape) (the items' trunk outputs), ``companions`` is (M, K-1, *shape):
+    trusted filler (request scope) or other clients' items (batch scope). Item m sits
+    at slot 0 of group m before the permutation. Differentiable in both arguments,
+    which is what an adaptive attacker (or a co-tenant) differentiates through.
+    """
+    m, k = z.shape[0], code.k
+    if companions.shape[:2] != (m, k - 1):
+        raise ValueError(f"companions must be ({m}, {k - 1}, ...), got {tuple(companions.shape)}")
+    groups = torch.cat([z.unsqueeze(1), companions], dim=1)
+    perms = random_permutations(m, k, generator) if permute else identity_permutations(m, k)
+    return rci_forward_groups(block, groups, code, perms)[:, 0]

@@ -1,0 +1,59 @@
+"""``codedsmooth attack``: load the attacker's checkpoint and data, pick the target, run, write report and plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from codedsmooth.models import Checkpoint, as_float, default_checkpoint_path, load_checkpoint, load_dataset
+
+from .evaluate import AttackConfig, run_attack
+from .plot import plot_accuracy
+from .targets import CodingSpec, HttpTarget, InProcessTarget, RCIModel
+
+
+def evaluation_data(ck: Checkpoint, samples: int, data_dir=None):
+    """The first ``samples`` test items of the checkpoint's data set and a clean pool of training items."""
+    name = ck.config["dataset"]
+    data = load_dataset(name, data_dir, image_size=ck.input_shape[-1])
+    if tuple(data.input_shape) != ck.input_shape:
+        raise ValueError(f"data set {name} has input shape {data.input_shape}, checkpoint expects {ck.input_shape}")
+    x = as_float(data.test_x[:samples])
+    y = data.test_y[:samples]
+    pool = as_float(data.train_x[:512])
+    return x, y, pool
+
+
+def make_target(ck: Checkpoint, url: str | None, spec: CodingSpec, clean_pool, seed: int):
+    if url:
+        return HttpTarget(url)
+    return InProcessTarget(RCIModel(ck, spec, clean_pool, seed=seed + 100))
+
+
+def attack_command(args) -> dict:
+    cfg = AttackConfig(
+        attack=args.attack, threat=args.threat, eps=args.eps, steps=args.steps, eot_samples=args.eot_samples,
+        samples=args.samples, queries=args.queries, repeats=args.repeats, seed=args.seed, sanity=not args.no_sanity,
+    )
+    cfg.validate()
+    torch.manual_seed(args.seed)
+    ck = load_checkpoint(args.checkpoint or default_checkpoint_path())
+    x, y, pool = evaluation_data(ck, cfg.samples, args.data_dir)
+    spec = CodingSpec.for_checkpoint(ck, enabled=args.rci, scope=args.rci_scope, k=args.rci_group_size, n=args.coded_points)
+    target = make_target(ck, args.url, spec, pool, args.seed)
+    if args.url and target.info["name"] != ck.name:
+        raise ValueError(f"server serves {target.info['name']!r} but --checkpoint is {ck.name!r}; the attacker needs the served model")
+    report = run_attack(cfg, ck, target, x, y, pool)
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot and "robust_accuracy" in report:
+        lines = {f"{cfg.attack}/{cfg.threat} vs {target.name}": report["robust_accuracy"]}
+        for check in report.get("sanity", []):
+            if check["name"] == "identity permutation":
+                lines["same attack, no RCI"] = check["reference"]
+                lines["RCI fixed to identity"] = check["value"]
+        plot_accuracy(lines, args.plot, f"{ck.name}: {cfg.attack} ({cfg.threat})")
+    return report

@@ -1,0 +1,78 @@
+"""HTTP client of the service (httpx): one request per call, or one request per item concurrently."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import numpy as np
+
+
+class ServiceError(RuntimeError):
+    pass
+
+
+class CodedSmoothClient:
+    def __init__(self, url: str, timeout: float = 60.0, concurrency: int = 32, retries: int = 20):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.concurrency = concurrency
+        self.retries = retries
+
+    def models(self) -> list[dict]:
+        r = httpx.get(self.url + "/v1/models", timeout=self.timeout)
+        _raise_for(r)
+        return r.json()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        import time
+
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                if httpx.get(self.url + "/health/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise ServiceError(f"{self.url} not ready after {timeout:.0f}s")
+
+    async def _post(self, client: httpx.AsyncClient, items: np.ndarray) -> np.ndarray:
+        for attempt in range(self.retries + 1):
+            r = await client.post("/v1/predict", json={"inputs": items.tolist()})
+            if r.status_code == 503 and attempt < self.retries:  # queue full: back off as told
+                await asyncio.sleep(min(2.0, float(r.headers.get("retry-after", "0.1")) * 0.1 * (attempt + 1)))
+                continue
+            _raise_for(r)
+            return np.array([p["probabilities"] for p in r.json()["predictions"]], dtype=np.float32)
+        raise ServiceError("unreachable")
+
+    async def predict_requests_async(self, requests: list[np.ndarray]) -> list[np.ndarray]:
+        """Send each array as its own request, ``concurrency`` at a time; probabilities per request."""
+        sem = asyncio.Semaphore(self.concurrency)
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        async with httpx.AsyncClient(base_url=self.url, timeout=self.timeout, limits=limits) as client:
+
+            async def one(items):
+                async with sem:
+                    return await self._post(client, items)
+
+            return await asyncio.gather(*[one(items) for items in requests])
+
+    def predict(self, items: np.ndarray) -> np.ndarray:
+        """One request holding all ``items``."""
+        return asyncio.run(self.predict_requests_async([items]))[0]
+
+    def predict_each(self, items: np.ndarray) -> np.ndarray:
+        """One request per item (how independent clients call the service)."""
+        out = asyncio.run(self.predict_requests_async([items[i : i + 1] for i in range(len(items))]))
+        return np.concatenate(out)
+
+
+def _raise_for(r: httpx.Response) -> None:
+    if r.status_code != 200:
+        try:
+            msg = r.json().get("error", r.text)
+        except ValueError:
+            msg = r.text
+        raise ServiceError(f"HTTP {r.status_code} from {r.request.url}: {msg}")
