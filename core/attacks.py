@@ -21,10 +21,11 @@ def input_gradient(model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, eot_samp
     """∇ₓ of the summed cross-entropy, averaged over ``eot_samples`` calls of ``model_fn``."""
     x = x.detach().requires_grad_(True)
     total = torch.zeros_like(x)
-    for _ in range(eot_samples):
-        loss = F.cross_entropy(model_fn(x), y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x)
-        total += grad
+    with torch.enable_grad():  # attacks may be called from inside no_grad/eval code
+        for _ in range(eot_samples):
+            loss = F.cross_entropy(model_fn(x), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, x)
+            total += grad
     return total / eot_samples
 
 
