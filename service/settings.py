@@ -35,6 +35,11 @@ class ServeSettings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long to finish in-flight requests before exiting")
     log_level: str = Field("info", description="uvicorn log level")
 
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint(cls, value):
+        return value or None  # an empty env var (as compose passes through) means the default
+
     @field_validator("device")
     @classmethod
     def _device(cls, value):
