@@ -158,6 +158,31 @@ def _run_report(args) -> int:
     return 0
 
 
+BENCHMARKS = {"rci": "rci_forward.py", "training": "training_methods.py", "server": "server_throughput.py"}
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="run a benchmark from benchmarks/ (needs the source checkout)",
+                       description="rci: RCI vs plain forward; training: erm/mixup/coded accuracy and epoch time; server: server vs in-process throughput, latency, RCI scopes. Options after the name go to the script (try: bench server --help).")
+    p.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, help="options for the script")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args) -> int:
+    import runpy
+    from pathlib import Path
+
+    import codedsmooth
+
+    script = Path(codedsmooth.__file__).resolve().parent.parent / "benchmarks" / BENCHMARKS[args.name]
+    if not script.exists():
+        raise FileNotFoundError(f"{script} not found: benchmarks ship with the source checkout (pip install -e .)")
+    sys.argv = [str(script), *args.script_args]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codedsmooth", description=__doc__)
     parser.add_argument("--log-level", default=None, help="logging level: debug, info, warning, error (default: info)")
@@ -166,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_attack(sub)
     _add_report(sub)
+    _add_bench(sub)
     return parser
 
 
