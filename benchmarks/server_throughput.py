@@ -26,11 +26,10 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from _timing import median_seconds  # noqa: E402
-from helpers import running_server  # noqa: E402
 
 from codedsmooth.models import build_model, resolve_device, save_checkpoint  # noqa: E402
+from codedsmooth.service.launcher import local_server  # noqa: E402
 from codedsmooth.service.settings import cpu_quota  # noqa: E402
 
 
@@ -101,7 +100,7 @@ def drive_wrk(url: str, body: bytes, concurrency: int, seconds: float, warmup: f
 
 
 def measure(ckpt, body, concurrency, seconds, warmup, **settings) -> dict:
-    with running_server(ckpt, **settings) as server:
+    with local_server(ckpt, **settings) as server:
         if shutil.which("wrk"):
             return drive_wrk(server.url, body, concurrency, seconds, warmup)
         return asyncio.run(drive(server.url, body, concurrency, seconds, warmup))

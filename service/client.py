@@ -24,19 +24,6 @@ class CodedSmoothClient:
         _raise_for(r)
         return r.json()
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        import time
-
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            try:
-                if httpx.get(self.url + "/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise ServiceError(f"{self.url} not ready after {timeout:.0f}s")
-
     async def _post(self, client: httpx.AsyncClient, items: np.ndarray) -> np.ndarray:
         for attempt in range(self.retries + 1):
             r = await client.post("/v1/predict", json={"inputs": items.tolist()})

@@ -1,0 +1,76 @@
+"""Start ``codedsmooth serve`` as a child process on 127.0.0.1 and a free port (report, benchmarks, tests)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalServer:
+    """``settings`` are serve options by name (``rci=False`` → ``--no-rci``, ``max_batch_size=8`` → ``--max-batch-size 8``)."""
+
+    def __init__(self, checkpoint=None, log_level: str = "warning", capture_output: bool = True, **settings):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [sys.executable, "-m", "codedsmooth.cli", "--log-level", log_level, "serve", "--port", str(self.port)]
+        if checkpoint is not None:
+            args += ["--checkpoint", str(checkpoint)]
+        for key, value in settings.items():
+            flag = "--" + key.replace("_", "-")
+            if value is True:
+                args.append(flag)
+            elif value is False:
+                args.append("--no-" + key.replace("_", "-"))
+            elif value is not None:
+                args += [flag, str(value)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CODEDSMOOTH_")}
+        out = subprocess.PIPE if capture_output else None
+        self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT if capture_output else None, text=True, env=env)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                output = self.proc.stdout.read() if self.proc.stdout else ""
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {output}")
+            try:
+                if httpx.get(self.url + "/health/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server at {self.url} not ready after {timeout:.0f}s")
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM (the server drains), then SIGKILL if it does not exit in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@contextmanager
+def local_server(checkpoint=None, **settings):
+    server = LocalServer(checkpoint, **settings)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.terminate()
