@@ -84,6 +84,9 @@ def _run_serve(args) -> int:
     except ValidationError as exc:
         lines = [f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
         raise ValueError("; ".join(lines)) from None
+    from codedsmooth.models import resolve_device
+
+    resolve_device(settings.device)  # --device cuda without CUDA: a clear error, not a failed start-up
     if settings.checkpoint is not None:
         from concurrent.futures import ThreadPoolExecutor
 

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +40,6 @@ class Checkpoint:
     config: dict
     model: StagedModel
     filler: torch.Tensor  # (m, *input_shape) trusted clean inputs
-    extra: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:

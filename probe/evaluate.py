@@ -72,7 +72,7 @@ def robust_accuracy(cfg: AttackConfig, ck: Checkpoint, target, x, y, clean_pool,
         if attack == "square":
             x_adv, _ = square_attack(target.predict_proba, x, y, eps, queries=cfg.queries, repeats=cfg.repeats, generator=torch.Generator().manual_seed(cfg.seed))
         else:
-            fn = surrogate_for(threat, ck, target.spec if hasattr(target, "spec") else target.model.spec, clean_pool, cfg.seed)
+            fn = surrogate_for(threat, ck, target.spec, clean_pool, cfg.seed)
             x_adv = craft(attack, fn, x, y, eps, cfg, _eot(attack, threat, cfg))
         out[f"{eps:g}"] = accuracy(target, x_adv, y)
     return out
@@ -122,7 +122,7 @@ class _Local:
 def run_attack(cfg: AttackConfig, ck: Checkpoint, target, x, y, clean_pool) -> dict:
     """The JSON report of one ``codedsmooth attack`` run."""
     cfg.validate()
-    spec = target.spec if hasattr(target, "spec") else target.model.spec
+    spec = target.spec
     report = {
         "checkpoint": ck.name,
         "target": target.name,

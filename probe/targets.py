@@ -91,8 +91,12 @@ class InProcessTarget:
         self.queries = 0
 
     @property
+    def spec(self) -> CodingSpec:
+        return self.model.spec
+
+    @property
     def name(self) -> str:
-        return f"in-process ({self.model.spec.label()})"
+        return f"in-process ({self.spec.label()})"
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
