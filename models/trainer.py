@@ -177,6 +177,8 @@ def train(cfg: TrainConfig, data: DataSplit | None = None) -> TrainResult:
             elif coded is not None:
                 logits, closs = coded(trunk(xb))
                 loss = F.cross_entropy(logits, yb) + closs
+                if coded.last_skip_reason and epoch == 0:
+                    log.info("coded loss skipped for one batch: %s", coded.last_skip_reason)
             else:
                 loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)

@@ -45,6 +45,7 @@ class MicroBatcher:
         self.draining = False
         self.busy = False
         self._held: Work | None = None  # a request that did not fit the last batch
+        self._flips = [0, 0, time.monotonic()]  # label flips, checked items, last log time
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -152,6 +153,17 @@ class MicroBatcher:
             m.rci_flips.inc(s.label_flips)
             if s.decode_residual is not None:
                 m.rci_residual.set(s.decode_residual)
+            self._log_flips(s.label_flips, s.checked_items)
+
+    def _log_flips(self, flips: int, checked: int) -> None:
+        """At most once a minute: how often RCI (in batch scope: the batch-mates) changed a label."""
+        self._flips[0] += flips
+        self._flips[1] += checked
+        now = time.monotonic()
+        if now - self._flips[2] >= 60.0:
+            f, c = self._flips[0], self._flips[1]
+            log.info("rci %s scope: %d of %d checked items changed label vs the uncoded model (%.2f%%)", self.engine.scope, f, c, 100.0 * f / c)
+            self._flips = [0, 0, now]
 
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new work, wait until queued and running work is done. True if it finished in time."""

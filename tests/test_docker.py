@@ -148,9 +148,11 @@ def test_docker_stop_during_a_burst_loses_nothing_and_exits_0(container):
 
     responses, _ = asyncio.run(burst())
     codes = [r.status_code for r in responses]
+    print(f"drain: {codes.count(200)} x 200, {codes.count(503)} x 503 of {len(codes)} sent before docker stop")
     assert set(codes) <= {200, 503} and len(codes) == 60, codes
     assert codes.count(200) > 0
     state = json.loads(_docker("inspect", container.name).stdout)[0]["State"]
+    print(f"container exit code {state['ExitCode']}")
     assert state["ExitCode"] == 0, state
 
 
