@@ -25,6 +25,7 @@ class Metrics:
         self.inference = Histogram("codedsmooth_inference_seconds", "model time per device batch", buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("codedsmooth_batch_size", "items per device batch", buckets=SIZE_BUCKETS, registry=r)
         self.batch_requests = Histogram("codedsmooth_batch_requests", "requests per device batch", buckets=SIZE_BUCKETS, registry=r)
+        self.in_flight = Gauge("codedsmooth_requests_in_flight", "HTTP requests being handled", registry=r)
         self.queue_depth = Gauge("codedsmooth_queue_depth", "requests waiting for the model", registry=r)
         self.rejected = Counter("codedsmooth_rejected_total", "requests refused or dropped before compute", ["reason"], registry=r)
         self.ready = Gauge("codedsmooth_model_ready", "1 when the model is loaded and warm", registry=r)

@@ -64,6 +64,7 @@ class MetricsMiddleware:
         scope.setdefault("state", {})["arrival"] = start
         status = 500
         self.tracker.in_flight += 1
+        self.metrics.in_flight.inc()
 
         async def recording_send(message):
             nonlocal status
@@ -75,6 +76,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, recording_send)
         finally:
             self.tracker.in_flight -= 1
+            self.metrics.in_flight.dec()
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(endpoint, str(status)).inc()

@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+from collections import Counter
 import io
 import json
 import signal
@@ -155,7 +156,8 @@ def test_oversize_body_refused_before_reading(server):
 @pytest.mark.slow
 def test_overload_answers_every_request_with_200_or_503(tiny_checkpoint):
     total, concurrency = 2000, 256
-    with running_server(tiny_checkpoint, max_queue_size=64, max_batch_size=32, max_delay_ms=2) as srv:
+    # A long deadline: this test is about queue-full answers, not about how slow a shared CI machine is.
+    with running_server(tiny_checkpoint, max_queue_size=64, max_batch_size=32, max_delay_ms=2, timeout_ms=60000) as srv:
 
         async def main():
             sem = asyncio.Semaphore(concurrency)
@@ -164,7 +166,10 @@ def test_overload_answers_every_request_with_200_or_503(tiny_checkpoint):
 
                 async def one():
                     async with sem:
-                        r = await client.post("/v1/predict", json={"inputs": [GOOD_ITEM]})
+                        try:
+                            r = await client.post("/v1/predict", json={"inputs": [GOOD_ITEM]})
+                        except httpx.HTTPError as exc:  # counted, so a failure says what happened
+                            return type(exc).__name__, None
                         return r.status_code, r.headers.get("retry-after")
 
                 return await asyncio.gather(*[one() for _ in range(total)])
@@ -174,7 +179,7 @@ def test_overload_answers_every_request_with_200_or_503(tiny_checkpoint):
         elapsed = time.monotonic() - start
         codes = [c for c, _ in results]
         assert len(results) == total
-        assert set(codes) <= {200, 503}, set(codes)
+        assert set(codes) <= {200, 503}, Counter(codes)
         assert all(ra is not None for c, ra in results if c == 503)
         assert codes.count(200) > 0
         assert httpx.get(srv.url + "/health/ready").status_code == 200
@@ -182,15 +187,26 @@ def test_overload_answers_every_request_with_200_or_503(tiny_checkpoint):
         print(f"overload: {codes.count(200)} x 200, {codes.count(503)} x 503 in {elapsed:.1f}s")
 
 
+def _in_flight(url: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        if fam.name == "codedsmooth_requests_in_flight":
+            return fam.samples[0].value
+    return 0.0
+
+
 def test_sigterm_finishes_accepted_requests_refuses_new_ones_and_exits_0(tiny_checkpoint):
-    srv = ServerProcess(tiny_checkpoint, max_delay_ms=800, max_batch_size=256, max_queue_size=512)
+    srv = ServerProcess(tiny_checkpoint, max_delay_ms=2000, max_batch_size=256, max_queue_size=512)
     try:
         srv.wait_ready()
 
         async def main():
             async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
                 accepted = [asyncio.ensure_future(client.post("/v1/predict", json={"inputs": [GOOD_ITEM]})) for _ in range(40)]
-                await asyncio.sleep(0.3)  # all sent and waiting for batch-mates
+                while _in_flight(srv.url) < 41:  # all 40 inside the server (+ this scrape), waiting for batch-mates
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.1)
                 srv.proc.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.1)
                 late = await client.post("/v1/predict", json={"inputs": [GOOD_ITEM]})
