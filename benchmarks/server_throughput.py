@@ -52,7 +52,21 @@ def make_checkpoint(out: Path, width: int, k: int) -> Path:
     return save_checkpoint(out, model, config, torch.rand(64, 3, 32, 32))
 
 
-async def drive(url: str, body: bytes, concurrency: int, seconds: float, warmup: float) -> dict:
+JSON_REQUEST = ("/v1/predict", {"content-type": "application/json"})
+
+
+def v2_binary_request(model: str, x: torch.Tensor) -> tuple[tuple[str, dict], bytes]:
+    """An Open Inference Protocol v2 request with the binary tensor extension (what tritonclient sends)."""
+    data = x.numpy().astype("float32").tobytes()
+    head = json.dumps({
+        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": len(data)}}],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+    }).encode()
+    headers = {"content-type": "application/octet-stream", "inference-header-content-length": str(len(head))}
+    return (f"/v2/models/{model}/infer", headers), head + data
+
+
+async def drive(url: str, body: bytes, concurrency: int, seconds: float, warmup: float, request=JSON_REQUEST) -> dict:
     """Closed-loop load: ``concurrency`` clients each send a request as soon as the last one returns."""
     latencies: list[float] = []
     codes: dict[int, int] = {}
@@ -66,7 +80,7 @@ async def drive(url: str, body: bytes, concurrency: int, seconds: float, warmup:
                 t0 = time.monotonic()
                 if t0 >= stop_at:
                     return
-                r = await client.post("/v1/predict", content=body, headers={"content-type": "application/json"})
+                r = await client.post(request[0], content=body, headers=request[1])
                 t1 = time.monotonic()
                 if t0 >= measure_from and t1 <= stop_at:
                     latencies.append(t1 - t0)
@@ -83,27 +97,29 @@ async def drive(url: str, body: bytes, concurrency: int, seconds: float, warmup:
     }
 
 
-def drive_wrk(url: str, body: bytes, concurrency: int, seconds: float, warmup: float) -> dict:
+def drive_wrk(url: str, body: bytes, concurrency: int, seconds: float, warmup: float, request=JSON_REQUEST) -> dict:
     """The same closed loop with wrk (C), so the load generator takes little of the CPU the server needs."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n')
-        f.write("wrk.body = [==[" + body.decode() + "]==]\n")
+        f.write('wrk.method = "POST"\n')
+        for key, value in request[1].items():
+            f.write(f'wrk.headers["{key}"] = "{value}"\n')
+        f.write('wrk.body = "' + "".join(f"\\{b}" for b in body) + '"\n')  # decimal escapes: binary-safe
         f.write('done = function(summary, latency, requests)\n'
                 '  io.write(string.format("RESULT %d %d %d %d %d\\n", summary.requests, summary.errors.status,'
                 ' latency:percentile(50), latency:percentile(99), summary.duration))\nend\n')
         script = f.name
-    target = url + "/v1/predict"
+    target = url + request[0]
     subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, int(warmup))}s", "-s", script, target], capture_output=True, check=True)
     out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{int(seconds)}s", "-s", script, target], capture_output=True, text=True, check=True).stdout
     requests, non2xx, p50, p99, duration_us = map(int, out.split("RESULT")[1].split())
     return {"throughput": (requests - non2xx) / (duration_us / 1e6), "p50": p50 / 1e6, "p99": p99 / 1e6, "codes": {"2xx": requests - non2xx, "other": non2xx}}
 
 
-def measure(ckpt, body, concurrency, seconds, warmup, **settings) -> dict:
+def measure(ckpt, body, concurrency, seconds, warmup, request=JSON_REQUEST, **settings) -> dict:
     with local_server(ckpt, **settings) as server:
         if shutil.which("wrk"):
-            return drive_wrk(server.url, body, concurrency, seconds, warmup)
-        return asyncio.run(drive(server.url, body, concurrency, seconds, warmup))
+            return drive_wrk(server.url, body, concurrency, seconds, warmup, request)
+        return asyncio.run(drive(server.url, body, concurrency, seconds, warmup, request))
 
 
 def main() -> None:
@@ -130,11 +146,14 @@ def main() -> None:
             t_b = median_seconds(lambda: model(xb), repeats=10, sync=sync)
             t_1 = median_seconds(lambda: model(x1), repeats=30, sync=sync)
         inproc_b, inproc_1 = mb / t_b, 1 / t_1
-        body = json.dumps({"inputs": torch.rand(1, 3, 32, 32).tolist()}).encode()
+        x = torch.rand(1, 3, 32, 32)
+        body = json.dumps({"inputs": x.tolist()}).encode()
+        v2_request, v2_body = v2_binary_request("bench-preact_resnet18", x)
         common = dict(device=str(device), threads=threads, max_queue_size=1024, rci_check_rate=0)
         c, s, w = args.concurrency, args.seconds, args.warmup
         runs = {
             "off b32": measure(ckpt, body, c, s, w, rci=False, max_batch_size=mb, max_delay_ms=5, **common),
+            "off b32 v2 binary": measure(ckpt, v2_body, c, s, w, request=v2_request, rci=False, max_batch_size=mb, max_delay_ms=5, **common),
             "off b1": measure(ckpt, body, c, s, w, rci=False, max_batch_size=1, max_delay_ms=0, **common),
             "batch N=K": measure(ckpt, body, c, s, w, rci=True, rci_scope="batch", coded_points=mb, max_batch_size=mb, max_delay_ms=5, **common),
             "batch N=1.5K": measure(ckpt, body, c, s, w, rci=True, rci_scope="batch", coded_points=math.ceil(1.5 * mb), max_batch_size=mb, max_delay_ms=5, **common),
@@ -148,7 +167,7 @@ def main() -> None:
     for name, r in runs.items():
         print(f"  {name:22s} {r['throughput']:8.1f} items/s  p50 {r['p50'] * 1e3:7.1f} ms  p99 {r['p99'] * 1e3:7.1f} ms  codes {r['codes']}")
     server_gain = off / runs["off b1"]["throughput"]
-    print(f"server saturation / in-process batched forward: {off / inproc_b:.3f} (goal >= 0.85)")
+    print(f"server saturation / in-process batched forward: {off / inproc_b:.3f} JSON, {runs['off b32 v2 binary']['throughput'] / inproc_b:.3f} v2 binary (goal >= 0.85)")
     print(f"server batching gain {server_gain:.2f}x / in-process gain {inproc_b / inproc_1:.2f}x = {server_gain / (inproc_b / inproc_1):.3f} (goal >= 0.9)")
     light = runs["light load"]
     budget = 0.005 + t_1
