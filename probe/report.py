@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from codedsmooth.models import TrainConfig, load_checkpoint, load_dataset, train
 from codedsmooth.service.launcher import local_server
 
