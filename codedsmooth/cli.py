@@ -8,6 +8,12 @@ import logging
 import sys
 
 
+def _config_from_args(config_cls, args):
+    """A config dataclass from the parsed options that share its field names."""
+    fields = config_cls.__dataclass_fields__
+    return config_cls(**{k: v for k, v in vars(args).items() if k in fields})
+
+
 def _add_train(sub) -> None:
     from codedsmooth.models.data import DATASETS
 
@@ -37,8 +43,7 @@ def _add_train(sub) -> None:
 def _run_train(args) -> int:
     from codedsmooth.models.trainer import TrainConfig, train
 
-    keys = TrainConfig.__dataclass_fields__.keys()
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in keys})
+    cfg = _config_from_args(TrainConfig, args)
     result = train(cfg)
     print(json.dumps({"checkpoint": str(result.checkpoint), "test_accuracy": result.test_accuracy, "mean_epoch_seconds": round(result.mean_epoch_seconds, 4)}))
     return 0
@@ -154,8 +159,7 @@ def _add_report(sub) -> None:
 def _run_report(args) -> int:
     from codedsmooth.probe.report import ReportConfig, run_report
 
-    keys = ReportConfig.__dataclass_fields__.keys()
-    cfg = ReportConfig(**{k: v for k, v in vars(args).items() if k in keys})
+    cfg = _config_from_args(ReportConfig, args)
     command = "codedsmooth report" + ("" if args.out == "docs/RESULTS.md" else f" --out {args.out}")
     print(run_report(cfg, command))
     return 0

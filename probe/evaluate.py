@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from codedsmooth.core import fgsm, pgd, square_attack
 from codedsmooth.models import Checkpoint
 
-from .targets import CodingSpec, RCIModel, accuracy
+from .targets import CodingSpec, InProcessTarget, RCIModel, accuracy
 
 GRADIENT_ATTACKS = ("fgsm", "pgd", "eot-pgd")
 LARGE_EPS = 0.5
@@ -82,7 +82,7 @@ def sanity_checks(cfg: AttackConfig, ck: Checkpoint, spec: CodingSpec, target, x
     """Checks that the attack is working and the numbers mean what they say."""
     checks = []
     plain = RCIModel(ck, CodingSpec(enabled=False))
-    plain_target = _Local(plain)
+    plain_target = InProcessTarget(plain)
     if cfg.attack in GRADIENT_ATTACKS:
         attack_no_rci = "pgd" if cfg.attack == "eot-pgd" else cfg.attack
         no_rci = robust_accuracy(cfg, ck, plain_target, x, y, clean_pool, attack=attack_no_rci, threat="transfer", progress="sanity: no rci")
@@ -91,7 +91,7 @@ def sanity_checks(cfg: AttackConfig, ck: Checkpoint, spec: CodingSpec, target, x
             identity = {}
             for eps in cfg.eps:
                 x_adv = craft(attack_no_rci, fixed, x, y, eps, cfg, 1)
-                identity[f"{eps:g}"] = accuracy(_Local(fixed), x_adv, y)
+                identity[f"{eps:g}"] = accuracy(InProcessTarget(fixed), x_adv, y)
             worst = max(identity[k] - no_rci[k] for k in identity)
             checks.append({
                 "name": "identity permutation",
@@ -107,18 +107,6 @@ def sanity_checks(cfg: AttackConfig, ck: Checkpoint, spec: CodingSpec, target, x
     return checks
 
 
-class _Local:
-    """A deterministic or random model queried in-process (used by sanity checks)."""
-
-    def __init__(self, model: RCIModel):
-        self.model = model
-        self.spec = model.spec
-
-    @torch.no_grad()
-    def predict_proba(self, x):
-        return torch.softmax(self.model(x), 1)
-
-
 def run_attack(cfg: AttackConfig, ck: Checkpoint, target, x, y, clean_pool) -> dict:
     """The JSON report of one ``codedsmooth attack`` run."""
     cfg.validate()
@@ -128,7 +116,7 @@ def run_attack(cfg: AttackConfig, ck: Checkpoint, target, x, y, clean_pool) -> d
         "target": target.name,
         "rci": asdict(spec),
         "config": asdict(cfg),
-        "clean_accuracy": {"no_rci": accuracy(_Local(RCIModel(ck, CodingSpec(enabled=False))), x, y), "target": accuracy(target, x, y)},
+        "clean_accuracy": {"no_rci": accuracy(InProcessTarget(RCIModel(ck, CodingSpec(enabled=False))), x, y), "target": accuracy(target, x, y)},
     }
     if cfg.attack == "cotenant":
         from .cotenant import cotenant_report

@@ -4,12 +4,10 @@ import json
 import subprocess
 import sys
 
-import httpx
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import running_server
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import metric_samples, running_server
 
 from codedsmooth.core import fgsm, margin, pgd, square_attack
 from codedsmooth.models import load_checkpoint
@@ -93,14 +91,6 @@ def test_square_attack_in_process_lowers_accuracy_within_budget(tiny):
     assert accuracy(target, x_adv, y) < accuracy(target, x, y) - 0.2
 
 
-def _requests_seen(url):
-    for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
-        for s in fam.samples:
-            if s.name == "codedsmooth_requests_total" and s.labels == {"endpoint": "/v1/predict", "status": "200"}:
-                return s.value
-    return 0.0
-
-
 def test_blackbox_attack_against_a_real_server_within_its_budget(tiny, tiny_checkpoint):
     ck, x, y, pool = tiny
     xs, ys = x[:12], y[:12]
@@ -109,7 +99,7 @@ def test_blackbox_attack_against_a_real_server_within_its_budget(tiny, tiny_chec
         clean = accuracy(target, xs, ys)
         x_adv, used = square_attack(target.predict_proba, xs, ys, eps=0.25, queries=40, generator=torch.Generator().manual_seed(0))
         robust = accuracy(target, x_adv, ys)
-        seen = _requests_seen(server.url)
+        seen = metric_samples(server.url).get(("codedsmooth_requests_total", (("endpoint", "/v1/predict"), ("status", "200"))), 0.0)
     assert int(used.max()) <= 40
     assert seen == target.queries == 2 * len(xs) + int(used.sum())  # every query was one real request
     assert robust < clean

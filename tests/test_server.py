@@ -7,22 +7,12 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from helpers import running_server
+from helpers import metric_samples, running_server
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from codedsmooth.models import load_checkpoint
 from codedsmooth.service.engine import InferenceEngine
 from codedsmooth.service.settings import ServeSettings
-
-
-def metric_samples(url: str) -> dict:
-    text = httpx.get(url + "/metrics").text
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
 def predict(url, x: torch.Tensor) -> np.ndarray:

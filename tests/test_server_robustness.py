@@ -11,7 +11,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from helpers import ServerProcess, running_server
+from helpers import ServerProcess, metric_samples, running_server
 from PIL import Image
 
 GOOD_ITEM = np.full((1, 8, 8), 0.5).tolist()
@@ -187,15 +187,6 @@ def test_overload_answers_every_request_with_200_or_503(tiny_checkpoint):
         print(f"overload: {codes.count(200)} x 200, {codes.count(503)} x 503 in {elapsed:.1f}s")
 
 
-def _in_flight(url: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
-        if fam.name == "codedsmooth_requests_in_flight":
-            return fam.samples[0].value
-    return 0.0
-
-
 def test_sigterm_finishes_accepted_requests_refuses_new_ones_and_exits_0(tiny_checkpoint):
     srv = ServerProcess(tiny_checkpoint, max_delay_ms=2000, max_batch_size=256, max_queue_size=512)
     try:
@@ -204,7 +195,7 @@ def test_sigterm_finishes_accepted_requests_refuses_new_ones_and_exits_0(tiny_ch
         async def main():
             async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
                 accepted = [asyncio.ensure_future(client.post("/v1/predict", json={"inputs": [GOOD_ITEM]})) for _ in range(40)]
-                while _in_flight(srv.url) < 41:  # all 40 inside the server (+ this scrape), waiting for batch-mates
+                while metric_samples(srv.url).get(("codedsmooth_requests_in_flight", ()), 0.0) < 41:  # all 40 inside the server (+ this scrape), waiting for batch-mates
                     await asyncio.sleep(0.02)
                 await asyncio.sleep(0.1)
                 srv.proc.send_signal(signal.SIGTERM)
