@@ -12,7 +12,7 @@ import argparse
 import statistics
 import tempfile
 
-from codedsmooth.models import TrainConfig, load_dataset, train
+from codedsmooth.train import TrainConfig, load_dataset, train
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ def _config_from_args(config_cls, args):
 
 
 def _add_train(sub) -> None:
-    from codedsmooth.models.data import DATASETS
+    from codedsmooth.train.data import DATASETS
 
     p = sub.add_parser("train", help="train a classifier (erm, mixup or coded-smoothing) and write a checkpoint")
     p.add_argument("--data", choices=DATASETS, default="digits", help="data set; digits ships with scikit-learn (default: digits)")
@@ -41,7 +41,7 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from codedsmooth.models.trainer import TrainConfig, train
+    from codedsmooth.train.trainer import TrainConfig, train
 
     cfg = _config_from_args(TrainConfig, args)
     result = train(cfg)

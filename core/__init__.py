@@ -1,6 +1,5 @@
-"""The math of coded-smoothing: spline codes, the coded loss, N schedule and RCI. Pure torch."""
+"""The math of coded-smoothing: spline codes, the coded loss, N schedule and RCI. Pure torch, no I/O."""
 
-from .attacks import fgsm, input_gradient, margin, pgd, project, square_attack
 from .rci import identity_permutations, random_permutations, rci_forward, rci_forward_groups, rci_forward_with_companions
 from .smoothing import MIN_CODED_BATCH, CodedSmoothing, NSchedule, coded_points_for
 from .spline import SplineCode, chebyshev_points, data_points, natural_spline_matrix
@@ -19,10 +18,4 @@ __all__ = [
     "random_permutations",
     "identity_permutations",
     "rci_forward_with_companions",
-    "fgsm",
-    "pgd",
-    "square_attack",
-    "input_gradient",
-    "margin",
-    "project",
 ]

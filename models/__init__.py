@@ -1,9 +1,8 @@
-"""Architectures, data sets, checkpoint I/O and the trainer."""
+"""Architectures, checkpoint I/O and the device choice: what serving needs of a model, and no more."""
 
-from .architectures import ARCHITECTURES, PreActResNet18, SmallCNN, StagedModel, build_model
+from .architectures import ARCHITECTURES, PreActResNet18, SmallCNN, StagedModel, build_model, default_arch_for
 from .checkpoint import Checkpoint, CheckpointError, default_checkpoint_path, load_checkpoint, save_checkpoint
-from .data import DATASETS, DataSplit, as_float, load_dataset
-from .trainer import TrainConfig, TrainResult, evaluate, resolve_device, train
+from .device import resolve_device
 
 __all__ = [
     "ARCHITECTURES",
@@ -11,18 +10,11 @@ __all__ = [
     "PreActResNet18",
     "StagedModel",
     "build_model",
+    "default_arch_for",
     "Checkpoint",
     "CheckpointError",
     "load_checkpoint",
     "save_checkpoint",
     "default_checkpoint_path",
-    "DATASETS",
-    "DataSplit",
-    "as_float",
-    "load_dataset",
-    "TrainConfig",
-    "TrainResult",
-    "train",
-    "evaluate",
     "resolve_device",
 ]

@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from codedsmooth.core import fgsm, pgd, square_attack
 from codedsmooth.models import Checkpoint
 
+from .attacks import fgsm, pgd, square_attack
 from .targets import CodingSpec, InProcessTarget, RCIModel, accuracy
 
 GRADIENT_ATTACKS = ("fgsm", "pgd", "eot-pgd")

@@ -9,7 +9,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from codedsmooth.models import TrainConfig, load_checkpoint, load_dataset, train
+from codedsmooth.models import load_checkpoint
+from codedsmooth.train import TrainConfig, load_dataset, train
 from codedsmooth.service.launcher import local_server
 
 from .cotenant import cotenant_report

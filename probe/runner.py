@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from codedsmooth.models import Checkpoint, as_float, default_checkpoint_path, load_checkpoint, load_dataset
+from codedsmooth.models import Checkpoint, default_checkpoint_path, load_checkpoint
+from codedsmooth.train import as_float, load_dataset
 
 from .evaluate import AttackConfig, run_attack
 from .plot import plot_accuracy

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from codedsmooth.models import TrainConfig, load_dataset, train
+from codedsmooth.train import TrainConfig, load_dataset, train
 
 
 @pytest.fixture(scope="session")

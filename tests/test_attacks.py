@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from helpers import metric_samples, running_server
 
-from codedsmooth.core import fgsm, margin, pgd, square_attack
+from codedsmooth.probe.attacks import fgsm, margin, pgd, square_attack
 from codedsmooth.models import load_checkpoint
 from codedsmooth.probe.evaluate import AttackConfig, run_attack
 from codedsmooth.probe.runner import evaluation_data

@@ -4,7 +4,8 @@ import shutil
 import pytest
 import torch
 
-from codedsmooth.models import CheckpointError, default_checkpoint_path, evaluate, load_checkpoint, save_checkpoint
+from codedsmooth.models import CheckpointError, default_checkpoint_path, load_checkpoint, save_checkpoint
+from codedsmooth.train import evaluate
 
 
 @pytest.fixture()

@@ -21,7 +21,8 @@ import pytest
 import torch
 from helpers import free_port
 
-from codedsmooth.models import default_checkpoint_path, load_checkpoint, load_dataset
+from codedsmooth.models import default_checkpoint_path, load_checkpoint
+from codedsmooth.train import load_dataset
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent

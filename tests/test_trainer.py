@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from codedsmooth.models import TrainConfig, load_checkpoint, load_dataset, train
+from codedsmooth.models import load_checkpoint
+from codedsmooth.train import TrainConfig, load_dataset, train
 
 
 @pytest.mark.parametrize("method", ["erm", "mixup", "coded"])

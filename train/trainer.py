@@ -14,21 +14,11 @@ from tqdm.auto import tqdm
 
 from codedsmooth.core import CodedSmoothing, NSchedule
 
-from .architectures import build_model, default_arch_for
-from .checkpoint import save_checkpoint
+from codedsmooth.models import build_model, default_arch_for, resolve_device, save_checkpoint
+
 from .data import DataSplit, as_float, load_dataset
 
 log = logging.getLogger("codedsmooth.train")
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``cuda`` when available, else ``cpu``; an explicit value wins."""
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 @dataclass
