@@ -1,21 +1,35 @@
-"""The math of coded-smoothing: spline codes, the coded loss, N schedule and RCI. Pure torch, no I/O."""
+"""The math of coded-smoothing: spline codes, the coded loss, N schedule, the coding spec and RCI. Pure torch, no I/O."""
 
-from .rci import identity_permutations, random_permutations, rci_forward, rci_forward_groups, rci_forward_with_companions
+from .randomness import RandomSource, SeededRandomSource, SystemRandomSource
+from .rci import CodingPlan, apply_plan, identity_permutations, plan_groups, random_permutations, rci_forward, sparse_width
 from .smoothing import MIN_CODED_BATCH, CodedSmoothing, NSchedule, coded_points_for
-from .spline import SplineCode, chebyshev_points, data_points, natural_spline_matrix
+from .spec import SCOPES, CodingSpec, TrainedCoding, default_n_end
+from .spline import CODED_POINT_KINDS, DATA_POINT_KINDS, SplineCode, chebyshev_points, data_points, natural_spline_matrix, unit_rows
 
 __all__ = [
     "SplineCode",
     "chebyshev_points",
     "data_points",
     "natural_spline_matrix",
+    "unit_rows",
+    "DATA_POINT_KINDS",
+    "CODED_POINT_KINDS",
     "CodedSmoothing",
     "NSchedule",
     "coded_points_for",
     "MIN_CODED_BATCH",
+    "CodingSpec",
+    "TrainedCoding",
+    "SCOPES",
+    "default_n_end",
+    "RandomSource",
+    "SystemRandomSource",
+    "SeededRandomSource",
+    "CodingPlan",
+    "plan_groups",
+    "apply_plan",
+    "sparse_width",
     "rci_forward",
-    "rci_forward_groups",
     "random_permutations",
     "identity_permutations",
-    "rci_forward_with_companions",
 ]

@@ -1,53 +1,187 @@
-"""Randomized coded inference (RCI): permute → encode → block on N coded samples → decode → un-permute.
+"""Randomized coded inference (RCI): one planner, one apply.
 
-The permutation decides which spline neighbour each item gets, so an attacker
-who does not know it cannot aim at the exact function the server evaluates.
-All coding groups of a device batch go through the block in a single call.
+``plan_groups`` decides who is coded with whom and in which slot: from the
+request sizes, the scope, K, the size of the trusted filler pool and a random
+source, it returns index rows into ``[items | filler]`` and one permutation per
+group. ``apply_plan`` runs those groups through the block (encode → block on the
+coded samples → decode) and scatters the decoded outputs back to the items.
+The server's engine, the attacker's differentiable model and the co-tenant
+probe all call these two, so what is attacked is what is served.
+
+Scopes:
+- ``request``: each request's items are chunked into groups of K and padded
+  with filler drawn without replacement; no client's items meet another's.
+- ``batch`` (the paper): the whole micro-batch is shuffled and chunked into
+  groups of K; the last group is padded with filler.
+
+Sparse decode (request scope): a group whose r real items sit in slots S needs
+only the coded samples j where the decoder rows D[S, j] carry weight. The block
+runs on the top-M(r) coded samples by max_s |D[s, j]|, where M(r) = min(N, r·M1)
+and M1 is the most decoder weights above the tolerance in any one row. M
+depends on r alone, never on the slots drawn, so the work (and the time) does
+not reveal the permutation.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
 import torch
 from torch import nn
 
+from .randomness import RandomSource, choices, permutations
 from .spline import SplineCode
 
 
+@dataclass(frozen=True)
+class CodingPlan:
+    """Coding groups for ``n_items`` real items; filler index f appears as ``n_items + f``.
+
+    ``rows[g]`` lists group g's members before the permutation, ``perms[g]`` the
+    permutation; the member in slot s is ``rows[g, perms[g, s]]`` (``slots``).
+    """
+
+    rows: torch.Tensor  # (G, K) int64
+    perms: torch.Tensor  # (G, K) int64
+    n_items: int
+
+    @property
+    def groups(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.rows.shape[1])
+
+    @property
+    def slots(self) -> torch.Tensor:
+        return self.rows.gather(1, self.perms)
+
+    @property
+    def real(self) -> torch.Tensor:
+        """(G, K) bool: slot holds a real item."""
+        return self.slots < self.n_items
+
+    @property
+    def item_positions(self) -> torch.Tensor:
+        """(n_items,) flat slot index g·K + s of each item."""
+        flat = self.slots.flatten()
+        where = torch.empty(self.n_items, dtype=torch.int64)
+        real = flat < self.n_items
+        where[flat[real]] = real.nonzero().flatten()
+        return where
+
+    @property
+    def filler_share(self) -> float:
+        return 1.0 - self.n_items / max(1, self.rows.numel())
+
+    @staticmethod
+    def concat(plans: Sequence["CodingPlan"]) -> "CodingPlan":
+        """One plan over the items of several plans, in order (their groups stay apart)."""
+        total = sum(p.n_items for p in plans)
+        rows, offset = [], 0
+        for p in plans:
+            is_item = p.rows < p.n_items
+            rows.append(torch.where(is_item, p.rows + offset, p.rows - p.n_items + total))
+            offset += p.n_items
+        return CodingPlan(torch.cat(rows), torch.cat([p.perms for p in plans]), total)
+
+
+def plan_groups(sizes: Sequence[int], scope: str, k: int, filler_pool: int, source: RandomSource) -> CodingPlan:
+    """Coding groups for requests of ``sizes`` items (see the module docstring for the scopes)."""
+    sizes = [int(s) for s in sizes]
+    if k < 2 or any(s < 1 for s in sizes):
+        raise ValueError(f"need K >= 2 and requests of at least one item, got K={k}, sizes={sizes}")
+    total = sum(sizes)
+    if scope == "request":
+        members, start = [], 0
+        for size in sizes:
+            members += [torch.arange(start + g, min(start + g + k, start + size)) for g in range(0, size, k)]
+            start += size
+    elif scope == "batch":
+        shuffled = permutations(source, 1, total)[0]
+        members = list(shuffled.split(k))
+    else:
+        raise ValueError(f"scope must be 'request' or 'batch', got {scope!r}")
+    if filler_pool < 1 and any(len(m) < k for m in members):
+        raise ValueError("padding a coding group needs a filler pool of at least one item")
+    # Draws go group by group (filler, then permutation), so with a seeded source a
+    # group's coding does not depend on how many groups come after it.
+    rows, perms = [], []
+    for m in members:
+        need = k - len(m)
+        rows.append(torch.cat([m, choices(source, 1, filler_pool, need)[0] + total]) if need else m)
+        perms.append(permutations(source, 1, k)[0])
+    return CodingPlan(torch.stack(rows), torch.stack(perms), total)
+
+
+def sparse_width(code: SplineCode, tolerance: float) -> int:
+    """M1: the most decoder weights above ``tolerance`` in any one row of D (N when tolerance is 0)."""
+    if tolerance <= 0:
+        return code.n
+    return max(1, int((code.D.abs() > tolerance).sum(1).max()))
+
+
+def apply_plan(
+    block: nn.Module,
+    items: torch.Tensor,
+    filler: torch.Tensor,
+    plan: CodingPlan,
+    code: SplineCode,
+    tolerance: float = 0.0,
+) -> torch.Tensor:
+    """Decoded block outputs (n_items, *out) for ``items`` (n_items, *shape) coded as ``plan`` says.
+
+    ``filler`` (m, *shape) are the companions the plan draws from. Differentiable
+    in ``items`` and ``filler``. ``tolerance`` > 0 runs the sparse decode; every
+    group of one plan goes through the block in a single call.
+    """
+    if plan.n_items != items.shape[0] or plan.k != code.k:
+        raise ValueError(f"plan is for {plan.n_items} items and K={plan.k}; got {items.shape[0]} items and K={code.k}")
+    pool = torch.cat([items, filler.to(items.dtype)]) if filler.shape[0] else items
+    slots = plan.slots.to(items.device)
+    grouped = pool[slots]  # (G, K, *shape)
+    g, k = slots.shape
+    flat = grouped.reshape(g, k, -1)
+    enc, dec = code.E.to(items.device, items.dtype), code.D.to(items.device, items.dtype)
+    width = sparse_width(code, tolerance)
+    real = plan.real.to(items.device)
+    counts = real.sum(1)
+    # One bucket of groups per sparse width M(r); the full decode is a single bucket of width N.
+    buckets: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    if width >= code.n:
+        buckets.append((torch.arange(g, device=items.device), None))
+    else:
+        for r in counts.unique().tolist():
+            members = (counts == r).nonzero().flatten()
+            m = min(code.n, int(r) * width)
+            if m >= code.n:
+                buckets.append((members, None))
+                continue
+            score = (real[members].unsqueeze(2) * dec.abs().unsqueeze(0)).amax(1)  # (Gb, N)
+            buckets.append((members, score.topk(m, dim=1).indices))
+    coded = []
+    for members, sel in buckets:
+        e = enc.expand(len(members), -1, -1) if sel is None else enc[sel]  # (Gb, M, K)
+        coded.append(torch.bmm(e, flat[members]))
+    sizes = [c.shape[0] * c.shape[1] for c in coded]
+    out = block(torch.cat([c.reshape(-1, *items.shape[1:]) for c in coded]))
+    decoded = out.new_empty((g, k, *out.shape[1:]))
+    for (members, sel), part, size in zip(buckets, out.split(sizes), coded):
+        d = dec.expand(len(members), -1, -1) if sel is None else dec.t()[sel].transpose(1, 2)  # (Gb, K, M)
+        res = torch.bmm(d, part.reshape(len(members), size.shape[1], -1))
+        decoded = decoded.index_copy(0, members, res.reshape(len(members), k, *out.shape[1:]))
+    return decoded.reshape(g * k, *out.shape[1:])[plan.item_positions.to(items.device)]
+
+
 def random_permutations(groups: int, k: int, generator: torch.Generator | None) -> torch.Tensor:
-    """(groups, k) independent random permutations, drawn on the CPU for determinism."""
-    keys = torch.rand(groups, k, generator=generator)
-    return keys.argsort(dim=1)
+    """(groups, k) permutations from a torch generator (training-side and benchmark use)."""
+    return torch.rand(groups, k, generator=generator).argsort(dim=1)
 
 
 def identity_permutations(groups: int, k: int) -> torch.Tensor:
     return torch.arange(k).expand(groups, k).clone()
-
-
-def rci_forward_groups(
-    block: nn.Module,
-    z: torch.Tensor,
-    code: SplineCode,
-    perms: torch.Tensor,
-) -> torch.Tensor:
-    """RCI on G coding groups at once: ``z`` is (G, K, *shape), ``perms`` is (G, K).
-
-    Returns the decoded block outputs (G, K, *out_shape) in the input order.
-    """
-    groups, k = z.shape[0], z.shape[1]
-    if perms.shape != (groups, k):
-        raise ValueError(f"perms must be {(groups, k)}, got {tuple(perms.shape)}")
-    perms = perms.to(z.device)
-    index = perms.view(groups, k, *([1] * (z.dim() - 2))).expand_as(z)
-    permuted = torch.gather(z, 1, index)
-    coded = code.encode(permuted, group_dims=1)  # (G, N, *shape)
-    flat = coded.reshape(groups * code.n, *coded.shape[2:])
-    out = block(flat)
-    out = out.reshape(groups, code.n, *out.shape[1:])
-    decoded = code.decode(out, group_dims=1)  # (G, K, *out_shape), permuted order
-    restored = torch.empty_like(decoded)
-    out_index = perms.view(groups, k, *([1] * (decoded.dim() - 2))).expand_as(decoded)
-    restored.scatter_(1, out_index, decoded)
-    return restored
 
 
 def rci_forward(
@@ -57,36 +191,14 @@ def rci_forward(
     generator: torch.Generator | None = None,
     permute: bool = True,
 ) -> torch.Tensor:
-    """RCI on one batch ``x`` of K items (the paper's batch semantics).
+    """RCI on one batch ``x`` of K items coded together (the paper's batch semantics).
 
-    Deterministic given ``generator``; ``permute=False`` uses the identity
-    permutation (a sanity-check mode for attacks).
+    Deterministic given ``generator``; ``permute=False`` uses the identity permutation.
     """
     k = x.shape[0]
     if k != code.k:
         raise ValueError(f"batch has {k} items but the code expects K={code.k}")
     perms = random_permutations(1, k, generator) if permute else identity_permutations(1, k)
-    return rci_forward_groups(block, x.unsqueeze(0), code, perms)[0]
+    plan = CodingPlan(torch.arange(k).unsqueeze(0), perms, k)
+    return apply_plan(block, x, x[:0], plan, code)
 
-
-def rci_forward_with_companions(
-    block: nn.Module,
-    z: torch.Tensor,
-    companions: torch.Tensor,
-    code: SplineCode,
-    generator: torch.Generator | None = None,
-    permute: bool = True,
-) -> torch.Tensor:
-    """RCI outputs for M items, each coded in its own group with K-1 companions.
-
-    ``z`` is (M, *shape) (the items' trunk outputs), ``companions`` is (M, K-1, *shape):
-    trusted filler (request scope) or other clients' items (batch scope). Item m sits
-    at slot 0 of group m before the permutation. Differentiable in both arguments,
-    which is what an adaptive attacker (or a co-tenant) differentiates through.
-    """
-    m, k = z.shape[0], code.k
-    if companions.shape[:2] != (m, k - 1):
-        raise ValueError(f"companions must be ({m}, {k - 1}, ...), got {tuple(companions.shape)}")
-    groups = torch.cat([z.unsqueeze(1), companions], dim=1)
-    perms = random_permutations(m, k, generator) if permute else identity_permutations(m, k)
-    return rci_forward_groups(block, groups, code, perms)[:, 0]

@@ -8,12 +8,12 @@ so the term pushes the block towards smoothness across the batch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .spec import DEFAULT_CODED_POINTS, DEFAULT_DATA_POINTS, default_n_end
 from .spline import SplineCode
 
 MIN_CODED_BATCH = 4
@@ -41,14 +41,16 @@ class NSchedule:
 
     @staticmethod
     def default(k: int, epochs: int) -> "NSchedule":
-        return NSchedule(n_start=k, n_end=int(math.ceil(1.5 * k)), epochs=epochs)
+        return NSchedule(n_start=k, n_end=default_n_end(k), epochs=epochs)
 
 
-def coded_points_for(batch: int, k: int, n: int) -> int:
-    """N for a batch of ``batch`` items when the schedule says N for K (keeps N/K)."""
-    if batch == k:
-        return n
-    return max(batch, int(round(n * batch / k)))
+def coded_points_for(batch: int, k: int, n: int, coded_kind: str = DEFAULT_CODED_POINTS) -> int:
+    """N for a batch of ``batch`` items when the schedule says N for K (keeps N/K).
+
+    With Gauss coded points an odd batch never gets an odd N (both sets would hold 0).
+    """
+    m = n if batch == k else max(batch, int(round(n * batch / k)))
+    return m + 1 if (coded_kind == DEFAULT_CODED_POINTS and batch % 2 == 1 and m % 2 == 1) else m
 
 
 class CodedSmoothing(nn.Module):
@@ -60,12 +62,13 @@ class CodedSmoothing(nn.Module):
     2–3 points is at most a quadratic and the penalty would be meaningless.
     """
 
-    def __init__(self, block: nn.Module, k: int, n: int | None = None, mu: float = 1.0):
+    def __init__(self, block: nn.Module, k: int, n: int | None = None, mu: float = 1.0, data_kind: str = DEFAULT_DATA_POINTS, coded_kind: str = DEFAULT_CODED_POINTS):
         super().__init__()
         self.block = block
         self.k = int(k)
         self.n = int(n) if n is not None else self.k
         self.mu = float(mu)
+        self.data_kind, self.coded_kind = data_kind, coded_kind
         self.last_skip_reason: str | None = None
 
     def set_coded_points(self, n: int) -> None:
@@ -77,7 +80,8 @@ class CodedSmoothing(nn.Module):
             self.last_skip_reason = f"batch of {batch} < {MIN_CODED_BATCH} items: coding skipped"
             return out.new_zeros(())
         self.last_skip_reason = None
-        code = SplineCode(batch, coded_points_for(batch, self.k, self.n), device=z.device, dtype=z.dtype)
+        n = coded_points_for(batch, self.k, self.n, self.coded_kind)
+        code = SplineCode(batch, n, device=z.device, dtype=z.dtype, data_kind=self.data_kind, coded_kind=self.coded_kind)
         decoded = code.decode(self.block(code.encode(z)))
         return (decoded - out).pow(2).flatten(1).sum(1).mean()
 

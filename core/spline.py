@@ -6,11 +6,23 @@ spline through the K batch items at the data points ``alpha`` and samples it at
 the N coded points ``beta``; the decoder fits a spline through the block's N
 outputs at ``beta`` and samples it at ``alpha``.
 
-Points: ``alpha`` are K equispaced points on [-1, 1]; ``beta`` are the N
-Chebyshev–Lobatto points cos(j·pi/(N-1)) in ascending order. Both include the
-end points, so neither map extrapolates, and beta clusters near the ends where
-a natural spline's forced zero curvature costs the most accuracy. With N = K
-the two point sets differ, so encode→decode is not the identity.
+Point kinds (named in a checkpoint's coding spec, so a model is served with the
+points it was trained with):
+- data points ``equispaced``: K equispaced points on [-1, 1], ends included;
+- coded points ``chebyshev-gauss`` (default): the N Chebyshev points of the first
+  kind cos((2j+1)π/2N), strictly inside (-1, 1), clustered near the ends;
+- coded points ``chebyshev-lobatto`` (legacy): cos(jπ/(N-1)), ends included.
+
+Why Gauss points: wherever a data point coincides with a coded point, the
+encoder row of that coded point and the decoder row of that data point are
+unit vectors, so an item permuted into that slot is answered by exactly the
+uncoded model, a deterministic path a client can find by repetition. Lobatto
+points share ±1 with the data points (slots 0 and K-1). Equispaced points are
+rational, and by Niven's theorem the only rational values of cos(rπ) are 0,
+±1/2 and ±1; cos((2j+1)π/2N) is never ±1 or ±1/2, and is 0 only for odd N.
+So Gauss points meet the data points only when K and N are both odd (both sets
+then hold 0), a pair ``SplineCode`` refuses. The decoder then extrapolates a
+little (to ±1 from ±cos(π/2N)), which the natural end pieces handle.
 """
 
 from __future__ import annotations
@@ -21,21 +33,40 @@ import math
 import torch
 
 
-def data_points(k: int) -> torch.Tensor:
+DATA_POINT_KINDS = ("equispaced",)
+CODED_POINT_KINDS = ("chebyshev-gauss", "chebyshev-lobatto")
+
+
+def data_points(k: int, kind: str = "equispaced") -> torch.Tensor:
     """K equispaced data points on [-1, 1] (float64)."""
+    if kind not in DATA_POINT_KINDS:
+        raise ValueError(f"unknown data point kind {kind!r}; known: {list(DATA_POINT_KINDS)}")
     if k == 1:
         return torch.zeros(1, dtype=torch.float64)
     return torch.linspace(-1.0, 1.0, k, dtype=torch.float64)
 
 
-def chebyshev_points(n: int) -> torch.Tensor:
-    """N Chebyshev–Lobatto points on [-1, 1], ascending (float64)."""
+def chebyshev_points(n: int, kind: str = "chebyshev-lobatto") -> torch.Tensor:
+    """N Chebyshev points, ascending (float64): Lobatto (ends included) or Gauss (first kind, interior)."""
+    if kind not in CODED_POINT_KINDS:
+        raise ValueError(f"unknown coded point kind {kind!r}; known: {list(CODED_POINT_KINDS)}")
     if n == 1:
         return torch.zeros(1, dtype=torch.float64)
     j = torch.arange(n - 1, -1, -1, dtype=torch.float64)
-    pts = torch.cos(j * math.pi / (n - 1))
+    if kind == "chebyshev-lobatto":
+        pts = torch.cos(j * math.pi / (n - 1))
+    else:
+        pts = torch.cos((2 * j + 1) * math.pi / (2 * n))
     # cos() leaves tiny asymmetries; make the set exactly symmetric.
     return 0.5 * (pts - pts.flip(0))
+
+
+def unit_rows(matrix: torch.Tensor, atol: float = 1e-12) -> torch.Tensor:
+    """Indices of the rows of ``matrix`` that are unit vectors (one entry 1, the rest 0)."""
+    m = matrix.to(torch.float64)
+    top = m.abs().max(1)
+    rest = m.abs().sum(1) - top.values
+    return ((m.gather(1, top.indices[:, None])[:, 0] - 1).abs().le(atol) & rest.le(atol)).nonzero().flatten()
 
 
 def natural_spline_matrix(nodes: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
@@ -85,8 +116,8 @@ def natural_spline_matrix(nodes: torch.Tensor, queries: torch.Tensor) -> torch.T
 
 
 @functools.lru_cache(maxsize=128)
-def _matrices(k: int, n: int, device: str, dtype: torch.dtype):
-    alpha, beta = data_points(k), chebyshev_points(n)
+def _matrices(k: int, n: int, data_kind: str, coded_kind: str, device: str, dtype: torch.dtype):
+    alpha, beta = data_points(k, data_kind), chebyshev_points(n, coded_kind)
     enc = natural_spline_matrix(alpha, beta) if k >= 2 else torch.ones(n, 1, dtype=torch.float64)
     dec = natural_spline_matrix(beta, alpha) if n >= 2 else torch.ones(k, 1, dtype=torch.float64)
     dev = torch.device(device)
@@ -115,18 +146,22 @@ class SplineCode:
     ``encode`` maps (…groups, K, *shape) → (…groups, N, *shape); ``decode`` maps
     (…groups, N, *shape) → (…groups, K, *shape). ``groups`` leading dims are
     optional (set ``group_dims``); the matrices are computed once per
-    (k, n, device, dtype).
+    (k, n, kinds, device, dtype). ``coded_kind`` defaults to Gauss points (see
+    the module docstring); ``chebyshev-lobatto`` reproduces codes trained before.
     """
 
-    def __init__(self, k: int, n: int, device=None, dtype=None):
+    def __init__(self, k: int, n: int, device=None, dtype=None, data_kind: str = "equispaced", coded_kind: str = "chebyshev-gauss"):
         if k < 1 or n < 1:
             raise ValueError(f"k and n must be positive, got k={k}, n={n}")
         if k >= 2 and n < 2:
             raise ValueError(f"n must be at least 2 when k >= 2, got n={n}")
+        if coded_kind == "chebyshev-gauss" and k % 2 == 1 and n % 2 == 1:
+            raise ValueError(f"K={k} and N={n} are both odd: equispaced and Gauss points then share 0, which codes that slot exactly; make N even")
         self.k, self.n = int(k), int(n)
+        self.data_kind, self.coded_kind = data_kind, coded_kind
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype if dtype is not None else torch.get_default_dtype()
-        self.alpha, self.beta, self.E, self.D = _matrices(self.k, self.n, str(self.device), self.dtype)
+        self.alpha, self.beta, self.E, self.D = _matrices(self.k, self.n, data_kind, coded_kind, str(self.device), self.dtype)
 
     def encode(self, x: torch.Tensor, group_dims: int = 0) -> torch.Tensor:
         return _apply(self.E.to(x.device), x, group_dims)
@@ -135,4 +170,4 @@ class SplineCode:
         return _apply(self.D.to(y.device), y, group_dims)
 
     def __repr__(self) -> str:
-        return f"SplineCode(k={self.k}, n={self.n}, device={self.device}, dtype={self.dtype})"
+        return f"SplineCode(k={self.k}, n={self.n}, {self.data_kind}/{self.coded_kind}, device={self.device}, dtype={self.dtype})"

@@ -15,19 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from pydantic import ValidationError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .architectures import ARCHITECTURES, StagedModel, build_model
+from codedsmooth.core import TrainedCoding
 
-FORMAT_VERSION = 1
+from .architectures import StagedModel, build_model
+from .config import FORMAT_VERSION, CheckpointConfig
+
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FILLER_KEY = "filler.inputs"
 MODEL_PREFIX = "model."
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
-REQUIRED_KEYS = ("format_version", "name", "arch", "arch_kwargs", "input_shape", "classes", "normalization", "training", "coding", "dataset")
-METHODS = ("erm", "mixup", "coded")
 
 
 class CheckpointError(ValueError):
@@ -37,35 +38,36 @@ class CheckpointError(ValueError):
 @dataclass
 class Checkpoint:
     path: Path
-    config: dict
+    config: CheckpointConfig
     model: StagedModel
-    filler: torch.Tensor  # (m, *input_shape) trusted clean inputs
+    filler: torch.Tensor  # (m, *input_shape) trusted clean inputs, float32 in [0, 1]
 
     @property
     def name(self) -> str:
-        return self.config["name"]
+        return self.config.name
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.config["input_shape"])
+        return tuple(self.config.input_shape)
 
     @property
     def classes(self) -> list[str]:
-        return list(self.config["classes"])
+        return list(self.config.classes)
 
     @property
     def target_block(self) -> str:
-        return self.config["coding"]["target_block"]
+        return self.config.coding.target_block
+
+    @property
+    def trained_coding(self) -> TrainedCoding:
+        return self.config.coding.trained()
 
 
 def save_checkpoint(out_dir, model: StagedModel, config: dict, filler: torch.Tensor) -> Path:
     """Write ``out_dir`` atomically (temp dir + rename); replaces an existing checkpoint."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    config = {"format_version": FORMAT_VERSION, **config}
-    missing = [k for k in REQUIRED_KEYS if k not in config]
-    if missing:
-        raise ValueError(f"checkpoint config lacks {missing}")
+    config = CheckpointConfig.model_validate({"format_version": FORMAT_VERSION, **config}).model_dump(mode="json")
     tensors = {MODEL_PREFIX + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors[FILLER_KEY] = filler.detach().cpu().float().contiguous()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -112,73 +114,106 @@ def _resolve(path) -> tuple[Path, Path]:
     return weights, p / CONFIG_FILE
 
 
-def read_config(config_path: Path) -> dict:
+def _problems(exc: ValidationError) -> str:
+    """pydantic's errors as 'field.path: what is wrong' (model-level checks name their fields themselves)."""
+    parts = []
+    for e in exc.errors()[:5]:
+        msg = e["msg"].removeprefix("Value error, ")
+        loc = ".".join(map(str, e["loc"]))
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def read_config(config_path: Path) -> CheckpointConfig:
     if not config_path.exists():
         raise CheckpointError(f"{config_path}: missing")
     try:
-        config = json.loads(config_path.read_text())
+        raw = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
+    if not isinstance(raw, dict):
         raise CheckpointError(f"{config_path}: expected a JSON object")
-    missing = [k for k in REQUIRED_KEYS if k not in config]
-    if missing:
-        raise CheckpointError(f"{config_path}: missing keys {missing}")
-    if config["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(f"{config_path}: format_version {config['format_version']!r}, expected {FORMAT_VERSION}")
-    if config["arch"] not in ARCHITECTURES:
-        raise CheckpointError(f"{config_path}: unknown architecture {config['arch']!r}; known: {sorted(ARCHITECTURES)}")
-    shape = config["input_shape"]
-    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(d, int) and d > 0 for d in shape)):
-        raise CheckpointError(f"{config_path}: input_shape must be [C, H, W] of positive ints, got {shape!r}")
-    classes = config["classes"]
-    if not (isinstance(classes, list) and len(classes) >= 2):
-        raise CheckpointError(f"{config_path}: classes must list at least 2 names")
-    method = config["training"].get("method")
-    if method not in METHODS:
-        raise CheckpointError(f"{config_path}: training.method {method!r} not in {list(METHODS)}")
-    for key in ("k", "n", "target_block"):
-        if key not in config["coding"]:
-            raise CheckpointError(f"{config_path}: coding.{key} missing")
-    return config
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{config_path}: format_version {raw.get('format_version')!r}, expected {FORMAT_VERSION}")
+    try:
+        return CheckpointConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise CheckpointError(f"{config_path}: {_problems(exc)}") from None
+
+
+def _header_shapes(weights_path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor names → (shape, dtype) from the safetensors header, without reading the data."""
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({exc}); pickle is refused") from None
+
+
+def _check_filler(weights_path: Path, filler: torch.Tensor | None, config: CheckpointConfig) -> torch.Tensor:
+    """Trusted filler must be real inputs: the right shape, finite and inside [0, 1]."""
+    if filler is None:
+        raise CheckpointError(f"{weights_path}: trusted filler pool {FILLER_KEY!r} missing")
+    if tuple(filler.shape[1:]) != tuple(config.input_shape) or filler.shape[0] < 1:
+        raise CheckpointError(f"{weights_path}: filler pool shape {tuple(filler.shape)} does not match input_shape {config.input_shape}")
+    if not filler.is_floating_point():
+        raise CheckpointError(f"{weights_path}: filler pool has dtype {filler.dtype}; expected floating point pixels in [0, 1]")
+    filler = filler.float()
+    if not bool(torch.isfinite(filler).all()):
+        raise CheckpointError(f"{weights_path}: filler pool holds NaN or Inf")
+    if float(filler.min()) < 0.0 or float(filler.max()) > 1.0:
+        raise CheckpointError(f"{weights_path}: filler pool values span [{float(filler.min()):g}, {float(filler.max()):g}]; inputs are pixels in [0, 1]")
+    return filler
 
 
 def load_checkpoint(path, device="cpu") -> Checkpoint:
-    """Load and validate a checkpoint directory (or its ``model.safetensors``); model in eval mode."""
+    """Load and validate a checkpoint directory (or its ``model.safetensors``); model in eval mode.
+
+    Order matters: the config is validated, then the model is built on the meta
+    device (no memory) and its tensor shapes compared with the file's header,
+    and only then are weights read and the model materialised.
+    """
     weights_path, config_path = _resolve(path)
     config = read_config(config_path)
+    header = _header_shapes(weights_path)
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(config.arch, **config.arch_kwargs)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{config_path}: cannot build {config.arch!r} from arch_kwargs: {exc}") from None
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    stored = {k[len(MODEL_PREFIX):]: shape for k, (shape, _) in header.items() if k.startswith(MODEL_PREFIX)}
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{weights_path}: tensors do not match {config.arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, shape in expected.items():
+        if stored[key] != shape:
+            raise CheckpointError(f"{weights_path}: tensor {key!r} has shape {stored[key]}, expected {shape}")
+    try:
+        skeleton.split(config.coding.target_block)
+    except ValueError as exc:
+        raise CheckpointError(f"{config_path}: coding.target_block: {exc}") from None
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights_path}: not a readable safetensors file ({exc}); pickle is refused") from None
-    try:
-        model = build_model(config["arch"], **config["arch_kwargs"])
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{config_path}: cannot build {config['arch']!r} from arch_kwargs: {exc}") from None
+    model = build_model(config.arch, **config.arch_kwargs)
     state = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{weights_path}: tensors do not match {config['arch']}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for key, value in expected.items():
-        if tuple(state[key].shape) != tuple(value.shape):
-            raise CheckpointError(f"{weights_path}: tensor {key!r} has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}")
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise CheckpointError(f"{weights_path}: tensors {bad[:5]} hold NaN or Inf")
     model.load_state_dict(state)
+    filler = _check_filler(weights_path, tensors.get(FILLER_KEY), config)
+    model.eval()
     try:
-        model.split(config["coding"]["target_block"])
-    except ValueError as exc:
-        raise CheckpointError(f"{config_path}: coding.target_block: {exc}") from None
-    filler = tensors.get(FILLER_KEY)
-    if filler is None:
-        raise CheckpointError(f"{weights_path}: trusted filler pool {FILLER_KEY!r} missing")
-    if tuple(filler.shape[1:]) != tuple(config["input_shape"]) or filler.shape[0] < 1:
-        raise CheckpointError(f"{weights_path}: filler pool shape {tuple(filler.shape)} does not match input_shape {config['input_shape']}")
-    with torch.no_grad():
-        probe = model(torch.zeros(1, *config["input_shape"]))
-    if probe.shape != (1, len(config["classes"])):
-        raise CheckpointError(f"{config_path}: model outputs {tuple(probe.shape[1:])} values but {len(config['classes'])} classes are named")
-    model.to(device).eval()
+        with torch.no_grad():
+            probe = model(filler[:1])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{config_path}: {config.arch} cannot run on input_shape {config.input_shape}: {str(exc).splitlines()[0]}") from None
+    if probe.shape != (1, len(config.classes)):
+        raise CheckpointError(f"{config_path}: model outputs {tuple(probe.shape[1:])} values but {len(config.classes)} classes are named")
+    model.to(device)
     return Checkpoint(Path(path), config, model, filler.to(device))
 
 

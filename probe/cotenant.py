@@ -1,9 +1,13 @@
-"""Co-tenant probe: an attacker's requests share a device batch with a victim's and try to flip its label.
+"""Co-tenant probe: an attacker's request shares a micro-batch with a victim's and tries to flip its label.
 
-In ``batch`` scope the attacker's items can land in the victim's coding group,
-so the victim's decoded output depends on them; the attacker optimises its own
-K-1 items (anything in [0, 1]) to raise the victim's loss, with EOT over the
-permutation. In ``request`` scope the victim is coded only with trusted filler.
+The victim sends one item; the attacker sends one request of K-1 items in the
+same micro-batch. Both are planned by the server's own planner
+(``codedsmooth.core.plan_groups``) in the server's scope: in ``batch`` scope the
+attacker's items can land in the victim's coding group, so the victim's decoded
+output depends on them; in ``request`` scope the planner never groups them, so
+the victim's answer cannot move. The attacker optimises its items (anything in
+[0, 1]) to raise the victim's loss in the batch-scope model, with EOT over the
+server's draws.
 """
 
 from __future__ import annotations
@@ -14,61 +18,61 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from codedsmooth.core import SplineCode, rci_forward_with_companions
+from codedsmooth.core import CodingPlan, CodingSpec, SeededRandomSource, apply_plan, plan_groups
 from codedsmooth.models import Checkpoint
 
-from .targets import CodingSpec, HttpTarget
+from .targets import HttpTarget
+
+
+class MicroBatchModel:
+    """Victims' logits when each victim's one-item request shares a micro-batch with one other request."""
+
+    def __init__(self, ck: Checkpoint, spec: CodingSpec):
+        self.spec = spec
+        self.trunk, self.block = ck.model.eval().split(ck.target_block)
+        self.code = spec.code()
+        with torch.no_grad():
+            self.filler_z = self.trunk(ck.filler.float())
+
+    def __call__(self, x_victim: torch.Tensor, x_other: torch.Tensor, source) -> torch.Tensor:
+        """``x_victim`` (M, ...), ``x_other`` (M, B, ...): victim m's micro-batch is [victim m | its B other items]."""
+        m, b = x_other.shape[0], x_other.shape[1]
+        z = self.trunk(torch.cat([torch.cat([x_victim[i : i + 1], x_other[i]]) for i in range(m)]))
+        plans = [plan_groups([1, b], self.spec.scope, self.spec.k, self.filler_z.shape[0], source) for _ in range(m)]
+        out = apply_plan(self.block, z, self.filler_z, CodingPlan.concat(plans), self.code, self.spec.decode_tolerance)
+        return out[:: 1 + b]
 
 
 def craft_cotenants(ck: Checkpoint, spec: CodingSpec, x_victim, y_victim, clean_pool, steps: int, eot: int, seed: int) -> torch.Tensor:
     """(M, K-1, *shape) attacker items for M victims, optimised in the batch-scope model.
 
-    The attacker sends K-1 copies of one optimised image: whatever the permutation,
-    the victim's spline neighbours are then adversarial, which gives EOT a
-    consistent gradient (independent items mostly average out over permutations).
+    The attacker sends K-1 copies of one optimised image: whatever the shuffle and
+    permutation, the victim's spline neighbours are then adversarial, which gives
+    EOT a consistent gradient (independent items mostly average out over draws).
     """
-    model = ck.model.eval()
-    trunk, block = model.split(ck.target_block)
-    code = SplineCode(spec.k, spec.n)
-    gen = torch.Generator().manual_seed(seed)
+    model = MicroBatchModel(ck, spec.with_scope("batch"))  # the attacker assumes the batch is coded together
+    source = SeededRandomSource(seed)
     m, need = len(x_victim), spec.k - 1
-    with torch.no_grad():
-        z_victim = trunk(x_victim)
-    item = clean_pool[torch.randint(0, len(clean_pool), (m,), generator=gen)].clone()
+    gen = torch.Generator().manual_seed(seed)
+    item = clean_pool[torch.randint(0, len(clean_pool), (m,), generator=gen)].clone().float()
     step = 0.05
     for _ in range(steps):
         item.requires_grad_(True)
-        z_item = trunk(item)
-        z_mates = z_item.unsqueeze(1).expand(m, need, *z_item.shape[1:])
-        loss = sum(
-            F.cross_entropy(rci_forward_with_companions(block, z_victim, z_mates, code, gen), y_victim, reduction="sum")
-            for _ in range(eot)
-        )
+        mates = item.unsqueeze(1).expand(m, need, *item.shape[1:])
+        loss = sum(F.cross_entropy(model(x_victim, mates, source), y_victim, reduction="sum") for _ in range(eot))
         (grad,) = torch.autograd.grad(loss, item)
         item = (item.detach() + step * grad.sign()).clamp(0.0, 1.0)
     return item.unsqueeze(1).expand(m, need, *item.shape[1:]).contiguous()
 
 
 @torch.no_grad()
-def _labels_in_process(ck, spec, x_victim, companions_x, seed) -> torch.Tensor:
-    trunk, block = ck.model.split(ck.target_block)
-    code = SplineCode(spec.k, spec.n)
-    z = trunk(x_victim)
-    zc = trunk(companions_x.flatten(0, 1)).view(len(x_victim), spec.k - 1, *z.shape[1:])
-    return rci_forward_with_companions(block, z, zc, code, torch.Generator().manual_seed(seed)).argmax(1)
-
-
 def _flips_in_process(ck, spec, x, y, clean_mates, adv_mates, seed, repeats=5) -> dict:
-    """Victim labels with clean vs attacker batch-mates, under the same random draws."""
-    filler = ck.filler[torch.randint(0, len(ck.filler), (len(x), spec.k - 1), generator=torch.Generator().manual_seed(seed))]
+    """Victim labels with clean vs attacker batch-mates, under the same draws of the server's planner."""
+    model = MicroBatchModel(ck, spec)
     flips, acc_clean, acc_adv = [], [], []
     for r in range(repeats):
-        if spec.scope == "batch":
-            clean = _labels_in_process(ck, spec, x, clean_mates, seed + r)
-            attacked = _labels_in_process(ck, spec, x, adv_mates, seed + r)
-        else:  # the attacker's items never enter the victim's group: its companions are filler either way
-            clean = _labels_in_process(ck, spec, x, filler, seed + r)
-            attacked = _labels_in_process(ck, spec, x, filler, seed + r)
+        clean = model(x, clean_mates, SeededRandomSource(seed + r)).argmax(1)
+        attacked = model(x, adv_mates, SeededRandomSource(seed + r)).argmax(1)
         flips.append(float((clean != attacked).float().mean()))
         acc_clean.append(float((clean == y).float().mean()))
         acc_adv.append(float((attacked == y).float().mean()))
@@ -91,12 +95,11 @@ def _flips_over_http(target: HttpTarget, x, adv_mates) -> dict:
 def cotenant_report(cfg, ck: Checkpoint, spec: CodingSpec, target, x, y, clean_pool) -> dict:
     if not spec.enabled:
         raise ValueError("the co-tenant probe needs RCI on (with RCI off, batch-mates cannot affect each other)")
-    attack_spec = CodingSpec(True, "batch", spec.k, spec.n)  # the attacker assumes the batch is coded together
-    adv = craft_cotenants(ck, attack_spec, x, y, clean_pool, cfg.steps, cfg.eot_samples, cfg.seed)
+    adv = craft_cotenants(ck, spec, x, y, clean_pool, cfg.steps, cfg.eot_samples, cfg.seed)
     result = {"cotenant": {"scope": spec.scope, "k": spec.k, "n": spec.n, "attacker_items_per_victim": spec.k - 1}}
     if isinstance(target, HttpTarget):
         result["cotenant"].update(_flips_over_http(target, x, adv))
     else:
         idx = torch.randint(0, len(clean_pool), (len(x), spec.k - 1), generator=torch.Generator().manual_seed(cfg.seed + 7))
-        result["cotenant"].update(_flips_in_process(ck, spec, x, y, clean_pool[idx], adv, cfg.seed))
+        result["cotenant"].update(_flips_in_process(ck, spec, x, y, clean_pool[idx].float(), adv, cfg.seed))
     return result

@@ -7,10 +7,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from codedsmooth.core import CodingSpec
 from codedsmooth.models import Checkpoint
 
 from .attacks import fgsm, pgd, square_attack
-from .targets import CodingSpec, InProcessTarget, RCIModel, accuracy
+from .targets import InProcessTarget, RCIModel, accuracy
 
 GRADIENT_ATTACKS = ("fgsm", "pgd", "eot-pgd")
 LARGE_EPS = 0.5
@@ -56,7 +57,7 @@ def craft(attack: str, model_fn, x, y, eps: float, cfg: AttackConfig, eot: int) 
 def surrogate_for(threat: str, ck: Checkpoint, spec: CodingSpec, clean_pool, seed: int) -> RCIModel:
     """The model the attacker differentiates: the plain model (transfer) or the RCI model (adaptive)."""
     if threat == "transfer" or not spec.enabled:
-        return RCIModel(ck, CodingSpec(enabled=False))
+        return RCIModel(ck, CodingSpec.plain())
     return RCIModel(ck, spec, clean_pool, seed=seed + 1)
 
 
@@ -81,13 +82,13 @@ def robust_accuracy(cfg: AttackConfig, ck: Checkpoint, target, x, y, clean_pool,
 def sanity_checks(cfg: AttackConfig, ck: Checkpoint, spec: CodingSpec, target, x, y, clean_pool, robust: dict[str, float]) -> list[dict]:
     """Checks that the attack is working and the numbers mean what they say."""
     checks = []
-    plain = RCIModel(ck, CodingSpec(enabled=False))
+    plain = RCIModel(ck, CodingSpec.plain())
     plain_target = InProcessTarget(plain)
     if cfg.attack in GRADIENT_ATTACKS:
         attack_no_rci = "pgd" if cfg.attack == "eot-pgd" else cfg.attack
         no_rci = robust_accuracy(cfg, ck, plain_target, x, y, clean_pool, attack=attack_no_rci, threat="transfer", progress="sanity: no rci")
         if spec.enabled:
-            fixed = RCIModel(ck, spec, clean_pool, seed=cfg.seed + 2, permute=False, fixed_companions=True)
+            fixed = RCIModel(ck, spec, clean_pool, seed=cfg.seed + 2, deterministic=True)
             identity = {}
             for eps in cfg.eps:
                 x_adv = craft(attack_no_rci, fixed, x, y, eps, cfg, 1)
@@ -114,9 +115,9 @@ def run_attack(cfg: AttackConfig, ck: Checkpoint, target, x, y, clean_pool) -> d
     report = {
         "checkpoint": ck.name,
         "target": target.name,
-        "rci": asdict(spec),
+        "rci": spec.to_dict(),
         "config": asdict(cfg),
-        "clean_accuracy": {"no_rci": accuracy(InProcessTarget(RCIModel(ck, CodingSpec(enabled=False))), x, y), "target": accuracy(target, x, y)},
+        "clean_accuracy": {"no_rci": accuracy(InProcessTarget(RCIModel(ck, CodingSpec.plain())), x, y), "target": accuracy(target, x, y)},
     }
     if cfg.attack == "cotenant":
         from .cotenant import cotenant_report

@@ -9,15 +9,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from codedsmooth.core import CodingSpec
 from codedsmooth.models import load_checkpoint
-from codedsmooth.train import TrainConfig, load_dataset, train
 from codedsmooth.service.launcher import local_server
+from codedsmooth.train import TrainConfig, load_dataset, train
 
 from .cotenant import cotenant_report
 from .evaluate import AttackConfig, robust_accuracy
 from .plot import plot_accuracy
 from .runner import evaluation_data
-from .targets import CodingSpec, HttpTarget, InProcessTarget, RCIModel, accuracy
+from .targets import HttpTarget, InProcessTarget, RCIModel, accuracy, spec_for
 
 log = logging.getLogger("codedsmooth.report")
 METHODS = ("erm", "mixup", "coded")
@@ -44,8 +45,8 @@ def ensure_checkpoint(cfg: ReportConfig, method: str, data) -> Path:
     if path.exists() and not cfg.retrain:
         try:
             ck = load_checkpoint(path)
-            t = ck.config["training"]
-            if t["method"] == method and t["epochs"] == cfg.epochs and t["seed"] == cfg.seed:
+            t = ck.config.training.model_dump()
+            if t["method"] == method and t.get("epochs") == cfg.epochs and t.get("seed") == cfg.seed and ck.config.coding.coded_points == CodingSpec.plain().coded_points:
                 log.info("reusing %s", path)
                 return path
         except ValueError:
@@ -62,7 +63,7 @@ def _pct(v: float | None) -> str:
 def evaluate_method(cfg: ReportConfig, ck_path: Path, x, y, pool, spec: CodingSpec) -> dict:
     ck = load_checkpoint(ck_path)
     acfg = AttackConfig(eps=[cfg.eps], steps=cfg.steps, eot_samples=cfg.eot_samples, seed=cfg.seed, queries=cfg.queries)
-    plain = InProcessTarget(RCIModel(ck, CodingSpec(enabled=False)))
+    plain = InProcessTarget(RCIModel(ck, CodingSpec.plain()))
     rci = InProcessTarget(RCIModel(ck, spec, pool, seed=cfg.seed + 100))
     key = f"{cfg.eps:g}"
     row = {"clean": accuracy(plain, x, y), "clean_rci": accuracy(rci, x, y)}
@@ -81,12 +82,12 @@ def evaluate_method(cfg: ReportConfig, ck_path: Path, x, y, pool, spec: CodingSp
 
 def n_sweep(cfg: ReportConfig, ck_path: Path, x, y, pool) -> dict:
     ck = load_checkpoint(ck_path)
-    k = int(ck.config["coding"]["k"])
+    k = ck.config.coding.k
     acfg = AttackConfig(eps=[cfg.eps], steps=cfg.steps, eot_samples=cfg.eot_samples, seed=cfg.seed)
     key = f"{cfg.eps:g}"
     rows = {}
     for n in (k, math.ceil(1.25 * k), math.ceil(1.5 * k)):
-        spec = CodingSpec(True, "request", k, n)
+        spec = spec_for(ck, scope="request", n=n)
         rci = InProcessTarget(RCIModel(ck, spec, pool, seed=cfg.seed + 100))
         rows[n] = {
             "clean_rci": accuracy(rci, x, y),
@@ -99,7 +100,7 @@ def n_sweep(cfg: ReportConfig, ck_path: Path, x, y, pool) -> dict:
 def eps_sweep(cfg: ReportConfig, ck_path: Path, x, y, pool, spec) -> dict[str, dict[str, float]]:
     ck = load_checkpoint(ck_path)
     acfg = AttackConfig(eps=cfg.sweep, steps=cfg.steps, eot_samples=cfg.eot_samples, seed=cfg.seed)
-    plain = InProcessTarget(RCIModel(ck, CodingSpec(enabled=False)))
+    plain = InProcessTarget(RCIModel(ck, CodingSpec.plain()))
     rci = InProcessTarget(RCIModel(ck, spec, pool, seed=cfg.seed + 100))
     return {
         "PGD, no RCI": robust_accuracy(acfg, ck, plain, x, y, pool, attack="pgd", threat="transfer"),
@@ -110,11 +111,11 @@ def eps_sweep(cfg: ReportConfig, ck_path: Path, x, y, pool, spec) -> dict[str, d
 
 def cotenant_table(cfg: ReportConfig, ck_path: Path, x, y, pool) -> dict:
     ck = load_checkpoint(ck_path)
-    k = int(ck.config["coding"]["k"])
+    k = ck.config.coding.k
     acfg = AttackConfig(attack="cotenant", steps=cfg.steps, eot_samples=4, seed=cfg.seed)
     out = {}
     for scope, n in (("batch", k), ("batch", math.ceil(1.5 * k)), ("request", k), ("request", math.ceil(1.5 * k))):
-        spec = CodingSpec(True, scope, k, n)
+        spec = spec_for(ck, scope=scope, n=n)
         target = InProcessTarget(RCIModel(ck, spec, pool, seed=cfg.seed + 100))
         out[f"{scope} N={n}"] = cotenant_report(acfg, ck, spec, target, x[:100], y[:100], pool)["cotenant"]
     return out
@@ -126,7 +127,7 @@ def run_report(cfg: ReportConfig, command: str) -> Path:
     paths = {m: ensure_checkpoint(cfg, m, data) for m in METHODS}
     first = load_checkpoint(paths["coded"])
     x, y, pool = evaluation_data(first, cfg.samples)
-    spec = CodingSpec.for_checkpoint(first)
+    spec = spec_for(first)
     rows = {m: evaluate_method(cfg, paths[m], x, y, pool, spec) for m in METHODS}
     sweep_n = n_sweep(cfg, paths["coded"], x, y, pool)
     sweep_eps = eps_sweep(cfg, paths["coded"], x, y, pool, spec)
@@ -135,7 +136,7 @@ def run_report(cfg: ReportConfig, command: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     plot = plot_accuracy(sweep_eps, out.with_suffix(".png"), "coded model on digits: accuracy vs ε")
     elapsed = time.monotonic() - start
-    results = {"rows": rows, "n_sweep": sweep_n, "eps_sweep": sweep_eps, "cotenant": cotenant, "spec": spec.__dict__, "config": cfg.__dict__, "seconds": elapsed}
+    results = {"rows": rows, "n_sweep": sweep_n, "eps_sweep": sweep_eps, "cotenant": cotenant, "spec": spec.to_dict(), "config": cfg.__dict__, "seconds": elapsed}
     out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     out.write_text(render(results, cfg, spec, command, plot.name))
     return out

@@ -7,17 +7,18 @@ from pathlib import Path
 
 import torch
 
+from codedsmooth.core import CodingSpec
 from codedsmooth.models import Checkpoint, default_checkpoint_path, load_checkpoint
 from codedsmooth.train import as_float, load_dataset
 
 from .evaluate import AttackConfig, run_attack
 from .plot import plot_accuracy
-from .targets import CodingSpec, HttpTarget, InProcessTarget, RCIModel
+from .targets import HttpTarget, InProcessTarget, RCIModel, spec_for
 
 
 def evaluation_data(ck: Checkpoint, samples: int, data_dir=None):
     """The first ``samples`` test items of the checkpoint's data set and a clean pool of training items."""
-    name = ck.config["dataset"]
+    name = ck.config.dataset
     data = load_dataset(name, data_dir, image_size=ck.input_shape[-1])
     if tuple(data.input_shape) != ck.input_shape:
         raise ValueError(f"data set {name} has input shape {data.input_shape}, checkpoint expects {ck.input_shape}")
@@ -42,7 +43,7 @@ def attack_command(args) -> dict:
     torch.manual_seed(args.seed)
     ck = load_checkpoint(args.checkpoint or default_checkpoint_path())
     x, y, pool = evaluation_data(ck, cfg.samples, args.data_dir)
-    spec = CodingSpec.for_checkpoint(ck, enabled=args.rci, scope=args.rci_scope, k=args.rci_group_size, n=args.coded_points)
+    spec = spec_for(ck, enabled=args.rci, scope=args.rci_scope, k=args.rci_group_size, n=args.coded_points)
     target = make_target(ck, args.url, spec, pool, args.seed)
     if args.url and target.info["name"] != ck.name:
         raise ValueError(f"server serves {target.info['name']!r} but --checkpoint is {ck.name!r}; the attacker needs the served model")

@@ -1,85 +1,93 @@
 """What an attacker differentiates through, and what it queries.
 
-``RCIModel`` is the server's computation for one-item requests, in torch and
-differentiable: each item is coded in its own group with K-1 companions, which
-are trusted filler in ``request`` scope and other clients' clean items in
-``batch`` scope (an attacker controls only its own items). Targets answer
-probabilities for items sent as one-item requests, in-process or over HTTP.
+``RCIModel`` is the server's function in torch, differentiable: it calls the
+same planner and apply as the server's engine (``codedsmooth.core.rci``), with
+the coding spec the server reports. In ``request`` scope each attacked image is
+a one-item request coded with trusted filler; in ``batch`` scope it is a
+one-item request in a micro-batch with other clients' clean one-item requests,
+planned exactly as the server plans a micro-batch (an attacker controls only
+its own items). Targets answer probabilities for items sent as one-item
+requests, in-process or over HTTP.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from codedsmooth.core import SplineCode, rci_forward_with_companions
+from codedsmooth.core import CodingPlan, CodingSpec, SeededRandomSource, apply_plan, identity_permutations, plan_groups
+from codedsmooth.core.randomness import choices
 from codedsmooth.models import Checkpoint
 from codedsmooth.service.client import CodedSmoothClient
 
 
-@dataclass(frozen=True)
-class CodingSpec:
-    enabled: bool = True
-    scope: str = "request"
-    k: int = 32
-    n: int = 48
+def spec_for(ck: Checkpoint, enabled: bool = True, scope: str | None = None, k: int | None = None, n: int | None = None, decode_tolerance: float | None = None) -> CodingSpec:
+    """The spec a server would resolve for this checkpoint and these overrides."""
+    return CodingSpec.resolve(ck.trained_coding, enabled=enabled, scope=scope, k=k, n=n, decode_tolerance=decode_tolerance)
 
-    @staticmethod
-    def for_checkpoint(ck: Checkpoint, enabled=True, scope="request", k=None, n=None) -> "CodingSpec":
-        k = k or int(ck.config["coding"]["k"])
-        return CodingSpec(enabled, scope, k, n or math.ceil(1.5 * k))
 
-    @staticmethod
-    def from_server(info: dict) -> "CodingSpec":
-        rci = info["rci"]
-        return CodingSpec(rci["enabled"], rci["scope"], rci["group_size"], rci["coded_points"])
-
-    def label(self) -> str:
-        return f"rci {self.scope} K={self.k} N={self.n}" if self.enabled else "no rci"
+def spec_from_server(info: dict) -> CodingSpec:
+    """The spec a server reports in ``GET /v1/models``."""
+    r = info["rci"]
+    return CodingSpec(
+        enabled=r["enabled"], scope=r["scope"], k=r["group_size"], n=r["coded_points"], data_points=r["data_point_kind"],
+        coded_points=r["coded_point_kind"], decode_tolerance=r["decode_tolerance"],
+    )
 
 
 class RCIModel:
     """Logits of one-item requests under RCI (or the plain model), differentiable in ``x``.
 
-    ``permute=False`` and ``fixed_companions=True`` remove all randomness: the
-    sanity-check model on which an adaptive attack must succeed.
+    ``batch_mates``: in batch scope, how many other clients' one-item requests share
+    the micro-batch (default K-1: the victim's group is full of strangers).
+    ``deterministic=True`` fixes every draw (the same companions for every call, the
+    identity permutation): the sanity-check model on which an adaptive attack must succeed.
     """
 
-    def __init__(self, ck: Checkpoint, spec: CodingSpec, clean_pool: torch.Tensor | None = None, seed: int = 0, permute: bool = True, fixed_companions: bool = False):
+    def __init__(self, ck: Checkpoint, spec: CodingSpec, clean_pool: torch.Tensor | None = None, seed: int = 0, deterministic: bool = False, batch_mates: int | None = None):
         self.model = ck.model.eval()
         self.spec = spec
-        self.permute = permute
-        self.fixed_companions = fixed_companions
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.deterministic = deterministic
+        self.source = SeededRandomSource(seed)
         self.trunk, self.block = self.model.split(ck.target_block)
         for p in self.model.parameters():
             p.requires_grad_(False)
         if spec.enabled:
-            self.code = SplineCode(spec.k, spec.n)
-            pool = ck.filler if spec.scope == "request" or clean_pool is None else clean_pool
+            self.code = spec.code()
             with torch.no_grad():
-                self.pool_z = self.trunk(pool.float())
-            self._fixed = self._draw(1)[0]
+                self.filler_z = self.trunk(ck.filler.float())
+                self.mates_z = self.trunk(clean_pool.float()) if clean_pool is not None else self.filler_z
+            self.batch_mates = spec.k - 1 if batch_mates is None else int(batch_mates)
 
-    def _draw(self, m: int) -> torch.Tensor:
-        """(m, K-1) companion indices, distinct within a group when the pool allows."""
-        pool, need = self.pool_z.shape[0], self.spec.k - 1
-        if pool >= need:
-            return torch.rand(m, pool, generator=self.generator).argsort(1)[:, :need]
-        return torch.randint(0, pool, (m, need), generator=self.generator)
+    def _source(self):
+        return SeededRandomSource(self.seed) if self.deterministic else self.source
 
-    def companions(self, m: int) -> torch.Tensor:
-        idx = self._fixed.expand(m, -1) if self.fixed_companions else self._draw(m)
-        return self.pool_z[idx]
+    def _fix(self, plan: CodingPlan) -> CodingPlan:
+        return CodingPlan(plan.rows, identity_permutations(plan.groups, plan.k), plan.n_items) if self.deterministic else plan
+
+    def serve(self, z: torch.Tensor, sizes: list[int], source) -> torch.Tensor:
+        """Logits for one micro-batch of requests of ``sizes`` items (trunk outputs ``z``), as the server computes them."""
+        plan = self._fix(plan_groups(sizes, self.spec.scope, self.spec.k, self.filler_z.shape[0], source))
+        return apply_plan(self.block, z, self.filler_z, plan, self.code, self.spec.decode_tolerance)
+
+    def batch_scope(self, z: torch.Tensor, mates_z: torch.Tensor, source) -> torch.Tensor:
+        """Logits of M victims, each a one-item request in its own micro-batch with its mates (M, B, ...)."""
+        m, b = mates_z.shape[0], mates_z.shape[1]
+        plans = [self._fix(plan_groups([1] * (1 + b), "batch", self.spec.k, self.filler_z.shape[0], source)) for _ in range(m)]
+        items = torch.cat([torch.cat([z[i : i + 1], mates_z[i]]) for i in range(m)])
+        out = apply_plan(self.block, items, self.filler_z, CodingPlan.concat(plans), self.code, self.spec.decode_tolerance)
+        return out[:: 1 + b]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.spec.enabled:
             return self.model(x)
         z = self.trunk(x)
-        return rci_forward_with_companions(self.block, z, self.companions(len(x)), self.code, self.generator, self.permute)
+        source = self._source()
+        if self.spec.scope == "request":
+            return self.serve(z, [1] * len(x), source)
+        picks = choices(source, len(x), self.mates_z.shape[0], self.batch_mates)
+        return self.batch_scope(z, self.mates_z[picks], source)
 
 
 class InProcessTarget:
@@ -111,7 +119,7 @@ class HttpTarget:
     def __init__(self, url: str, concurrency: int = 32):
         self.client = CodedSmoothClient(url, concurrency=concurrency)
         self.info = self.client.models()[0]
-        self.spec = CodingSpec.from_server(self.info)
+        self.spec = spec_from_server(self.info)
         self.queries = 0
 
     @property

@@ -81,8 +81,7 @@ class ServiceState:
         self.engine = InferenceEngine(self.checkpoint, self.settings, device)
         self.engine.warm_up(self.settings.max_batch_size)
         log.info(
-            "loaded %s from %s on %s (K=%d, N=%d, rci=%s, scope=%s)",
-            self.checkpoint.name, path, device, self.engine.k, self.engine.n, self.settings.rci, self.settings.rci_scope,
+            "loaded %s from %s on %s (%s)", self.checkpoint.name, path, device, self.engine.spec.label(),
         )
 
     async def start(self) -> None:
@@ -109,8 +108,7 @@ class ServiceState:
 
     @property
     def rci_info(self) -> RciInfo:
-        e = self.engine
-        return RciInfo(enabled=self.settings.rci, scope=self.settings.rci_scope, group_size=e.k, coded_points=e.n)
+        return RciInfo.from_spec(self.engine.spec)
 
     def require_ready(self) -> None:
         if self.draining:
@@ -246,8 +244,8 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         ck = state.checkpoint
         return [
             ModelInfo(
-                name=ck.name, input_shape=list(ck.input_shape), classes=ck.classes, method=ck.config["training"]["method"],
-                dataset=ck.config["dataset"], test_accuracy=ck.config.get("test_accuracy"), target_block=ck.target_block, rci=state.rci_info,
+                name=ck.name, input_shape=list(ck.input_shape), classes=ck.classes, method=ck.config.method,
+                dataset=ck.config.dataset, test_accuracy=ck.config.test_accuracy, target_block=ck.target_block, rci=state.rci_info,
             )
         ]
 
@@ -333,6 +331,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
                 V2TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, len(ck.classes)]),
                 V2TensorMetadata(name="index", datatype="INT64", shape=[-1]),
             ],
+            parameters={"rci": state.rci_info},
         )
 
     @app.get("/v2/models/{name}", response_model=V2ModelMetadata, responses=ERRORS, tags=["v2"])

@@ -7,29 +7,35 @@ thread compete for the cores). Results leave as numpy arrays. A device batch hol
 requests; the trunk runs once on all real items, the coded block runs once on
 the coded samples of all coding groups.
 
-Coding groups:
-- ``request`` scope: each request's items are grouped only with themselves and
-  trusted filler (clean inputs stored in the checkpoint, whose trunk outputs are
-  computed once at load), padded to K; so no client's input reaches another
-  client's output.
-- ``batch`` scope (the paper): the whole micro-batch is shuffled and chunked
-  into groups of K, the last one padded with filler.
+Coding groups come from ``codedsmooth.core``'s one planner and apply (see
+``core.rci``), with the spec resolved once from the checkpoint and the
+settings. Every serving-time draw (permutations, filler choices, the batch
+shuffle) comes from the OS CSPRNG; ``rci_seed`` replaces it with a seeded
+source, fresh for each device batch, for tests and reproduction only.
 """
 
 from __future__ import annotations
 
-import math
-import os
+import logging
 import random
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from codedsmooth.core import SplineCode, random_permutations, rci_forward_groups
+from codedsmooth.core import CodingSpec, SeededRandomSource, SystemRandomSource, apply_plan, plan_groups
 from codedsmooth.models import Checkpoint
 
 from .settings import ServeSettings
+
+log = logging.getLogger("codedsmooth.engine")
+
+
+def resolve_spec(checkpoint: Checkpoint, settings: ServeSettings) -> CodingSpec:
+    """The coding spec in force: the checkpoint's trained code plus the operator's overrides."""
+    return CodingSpec.resolve(
+        checkpoint.trained_coding, enabled=settings.rci, scope=settings.rci_scope, k=settings.rci_group_size,
+        n=settings.coded_points, decode_tolerance=settings.rci_decode_tolerance,
+    )
 
 
 @dataclass
@@ -55,76 +61,41 @@ class InferenceEngine:
         self.device = device
         self.model = checkpoint.model.to(device).eval()
         self.trunk, self.block = self.model.split(checkpoint.target_block)
-        self.k = settings.group_size(int(checkpoint.config["coding"]["k"]))
-        self.n = settings.coded_points_for(self.k)
-        self.code = SplineCode(self.k, self.n, device=device, dtype=torch.float32)
+        self.spec = resolve_spec(checkpoint, settings)
+        self.code = self.spec.code(device=device, dtype=torch.float32)
         with torch.inference_mode():
             self.filler_z = self.trunk(checkpoint.filler.to(device))
-        seed = settings.rci_seed if settings.rci_seed is not None else int.from_bytes(os.urandom(8), "little")
-        self._master = torch.Generator().manual_seed(seed)
-        self._check_rng = random.Random()
+        if settings.rci_seed is not None and self.spec.enabled:
+            log.warning("rci_seed is set: RCI draws are reproducible, so clients can predict the code; for tests and reproduction only")
+        self._check_rng = random.Random()  # which batches are also run uncoded: a statistic, not a secret
 
     @property
     def rci_enabled(self) -> bool:
-        return self.settings.rci
+        return self.spec.enabled
 
     @property
     def scope(self) -> str:
-        return self.settings.rci_scope
+        return self.spec.scope
 
-    def _generator(self) -> torch.Generator:
-        """A generator for one coding unit (a request, or a batch in batch scope)."""
+    @property
+    def k(self) -> int:
+        return self.spec.k
+
+    @property
+    def n(self) -> int:
+        return self.spec.n
+
+    def random_source(self):
+        """OS CSPRNG unless a seed is set; a seeded source starts afresh for each batch."""
         if self.settings.rci_seed is not None:
-            return torch.Generator().manual_seed(self.settings.rci_seed)
-        return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=self._master)))
-
-    def _filler_indices(self, count: int, gen: torch.Generator) -> torch.Tensor:
-        pool = self.filler_z.shape[0]
-        if count <= pool:
-            return torch.randperm(pool, generator=gen)[:count]
-        return torch.randint(0, pool, (count,), generator=gen)
-
-    def _groups(self, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Index rows (G, K) into [real items | filler] (filler offset by the real count) and perms (G, K)."""
-        total = sum(sizes)
-        k = self.k
-        rows, perms = [], []
-        if self.scope == "request":
-            start = 0
-            for size in sizes:
-                gen = self._generator()
-                items = torch.arange(start, start + size)
-                start += size
-                for g in range(math.ceil(size / k)):
-                    chunk = items[g * k : (g + 1) * k]
-                    fill = self._filler_indices(k - len(chunk), gen) + total
-                    rows.append(torch.cat([chunk, fill]))
-                    perms.append(random_permutations(1, k, gen)[0])
-        else:
-            gen = self._generator()
-            shuffled = torch.randperm(total, generator=gen)
-            groups = math.ceil(total / k)
-            fill = self._filler_indices(groups * k - total, gen) + total
-            flat = torch.cat([shuffled, fill])
-            rows = list(flat.view(groups, k))
-            perms = list(random_permutations(groups, k, gen))
-        return torch.stack(rows), torch.stack(perms)
+            return SeededRandomSource(self.settings.rci_seed)
+        return SystemRandomSource()
 
     def _rci_logits(self, z: torch.Tensor, sizes: list[int], stats: BatchStats) -> torch.Tensor:
-        total = z.shape[0]
-        index, perms = self._groups(sizes)
-        flat = index.reshape(-1).to(self.device)
-        is_real = flat < total
-        grouped = torch.empty((flat.numel(), *z.shape[1:]), device=z.device, dtype=z.dtype)
-        grouped[is_real] = z[flat[is_real]]
-        grouped[~is_real] = self.filler_z[flat[~is_real] - total]
-        decoded = rci_forward_groups(self.block, grouped.view(index.shape[0], self.k, *z.shape[1:]), self.code, perms)
-        decoded = decoded.reshape(flat.numel(), -1)
-        logits = torch.empty((total, decoded.shape[1]), device=z.device, dtype=decoded.dtype)
-        logits[flat[is_real]] = decoded[is_real]
-        stats.groups = index.shape[0]
-        stats.filler_share = float((~is_real).sum()) / flat.numel()
-        return logits
+        plan = plan_groups(sizes, self.spec.scope, self.spec.k, self.filler_z.shape[0], self.random_source())
+        stats.groups = plan.groups
+        stats.filler_share = plan.filler_share
+        return apply_plan(self.block, z, self.filler_z, plan, self.code, self.spec.decode_tolerance)
 
     @torch.inference_mode()
     def run(self, inputs: list[torch.Tensor]) -> BatchResult:

@@ -22,6 +22,17 @@ class RciInfo(BaseModel):
     scope: Literal["request", "batch"]
     group_size: int = Field(..., description="K: items per coding group")
     coded_points: int = Field(..., description="N: coded samples per coding group")
+    data_point_kind: str = Field(..., description="where the K items sit on [-1, 1]")
+    coded_point_kind: str = Field(..., description="where the N coded samples sit on [-1, 1]")
+    decode_tolerance: float = Field(..., description="request scope: decoder weights below this are skipped (0: full decode)")
+
+    @staticmethod
+    def from_spec(spec) -> "RciInfo":
+        """The public view of a ``codedsmooth.core.CodingSpec``."""
+        return RciInfo(
+            enabled=spec.enabled, scope=spec.scope, group_size=spec.k, coded_points=spec.n, data_point_kind=spec.data_points,
+            coded_point_kind=spec.coded_points, decode_tolerance=spec.decode_tolerance,
+        )
 
 
 class Prediction(BaseModel):
@@ -71,6 +82,7 @@ class V2ModelMetadata(BaseModel):
     platform: str
     inputs: list[V2TensorMetadata]
     outputs: list[V2TensorMetadata]
+    parameters: dict[str, RciInfo] = Field(default_factory=dict, description="the coding spec in force, under 'rci'")
 
 
 class V2InferInput(BaseModel):

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from codedsmooth.core.spec import DEFAULT_DECODE_TOLERANCE
+
 
 class ServeSettings(BaseSettings):
     """Everything ``codedsmooth serve`` can be told. Flags win over env vars, env vars over defaults."""
@@ -26,8 +28,9 @@ class ServeSettings(BaseSettings):
     rci: bool = Field(True, description="randomized coded inference on/off")
     rci_scope: Literal["request", "batch"] = Field("request", description="code each request with trusted filler (request) or the whole micro-batch together (batch)")
     rci_group_size: int | None = Field(None, ge=2, description="K at inference (default: the checkpoint's K)")
-    coded_points: int | None = Field(None, ge=2, description="N at inference (default: ceil(1.5 K))")
-    rci_seed: int | None = Field(None, description="fix the RCI randomness (tests and reproduction only: a fixed seed lets clients predict the code)")
+    coded_points: int | None = Field(None, ge=2, description="N at inference (default: the N the checkpoint was trained to end at, scaled to K)")
+    rci_decode_tolerance: float | None = Field(None, ge=0, lt=1, description=f"request scope: skip coded samples whose decoder weight for the group's items is below this; 0 = full decode (default: {DEFAULT_DECODE_TOLERANCE:g})")
+    rci_seed: int | None = Field(None, description="replace the OS CSPRNG with a seed, fresh for each batch (tests and reproduction only: clients could predict the code)")
     rci_check_rate: float = Field(0.1, ge=0, le=1, description="share of batches also run without RCI to count label flips and the decode residual")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body; bigger gets 413 before it is read")
     max_items_per_request: int = Field(64, ge=1, description="most inputs in one request")
@@ -48,15 +51,6 @@ class ServeSettings(BaseSettings):
         if not (value == "cpu" or value == "cuda" or value.startswith("cuda:")):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {value!r}")
         return value
-
-    def group_size(self, checkpoint_k: int) -> int:
-        return self.rci_group_size or checkpoint_k
-
-    def coded_points_for(self, k: int) -> int:
-        n = self.coded_points or math.ceil(1.5 * k)
-        if n < k:
-            raise ValueError(f"coded_points N={n} must be >= the group size K={k}")
-        return n
 
 
 def cpu_quota() -> int:

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 from scipy.interpolate import CubicSpline
 
-from codedsmooth.core import SplineCode, random_permutations, rci_forward, rci_forward_groups
+from codedsmooth.core import CodingPlan, SplineCode, apply_plan, random_permutations, rci_forward
 
 
 def test_identity_permutation_affine_block_returns_plain_output():
@@ -56,9 +56,10 @@ def test_groups_in_one_call_equal_group_by_group():
 
     z = torch.randn(5, 6, 4)
     perms = random_permutations(5, 6, torch.Generator().manual_seed(0))
+    rows = torch.arange(30).view(5, 6)
     with torch.no_grad():
-        together = rci_forward_groups(Counting(), z, code, perms)
+        together = apply_plan(Counting(), z.flatten(0, 1), z[:0, 0], CodingPlan(rows, perms, 30), code).view(5, 6, 1)
         assert calls == [5 * 9]
         for g in range(5):
-            alone = rci_forward_groups(Counting(), z[g : g + 1], code, perms[g : g + 1])
-            torch.testing.assert_close(together[g], alone[0])
+            alone = apply_plan(Counting(), z[g], z[:0, 0], CodingPlan(rows[:1], perms[g : g + 1], 6), code)
+            torch.testing.assert_close(together[g], alone)

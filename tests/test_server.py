@@ -10,6 +10,7 @@ import torch
 from helpers import metric_samples, running_server
 from PIL import Image
 
+from codedsmooth.core.spec import DEFAULT_DECODE_TOLERANCE
 from codedsmooth.models import load_checkpoint
 from codedsmooth.service.engine import InferenceEngine
 from codedsmooth.service.settings import ServeSettings
@@ -49,7 +50,10 @@ def test_rci_on_with_fixed_seed_equals_in_process_engine(tiny_checkpoint, digits
             got = predict(server.url, x)
             body = httpx.post(server.url + "/v1/predict", json={"inputs": x[:1].tolist()}).json()
         np.testing.assert_array_equal(got, expected)
-        assert body["rci"] == {"enabled": True, "scope": scope, "group_size": 16, "coded_points": 20}
+        assert body["rci"] == {
+            "enabled": True, "scope": scope, "group_size": 16, "coded_points": 20, "data_point_kind": "equispaced",
+            "coded_point_kind": "chebyshev-gauss", "decode_tolerance": DEFAULT_DECODE_TOLERANCE if scope == "request" else 0.0,
+        }
 
 
 async def _concurrent(url, bodies):

@@ -12,7 +12,8 @@ def test_schedule_ramps_from_k_to_one_and_a_half_k():
     values = [sched(e) for e in range(10)]
     assert values[0] == 32 and values[-1] == 48
     assert all(b >= a for a, b in zip(values, values[1:]))
-    assert NSchedule.default(7, epochs=1)(0) == math.ceil(1.5 * 7)
+    assert NSchedule.default(7, epochs=1)(0) == math.ceil(1.5 * 7) + 1  # 11 would share the point 0 with K = 7
+    assert NSchedule.default(8, epochs=1)(0) == math.ceil(1.5 * 8)
 
 
 def _reference_coded_loss(block, z, n):

@@ -16,12 +16,12 @@ def test_each_method_learns_digits(method, digits, tmp_path):
     res = train(TrainConfig(method=method, epochs=3, width=8, batch_size=32, out=str(tmp_path / method), progress=False), data=digits)
     assert res.test_accuracy > 0.5  # chance is 0.1
     ck = load_checkpoint(res.checkpoint)
-    assert ck.config["training"]["method"] == method
-    assert len(ck.config["history"]) == 3
+    assert ck.config.method == method
+    assert len(ck.config.history) == 3
     if method == "coded":
-        ns = [h["n"] for h in ck.config["history"]]
+        ns = [h["n"] for h in ck.config.history]
         assert ns[0] == 32 and ns[-1] == 48
-        assert all(h["coded_loss"] > 0 for h in ck.config["history"])
+        assert all(h["coded_loss"] > 0 for h in ck.config.history)
 
 
 def test_invalid_config_is_rejected():

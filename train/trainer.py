@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from codedsmooth.core import CodedSmoothing, NSchedule
+from codedsmooth.core import CodedSmoothing, NSchedule, coded_points_for, default_n_end
+from codedsmooth.core.spec import DEFAULT_CODED_POINTS, DEFAULT_DATA_POINTS
 
 from codedsmooth.models import build_model, default_arch_for, resolve_device, save_checkpoint
 
@@ -130,12 +131,9 @@ def train(cfg: TrainConfig, data: DataSplit | None = None) -> TrainResult:
     target = cfg.target_block or model.default_target
     trunk, block = model.split(target)
     k = cfg.batch_size
-    schedule = NSchedule(
-        n_start=cfg.n_start or k,
-        n_end=cfg.n_end or int(math.ceil(1.5 * k)),
-        epochs=cfg.epochs,
-    )
-    coded = CodedSmoothing(block, k=k, n=schedule(0), mu=cfg.mu) if cfg.method == "coded" else None
+    schedule = NSchedule(n_start=cfg.n_start or k, n_end=cfg.n_end or default_n_end(k), epochs=cfg.epochs)
+    code_kinds = {"data_points": DEFAULT_DATA_POINTS, "coded_points": DEFAULT_CODED_POINTS}
+    coded = CodedSmoothing(block, k=k, n=schedule(0), mu=cfg.mu, data_kind=code_kinds["data_points"], coded_kind=code_kinds["coded_points"]) if cfg.method == "coded" else None
 
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(data.train_x) / k)
@@ -209,13 +207,7 @@ def train(cfg: TrainConfig, data: DataSplit | None = None) -> TrainResult:
             "mixup_alpha": cfg.mixup_alpha if cfg.method == "mixup" else None,
             "device": str(device),
         },
-        "coding": {
-            "k": k,
-            "n": schedule.n_end,
-            "data_points": "equispaced",
-            "coded_points": "chebyshev-lobatto",
-            "target_block": target,
-        },
+        "coding": {"k": k, "n": coded_points_for(k, k, schedule.n_end), **code_kinds, "target_block": target},
         "dataset": data.name,
         "test_accuracy": final_acc,
         "history": [asdict(h) for h in history],
