@@ -23,6 +23,9 @@ class RandomSource(Protocol):
     def keys(self, *shape: int) -> torch.Tensor:
         """Independent uniform 64-bit integer keys of ``shape`` (int64, on the CPU)."""
 
+    def unit(self) -> "RandomSource":
+        """The source for one coding unit (a request in request scope, the micro-batch in batch scope)."""
+
 
 def _as_keys(raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(raw.view(np.int64).reshape(shape).copy())
@@ -37,18 +40,30 @@ class SystemRandomSource:
         count = int(np.prod(shape)) if shape else 1
         return _as_keys(np.frombuffer(os.urandom(8 * count), dtype=np.uint64), shape)
 
+    def unit(self) -> "SystemRandomSource":
+        return self
+
 
 class SeededRandomSource:
-    """Reproducible keys from a seed (PCG64 over the full integer seed)."""
+    """Reproducible keys from a seed (PCG64 over the full integer seed).
+
+    ``per_unit=True`` restarts from the seed for every coding unit, so a request's
+    draws do not depend on what else shares its batch (the server's seeded mode);
+    otherwise one stream runs through all units (simulations).
+    """
 
     seeded = True
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, per_unit: bool = False):
         self.seed = int(seed)
+        self.per_unit = per_unit
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(abs(self.seed), spawn_key=(int(self.seed < 0),))))
 
     def keys(self, *shape: int) -> torch.Tensor:
         return _as_keys(self._rng.integers(0, 2**64, size=shape, dtype=np.uint64, endpoint=False), shape)
+
+    def unit(self) -> "SeededRandomSource":
+        return SeededRandomSource(self.seed) if self.per_unit else self
 
 
 def permutations(source: RandomSource, rows: int, k: int) -> torch.Tensor:

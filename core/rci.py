@@ -95,13 +95,17 @@ def plan_groups(sizes: Sequence[int], scope: str, k: int, filler_pool: int, sour
         raise ValueError(f"need K >= 2 and requests of at least one item, got K={k}, sizes={sizes}")
     total = sum(sizes)
     if scope == "request":
-        members, start = [], 0
+        members, units, start = [], [], 0
         for size in sizes:
-            members += [torch.arange(start + g, min(start + g + k, start + size)) for g in range(0, size, k)]
+            unit = source.unit()
+            for g in range(0, size, k):
+                members.append(torch.arange(start + g, min(start + g + k, start + size)))
+                units.append(unit)
             start += size
     elif scope == "batch":
-        shuffled = permutations(source, 1, total)[0]
-        members = list(shuffled.split(k))
+        unit = source.unit()
+        members = list(permutations(unit, 1, total)[0].split(k))
+        units = [unit] * len(members)
     else:
         raise ValueError(f"scope must be 'request' or 'batch', got {scope!r}")
     if filler_pool < 1 and any(len(m) < k for m in members):
@@ -109,10 +113,10 @@ def plan_groups(sizes: Sequence[int], scope: str, k: int, filler_pool: int, sour
     # Draws go group by group (filler, then permutation), so with a seeded source a
     # group's coding does not depend on how many groups come after it.
     rows, perms = [], []
-    for m in members:
+    for m, unit in zip(members, units):
         need = k - len(m)
-        rows.append(torch.cat([m, choices(source, 1, filler_pool, need)[0] + total]) if need else m)
-        perms.append(permutations(source, 1, k)[0])
+        rows.append(torch.cat([m, choices(unit, 1, filler_pool, need)[0] + total]) if need else m)
+        perms.append(permutations(unit, 1, k)[0])
     return CodingPlan(torch.stack(rows), torch.stack(perms), total)
 
 

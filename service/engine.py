@@ -11,13 +11,14 @@ Coding groups come from ``codedsmooth.core``'s one planner and apply (see
 ``core.rci``), with the spec resolved once from the checkpoint and the
 settings. Every serving-time draw (permutations, filler choices, the batch
 shuffle) comes from the OS CSPRNG; ``rci_seed`` replaces it with a seeded
-source, fresh for each device batch, for tests and reproduction only.
+source, fresh for each coding unit (a request, or the batch in batch scope), for tests and reproduction only.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -86,9 +87,9 @@ class InferenceEngine:
         return self.spec.n
 
     def random_source(self):
-        """OS CSPRNG unless a seed is set; a seeded source starts afresh for each batch."""
+        """OS CSPRNG unless a seed is set; a seeded source starts afresh for each coding unit."""
         if self.settings.rci_seed is not None:
-            return SeededRandomSource(self.settings.rci_seed)
+            return SeededRandomSource(self.settings.rci_seed, per_unit=True)
         return SystemRandomSource()
 
     def _rci_logits(self, z: torch.Tensor, sizes: list[int], stats: BatchStats) -> torch.Tensor:

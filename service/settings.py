@@ -30,7 +30,7 @@ class ServeSettings(BaseSettings):
     rci_group_size: int | None = Field(None, ge=2, description="K at inference (default: the checkpoint's K)")
     coded_points: int | None = Field(None, ge=2, description="N at inference (default: the N the checkpoint was trained to end at, scaled to K)")
     rci_decode_tolerance: float | None = Field(None, ge=0, lt=1, description=f"request scope: skip coded samples whose decoder weight for the group's items is below this; 0 = full decode (default: {DEFAULT_DECODE_TOLERANCE:g})")
-    rci_seed: int | None = Field(None, description="replace the OS CSPRNG with a seed, fresh for each batch (tests and reproduction only: clients could predict the code)")
+    rci_seed: int | None = Field(None, description="replace the OS CSPRNG with a seed, restarted for each request (batch scope: each batch) (tests and reproduction only: clients could predict the code)")
     rci_check_rate: float = Field(0.1, ge=0, le=1, description="share of batches also run without RCI to count label flips and the decode residual")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body; bigger gets 413 before it is read")
     max_items_per_request: int = Field(64, ge=1, description="most inputs in one request")
