@@ -1,4 +1,4 @@
-"""RCI forward vs plain forward, in one run: prints time ratios at N = K and N = 1.5K.
+"""RCI forward vs plain forward, in one run: prints time ratios at N = K and the default N (1.5K).
 
 Usage: python benchmarks/rci_forward.py [--device cpu|cuda] [--k 64] [--width 64]
 """
@@ -6,7 +6,6 @@ Usage: python benchmarks/rci_forward.py [--device cpu|cuda] [--k 64] [--width 64
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import interleaved_medians  # noqa: E402
 
-from codedsmooth.core import SplineCode, rci_forward  # noqa: E402
+from codedsmooth.core import SplineCode, default_n_end, rci_forward  # noqa: E402
 from codedsmooth.models import build_model, resolve_device  # noqa: E402
 
 
@@ -40,7 +39,7 @@ def main() -> None:
         trunk, block = model.split()
         x = torch.rand(k, *shape, device=device)
         gen = torch.Generator().manual_seed(0)
-        codes = {n: SplineCode(k, n, device=device) for n in (k, math.ceil(1.5 * k))}
+        codes = {n: SplineCode(k, n, device=device) for n in (k, default_n_end(k))}
         with torch.inference_mode():
             fns = {"plain": lambda: model(x)}
             for n, code in codes.items():

@@ -1,0 +1,91 @@
+"""Sparse decode in request scope: its error against the full decode, and its speed, in one run.
+
+Part 1 (error): a trained checkpoint's test split, each image a one-item request at
+K and N of the checkpoint; the full and the sparse decode run on the same plan (same
+draws), so the only difference is the skipped coded samples. Prints, per tolerance,
+the coded samples the block runs on per group, the max |logit difference| and the
+label agreement.
+Part 2 (speed): the server's engine on device batches of one-item requests, request
+scope at K = 32, N = 48 (full and sparse decode) against RCI off, on PreActResNet-18
+(target block layer4) and small_cnn 28×28 (target block head).
+
+Usage: python benchmarks/sparse_decode.py [--checkpoint DIR] [--device cpu|cuda] [--batch 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _checkpoints import make_checkpoint  # noqa: E402
+from _timing import interleaved_medians  # noqa: E402
+
+from codedsmooth.core import SeededRandomSource, apply_plan, plan_groups, sparse_width  # noqa: E402
+from codedsmooth.core.spec import DEFAULT_DECODE_TOLERANCE  # noqa: E402
+from codedsmooth.models import default_checkpoint_path, load_checkpoint, resolve_device  # noqa: E402
+from codedsmooth.service.engine import InferenceEngine, resolve_spec  # noqa: E402
+from codedsmooth.service.settings import ServeSettings  # noqa: E402
+from codedsmooth.train import as_float, load_dataset  # noqa: E402
+
+TOLERANCES = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+
+
+@torch.inference_mode()
+def error_table(path: Path) -> None:
+    ck = load_checkpoint(path)
+    data = load_dataset(ck.config.dataset, image_size=ck.input_shape[-1])
+    x, y = as_float(data.test_x), data.test_y
+    spec = resolve_spec(ck, ServeSettings())
+    code = spec.code()
+    trunk, block = ck.model.split(ck.target_block)
+    z, filler_z = trunk(x), trunk(ck.filler)
+    plan = plan_groups([1] * len(x), "request", spec.k, len(filler_z), SeededRandomSource(0))
+    full = apply_plan(block, z, filler_z, plan, code)
+    plain = block(z)
+    print(f"{ck.name}: {len(x)} test images as one-item requests, K={spec.k}, N={spec.n}")
+    print(f"  full decode: block on {spec.n} coded samples per group, accuracy {float((full.argmax(1) == y).float().mean()):.4f} (plain model {float((plain.argmax(1) == y).float().mean()):.4f})")
+    for tol in TOLERANCES:
+        sparse = apply_plan(block, z, filler_z, plan, code, tol)
+        diff = float((sparse - full).abs().max())
+        agree = float((sparse.argmax(1) == full.argmax(1)).float().mean())
+        acc = float((sparse.argmax(1) == y).float().mean())
+        mark = "  <- default" if tol == DEFAULT_DECODE_TOLERANCE else ""
+        print(f"  tol {tol:g}: block on {sparse_width(code, tol)} of {spec.n}, max |logit diff| {diff:.2e}, label agreement {agree:.4f}, accuracy {acc:.4f}{mark}")
+
+
+def speed_table(device: torch.device, batch: int, rounds: int) -> None:
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    print(f"engine throughput, device batches of {batch} one-item requests, request scope K=32 N=48, device={device}, threads={torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in ("preact_resnet18", "small_cnn"):
+            ck = load_checkpoint(make_checkpoint(Path(tmp) / arch, arch, width=64 if arch == "preact_resnet18" else 32, k=32, n=48), device=device)
+            engines = {
+                "rci off": InferenceEngine(ck, ServeSettings(rci=False), device),
+                "request, full decode": InferenceEngine(ck, ServeSettings(rci_decode_tolerance=0, rci_check_rate=0), device),
+                f"request, sparse {DEFAULT_DECODE_TOLERANCE:g}": InferenceEngine(ck, ServeSettings(rci_check_rate=0), device),
+            }
+            x = [t for t in torch.rand(batch, *ck.input_shape, device=device).split(1)]
+            med = interleaved_medians({name: (lambda e=e: e.run(x)) for name, e in engines.items()}, rounds=rounds, sync=sync)
+            base = med["rci off"]
+            parts = [f"{name}: {batch / med[name]:.0f} items/s ({base / med[name]:.2f}x of rci off)" for name in engines]
+            print(f"  {arch}: " + " | ".join(parts))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--checkpoint", default=None, help="trained checkpoint for the error table (default: the shipped one)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--batch", type=int, default=32, help="one-item requests per device batch (default: 32)")
+    ap.add_argument("--rounds", type=int, default=10)
+    args = ap.parse_args()
+    error_table(Path(args.checkpoint) if args.checkpoint else default_checkpoint_path())
+    speed_table(resolve_device(args.device), args.batch, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
