@@ -14,6 +14,30 @@ def _config_from_args(config_cls, args):
     return config_cls(**{k: v for k, v in vars(args).items() if k in fields})
 
 
+def _add_config_options(p: argparse.ArgumentParser, config_cls, skip: tuple[str, ...] = ()) -> None:
+    """One option per field of a config dataclass: its name, default, help and choices come from the field."""
+    import dataclasses
+
+    for f in dataclasses.fields(config_cls):
+        if f.name in skip or "help" not in f.metadata:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        flag = "--" + f.name.replace("_", "-")
+        shown = " ".join(map(str, default)) if isinstance(default, list) else ("none" if default is None else default)
+        helptext = f.metadata["help"]
+        kw = {"default": default, "help": helptext if "(default:" in helptext else f"{helptext} (default: {shown})"}
+        annotation = str(f.type)
+        if "choices" in f.metadata:
+            kw["choices"] = list(f.metadata["choices"])
+        if annotation == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        kind = float if "float" in annotation else int if "int" in annotation else str
+        if annotation.startswith("list"):
+            kw["nargs"] = "+"
+        p.add_argument(flag, type=kind, **kw)
+
+
 def _add_train(sub) -> None:
     from codedsmooth.train.data import DATASETS
 
@@ -105,34 +129,20 @@ def _run_serve(args) -> int:
 
 
 def _add_attack(sub) -> None:
+    from codedsmooth.probe.evaluate import AttackConfig
+    from codedsmooth.probe.runner import TargetConfig
+
     p = sub.add_parser("attack", help="attack a checkpoint in-process or a running server, with a JSON report and a plot")
-    p.add_argument("--checkpoint", default=None, help="the attacker's copy of the model; the in-process target when --url is not given (default: the embedded checkpoint)")
-    p.add_argument("--url", default=None, help="attack a running server at this URL instead of an in-process target")
-    p.add_argument("--data-dir", default=None, help="local files of the checkpoint's data set when it is not digits")
-    p.add_argument("--attack", choices=("fgsm", "pgd", "eot-pgd", "square", "cotenant"), default="pgd", help="attack (default: pgd)")
-    p.add_argument("--threat", choices=("transfer", "adaptive", "blackbox"), default="adaptive",
-                   help="transfer: gradients of the model without RCI; adaptive: gradients through RCI (EOT for eot-pgd and fgsm); blackbox: queries only (default: adaptive)")
-    p.add_argument("--eps", type=float, nargs="+", default=[0.1], help="L∞ radius in pixel units [0, 1]; several values for a sweep (default: 0.1)")
-    p.add_argument("--steps", type=int, default=20, help="PGD steps; co-tenant optimisation steps (default: 20)")
-    p.add_argument("--eot-samples", type=int, default=8, help="RCI draws averaged per gradient in EOT (default: 8)")
-    p.add_argument("--samples", type=int, default=200, help="test items attacked (default: 200)")
-    p.add_argument("--queries", type=int, default=300, help="black-box query budget per item (default: 300)")
-    p.add_argument("--repeats", type=int, default=1, help="black-box: queries averaged per candidate against RCI's randomness (default: 1)")
-    p.add_argument("--rci", action=argparse.BooleanOptionalAction, default=True, help="in-process target: RCI on/off (default: on)")
-    p.add_argument("--rci-scope", choices=("request", "batch"), default="request", help="in-process target: coding scope (default: request)")
-    p.add_argument("--rci-group-size", type=int, default=None, help="in-process target: K (default: the checkpoint's)")
-    p.add_argument("--coded-points", type=int, default=None, help="in-process target: N (default: ceil(1.5 K))")
-    p.add_argument("--no-sanity", action="store_true", help="skip the sanity checks (identity permutation, PGD <= FGSM, large eps)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--report", default=None, help="write the JSON report here")
-    p.add_argument("--plot", default=None, help="write a PNG plot of accuracy vs eps here")
+    _add_config_options(p, TargetConfig)
+    _add_config_options(p, AttackConfig)
     p.set_defaults(func=_run_attack)
 
 
 def _run_attack(args) -> int:
-    from codedsmooth.probe.runner import attack_command
+    from codedsmooth.probe.evaluate import AttackConfig
+    from codedsmooth.probe.runner import TargetConfig, attack_command
 
-    report = attack_command(args)
+    report = attack_command(_config_from_args(AttackConfig, args), _config_from_args(TargetConfig, args))
     summary = {k: report[k] for k in ("target", "clean_accuracy", "robust_accuracy", "cotenant") if k in report}
     if "sanity" in report:
         summary["sanity"] = {c["name"]: c["passed"] for c in report["sanity"]}
@@ -141,18 +151,10 @@ def _run_attack(args) -> int:
 
 
 def _add_report(sub) -> None:
+    from codedsmooth.probe.report import ReportConfig
+
     p = sub.add_parser("report", help="train (or reuse) erm, mixup and coded on digits, attack them every way, write docs/RESULTS.md")
-    p.add_argument("--out", default="docs/RESULTS.md", help="markdown report; a .png plot and a .json with all numbers go beside it (default: docs/RESULTS.md)")
-    p.add_argument("--runs", default="runs/report", help="where the three checkpoints are kept and reused (default: runs/report)")
-    p.add_argument("--epochs", type=int, default=30, help="training epochs per method (default: 30)")
-    p.add_argument("--seed", type=int, default=0, help="training and attack seed (default: 0)")
-    p.add_argument("--samples", type=int, default=200, help="test images attacked (default: 200)")
-    p.add_argument("--eps", type=float, default=0.1, help="L∞ radius of the main table (default: 0.1)")
-    p.add_argument("--steps", type=int, default=20, help="PGD steps (default: 20)")
-    p.add_argument("--eot-samples", type=int, default=8, help="EOT draws per gradient (default: 8)")
-    p.add_argument("--blackbox-samples", type=int, default=100, help="images attacked over HTTP (default: 100)")
-    p.add_argument("--queries", type=int, default=200, help="black-box queries per image (default: 200)")
-    p.add_argument("--retrain", action="store_true", help="train again even when checkpoints exist")
+    _add_config_options(p, ReportConfig)
     p.set_defaults(func=_run_report)
 
 
@@ -160,7 +162,7 @@ def _run_report(args) -> int:
     from codedsmooth.probe.report import ReportConfig, run_report
 
     cfg = _config_from_args(ReportConfig, args)
-    command = "codedsmooth report" + ("" if args.out == "docs/RESULTS.md" else f" --out {args.out}")
+    command = "codedsmooth report" + ("" if args.out == ReportConfig.out else f" --out {args.out}")
     print(run_report(cfg, command))
     return 0
 

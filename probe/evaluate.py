@@ -17,34 +17,45 @@ GRADIENT_ATTACKS = ("fgsm", "pgd", "eot-pgd")
 LARGE_EPS = 0.5
 
 
+ATTACKS = (*GRADIENT_ATTACKS, "square", "cotenant")
+THREATS = ("transfer", "adaptive", "blackbox")
+
+
 @dataclass
 class AttackConfig:
-    attack: str = "pgd"
-    threat: str = "adaptive"
-    eps: list[float] = field(default_factory=lambda: [0.1])
-    steps: int = 20
-    eot_samples: int = 8
-    samples: int = 200
-    queries: int = 300
-    repeats: int = 1
-    seed: int = 0
-    sanity: bool = True
+    """One attack run; ``codedsmooth attack`` takes its options and defaults from these fields."""
+
+    attack: str = field(default="pgd", metadata={"help": "attack", "choices": ATTACKS})
+    threat: str = field(default="adaptive", metadata={
+        "help": "transfer: gradients of the model without RCI; adaptive: gradients through RCI (EOT for eot-pgd and fgsm); blackbox: queries only",
+        "choices": THREATS,
+    })
+    eps: list[float] = field(default_factory=lambda: [0.1], metadata={"help": "L∞ radius in pixel units [0, 1]; several values for a sweep"})
+    steps: int = field(default=20, metadata={"help": "PGD steps; co-tenant optimisation steps"})
+    eot_samples: int = field(default=8, metadata={"help": "RCI draws averaged per gradient in EOT"})
+    samples: int = field(default=200, metadata={"help": "test items attacked"})
+    queries: int = field(default=300, metadata={"help": "black-box query budget per item"})
+    repeats: int = field(default=1, metadata={"help": "black-box: queries averaged per candidate against RCI's randomness"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    sanity: bool = field(default=True, metadata={"help": "run the sanity checks (identity permutation, PGD <= FGSM, large eps)"})
 
     def validate(self) -> None:
-        if self.attack not in (*GRADIENT_ATTACKS, "square", "cotenant"):
-            raise ValueError(f"unknown attack {self.attack!r}")
-        if self.threat not in ("transfer", "adaptive", "blackbox"):
-            raise ValueError(f"unknown threat {self.threat!r}")
+        if self.attack not in ATTACKS:
+            raise ValueError(f"unknown attack {self.attack!r}; known: {list(ATTACKS)}")
+        if self.threat not in THREATS:
+            raise ValueError(f"unknown threat {self.threat!r}; known: {list(THREATS)}")
         if self.attack == "square" and self.threat != "blackbox":
-            raise ValueError("--attack square is the black-box attack: use --threat blackbox")
+            raise ValueError("attack 'square' is the black-box attack: it needs threat 'blackbox'")
         if self.attack in GRADIENT_ATTACKS and self.threat == "blackbox":
-            raise ValueError(f"--attack {self.attack} needs gradients: use --threat transfer or adaptive (or --attack square)")
+            raise ValueError(f"attack {self.attack!r} needs gradients: use threat 'transfer' or 'adaptive' (or attack 'square')")
         if self.attack == "eot-pgd" and self.threat != "adaptive":
-            raise ValueError("--attack eot-pgd averages over RCI's randomness: it is the adaptive threat")
+            raise ValueError("attack 'eot-pgd' averages over RCI's randomness: it is the 'adaptive' threat")
         if any(e < 0 or e > 1 for e in self.eps):
-            raise ValueError("--eps values must lie in [0, 1] (pixels are in [0, 1])")
-        if self.samples < 1 or self.steps < 1 or self.eot_samples < 1 or self.queries < 1 or self.repeats < 1:
-            raise ValueError("--samples, --steps, --eot-samples, --queries and --repeats must be positive")
+            raise ValueError(f"eps values must lie in [0, 1] (pixels are in [0, 1]), got {self.eps}")
+        counts = {"samples": self.samples, "steps": self.steps, "eot_samples": self.eot_samples, "queries": self.queries, "repeats": self.repeats}
+        bad = {k: v for k, v in counts.items() if v < 1}
+        if bad:
+            raise ValueError(f"these must be positive: {bad}")
 
 
 def craft(attack: str, model_fn, x, y, eps: float, cfg: AttackConfig, eot: int) -> torch.Tensor:

@@ -26,18 +26,20 @@ METHODS = ("erm", "mixup", "coded")
 
 @dataclass
 class ReportConfig:
-    out: str = "docs/RESULTS.md"
-    runs: str = "runs/report"
-    epochs: int = 30
-    seed: int = 0
-    samples: int = 200
-    eps: float = 0.1
-    sweep: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1, 0.15, 0.2, 0.3])
-    steps: int = 20
-    eot_samples: int = 8
-    blackbox_samples: int = 100
-    queries: int = 200
-    retrain: bool = False
+    """``codedsmooth report`` takes its options and defaults from these fields."""
+
+    out: str = field(default="docs/RESULTS.md", metadata={"help": "markdown report; a .png plot and a .json with all numbers go beside it"})
+    runs: str = field(default="runs/report", metadata={"help": "where the checkpoints are kept and reused"})
+    epochs: int = field(default=30, metadata={"help": "training epochs per method"})
+    seed: int = field(default=0, metadata={"help": "training and attack seed"})
+    samples: int = field(default=200, metadata={"help": "test images attacked"})
+    eps: float = field(default=0.1, metadata={"help": "L∞ radius of the main table"})
+    sweep: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1, 0.15, 0.2, 0.3], metadata={"help": "L∞ radii of the ε-curve"})
+    steps: int = field(default=20, metadata={"help": "PGD steps"})
+    eot_samples: int = field(default=8, metadata={"help": "EOT draws per gradient"})
+    blackbox_samples: int = field(default=100, metadata={"help": "images attacked over HTTP"})
+    queries: int = field(default=200, metadata={"help": "black-box queries per image"})
+    retrain: bool = field(default=False, metadata={"help": "train again even when checkpoints exist"})
 
 
 def ensure_checkpoint(cfg: ReportConfig, method: str, data) -> Path:

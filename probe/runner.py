@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from codedsmooth.core import CodingSpec
+from codedsmooth.core import SCOPES, CodingSpec
 from codedsmooth.models import Checkpoint, default_checkpoint_path, load_checkpoint
 from codedsmooth.train import as_float, load_dataset
 
@@ -34,19 +35,30 @@ def make_target(ck: Checkpoint, url: str | None, spec: CodingSpec, clean_pool, s
     return InProcessTarget(RCIModel(ck, spec, clean_pool, seed=seed + 100))
 
 
-def attack_command(args) -> dict:
-    cfg = AttackConfig(
-        attack=args.attack, threat=args.threat, eps=args.eps, steps=args.steps, eot_samples=args.eot_samples,
-        samples=args.samples, queries=args.queries, repeats=args.repeats, seed=args.seed, sanity=not args.no_sanity,
-    )
+@dataclass
+class TargetConfig:
+    """What ``codedsmooth attack`` attacks and where the report goes."""
+
+    checkpoint: str | None = field(default=None, metadata={"help": "the attacker's copy of the model; the in-process target when url is not given (default: the embedded checkpoint)"})
+    url: str | None = field(default=None, metadata={"help": "attack a running server at this URL instead of an in-process target"})
+    data_dir: str | None = field(default=None, metadata={"help": "local files of the checkpoint's data set when it does not ship with a package"})
+    rci: bool = field(default=True, metadata={"help": "in-process target: RCI on/off"})
+    rci_scope: str | None = field(default=None, metadata={"help": "in-process target: coding scope (default: the served default, request)", "choices": SCOPES})
+    rci_group_size: int | None = field(default=None, metadata={"help": "in-process target: K (default: the checkpoint's)"})
+    coded_points: int | None = field(default=None, metadata={"help": "in-process target: N (default: the checkpoint's final N)"})
+    report: str | None = field(default=None, metadata={"help": "write the JSON report here"})
+    plot: str | None = field(default=None, metadata={"help": "write a PNG plot of accuracy vs eps here"})
+
+
+def attack_command(cfg: AttackConfig, args: TargetConfig) -> dict:
     cfg.validate()
-    torch.manual_seed(args.seed)
+    torch.manual_seed(cfg.seed)
     ck = load_checkpoint(args.checkpoint or default_checkpoint_path())
     x, y, pool = evaluation_data(ck, cfg.samples, args.data_dir)
     spec = spec_for(ck, enabled=args.rci, scope=args.rci_scope, k=args.rci_group_size, n=args.coded_points)
-    target = make_target(ck, args.url, spec, pool, args.seed)
+    target = make_target(ck, args.url, spec, pool, cfg.seed)
     if args.url and target.info["name"] != ck.name:
-        raise ValueError(f"server serves {target.info['name']!r} but --checkpoint is {ck.name!r}; the attacker needs the served model")
+        raise ValueError(f"server serves {target.info['name']!r} but the attacker's checkpoint is {ck.name!r}; the attacker needs the served model")
     report = run_attack(cfg, ck, target, x, y, pool)
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
