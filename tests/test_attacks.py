@@ -132,4 +132,4 @@ def test_attack_cli_writes_report_and_plot(tiny_checkpoint, tmp_path):
     assert {"no_rci", "target"} <= set(data["clean_accuracy"])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = subprocess.run([sys.executable, "-m", "codedsmooth.cli", "attack", "--attack", "square", "--threat", "adaptive"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--threat blackbox" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "threat 'blackbox'" in bad.stderr and "Traceback" not in bad.stderr
