@@ -23,7 +23,7 @@ def _add_train(sub) -> None:
     p.add_argument("--image-size", type=int, default=32, help="imagefolder: resize images to this square size (default: 32)")
     p.add_argument("--arch", default=None, help="small_cnn or preact_resnet18 (default: small_cnn below 32×32, else preact_resnet18)")
     p.add_argument("--width", type=int, default=None, help="channel width of the architecture (default: its own)")
-    p.add_argument("--method", choices=("erm", "mixup", "coded"), default="coded", help="training method (default: coded)")
+    p.add_argument("--method", choices=("erm", "mixup", "coded", "pgd-at"), default="coded", help="training method; pgd-at is Madry et al.'s PGD adversarial training (default: coded)")
     p.add_argument("--epochs", type=int, default=30, help="epochs (default: 30)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size = K, the number of data points per code (default: 32)")
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle SGD schedule (default: 0.05)")

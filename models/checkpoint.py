@@ -27,7 +27,7 @@ FILLER_KEY = "filler.inputs"
 MODEL_PREFIX = "model."
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
 REQUIRED_KEYS = ("format_version", "name", "arch", "arch_kwargs", "input_shape", "classes", "normalization", "training", "coding", "dataset")
-METHODS = ("erm", "mixup", "coded")
+METHODS = ("erm", "mixup", "coded", "pgd-at")
 
 
 class CheckpointError(ValueError):
