@@ -39,28 +39,10 @@ def _add_config_options(p: argparse.ArgumentParser, config_cls, skip: tuple[str,
 
 
 def _add_train(sub) -> None:
-    from codedsmooth.train.data import DATASETS
+    from codedsmooth.train.trainer import TrainConfig
 
-    p = sub.add_parser("train", help="train a classifier (erm, mixup or coded-smoothing) and write a checkpoint")
-    p.add_argument("--data", choices=DATASETS, default="digits", help="data set; digits ships with scikit-learn (default: digits)")
-    p.add_argument("--data-dir", default=None, help="local files for cifar10/cifar100/imagefolder (nothing is downloaded)")
-    p.add_argument("--image-size", type=int, default=32, help="imagefolder: resize images to this square size (default: 32)")
-    p.add_argument("--arch", default=None, help="small_cnn or preact_resnet18 (default: small_cnn below 32×32, else preact_resnet18)")
-    p.add_argument("--width", type=int, default=None, help="channel width of the architecture (default: its own)")
-    p.add_argument("--method", choices=("erm", "mixup", "coded"), default="coded", help="training method (default: coded)")
-    p.add_argument("--epochs", type=int, default=30, help="epochs (default: 30)")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size = K, the number of data points per code (default: 32)")
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle SGD schedule (default: 0.05)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (default: 5e-4)")
-    p.add_argument("--mu", type=float, default=1.0, help="weight of the coded loss (default: 1.0)")
-    p.add_argument("--n-start", type=int, default=None, help="coded points N in the first epoch (default: K)")
-    p.add_argument("--n-end", type=int, default=None, help="coded points N in the last epoch (default: ceil(1.5 K))")
-    p.add_argument("--target-block", default=None, help="stage where the coded block starts (default: head for small_cnn, layer4 for preact_resnet18)")
-    p.add_argument("--mixup-alpha", type=float, default=1.0, help="Beta(alpha, alpha) of mixup (default: 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    p.add_argument("--filler-size", type=int, default=64, help="clean training inputs stored as the trusted filler pool (default: 64)")
-    p.add_argument("--out", default="runs/checkpoint", help="checkpoint directory to write (default: runs/checkpoint)")
+    p = sub.add_parser("train", help="train a classifier (erm, mixup, coded-smoothing or pgd-at) and write a checkpoint")
+    _add_config_options(p, TrainConfig)
     p.set_defaults(func=_run_train)
 
 

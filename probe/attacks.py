@@ -1,42 +1,115 @@
-"""Attack math on differentiable (possibly randomized) models: FGSM, PGD, EOT-PGD, Square.
+"""Attack math on differentiable (possibly randomized) models: FGSM, PGD, APGD, EOT, Square.
 
 ``model_fn(x) -> logits`` may draw fresh randomness on every call (RCI); EOT
 averages the input gradient over ``eot_samples`` calls. Inputs are raw pixels
 in [0, 1] and every attack stays in the L∞ ball of radius ``eps`` and in [0, 1].
 No I/O: the Square attack takes a score function, which may query a server.
+
+References: FGSM (Goodfellow et al. 2015), PGD (Madry et al. 2018), EOT (Athalye
+et al. 2018), APGD with the CE and DLR losses (Croce & Hein 2020, "Reliable
+evaluation of adversarial robustness with an ensemble of diverse parameter-free
+attacks"), Square (Andriushchenko et al. 2020).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
 ModelFn = Callable[[torch.Tensor], torch.Tensor]
+LOSSES = ("ce", "dlr", "dlr-targeted")
 
 
-def input_gradient(model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, eot_samples: int = 1) -> torch.Tensor:
-    """∇ₓ of the summed cross-entropy, averaged over ``eot_samples`` calls of ``model_fn``."""
+# ----------------------------------------------------------------------------- losses
+
+
+def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Untargeted Difference of Logits Ratio, per item: −(z_y − max_{j≠y} z_j) / (z_π1 − z_π3).
+
+    Shift- and scale-invariant in the logits; needs at least 3 classes.
+    """
+    if logits.shape[1] < 3:
+        raise ValueError(f"the DLR loss needs at least 3 classes, the model has {logits.shape[1]}")
+    z_sorted = logits.sort(dim=1).values
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    y_on_top = logits.argmax(1) == y
+    z_other = torch.where(y_on_top, z_sorted[:, -2], z_sorted[:, -1])
+    return -(z_y - z_other) / (z_sorted[:, -1] - z_sorted[:, -3] + 1e-12)
+
+
+def dlr_targeted_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Targeted DLR, per item: −(z_y − z_t) / (z_π1 − (z_π3 + z_π4) / 2); needs at least 4 classes."""
+    if logits.shape[1] < 4:
+        raise ValueError(f"the targeted DLR loss needs at least 4 classes, the model has {logits.shape[1]}")
+    z_sorted = logits.sort(dim=1).values
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    z_t = logits.gather(1, target[:, None]).squeeze(1)
+    return -(z_y - z_t) / (z_sorted[:, -1] - 0.5 * (z_sorted[:, -3] + z_sorted[:, -4]) + 1e-12)
+
+
+def _per_item_loss(name: str, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    if name == "ce":
+        return F.cross_entropy(logits, y, reduction="none")
+    if name == "dlr":
+        return dlr_loss(logits, y)
+    if name == "dlr-targeted":
+        return dlr_targeted_loss(logits, y, target)
+    raise ValueError(f"unknown loss {name!r}; choose one of {list(LOSSES)}")
+
+
+def _loss_and_grad(
+    model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, loss: str, eot_samples: int, target: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(∇ₓ of the summed per-item loss, per-item loss, logits), each averaged over ``eot_samples`` calls."""
     x = x.detach().requires_grad_(True)
-    total = torch.zeros_like(x)
+    grad = torch.zeros_like(x)
+    loss_sum = logits_sum = None
     with torch.enable_grad():  # attacks may be called from inside no_grad/eval code
         for _ in range(eot_samples):
-            loss = F.cross_entropy(model_fn(x), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, x)
-            total += grad
-    return total / eot_samples
+            logits = model_fn(x)
+            per_item = _per_item_loss(loss, logits, y, target)
+            (g,) = torch.autograd.grad(per_item.sum(), x)
+            grad += g
+            loss_sum = per_item.detach() if loss_sum is None else loss_sum + per_item.detach()
+            logits_sum = logits.detach() if logits_sum is None else logits_sum + logits.detach()
+    return grad / eot_samples, loss_sum / eot_samples, logits_sum / eot_samples
 
 
-def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+def input_gradient(model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, eot_samples: int = 1, loss: str = "ce") -> torch.Tensor:
+    """∇ₓ of the summed loss (cross-entropy by default), averaged over ``eot_samples`` calls of ``model_fn``."""
+    return _loss_and_grad(model_fn, x, y, loss, eot_samples)[0]
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+def _uniform_start(x: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
+    noise = torch.rand(x.shape, generator=generator, device="cpu", dtype=torch.float64).to(device=x.device, dtype=x.dtype) * 2 - 1
+    return project(x + eps * noise, x, eps)
+
+
+# ----------------------------------------------------------------------------- FGSM, PGD
 
 
 def fgsm(model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, eps: float, eot_samples: int = 1) -> torch.Tensor:
     """One signed-gradient step of size ``eps`` (Goodfellow et al. 2015)."""
     grad = input_gradient(model_fn, x, y, eot_samples)
     return (x + eps * grad.sign()).clamp(0.0, 1.0).detach()
+
+
+def _keep_better(
+    best_x: torch.Tensor, best_loss: torch.Tensor, best_fooled: torch.Tensor,
+    x_new: torch.Tensor, loss_new: torch.Tensor, fooled_new: torch.Tensor,
+) -> None:
+    """In place, per item: a misclassified point beats a classified one; otherwise the higher loss wins."""
+    take = (fooled_new & ~best_fooled) | ((fooled_new == best_fooled) & (loss_new > best_loss))
+    best_x[take] = x_new[take]
+    best_loss[take] = loss_new[take]
+    best_fooled |= fooled_new
 
 
 def pgd(
@@ -49,27 +122,193 @@ def pgd(
     random_start: bool = True,
     eot_samples: int = 1,
     generator: torch.Generator | None = None,
+    *,
+    restarts: int = 1,
+    loss: str = "ce",
+    keep_best: bool = False,
 ) -> torch.Tensor:
-    """L∞ PGD (Madry et al. 2018); with ``eot_samples > 1`` it is EOT-PGD (Athalye et al. 2018)."""
+    """L∞ PGD (Madry et al. 2018); with ``eot_samples > 1`` it is EOT-PGD (Athalye et al. 2018).
+
+    With ``keep_best`` (implied by ``restarts > 1``) each image gets, over all iterates of all
+    restarts, one that is misclassified if any was, else the one of highest loss; otherwise the
+    last iterate of the single run is returned (the historical behaviour). For a randomized
+    ``model_fn`` "misclassified" and "loss" are judged on the mean of ``eot_samples`` calls.
+    ``loss`` is "ce" or "dlr".
+    """
+    if restarts < 1:
+        raise ValueError("restarts must be at least 1")
+    if loss not in ("ce", "dlr"):
+        raise ValueError(f"pgd loss must be ce or dlr, got {loss!r}")
     step_size = step_size if step_size is not None else 2.5 * eps / max(steps, 1)
     x = x.detach()
-    if random_start:
-        noise = torch.rand(x.shape, generator=generator, device="cpu").to(x.device) * 2 - 1
-        x_adv = project(x + eps * noise, x, eps)
-    else:
-        x_adv = x.clone()
-    for _ in range(steps):
-        grad = input_gradient(model_fn, x_adv, y, eot_samples)
-        x_adv = project(x_adv + step_size * grad.sign(), x, eps)
-    return x_adv.detach()
+    keep_best = keep_best or restarts > 1
+    best_x = x.clone()
+    best_loss = torch.full((len(x),), -math.inf, device=x.device)
+    best_fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    x_adv = x.clone()
+    for _ in range(restarts):
+        x_adv = _uniform_start(x, eps, generator) if random_start else x.clone()
+        for _ in range(steps + (1 if keep_best else 0)):
+            grad, item_loss, logits = _loss_and_grad(model_fn, x_adv, y, loss, eot_samples)
+            if keep_best:  # the point whose loss was just measured
+                _keep_better(best_x, best_loss, best_fooled, x_adv, item_loss.to(best_loss.dtype), logits.argmax(1) != y)
+            x_adv = project(x_adv + step_size * grad.sign(), x, eps)
+        # with keep_best the loop measured every iterate: steps + 1 points, the last step's result unused
+    return (best_x if keep_best else x_adv).detach()
+
+
+# ----------------------------------------------------------------------------- APGD
+
+
+def apgd(
+    model_fn: ModelFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    steps: int = 100,
+    loss: str = "ce",
+    restarts: int = 1,
+    generator: torch.Generator | None = None,
+    *,
+    eot: int = 1,
+    rho: float = 0.75,
+    momentum: float = 0.75,
+    target_classes: int = 9,
+    trace: list | None = None,
+) -> torch.Tensor:
+    """L∞ Auto-PGD (Croce & Hein 2020) with the CE, DLR or targeted-DLR loss.
+
+    Step size starts at 2ε and is halved, at checkpoints p_0 = 0, p_1 = 0.22 and
+    p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06) (fractions of ``steps``), for each image
+    where (1) the loss rose in at most ``rho`` of the steps since the last checkpoint, or
+    (2) the step size was not halved at the last checkpoint and the best loss has not improved
+    since; a halved image restarts from its best point. The update carries momentum:
+    z = P(x + η·sign(∇)), x' = P(x + α(z − x) + (1 − α)(x − x_prev)) with α = ``momentum`` = 0.75
+    (α = 1 on the first step), P the projection onto the ε-ball ∩ [0, 1].
+
+    Returns per image a misclassified iterate if any restart found one, else the iterate of
+    highest loss. ``loss="dlr-targeted"`` runs one restart per target class, taking the
+    ``target_classes`` most likely wrong classes of the clean input in turn (APGD-T), each
+    ``restarts`` times. ``eot`` averages gradients, losses and logits over that many calls of
+    a randomized ``model_fn``. When ``trace`` is a list, the per-image best loss after every
+    iteration of every run is appended to it (for checking monotonicity).
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
+    if restarts < 1 or steps < 1 or eot < 1:
+        raise ValueError("steps, restarts and eot must be at least 1")
+    x = x.detach()
+    best_x = x.clone()
+    best_loss = torch.full((len(x),), -math.inf, device=x.device, dtype=torch.float64)
+    best_fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    targets: list[torch.Tensor | None] = [None]
+    if loss == "dlr-targeted":
+        with torch.no_grad():
+            clean = torch.stack([model_fn(x).detach() for _ in range(eot)]).mean(0)
+        n_classes = clean.shape[1]
+        order = clean.sort(dim=1, descending=True).indices
+        wrong = order[order != y[:, None]].view(len(x), n_classes - 1)  # wrong classes, most likely first
+        targets = [wrong[:, i] for i in range(min(target_classes, n_classes - 1))]
+    for target in targets:
+        for _ in range(restarts):
+            todo = ~best_fooled
+            if not bool(todo.any()):
+                return best_x.detach()
+            idx = todo.nonzero().flatten()
+            run_x, run_loss, run_fooled = _apgd_run(
+                model_fn, x[idx], y[idx], eps, steps, loss, generator, eot, rho, momentum,
+                None if target is None else target[idx], trace,
+            )
+            sub_x, sub_loss, sub_fooled = best_x[idx], best_loss[idx], best_fooled[idx]
+            _keep_better(sub_x, sub_loss, sub_fooled, run_x, run_loss.to(sub_loss.dtype), run_fooled)
+            best_x[idx], best_loss[idx], best_fooled[idx] = sub_x, sub_loss, sub_fooled
+    return best_x.detach()
+
+
+def apgd_checkpoints(steps: int) -> list[int]:
+    """The iterations at which APGD may halve its step size (p_j · steps, as in the reference code)."""
+    k = max(int(0.22 * steps), 1)
+    decr, k_min = max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
+    out, at = [], 0
+    while at + k <= steps:
+        at += k
+        out.append(at)
+        k = max(k - decr, k_min)
+    return out
+
+
+def _apgd_run(model_fn, x, y, eps, steps, loss, generator, eot, rho, momentum, target, trace):
+    n = len(x)
+    view = (n,) + (1,) * (x.dim() - 1)
+    step = torch.full(view, 2.0 * eps, device=x.device, dtype=x.dtype)
+    x_adv = _uniform_start(x, eps, generator)
+    grad, cur_loss, logits = _loss_and_grad(model_fn, x_adv, y, loss, eot, target)
+    fooled = logits.argmax(1) != y
+    x_fooled = torch.where(fooled.view(view), x_adv, x)
+    x_best, loss_best, grad_best = x_adv.clone(), cur_loss.clone(), grad.clone()
+
+    k = max(int(0.22 * steps), 1)
+    decr, k_min = max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
+    since_check = 0
+    n_increase = torch.zeros(n, device=x.device)
+    prev_loss = cur_loss.clone()
+    loss_best_at_check = loss_best.clone()
+    reduced_at_check = torch.ones(n, dtype=torch.bool, device=x.device)
+    x_prev = x_adv.clone()
+    for i in range(steps):
+        with torch.no_grad():
+            a = momentum if i > 0 else 1.0
+            z = project(x_adv + step * grad.sign(), x, eps)
+            x_new = project(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev), x, eps)
+            x_prev, x_adv = x_adv, x_new
+        grad, cur_loss, logits = _loss_and_grad(model_fn, x_adv, y, loss, eot, target)
+        with torch.no_grad():
+            now_fooled = logits.argmax(1) != y
+            x_fooled[now_fooled] = x_adv[now_fooled]
+            fooled |= now_fooled
+            n_increase += (cur_loss > prev_loss).float()
+            prev_loss = cur_loss.clone()
+            better = cur_loss > loss_best
+            x_best[better], grad_best[better], loss_best[better] = x_adv[better], grad[better], cur_loss[better]
+            if trace is not None:
+                trace.append(loss_best.clone())
+            since_check += 1
+            if since_check == k:
+                oscillating = n_increase <= rho * k
+                stalled = ~reduced_at_check & (loss_best_at_check >= loss_best)
+                halve = oscillating | stalled
+                step[halve] /= 2.0
+                x_adv[halve] = x_best[halve]
+                grad[halve] = grad_best[halve]
+                reduced_at_check = halve
+                loss_best_at_check = loss_best.clone()
+                since_check = 0
+                n_increase.zero_()
+                k = max(k - decr, k_min)
+    out = torch.where(fooled.view(view), x_fooled, x_best)
+    return out.detach(), loss_best, fooled
+
+
+# ----------------------------------------------------------------------------- Square
 
 
 def margin(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """p_y − max_{j≠y} p_j: negative once the item is misclassified."""
+    """s_y − max_{j≠y} s_j of scores ``probs`` (probabilities, log-probabilities or logits): negative once misclassified."""
     true = probs.gather(1, y[:, None]).squeeze(1)
     other = probs.clone()
     other.scatter_(1, y[:, None], -math.inf)
     return true - other.max(1).values
+
+
+def _log_probs(probs: torch.Tensor) -> torch.Tensor:
+    return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+
+
+def square_p_init(image_shape: tuple[int, ...]) -> float:
+    """Default initial square area fraction by image size: 0.8 up to 32×32 (the reference's
+    setting for MNIST and CIFAR-10), 0.05 above (its ImageNet setting)."""
+    h, w = image_shape[-2:]
+    return 0.8 if h * w <= 32 * 32 else 0.05
 
 
 def square_attack(
@@ -78,43 +317,74 @@ def square_attack(
     y: torch.Tensor,
     eps: float,
     queries: int = 200,
-    p_init: float = 0.3,
+    p_init: float | None = None,
     repeats: int = 1,
     generator: torch.Generator | None = None,
+    *,
+    scores: str = "probs",
+    rescale_schedule: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Score-based L∞ Square attack (Andriushchenko et al. 2020) within a query budget.
 
-    ``score_fn(x) -> probabilities`` is queried ``repeats`` times per candidate and
-    averaged, against a randomized target. Returns (x_adv, queries used per item).
-    Items stop once their (averaged) margin is negative.
+    ``score_fn(x)`` returns probabilities (``scores="probs"``, as the HTTP target does) or
+    logits (``scores="logits"``); the attack minimises the margin of log-probabilities
+    (log p_y − max_{j≠y} log p_j) or of logits, as the reference does. Against a randomized
+    target each candidate is queried ``repeats`` times and the scores averaged.
+
+    As in the reference: vertical ±ε stripes to start; then each step sets one random square
+    window of every unfooled image to a random ±ε per channel (redrawn while it would not change
+    the image), keeping it when the margin drops. The window's area is p·H·W with p from the
+    reference's piecewise-constant schedule over the iteration index, rescaled to the budget
+    (``rescale_schedule``, as the reference does; False keeps its 10,000-iteration scale).
+    ``p_init=None`` picks it by image size (:func:`square_p_init`). An image stops as soon as its
+    margin is negative. Returns (x_adv, queries used per image); no image uses more than ``queries``.
     """
+    if scores not in ("probs", "logits"):
+        raise ValueError(f"scores must be probs or logits, got {scores!r}")
     n, c, h, w = x.shape
     gen = generator or torch.Generator().manual_seed(0)
+    p_init = square_p_init(x.shape) if p_init is None else p_init
+    x = x.detach()
 
-    def score(batch):
-        return torch.stack([score_fn(batch) for _ in range(repeats)]).mean(0)
+    def loss(batch, labels):
+        s = torch.stack([score_fn(batch).detach().float() for _ in range(repeats)]).mean(0)
+        return margin(_log_probs(s) if scores == "probs" else s, labels)
 
-    # Start from vertical stripes of ±eps, as in the paper.
-    stripes = eps * (torch.randint(0, 2, (n, c, 1, w), generator=gen).float() * 2 - 1)
-    x_best = (x + stripes).clamp(0.0, 1.0)
-    m_best = margin(score(x_best), y)
+    def rand_signs(*shape):
+        return (torch.randint(0, 2, shape, generator=gen).float() * 2 - 1).to(x.device, x.dtype)
+
+    x_best = (x + eps * rand_signs(n, c, 1, w)).clamp(0.0, 1.0)
+    m_best = loss(x_best, y)
     used = torch.full((n,), repeats, dtype=torch.long)
-    budget_steps = max(0, queries // repeats - 1)
-    for i in range(budget_steps):
+    iterations = max(0, queries // repeats - 1)
+    rows = torch.arange(h, device=x.device)
+    cols = torch.arange(w, device=x.device)
+    for i in range(iterations):
         active = (m_best > 0).nonzero().flatten()
         if len(active) == 0:
             break
-        p = _square_fraction(p_init, i, budget_steps)
+        p = _square_fraction(p_init, i, iterations if rescale_schedule else 10000)
         side = max(1, min(h - 1, int(round(math.sqrt(p * h * w)))))
-        candidate = x_best[active].clone()
-        for j in range(len(active)):
-            r = int(torch.randint(0, h - side + 1, (1,), generator=gen))
-            s = int(torch.randint(0, w - side + 1, (1,), generator=gen))
-            signs = eps * (torch.randint(0, 2, (c, 1, 1), generator=gen).float() * 2 - 1)
-            xa = x[active[j]]
-            candidate[j, :, r : r + side, s : s + side] = (xa[:, r : r + side, s : s + side] + signs).clamp(0.0, 1.0)
-        m_new = margin(score(candidate), y[active])
-        used[active] += repeats
+        xa, xb = x[active], x_best[active]
+        candidate = xb.clone()
+        redo = torch.ones(len(active), dtype=torch.bool, device=x.device)
+        for _ in range(100):  # the reference redraws until the window changes the image
+            m = int(redo.sum())
+            r = torch.randint(0, h - side + 1, (m,), generator=gen).to(x.device)
+            s = torch.randint(0, w - side + 1, (m,), generator=gen).to(x.device)
+            in_rows = (rows[None] >= r[:, None]) & (rows[None] < r[:, None] + side)
+            in_cols = (cols[None] >= s[:, None]) & (cols[None] < s[:, None] + side)
+            mask = (in_rows[:, None, :, None] & in_cols[:, None, None, :]).expand(m, c, h, w)
+            window = (xa[redo] + eps * rand_signs(m, c, 1, 1)).clamp(0.0, 1.0)
+            candidate[redo] = torch.where(mask, window, xb[redo])
+            same = ((candidate[redo] - xb[redo]).abs() < 1e-7).flatten(1).all(1)
+            redo_idx = redo.nonzero().flatten()
+            redo = torch.zeros_like(redo)
+            redo[redo_idx[same]] = True
+            if not bool(redo.any()):
+                break
+        m_new = loss(candidate, y[active])
+        used[active.cpu()] += repeats
         better = m_new < m_best[active]
         x_best[active[better]] = candidate[better]
         m_best[active[better]] = m_new[better]
@@ -122,9 +392,34 @@ def square_attack(
 
 
 def _square_fraction(p_init: float, step: int, total: int) -> float:
-    """The paper's piecewise-constant schedule of the square's area, rescaled to the budget."""
+    """The reference's piecewise-constant schedule of the square's area, over ``total`` iterations."""
     progress = int(step * 10000 / max(total, 1))
     for bound, factor in ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128), (8000, 256)):
         if progress <= bound:
             return p_init / factor
     return p_init / 512
+
+
+# ----------------------------------------------------------------------------- worst case
+
+
+@torch.no_grad()
+def correct_per_image(predict_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Boolean per image: ``predict_fn`` (logits or probabilities) puts its top score on the label."""
+    out = [predict_fn(x[i : i + batch_size]).argmax(1).cpu() == y[i : i + batch_size].cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
+def worst_case(robust: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Per-image worst case over attacks: robust only where robust under every attack (logical AND)."""
+    masks = [torch.as_tensor(r, dtype=torch.bool).cpu() for r in robust]
+    if not masks:
+        raise ValueError("worst_case needs at least one attack's per-image outcome")
+    if len({m.shape for m in masks}) != 1:
+        raise ValueError(f"per-image outcomes differ in shape: {[tuple(m.shape) for m in masks]}")
+    return torch.stack(masks).all(0)
+
+
+def worst_case_robust(predict_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, adversarials: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Per image: correct on the clean input and on every attack's adversarial input."""
+    return worst_case([correct_per_image(predict_fn, x, y)] + [correct_per_image(predict_fn, xa, y) for xa in adversarials])

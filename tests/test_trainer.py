@@ -25,9 +25,9 @@ def test_each_method_learns_digits(method, digits, tmp_path):
 
 
 def test_invalid_config_is_rejected():
-    with pytest.raises(ValueError, match="--n-end must be >= --batch-size"):
+    with pytest.raises(ValueError, match=r"n_end must be >= batch_size \(K=32\), got 16"):
         TrainConfig(batch_size=32, n_end=16).validate()
-    with pytest.raises(ValueError, match="--method"):
+    with pytest.raises(ValueError, match="method must be one of .*'sgd'"):
         TrainConfig(method="sgd").validate()
 
 
@@ -48,14 +48,14 @@ def test_imagefolder_built_on_the_fly(tmp_path):
 def test_cli_train_writes_checkpoint_and_rejects_bad_options(tmp_path):
     out = tmp_path / "cli"
     proc = subprocess.run(
-        [sys.executable, "-m", "codedsmooth.cli", "train", "--epochs", "1", "--width", "4", "--out", str(out)],
+        [sys.executable, "-m", "codedsmooth.cli", "train", "--data", "digits", "--epochs", "1", "--width", "4", "--out", str(out)],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["checkpoint"] == str(out)
     assert "epoch 1/1" in proc.stderr
     bad = subprocess.run([sys.executable, "-m", "codedsmooth.cli", "train", "--data", "cifar10"], capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "--data-dir" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "data_dir" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_import_from_a_directory_with_its_own_models_folder(tmp_path):

