@@ -46,12 +46,31 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_run_train)
 
 
+def _without_option(argv: list[str], flag: str) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
 def _run_train(args) -> int:
+    import os
+
+    from codedsmooth.train import distributed
     from codedsmooth.train.trainer import TrainConfig, train
 
     cfg = _config_from_args(TrainConfig, args)
+    cfg.validate()
+    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: start it
+        return distributed.launch(cfg.nproc, _without_option(args.argv, "--nproc"))
     result = train(cfg)
-    print(json.dumps({"checkpoint": str(result.checkpoint), "test_accuracy": result.test_accuracy, "mean_epoch_seconds": round(result.mean_epoch_seconds, 4)}))
+    if distributed.from_environment().main:
+        print(json.dumps({"checkpoint": str(result.checkpoint), "test_accuracy": result.test_accuracy, "mean_epoch_seconds": round(result.mean_epoch_seconds, 4)}))
     return 0
 
 
@@ -189,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=(args.log_level or "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise for the attack client
     try:

@@ -1,5 +1,13 @@
 """Offline trainer: ERM, mixup, coded-smoothing and PGD adversarial training on the same data, model and budget.
 
+Under torchrun it trains one model on P processes with DDP (see ``train.distributed``):
+``batch_size`` is each rank's batch, so the global batch is P·K, and the coded loss of a rank
+codes that rank's own batch of K. Coding across ranks would need the trunk outputs of every
+rank's batch gathered before the block, an all-gather per step for a penalty whose meaning (the
+block's smoothness along splines through K training items) does not need it; a serving
+micro-batch is coded the same way, one device's batch at a time. Rank 0 alone evaluates, logs
+and writes the checkpoint (atomically) and the state to resume from (after every epoch).
+
 ``pgd-at`` is Madry et al. (2018): every step trains on L∞ PGD examples (random start, signed
 gradient steps, projection onto the ε-ball ∩ [0, 1]) made against the current weights, with
 cross-entropy on the adversarial batch only. The examples are made in train mode, the mode the
@@ -10,22 +18,29 @@ statistics are frozen while the attack runs, so only the training forward pass u
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from codedsmooth.core import CodedSmoothing, NSchedule, coded_points_for, default_n_end
 from codedsmooth.core.spec import DEFAULT_CODED_POINTS, DEFAULT_DATA_POINTS
-
-from codedsmooth.models import build_model, default_arch_for, resolve_device, save_checkpoint
+from codedsmooth.models import build_model, default_arch_for, save_checkpoint
 from codedsmooth.probe.attacks import pgd
 
+from . import distributed
 from .data import DATASETS, DataSplit, as_float, load_dataset
 
 log = logging.getLogger("codedsmooth.train")
@@ -60,6 +75,9 @@ class TrainConfig:
     device: str | None = field(default=None, metadata={"help": "cpu, cuda or cuda:N (default: cuda when available, else cpu)"})
     filler_size: int = field(default=64, metadata={"help": "clean training inputs stored as the trusted filler pool"})
     out: str = field(default="runs/checkpoint", metadata={"help": "checkpoint directory to write"})
+    nproc: int = field(default=1, metadata={"help": "data-parallel processes (DDP under torchrun: gloo on CPU, NCCL on CUDA); each codes its own batch of K"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last finished epoch saved beside out (out + '.resume')"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimiser steps in all (quick checks); the schedule stays that of the full run"})
     progress: bool | None = None  # None: a bar only on a terminal
 
     def validate(self) -> None:
@@ -85,6 +103,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < self.batch_size:
                 raise ValueError(f"{name} must be >= batch_size (K={self.batch_size}), got {value}")
+        if self.nproc < 1:
+            raise ValueError(f"nproc must be at least 1, got {self.nproc}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
 
 
 @dataclass
@@ -192,10 +214,103 @@ def _filler_pool(data: DataSplit, size: int, generator: torch.Generator) -> torc
     return as_float(data.train_x[chosen])
 
 
+class _Objective(nn.Module):
+    """One batch's training loss, as a module: DDP synchronises gradients of what runs through its forward."""
+
+    def __init__(self, model, trunk, coded, beta, at, generator, at_generator):
+        super().__init__()
+        self.model, self.trunk, self.coded = model, trunk, coded
+        self.beta, self.at, self.gen, self.at_gen = beta, at, generator, at_generator
+
+    def forward(self, xb, yb, progress: float):
+        zero = xb.new_zeros(())
+        if self.beta is not None:
+            lam = float(self.beta.sample())
+            perm = torch.randperm(len(xb), generator=self.gen).to(xb.device)
+            logits = self.model(lam * xb + (1 - lam) * xb[perm])
+            return lam * F.cross_entropy(logits, yb) + (1 - lam) * F.cross_entropy(logits, yb[perm]), zero
+        if self.at is not None:
+            return F.cross_entropy(self.model(_pgd_examples(self.model, xb, yb, self.at, self.at_gen, progress)), yb), zero
+        if self.coded is not None:
+            logits, closs = self.coded(self.trunk(xb))
+            return F.cross_entropy(logits, yb) + closs, closs
+        return F.cross_entropy(self.model(xb), yb), zero
+
+
+def resume_dir(out) -> Path:
+    """Where the state after each finished epoch is kept (beside the checkpoint, never inside it)."""
+    out = Path(out)
+    return out.with_name(out.name + ".resume")
+
+
+def _save_state(cfg: TrainConfig, epoch: int, history, model, opt, sched, gens: dict[str, torch.Generator]) -> None:
+    """Rank 0: model, optimiser, schedule and random states after ``epoch`` epochs, written atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt_state = opt.state_dict()
+    for i, st in opt_state["state"].items():
+        for name, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"opt.{i}.{name}"] = value.detach().cpu().contiguous()
+    tensors.update({f"rng.{name}": g.get_state() for name, g in gens.items()})
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"epoch": epoch, "config": asdict(cfg), "history": [asdict(h) for h in history], "param_groups": opt_state["param_groups"], "scheduler": sched.state_dict()}
+    final = resume_dir(cfg.out)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta, default=float))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+_RESUME_MUST_MATCH = ("data", "arch", "width", "method", "epochs", "batch_size", "lr", "weight_decay", "mu", "n_start", "n_end", "target_block", "seed", "nproc")
+
+
+def _load_state(cfg: TrainConfig, model, opt, sched, gens: dict[str, torch.Generator]) -> tuple[int, list]:
+    """Every rank reads the saved state (read-only); returns (epochs done, history)."""
+    from safetensors.torch import load_file
+
+    where = resume_dir(cfg.out)
+    if not (where / "state.json").exists():
+        raise FileNotFoundError(f"nothing to resume: {where / 'state.json'} does not exist")
+    meta = json.loads((where / "state.json").read_text())
+    differ = {k: (meta["config"].get(k), getattr(cfg, k)) for k in _RESUME_MUST_MATCH if meta["config"].get(k) != getattr(cfg, k)}
+    if differ:
+        raise ValueError(f"{where}: saved by a run with other settings {differ} (saved, now)")
+    tensors = load_file(str(where / "state.safetensors"))
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    sched.load_state_dict(meta["scheduler"])
+    for name, g in gens.items():
+        g.set_state(tensors[f"rng.{name}"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(meta["epoch"]), [EpochStats(**h) for h in meta["history"]]
+
+
 def train(cfg: TrainConfig, data: DataSplit | None = None) -> TrainResult:
-    """Train one model and write its checkpoint to ``cfg.out``."""
+    """Train one model and write its checkpoint to ``cfg.out`` (under torchrun: DDP, rank 0 writes)."""
     cfg.validate()
-    device = resolve_device(cfg.device)
+    ranks = distributed.from_environment()
+    device = distributed.join(ranks, cfg.device)
+    try:
+        return _train(cfg, data, ranks, device)
+    finally:
+        distributed.leave(ranks)
+
+
+def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, device: torch.device) -> TrainResult:
     data = data or load_dataset(cfg.data, cfg.data_dir, image_size=cfg.image_size)
     arch = cfg.arch or default_arch_for(data.input_shape)
     torch.manual_seed(cfg.seed)
@@ -210,61 +325,69 @@ def train(cfg: TrainConfig, data: DataSplit | None = None) -> TrainResult:
     code_kinds = {"data_points": DEFAULT_DATA_POINTS, "coded_points": DEFAULT_CODED_POINTS}
     coded = CodedSmoothing(block, k=k, n=schedule(0), mu=cfg.mu, data_kind=code_kinds["data_points"], coded_kind=code_kinds["coded_points"]) if cfg.method == "coded" else None
 
+    # Each rank takes every world-th item of one seeded permutation per epoch, so the ranks'
+    # s-th batches together are the s-th batch of P·K items a single process would take.
+    sampler = DistributedSampler(range(len(data.train_x)), num_replicas=ranks.world, rank=ranks.rank, shuffle=True, seed=cfg.seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(data.train_x) / k)
+    steps_per_epoch = math.ceil(len(sampler) / k)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
     beta = torch.distributions.Beta(cfg.mixup_alpha, cfg.mixup_alpha) if cfg.method == "mixup" else None
     at = adversarial_training_settings(cfg, data.input_shape) if cfg.method == "pgd-at" else None
     at_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    objective = _Objective(model, trunk, coded, beta, at, gen, at_gen)
+    step_fn = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None) if ranks.distributed else objective
 
     history: list[EpochStats] = []
-    show_bar = cfg.progress
-    for epoch in range(cfg.epochs):
+    first_epoch = 0
+    if cfg.resume:
+        first_epoch, history = _load_state(cfg, model, opt, sched, {"gen": gen, "at_gen": at_gen})
+        if ranks.main:
+            log.info("resuming after epoch %d of %d from %s", first_epoch, cfg.epochs, resume_dir(cfg.out))
+    show_bar = cfg.progress if ranks.main else False
+    steps_done = first_epoch * steps_per_epoch
+    for epoch in range(first_epoch, cfg.epochs):
+        if cfg.max_steps is not None and steps_done >= cfg.max_steps:
+            break
         model.train()
         n_now = schedule(epoch) if coded is not None else None
         if coded is not None:
             coded.set_coded_points(n_now)
-        order = torch.randperm(len(data.train_x), generator=gen)
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(iter(sampler)), dtype=torch.int64)
         total = closs_total = 0.0
         seen = 0
         start = time.perf_counter()
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if show_bar is None else not show_bar)
         for step in bar:
+            if cfg.max_steps is not None and steps_done >= cfg.max_steps:
+                break
             idx = order[step * k : (step + 1) * k]
             xb = as_float(data.train_x[idx]).to(device)
             yb = data.train_y[idx].to(device)
-            closs = torch.zeros((), device=device)
-            if beta is not None:
-                lam = float(beta.sample())
-                perm = torch.randperm(len(idx), generator=gen).to(device)
-                logits = model(lam * xb + (1 - lam) * xb[perm])
-                loss = lam * F.cross_entropy(logits, yb) + (1 - lam) * F.cross_entropy(logits, yb[perm])
-            elif at is not None:
-                progress = (epoch * steps_per_epoch + step) / (cfg.epochs * steps_per_epoch)
-                loss = F.cross_entropy(model(_pgd_examples(model, xb, yb, at, at_gen, progress)), yb)
-            elif coded is not None:
-                logits, closs = coded(trunk(xb))
-                loss = F.cross_entropy(logits, yb) + closs
-                if coded.last_skip_reason and epoch == 0:
-                    log.info("coded loss skipped for one batch: %s", coded.last_skip_reason)
-            else:
-                loss = F.cross_entropy(model(xb), yb)
+            loss, closs = step_fn(xb, yb, (epoch * steps_per_epoch + step) / (cfg.epochs * steps_per_epoch))
+            if coded is not None and coded.last_skip_reason and epoch == 0 and ranks.main:
+                log.info("coded loss skipped for one batch: %s", coded.last_skip_reason)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            steps_done += 1
             total += loss.item() * len(idx)
             closs_total += closs.item() * len(idx)
             seen += len(idx)
             bar.set_postfix(loss=f"{total / seen:.4f}")
         seconds = time.perf_counter() - start
-        acc = evaluate(model, data.test_x, data.test_y, device)
-        stats = EpochStats(epoch + 1, total / seen, closs_total / seen, n_now, acc, seconds)
+        total, closs_total, seen = distributed.sum_over_ranks(ranks, [total, closs_total, float(seen)])
+        acc = evaluate(model, data.test_x, data.test_y, device) if ranks.main else float("nan")
+        stats = EpochStats(epoch + 1, total / max(1.0, seen), closs_total / max(1.0, seen), n_now, acc, seconds)
         history.append(stats)
-        log.info(
-            "epoch %d/%d loss %.4f coded_loss %.4f N %s test_acc %.4f (%.2fs)",
-            stats.epoch, cfg.epochs, stats.loss, stats.coded_loss, n_now if n_now is not None else "-", acc, seconds,
-        )
+        if ranks.main:
+            log.info(
+                "epoch %d/%d loss %.4f coded_loss %.4f N %s test_acc %.4f (%.2fs)",
+                stats.epoch, cfg.epochs, stats.loss, stats.coded_loss, n_now if n_now is not None else "-", acc, seconds,
+            )
+            _save_state(cfg, epoch + 1, history, model, opt, sched, {"gen": gen, "at_gen": at_gen})
+        distributed.barrier(ranks)
 
     model.eval()
     final_acc = history[-1].test_accuracy
@@ -287,12 +410,17 @@ def train(cfg: TrainConfig, data: DataSplit | None = None) -> TrainResult:
             "mixup_alpha": cfg.mixup_alpha if cfg.method == "mixup" else None,
             "adversarial_training": at,
             "device": str(device),
+            "processes": ranks.world,
         },
         "coding": {"k": k, "n": coded_points_for(k, k, schedule.n_end), **code_kinds, "target_block": target},
         "dataset": data.name,
         "test_accuracy": final_acc,
         "history": [asdict(h) for h in history],
     }
-    filler = _filler_pool(data, cfg.filler_size, torch.Generator().manual_seed(cfg.seed + 1))
-    path = save_checkpoint(cfg.out, model.cpu(), config, filler)
+    path = Path(cfg.out)
+    if ranks.main:  # other ranks never touch the output directory
+        filler = _filler_pool(data, cfg.filler_size, torch.Generator().manual_seed(cfg.seed + 1))
+        path = save_checkpoint(cfg.out, model.cpu(), config, filler)
+        shutil.rmtree(resume_dir(cfg.out), ignore_errors=True)
+    distributed.barrier(ranks)
     return TrainResult(path, final_acc, history)
