@@ -26,7 +26,15 @@ class CodedSmoothClient:
 
     async def _post(self, client: httpx.AsyncClient, items: np.ndarray) -> np.ndarray:
         for attempt in range(self.retries + 1):
-            r = await client.post("/v1/predict", json={"inputs": items.tolist()})
+            try:
+                r = await client.post("/v1/predict", json={"inputs": items.tolist()})
+            except (httpx.ReadError, httpx.RemoteProtocolError, httpx.ConnectError) as exc:
+                # a pooled connection closed under us (keep-alive expiry, server restart): a predict is
+                # safe to send again
+                if attempt == self.retries:
+                    raise ServiceError(f"{self.url}: {type(exc).__name__} after {self.retries} retries") from exc
+                await asyncio.sleep(min(2.0, 0.05 * (attempt + 1)))
+                continue
             if r.status_code == 503 and attempt < self.retries:  # queue full: back off as told
                 await asyncio.sleep(min(2.0, float(r.headers.get("retry-after", "0.1")) * 0.1 * (attempt + 1)))
                 continue

@@ -12,6 +12,7 @@ from helpers import running_server
 from safetensors.torch import load_file
 
 from codedsmooth.models import load_checkpoint
+from codedsmooth.train import as_float
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "codedsmooth.cli", "train", "--data", "digits", "--width", "4"]
@@ -42,7 +43,7 @@ def test_two_process_gloo_run_writes_a_checkpoint_that_loads_and_serves(tmp_path
     with running_server(out, max_delay_ms=1) as server:
         import httpx
 
-        body = httpx.post(server.url + "/v1/predict", json={"inputs": (digits.test_x[:3].float() / 16).tolist()}).json()
+        body = httpx.post(server.url + "/v1/predict", json={"inputs": as_float(digits.test_x[:3]).tolist()}).json()
     assert len(body["predictions"]) == 3
 
 
