@@ -5,13 +5,12 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from helpers import running_server
 from safetensors.torch import load_file
 
-from codedsmooth.models import load_checkpoint
+from codedsmooth.models import build_model, load_checkpoint
 from codedsmooth.train import as_float
 
 pytestmark = pytest.mark.slow
@@ -52,11 +51,12 @@ def test_one_erm_step_on_two_ranks_of_half_k_equals_one_rank_of_k(tmp_path):
     two, _ = _train(["--method", "erm", "--epochs", "1", "--batch-size", "16", "--max-steps", "1", "--seed", "3"], tmp_path, "two", torchrun=2)
     a, b = _weights(one), _weights(two)
     assert a.keys() == b.keys()
-    init = torch.manual_seed(3)  # noqa: F841 - the two runs start from the same seeded weights; the step must move them alike
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
-    moved = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert moved < 1e-5
+    # the step did move the weights: the runs agree after a real update, not just at initialisation
+    torch.manual_seed(3)
+    start = build_model("small_cnn", **load_checkpoint(one).config.arch_kwargs).state_dict()
+    assert max(float((a["model." + k] - v).abs().max()) for k, v in start.items()) > 1e-4
 
 
 def test_same_seed_same_run_on_two_ranks(tmp_path):
@@ -77,8 +77,9 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
             proc.kill()
             break
     proc.wait(timeout=60)
-    assert not out.exists() and (tmp_path / "cut.resume" / "state.json").exists()
-    done = json.loads((tmp_path / "cut.resume" / "state.json").read_text())["epoch"]
+    saved = sorted((tmp_path / "cut.resume").glob("epoch-*/state.json"))
+    assert not out.exists() and saved  # (two only if the kill came between a rename and the clean-up)
+    done = json.loads(saved[-1].read_text())["epoch"]
     assert 3 <= done < 12
     resumed, proc = _train(["--method", "mixup", "--epochs", "12", "--seed", "4", "--resume"], tmp_path, "cut")
     assert f"resuming after epoch {done} of 12" in proc.stderr
@@ -93,4 +94,3 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
 def test_nproc_must_be_positive():
     bad = subprocess.run(CLI + ["--nproc", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "nproc must be at least 1" in bad.stderr and "Traceback" not in bad.stderr
-    assert np.isfinite(1.0)

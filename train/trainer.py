@@ -256,18 +256,21 @@ def _save_state(cfg: TrainConfig, epoch: int, history, model, opt, sched, gens: 
     tensors.update({f"rng.{name}": g.get_state() for name, g in gens.items()})
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"epoch": epoch, "config": asdict(cfg), "history": [asdict(h) for h in history], "param_groups": opt_state["param_groups"], "scheduler": sched.state_dict()}
-    final = resume_dir(cfg.out)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    root = resume_dir(cfg.out)
+    root.mkdir(parents=True, exist_ok=True)
+    # One directory per epoch, renamed into place whole; older ones go only once the new one
+    # is there, so a kill at any moment leaves a complete state behind.
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(meta, default=float))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        os.replace(tmp, root / f"epoch-{epoch:05d}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for old in root.glob("epoch-*"):
+        if old.name != f"epoch-{epoch:05d}":
+            shutil.rmtree(old, ignore_errors=True)
 
 
 _RESUME_MUST_MATCH = ("data", "arch", "width", "method", "epochs", "batch_size", "lr", "weight_decay", "mu", "n_start", "n_end", "target_block", "seed", "nproc")
@@ -277,9 +280,10 @@ def _load_state(cfg: TrainConfig, model, opt, sched, gens: dict[str, torch.Gener
     """Every rank reads the saved state (read-only); returns (epochs done, history)."""
     from safetensors.torch import load_file
 
-    where = resume_dir(cfg.out)
-    if not (where / "state.json").exists():
-        raise FileNotFoundError(f"nothing to resume: {where / 'state.json'} does not exist")
+    saved = sorted(d for d in resume_dir(cfg.out).glob("epoch-*") if (d / "state.json").exists())
+    if not saved:
+        raise FileNotFoundError(f"nothing to resume: no saved epoch under {resume_dir(cfg.out)}")
+    where = saved[-1]
     meta = json.loads((where / "state.json").read_text())
     differ = {k: (meta["config"].get(k), getattr(cfg, k)) for k in _RESUME_MUST_MATCH if meta["config"].get(k) != getattr(cfg, k)}
     if differ:
