@@ -8,9 +8,9 @@ BatchNorm normalises with batch statistics both when attacking and when training
 statistics are frozen while the attack runs, so only the training forward pass updates them.
 One deviation by default: ε (and the step size with it) ramps up linearly over the first
 ``at_warmup`` = 30 % of the training steps. Short runs of small models at a constant ε = 0.3
-often collapse to a constant prediction (a tiny digits CNN did in one seed of three at ε = 0.1;
-a 4,000-image MNIST run at width 8 stayed at chance for 6 epochs); with the ramp none of six
-seeds did. ``at_warmup=0`` gives Madry et al.'s constant ε.
+can collapse to a constant prediction (a width-8 digits CNN, 3 epochs at ε = 0.1, did in one
+seed of three; a width-8 CNN on 4,000 MNIST images at ε = 0.3 stayed at chance for 6 epochs);
+with the 30 % ramp none of five digits seeds did. ``at_warmup=0`` gives Madry et al.'s constant ε.
 """
 
 from __future__ import annotations
