@@ -1,6 +1,5 @@
 """Data sets: the IDX reader against files written here, MNIST's embedded split, Fashion-MNIST from IDX."""
 
-import gzip
 import hashlib
 
 import numpy as np

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -71,3 +72,43 @@ def test_import_from_a_directory_with_its_own_models_folder(tmp_path):
     assert "the user folder was imported" in proc.stderr  # the user's own `models` is theirs
     proc = subprocess.run([sys.executable, "-c", "import codedsmooth.core, codedsmooth.models"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_pgd_at_trains_loads_and_is_more_robust_than_erm(digits, tmp_path):
+    from codedsmooth.probe.attacks import correct_per_image, pgd
+
+    eps = 0.1
+    robust = {}
+    for method in ("erm", "pgd-at"):
+        cfg = TrainConfig(method=method, epochs=3, width=8, batch_size=32, at_eps=eps, at_steps=5, seed=0, out=str(tmp_path / method), progress=False)
+        res = train(cfg, data=digits)
+        ck = load_checkpoint(res.checkpoint)
+        assert ck.config["training"]["method"] == method
+        model = ck.model.eval()
+        x_adv = pgd(model, digits.test_x, digits.test_y, eps, steps=20, generator=torch.Generator().manual_seed(0))
+        robust[method] = float(correct_per_image(model, x_adv, digits.test_y).float().mean())
+        if method == "pgd-at":
+            assert res.test_accuracy > 0.85
+            at = ck.config["training"]["adversarial_training"]
+            assert at == {"eps": eps, "steps": 5, "step_size": 2.5 * eps / 5, "warmup": 0.3, "random_start": True, "loss": "ce", "attack_mode": "train"}
+        else:
+            assert ck.config["training"]["adversarial_training"] is None
+    print(f"digits, PGD-20 at eps {eps}: robust accuracy {robust}")
+    assert robust["pgd-at"] > robust["erm"] + 0.1, robust
+
+
+def test_adversarial_training_defaults_follow_the_data_and_bn_stats_stay_frozen_while_attacking():
+    from codedsmooth.train.trainer import _FrozenBatchNormStats, adversarial_training_settings
+
+    mnist_like = adversarial_training_settings(TrainConfig(method="pgd-at"), (1, 28, 28))
+    assert mnist_like["eps"] == 0.3 and mnist_like["steps"] == 10 and abs(mnist_like["step_size"] - 0.075) < 1e-12
+    cifar_like = adversarial_training_settings(TrainConfig(method="pgd-at", at_steps=7), (3, 32, 32))
+    assert abs(cifar_like["eps"] - 8 / 255) < 1e-12 and abs(cifar_like["step_size"] - 2.5 * (8 / 255) / 7) < 1e-12
+    with pytest.raises(ValueError, match="--at-eps"):
+        TrainConfig(method="pgd-at", at_eps=2.0).validate()
+    bn = torch.nn.BatchNorm2d(3).train()
+    with _FrozenBatchNormStats(bn):
+        bn(torch.randn(8, 3, 4, 4) + 5)
+    assert torch.equal(bn.running_mean, torch.zeros(3)) and int(bn.num_batches_tracked) == 0 and bn.momentum == 0.1
+    bn(torch.randn(8, 3, 4, 4) + 5)
+    assert float(bn.running_mean.min()) > 0.3
