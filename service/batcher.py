@@ -65,6 +65,7 @@ class MicroBatcher:
         self.busy = False
         self._held: Work | None = None  # a request that did not fit the last batch
         self._running: list[Work] = []  # the batch on the model thread now
+        self.model_running = False  # true while engine.run executes on the model thread (even if the loop gave up waiting)
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -136,7 +137,7 @@ class MicroBatcher:
                     continue
                 self._running = batch
                 start = time.perf_counter()
-                result: BatchResult = await loop.run_in_executor(self.executor, self.engine.run, [w.inputs for w in batch])
+                result: BatchResult = await loop.run_in_executor(self.executor, self._run_engine, [w.inputs for w in batch])
                 if self.on_batch is not None:
                     self.on_batch(result, time.perf_counter() - start, len(batch))
                 for work, probs in zip(batch, result.probabilities):
@@ -149,13 +150,21 @@ class MicroBatcher:
                 self._running = []
                 self.busy = False
 
+    def _run_engine(self, inputs: list[torch.Tensor]) -> BatchResult:
+        """On the model thread."""
+        self.model_running = True
+        try:
+            return self.engine.run(inputs)
+        finally:
+            self.model_running = False
+
     async def _run_one_by_one(self, batch: list[Work], first_error: Exception) -> None:
         loop = asyncio.get_running_loop()
         for work in batch:
             if work.future.done():
                 continue
             try:
-                result = await loop.run_in_executor(self.executor, self.engine.run, [work.inputs])
+                result = await loop.run_in_executor(self.executor, self._run_engine, [work.inputs])
                 if not work.future.done():
                     work.future.set_result(result.probabilities[0])
             except Exception as exc:  # noqa: BLE001

@@ -100,6 +100,11 @@ class Lifecycle:
         return self.phase in ("draining", "stopped")
 
     @property
+    def model_busy(self) -> bool:
+        """Whether the model thread is still running a device batch."""
+        return self.batcher is not None and self.batcher.model_running
+
+    @property
     def rci_info(self) -> RciInfo:
         e = self.engine
         return RciInfo(enabled=self.settings.rci, scope=self.settings.rci_scope, group_size=e.k, coded_points=e.n)
