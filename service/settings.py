@@ -35,7 +35,7 @@ class ServeSettings(BaseSettings):
     )
     max_image_pixels: int = Field(4_194_304, ge=1, description="most pixels (width x height) of one uploaded image, read from its header before decoding; more gets 413")
     max_connections: int = Field(256, ge=1, description="most open client connections; a request on a connection beyond it gets 503 + Retry-After and the connection closes")
-    body_timeout_s: float = Field(30.0, gt=0, description="time from a request's arrival to the last byte of its body; slower gets 408 and the connection closes")
+    body_timeout_s: float = Field(10.0, gt=0, description="time from a request's arrival to the last byte of its body (at most --timeout-ms); slower gets 408 and the connection closes")
     header_timeout_s: float = Field(10.0, gt=0, description="time from a connection's first byte (or its opening) to the end of a request's headers; slower connections are closed")
     keep_alive_s: float = Field(15.0, gt=0, description="idle keep-alive connections are closed after this long (uvicorn timeout_keep_alive); above the 5 s idle expiry of common clients (httpx, requests), so a client never reuses a connection the server is closing")
     metrics_host: str = Field("127.0.0.1", description="address of the Prometheus /metrics listener (0.0.0.0 only where the operator's network needs it)")
