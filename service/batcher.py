@@ -65,6 +65,7 @@ class MicroBatcher:
         self.busy = False
         self._held: Work | None = None  # a request that did not fit the last batch
         self._running: list[Work] = []  # the batch on the model thread now
+        self.waiting = 0  # accepted requests not yet sent to the model: queued, held, or being gathered into a batch
         self.model_running = False  # true while engine.run executes on the model thread (even if the loop gave up waiting)
         self._task: asyncio.Task | None = None
 
@@ -86,7 +87,8 @@ class MicroBatcher:
         except asyncio.QueueFull:
             self.metrics.rejected.labels("queue_full").inc()
             raise Unavailable(f"queue full ({self.queue.maxsize} requests waiting)", retry_after_s=1) from None
-        self.metrics.queue_depth.set(self.queue.qsize())
+        self.waiting += 1
+        self.metrics.queue_depth.set(self.waiting)
         return fut
 
     async def _next_batch(self) -> list[Work]:
@@ -111,7 +113,8 @@ class MicroBatcher:
                 break
             batch.append(work)
             items += work.size
-        self.metrics.queue_depth.set(self.queue.qsize())
+        self.waiting -= len(batch)  # leaving for the model (or dropped just before it)
+        self.metrics.queue_depth.set(self.waiting)
         return batch
 
     def _live(self, batch: list[Work]) -> list[Work]:
@@ -189,6 +192,7 @@ class MicroBatcher:
                 work.future.set_exception(Unavailable(message, retry_after_s=retry_after_s))
                 failed += 1
         self._held = None
+        self.waiting = 0
         self.metrics.queue_depth.set(0)
         if failed:
             self.metrics.rejected.labels("drain_timeout").inc(failed)

@@ -33,7 +33,7 @@ class Metrics:
         self.batch_size = Histogram("codedsmooth_batch_size", "items per device batch", buckets=SIZE_BUCKETS, registry=r)
         self.batch_requests = Histogram("codedsmooth_batch_requests", "requests per device batch", buckets=SIZE_BUCKETS, registry=r)
         self.in_flight = Gauge("codedsmooth_requests_in_flight", "HTTP requests being handled", registry=r)
-        self.queue_depth = Gauge("codedsmooth_queue_depth", "requests waiting for the model", registry=r)
+        self.queue_depth = Gauge("codedsmooth_queue_depth", "accepted requests waiting for the model (queued or gathered into the next batch)", registry=r)
         self.rejected = Counter("codedsmooth_rejected_total", "requests refused or dropped before compute", ["reason"], registry=r)
         self.ready = Gauge("codedsmooth_model_ready", "1 when the model is loaded and warm", registry=r)
         self.rci_groups = Histogram("codedsmooth_rci_coding_groups", "coding groups per device batch", buckets=SIZE_BUCKETS, registry=r)
