@@ -140,7 +140,7 @@ def test_image_bombs_are_refused_from_the_header_before_decoding(server):
     assert r.status_code == 413, r.text
     assert "pixels" in r.json()["error"]
     assert peak - before < 60  # decoding one of them alone would take 169 MB
-    assert max(live_latencies) < 1.0
+    assert max(live_latencies) < 2.0  # the event loop never decodes (it took 2.9 s with 8 bombs before)
 
 
 def test_an_image_within_the_pixel_limit_is_decoded_off_the_event_loop(server):
