@@ -276,7 +276,7 @@ class AdmissionMiddleware:
                 return await error_response(503, message, {"Retry-After": "1", "Connection": "close"})(scope, receive, recording_send)
             declared = _header(scope, b"content-length")
             if declared is not None:
-                if not declared.isdigit():
+                if not (declared.isascii() and declared.isdigit()):
                     return await error_response(400, "Content-Length is not a decimal integer")(scope, receive, recording_send)
                 if int(declared) > self.max_bytes:
                     return await error_response(413, f"body of {int(declared)} bytes exceeds the limit of {self.max_bytes} bytes")(
