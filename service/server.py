@@ -129,7 +129,10 @@ def uvicorn_config(app, settings: ServeSettings) -> uvicorn.Config:
 def run_server(settings: ServeSettings, engine_factory: EngineFactory | None = None) -> int:
     app = create_app(settings, engine_factory=engine_factory)
     lifecycle: Lifecycle = app.state.lifecycle
-    metrics_listener = start_metrics_listener(lifecycle.metrics, settings.metrics_host, settings.metrics_port)
+    try:
+        metrics_listener = start_metrics_listener(lifecycle.metrics, settings.metrics_host, settings.metrics_port)
+    except OSError as exc:  # e.g. a second server on this host with the default metrics port
+        raise ValueError(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} ({exc.strerror or exc}); pick another --metrics-port") from None
     server = DrainingServer(uvicorn_config(app, settings), lifecycle)
     try:
         server.run()
