@@ -126,7 +126,15 @@ def uvicorn_config(app, settings: ServeSettings) -> uvicorn.Config:
     )
 
 
-def run_server(settings: ServeSettings, engine_factory: EngineFactory | None = None) -> int:
+def run_server(settings: ServeSettings, engine_factory: EngineFactory | None = None, exit_when_done: bool = True) -> int:
+    """Serve until a signal stops the server; returns the exit code.
+
+    With ``exit_when_done`` (the CLI's case) the process ends right after the server has stopped:
+    every answer is sent by then, and Python's teardown with torch loaded (joining the model
+    thread, which may still be inside a call that outlived the drain, then unloading torch) takes
+    a second or more on a busy machine, which would break the promise to exit within the drain
+    timeout. Pass ``False`` to return instead (embedding in another program).
+    """
     app = create_app(settings, engine_factory=engine_factory)
     lifecycle: Lifecycle = app.state.lifecycle
     try:
@@ -140,9 +148,9 @@ def run_server(settings: ServeSettings, engine_factory: EngineFactory | None = N
         metrics_listener.shutdown()
     code = 0 if server.started else 1
     if lifecycle.model_busy:
-        # A device batch outlived the drain timeout; its requests were answered 503. Python would
-        # join the model thread at exit and break the drain promise, so exit without waiting.
-        log.warning("a model call is still running after the drain; exiting without waiting for it")
+        log.warning("a model call is still running after the drain (its requests were answered 503); not waiting for it")
+    log.info("stopped (exit code %d)", code)
+    if exit_when_done:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

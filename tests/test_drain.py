@@ -58,6 +58,7 @@ def _drain_scenario(tiny_checkpoint, tmp_path, monkeypatch, drain_timeout_s: flo
         code = srv.proc.wait(drain_timeout_s + 10)
         exit_s = time.monotonic() - sigterm
         output = srv.proc.stdout.read()
+        print(output[-2500:])  # shown when an assertion fails: the server's own timeline of the drain
         return answers, late, ready, code, exit_s, output
     finally:
         (tmp_path / "open").touch()
