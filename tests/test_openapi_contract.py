@@ -11,7 +11,6 @@ import json
 import signal
 import socket
 import sys
-import time
 from pathlib import Path
 
 import httpx
