@@ -1,6 +1,18 @@
-"""The inference service: FastAPI app, micro-batcher, coding groups, protocol schemas, metrics, settings."""
+"""The inference service: lifecycle, micro-batcher, engine, protocol routers (v1, v2), errors, metrics, settings, uvicorn runner.
 
-from .app import create_app
-from .settings import ServeSettings
+Importing this package imports nothing heavy: ``create_app`` and ``ServeSettings`` load on first use.
+"""
 
 __all__ = ["create_app", "ServeSettings"]
+
+
+def __getattr__(name: str):
+    if name == "create_app":
+        from .app import create_app
+
+        return create_app
+    if name == "ServeSettings":
+        from .settings import ServeSettings
+
+        return ServeSettings
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

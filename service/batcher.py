@@ -12,6 +12,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -34,10 +35,28 @@ class Work:
         return int(self.inputs.shape[0])
 
 
+BatchCallback = Callable[[BatchResult, float, int], None]  # (engine result, model seconds, requests in the batch)
+
+
 class MicroBatcher:
-    def __init__(self, engine: InferenceEngine, metrics: Metrics, executor: ThreadPoolExecutor, max_batch_size: int, max_delay_s: float, max_queue_size: int):
+    """Generic: queues requests, forms device batches, runs ``engine.run`` on the model thread.
+
+    What a batch's result *means* (RCI statistics and their metrics) is ``on_batch``'s business.
+    """
+
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        metrics: Metrics,
+        executor: ThreadPoolExecutor,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue_size: int,
+        on_batch: BatchCallback | None = None,
+    ):
         self.engine = engine
         self.metrics = metrics
+        self.on_batch = on_batch
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.queue: asyncio.Queue[Work] = asyncio.Queue(maxsize=max_queue_size)
@@ -45,7 +64,9 @@ class MicroBatcher:
         self.draining = False
         self.busy = False
         self._held: Work | None = None  # a request that did not fit the last batch
-        self._flips = [0, 0, time.monotonic()]  # label flips, checked items, last log time
+        self._running: list[Work] = []  # the batch on the model thread now
+        self.waiting = 0  # accepted requests not yet sent to the model: queued, held, or being gathered into a batch
+        self.model_running = False  # true while engine.run executes on the model thread (even if the loop gave up waiting)
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -66,7 +87,8 @@ class MicroBatcher:
         except asyncio.QueueFull:
             self.metrics.rejected.labels("queue_full").inc()
             raise Unavailable(f"queue full ({self.queue.maxsize} requests waiting)", retry_after_s=1) from None
-        self.metrics.queue_depth.set(self.queue.qsize())
+        self.waiting += 1
+        self.metrics.queue_depth.set(self.waiting)
         return fut
 
     async def _next_batch(self) -> list[Work]:
@@ -91,7 +113,8 @@ class MicroBatcher:
                 break
             batch.append(work)
             items += work.size
-        self.metrics.queue_depth.set(self.queue.qsize())
+        self.waiting -= len(batch)  # leaving for the model (or dropped just before it)
+        self.metrics.queue_depth.set(self.waiting)
         return batch
 
     def _live(self, batch: list[Work]) -> list[Work]:
@@ -115,9 +138,11 @@ class MicroBatcher:
             try:
                 if not batch:
                     continue
+                self._running = batch
                 start = time.perf_counter()
-                result: BatchResult = await loop.run_in_executor(self.executor, self.engine.run, [w.inputs for w in batch])
-                self._observe(result, time.perf_counter() - start, len(batch))
+                result: BatchResult = await loop.run_in_executor(self.executor, self._run_engine, [w.inputs for w in batch])
+                if self.on_batch is not None:
+                    self.on_batch(result, time.perf_counter() - start, len(batch))
                 for work, probs in zip(batch, result.probabilities):
                     if not work.future.done():
                         work.future.set_result(probs)
@@ -125,7 +150,16 @@ class MicroBatcher:
                 log.exception("batch of %d requests failed; retrying one by one", len(batch))
                 await self._run_one_by_one(batch, exc)
             finally:
+                self._running = []
                 self.busy = False
+
+    def _run_engine(self, inputs: list[torch.Tensor]) -> BatchResult:
+        """On the model thread."""
+        self.model_running = True
+        try:
+            return self.engine.run(inputs)
+        finally:
+            self.model_running = False
 
     async def _run_one_by_one(self, batch: list[Work], first_error: Exception) -> None:
         loop = asyncio.get_running_loop()
@@ -133,37 +167,12 @@ class MicroBatcher:
             if work.future.done():
                 continue
             try:
-                result = await loop.run_in_executor(self.executor, self.engine.run, [work.inputs])
+                result = await loop.run_in_executor(self.executor, self._run_engine, [work.inputs])
                 if not work.future.done():
                     work.future.set_result(result.probabilities[0])
             except Exception as exc:  # noqa: BLE001
                 if not work.future.done():
                     work.future.set_exception(exc)
-
-    def _observe(self, result: BatchResult, seconds: float, requests: int) -> None:
-        m, s = self.metrics, result.stats
-        m.inference.observe(seconds)
-        m.batch_size.observe(s.items)
-        m.batch_requests.observe(requests)
-        if s.groups:
-            m.rci_groups.observe(s.groups)
-            m.rci_filler_share.observe(s.filler_share)
-        if s.checked_items:
-            m.rci_checked.inc(s.checked_items)
-            m.rci_flips.inc(s.label_flips)
-            if s.decode_residual is not None:
-                m.rci_residual.set(s.decode_residual)
-            self._log_flips(s.label_flips, s.checked_items)
-
-    def _log_flips(self, flips: int, checked: int) -> None:
-        """At most once a minute: how often RCI (in batch scope: the batch-mates) changed a label."""
-        self._flips[0] += flips
-        self._flips[1] += checked
-        now = time.monotonic()
-        if now - self._flips[2] >= 60.0:
-            f, c = self._flips[0], self._flips[1]
-            log.info("rci %s scope: %d of %d checked items changed label vs the uncoded model (%.2f%%)", self.engine.scope, f, c, 100.0 * f / c)
-            self._flips = [0, 0, now]
 
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new work, wait until queued and running work is done. True if it finished in time."""
@@ -175,6 +184,20 @@ class MicroBatcher:
             await asyncio.sleep(0.01)
         return True
 
+    def fail_pending(self, message: str = "server is shutting down", retry_after_s: int = 5) -> int:
+        """Answer every accepted request not yet answered (queued, held or running) with 503. Returns how many."""
+        failed = 0
+        for work in ([self._held] if self._held else []) + _drain_queue(self.queue) + list(self._running):
+            if not work.future.done():
+                work.future.set_exception(Unavailable(message, retry_after_s=retry_after_s))
+                failed += 1
+        self._held = None
+        self.waiting = 0
+        self.metrics.queue_depth.set(0)
+        if failed:
+            self.metrics.rejected.labels("drain_timeout").inc(failed)
+        return failed
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -182,9 +205,7 @@ class MicroBatcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        for work in ([self._held] if self._held else []) + _drain_queue(self.queue):
-            if not work.future.done():
-                work.future.set_exception(Unavailable("server stopped"))
+        self.fail_pending("server stopped")
 
 
 def _drain_queue(queue: asyncio.Queue) -> list[Work]:

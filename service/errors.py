@@ -1,6 +1,25 @@
-"""Errors the service answers with, each mapped to an HTTP status and a JSON ``{"error": ...}`` body."""
+"""Errors the service answers with, and the one place that maps any failure to an HTTP answer.
+
+Every error body is JSON ``{"error": "<what is wrong>"}``. Routes use :class:`ServiceRoute`, which
+turns exceptions into answers inside the route, so even an unexpected error never escapes to
+Starlette's outermost middleware (which re-raises it and resets the keep-alive connection).
+"""
 
 from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Coroutine
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+log = logging.getLogger("codedsmooth.service")
+
+CLIENT_CLOSED = 499  # nginx's "client closed request": counted, never sent (nobody is listening)
 
 
 class ServiceError(Exception):
@@ -34,6 +53,21 @@ class NotFound(ServiceError):
     status = 404
 
 
+class RequestTimeout(ServiceError):
+    """The body did not arrive in time; the connection is closed after the answer."""
+
+    status = 408
+
+    def __init__(self, message: str):
+        super().__init__(message, {"Connection": "close"})
+
+
+class ClientGone(ServiceError):
+    """The client closed the connection before its answer; recorded as 499, nothing is sent."""
+
+    status = CLIENT_CLOSED
+
+
 class Unavailable(ServiceError):
     """Queue full, not ready, or draining: retry later."""
 
@@ -45,3 +79,48 @@ class Unavailable(ServiceError):
 
 class DeadlineExceeded(ServiceError):
     status = 504
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def response_for(exc: BaseException, request: Request | None = None) -> Response:
+    """The answer to any exception raised while handling a request."""
+    if isinstance(exc, ServiceError):
+        return error_response(exc.status, exc.message, exc.headers)
+    if isinstance(exc, ClientDisconnect):
+        return error_response(CLIENT_CLOSED, "client disconnected")
+    if isinstance(exc, StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+    if isinstance(exc, RequestValidationError):
+        parts = [f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors()[:3]]
+        return error_response(422, "; ".join(parts))
+    where = f" on {request.method} {request.url.path}" if request is not None else ""
+    log.error("unhandled error%s", where, exc_info=exc)
+    return error_response(500, "internal server error")
+
+
+class ServiceRoute(APIRoute):
+    """An APIRoute whose handler answers every exception itself (see the module docstring)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def answer(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:  # noqa: BLE001 - mapped to a status right here
+                return response_for(exc, request)
+
+        return answer
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Errors raised outside routes: unknown paths (404), wrong methods (405), anything else."""
+
+    async def handle(request: Request, exc: Exception) -> Response:
+        return response_for(exc, request)
+
+    for exc_class in (ServiceError, ClientDisconnect, StarletteHTTPException, RequestValidationError, Exception):
+        app.add_exception_handler(exc_class, handle)

@@ -20,12 +20,19 @@ def free_port() -> int:
 
 
 class LocalServer:
-    """``settings`` are serve options by name (``rci=False`` → ``--no-rci``, ``max_batch_size=8`` → ``--max-batch-size 8``)."""
+    """``settings`` are serve options by name (``rci=False`` → ``--no-rci``, ``max_batch_size=8`` → ``--max-batch-size 8``).
 
-    def __init__(self, checkpoint=None, log_level: str = "warning", capture_output: bool = True, **settings):
+    The public API is at ``url``; Prometheus metrics at ``metrics_url`` (its own port on 127.0.0.1).
+    """
+
+    def __init__(self, checkpoint=None, log_level: str = "warning", capture_output: bool = True, program: list[str] | None = None, **settings):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "codedsmooth.cli", "--log-level", log_level, "serve", "--port", str(self.port)]
+        self.metrics_port = settings.pop("metrics_port", None) or free_port()
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
+        # ``program``: another entry point taking the same arguments (tests run servers with engine doubles)
+        args = [*(program or [sys.executable, "-m", "codedsmooth.cli"]), "--log-level", log_level, "serve", "--port", str(self.port)]
+        args += ["--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port)]
         if checkpoint is not None:
             args += ["--checkpoint", str(checkpoint)]
         for key, value in settings.items():

@@ -8,7 +8,12 @@ multiprocess mode; scale out with more containers/devices instead.
 
 from __future__ import annotations
 
+import logging
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+log = logging.getLogger("codedsmooth.service")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -16,6 +21,8 @@ SHARE_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.97, 1.0)
 
 
 class Metrics:
+    """All metric objects; the public port never serves them (see ``start_metrics_listener``)."""
+
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
@@ -26,7 +33,7 @@ class Metrics:
         self.batch_size = Histogram("codedsmooth_batch_size", "items per device batch", buckets=SIZE_BUCKETS, registry=r)
         self.batch_requests = Histogram("codedsmooth_batch_requests", "requests per device batch", buckets=SIZE_BUCKETS, registry=r)
         self.in_flight = Gauge("codedsmooth_requests_in_flight", "HTTP requests being handled", registry=r)
-        self.queue_depth = Gauge("codedsmooth_queue_depth", "requests waiting for the model", registry=r)
+        self.queue_depth = Gauge("codedsmooth_queue_depth", "accepted requests waiting for the model (queued or gathered into the next batch)", registry=r)
         self.rejected = Counter("codedsmooth_rejected_total", "requests refused or dropped before compute", ["reason"], registry=r)
         self.ready = Gauge("codedsmooth_model_ready", "1 when the model is loaded and warm", registry=r)
         self.rci_groups = Histogram("codedsmooth_rci_coding_groups", "coding groups per device batch", buckets=SIZE_BUCKETS, registry=r)
@@ -34,3 +41,54 @@ class Metrics:
         self.rci_checked = Counter("codedsmooth_rci_checked_items_total", "items also run without RCI to measure its effect", registry=r)
         self.rci_flips = Counter("codedsmooth_rci_label_flips_total", "checked items whose RCI label differs from the uncoded model's", registry=r)
         self.rci_residual = Gauge("codedsmooth_rci_decode_residual", "mean squared gap between RCI and uncoded logits in the last checked batch", registry=r)
+
+
+class BatchObserver:
+    """Turns what the engine reports about each device batch into metrics (and a flip log line).
+
+    The batcher only hands over the engine's result; which statistics are RCI's, and how they are
+    counted, is known here and nowhere in the batcher.
+    """
+
+    def __init__(self, metrics: Metrics, scope: str, log_every_s: float = 60.0):
+        self.metrics = metrics
+        self.scope = scope
+        self.log_every_s = log_every_s
+        self._flips = [0, 0, time.monotonic()]  # label flips, checked items, last log time
+
+    def __call__(self, result, seconds: float, requests: int) -> None:
+        m, s = self.metrics, result.stats
+        m.inference.observe(seconds)
+        m.batch_size.observe(s.items)
+        m.batch_requests.observe(requests)
+        if s.groups:
+            m.rci_groups.observe(s.groups)
+            m.rci_filler_share.observe(s.filler_share)
+        if s.checked_items:
+            m.rci_checked.inc(s.checked_items)
+            m.rci_flips.inc(s.label_flips)
+            if s.decode_residual is not None:
+                m.rci_residual.set(s.decode_residual)
+            self._log_flips(s.label_flips, s.checked_items)
+
+    def _log_flips(self, flips: int, checked: int) -> None:
+        """At most once a minute: how often RCI (in batch scope: the batch-mates) changed a label."""
+        self._flips[0] += flips
+        self._flips[1] += checked
+        now = time.monotonic()
+        if now - self._flips[2] >= self.log_every_s:
+            f, c = self._flips[0], self._flips[1]
+            log.info("rci %s scope: %d of %d checked items changed label vs the uncoded model (%.2f%%)", self.scope, f, c, 100.0 * f / c)
+            self._flips = [0, 0, now]
+
+
+def start_metrics_listener(metrics: Metrics, host: str, port: int):
+    """Serve ``/metrics`` of ``metrics`` on its own address (a prometheus-client thread; no torch work).
+
+    Returns the WSGI server (``server_port`` is the bound port, useful with port 0); ``shutdown()`` stops it.
+    """
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
+    return server

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 
 class ErrorBody(BaseModel):
@@ -86,20 +86,20 @@ class V2ModelMetadata(BaseModel):
 
 
 class V2InferInput(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
+    name: StrictStr
+    shape: list[StrictInt] = Field(..., description="integers (JSON booleans are refused)")
+    datatype: StrictStr
     parameters: dict[str, Any] | None = None
     data: Any = None
 
 
 class V2RequestedOutput(BaseModel):
-    name: str
+    name: StrictStr
     parameters: dict[str, Any] | None = None
 
 
 class V2InferRequest(BaseModel):
-    id: str | None = None
+    id: StrictStr | None = None
     parameters: dict[str, Any] | None = None
     inputs: list[V2InferInput] = Field(..., min_length=1)
     outputs: list[V2RequestedOutput] | None = None

@@ -1,28 +1,96 @@
-"""Runs the app under uvicorn with a graceful drain on SIGTERM/SIGINT.
+"""Runs the app under uvicorn: connection limits, header timeout, metrics listener, one graceful drain.
 
-First signal: readiness goes 503, new requests get 503 + Retry-After, queued and
-running requests finish (up to ``drain_timeout_s``), then uvicorn stops and the
-process exits 0. A second SIGINT forces an immediate exit.
+On the first SIGTERM/SIGINT the lifecycle drains once: readiness goes 503, new requests get 503 +
+``Retry-After``, accepted requests finish for up to ``drain_timeout_s``; whatever is still unanswered
+then gets 503 (never a cancelled connection). Only then does uvicorn stop, with a short graceful
+timeout of its own that does not add to the drain, and the process exits 0. A second SIGINT forces
+an immediate exit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
+import os
+import sys
 
 import uvicorn
 
-from .app import ServiceState, create_app
+from .app import create_app
+from .lifecycle import EngineFactory, Lifecycle
+from .metrics import start_metrics_listener
 from .settings import ServeSettings
 
 log = logging.getLogger("codedsmooth.server")
 
+# After the drain, uvicorn closes idle connections and waits for the rest this long (seconds).
+# The drain has answered every accepted request by then, so what is left is a client mid-body.
+AFTER_DRAIN_GRACE_S = 0.5
+
+
+def _protocol_class(header_timeout_s: float, lifecycle: Lifecycle):
+    """uvicorn's HTTP protocol (httptools when installed, else h11) with a header read timeout and a
+    connection count.
+
+    A connection must deliver a request's complete headers within ``header_timeout_s`` of its
+    opening or of the first byte of that request; otherwise it is closed. (uvicorn itself only
+    times out idle keep-alive connections.)
+
+    Open connections are counted on the lifecycle; above ``max_connections`` its admission answers
+    503 + ``Retry-After`` (JSON, ``Connection: close``). uvicorn's own ``limit_concurrency`` would
+    answer a text/plain 503 without ``Retry-After``, breaking the error contract, so it is only set
+    as a backstop above that limit.
+    """
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    except ImportError:  # pragma: no cover - uvicorn[standard] brings httptools
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+
+    class HeaderTimeoutProtocol(base):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def _awaiting_headers(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm(self) -> None:
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(header_timeout_s, self._headers_too_slow)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            if self._awaiting_headers() and not self.transport.is_closing():
+                log.info("closing a connection that sent no complete request headers within %gs", header_timeout_s)
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            lifecycle.connections += 1
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._awaiting_headers():
+                self._arm()
+            super().data_received(data)
+            if not self._awaiting_headers():
+                self._disarm()
+
+        def connection_lost(self, exc) -> None:
+            lifecycle.connections -= 1
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol
+
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, state: ServiceState):
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle):
         super().__init__(config)
-        self.state = state
+        self.lifecycle = lifecycle
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_started = False
 
@@ -35,31 +103,56 @@ class DrainingServer(uvicorn.Server):
             # a second signal (or one before start-up): stop now, as uvicorn does
             return super().handle_exit(sig, frame)
         self._drain_started = True
-        self.state.draining = True
-        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain_then_exit()))
+        self._loop.call_soon_threadsafe(self._start_drain)
 
-    async def _drain_then_exit(self) -> None:
-        log.info("draining: refusing new requests, finishing %d in flight", self.state.in_flight)
-        start = time.monotonic()
-        finished = await self.state.drain()
-        end = time.monotonic() + 2.0
-        while self.state.in_flight > 0 and time.monotonic() < end:  # answers being written
-            await asyncio.sleep(0.01)
-        log.info("drained in %.2fs (%s); stopping", time.monotonic() - start, "complete" if finished else "timed out")
-        self.should_exit = True
+    def _start_drain(self) -> None:
+        task = self.lifecycle.begin_drain()
+        task.add_done_callback(lambda _: setattr(self, "should_exit", True))
 
 
-def run_server(settings: ServeSettings) -> int:
-    app = create_app(settings)
-    config = uvicorn.Config(
+def uvicorn_config(app, settings: ServeSettings) -> uvicorn.Config:
+    lifecycle: Lifecycle = app.state.lifecycle
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         workers=1,
-        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+        http=_protocol_class(settings.header_timeout_s, lifecycle),
+        limit_concurrency=2 * settings.max_connections + 16,  # backstop only, see _protocol_class
+        timeout_keep_alive=settings.keep_alive_s,
+        timeout_graceful_shutdown=AFTER_DRAIN_GRACE_S,  # type: ignore[arg-type] - uvicorn accepts a float
         access_log=False,
     )
-    server = DrainingServer(config, app.state.service)
-    server.run()
-    return 0 if server.started else 1
+
+
+def run_server(settings: ServeSettings, engine_factory: EngineFactory | None = None, exit_when_done: bool = True) -> int:
+    """Serve until a signal stops the server; returns the exit code.
+
+    With ``exit_when_done`` (the CLI's case) the process ends right after the server has stopped:
+    every answer is sent by then, and Python's teardown with torch loaded (joining the model
+    thread, which may still be inside a call that outlived the drain, then unloading torch) takes
+    a second or more on a busy machine, which would break the promise to exit within the drain
+    timeout. Pass ``False`` to return instead (embedding in another program).
+    """
+    app = create_app(settings, engine_factory=engine_factory)
+    lifecycle: Lifecycle = app.state.lifecycle
+    try:
+        metrics_listener = start_metrics_listener(lifecycle.metrics, settings.metrics_host, settings.metrics_port)
+    except OSError as exc:  # e.g. a second server on this host with the default metrics port
+        raise ValueError(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} ({exc.strerror or exc}); pick another --metrics-port") from None
+    server = DrainingServer(uvicorn_config(app, settings), lifecycle)
+    try:
+        server.run()
+    finally:
+        metrics_listener.shutdown()
+    code = 0 if server.started else 1
+    if lifecycle.model_busy:
+        log.warning("a model call is still running after the drain (its requests were answered 503); not waiting for it")
+    log.info("stopped (exit code %d)", code)
+    if exit_when_done:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

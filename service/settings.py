@@ -6,7 +6,7 @@ import math
 import os
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from codedsmooth.core.spec import DEFAULT_DECODE_TOLERANCE
@@ -33,10 +33,31 @@ class ServeSettings(BaseSettings):
     rci_seed: int | None = Field(None, description="replace the OS CSPRNG with a seed, restarted for each request (batch scope: each batch) (tests and reproduction only: clients could predict the code)")
     rci_check_rate: float = Field(0.1, ge=0, le=1, description="share of batches also run without RCI to count label flips and the decode residual")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body; bigger gets 413 before it is read")
-    max_items_per_request: int = Field(64, ge=1, description="most inputs in one request")
+    max_items_per_request: int | None = Field(
+        None, ge=1, description="most items (tensors or images) in one request; more gets 413. At most --max-batch-size, so one request is one device batch (default: --max-batch-size)"
+    )
+    max_image_pixels: int = Field(4_194_304, ge=1, description="most pixels (width x height) of one uploaded image, read from its header before decoding; more gets 413")
+    max_connections: int = Field(256, ge=1, description="most open client connections; a request on a connection beyond it gets 503 + Retry-After and the connection closes")
+    body_timeout_s: float = Field(10.0, gt=0, description="time from a request's arrival to the last byte of its body (at most --timeout-ms); slower gets 408 and the connection closes")
+    header_timeout_s: float = Field(10.0, gt=0, description="time from a connection's first byte (or its opening) to the end of a request's headers; slower connections are closed")
+    keep_alive_s: float = Field(15.0, gt=0, description="idle keep-alive connections are closed after this long (uvicorn timeout_keep_alive); above the 5 s idle expiry of common clients (httpx, requests), so a client never reuses a connection the server is closing")
+    metrics_host: str = Field("127.0.0.1", description="address of the Prometheus /metrics listener (0.0.0.0 only where the operator's network needs it)")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="port of the Prometheus /metrics listener, separate from the public port (0: any free port, logged at start)")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: the CPU quota)")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long to finish in-flight requests before exiting")
     log_level: str = Field("info", description="uvicorn log level")
+
+    @model_validator(mode="after")
+    def _items_fit_a_batch(self):
+        if self.max_items_per_request is None:
+            self.max_items_per_request = self.max_batch_size
+        elif self.max_items_per_request > self.max_batch_size:
+            raise ValueError(
+                f"max_items_per_request ({self.max_items_per_request}) must not exceed max_batch_size ({self.max_batch_size}): one request runs as one device batch"
+            )
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValueError("metrics_port must differ from port: /metrics is not served on the public port")
+        return self
 
     @field_validator("checkpoint")
     @classmethod

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from helpers import free_port
+from helpers import free_port, metric_samples
 
 from codedsmooth.models import default_checkpoint_path, load_checkpoint
 from codedsmooth.train import load_dataset
@@ -88,9 +88,11 @@ class Container:
     def __init__(self, image, **env):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.metrics_port = free_port()  # host networking: the metrics listener's default 127.0.0.1 is reachable
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
         self.name = f"codedsmooth-test-{self.port}"
         flags = []
-        for k, v in {"CODEDSMOOTH_PORT": self.port, **env}.items():
+        for k, v in {"CODEDSMOOTH_PORT": self.port, "CODEDSMOOTH_METRICS_PORT": self.metrics_port, **env}.items():
             flags += ["-e", f"{k}={v}"]
         self.started = time.monotonic()
         _docker("run", "-d", "--name", self.name, "--network", "host", *flags, image)
@@ -139,11 +141,21 @@ def test_container_serves_what_the_checkpoint_computes(container):
     assert "codedsmooth" in _docker("exec", container.name, "cat", "/proc/1/cmdline").stdout
 
 
+def _requests_seen(container) -> float:
+    """Requests the server has admitted: answered (any status) plus in flight, from its metrics port."""
+    samples = metric_samples(container)
+    done = sum(v for (name, labels), v in samples.items() if name == "codedsmooth_requests_total" and dict(labels).get("endpoint") == "/v1/predict")
+    return done + samples.get(("codedsmooth_requests_in_flight", ()), 0.0)
+
+
 def test_docker_stop_during_a_burst_loses_nothing_and_exits_0(container):
     async def burst():
         async with httpx.AsyncClient(base_url=container.url, timeout=60) as client:
             sent = [asyncio.ensure_future(client.post("/v1/predict", json={"inputs": [np.full((1, 8, 8), 0.5).tolist()]})) for _ in range(60)]
-            await asyncio.sleep(0.2)  # all sent and waiting for batch-mates (max delay 300 ms)
+            # Wait on state, not time: all 60 requests have reached the server (in flight or answered).
+            end = time.monotonic() + 60
+            while await asyncio.to_thread(_requests_seen, container) < 60:
+                assert time.monotonic() < end, "the burst never reached the server"
             stop = asyncio.get_running_loop().run_in_executor(None, lambda: _docker("stop", "-t", "30", container.name))
             return await asyncio.gather(*sent), await stop
 
@@ -164,8 +176,9 @@ def test_prometheus_scrapes_the_container(container, tmp_path):
     for _ in range(3):
         httpx.post(container.url + "/v1/predict", json={"inputs": [np.full((1, 8, 8), 0.5).tolist()]}, timeout=30)
     config = (ROOT / "docker" / "prometheus.yml").read_text()
-    assert "codedsmooth:8000" in config
-    config = config.replace("codedsmooth:8000", f"127.0.0.1:{container.port}").replace("scrape_interval: 5s", "scrape_interval: 1s")
+    assert "codedsmooth:9464" in config  # the metrics port, not the public one
+    assert httpx.get(container.url + "/metrics").status_code == 404
+    config = config.replace("codedsmooth:9464", f"127.0.0.1:{container.metrics_port}").replace("scrape_interval: 5s", "scrape_interval: 1s")
     (tmp_path / "prometheus.yml").write_text(config)
     port = free_port()
     proc = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",

@@ -63,9 +63,9 @@ async def _concurrent(url, bodies):
 
 def _victim_under_batch_mates(server, victim, mates):
     bodies = [{"inputs": victim.tolist()}] + [{"inputs": m.tolist()} for m in mates]
-    before = metric_samples(server.url)
+    before = metric_samples(server)
     responses = asyncio.run(_concurrent(server.url, bodies))
-    after = metric_samples(server.url)
+    after = metric_samples(server)
     assert all(r.status_code == 200 for r in responses)
     batches = after[("codedsmooth_batch_requests_count", ())] - before.get(("codedsmooth_batch_requests_count", ()), 0)
     requests = after[("codedsmooth_batch_requests_sum", ())] - before.get(("codedsmooth_batch_requests_sum", ()), 0)
@@ -95,7 +95,7 @@ def test_batch_scope_result_depends_on_batch_mates(tiny_checkpoint, digits):
     with running_server(tiny_checkpoint, rci_seed=7, rci_scope="batch", coded_points=16, max_delay_ms=300, max_batch_size=64, rci_check_rate=1.0) as server:
         alone = predict(server.url, victim)[0]
         with_noise = _victim_under_batch_mates(server, victim, noisy)
-        samples = metric_samples(server.url)
+        samples = metric_samples(server)
     assert np.abs(with_noise - alone).max() > 1e-3  # far beyond float32 rounding
     # every batch was also checked against the uncoded model: flips are counted over all items
     assert samples[("codedsmooth_rci_checked_items_total", ())] == 1 + 1 + 12
@@ -108,7 +108,7 @@ def test_metrics_count_what_was_sent(tiny_checkpoint, digits):
         for n in sizes:
             predict(server.url, digits.test_x[:n])
         httpx.post(server.url + "/v1/predict", json={"inputs": []})
-        s = metric_samples(server.url)
+        s = metric_samples(server)
     assert s[("codedsmooth_requests_total", (("endpoint", "/v1/predict"), ("status", "200")))] == len(sizes)
     assert s[("codedsmooth_requests_total", (("endpoint", "/v1/predict"), ("status", "422")))] == 1
     assert s[("codedsmooth_request_latency_seconds_count", (("endpoint", "/v1/predict"),))] == len(sizes) + 1
@@ -164,8 +164,9 @@ def test_image_endpoint_matches_tensor_endpoint(plain_server, digits):
 
 def test_openapi_document_describes_the_api(plain_server):
     doc = httpx.get(plain_server.url + "/openapi.json").json()
-    for path in ("/v1/predict", "/v1/predict/image", "/v1/models", "/v2/models/{name}/infer", "/health/ready", "/metrics"):
+    for path in ("/v1/predict", "/v1/predict/image", "/v1/models", "/v2/models/{name}/infer", "/health/ready"):
         assert path in doc["paths"], path
+    assert "/metrics" not in doc["paths"]  # on the metrics port only
     body = doc["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     schemas = doc["components"]["schemas"]
 
@@ -190,5 +191,5 @@ def test_deadline_passes_in_queue_gives_504(tiny_checkpoint, digits):
         r = httpx.post(server.url + "/v1/predict", json={"inputs": digits.test_x[:1].tolist()})
         assert r.status_code == 504 and "error" in r.json()
         assert httpx.get(server.url + "/health/ready").status_code == 200
-        s = metric_samples(server.url)
+        s = metric_samples(server)
         assert s[("codedsmooth_requests_total", (("endpoint", "/v1/predict"), ("status", "504")))] == 1

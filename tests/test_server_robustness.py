@@ -11,7 +11,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from helpers import ServerProcess, metric_samples, running_server
+from helpers import ServerProcess, running_server, wait_for_metric
 from PIL import Image
 
 GOOD_ITEM = np.full((1, 8, 8), 0.5).tolist()
@@ -94,7 +94,7 @@ MALFORMED = [
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    with running_server(tiny_checkpoint, max_body_bytes=2_000_000, max_items_per_request=64) as srv:
+    with running_server(tiny_checkpoint, max_body_bytes=2_000_000, max_batch_size=64, max_items_per_request=64) as srv:
         srv.model = httpx.get(srv.url + "/v1/models").json()[0]["name"]
         yield srv
 
@@ -195,11 +195,10 @@ def test_sigterm_finishes_accepted_requests_refuses_new_ones_and_exits_0(tiny_ch
         async def main():
             async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
                 accepted = [asyncio.ensure_future(client.post("/v1/predict", json={"inputs": [GOOD_ITEM]})) for _ in range(40)]
-                while metric_samples(srv.url).get(("codedsmooth_requests_in_flight", ()), 0.0) < 41:  # all 40 inside the server (+ this scrape), waiting for batch-mates
-                    await asyncio.sleep(0.02)
-                await asyncio.sleep(0.1)
+                # all 40 accepted by the batcher and waiting for batch-mates (state, not time)
+                await asyncio.to_thread(wait_for_metric, srv, "codedsmooth_queue_depth", lambda v: v == 40)
                 srv.proc.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.1)
+                await asyncio.to_thread(wait_for_metric, srv, "codedsmooth_model_ready", lambda v: v == 0)  # draining
                 late = await client.post("/v1/predict", json={"inputs": [GOOD_ITEM]})
                 ready = await client.get("/health/ready")
                 return await asyncio.gather(*accepted), late, ready

@@ -1,0 +1,296 @@
+"""The server's lifecycle: loading, readiness, admission, in-flight counting and draining, in one object.
+
+``Lifecycle`` is the only holder of request-path state. Every HTTP request is admitted by
+``AdmissionMiddleware``, which stamps its arrival and deadlines (``scope["state"]["admission"]``),
+counts it in flight, bounds its body (size and read time) and records its status. Routes read the
+lifecycle from ``request.app.state.lifecycle``.
+
+Threads: torch work (load, warm-up, inference) runs on the single model thread; image decoding
+(Pillow and numpy only) runs on a separate decode thread; neither runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+from fastapi import Request
+
+from .batcher import MicroBatcher
+from .engine import InferenceEngine
+from .errors import CLIENT_CLOSED, ClientGone, DeadlineExceeded, NotFound, PayloadTooLarge, RequestTimeout, Unavailable, error_response
+from .metrics import BatchObserver, Metrics
+from .schemas import RciInfo
+from .settings import ServeSettings, cpu_quota
+
+log = logging.getLogger("codedsmooth.service")
+
+Phase = Literal["loading", "ready", "draining", "stopped"]
+EngineFactory = Callable[..., InferenceEngine]  # (checkpoint, settings, device) -> engine
+
+
+@dataclass(frozen=True)
+class Admission:
+    """When a request arrived, when its answer is due, and by when its body must have arrived."""
+
+    arrival: float  # time.monotonic()
+    deadline: float
+    body_deadline: float
+
+
+class Lifecycle:
+    def __init__(self, settings: ServeSettings, metrics: Metrics | None = None, engine_factory: EngineFactory | None = None):
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.engine_factory = engine_factory or InferenceEngine
+        self.phase: Phase = "loading"
+        self.checkpoint = None
+        self.engine: InferenceEngine | None = None
+        self.batcher: MicroBatcher | None = None
+        self.in_flight = 0
+        self.connections = 0  # open HTTP connections, counted by the server's protocol class
+        self._no_requests: asyncio.Event | None = None  # set while in_flight == 0 (made on the loop)
+        self._drain_task: asyncio.Task | None = None
+        self.model_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codedsmooth-model")
+        self.decode_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codedsmooth-decode")
+
+    # ---- loading -----------------------------------------------------------
+
+    def _load(self) -> None:
+        from codedsmooth.models import default_checkpoint_path, load_checkpoint, resolve_device
+
+        torch.set_num_threads(self.settings.threads or cpu_quota())  # on the model thread, as all torch work
+        device = resolve_device(self.settings.device)
+        path = self.settings.checkpoint or default_checkpoint_path()
+        self.checkpoint = load_checkpoint(path, device=device)
+        self.engine = self.engine_factory(self.checkpoint, self.settings, device)
+        self.engine.warm_up(self.settings.max_batch_size)
+        log.info(
+            "loaded %s from %s on %s (%s)", self.checkpoint.name, path, device, self.engine.spec.label(),
+        )
+
+    async def start(self) -> None:
+        self._no_requests = asyncio.Event()
+        if self.in_flight == 0:
+            self._no_requests.set()
+        await asyncio.get_running_loop().run_in_executor(self.model_executor, self._load)
+        s = self.settings
+        observer = BatchObserver(self.metrics, self.engine.scope)
+        self.batcher = MicroBatcher(
+            self.engine, self.metrics, self.model_executor, s.max_batch_size, s.max_delay_ms / 1000.0, s.max_queue_size, on_batch=observer
+        )
+        self.batcher.start()
+        if self.phase == "loading":  # a drain may have begun while loading
+            self.phase = "ready"
+            self.metrics.ready.set(1)
+
+    @property
+    def ready(self) -> bool:
+        return self.phase == "ready"
+
+    @property
+    def draining(self) -> bool:
+        return self.phase in ("draining", "stopped")
+
+    @property
+    def model_busy(self) -> bool:
+        """Whether the model thread is still running a device batch."""
+        return self.batcher is not None and self.batcher.model_running
+
+    @property
+    def rci_info(self) -> RciInfo:
+        e = self.engine
+        return RciInfo.from_spec(e.spec)
+
+    # ---- admission ---------------------------------------------------------
+
+    def admit(self) -> Admission:
+        now = time.monotonic()
+        deadline = now + self.settings.timeout_ms / 1000.0
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        if self._no_requests is not None:
+            self._no_requests.clear()
+        return Admission(arrival=now, deadline=deadline, body_deadline=min(deadline, now + self.settings.body_timeout_s))
+
+    def release(self, admission: Admission, endpoint: str, status: int) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.dec()
+        if self.in_flight == 0 and self._no_requests is not None:
+            self._no_requests.set()
+        self.metrics.requests.labels(endpoint, str(status)).inc()
+        self.metrics.latency.labels(endpoint).observe(time.monotonic() - admission.arrival)
+
+    def require_ready(self) -> None:
+        if self.draining:
+            raise Unavailable("server is shutting down", retry_after_s=5)
+        if not self.ready:
+            raise Unavailable("model is loading", retry_after_s=2)
+
+    def require_model(self, name: str):
+        self.require_ready()
+        if name != self.checkpoint.name:
+            raise NotFound(f"unknown model {name!r}; this server serves {self.checkpoint.name!r}")
+        return self.checkpoint
+
+    # ---- work --------------------------------------------------------------
+
+    async def decode(self, fn: Callable[..., Any], *args) -> Any:
+        """Run a decoder (Pillow/numpy, never torch kernels) on the decode thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.decode_executor, fn, *args)
+
+    async def infer(self, request: Request, x: torch.Tensor) -> np.ndarray:
+        """Queue ``x``, wait for its probabilities; 504 past the deadline, 499 (dropped) if the client leaves."""
+        self.require_ready()
+        admission: Admission = request.scope["state"]["admission"]
+        fut = self.batcher.submit(x, admission.arrival, admission.deadline)
+        watcher = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            done, _ = await asyncio.wait(
+                {fut, watcher}, timeout=max(0.0, admission.deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+            )
+            if fut in done:
+                return fut.result()
+            fut.cancel()
+            if watcher in done:
+                raise ClientGone("client disconnected")  # nobody reads this answer
+            raise DeadlineExceeded(f"no answer within {self.settings.timeout_ms:g} ms")
+        finally:
+            watcher.cancel()
+
+    # ---- draining and stopping ---------------------------------------------
+
+    def begin_drain(self) -> asyncio.Task:
+        """Start draining (once); later calls return the same task."""
+        if self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain(), name="codedsmooth-drain")
+        return self._drain_task
+
+    async def drain(self) -> bool:
+        return await self.begin_drain()
+
+    async def _drain(self) -> bool:
+        """Refuse new work (503), let accepted work finish within the drain timeout, answer the rest 503."""
+        start = time.monotonic()
+        end = start + self.settings.drain_timeout_s
+        self.phase = "draining"
+        self.metrics.ready.set(0)
+        log.info("draining: refusing new requests, finishing %d in flight", self.in_flight)
+        finished = True
+        if self.batcher is not None:
+            self.batcher.draining = True
+            finished = await self.batcher.drain(max(0.0, end - time.monotonic()))
+            if not finished:
+                failed = self.batcher.fail_pending()
+                log.warning("drain timeout of %gs passed: answered %d accepted requests with 503", self.settings.drain_timeout_s, failed)
+        # Let the handlers write their answers; a client still sending its body is not waited for.
+        try:
+            await asyncio.wait_for(self._no_requests.wait(), timeout=max(0.05, min(0.5, end + 0.5 - time.monotonic())))
+        except (asyncio.TimeoutError, AttributeError):
+            pass
+        log.info("drained in %.2fs (%s, %d still in flight); stopping", time.monotonic() - start, "complete" if finished else "timed out", self.in_flight)
+        return finished
+
+    async def stop(self) -> None:
+        await self.drain()
+        self.phase = "stopped"
+        if self.batcher is not None:
+            await self.batcher.stop()
+        # Do not wait for a model call still running past the drain timeout.
+        self.model_executor.shutdown(wait=False, cancel_futures=True)
+        self.decode_executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class AdmissionMiddleware:
+    """Admits each HTTP request through the lifecycle and bounds its body.
+
+    - stamps ``scope["state"]["admission"]`` (arrival, deadline, body deadline);
+    - refuses a declared body over ``max_body_bytes`` with 413 before reading it, and a streamed one
+      as soon as it passes the limit;
+    - a body that has not fully arrived by the body deadline gets 408 and the connection closes;
+    - counts the request in flight and records its status (499 when the client left first).
+    """
+
+    def __init__(self, app, lifecycle: Lifecycle):
+        self.app = app
+        self.lifecycle = lifecycle
+        self.max_bytes = lifecycle.settings.max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        lc = self.lifecycle
+        admission = lc.admit()
+        scope.setdefault("state", {})["admission"] = admission
+        status: int | None = None
+        disconnected = False
+        body_done = False
+        seen = 0
+
+        async def recording_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        async def guarded_receive():
+            nonlocal seen, body_done, disconnected
+            if body_done:
+                message = await receive()  # after the body: only a disconnect can come; no timeout
+            else:
+                remaining = admission.body_deadline - time.monotonic()
+                try:
+                    if remaining <= 0:
+                        raise asyncio.TimeoutError
+                    message = await asyncio.wait_for(receive(), remaining)
+                except asyncio.TimeoutError:
+                    raise RequestTimeout(f"request body not received within {admission.body_deadline - admission.arrival:g} s") from None
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise PayloadTooLarge(f"body exceeds the limit of {self.max_bytes} bytes")
+                if not message.get("more_body", False):
+                    body_done = True
+            elif message["type"] == "http.disconnect":
+                disconnected = True
+            return message
+
+        try:
+            if lc.connections > lc.settings.max_connections:
+                lc.metrics.rejected.labels("connections").inc()
+                message = f"too many connections (at most {lc.settings.max_connections}); retry later"
+                return await error_response(503, message, {"Retry-After": "1", "Connection": "close"})(scope, receive, recording_send)
+            declared = _header(scope, b"content-length")
+            if declared is not None:
+                if not (declared.isascii() and declared.isdigit()):
+                    return await error_response(400, "Content-Length is not a decimal integer")(scope, receive, recording_send)
+                if int(declared) > self.max_bytes:
+                    return await error_response(413, f"body of {int(declared)} bytes exceeds the limit of {self.max_bytes} bytes")(
+                        scope, receive, recording_send
+                    )
+            await self.app(scope, guarded_receive, recording_send)
+        finally:
+            if disconnected and (status is None or status >= 500):
+                status = CLIENT_CLOSED
+            route = scope.get("route")
+            lc.release(admission, getattr(route, "path", None) or "unmatched", status or 500)
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers") or ():
+        if key == name:
+            return value.decode("latin-1")
+    return None

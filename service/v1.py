@@ -1,0 +1,186 @@
+"""The service's own protocol (v1): JSON tensors, PNG/JPEG uploads, model list, health.
+
+Codec: ``/v1/predict`` takes ``{"inputs": [item, ...]}``; ``/v1/predict/image`` takes multipart
+files whose size is read from the image header and refused above ``max_image_pixels`` *before*
+decoding; decoding runs on the lifecycle's decode thread (Pillow and numpy only).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+
+from .errors import InvalidInput, PayloadTooLarge, ServiceError, ServiceRoute
+from .inputs import check_batch, check_count, parse_json, require_content_type, to_float_array
+from .lifecycle import Lifecycle
+from .openapi import INFER_ERRORS, errors, request_body, schema_ref
+from .schemas import HealthBody, ModelInfo, Prediction, PredictRequest, PredictResponse
+
+router = APIRouter(route_class=ServiceRoute)
+IMAGE_FORMATS = ("PNG", "JPEG")
+
+
+def lifecycle(request: Request) -> Lifecycle:
+    return request.app.state.lifecycle
+
+
+def json_response(body) -> Response:
+    """Serialise a response model once (FastAPI would validate and encode it again)."""
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+# ---- codec ------------------------------------------------------------------
+
+
+def tensor_from_predict_body(payload: Any, input_shape, max_items: int, raw: bytes | None = None) -> torch.Tensor:
+    if not isinstance(payload, dict) or "inputs" not in payload:
+        raise InvalidInput('body must be a JSON object with an "inputs" list')
+    extra = sorted(set(payload) - {"inputs"})
+    if extra:
+        raise InvalidInput(f"unknown field(s) {extra}; only \"inputs\" is accepted")
+    inputs = payload["inputs"]
+    if isinstance(inputs, list):
+        check_count(len(inputs), max_items, "inputs")  # before building an array of a huge request
+    return check_batch(to_float_array(inputs, raw=raw), input_shape, max_items)
+
+
+def decode_images(images: list[tuple[str, bytes]], input_shape, max_pixels: int) -> np.ndarray:
+    """PNG/JPEG files → (n, C, H, W) float32 in [0, 1]: converted to the model's channels, resized to its H×W.
+
+    Runs on the decode thread. The pixel count comes from the header (``Image.open`` is lazy);
+    an image above ``max_pixels`` is refused before any pixel is decoded.
+    """
+    channels, height, width = input_shape
+    mode = "L" if channels == 1 else "RGB"
+    arrays = []
+    for name, data in images:
+        try:
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise PayloadTooLarge(f"image {name!r} is {w}x{h} = {w * h} pixels; at most {max_pixels} per image")
+                if img.format == "JPEG":
+                    img.draft(mode, (width, height))  # decode at a reduced scale where JPEG allows it
+                img = img.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
+                arr = np.asarray(img, dtype=np.float32) / 255.0
+        except ServiceError:
+            raise
+        except Image.DecompressionBombError as exc:
+            raise PayloadTooLarge(f"image {name!r} is too large: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any failure to decode an upload is the upload's fault
+            reason = "not a PNG or JPEG image" if "cannot identify" in str(exc) else f"{type(exc).__name__}: {exc}"
+            raise InvalidInput(f"image {name!r} cannot be decoded ({reason}); only PNG and JPEG are accepted") from None
+        arrays.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
+    return np.stack(arrays)
+
+
+def _predictions(probs: np.ndarray, classes: list[str]) -> list[Prediction]:
+    idx = probs.argmax(1).tolist()
+    return [Prediction(label=classes[i], index=i, probabilities=p) for i, p in zip(idx, probs.tolist())]
+
+
+# ---- health -----------------------------------------------------------------
+
+
+@router.get("/health/live", response_model=HealthBody, tags=["health"])
+async def live(request: Request):
+    """200 while the process runs (status ``draining`` during shutdown)."""
+    return HealthBody(status="draining" if lifecycle(request).draining else "ok")
+
+
+@router.get(
+    "/health/ready",
+    response_model=HealthBody,
+    responses={503: {"model": HealthBody, "description": "loading or draining; retry after Retry-After seconds"}},
+    tags=["health"],
+)
+async def ready(request: Request):
+    """200 once the model is loaded and warm; 503 while loading or draining."""
+    lc = lifecycle(request)
+    if lc.ready:
+        return HealthBody(status="ok")
+    return JSONResponse({"status": "draining" if lc.draining else "loading"}, status_code=503, headers={"Retry-After": "2"})
+
+
+# ---- models and prediction --------------------------------------------------
+
+
+@router.get("/v1/models", response_model=list[ModelInfo], responses=errors(503), tags=["v1"])
+async def models(request: Request):
+    lc = lifecycle(request)
+    lc.require_ready()
+    ck = lc.checkpoint
+    return [
+        ModelInfo(
+            name=ck.name, input_shape=list(ck.input_shape), classes=ck.classes, method=ck.config.method,
+            dataset=ck.config.dataset, test_accuracy=ck.config.test_accuracy, target_block=ck.target_block, rci=lc.rci_info,
+        )
+    ]
+
+
+@router.post(
+    "/v1/predict",
+    response_model=PredictResponse,
+    responses=INFER_ERRORS,
+    tags=["v1"],
+    openapi_extra=request_body({"application/json": schema_ref(PredictRequest)}),
+)
+async def predict(request: Request):
+    """Classify tensors: `inputs` is a list of items of the model's input shape, raw pixels in [0, 1]."""
+    lc = lifecycle(request)
+    lc.require_ready()
+    require_content_type(request.headers.get("content-type"), "application/json")
+    raw = await request.body()
+    ck = lc.checkpoint
+    x = tensor_from_predict_body(parse_json(raw), ck.input_shape, lc.settings.max_items_per_request, raw=raw)
+    probs = await lc.infer(request, x)
+    return json_response(PredictResponse(model=ck.name, predictions=_predictions(probs, ck.classes), rci=lc.rci_info))
+
+
+IMAGE_BODY = {
+    "type": "object",
+    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}, "description": "PNG or JPEG images"}},
+    "required": ["files"],
+}
+
+
+@router.post(
+    "/v1/predict/image",
+    response_model=PredictResponse,
+    responses=INFER_ERRORS,
+    tags=["v1"],
+    openapi_extra=request_body({"multipart/form-data": IMAGE_BODY}),
+)
+async def predict_image(request: Request):
+    """Classify PNG/JPEG images (multipart field `files`), resized and converted as the checkpoint needs."""
+    lc = lifecycle(request)
+    lc.require_ready()
+    require_content_type(request.headers.get("content-type"), "multipart/form-data")
+    ck, max_items = lc.checkpoint, lc.settings.max_items_per_request
+    try:
+        form = await request.form(max_files=max_items, max_fields=16)
+    except ServiceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - malformed multipart
+        message = str(getattr(exc, "detail", exc))
+        if "Too many files" in message:
+            raise PayloadTooLarge(f"too many files; at most {max_items} images per request") from None
+        raise InvalidInput(f"cannot parse multipart body: {message}") from None
+    try:
+        uploads = [f for f in form.getlist("files") + form.getlist("file") if hasattr(f, "read")]
+        if not uploads:
+            raise InvalidInput('send at least one image in a multipart field named "files"')
+        check_count(len(uploads), max_items, "images")
+        images = [(f.filename or "upload", await f.read()) for f in uploads]
+    finally:
+        await form.close()
+    arr = await lc.decode(decode_images, images, ck.input_shape, lc.settings.max_image_pixels)
+    x = check_batch(arr, ck.input_shape, max_items, what="images")
+    probs = await lc.infer(request, x)
+    return json_response(PredictResponse(model=ck.name, predictions=_predictions(probs, ck.classes), rci=lc.rci_info))
