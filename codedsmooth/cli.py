@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import typing
 
 
 def _config_from_args(config_cls, args):
@@ -88,12 +89,13 @@ def _add_serve(sub) -> None:
         flag = "--" + name.replace("_", "-")
         env = f"CODEDSMOOTH_{name.upper()}"
         default = "none" if field.default is None else field.default
-        helptext = f"{field.description} (env {env}; default: {default})"
+        helptext = f"{field.description} (env {env})" if "(default:" in field.description else f"{field.description} (env {env}; default: {default})"
         annotation = str(field.annotation)
+        literal = next((a for a in (field.annotation, *getattr(field.annotation, "__args__", ())) if typing.get_origin(a) is typing.Literal), None)
         if field.annotation is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
-        elif "Literal" in annotation:
-            p.add_argument(flag, choices=list(field.annotation.__args__), default=None, help=helptext)
+        elif literal is not None:
+            p.add_argument(flag, choices=list(literal.__args__), default=None, help=helptext)
         else:
             kind = int if "int" in annotation else float if "float" in annotation else str
             p.add_argument(flag, type=kind, default=None, help=helptext)

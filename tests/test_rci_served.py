@@ -48,7 +48,7 @@ def test_engine_and_attacker_model_agree_in_batch_scope(tiny_checkpoint, digits)
     np.testing.assert_allclose(torch.softmax(logits, 1).numpy(), served, rtol=0, atol=1e-6)
     # and the victim's answer depends on its batch-mates (the model is the batch-coupled function)
     other = engine.run([victim] + list(torch.rand_like(mates).split(1))).probabilities[0]
-    assert np.abs(other - served).max() > 1e-4
+    assert np.abs(np.log(other) - np.log(served)).max() > 1e-3  # log-probabilities: far beyond float32 rounding
 
 
 def test_unseeded_engines_draw_from_the_os_and_differ(tiny_checkpoint):
