@@ -110,14 +110,13 @@ class CodedSmoothReplica:
                 self._metrics_listener.shutdown()
 
 
-def _status_counts(metrics) -> dict[str, int]:
-    """Requests this replica answered, by status (all endpoints)."""
-    out: dict[str, int] = {}
+def _status_counts(metrics) -> dict[str, dict[str, int]]:
+    """Requests this replica answered: {endpoint: {status: count}}."""
+    out: dict[str, dict[str, int]] = {}
     for family in metrics.requests.collect():
         for sample in family.samples:
             if sample.name.endswith("_total"):
-                status = sample.labels["status"]
-                out[status] = out.get(status, 0) + int(sample.value)
+                out.setdefault(sample.labels["endpoint"], {})[sample.labels["status"]] = int(sample.value)
     return out
 
 
@@ -224,7 +223,9 @@ def start_ray(settings: ServeSettings) -> bool:
 
 def start_serve(settings: ServeSettings):
     serve.start(http_options={"host": settings.host, "port": settings.port, "keep_alive_timeout_s": max(1, round(settings.keep_alive_s))})
-    return serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+    # Ray's per-request access log only at debug: the replicas' metrics count every request.
+    logging_config = {"enable_access_log": settings.log_level.lower() == "debug"}
+    return serve.run(build_app(settings), name=APP_NAME, route_prefix="/", logging_config=logging_config)
 
 
 def drain_replicas(handle, timeout_s: float) -> list:
