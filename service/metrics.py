@@ -3,7 +3,9 @@
 One uvicorn worker per device is the supported layout: the micro-batcher only
 batches what one process sees, and each worker would hold its own model copy,
 so several workers split batches and memory without adding compute. Hence no
-multiprocess mode; scale out with more containers/devices instead.
+multiprocess mode; scale out with Ray Serve replicas (each with its own registry
+and listener, samples labelled ``replica``: see ``codedsmooth.service.ray_serve``)
+or more containers/devices instead.
 """
 
 from __future__ import annotations

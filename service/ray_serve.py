@@ -68,12 +68,12 @@ class CodedSmoothReplica:
     def __init__(self, settings: dict):
         # Every field is given, so the replica's own CODEDSMOOTH_* env vars do not change anything.
         self.settings = ServeSettings(**settings)
-        logging.basicConfig(level=self.settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [replica %(replica)s]: %(message)s")
         ctx = serve.get_replica_context()
         self.replica = ctx.replica_id.unique_id
         self.labels = {"replica": self.replica, "deployment": ctx.deployment, "app": ctx.app_name}
         self.local_rank = getattr(getattr(ctx, "rank", None), "local_rank", 0) or 0
-        _tag_log_records(self.replica)
+        _tag_log_records(self.replica)  # log lines name the replica
+        logging.basicConfig(level=self.settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [replica %(replica)s]: %(message)s")
         self._metrics_listener = None
         self.metrics_address: str | None = None
 
@@ -90,7 +90,7 @@ class CodedSmoothReplica:
             log.warning("metrics port %d unavailable (%s); using a free port", port, exc)
             self._metrics_listener = start_metrics_listener(metrics, s.metrics_host, 0, labels=self.labels)
         self.metrics_address = f"{s.metrics_host}:{self._metrics_listener.server_port}"
-        log.info("replica %s (rank %d on this node): metrics on http://%s/metrics", self.replica, self.local_rank, self.metrics_address)
+        log.info("replica %s (rank %d on this node) starting", self.replica, self.local_rank)
         return create_app(s, metrics=metrics)  # the wrapper keeps it as ``self.app``
 
     async def drain(self) -> dict:
