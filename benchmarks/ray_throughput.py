@@ -90,6 +90,7 @@ def main() -> None:
     print(f"{R} replicas / 1 replica: {many['throughput'] / one['throughput']:.2f}x")
     print(f"{R} replicas / plain server: {many['throughput'] / plain['throughput']:.2f}x")
     print(f"1 replica / plain server: {one['throughput'] / plain['throughput']:.2f}x (Ray's proxy hop, same threads)")
+    print(f"{R} replicas / plain server with {per} thread(s): {many['throughput'] / runs[f'plain, {per} thread(s)']['throughput']:.2f}x (the same threads per process)")
     print(f"plain server with {per} thread(s) / plain server: {runs[f'plain, {per} thread(s)']['throughput'] / plain['throughput']:.2f}x (threads alone, no Ray)")
 
 
