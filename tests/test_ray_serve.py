@@ -118,6 +118,13 @@ def test_two_replicas_answer_like_in_process_inference_v1_v2_and_errors(ray_serv
         np.testing.assert_array_equal(result.as_numpy("index"), expected[:8].argmax(1))
     triton.close()
 
+    # the attack client's HTTP target, unchanged
+    from codedsmooth.probe.targets import HttpTarget
+
+    target = HttpTarget(ray_server.url, concurrency=8)
+    assert target.info["name"] == ck.name and not target.info["rci"]["enabled"]
+    np.testing.assert_allclose(target.predict_proba(x[:16]).numpy(), expected[:16], rtol=1e-5, atol=1e-6)
+
 
 def test_requests_spread_over_both_replicas_as_their_metrics_show(ray_server, digits):
     before = {r: served(s, "/v1/predict") for r, s in ray_server.replica_metrics().items()}
