@@ -185,3 +185,22 @@ def test_killed_replica_is_replaced_and_clients_see_only_200_or_503(ray_server, 
     print(f"killed replica replaced in {replaced_s:.1f}s; client outcomes under load: {dict(results)}")
     assert set(results) <= {200, 503}, dict(results)
     assert not bad, bad[:3]
+
+
+def test_deployment_options_from_settings():
+    """Fixed replicas or an autoscaling range, resources per replica, Ray's graceful shutdown from the drain timeout."""
+    from codedsmooth.service.ray_serve import CodedSmoothReplica, deployment_options, replica_settings
+    from codedsmooth.service.settings import ServeSettings
+
+    fixed = deployment_options(ServeSettings(replicas=3, num_cpus=2, num_gpus=0.5, drain_timeout_s=10, max_queue_size=64))
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.5}
+    assert fixed["graceful_shutdown_timeout_s"] == 15.0 and fixed["max_ongoing_requests"] == 64
+    auto = deployment_options(ServeSettings(replicas=2, min_replicas=1, max_replicas=6, max_batch_size=16))
+    assert "num_replicas" not in auto
+    assert auto["autoscaling_config"] == {"min_replicas": 1, "initial_replicas": 2, "max_replicas": 6, "target_ongoing_requests": 16}
+    serve.deployment(CodedSmoothReplica).options(**auto)  # Ray accepts them
+    serve.deployment(CodedSmoothReplica).options(**fixed)
+    assert replica_settings(ServeSettings(replicas=2, num_cpus=3)).threads == 3
+    assert replica_settings(ServeSettings(replicas=2, num_cpus=0.5)).threads == 1
+    assert replica_settings(ServeSettings(replicas=2, num_cpus=4, threads=2)).threads == 2
