@@ -102,7 +102,10 @@ def _run_serve(args) -> int:
         with ThreadPoolExecutor(1) as pool:
             pool.submit(load_checkpoint, settings.checkpoint).result()
     if settings.replicas is not None:
-        from codedsmooth.service.ray_serve import run_ray_serve  # imports ray: only with --replicas
+        try:
+            from codedsmooth.service.ray_serve import run_ray_serve  # imports ray: only with --replicas
+        except ImportError as exc:
+            raise ValueError(f"--replicas needs Ray Serve ({exc}): pip install -e '.[ray]'") from None
 
         return run_ray_serve(settings)
     return run_server(settings)

@@ -167,7 +167,8 @@ class ReplicaLostMiddleware:
     """In Ray's HTTP proxy: a request whose replica died before answering gets 503 + Retry-After (JSON).
 
     Ray's proxy answers such a request (``RayActorError``) with nothing, which uvicorn turns into a
-    text/plain 500. Only requests that got no response at all are touched.
+    text/plain 500. Only requests that got no response at all are touched (on a shared cluster:
+    those of every application behind this proxy).
     """
 
     def __init__(self, app):
