@@ -128,6 +128,13 @@ def _run_serve(args) -> int:
         # kernels run there would slow the server's model thread (see codedsmooth.service.engine).
         with ThreadPoolExecutor(1) as pool:
             pool.submit(load_checkpoint, settings.checkpoint).result()
+    if settings.replicas is not None:
+        try:
+            from codedsmooth.service.ray_serve import run_ray_serve  # imports ray: only with --replicas
+        except ImportError as exc:
+            raise ValueError(f"--replicas needs Ray Serve ({exc}): pip install -e '.[ray]'") from None
+
+        return run_ray_serve(settings)
     return run_server(settings)
 
 

@@ -3,7 +3,9 @@
 One uvicorn worker per device is the supported layout: the micro-batcher only
 batches what one process sees, and each worker would hold its own model copy,
 so several workers split batches and memory without adding compute. Hence no
-multiprocess mode; scale out with more containers/devices instead.
+multiprocess mode; scale out with Ray Serve replicas (each with its own registry
+and listener, samples labelled ``replica``: see ``codedsmooth.service.ray_serve``)
+or more containers/devices instead.
 """
 
 from __future__ import annotations
@@ -82,13 +84,35 @@ class BatchObserver:
             self._flips = [0, 0, now]
 
 
-def start_metrics_listener(metrics: Metrics, host: str, port: int):
+class _Labelled:
+    """A collector that re-exports another registry's samples with constant labels added (e.g. ``replica``)."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]):
+        self.registry = registry
+        self.labels = labels
+
+    def collect(self):
+        from prometheus_client.metrics_core import Metric
+
+        for family in self.registry.collect():
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            for s in family.samples:
+                out.add_sample(s.name, {**s.labels, **self.labels}, s.value, s.timestamp, s.exemplar)
+            yield out
+
+
+def start_metrics_listener(metrics: Metrics, host: str, port: int, labels: dict[str, str] | None = None):
     """Serve ``/metrics`` of ``metrics`` on its own address (a prometheus-client thread; no torch work).
 
+    ``labels``: constant labels added to every sample (Ray Serve replicas add ``replica``, ``deployment``, ``app``).
     Returns the WSGI server (``server_port`` is the bound port, useful with port 0); ``shutdown()`` stops it.
     """
     from prometheus_client import start_http_server
 
-    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    registry = metrics.registry
+    if labels:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Labelled(metrics.registry, labels))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
     log.info("metrics on http://%s:%d/metrics", host, server.server_port)
     return server

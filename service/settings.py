@@ -46,6 +46,18 @@ class ServeSettings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: the CPU quota)")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long to finish in-flight requests before exiting")
     log_level: str = Field("info", description="uvicorn log level")
+    # Ray Serve (codedsmooth.service.ray_serve); only used with --replicas
+    replicas: int | None = Field(
+        None, ge=1, description="serve on Ray Serve with this many replicas, one engine each (default: none, one process as without Ray); with --min/--max-replicas, the initial count"
+    )
+    min_replicas: int | None = Field(None, ge=0, description="Ray Serve autoscaling: fewest replicas (needs --replicas; default: no autoscaling)")
+    max_replicas: int | None = Field(None, ge=1, description="Ray Serve autoscaling: most replicas (needs --replicas; default: no autoscaling)")
+    target_ongoing_requests: float | None = Field(
+        None, gt=0, description="Ray Serve autoscaling: ongoing requests per replica to aim for (default: --max-batch-size, one device batch)"
+    )
+    num_cpus: float = Field(1.0, ge=0, description="Ray Serve: CPUs reserved per replica; also its torch threads when --threads is not given")
+    num_gpus: float = Field(0.0, ge=0, description="Ray Serve: GPUs reserved per replica (Ray sets CUDA_VISIBLE_DEVICES; --device cuda then means that GPU)")
+    ray_address: str | None = Field(None, description="Ray Serve: address of an existing Ray cluster to join, e.g. 10.0.0.5:6379 or auto (default: start a local one)")
 
     @model_validator(mode="after")
     def _items_fit_a_batch(self):
@@ -57,9 +69,21 @@ class ServeSettings(BaseSettings):
             )
         if self.metrics_port and self.metrics_port == self.port:
             raise ValueError("metrics_port must differ from port: /metrics is not served on the public port")
+        if self.replicas is None:
+            ray_only = [n for n in ("min_replicas", "max_replicas", "target_ongoing_requests", "ray_address") if getattr(self, n) is not None]
+            if ray_only:
+                raise ValueError(f"{', '.join(ray_only)} need replicas: Ray Serve runs only with --replicas N")
+        elif (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("autoscaling needs both min_replicas and max_replicas")
+        elif self.min_replicas is not None and not (self.min_replicas <= self.replicas <= self.max_replicas):
+            raise ValueError(f"replicas ({self.replicas}) must lie within min_replicas..max_replicas ({self.min_replicas}..{self.max_replicas})")
         return self
 
-    @field_validator("checkpoint")
+    @property
+    def autoscaling(self) -> bool:
+        return self.replicas is not None and self.max_replicas is not None
+
+    @field_validator("checkpoint", "ray_address")
     @classmethod
     def _checkpoint(cls, value):
         return value or None  # an empty env var (as compose passes through) means the default

@@ -1,0 +1,48 @@
+"""Ray Serve options without Ray: settings validation, CLI flags and env vars, and that nothing imports ray unless asked."""
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from codedsmooth.cli import build_parser
+from codedsmooth.service.settings import ServeSettings
+
+
+def test_plain_server_and_app_never_import_ray():
+    code = (
+        "import sys, codedsmooth.service as s, codedsmooth.cli as cli\n"
+        "from codedsmooth.service.server import run_server\n"
+        "app = s.create_app()\n"
+        "cli.build_parser().parse_args(['serve', '--replicas', '2'])\n"
+        "assert 'ray' not in sys.modules, [m for m in sys.modules if m.startswith('ray')][:5]\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_ray_options_are_flags_and_env_vars(monkeypatch):
+    args = build_parser().parse_args(["serve", "--replicas", "3", "--min-replicas", "1", "--max-replicas", "5", "--target-ongoing-requests", "8",
+                                      "--num-cpus", "2", "--num-gpus", "0.5", "--ray-address", "auto"])
+    assert (args.replicas, args.min_replicas, args.max_replicas, args.target_ongoing_requests) == (3, 1, 5, 8.0)
+    assert (args.num_cpus, args.num_gpus, args.ray_address) == (2.0, 0.5, "auto")
+    monkeypatch.setenv("CODEDSMOOTH_REPLICAS", "2")
+    monkeypatch.setenv("CODEDSMOOTH_RAY_ADDRESS", "10.0.0.5:6379")
+    s = ServeSettings()
+    assert s.replicas == 2 and s.ray_address == "10.0.0.5:6379" and not s.autoscaling
+
+
+def test_ray_options_are_validated():
+    assert ServeSettings(replicas=2, min_replicas=1, max_replicas=4).autoscaling
+    assert ServeSettings().replicas is None  # without --replicas: the plain server
+    for bad in (
+        dict(replicas=0),
+        dict(min_replicas=1, max_replicas=2),  # autoscaling needs --replicas
+        dict(ray_address="auto"),
+        dict(replicas=2, min_replicas=1),  # both ends of the range
+        dict(replicas=5, min_replicas=1, max_replicas=4),  # initial count inside the range
+        dict(replicas=1, num_gpus=-1),
+    ):
+        with pytest.raises(ValidationError):
+            ServeSettings(**bad)
