@@ -75,7 +75,7 @@ def evaluate_method(cfg: ReportConfig, ck_path: Path, x, y, pool, spec: CodingSp
         adaptive = "eot-pgd" if attack == "pgd" else "fgsm"
         row[f"{attack}_rci_adaptive"] = robust_accuracy(acfg, ck, rci, x, y, pool, attack=adaptive, threat="adaptive")[key]
     xb, yb = x[: cfg.blackbox_samples], y[: cfg.blackbox_samples]
-    with local_server(ck_path, capture_output=False, rci=spec.enabled, rci_scope=spec.scope, rci_group_size=spec.k, coded_points=spec.n, max_queue_size=1024) as server:
+    with local_server(ck_path, capture_output=False, rci=spec.enabled, rci_scope=spec.scope, rci_group_size=spec.k, coded_points=spec.n, max_queue_size=1024, timeout_ms=120000) as server:
         target = HttpTarget(server.url, concurrency=64)
         row["square_http"] = robust_accuracy(acfg, ck, target, xb, yb, pool, attack="square", threat="blackbox")[key]
         row["square_queries"] = target.queries

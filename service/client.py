@@ -35,7 +35,7 @@ class CodedSmoothClient:
                     raise ServiceError(f"{self.url}: {type(exc).__name__} after {self.retries} retries") from exc
                 await asyncio.sleep(min(2.0, 0.05 * (attempt + 1)))
                 continue
-            if r.status_code == 503 and attempt < self.retries:  # queue full: back off as told
+            if r.status_code in (503, 504) and attempt < self.retries:  # queue full or the deadline passed in a busy server: back off
                 await asyncio.sleep(min(2.0, float(r.headers.get("retry-after", "0.1")) * 0.1 * (attempt + 1)))
                 continue
             _raise_for(r)

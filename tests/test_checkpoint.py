@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from codedsmooth.models import CheckpointError, default_checkpoint_path, load_checkpoint, save_checkpoint
-from codedsmooth.train import evaluate
+from codedsmooth.train import evaluate, load_dataset
 
 
 @pytest.fixture()
@@ -94,10 +94,12 @@ def test_nonexistent_path():
         load_checkpoint("/nonexistent/ckpt")
 
 
-def test_default_checkpoint_is_coded_and_its_accuracy_is_reproducible(digits):
+def test_default_checkpoint_is_coded_and_its_accuracy_is_reproducible():
     ck = load_checkpoint(default_checkpoint_path())
-    assert ck.config.method == "coded"
-    acc = evaluate(ck.model, digits.test_x, digits.test_y, "cpu")
+    assert ck.config.method == "coded" and ck.config.dataset == "mnist"
+    assert ck.trained_coding.coded_points == "chebyshev-gauss"  # no exact slots in the shipped model
+    data = load_dataset(ck.config.dataset)
+    acc = evaluate(ck.model, data.test_x, data.test_y, "cpu")
     assert acc == pytest.approx(ck.config.test_accuracy, abs=1e-9)
     assert acc > 0.9
 

@@ -22,7 +22,7 @@ import torch
 from helpers import free_port, metric_samples
 
 from codedsmooth.models import default_checkpoint_path, load_checkpoint
-from codedsmooth.train import load_dataset
+from codedsmooth.train import as_float, load_dataset
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,7 +124,7 @@ def container(image):
 
 def test_container_serves_what_the_checkpoint_computes(container):
     ck = load_checkpoint(default_checkpoint_path())
-    x = load_dataset("digits").test_x[:6]
+    x = as_float(load_dataset(ck.config.dataset).test_x[:6])
     with torch.no_grad():
         expected = torch.softmax(ck.model(x), 1).numpy()
     r = httpx.post(container.url + "/v1/predict", json={"inputs": x.tolist()}, timeout=30)
