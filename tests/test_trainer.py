@@ -83,16 +83,16 @@ def test_pgd_at_trains_loads_and_is_more_robust_than_erm(digits, tmp_path):
         cfg = TrainConfig(method=method, epochs=3, width=8, batch_size=32, at_eps=eps, at_steps=5, seed=0, out=str(tmp_path / method), progress=False)
         res = train(cfg, data=digits)
         ck = load_checkpoint(res.checkpoint)
-        assert ck.config["training"]["method"] == method
+        assert ck.config.method == method
         model = ck.model.eval()
         x_adv = pgd(model, digits.test_x, digits.test_y, eps, steps=20, generator=torch.Generator().manual_seed(0))
         robust[method] = float(correct_per_image(model, x_adv, digits.test_y).float().mean())
         if method == "pgd-at":
             assert res.test_accuracy > 0.85
-            at = ck.config["training"]["adversarial_training"]
+            at = ck.config.training.model_dump()["adversarial_training"]
             assert at == {"eps": eps, "steps": 5, "step_size": 2.5 * eps / 5, "warmup": 0.3, "random_start": True, "loss": "ce", "attack_mode": "train"}
         else:
-            assert ck.config["training"]["adversarial_training"] is None
+            assert ck.config.training.model_dump()["adversarial_training"] is None
     print(f"digits, PGD-20 at eps {eps}: robust accuracy {robust}")
     assert robust["pgd-at"] > robust["erm"] + 0.1, robust
 
@@ -104,7 +104,7 @@ def test_adversarial_training_defaults_follow_the_data_and_bn_stats_stay_frozen_
     assert mnist_like["eps"] == 0.3 and mnist_like["steps"] == 10 and abs(mnist_like["step_size"] - 0.075) < 1e-12
     cifar_like = adversarial_training_settings(TrainConfig(method="pgd-at", at_steps=7), (3, 32, 32))
     assert abs(cifar_like["eps"] - 8 / 255) < 1e-12 and abs(cifar_like["step_size"] - 2.5 * (8 / 255) / 7) < 1e-12
-    with pytest.raises(ValueError, match="--at-eps"):
+    with pytest.raises(ValueError, match=r"at_eps must be in \(0, 1\]"):
         TrainConfig(method="pgd-at", at_eps=2.0).validate()
     bn = torch.nn.BatchNorm2d(3).train()
     with _FrozenBatchNormStats(bn):
