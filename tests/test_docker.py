@@ -149,9 +149,11 @@ def _requests_seen(container) -> float:
 
 
 def test_docker_stop_during_a_burst_loses_nothing_and_exits_0(container):
+    item = np.full(load_checkpoint(default_checkpoint_path()).input_shape, 0.5).tolist()
+
     async def burst():
         async with httpx.AsyncClient(base_url=container.url, timeout=60) as client:
-            sent = [asyncio.ensure_future(client.post("/v1/predict", json={"inputs": [np.full((1, 8, 8), 0.5).tolist()]})) for _ in range(60)]
+            sent = [asyncio.ensure_future(client.post("/v1/predict", json={"inputs": [item]})) for _ in range(60)]
             # Wait on state, not time: all 60 requests have reached the server (in flight or answered).
             end = time.monotonic() + 60
             while await asyncio.to_thread(_requests_seen, container) < 60:
@@ -173,8 +175,9 @@ def test_prometheus_scrapes_the_container(container, tmp_path):
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         pytest.skip("Debian's prometheus is not installed")
+    item = np.full(load_checkpoint(default_checkpoint_path()).input_shape, 0.5).tolist()
     for _ in range(3):
-        httpx.post(container.url + "/v1/predict", json={"inputs": [np.full((1, 8, 8), 0.5).tolist()]}, timeout=30)
+        assert httpx.post(container.url + "/v1/predict", json={"inputs": [item]}, timeout=30).status_code == 200
     config = (ROOT / "docker" / "prometheus.yml").read_text()
     assert "codedsmooth:9464" in config  # the metrics port, not the public one
     assert httpx.get(container.url + "/metrics").status_code == 404
