@@ -32,7 +32,7 @@ from codedsmooth.service.engine import InferenceEngine, resolve_spec  # noqa: E4
 from codedsmooth.service.settings import ServeSettings  # noqa: E402
 from codedsmooth.train import as_float, load_dataset  # noqa: E402
 
-TOLERANCES = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+TOLERANCES = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
 @torch.inference_mode()
@@ -58,7 +58,7 @@ def error_table(path: Path) -> None:
         print(f"  tol {tol:g}: block on {sparse_width(code, tol)} of {spec.n}, max |logit diff| {diff:.2e}, label agreement {agree:.4f}, accuracy {acc:.4f}{mark}")
 
 
-def speed_table(device: torch.device, batch: int, rounds: int) -> None:
+def speed_table(device: torch.device, batch: int, rounds: int, tolerances: list[float]) -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     print(f"engine throughput, device batches of {batch} one-item requests, request scope K=32 N=48, device={device}, threads={torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,8 +67,9 @@ def speed_table(device: torch.device, batch: int, rounds: int) -> None:
             engines = {
                 "rci off": InferenceEngine(ck, ServeSettings(rci=False), device),
                 "request, full decode": InferenceEngine(ck, ServeSettings(rci_decode_tolerance=0, rci_check_rate=0), device),
-                f"request, sparse {DEFAULT_DECODE_TOLERANCE:g}": InferenceEngine(ck, ServeSettings(rci_check_rate=0), device),
             }
+            for tol in tolerances:
+                engines[f"request, sparse {tol:g}"] = InferenceEngine(ck, ServeSettings(rci_decode_tolerance=tol, rci_check_rate=0), device)
             x = [t for t in torch.rand(batch, *ck.input_shape, device=device).split(1)]
             med = interleaved_medians({name: (lambda e=e: e.run(x)) for name, e in engines.items()}, rounds=rounds, sync=sync)
             base = med["rci off"]
@@ -82,9 +83,10 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--batch", type=int, default=32, help="one-item requests per device batch (default: 32)")
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--tolerances", type=float, nargs="+", default=[DEFAULT_DECODE_TOLERANCE, 3e-2, 1e-1], help="sparse-decode tolerances to time")
     args = ap.parse_args()
     error_table(Path(args.checkpoint) if args.checkpoint else default_checkpoint_path())
-    speed_table(resolve_device(args.device), args.batch, args.rounds)
+    speed_table(resolve_device(args.device), args.batch, args.rounds, args.tolerances)
 
 
 if __name__ == "__main__":
