@@ -65,7 +65,7 @@ def main() -> None:
     R = args.replicas
     per = max(1, cpus // R)
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = make_checkpoint(Path(tmp) / "ck", args.width, k=args.max_batch)
+        ckpt = make_checkpoint(Path(tmp) / "ck", width=args.width, k=args.max_batch)
         body = json.dumps({"inputs": torch.rand(1, 3, 32, 32).tolist()}).encode()
         common = dict(rci=False, max_batch_size=args.max_batch, max_delay_ms=5, max_queue_size=1024, device=args.device, log_level="warning")
         gpus = args.gpus_per_replica if args.gpus_per_replica is not None else (0.0 if args.device == "cpu" else None)

@@ -26,30 +26,12 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _checkpoints import make_checkpoint  # noqa: E402
 from _timing import median_seconds  # noqa: E402
 
-from codedsmooth.models import build_model, resolve_device, save_checkpoint  # noqa: E402
+from codedsmooth.models import build_model, resolve_device  # noqa: E402
 from codedsmooth.service.launcher import local_server  # noqa: E402
 from codedsmooth.service.settings import cpu_quota  # noqa: E402
-
-
-def make_checkpoint(out: Path, width: int, k: int) -> Path:
-    torch.manual_seed(0)
-    kwargs = {"in_channels": 3, "num_classes": 10, "width": width, "mean": [0.5] * 3, "std": [0.25] * 3}
-    model = build_model("preact_resnet18", **kwargs).eval()
-    config = {
-        "name": "bench-preact_resnet18",
-        "arch": "preact_resnet18",
-        "arch_kwargs": kwargs,
-        "input_shape": [3, 32, 32],
-        "classes": [str(i) for i in range(10)],
-        "normalization": {"mean": kwargs["mean"], "std": kwargs["std"]},
-        "training": {"method": "erm"},
-        "coding": {"k": k, "n": k, "target_block": "layer4"},
-        "dataset": "random",
-        "test_accuracy": None,
-    }
-    return save_checkpoint(out, model, config, torch.rand(64, 3, 32, 32))
 
 
 JSON_REQUEST = ("/v1/predict", {"content-type": "application/json"})
@@ -138,7 +120,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     mb = args.max_batch
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = make_checkpoint(Path(tmp) / "ck", args.width, k=mb)
+        ckpt = make_checkpoint(Path(tmp) / "ck", width=args.width, k=mb)
         model = build_model("preact_resnet18", width=args.width, mean=[0.5] * 3, std=[0.25] * 3).to(device).eval()
         sync = torch.cuda.synchronize if device.type == "cuda" else None
         with torch.inference_mode():
