@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from helpers import ServerProcess, metric, wait_for_metric
+from helpers import ServerProcess, wait_for_metric
 
 GOOD_ITEM = np.full((1, 8, 8), 0.5).tolist()
 SLOW_SERVER = [sys.executable, str(Path(__file__).with_name("slow_server.py"))]
