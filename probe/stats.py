@@ -1,0 +1,68 @@
+"""Statistics for robustness numbers: Wilson intervals and paired McNemar tests on per-image outcomes.
+
+Every accuracy in a report is a count of images; the Wilson score interval says
+how far that count can be trusted, and two methods (or RCI on and off) scored on
+the same images are compared by their discordant pairs, not by their means.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from scipy.stats import binomtest, norm
+
+
+@dataclass(frozen=True)
+class Proportion:
+    successes: int
+    n: int
+    low: float
+    high: float
+
+    @property
+    def value(self) -> float:
+        return self.successes / self.n if self.n else float("nan")
+
+    def __str__(self) -> str:
+        return f"{100 * self.value:.1f} % [{100 * self.low:.1f}, {100 * self.high:.1f}] (n = {self.n})"
+
+
+def wilson(successes: int, n: int, confidence: float = 0.95) -> Proportion:
+    """Wilson score interval of a binomial proportion."""
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n >= 1, got {successes} of {n}")
+    z = norm.ppf(0.5 + confidence / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # the bounds at 0 and n are exactly 0 and 1
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return Proportion(successes, n, low, high)
+
+
+def accuracy_interval(correct: torch.Tensor, confidence: float = 0.95) -> Proportion:
+    """Wilson interval of a boolean per-image outcome vector."""
+    return wilson(int(correct.sum()), int(correct.numel()), confidence)
+
+
+@dataclass(frozen=True)
+class Paired:
+    only_a: int  # images A gets right and B wrong
+    only_b: int
+    p_value: float  # exact two-sided McNemar test
+
+    def supports_difference(self, alpha: float = 0.05) -> bool:
+        return self.p_value < alpha
+
+
+def mcnemar(correct_a: torch.Tensor, correct_b: torch.Tensor) -> Paired:
+    """Exact McNemar test on the same images scored by two models (or settings)."""
+    if correct_a.shape != correct_b.shape:
+        raise ValueError(f"outcomes must cover the same images, got {tuple(correct_a.shape)} and {tuple(correct_b.shape)}")
+    a, b = correct_a.bool(), correct_b.bool()
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    discordant = only_a + only_b
+    p = 1.0 if discordant == 0 else float(binomtest(only_a, discordant, 0.5).pvalue)
+    return Paired(only_a, only_b, p)

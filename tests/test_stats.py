@@ -1,0 +1,37 @@
+"""Report statistics against scipy's own implementations and closed forms."""
+
+import pytest
+import torch
+from scipy.stats import binomtest
+
+from codedsmooth.probe.stats import accuracy_interval, mcnemar, wilson
+
+
+@pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (10, 10), (137, 200), (500, 1000), (1, 1)])
+def test_wilson_matches_scipy(k, n):
+    ours = wilson(k, n)
+    ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert ours.low == pytest.approx(ref.low, abs=1e-12) and ours.high == pytest.approx(ref.high, abs=1e-12)
+    assert ours.low <= k / n <= ours.high
+
+
+def test_wilson_narrows_as_n_grows_and_rejects_nonsense():
+    widths = [wilson(n // 2, n).high - wilson(n // 2, n).low for n in (20, 200, 2000)]
+    assert widths[0] > widths[1] > widths[2]
+    assert widths[1] == pytest.approx(2 * 1.959964 * (0.25 / 200) ** 0.5, rel=0.02)  # ≈ ±6.9 points at n = 200
+    with pytest.raises(ValueError):
+        wilson(5, 3)
+    assert accuracy_interval(torch.tensor([True, False, True, True])).successes == 3
+
+
+def test_mcnemar_counts_discordant_pairs_and_matches_the_exact_binomial():
+    a = torch.tensor([1, 1, 1, 1, 1, 1, 1, 0, 0, 1] * 10).bool()
+    b = torch.tensor([1, 0, 0, 0, 1, 1, 1, 1, 0, 1] * 10).bool()
+    paired = mcnemar(a, b)
+    assert (paired.only_a, paired.only_b) == (30, 10)
+    assert paired.p_value == pytest.approx(binomtest(30, 40, 0.5).pvalue)
+    assert paired.supports_difference()
+    same = mcnemar(a, a)
+    assert same.p_value == 1.0 and not same.supports_difference()
+    with pytest.raises(ValueError):
+        mcnemar(a, b[:5])
