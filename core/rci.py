@@ -25,6 +25,7 @@ not reveal the permutation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import torch
@@ -39,7 +40,8 @@ class CodingPlan:
     """Coding groups for ``n_items`` real items; filler index f appears as ``n_items + f``.
 
     ``rows[g]`` lists group g's members before the permutation, ``perms[g]`` the
-    permutation; the member in slot s is ``rows[g, perms[g, s]]`` (``slots``).
+    permutation; the member in slot s is ``rows[g, perms[g, s]]`` (``slots``). The index
+    views are derived once per plan (apply reads them several times).
     """
 
     rows: torch.Tensor  # (G, K) int64
@@ -54,16 +56,16 @@ class CodingPlan:
     def k(self) -> int:
         return int(self.rows.shape[1])
 
-    @property
+    @cached_property
     def slots(self) -> torch.Tensor:
         return self.rows.gather(1, self.perms)
 
-    @property
+    @cached_property
     def real(self) -> torch.Tensor:
         """(G, K) bool: slot holds a real item."""
         return self.slots < self.n_items
 
-    @property
+    @cached_property
     def item_positions(self) -> torch.Tensor:
         """(n_items,) flat slot index g·K + s of each item."""
         flat = self.slots.flatten()

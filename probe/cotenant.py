@@ -18,29 +18,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from codedsmooth.core import CodingPlan, CodingSpec, SeededRandomSource, apply_plan, plan_groups
+from codedsmooth.core import CodingSpec, SeededRandomSource
 from codedsmooth.models import Checkpoint
 
-from .targets import HttpTarget
+from .targets import HttpTarget, RCIModel
 
 
-class MicroBatchModel:
-    """Victims' logits when each victim's one-item request shares a micro-batch with one other request."""
-
-    def __init__(self, ck: Checkpoint, spec: CodingSpec):
-        self.spec = spec
-        self.trunk, self.block = ck.model.eval().split(ck.target_block)
-        self.code = spec.code()
-        with torch.no_grad():
-            self.filler_z = self.trunk(ck.filler.float())
-
-    def __call__(self, x_victim: torch.Tensor, x_other: torch.Tensor, source) -> torch.Tensor:
-        """``x_victim`` (M, ...), ``x_other`` (M, B, ...): victim m's micro-batch is [victim m | its B other items]."""
-        m, b = x_other.shape[0], x_other.shape[1]
-        z = self.trunk(torch.cat([torch.cat([x_victim[i : i + 1], x_other[i]]) for i in range(m)]))
-        plans = [plan_groups([1, b], self.spec.scope, self.spec.k, self.filler_z.shape[0], source) for _ in range(m)]
-        out = apply_plan(self.block, z, self.filler_z, CodingPlan.concat(plans), self.code, self.spec.decode_tolerance)
-        return out[:: 1 + b]
+def _victim_logits(model: RCIModel, x_victim: torch.Tensor, x_other: torch.Tensor, source) -> torch.Tensor:
+    """Victims' logits, victim m's micro-batch being [victim m | one request of its B other items x_other[m]]."""
+    m, b = x_other.shape[0], x_other.shape[1]
+    z = model.trunk(x_victim)
+    others_z = model.trunk(x_other.flatten(0, 1)).view(m, b, *z.shape[1:])
+    return model.in_micro_batches(z, others_z, [b], source)
 
 
 def craft_cotenants(ck: Checkpoint, spec: CodingSpec, x_victim, y_victim, clean_pool, steps: int, eot: int, seed: int) -> torch.Tensor:
@@ -50,7 +39,7 @@ def craft_cotenants(ck: Checkpoint, spec: CodingSpec, x_victim, y_victim, clean_
     permutation, the victim's spline neighbours are then adversarial, which gives
     EOT a consistent gradient (independent items mostly average out over draws).
     """
-    model = MicroBatchModel(ck, spec.with_scope("batch"))  # the attacker assumes the batch is coded together
+    model = RCIModel(ck, spec.with_scope("batch"))  # the attacker assumes the batch is coded together
     source = SeededRandomSource(seed)
     m, need = len(x_victim), spec.k - 1
     gen = torch.Generator().manual_seed(seed)
@@ -59,7 +48,7 @@ def craft_cotenants(ck: Checkpoint, spec: CodingSpec, x_victim, y_victim, clean_
     for _ in range(steps):
         item.requires_grad_(True)
         mates = item.unsqueeze(1).expand(m, need, *item.shape[1:])
-        loss = sum(F.cross_entropy(model(x_victim, mates, source), y_victim, reduction="sum") for _ in range(eot))
+        loss = sum(F.cross_entropy(_victim_logits(model, x_victim, mates, source), y_victim, reduction="sum") for _ in range(eot))
         (grad,) = torch.autograd.grad(loss, item)
         item = (item.detach() + step * grad.sign()).clamp(0.0, 1.0)
     return item.unsqueeze(1).expand(m, need, *item.shape[1:]).contiguous()
@@ -68,11 +57,11 @@ def craft_cotenants(ck: Checkpoint, spec: CodingSpec, x_victim, y_victim, clean_
 @torch.no_grad()
 def _flips_in_process(ck, spec, x, y, clean_mates, adv_mates, seed, repeats=5) -> dict:
     """Victim labels with clean vs attacker batch-mates, under the same draws of the server's planner."""
-    model = MicroBatchModel(ck, spec)
+    model = RCIModel(ck, spec)
     flips, acc_clean, acc_adv = [], [], []
     for r in range(repeats):
-        clean = model(x, clean_mates, SeededRandomSource(seed + r)).argmax(1)
-        attacked = model(x, adv_mates, SeededRandomSource(seed + r)).argmax(1)
+        clean = _victim_logits(model, x, clean_mates, SeededRandomSource(seed + r)).argmax(1)
+        attacked = _victim_logits(model, x, adv_mates, SeededRandomSource(seed + r)).argmax(1)
         flips.append(float((clean != attacked).float().mean()))
         acc_clean.append(float((clean == y).float().mean()))
         acc_adv.append(float((attacked == y).float().mean()))

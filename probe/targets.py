@@ -71,11 +71,15 @@ class RCIModel:
         plan = self._fix(plan_groups(sizes, self.spec.scope, self.spec.k, self.filler_z.shape[0], source))
         return apply_plan(self.block, z, self.filler_z, plan, self.code, self.spec.decode_tolerance)
 
-    def batch_scope(self, z: torch.Tensor, mates_z: torch.Tensor, source) -> torch.Tensor:
-        """Logits of M victims, each a one-item request in its own micro-batch with its mates (M, B, ...)."""
-        m, b = mates_z.shape[0], mates_z.shape[1]
-        plans = [self._fix(plan_groups([1] * (1 + b), "batch", self.spec.k, self.filler_z.shape[0], source)) for _ in range(m)]
-        items = torch.cat([torch.cat([z[i : i + 1], mates_z[i]]) for i in range(m)])
+    def in_micro_batches(self, z: torch.Tensor, others_z: torch.Tensor, other_sizes: list[int], source) -> torch.Tensor:
+        """Logits of M one-item requests, request m in its own micro-batch with requests of ``other_sizes``.
+
+        ``others_z`` (M, sum(other_sizes), ...) are the trunk outputs of each micro-batch's other
+        items; every micro-batch is planned as the server plans one, in the spec's scope.
+        """
+        m, b = others_z.shape[0], others_z.shape[1]
+        plans = [self._fix(plan_groups([1, *other_sizes], self.spec.scope, self.spec.k, self.filler_z.shape[0], source)) for _ in range(m)]
+        items = torch.cat([torch.cat([z[i : i + 1], others_z[i]]) for i in range(m)])
         out = apply_plan(self.block, items, self.filler_z, CodingPlan.concat(plans), self.code, self.spec.decode_tolerance)
         return out[:: 1 + b]
 
@@ -87,7 +91,7 @@ class RCIModel:
         if self.spec.scope == "request":
             return self.serve(z, [1] * len(x), source)
         picks = choices(source, len(x), self.mates_z.shape[0], self.batch_mates)
-        return self.batch_scope(z, self.mates_z[picks], source)
+        return self.in_micro_batches(z, self.mates_z[picks], [1] * self.batch_mates, source)
 
 
 class InProcessTarget:

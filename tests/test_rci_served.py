@@ -44,7 +44,7 @@ def test_engine_and_attacker_model_agree_in_batch_scope(tiny_checkpoint, digits)
     model = RCIModel(ck, spec_for(ck, scope="batch"))
     assert model.spec == engine.spec
     with torch.no_grad():
-        logits = model.batch_scope(model.trunk(victim), model.trunk(mates).unsqueeze(0), SeededRandomSource(5, per_unit=True))
+        logits = model.in_micro_batches(model.trunk(victim), model.trunk(mates).unsqueeze(0), [1] * 20, SeededRandomSource(5, per_unit=True))
     np.testing.assert_allclose(torch.softmax(logits, 1).numpy(), served, rtol=0, atol=1e-6)
     # and the victim's answer depends on its batch-mates (the model is the batch-coupled function)
     other = engine.run([victim] + list(torch.rand_like(mates).split(1))).probabilities[0]
