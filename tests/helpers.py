@@ -1,5 +1,7 @@
 """Real servers for tests: ``codedsmooth serve`` child processes on 127.0.0.1 with 2 torch threads."""
 
+import subprocess
+import sys
 import time
 
 import httpx
@@ -25,16 +27,37 @@ def metric(server, name: str, **labels) -> float:
     return metric_samples(server).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def wait_for_metric(server, name: str, predicate, timeout: float = 60.0, **labels) -> float:
-    """Poll a metric until ``predicate(value)`` holds (state, not sleeps, is what tests wait on)."""
+def wait_until(probe, what: str, timeout: float = 60.0, interval: float = 0.01):
+    """Read observable state with ``probe()`` until it is truthy and return it; the pause is only the polling interval."""
     end = time.monotonic() + timeout
     while True:
-        value = metric(server, name, **labels)
-        if predicate(value):
+        value = probe()
+        if value:
             return value
         if time.monotonic() > end:
-            raise TimeoutError(f"{name}{labels} = {value} did not reach the expected state in {timeout:.0f}s")
-        time.sleep(0.01)
+            raise TimeoutError(f"{what}: not reached in {timeout:.0f}s")
+        time.sleep(interval)
+
+
+def wait_for_metric(server, name: str, predicate, timeout: float = 60.0, **labels) -> float:
+    """Poll a metric until ``predicate(value)`` holds (state, not sleeps, is what tests wait on)."""
+    seen = []
+
+    def reached():
+        seen.append(metric(server, name, **labels))
+        return predicate(seen[-1])
+
+    try:
+        wait_until(reached, f"{name}{labels}", timeout)
+    except TimeoutError:
+        raise TimeoutError(f"{name}{labels} = {seen[-1]} did not reach the expected state in {timeout:.0f}s") from None
+    return seen[-1]
+
+
+def run_in_fresh_interpreter(code: str) -> None:
+    """Run ``code`` in a new Python process (a clean ``sys.modules``); its assertions must hold."""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
 
 
 class ServerProcess(LocalServer):
@@ -46,4 +69,4 @@ def running_server(checkpoint, **settings):
     return local_server(checkpoint, threads=settings.pop("threads", 2), **settings)
 
 
-__all__ = ["ServerProcess", "running_server", "free_port", "metric_samples", "metric", "wait_for_metric"]
+__all__ = ["ServerProcess", "running_server", "free_port", "metric_samples", "metric", "wait_for_metric", "wait_until", "run_in_fresh_interpreter"]

@@ -14,10 +14,9 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 
 import httpx
-from helpers import metric_samples
+from helpers import metric_samples, wait_until
 
 from codedsmooth.service.launcher import LocalServer
 
@@ -45,19 +44,16 @@ class RayServer(LocalServer):
             raise RuntimeError(f"{exc}\n{self.output()[-5000:]}") from None
 
     def wait_line(self, pattern: str, timeout: float = 60.0) -> re.Match:
-        end = time.monotonic() + timeout
-        seen = 0
-        while time.monotonic() < end:
-            lines = self.lines
-            for line in lines[seen:]:
-                m = re.search(pattern, line)
-                if m:
-                    return m
-            seen = len(lines)
-            if self.proc.poll() is not None and not self._reader.is_alive():
-                break
-            time.sleep(0.05)
-        raise TimeoutError(f"no line matching {pattern!r}; output:\n{self.output()[-5000:]}")
+        def matched():
+            found = next((m for line in self.lines if (m := re.search(pattern, line))), None)
+            if found is None and self.proc.poll() is not None and not self._reader.is_alive():
+                raise TimeoutError(f"server exited with no line matching {pattern!r}; output:\n{self.output()[-5000:]}")
+            return found
+
+        try:
+            return wait_until(matched, f"a line matching {pattern!r}", timeout, interval=0.05)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; output:\n{self.output()[-5000:]}") from None
 
     def startup_seconds(self) -> tuple[float, float]:
         """(Ray start or join, ready) in seconds, from the server's ready line."""

@@ -12,17 +12,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from helpers import ServerProcess, wait_for_metric
+from helpers import ServerProcess, wait_for_metric, wait_until
 
 GOOD_ITEM = np.full((1, 8, 8), 0.5).tolist()
 SLOW_SERVER = [sys.executable, str(Path(__file__).with_name("slow_server.py"))]
 
 
 def _wait_file(path: Path, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < end, f"{path} never appeared"
-        time.sleep(0.005)
+    wait_until(path.exists, f"{path} to appear", timeout, interval=0.005)
 
 
 def _drain_scenario(tiny_checkpoint, tmp_path, monkeypatch, drain_timeout_s: float, open_gate: bool, slow_batch_s: float, requests: int = 12):

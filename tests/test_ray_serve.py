@@ -20,6 +20,7 @@ import torch
 ray = pytest.importorskip("ray", reason="ray is not installed: pip install -e '.[ray]'")
 serve = pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install -e '.[ray]'")
 
+from helpers import wait_until  # noqa: E402
 from ray_helpers import RayServer, outcome, served  # noqa: E402
 
 from codedsmooth.models import load_checkpoint  # noqa: E402
@@ -72,14 +73,7 @@ def _running_replicas() -> int:
 
 
 def _wait(predicate, what: str, timeout: float = 120.0):
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise TimeoutError(f"{what}: not reached in {timeout:.0f}s")
-        time.sleep(0.05)
+    return wait_until(predicate, what, timeout, interval=0.05)
 
 
 def test_two_replicas_answer_like_in_process_inference_v1_v2_and_errors(ray_server, tiny_checkpoint, digits):

@@ -1,10 +1,10 @@
 """Ray Serve options without Ray: settings validation, CLI flags and env vars, and that nothing imports ray unless asked."""
 
-import subprocess
-import sys
 
 import pytest
 from pydantic import ValidationError
+
+from helpers import run_in_fresh_interpreter
 
 from codedsmooth.cli import build_parser
 from codedsmooth.service.settings import ServeSettings
@@ -18,8 +18,7 @@ def test_plain_server_and_app_never_import_ray():
         "cli.build_parser().parse_args(['serve', '--replicas', '2'])\n"
         "assert 'ray' not in sys.modules, [m for m in sys.modules if m.startswith('ray')][:5]\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    run_in_fresh_interpreter(code)
 
 
 def test_ray_options_are_flags_and_env_vars(monkeypatch):

@@ -21,6 +21,7 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install -e '.[ray]'")
 
+from helpers import wait_until  # noqa: E402
 from ray_helpers import RayServer, outcome, served  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -51,10 +52,11 @@ def test_sigterm_under_load_drains_every_replica_and_loses_nothing(tiny_checkpoi
         for t in threads:
             t.start()
         # both replicas are serving this load
-        end = time.monotonic() + 120
-        while not (len(m := server.replica_metrics()) == 2 and all(served(s, "/v1/predict") >= 10 for s in m.values())):
-            assert time.monotonic() < end, "load did not reach both replicas"
-            time.sleep(0.02)  # polling interval of the metrics read, not a wait for an event
+        def both_serving():
+            m = server.replica_metrics()
+            return len(m) == 2 and all(served(s, "/v1/predict") >= 10 for s in m.values())
+
+        wait_until(both_serving, "load reaching both replicas", 120, interval=0.02)
         sigterm = time.monotonic()
         server.proc.terminate()
         for t in threads:

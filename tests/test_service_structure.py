@@ -1,11 +1,10 @@
 """The service's shape: a light package import, protocols importable and testable alone, a generic batcher."""
 
 import inspect
-import subprocess
-import sys
 
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from helpers import run_in_fresh_interpreter
 
 
 def test_importing_the_package_does_not_import_the_app():
@@ -15,8 +14,7 @@ def test_importing_the_package_does_not_import_the_app():
         "assert not heavy, heavy\n"
         "assert callable(s.create_app) and 'codedsmooth.service.app' in sys.modules\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    run_in_fresh_interpreter(code)
 
 
 def test_each_protocol_router_is_usable_alone():
