@@ -15,9 +15,7 @@ Usage: python benchmarks/ray_throughput.py [--width 16] [--seconds 8] [--concurr
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -26,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_throughput import drive, drive_wrk, make_checkpoint  # noqa: E402
+from server_throughput import load, make_checkpoint  # noqa: E402
 
 from codedsmooth.service.launcher import LocalServer  # noqa: E402
 from codedsmooth.service.settings import cpu_quota  # noqa: E402
@@ -38,10 +36,7 @@ def measure(ckpt, body, concurrency, seconds, warmup, **settings) -> dict:
     try:
         server.wait_ready(300)
         start_s = time.monotonic() - t0
-        if shutil.which("wrk"):
-            result = drive_wrk(server.url, body, concurrency, seconds, warmup)
-        else:
-            result = asyncio.run(drive(server.url, body, concurrency, seconds, warmup))
+        result = load(server.url, body, concurrency, seconds, warmup)
         result["start_s"] = start_s
         return result
     finally:
