@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from codedsmooth.core import TrainedCoding
+from codedsmooth.core import CodingSpec, TrainedCoding
 
 from .architectures import StagedModel, build_model
 from .config import FORMAT_VERSION, CheckpointConfig
@@ -61,6 +61,10 @@ class Checkpoint:
     @property
     def trained_coding(self) -> TrainedCoding:
         return self.config.coding.trained()
+
+    def coding_spec(self, enabled: bool = True, scope: str | None = None, k: int | None = None, n: int | None = None, decode_tolerance: float | None = None) -> CodingSpec:
+        """The spec a server resolves for this checkpoint and these overrides (None: the default)."""
+        return CodingSpec.resolve(self.trained_coding, enabled=enabled, scope=scope, k=k, n=n, decode_tolerance=decode_tolerance)
 
 
 def save_checkpoint(out_dir, model: StagedModel, config: dict, filler: torch.Tensor) -> Path:

@@ -18,7 +18,7 @@ from .cotenant import cotenant_report
 from .evaluate import AttackConfig, robust_accuracy
 from .plot import plot_accuracy
 from .runner import evaluation_data
-from .targets import HttpTarget, InProcessTarget, RCIModel, accuracy, spec_for
+from .targets import HttpTarget, InProcessTarget, RCIModel, accuracy
 
 log = logging.getLogger("codedsmooth.report")
 METHODS = ("erm", "mixup", "coded")
@@ -89,7 +89,7 @@ def n_sweep(cfg: ReportConfig, ck_path: Path, x, y, pool) -> dict:
     key = f"{cfg.eps:g}"
     rows = {}
     for n in (k, math.ceil(1.25 * k), math.ceil(1.5 * k)):
-        spec = spec_for(ck, scope="request", n=n)
+        spec = ck.coding_spec(scope="request", n=n)
         rci = InProcessTarget(RCIModel(ck, spec, pool, seed=cfg.seed + 100))
         rows[n] = {
             "clean_rci": accuracy(rci, x, y),
@@ -117,7 +117,7 @@ def cotenant_table(cfg: ReportConfig, ck_path: Path, x, y, pool) -> dict:
     acfg = AttackConfig(attack="cotenant", steps=cfg.steps, eot_samples=4, seed=cfg.seed)
     out = {}
     for scope, n in (("batch", k), ("batch", math.ceil(1.5 * k)), ("request", k), ("request", math.ceil(1.5 * k))):
-        spec = spec_for(ck, scope=scope, n=n)
+        spec = ck.coding_spec(scope=scope, n=n)
         target = InProcessTarget(RCIModel(ck, spec, pool, seed=cfg.seed + 100))
         out[f"{scope} N={n}"] = cotenant_report(acfg, ck, spec, target, x[:100], y[:100], pool)["cotenant"]
     return out
@@ -129,7 +129,7 @@ def run_report(cfg: ReportConfig, command: str) -> Path:
     paths = {m: ensure_checkpoint(cfg, m, data) for m in METHODS}
     first = load_checkpoint(paths["coded"])
     x, y, pool = evaluation_data(first, cfg.samples)
-    spec = spec_for(first)
+    spec = first.coding_spec()
     rows = {m: evaluate_method(cfg, paths[m], x, y, pool, spec) for m in METHODS}
     sweep_n = n_sweep(cfg, paths["coded"], x, y, pool)
     sweep_eps = eps_sweep(cfg, paths["coded"], x, y, pool, spec)

@@ -14,7 +14,7 @@ from codedsmooth.train import as_float, load_dataset
 
 from .evaluate import AttackConfig, run_attack
 from .plot import plot_accuracy
-from .targets import HttpTarget, InProcessTarget, RCIModel, spec_for
+from .targets import HttpTarget, InProcessTarget, RCIModel
 
 
 def evaluation_data(ck: Checkpoint, samples: int, data_dir=None):
@@ -55,7 +55,7 @@ def attack_command(cfg: AttackConfig, args: TargetConfig) -> dict:
     torch.manual_seed(cfg.seed)
     ck = load_checkpoint(args.checkpoint or default_checkpoint_path())
     x, y, pool = evaluation_data(ck, cfg.samples, args.data_dir)
-    spec = spec_for(ck, enabled=args.rci, scope=args.rci_scope, k=args.rci_group_size, n=args.coded_points)
+    spec = ck.coding_spec(enabled=args.rci, scope=args.rci_scope, k=args.rci_group_size, n=args.coded_points)
     target = make_target(ck, args.url, spec, pool, cfg.seed)
     if args.url and target.info["name"] != ck.name:
         raise ValueError(f"server serves {target.info['name']!r} but the attacker's checkpoint is {ck.name!r}; the attacker needs the served model")

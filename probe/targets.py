@@ -21,11 +21,6 @@ from codedsmooth.models import Checkpoint
 from codedsmooth.service.client import CodedSmoothClient
 
 
-def spec_for(ck: Checkpoint, enabled: bool = True, scope: str | None = None, k: int | None = None, n: int | None = None, decode_tolerance: float | None = None) -> CodingSpec:
-    """The spec a server would resolve for this checkpoint and these overrides."""
-    return CodingSpec.resolve(ck.trained_coding, enabled=enabled, scope=scope, k=k, n=n, decode_tolerance=decode_tolerance)
-
-
 def spec_from_server(info: dict) -> CodingSpec:
     """The spec a server reports in ``GET /v1/models``."""
     r = info["rci"]

@@ -33,9 +33,8 @@ log = logging.getLogger("codedsmooth.engine")
 
 def resolve_spec(checkpoint: Checkpoint, settings: ServeSettings) -> CodingSpec:
     """The coding spec in force: the checkpoint's trained code plus the operator's overrides."""
-    return CodingSpec.resolve(
-        checkpoint.trained_coding, enabled=settings.rci, scope=settings.rci_scope, k=settings.rci_group_size,
-        n=settings.coded_points, decode_tolerance=settings.rci_decode_tolerance,
+    return checkpoint.coding_spec(
+        enabled=settings.rci, scope=settings.rci_scope, k=settings.rci_group_size, n=settings.coded_points, decode_tolerance=settings.rci_decode_tolerance,
     )
 
 

@@ -13,7 +13,7 @@ from codedsmooth.probe.attacks import fgsm, margin, pgd, square_attack
 from codedsmooth.models import load_checkpoint
 from codedsmooth.probe.evaluate import AttackConfig, run_attack
 from codedsmooth.probe.runner import evaluation_data
-from codedsmooth.probe.targets import HttpTarget, InProcessTarget, RCIModel, accuracy, spec_for
+from codedsmooth.probe.targets import HttpTarget, InProcessTarget, RCIModel, accuracy
 
 
 def test_fgsm_matches_the_closed_form_of_a_linear_model():
@@ -61,7 +61,7 @@ def tiny(tiny_checkpoint):
 @pytest.mark.parametrize("attack,threat", [("fgsm", "transfer"), ("pgd", "transfer"), ("fgsm", "adaptive"), ("eot-pgd", "adaptive")])
 def test_each_gradient_attack_lowers_accuracy(tiny, attack, threat):
     ck, x, y, pool = tiny
-    spec = spec_for(ck)
+    spec = ck.coding_spec()
     target = InProcessTarget(RCIModel(ck, spec, pool, seed=5))
     cfg = AttackConfig(attack=attack, threat=threat, eps=[0.15], steps=10, eot_samples=4, samples=len(x), sanity=False)
     report = run_attack(cfg, ck, target, x, y, pool)
@@ -70,7 +70,7 @@ def test_each_gradient_attack_lowers_accuracy(tiny, attack, threat):
 
 def test_sanity_checks_hold_on_a_working_attack(tiny):
     ck, x, y, pool = tiny
-    spec = spec_for(ck)
+    spec = ck.coding_spec()
     target = InProcessTarget(RCIModel(ck, spec, pool, seed=5))
     cfg = AttackConfig(attack="pgd", threat="adaptive", eps=[0.05, 0.15], steps=10, samples=len(x))
     report = run_attack(cfg, ck, target, x, y, pool)
@@ -84,7 +84,7 @@ def test_sanity_checks_hold_on_a_working_attack(tiny):
 
 def test_square_attack_in_process_lowers_accuracy_within_budget(tiny):
     ck, x, y, pool = tiny
-    target = InProcessTarget(RCIModel(ck, spec_for(ck), pool, seed=5))
+    target = InProcessTarget(RCIModel(ck, ck.coding_spec(), pool, seed=5))
     x_adv, used = square_attack(target.predict_proba, x, y, eps=0.2, queries=60, generator=torch.Generator().manual_seed(0))
     assert int(used.max()) <= 60
     assert float((x_adv - x).abs().max()) <= 0.2 + 1e-6

@@ -10,7 +10,7 @@ from helpers import running_server
 
 from codedsmooth.core import SeededRandomSource, SystemRandomSource
 from codedsmooth.models import load_checkpoint
-from codedsmooth.probe.targets import RCIModel, spec_for
+from codedsmooth.probe.targets import RCIModel
 from codedsmooth.service.engine import InferenceEngine
 from codedsmooth.service.settings import ServeSettings
 from codedsmooth.train import as_float
@@ -28,7 +28,7 @@ def test_engine_and_attacker_model_agree_in_request_scope(tiny_checkpoint, digit
     requests = list(x.split(sizes))
     engine = _engine(ck, rci_seed=11, rci_decode_tolerance=tolerance)
     served = np.concatenate(engine.run(requests).probabilities)
-    model = RCIModel(ck, spec_for(ck, decode_tolerance=tolerance))
+    model = RCIModel(ck, ck.coding_spec(decode_tolerance=tolerance))
     assert model.spec == engine.spec
     with torch.no_grad():
         logits = model.serve(model.trunk(x), sizes, SeededRandomSource(11, per_unit=True))
@@ -41,7 +41,7 @@ def test_engine_and_attacker_model_agree_in_batch_scope(tiny_checkpoint, digits)
     mates = torch.rand(20, *ck.input_shape, generator=torch.Generator().manual_seed(1))  # 21 items: a full group and a padded one
     engine = _engine(ck, rci_seed=5, rci_scope="batch")
     served = engine.run([victim] + list(mates.split(1))).probabilities[0]
-    model = RCIModel(ck, spec_for(ck, scope="batch"))
+    model = RCIModel(ck, ck.coding_spec(scope="batch"))
     assert model.spec == engine.spec
     with torch.no_grad():
         logits = model.in_micro_batches(model.trunk(victim), model.trunk(mates).unsqueeze(0), [1] * 20, SeededRandomSource(5, per_unit=True))
