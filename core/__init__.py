@@ -1,12 +1,13 @@
 """The math of coded-smoothing: spline codes, the coded loss, N schedule, the coding spec and RCI. Pure torch, no I/O."""
 
 from .randomness import RandomSource, SeededRandomSource, SystemRandomSource
-from .rci import CodingPlan, apply_plan, identity_permutations, plan_groups, random_permutations, rci_forward, sparse_width
+from .rci import CodingPlan, apply_plan, hoist_affine_prefix, identity_permutations, plan_groups, random_permutations, rci_forward, sparse_width
 from .smoothing import MIN_CODED_BATCH, CodedSmoothing, NSchedule, coded_points_for
 from .spec import SCOPES, CodingSpec, TrainedCoding, default_n_end
 from .spline import CODED_POINT_KINDS, DATA_POINT_KINDS, SplineCode, chebyshev_points, data_points, natural_spline_matrix, unit_rows
 
 __all__ = [
+    "hoist_affine_prefix",
     "SplineCode",
     "chebyshev_points",
     "data_points",

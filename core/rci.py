@@ -181,6 +181,37 @@ def apply_plan(
     return decoded.reshape(g * k, *out.shape[1:])[plan.item_positions.to(items.device)]
 
 
+AFFINE_LAYERS = (nn.Flatten, nn.Linear, nn.Identity)
+
+
+def hoist_affine_prefix(trunk: nn.Module, block: nn.Module) -> tuple[nn.Sequential, nn.Sequential]:
+    """Move the block's leading per-item affine layers (Flatten, Linear) to the end of the trunk.
+
+    Every row of a spline encoder sums to 1 (a spline through constant data is that
+    constant), so an affine map commutes with encoding: A(Σ_k e_k z_k) + b = Σ_k e_k (A z_k + b).
+    Coding the output of that prefix instead of its input is the same function (up to float
+    rounding), and the encode and the coded block then work on the prefix's output, for
+    ``small_cnn``'s head 64 numbers per item instead of 6,272. Blocks that do not start with
+    such layers are returned as they are.
+    """
+    leaves: list[nn.Module] = []
+
+    def flatten(module: nn.Module) -> None:
+        if isinstance(module, nn.Sequential):
+            for child in module:
+                flatten(child)
+        else:
+            leaves.append(module)
+
+    flatten(block)
+    cut = 0
+    while cut < len(leaves) - 1 and isinstance(leaves[cut], AFFINE_LAYERS):
+        cut += 1
+    if cut == 0:
+        return nn.Sequential(trunk), nn.Sequential(block)
+    return nn.Sequential(trunk, *leaves[:cut]), nn.Sequential(*leaves[cut:])
+
+
 def random_permutations(groups: int, k: int, generator: torch.Generator | None) -> torch.Tensor:
     """(groups, k) permutations from a torch generator (training-side and benchmark use)."""
     return torch.rand(groups, k, generator=generator).argsort(dim=1)

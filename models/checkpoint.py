@@ -19,7 +19,9 @@ from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from codedsmooth.core import CodingSpec, TrainedCoding
+from torch import nn
+
+from codedsmooth.core import CodingSpec, TrainedCoding, hoist_affine_prefix
 
 from .architectures import StagedModel, build_model
 from .config import FORMAT_VERSION, CheckpointConfig
@@ -57,6 +59,10 @@ class Checkpoint:
     @property
     def target_block(self) -> str:
         return self.config.coding.target_block
+
+    def coded_split(self) -> tuple[nn.Sequential, nn.Sequential]:
+        """(trunk, coded block) as RCI runs them: the target block's leading affine layers go to the trunk."""
+        return hoist_affine_prefix(*self.model.split(self.target_block))
 
     @property
     def trained_coding(self) -> TrainedCoding:

@@ -45,7 +45,7 @@ class RCIModel:
         self.seed = seed
         self.deterministic = deterministic
         self.source = SeededRandomSource(seed)
-        self.trunk, self.block = self.model.split(ck.target_block)
+        self.trunk, self.block = ck.coded_split()
         for p in self.model.parameters():
             p.requires_grad_(False)
         if spec.enabled:

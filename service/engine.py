@@ -60,7 +60,7 @@ class InferenceEngine:
         self.settings = settings
         self.device = device
         self.model = checkpoint.model.to(device).eval()
-        self.trunk, self.block = self.model.split(checkpoint.target_block)
+        self.trunk, self.block = checkpoint.coded_split()
         self.spec = resolve_spec(checkpoint, settings)
         self.code = self.spec.code(device=device, dtype=torch.float32)
         with torch.inference_mode():

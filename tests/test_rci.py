@@ -63,3 +63,38 @@ def test_groups_in_one_call_equal_group_by_group():
         for g in range(5):
             alone = apply_plan(Counting(), z[g], z[:0, 0], CodingPlan(rows[:1], perms[g : g + 1], 6), code)
             torch.testing.assert_close(together[g], alone)
+
+
+def test_encoder_rows_sum_to_one_so_affine_maps_commute_with_encoding():
+    """A spline through constant data is that constant: E·1 = 1 for every point kind and (K, N) served."""
+    for k, n in [(4, 4), (4, 6), (16, 24), (31, 48), (32, 48), (33, 50), (64, 96)]:
+        for kind in ("chebyshev-gauss", "chebyshev-lobatto"):
+            code = SplineCode(k, n, dtype=torch.float64, coded_kind=kind)
+            assert torch.allclose(code.E.sum(1), torch.ones(n, dtype=torch.float64), atol=1e-12), (k, n, kind)
+
+
+def test_hoisting_the_affine_prefix_keeps_the_coded_function():
+    """Coding after the block's leading Flatten+Linear equals coding before it (both decodes, padded groups)."""
+    from torch import nn
+
+    from codedsmooth.core import SeededRandomSource, hoist_affine_prefix, plan_groups
+
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU())
+    block = nn.Sequential(nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 7), nn.ReLU(), nn.Linear(7, 5))).double()
+    trunk = trunk.double()
+    new_trunk, new_block = hoist_affine_prefix(trunk, block)
+    assert isinstance(new_block[0], nn.ReLU) and len(new_block) == 2  # the Flatten and the first Linear moved
+    x, filler = torch.rand(9, 1, 6, 6, dtype=torch.float64), torch.rand(5, 1, 6, 6, dtype=torch.float64)
+    code = SplineCode(4, 6, dtype=torch.float64)
+    for sizes, scope in [([1, 3, 5], "request"), ([9], "batch")]:
+        plan = plan_groups(sizes, scope, 4, len(filler), SeededRandomSource(3))
+        for tol in (0.0, 1e-2):
+            before = apply_plan(block, trunk(x), trunk(filler), plan, code, tol)
+            after = apply_plan(new_block, new_trunk(x), new_trunk(filler), plan, code, tol)
+            assert torch.allclose(before, after, atol=1e-10), (sizes, scope, tol)
+    assert torch.allclose(new_block(new_trunk(x)), block(trunk(x)), atol=1e-12)
+    # a block that starts with a non-affine layer is left as it is
+    relu_first = nn.Sequential(nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 5)).double()
+    t2, b2 = hoist_affine_prefix(trunk, relu_first)
+    assert isinstance(b2[0][0], nn.ReLU)
