@@ -113,9 +113,9 @@ class InProcessTarget:
 
 
 class HttpTarget:
-    """Queries sent to a running server, one request per item, concurrently."""
+    """Queries sent to a running server, one request per item, concurrently (v2 binary tensors on kept connections)."""
 
-    def __init__(self, url: str, concurrency: int = 32):
+    def __init__(self, url: str, concurrency: int = 8):
         self.client = CodedSmoothClient(url, concurrency=concurrency)
         self.info = self.client.models()[0]
         self.spec = spec_from_server(self.info)
@@ -128,6 +128,9 @@ class HttpTarget:
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         self.queries += len(x)
         return torch.from_numpy(self.client.predict_each(x.detach().cpu().numpy().astype(np.float32)))
+
+    def close(self) -> None:
+        self.client.close()
 
 
 def accuracy(target, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -1,8 +1,18 @@
-"""HTTP client of the service (httpx): one request per call, or one request per item concurrently."""
+"""HTTP client of the service (httpx): one request per call, or one request per item concurrently.
+
+Predictions go as Open Inference Protocol v2 binary tensors by default (``protocol="v2"``: a small
+JSON header and raw float32 bytes each way, as tritonclient sends them); ``protocol="v1"`` sends
+the service's own JSON. ``predict`` and ``predict_each`` keep one event loop and one pool of
+keep-alive connections for the client's lifetime (``close()`` ends them), so an attack that
+queries thousands of times does not open thousands of connections. ``concurrency`` defaults to 8:
+httpx's async connection pool slows down as connections grow (on 2 cores, 1,084 requests/s with
+1 connection, 536 with 16, 137 with 64, against a server that answers 7,700/s under wrk).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import numpy as np
@@ -13,21 +23,50 @@ class ServiceError(RuntimeError):
 
 
 class CodedSmoothClient:
-    def __init__(self, url: str, timeout: float = 60.0, concurrency: int = 32, retries: int = 20):
+    def __init__(self, url: str, timeout: float = 60.0, concurrency: int = 8, retries: int = 20, protocol: str = "v2"):
+        if protocol not in ("v1", "v2"):
+            raise ValueError(f"protocol must be v1 or v2, got {protocol!r}")
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.concurrency = concurrency
         self.retries = retries
+        self.protocol = protocol
+        self._model: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._http: httpx.AsyncClient | None = None
 
     def models(self) -> list[dict]:
         r = httpx.get(self.url + "/v1/models", timeout=self.timeout)
         _raise_for(r)
         return r.json()
 
+    def _encode(self, items: np.ndarray) -> tuple[str, dict]:
+        """(path, httpx request arguments) of one predict request."""
+        if self.protocol == "v1":
+            return "/v1/predict", {"json": {"inputs": items.tolist()}}
+        if self._model is None:
+            self._model = self.models()[0]["name"]
+        data = np.ascontiguousarray(items, dtype="<f4").tobytes()
+        head = json.dumps({
+            "inputs": [{"name": "input", "shape": list(items.shape), "datatype": "FP32", "parameters": {"binary_data_size": len(data)}}],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        }).encode()
+        headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
+        return f"/v2/models/{self._model}/infer", {"content": head + data, "headers": headers}
+
+    def _decode(self, r: httpx.Response) -> np.ndarray:
+        if self.protocol == "v1":
+            return np.array([p["probabilities"] for p in r.json()["predictions"]], dtype=np.float32)
+        n = int(r.headers["inference-header-content-length"])
+        out = json.loads(r.content[:n])["outputs"][0]
+        size = out["parameters"]["binary_data_size"]
+        return np.frombuffer(r.content[n : n + size], dtype="<f4").reshape(out["shape"]).copy()
+
     async def _post(self, client: httpx.AsyncClient, items: np.ndarray) -> np.ndarray:
+        path, kwargs = self._encode(items)
         for attempt in range(self.retries + 1):
             try:
-                r = await client.post("/v1/predict", json={"inputs": items.tolist()})
+                r = await client.post(path, **kwargs)
             except (httpx.ReadError, httpx.RemoteProtocolError, httpx.ConnectError) as exc:
                 # a pooled connection closed under us (keep-alive expiry, server restart): a predict is
                 # safe to send again
@@ -39,29 +78,56 @@ class CodedSmoothClient:
                 await asyncio.sleep(min(2.0, float(r.headers.get("retry-after", "0.1")) * 0.1 * (attempt + 1)))
                 continue
             _raise_for(r)
-            return np.array([p["probabilities"] for p in r.json()["predictions"]], dtype=np.float32)
+            return self._decode(r)
         raise ServiceError("unreachable")
 
-    async def predict_requests_async(self, requests: list[np.ndarray]) -> list[np.ndarray]:
-        """Send each array as its own request, ``concurrency`` at a time; probabilities per request."""
-        sem = asyncio.Semaphore(self.concurrency)
+    def _new_http(self) -> httpx.AsyncClient:
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-        async with httpx.AsyncClient(base_url=self.url, timeout=self.timeout, limits=limits) as client:
+        return httpx.AsyncClient(base_url=self.url, timeout=self.timeout, limits=limits)
 
-            async def one(items):
-                async with sem:
-                    return await self._post(client, items)
+    async def _send_all(self, client: httpx.AsyncClient, requests: list[np.ndarray]) -> list[np.ndarray]:
+        sem = asyncio.Semaphore(self.concurrency)
 
-            return await asyncio.gather(*[one(items) for items in requests])
+        async def one(items):
+            async with sem:
+                return await self._post(client, items)
+
+        return await asyncio.gather(*[one(items) for items in requests])
+
+    async def predict_requests_async(self, requests: list[np.ndarray]) -> list[np.ndarray]:
+        """Send each array as its own request, ``concurrency`` at a time, on connections of this call; probabilities per request."""
+        async with self._new_http() as client:
+            return await self._send_all(client, requests)
+
+    def _run_persistent(self, requests: list[np.ndarray]) -> list[np.ndarray]:
+        if self._loop is None or self._loop.is_closed():
+            self._loop = asyncio.new_event_loop()
+            self._http = None
+        if self._http is None:
+            self._http = self._new_http()
+        return self._loop.run_until_complete(self._send_all(self._http, requests))
 
     def predict(self, items: np.ndarray) -> np.ndarray:
         """One request holding all ``items``."""
-        return asyncio.run(self.predict_requests_async([items]))[0]
+        return self._run_persistent([items])[0]
 
     def predict_each(self, items: np.ndarray) -> np.ndarray:
         """One request per item (how independent clients call the service)."""
-        out = asyncio.run(self.predict_requests_async([items[i : i + 1] for i in range(len(items))]))
-        return np.concatenate(out)
+        return np.concatenate(self._run_persistent([items[i : i + 1] for i in range(len(items))]))
+
+    def close(self) -> None:
+        """Close the kept connections and event loop (a later call opens new ones)."""
+        if self._loop is not None and not self._loop.is_closed():
+            if self._http is not None:
+                self._loop.run_until_complete(self._http.aclose())
+            self._loop.close()
+        self._loop, self._http = None, None
+
+    def __enter__(self) -> "CodedSmoothClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _raise_for(r: httpx.Response) -> None:
