@@ -192,25 +192,79 @@ def _require_dir(data_dir: str | Path | None, name: str) -> Path:
     return path
 
 
+CIFAR_LAYOUT = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta", b"labels", b"label_names"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", b"fine_labels", b"fine_label_names"),
+}
+
+
+class _ArrayUnpickler:
+    """Reads the CIFAR python batches: pickles of dicts of bytes, lists and numpy arrays, nothing else.
+
+    The files are the user's own, but a pickle can run code; only the globals numpy needs to
+    rebuild an array are allowed.
+    """
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    @classmethod
+    def load(cls, path: Path) -> dict:
+        import pickle
+
+        allowed = cls.ALLOWED
+
+        class Restricted(pickle.Unpickler):
+            def find_class(self, module, name):
+                if (module, name) not in allowed:
+                    raise ValueError(f"{path}: refuses to load {module}.{name} (a CIFAR batch holds only arrays, lists and bytes)")
+                return super().find_class(module, name)
+
+        try:
+            with open(path, "rb") as f:
+                obj = Restricted(f, encoding="bytes").load()
+        except (OSError, EOFError) as exc:
+            raise ValueError(f"cannot read {path}: {exc}") from None
+        except pickle.UnpicklingError as exc:
+            raise ValueError(f"{path} is not a CIFAR python batch: {exc}") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path} is not a CIFAR python batch (expected a dict, got {type(obj).__name__})")
+        return obj
+
+
 def load_cifar_split(name: str, data_dir) -> DataSplit:
-    """CIFAR-10/100 from the python-format batches under ``data_dir`` (no download)."""
-    from torchvision import datasets
+    """CIFAR-10/100 from the python-format batches under ``data_dir`` (no download).
 
+    ``data_dir`` is the folder holding ``cifar-10-batches-py`` (``cifar-100-python``) or that folder itself.
+    """
     root = _require_dir(data_dir, name)
-    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-    try:
-        train = cls(str(root), train=True, download=False)
-        test = cls(str(root), train=False, download=False)
-    except RuntimeError as exc:
-        raise ValueError(f"{name} files not found under {root}: {exc}") from None
+    folder, train_files, test_files, meta_file, label_key, names_key = CIFAR_LAYOUT[name]
+    base = root / folder if (root / folder).is_dir() else root
+    missing = [f for f in [*train_files, *test_files, meta_file] if not (base / f).is_file()]
+    if missing:
+        raise ValueError(f"{name} files not found under {base}: missing {', '.join(missing)}")
 
-    def pack(ds):
-        x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
-        return x, torch.tensor(ds.targets, dtype=torch.int64)
+    def read(files):
+        xs, ys = [], []
+        for f in files:
+            batch = _ArrayUnpickler.load(base / f)
+            if b"data" not in batch or label_key not in batch:
+                raise ValueError(f"{base / f}: expected keys data and {label_key.decode()}, got {sorted(k.decode() if isinstance(k, bytes) else str(k) for k in batch)}")
+            x = np.asarray(batch[b"data"])
+            y = np.asarray(batch[label_key], dtype=np.int64)
+            if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or len(x) != len(y):
+                raise ValueError(f"{base / f}: expected uint8 data of shape (n, 3072) and n labels, got {x.dtype} {x.shape} and {y.shape}")
+            xs.append(x.reshape(-1, 3, 32, 32))
+            ys.append(y)
+        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
-    trx, try_ = pack(train)
-    tex, tey = pack(test)
-    return DataSplit(name, list(train.classes), trx, try_, tex, tey)
+    meta = _ArrayUnpickler.load(base / meta_file)
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get(names_key, [])]
+    trx, try_ = read(train_files)
+    tex, tey = read(test_files)
+    top = int(max(try_.max(), tey.max()))
+    if not classes or top >= len(classes) or int(min(try_.min(), tey.min())) < 0:
+        raise ValueError(f"{name} labels must lie in [0, {len(classes)}) given {base / meta_file}, got [{int(min(try_.min(), tey.min()))}, {top}]")
+    return DataSplit(name, classes, trx, try_, tex, tey)
 
 
 def load_imagefolder_split(data_dir, image_size: int = 32, test_fraction: float = 0.25, seed: int = SPLIT_SEED) -> DataSplit:
