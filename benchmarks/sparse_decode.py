@@ -42,7 +42,7 @@ def error_table(path: Path) -> None:
     x, y = as_float(data.test_x), data.test_y
     spec = resolve_spec(ck, ServeSettings())
     code = spec.code()
-    trunk, block = ck.model.split(ck.target_block)
+    trunk, block = ck.coded_split()  # as the engine runs it
     z, filler_z = trunk(x), trunk(ck.filler)
     plan = plan_groups([1] * len(x), "request", spec.k, len(filler_z), SeededRandomSource(0))
     full = apply_plan(block, z, filler_z, plan, code)

@@ -56,6 +56,7 @@ def write_figures(results: dict, out: Path) -> dict[str, str]:
         lines = {}
         for setting, label in SETTING_NAMES.items():
             points = {e: s["accuracy"] for e, s in first["settings"][setting].items()}
+            points["0"] = first["settings"][setting][min(points, key=float)]["cascade"][0][1]  # clean: where the first ε's cascade starts
             if setting == "plain":
                 points.update({e: s["accuracy"] for e, s in first.get("curve_extra", {}).items()})
             lines[label] = points
@@ -163,6 +164,7 @@ def render(r: dict, figures: dict[str, str]) -> str:
         "|---|---|",
         *[f"| {k} | {v / 60:.1f} |" for k, v in r["stages"].items()],
         f"| **total** | **{r['seconds'] / 60:.1f}** |",
+        *_training_note(r),
         "",
         "## Clean accuracy (%)",
         "",
@@ -212,6 +214,20 @@ def render(r: dict, figures: dict[str, str]) -> str:
     return "\n".join(L)
 
 
+def _training_note(r: dict) -> list[str]:
+    trained = r.get("training_seconds")
+    if not trained:
+        return []
+    total = sum(trained.values())
+    reuse = r["stages"].get("training (or reuse)", 0.0)
+    line = f"The {len(trained)} models' training time recorded in their checkpoints: {total / 60:.1f} min"
+    if reuse < 0.5 * total:
+        line += f"; this run reused them (the full run from scratch: about {(r['seconds'] + total - reuse) / 60:.0f} min)."
+    else:
+        line += "."
+    return ["", line]
+
+
 def _paired_section(r: dict) -> list[str]:
     L = ["", "## Paired tests (exact McNemar, per seed)", "",
          "Δ = accuracy of A − accuracy of B on the same images (points); p = two-sided exact McNemar p-value.", "",
@@ -234,6 +250,24 @@ def _reading(r: dict) -> list[str]:
         verdicts = {e: _verdict(by[(e, a, b)]) for e in eps if (e, a, b) in by}
         if verdicts:
             out.append(f"- {a} vs {b} (no RCI, worst case): " + "; ".join(f"ε = {e}: {v}" for e, v in verdicts.items()) + ".")
+    by_method = _by_method(r)
+    at = [m for m in by_method if m == "pgd-at"]
+    last = eps[-1]
+    if at:
+        others = {m: statistics.mean(x["settings"]["plain"][last]["accuracy"] for x in runs) for m, runs in by_method.items() if m != "pgd-at"}
+        top = max(others.values()) if others else 0.0
+        out.append(f"- At ε = {last} (the standard MNIST setting) only adversarial training keeps real accuracy: pgd-at "
+                   f"{_pct(statistics.mean(x['settings']['plain'][last]['accuracy'] for x in by_method['pgd-at']))} % without RCI against at most "
+                   f"{_pct(top)} % for the other methods (means over seeds).")
+    squares = [(m, runs[0]["square"]) for m, runs in by_method.items() if runs[0].get("square")]
+    fooled = [(m, sq) for m, sq in squares if sq["request"]["accuracy"] - sq["plain"]["accuracy"] > 0.05 and sq["request"]["whitebox_accuracy"] <= sq["plain"]["whitebox_accuracy"] + 0.05]
+    if fooled:
+        out.append("- RCI defeats the query attack, not the attacker: Square over HTTP leaves "
+                   + ", ".join(f"{m} {_pct(sq['request']['accuracy'])} % against the RCI server vs {_pct(sq['plain']['accuracy'])} % against the plain one" for m, sq in fooled)
+                   + f" (ε = {squares[0][1]['eps']:g}), while the white-box worst case through RCI on the same images is "
+                   + ", ".join(f"{_pct(sq['request']['whitebox_accuracy'])} %" for _, sq in fooled)
+                   + ". RCI's draws make the scores a query attack reads noisy; an attacker with the model differentiates through them. "
+                   "A black-box number against RCI alone would overstate its robustness.")
     for scope in ("request", "batch"):
         parts = []
         for key, tests in by.items():

@@ -63,6 +63,7 @@ class ReportConfig:
     cotenant_victims: int = field(default=50, metadata={"help": "victims of the co-tenant probe"})
     cotenant_steps: int = field(default=10, metadata={"help": "optimisation steps of the co-tenant attacker"})
     max_steps: int | None = field(default=None, metadata={"help": "stop each training run after this many optimiser steps (quick checks)"})
+    render_only: bool = field(default=False, metadata={"help": "rewrite the markdown and figures from the JSON beside out, without running anything"})
     quick: bool = field(default=False, metadata={"help": "CI-sized run: one seed, one epoch, a few images and small attack budgets (overrides the budgets above)"})
     retrain: bool = field(default=False, metadata={"help": "train again even when checkpoints exist"})
 
@@ -97,6 +98,11 @@ def ensure_checkpoint(cfg: ReportConfig, method: str, seed: int, data) -> Path:
     log.info("training %s seed %d (%d epochs)", method, seed, cfg.epochs)
     train(TrainConfig(data=cfg.data, method=method, epochs=cfg.epochs, seed=seed, width=cfg.width, out=str(path), max_steps=cfg.max_steps), data=data)
     return path
+
+
+def training_seconds(path: Path) -> float:
+    """Training time recorded in a checkpoint (the sum of its epochs), whether trained now or reused."""
+    return float(sum(h.get("seconds", 0.0) for h in load_checkpoint(path).config.history))
 
 
 class Clock:
@@ -358,6 +364,11 @@ def cotenant_table(cfg: ReportConfig, ck: Checkpoint, x, y, pool) -> dict:
 def run_report(cfg: ReportConfig, command: str) -> Path:
     from .render import render, write_figures
 
+    out = Path(cfg.out)
+    if cfg.render_only:
+        results = json.loads(out.with_suffix(".json").read_text())
+        out.write_text(render(results, write_figures(results, out)))
+        return out
     cfg = cfg.resolved()
     suite = cfg.suite()
     clock = Clock()
@@ -365,6 +376,7 @@ def run_report(cfg: ReportConfig, command: str) -> Path:
     data = load_dataset(cfg.data)
     paths = {(m, s): ensure_checkpoint(cfg, m, s, data) for s in cfg.seeds for m in cfg.methods}
     clock.add("training (or reuse)", t0)
+    trained = {f"{m}/seed{s}": training_seconds(p) for (m, s), p in paths.items()}
     x_all, y_all = as_float(data.test_x), data.test_y
     pool = as_float(data.train_x[:512])
     cks = {key: load_checkpoint(p) for key, p in paths.items()}
@@ -395,10 +407,9 @@ def run_report(cfg: ReportConfig, command: str) -> Path:
     clock.add("sanity checks", t0)
     extras["paired"] = paired_tests(models, cfg)
     default = default_checkpoint_accuracy(x_all, y_all, pool, cfg.draws) if cfg.data == "mnist" else None
-    out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {
-        "config": dataclasses.asdict(cfg), "command": command, "seconds": clock.total, "stages": clock.stages,
+        "config": dataclasses.asdict(cfg), "command": command, "seconds": clock.total, "stages": clock.stages, "training_seconds": trained,
         "models": {f"{m}/seed{s}": {k: v for k, v in r.items() if not k.startswith("_")} for (m, s), r in models.items()},
         "default_checkpoint": default, **extras,
     }
