@@ -26,6 +26,11 @@ def _by_method(results: dict) -> dict[str, list[dict]]:
     return out
 
 
+def _table(head: list[str], rows) -> list[str]:
+    """A markdown table: the header, its rule and one line per row of cells."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
+
+
 def cell(runs: list[dict]) -> str:
     """mean ± sd over seeds, and the Wilson interval of the count pooled over seeds."""
     accs = [r["accuracy"] for r in runs]
@@ -160,21 +165,19 @@ def render(r: dict, figures: dict[str, str]) -> str:
         "",
         "## Run time",
         "",
-        "| stage | minutes |",
-        "|---|---|",
-        *[f"| {k} | {v / 60:.1f} |" for k, v in r["stages"].items()],
-        f"| **total** | **{r['seconds'] / 60:.1f}** |",
+        *_table(["stage", "minutes"], [*([k, f"{v / 60:.1f}"] for k, v in r["stages"].items()), ["**total**", f"**{r['seconds'] / 60:.1f}**"]]),
         *_training_note(r),
         "",
         "## Clean accuracy (%)",
         "",
-        f"| method | no RCI, all {next(iter(r['models'].values()))['clean_full']['n']} test images | RCI request (first {cfg['rci_images']}, expected) | RCI batch (first {cfg['rci_images']}, expected) |",
-        "|---|---|---|---|",
     ]
+    clean_rows = []
     for m, runs in by_method.items():
         full = [{"accuracy": x["clean_full"]["correct"] / x["clean_full"]["n"], "n": x["clean_full"]["n"]} for x in runs]
         rci = {s: [{"accuracy": x["settings"][s][eps[0]]["cascade"][0][1], "n": x["settings"][s][eps[0]]["n"]} for x in runs] for s in ("request", "batch")}
-        L.append(f"| {m} | {cell(full)} | {cell(rci['request'])} | {cell(rci['batch'])} |")
+        clean_rows.append([m, cell(full), cell(rci["request"]), cell(rci["batch"])])
+    n_full = next(iter(r["models"].values()))["clean_full"]["n"]
+    L += _table(["method", f"no RCI, all {n_full} test images", f"RCI request (first {cfg['rci_images']}, expected)", f"RCI batch (first {cfg['rci_images']}, expected)"], clean_rows)
     d = r.get("default_checkpoint")
     if d:
         L += ["", f"The shipped default checkpoint (`{d['name']}`) on the whole test split (n = {d['n']}): {_pct(d['plain'], 2)} % without RCI, "
@@ -186,12 +189,9 @@ def render(r: dict, figures: dict[str, str]) -> str:
         f"Per image the worst case over the whole suite. Cells: mean ± sd over {len(seeds)} seed(s) [95 % Wilson interval, pooled]; "
         f"n per seed: {cfg['images']} images without RCI, {cfg['rci_images']} with RCI (expected accuracy over {cfg['draws']} draws).",
         "",
-        "| method | setting | " + " | ".join(f"ε = {e}" for e in eps) + " |",
-        "|---|---|" + "---|" * len(eps),
+        *_table(["method", "setting", *(f"ε = {e}" for e in eps)],
+                ([m, label, *(cell([x["settings"][setting][e] for x in runs]) for e in eps)] for m, runs in by_method.items() for setting, label in SETTING_NAMES.items())),
     ]
-    for m, runs in by_method.items():
-        for setting, label in SETTING_NAMES.items():
-            L.append(f"| {m} | {label} | " + " | ".join(cell([x["settings"][setting][e] for x in runs]) for e in eps) + " |")
     L += ["", "Spread over RCI's draws (sd of the accuracy of one draw, points, first seed): " + "; ".join(
         f"{m} {s} ε={e}: {100 * first[m]['settings'][s][e]['draw_sd']:.1f}" for m in by_method for s in ("request", "batch") for e in eps[:1]) + "."]
     L += _paired_section(r)
@@ -231,10 +231,8 @@ def _training_note(r: dict) -> list[str]:
 def _paired_section(r: dict) -> list[str]:
     L = ["", "## Paired tests (exact McNemar, per seed)", "",
          "Δ = accuracy of A − accuracy of B on the same images (points); p = two-sided exact McNemar p-value.", "",
-         "| ε | A | B | per seed: Δ (p) | verdict for A vs B |", "|---|---|---|---|---|"]
-    for row in r["paired"]:
-        per = "; ".join(f"{100 * t['diff']:+.1f} ({t['p']:.2g})" for t in row["tests"])
-        L.append(f"| {row['eps']} | {row['a']} | {row['b']} | {per} | {_verdict(row['tests'])} |")
+         *_table(["ε", "A", "B", "per seed: Δ (p)", "verdict for A vs B"],
+                 ([row["eps"], row["a"], row["b"], "; ".join(f"{100 * t['diff']:+.1f} ({t['p']:.2g})" for t in row["tests"]), _verdict(row["tests"])] for row in r["paired"]))]
     L += ["", "## Reading", ""]
     L += _reading(r)
     return L
@@ -286,12 +284,9 @@ def _reading(r: dict) -> list[str]:
 def _cascade_section(r: dict, first: dict, eps: list[str]) -> list[str]:
     L = ["", f"## What each attack added (seed {r['config']['seeds'][0]}, expected accuracy % after each step of the cascade)", ""]
     for setting, label in SETTING_NAMES.items():
-        L += [f"**{label}**", "", "| method | ε | " + " → ".join(["clean"] + [n for n, _ in first[next(iter(first))]["settings"][setting][eps[0]]["cascade"][1:]]) + " |", "|---|---|---|"]
-        for m, x in first.items():
-            for e in eps:
-                steps = x["settings"][setting][e]["cascade"]
-                L.append(f"| {m} | {e} | " + " → ".join(_pct(a) for _, a in steps) + " |")
-        L.append("")
+        names = " → ".join(["clean"] + [n for n, _ in first[next(iter(first))]["settings"][setting][eps[0]]["cascade"][1:]])
+        rows = ([m, e, " → ".join(_pct(a) for _, a in x["settings"][setting][e]["cascade"])] for m, x in first.items() for e in eps)
+        L += [f"**{label}**", "", *_table(["method", "ε", names], rows), ""]
     L.append("Each row starts (first entry) from the clean images at the smallest ε and from the previous ε's worst case above it.")
     return L
 
@@ -301,11 +296,9 @@ def _square_section(r: dict, first: dict) -> list[str]:
     rows = [(m, x["square"]) for m, x in first.items() if x.get("square")]
     if not rows:
         return L + ["Not run."]
-    L += ["| method | server | images | queries sent | Square alone (%) | white-box worst case, same images (%) | seconds |", "|---|---|---|---|---|---|---|"]
-    for m, sq in rows:
-        for setting in ("plain", "request"):
-            s = sq[setting]
-            L.append(f"| {m} | {s['server']} | {s['images']} | {s['queries_sent']} | {_pct(s['accuracy'])} | {_pct(s['whitebox_accuracy'])} | {s['seconds']:.0f} |")
+    L += _table(["method", "server", "images", "queries sent", "Square alone (%)", "white-box worst case, same images (%)", "seconds"],
+                ([m, s["server"], s["images"], s["queries_sent"], _pct(s["accuracy"]), _pct(s["whitebox_accuracy"]), f"{s['seconds']:.0f}"]
+                 for m, sq in rows for s in (sq["plain"], sq["request"])))
     L += ["", f"ε = {rows[0][1]['eps']:g}, at most {rows[0][1]['queries']} queries per image (an image stops once misclassified), "
           "each query a one-item request to a real server on a local port. RCI results are scored on the draws of the served function."]
     return L
@@ -318,9 +311,7 @@ def _eot_section(r: dict, figures: dict) -> list[str]:
     L = ["", f"## EOT convergence ({c['model']}, RCI request scope, ε = {c['eps']:g}, first {c['images']} images)", "",
          "EOT-APGD-CE alone, from the clean images, at several numbers of RCI draws per gradient and of steps; expected accuracy over "
          f"{r['config']['draws']} independent draws. The suite uses {r['config']['eot_draws']} draws × {r['config']['eot_steps']} steps.", "",
-         "| draws per gradient | steps | gradients | expected accuracy (%) |", "|---|---|---|---|"]
-    for row in c["rows"]:
-        L.append(f"| {row['draws']} | {row['steps']} | {row['gradients']} | {_pct(row['accuracy'])} |")
+         *_table(["draws per gradient", "steps", "gradients", "expected accuracy (%)"], ([x["draws"], x["steps"], x["gradients"], _pct(x["accuracy"])] for x in c["rows"]))]
     suite = next((x for x in c["rows"] if x["draws"] == r["config"]["eot_draws"] and x["steps"] == r["config"]["eot_steps"]), None)
     best = min(x["accuracy"] for x in c["rows"])
     if suite is not None:
@@ -336,13 +327,14 @@ def _eot_section(r: dict, figures: dict) -> list[str]:
 def _curve_section(r: dict, first: dict, figures: dict, eps: list[str]) -> list[str]:
     L = ["", f"## ε-curves (seed {r['config']['seeds'][0]})", "", f"![accuracy vs ε]({figures['eps']})", ""]
     all_eps = sorted(set(eps) | {e for x in first.values() for e in x.get("curve_extra", {})}, key=float)
-    L += ["| method | setting | " + " | ".join(f"ε = {e}" for e in all_eps) + " |", "|---|---|" + "---|" * len(all_eps)]
+    rows = []
     for m, x in first.items():
         for setting, label in SETTING_NAMES.items():
             pts = dict(x["settings"][setting])
             if setting == "plain":
                 pts.update(x.get("curve_extra", {}))
-            L.append(f"| {m} | {label} | " + " | ".join(_pct(pts[e]["accuracy"]) if e in pts else "–" for e in all_eps) + " |")
+            rows.append([m, label, *(_pct(pts[e]["accuracy"]) if e in pts else "–" for e in all_eps)])
+    L += _table(["method", "setting", *(f"ε = {e}" for e in all_eps)], rows)
     if "examples" in figures:
         L += ["", f"![adversarial examples]({figures['examples']})"]
     return L
@@ -354,9 +346,8 @@ def _n_sweep_section(r: dict) -> list[str]:
         return []
     L = ["", f"## Coded points N at inference (coded, seed {r['config']['seeds'][0]}, request scope, ε = {s['eps']:g})", "",
          "Worst case over the transfer of the no-RCI worst case and EOT-APGD-CE/DLR through RCI at that N.", "",
-         "| N | clean, expected (%) | worst case, expected (%) | sd over draws (points) |", "|---|---|---|---|"]
-    for n, row in s["rows"].items():
-        L.append(f"| {n} ({int(n) / s['k']:.2f} K) | {_pct(row['clean'])} | {_pct(row['worst'])} | {100 * row['draw_sd']:.1f} |")
+         *_table(["N", "clean, expected (%)", "worst case, expected (%)", "sd over draws (points)"],
+                 ([f"{n} ({int(n) / s['k']:.2f} K)", _pct(row["clean"]), _pct(row["worst"]), f"{100 * row['draw_sd']:.1f}"] for n, row in s["rows"].items()))]
     return L
 
 
@@ -367,16 +358,15 @@ def _cotenant_section(r: dict) -> list[str]:
     L = ["", f"## Co-tenant probe (coded, seed {r['config']['seeds'][0]}, {r['config']['cotenant_victims']} victims)", "",
          "A victim's one-item request shares the micro-batch with an attacker's request of K−1 copies of one image, optimised "
          f"({r['config']['cotenant_steps']} steps, EOT over 4 draws) to flip the victim's label. Flip rate = victim labels that differ from those with clean batch-mates.", "",
-         "| scope, N | flip rate | victim accuracy, clean mates | victim accuracy, attacked |", "|---|---|---|---|"]
-    for name, c in co.items():
-        L.append(f"| {name} | {_pct(c['flip_rate'])} | {_pct(c['victim_accuracy_clean_mates'])} | {_pct(c['victim_accuracy_attacked'])} |")
+         *_table(["scope, N", "flip rate", "victim accuracy, clean mates", "victim accuracy, attacked"],
+                 ([name, _pct(c["flip_rate"]), _pct(c["victim_accuracy_clean_mates"]), _pct(c["victim_accuracy_attacked"])] for name, c in co.items()))]
     return L
 
 
 def _sanity_section(r: dict) -> list[str]:
-    L = ["", "## Sanity checks (Carlini et al. 2019)", "", "| check | model | setting | ε | numbers | passed |", "|---|---|---|---|---|---|"]
-    for c in r["sanity"]:
-        L.append(f"| {c['name']} | {c['model']} | {c['setting']} | {c['eps']:g} | {c['value']} | {'yes' if c['passed'] else '**no**'} |")
+    L = ["", "## Sanity checks (Carlini et al. 2019)", "",
+         *_table(["check", "model", "setting", "ε", "numbers", "passed"],
+                 ([c["name"], c["model"], c["setting"], f"{c['eps']:g}", c["value"], "yes" if c["passed"] else "**no**"] for c in r["sanity"]))]
     failed = [c for c in r["sanity"] if not c["passed"]]
     L += ["", f"{len(r['sanity']) - len(failed)} of {len(r['sanity'])} checks passed." + ("" if not failed else " Failed: " + "; ".join(f"{c['name']} ({c['model']}, ε = {c['eps']:g})" for c in failed) + ".")]
     return L

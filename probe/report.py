@@ -27,9 +27,10 @@ from codedsmooth.train import TrainConfig, as_float, load_dataset, train
 from .attacks import apgd
 from .cotenant import cotenant_report
 from .evaluate import AttackConfig
+from .render import render, write_figures
 from .stats import mcnemar, wilson
 from .suite import Outcome, Scorer, SuiteConfig, eot_attacks, run_cascade, square, transfer_attack, whitebox_attacks
-from .targets import HttpTarget, RCIModel
+from .targets import HttpTarget, InProcessTarget, RCIModel
 
 log = logging.getLogger("codedsmooth.report")
 METHODS = ("erm", "mixup", "coded", "pgd-at")
@@ -227,8 +228,8 @@ def eot_curve(cfg: ReportConfig, ck: Checkpoint, x, y, pool, eps: float, seed: i
     rows = []
     for draws, steps in cfg.eot_grid():
         x_adv = apgd(attacker, x, y, eps, steps=steps, loss="ce", eot=draws, generator=torch.Generator().manual_seed(seed + 7))
-        c = scorer(x_adv, y)
-        rows.append({"draws": draws, "steps": steps, "gradients": draws * steps, "accuracy": float(c.float().mean()), "draw_sd": float(c.float().mean(1).std()) if len(c) > 1 else 0.0})
+        scored = Outcome(x_adv, scorer(x_adv, y))
+        rows.append({"draws": draws, "steps": steps, "gradients": draws * steps, "accuracy": scored.accuracy, "draw_sd": scored.draw_sd})
     return rows
 
 
@@ -355,15 +356,11 @@ def cotenant_table(cfg: ReportConfig, ck: Checkpoint, x, y, pool) -> dict:
     for scope, n in (("batch", k), ("batch", ck.coding_spec().n), ("request", k), ("request", ck.coding_spec().n)):
         spec = ck.coding_spec(scope=scope, n=n)
         target_model = RCIModel(ck, spec, pool, seed=100)
-        from .targets import InProcessTarget
-
         out[f"{scope} N={n}"] = cotenant_report(acfg, ck, spec, InProcessTarget(target_model), x[: cfg.cotenant_victims], y[: cfg.cotenant_victims], pool)["cotenant"]
     return out
 
 
 def run_report(cfg: ReportConfig, command: str) -> Path:
-    from .render import render, write_figures
-
     out = Path(cfg.out)
     if cfg.render_only:
         results = json.loads(out.with_suffix(".json").read_text())
@@ -424,6 +421,6 @@ def default_checkpoint_accuracy(x, y, pool, draws: int) -> dict:
     from codedsmooth.models import default_checkpoint_path
 
     ck = load_checkpoint(default_checkpoint_path())
-    plain = Scorer(RCIModel(ck, CodingSpec.plain()), 1)(x, y)
-    rci = Scorer(RCIModel(ck, ck.coding_spec(), pool, seed=3000), draws)(x, y)
-    return {"name": ck.name, "n": len(x), "plain": float(plain.float().mean()), "rci": float(rci.float().mean()), "rci_draw_sd": float(rci.float().mean(1).std()) if len(rci) > 1 else 0.0, "draws": int(rci.shape[0])}
+    plain = Scorer(RCIModel(ck, CodingSpec.plain()), 1).start(x, y)
+    rci = Scorer(RCIModel(ck, ck.coding_spec(), pool, seed=3000), draws).start(x, y)
+    return {"name": ck.name, "n": len(x), "plain": plain.accuracy, "rci": rci.accuracy, "rci_draw_sd": rci.draw_sd, "draws": int(rci.correct.shape[0])}

@@ -28,8 +28,7 @@ Attack = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (
 
 @torch.no_grad()
 def correct_draws(model: RCIModel, x: torch.Tensor, y: torch.Tensor, draws: int, batch_size: int = 256) -> torch.Tensor:
-    """(draws, n) bool: image i classified correctly in draw d (one draw for a plain model)."""
-    draws = draws if model.spec.enabled else 1
+    """(draws, n) bool: image i classified correctly in draw d."""
     rows = []
     for _ in range(draws):
         parts = [model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size] for i in range(0, len(x), batch_size)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import gzip
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -198,37 +199,30 @@ CIFAR_LAYOUT = {
 }
 
 
-class _ArrayUnpickler:
-    """Reads the CIFAR python batches: pickles of dicts of bytes, lists and numpy arrays, nothing else.
-
-    The files are the user's own, but a pickle can run code; only the globals numpy needs to
-    rebuild an array are allowed.
-    """
+class _CifarUnpickler(pickle.Unpickler):
+    """The CIFAR python batches are pickles of dicts of bytes, lists and numpy arrays; the files are
+    the user's own, but a pickle can run code, so only the globals numpy needs to rebuild an array
+    are admitted."""
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype")}
 
-    @classmethod
-    def load(cls, path: Path) -> dict:
-        import pickle
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refuses to load {module}.{name} (a CIFAR batch holds only arrays, lists and bytes)")
+        return super().find_class(module, name)
 
-        allowed = cls.ALLOWED
 
-        class Restricted(pickle.Unpickler):
-            def find_class(self, module, name):
-                if (module, name) not in allowed:
-                    raise ValueError(f"{path}: refuses to load {module}.{name} (a CIFAR batch holds only arrays, lists and bytes)")
-                return super().find_class(module, name)
-
-        try:
-            with open(path, "rb") as f:
-                obj = Restricted(f, encoding="bytes").load()
-        except (OSError, EOFError) as exc:
-            raise ValueError(f"cannot read {path}: {exc}") from None
-        except pickle.UnpicklingError as exc:
-            raise ValueError(f"{path} is not a CIFAR python batch: {exc}") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path} is not a CIFAR python batch (expected a dict, got {type(obj).__name__})")
-        return obj
+def _read_cifar_batch(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = _CifarUnpickler(f, encoding="bytes").load()
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path} is not a CIFAR python batch: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not a CIFAR python batch (expected a dict, got {type(obj).__name__})")
+    return obj
 
 
 def load_cifar_split(name: str, data_dir) -> DataSplit:
@@ -246,7 +240,7 @@ def load_cifar_split(name: str, data_dir) -> DataSplit:
     def read(files):
         xs, ys = [], []
         for f in files:
-            batch = _ArrayUnpickler.load(base / f)
+            batch = _read_cifar_batch(base / f)
             if b"data" not in batch or label_key not in batch:
                 raise ValueError(f"{base / f}: expected keys data and {label_key.decode()}, got {sorted(k.decode() if isinstance(k, bytes) else str(k) for k in batch)}")
             x = np.asarray(batch[b"data"])
@@ -257,7 +251,7 @@ def load_cifar_split(name: str, data_dir) -> DataSplit:
             ys.append(y)
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
-    meta = _ArrayUnpickler.load(base / meta_file)
+    meta = _read_cifar_batch(base / meta_file)
     classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get(names_key, [])]
     trx, try_ = read(train_files)
     tex, tey = read(test_files)
