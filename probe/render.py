@@ -284,7 +284,7 @@ def _reading(r: dict) -> list[str]:
 def _cascade_section(r: dict, first: dict, eps: list[str]) -> list[str]:
     L = ["", f"## What each attack added (seed {r['config']['seeds'][0]}, expected accuracy % after each step of the cascade)", ""]
     for setting, label in SETTING_NAMES.items():
-        names = " → ".join(["clean"] + [n for n, _ in first[next(iter(first))]["settings"][setting][eps[0]]["cascade"][1:]])
+        names = " → ".join(["start"] + [n for n, _ in first[next(iter(first))]["settings"][setting][eps[0]]["cascade"][1:]])
         rows = ([m, e, " → ".join(_pct(a) for _, a in x["settings"][setting][e]["cascade"])] for m, x in first.items() for e in eps)
         L += [f"**{label}**", "", *_table(["method", "ε", names], rows), ""]
     L.append("Each row starts (first entry) from the clean images at the smallest ε and from the previous ε's worst case above it.")
