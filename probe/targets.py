@@ -19,15 +19,12 @@ from codedsmooth.core import CodingPlan, CodingSpec, SeededRandomSource, apply_p
 from codedsmooth.core.randomness import choices
 from codedsmooth.models import Checkpoint
 from codedsmooth.service.client import CodedSmoothClient
+from codedsmooth.service.schemas import RciInfo
 
 
 def spec_from_server(info: dict) -> CodingSpec:
     """The spec a server reports in ``GET /v1/models``."""
-    r = info["rci"]
-    return CodingSpec(
-        enabled=r["enabled"], scope=r["scope"], k=r["group_size"], n=r["coded_points"], data_points=r["data_point_kind"],
-        coded_points=r["coded_point_kind"], decode_tolerance=r["decode_tolerance"],
-    )
+    return RciInfo.model_validate(info["rci"]).to_spec()
 
 
 class RCIModel:

@@ -14,7 +14,8 @@ import codedsmooth
 
 from . import v1, v2
 from .errors import install_error_handlers
-from .lifecycle import AdmissionMiddleware, EngineFactory, Lifecycle
+from .admission import AdmissionMiddleware
+from .lifecycle import EngineFactory, Lifecycle
 from .metrics import Metrics
 from .openapi import install_openapi
 from .settings import ServeSettings

@@ -17,15 +17,14 @@ import json
 import httpx
 import numpy as np
 
-
-class ServiceError(RuntimeError):
-    pass
+from .errors import UNREACHABLE, ServiceError
+from .protocol import PROTOCOLS, V2_INPUT, V2_INPUT_DATATYPE, V2_PROBABILITIES, Protocol
 
 
 class CodedSmoothClient:
-    def __init__(self, url: str, timeout: float = 60.0, concurrency: int = 8, retries: int = 20, protocol: str = "v2"):
-        if protocol not in ("v1", "v2"):
-            raise ValueError(f"protocol must be v1 or v2, got {protocol!r}")
+    def __init__(self, url: str, timeout: float = 60.0, concurrency: int = 8, retries: int = 20, protocol: Protocol = "v2"):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.concurrency = concurrency
@@ -48,15 +47,15 @@ class CodedSmoothClient:
             self._model = self.models()[0]["name"]
         data = np.ascontiguousarray(items, dtype="<f4").tobytes()
         head = json.dumps({
-            "inputs": [{"name": "input", "shape": list(items.shape), "datatype": "FP32", "parameters": {"binary_data_size": len(data)}}],
-            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+            "inputs": [{"name": V2_INPUT, "shape": list(items.shape), "datatype": V2_INPUT_DATATYPE, "parameters": {"binary_data_size": len(data)}}],
+            "outputs": [{"name": V2_PROBABILITIES, "parameters": {"binary_data": True}}],
         }).encode()
         headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
         return f"/v2/models/{self._model}/infer", {"content": head + data, "headers": headers}
 
     def _decode(self, r: httpx.Response) -> np.ndarray:
         if self.protocol == "v1":
-            return np.array([p["probabilities"] for p in r.json()["predictions"]], dtype=np.float32)
+            return np.array([p["probabilities"] for p in r.json()["predictions"]], dtype=np.float32)  # v1's field name
         n = int(r.headers["inference-header-content-length"])
         out = json.loads(r.content[:n])["outputs"][0]
         size = out["parameters"]["binary_data_size"]
@@ -71,7 +70,7 @@ class CodedSmoothClient:
                 # a pooled connection closed under us (keep-alive expiry, server restart): a predict is
                 # safe to send again
                 if attempt == self.retries:
-                    raise ServiceError(f"{self.url}: {type(exc).__name__} after {self.retries} retries") from exc
+                    raise ServiceError(f"{self.url}: {type(exc).__name__} after {self.retries} retries", status=UNREACHABLE) from exc
                 await asyncio.sleep(min(2.0, 0.05 * (attempt + 1)))
                 continue
             if r.status_code in (503, 504) and attempt < self.retries:  # queue full or the deadline passed in a busy server: back off
@@ -79,7 +78,7 @@ class CodedSmoothClient:
                 continue
             _raise_for(r)
             return self._decode(r)
-        raise ServiceError("unreachable")
+        raise AssertionError("the retry loop returns or raises")
 
     def _new_http(self) -> httpx.AsyncClient:
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
@@ -136,4 +135,4 @@ def _raise_for(r: httpx.Response) -> None:
             msg = r.json().get("error", r.text)
         except ValueError:
             msg = r.text
-        raise ServiceError(f"HTTP {r.status_code} from {r.request.url}: {msg}")
+        raise ServiceError(f"HTTP {r.status_code} from {r.request.url}: {msg}", status=r.status_code)

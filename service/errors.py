@@ -20,17 +20,27 @@ from starlette.requests import ClientDisconnect
 log = logging.getLogger("codedsmooth.service")
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": counted, never sent (nobody is listening)
+UNREACHABLE = 0  # the client's status for a server that gave no answer (connection refused or reset)
 
 
 class ServiceError(Exception):
+    """An error answer of the service: its HTTP status, message and headers.
+
+    The server raises the subclasses below and answers them; the HTTP client
+    (``service.client``) raises this class with the status the server answered
+    (``UNREACHABLE`` when no answer came).
+    """
+
     status = 500
     headers: dict[str, str] = {}
 
-    def __init__(self, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, message: str, headers: dict[str, str] | None = None, status: int | None = None):
         super().__init__(message)
         self.message = message
         if headers:
             self.headers = headers
+        if status is not None:
+            self.status = status
 
 
 class BadRequest(ServiceError):

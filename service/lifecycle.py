@@ -1,9 +1,8 @@
 """The server's lifecycle: loading, readiness, admission, in-flight counting and draining, in one object.
 
-``Lifecycle`` is the only holder of request-path state. Every HTTP request is admitted by
-``AdmissionMiddleware``, which stamps its arrival and deadlines (``scope["state"]["admission"]``),
-counts it in flight, bounds its body (size and read time) and records its status. Routes read the
-lifecycle from ``request.app.state.lifecycle``.
+``Lifecycle`` is the only holder of request-path state. Every HTTP request is admitted through it
+by ``admission.AdmissionMiddleware``, which stamps its arrival and deadlines, counts it in flight
+and records its status. Routes reach the lifecycle with ``current_lifecycle(request)``.
 
 Threads: torch work (load, warm-up, inference) runs on the single model thread; image decoding
 (Pillow and numpy only) runs on a separate decode thread; neither runs on the event loop.
@@ -24,7 +23,7 @@ from fastapi import Request
 
 from .batcher import MicroBatcher
 from .engine import InferenceEngine
-from .errors import CLIENT_CLOSED, ClientGone, DeadlineExceeded, NotFound, PayloadTooLarge, RequestTimeout, Unavailable, error_response
+from .errors import ClientGone, DeadlineExceeded, NotFound, Unavailable
 from .metrics import BatchObserver, Metrics
 from .schemas import RciInfo
 from .settings import ServeSettings, cpu_quota
@@ -207,90 +206,13 @@ class Lifecycle:
         self.decode_executor.shutdown(wait=False, cancel_futures=True)
 
 
+def current_lifecycle(request: Request) -> Lifecycle:
+    """The lifecycle of the app serving ``request`` (routes reach all serving state through it)."""
+    return request.app.state.lifecycle
+
+
 async def _wait_disconnect(request: Request) -> None:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-class AdmissionMiddleware:
-    """Admits each HTTP request through the lifecycle and bounds its body.
-
-    - stamps ``scope["state"]["admission"]`` (arrival, deadline, body deadline);
-    - refuses a declared body over ``max_body_bytes`` with 413 before reading it, and a streamed one
-      as soon as it passes the limit;
-    - a body that has not fully arrived by the body deadline gets 408 and the connection closes;
-    - counts the request in flight and records its status (499 when the client left first).
-    """
-
-    def __init__(self, app, lifecycle: Lifecycle):
-        self.app = app
-        self.lifecycle = lifecycle
-        self.max_bytes = lifecycle.settings.max_body_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        lc = self.lifecycle
-        admission = lc.admit()
-        scope.setdefault("state", {})["admission"] = admission
-        status: int | None = None
-        disconnected = False
-        body_done = False
-        seen = 0
-
-        async def recording_send(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        async def guarded_receive():
-            nonlocal seen, body_done, disconnected
-            if body_done:
-                message = await receive()  # after the body: only a disconnect can come; no timeout
-            else:
-                remaining = admission.body_deadline - time.monotonic()
-                try:
-                    if remaining <= 0:
-                        raise asyncio.TimeoutError
-                    message = await asyncio.wait_for(receive(), remaining)
-                except asyncio.TimeoutError:
-                    raise RequestTimeout(f"request body not received within {admission.body_deadline - admission.arrival:g} s") from None
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise PayloadTooLarge(f"body exceeds the limit of {self.max_bytes} bytes")
-                if not message.get("more_body", False):
-                    body_done = True
-            elif message["type"] == "http.disconnect":
-                disconnected = True
-            return message
-
-        try:
-            if lc.connections > lc.settings.max_connections:
-                lc.metrics.rejected.labels("connections").inc()
-                message = f"too many connections (at most {lc.settings.max_connections}); retry later"
-                return await error_response(503, message, {"Retry-After": "1", "Connection": "close"})(scope, receive, recording_send)
-            declared = _header(scope, b"content-length")
-            if declared is not None:
-                if not (declared.isascii() and declared.isdigit()):
-                    return await error_response(400, "Content-Length is not a decimal integer")(scope, receive, recording_send)
-                if int(declared) > self.max_bytes:
-                    return await error_response(413, f"body of {int(declared)} bytes exceeds the limit of {self.max_bytes} bytes")(
-                        scope, receive, recording_send
-                    )
-            await self.app(scope, guarded_receive, recording_send)
-        finally:
-            if disconnected and (status is None or status >= 500):
-                status = CLIENT_CLOSED
-            route = scope.get("route")
-            lc.release(admission, getattr(route, "path", None) or "unmatched", status or 500)
-
-
-def _header(scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers") or ():
-        if key == name:
-            return value.decode("latin-1")
-    return None

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 
+from codedsmooth.core.spec import CodingSpec, Scope
+
 
 class ErrorBody(BaseModel):
     error: str = Field(..., description="what is wrong")
@@ -18,8 +20,10 @@ class PredictRequest(BaseModel):
 
 
 class RciInfo(BaseModel):
+    """The public view of a ``codedsmooth.core.CodingSpec``: the one mapping between the two, both ways."""
+
     enabled: bool
-    scope: Literal["request", "batch"]
+    scope: Scope
     group_size: int = Field(..., description="K: items per coding group")
     coded_points: int = Field(..., description="N: coded samples per coding group")
     data_point_kind: str = Field(..., description="where the K items sit on [-1, 1]")
@@ -27,11 +31,17 @@ class RciInfo(BaseModel):
     decode_tolerance: float = Field(..., description="request scope: decoder weights below this are skipped (0: full decode)")
 
     @staticmethod
-    def from_spec(spec) -> "RciInfo":
-        """The public view of a ``codedsmooth.core.CodingSpec``."""
+    def from_spec(spec: CodingSpec) -> "RciInfo":
         return RciInfo(
             enabled=spec.enabled, scope=spec.scope, group_size=spec.k, coded_points=spec.n, data_point_kind=spec.data_points,
             coded_point_kind=spec.coded_points, decode_tolerance=spec.decode_tolerance,
+        )
+
+    def to_spec(self) -> CodingSpec:
+        """The spec a server reports (validated as any spec: a client refuses a code it cannot build)."""
+        return CodingSpec(
+            enabled=self.enabled, scope=self.scope, k=self.group_size, n=self.coded_points, data_points=self.data_point_kind,
+            coded_points=self.coded_point_kind, decode_tolerance=self.decode_tolerance,
         )
 
 

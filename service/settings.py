@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Literal
-
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from codedsmooth.core.spec import DEFAULT_DECODE_TOLERANCE, DEFAULT_SCOPE
+from codedsmooth.core.spec import DEFAULT_DECODE_TOLERANCE, DEFAULT_SCOPE, Scope
 
 
 class ServeSettings(BaseSettings):
@@ -26,7 +24,7 @@ class ServeSettings(BaseSettings):
     max_queue_size: int = Field(256, ge=1, description="requests waiting for the model; beyond this, 503 + Retry-After")
     timeout_ms: float = Field(10000.0, gt=0, description="deadline per request, from arrival; 504 when passed")
     rci: bool = Field(True, description="randomized coded inference on/off")
-    rci_scope: Literal["request", "batch"] | None = Field(None, description=f"code each request with trusted filler (request) or the whole micro-batch together (batch) (default: {DEFAULT_SCOPE})")
+    rci_scope: Scope | None = Field(None, description=f"code each request with trusted filler (request) or the whole micro-batch together (batch) (default: {DEFAULT_SCOPE})")
     rci_group_size: int | None = Field(None, ge=2, description="K at inference (default: the checkpoint's K)")
     coded_points: int | None = Field(None, ge=2, description="N at inference (default: the N the checkpoint was trained to end at, scaled to K)")
     rci_decode_tolerance: float | None = Field(None, ge=0, lt=1, description=f"request scope: skip coded samples whose decoder weight for the group's items is below this; 0 = full decode (default: {DEFAULT_DECODE_TOLERANCE:g})")

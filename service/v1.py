@@ -18,16 +18,12 @@ from PIL import Image
 
 from .errors import InvalidInput, PayloadTooLarge, ServiceError, ServiceRoute
 from .inputs import check_batch, check_count, parse_json, require_content_type, to_float_array
-from .lifecycle import Lifecycle
+from .lifecycle import current_lifecycle
 from .openapi import INFER_ERRORS, errors, request_body, schema_ref
 from .schemas import HealthBody, ModelInfo, Prediction, PredictRequest, PredictResponse
 
 router = APIRouter(route_class=ServiceRoute)
 IMAGE_FORMATS = ("PNG", "JPEG")
-
-
-def lifecycle(request: Request) -> Lifecycle:
-    return request.app.state.lifecycle
 
 
 def json_response(body) -> Response:
@@ -91,7 +87,7 @@ def _predictions(probs: np.ndarray, classes: list[str]) -> list[Prediction]:
 @router.get("/health/live", response_model=HealthBody, tags=["health"])
 async def live(request: Request):
     """200 while the process runs (status ``draining`` during shutdown)."""
-    return HealthBody(status="draining" if lifecycle(request).draining else "ok")
+    return HealthBody(status="draining" if current_lifecycle(request).draining else "ok")
 
 
 @router.get(
@@ -102,7 +98,7 @@ async def live(request: Request):
 )
 async def ready(request: Request):
     """200 once the model is loaded and warm; 503 while loading or draining."""
-    lc = lifecycle(request)
+    lc = current_lifecycle(request)
     if lc.ready:
         return HealthBody(status="ok")
     return JSONResponse({"status": "draining" if lc.draining else "loading"}, status_code=503, headers={"Retry-After": "2"})
@@ -113,7 +109,7 @@ async def ready(request: Request):
 
 @router.get("/v1/models", response_model=list[ModelInfo], responses=errors(503), tags=["v1"])
 async def models(request: Request):
-    lc = lifecycle(request)
+    lc = current_lifecycle(request)
     lc.require_ready()
     ck = lc.checkpoint
     return [
@@ -133,7 +129,7 @@ async def models(request: Request):
 )
 async def predict(request: Request):
     """Classify tensors: `inputs` is a list of items of the model's input shape, raw pixels in [0, 1]."""
-    lc = lifecycle(request)
+    lc = current_lifecycle(request)
     lc.require_ready()
     require_content_type(request.headers.get("content-type"), "application/json")
     raw = await request.body()
@@ -159,7 +155,7 @@ IMAGE_BODY = {
 )
 async def predict_image(request: Request):
     """Classify PNG/JPEG images (multipart field `files`), resized and converted as the checkpoint needs."""
-    lc = lifecycle(request)
+    lc = current_lifecycle(request)
     lc.require_ready()
     require_content_type(request.headers.get("content-type"), "multipart/form-data")
     ck, max_items = lc.checkpoint, lc.settings.max_items_per_request

@@ -23,21 +23,16 @@ import codedsmooth
 
 from .errors import BadRequest, InvalidInput, NotFound, ServiceRoute, UnsupportedMediaType
 from .inputs import check_batch, check_count, parse_json, to_float_array, validation_message
-from .lifecycle import Lifecycle
+from .lifecycle import current_lifecycle
+from .protocol import V2_INDEX, V2_INPUT, V2_INPUT_DATATYPE, V2_OUTPUTS, V2_PROBABILITIES
 from .openapi import INFER_ERRORS, errors, request_body, schema_ref
 from .schemas import V2InferRequest, V2InferResponse, V2ModelMetadata, V2ServerMetadata, V2TensorMetadata
 
 router = APIRouter(route_class=ServiceRoute, tags=["v2"])
 
-INPUT_NAME = "input"
-OUTPUTS = {"probabilities": "FP32", "index": "INT64"}
 FLOAT_TYPES = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
 _DIGITS = re.compile(r"[0-9]{1,12}")
 NO_BODY = {"description": "status only, empty body", "content": {}}
-
-
-def lifecycle(request: Request) -> Lifecycle:
-    return request.app.state.lifecycle
 
 
 # ---- codec ------------------------------------------------------------------
@@ -66,8 +61,8 @@ def tensor_from_request(req: V2InferRequest, binary: bytes, input_shape, max_ite
     if len(req.inputs) != 1:
         raise InvalidInput(f"the model takes exactly one input tensor, got {len(req.inputs)}")
     inp = req.inputs[0]
-    if inp.name != INPUT_NAME:
-        raise InvalidInput(f"unknown input {inp.name!r}; the model's input is {INPUT_NAME!r}")
+    if inp.name != V2_INPUT:
+        raise InvalidInput(f"unknown input {inp.name!r}; the model's input is {V2_INPUT!r}")
     dtype = FLOAT_TYPES.get(inp.datatype)
     if dtype is None:
         raise InvalidInput(f"input {inp.name!r}: datatype {inp.datatype!r} not supported; use one of {sorted(FLOAT_TYPES)}")
@@ -97,14 +92,14 @@ def tensor_from_request(req: V2InferRequest, binary: bytes, input_shape, max_ite
 
 
 def encode_response(req: V2InferRequest, model_name: str, probs: np.ndarray) -> Response:
-    wanted = [o.name for o in req.outputs] if req.outputs else list(OUTPUTS)
+    wanted = [o.name for o in req.outputs] if req.outputs else list(V2_OUTPUTS)
     binary_default = _flag(req.parameters, "binary_data_output", False, "request")
     binary_wanted = {o.name: _flag(o.parameters, "binary_data", binary_default, f"output {o.name!r}") for o in (req.outputs or [])}
-    arrays = {"probabilities": probs.astype(np.float32), "index": probs.argmax(1).astype(np.int64)}
+    arrays = {V2_PROBABILITIES: probs.astype(np.float32), V2_INDEX: probs.argmax(1).astype(np.int64)}
     outputs, chunks = [], []
     for out_name in wanted:
         arr = arrays[out_name]
-        entry: dict[str, Any] = {"name": out_name, "datatype": OUTPUTS[out_name], "shape": list(arr.shape)}
+        entry: dict[str, Any] = {"name": out_name, "datatype": V2_OUTPUTS[out_name], "shape": list(arr.shape)}
         if binary_wanted.get(out_name, binary_default):
             data = arr.tobytes()
             entry["parameters"] = {"binary_data_size": len(data)}
@@ -121,9 +116,9 @@ def encode_response(req: V2InferRequest, model_name: str, probs: np.ndarray) -> 
 
 def _check_request(req: V2InferRequest) -> None:
     """Everything about the outputs that can be refused before compute."""
-    unknown = [o.name for o in (req.outputs or []) if o.name not in OUTPUTS]
+    unknown = [o.name for o in (req.outputs or []) if o.name not in V2_OUTPUTS]
     if unknown:
-        raise InvalidInput(f"unknown output(s) {unknown}; this model has {list(OUTPUTS)}")
+        raise InvalidInput(f"unknown output(s) {unknown}; this model has {list(V2_OUTPUTS)}")
     default = _flag(req.parameters, "binary_data_output", False, "request")
     for o in req.outputs or []:
         _flag(o.parameters, "binary_data", default, f"output {o.name!r}")
@@ -144,21 +139,21 @@ async def health_live():
 
 @router.get("/v2/health/ready", response_class=Response, responses={200: NO_BODY, 503: {**NO_BODY, "description": "loading or draining; empty body"}})
 async def health_ready(request: Request):
-    return Response(status_code=200 if lifecycle(request).ready else 503)
+    return Response(status_code=200 if current_lifecycle(request).ready else 503)
 
 
 def _metadata(request: Request, name: str) -> V2ModelMetadata:
-    ck = lifecycle(request).require_model(name)
+    ck = current_lifecycle(request).require_model(name)
     return V2ModelMetadata(
         name=ck.name,
         versions=["1"],
         platform="pytorch",
-        inputs=[V2TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=[-1, *ck.input_shape])],
+        inputs=[V2TensorMetadata(name=V2_INPUT, datatype=V2_INPUT_DATATYPE, shape=[-1, *ck.input_shape])],
         outputs=[
-            V2TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, len(ck.classes)]),
-            V2TensorMetadata(name="index", datatype="INT64", shape=[-1]),
+            V2TensorMetadata(name=V2_PROBABILITIES, datatype=V2_OUTPUTS[V2_PROBABILITIES], shape=[-1, len(ck.classes)]),
+            V2TensorMetadata(name=V2_INDEX, datatype=V2_OUTPUTS[V2_INDEX], shape=[-1]),
         ],
-        parameters={"rci": lifecycle(request).rci_info},
+        parameters={"rci": current_lifecycle(request).rci_info},
     )
 
 
@@ -180,14 +175,14 @@ async def model_version_metadata(name: str, version: str, request: Request):
 
 @router.get("/v2/models/{name}/ready", response_class=Response, responses={200: NO_BODY, **errors(404, 503)})
 async def model_ready(name: str, request: Request):
-    lifecycle(request).require_model(name)
+    current_lifecycle(request).require_model(name)
     return Response(status_code=200)
 
 
 @router.get("/v2/models/{name}/versions/{version}/ready", response_class=Response, responses={200: NO_BODY, **errors(404, 503)})
 async def model_version_ready(name: str, version: str, request: Request):
     _check_version(version)
-    lifecycle(request).require_model(name)
+    current_lifecycle(request).require_model(name)
     return Response(status_code=200)
 
 
@@ -212,7 +207,7 @@ INFER_RESPONSES = {
 
 
 async def _infer(name: str, request: Request) -> Response:
-    lc = lifecycle(request)
+    lc = current_lifecycle(request)
     ck = lc.require_model(name)
     if request.headers.get("content-encoding") not in (None, "identity"):
         raise UnsupportedMediaType("compressed request bodies are not supported")

@@ -59,3 +59,42 @@ def test_items_per_request_cannot_exceed_a_device_batch():
         ServeSettings(max_batch_size=8, max_items_per_request=9)
     with pytest.raises(ValidationError, match="metrics_port must differ"):
         ServeSettings(port=9000, metrics_port=9000)
+
+
+def test_rci_info_and_coding_spec_round_trip_through_json():
+    """The one mapping between the public rci object and the spec, both ways, for every kind of spec."""
+    import dataclasses
+
+    from codedsmooth.core import CodingSpec, TrainedCoding
+    from codedsmooth.service.schemas import RciInfo
+
+    specs = [CodingSpec.plain()]
+    for points in ("chebyshev-gauss", "chebyshev-lobatto"):
+        trained = TrainedCoding(k=8, n=12, target_block="head", coded_points=points)
+        for scope in ("request", "batch"):
+            for tol in (None, 0.0, 0.05):
+                specs.append(CodingSpec.resolve(trained, scope=scope, decode_tolerance=tol))
+            specs.append(CodingSpec.resolve(trained, scope=scope, k=6, enabled=False))
+    specs = list(dict.fromkeys(specs))  # batch scope always decodes in full: some coincide
+    assert len(specs) >= 10
+    for spec in specs:
+        info = RciInfo.from_spec(spec)
+        assert RciInfo.model_validate_json(info.model_dump_json()).to_spec() == spec
+    # every field of the spec is carried (a new spec field without a public name fails here)
+    assert len(RciInfo.model_fields) == len(dataclasses.fields(CodingSpec))
+
+
+def test_the_client_raises_the_service_error_with_the_status_answered():
+    import httpx
+
+    from codedsmooth.service import client
+    from codedsmooth.service.errors import ServiceError
+
+    request = httpx.Request("POST", "http://127.0.0.1:1/v1/predict")
+    answer = httpx.Response(422, json={"error": "inputs: wrong shape"}, request=request)
+    try:
+        client._raise_for(answer)
+    except ServiceError as exc:
+        assert exc.status == 422 and "wrong shape" in exc.message
+    else:
+        raise AssertionError("no error raised for a 422")

@@ -1,0 +1,96 @@
+"""Admission of every HTTP request: arrival and deadlines, the connection limit, body bounds, status.
+
+The middleware is the outermost layer of the app. It asks the lifecycle to admit the request
+(``Lifecycle.admit`` stamps arrival and deadlines into ``scope["state"]["admission"]`` and counts it
+in flight) and releases it with the status actually sent, whatever happened on the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from .errors import CLIENT_CLOSED, PayloadTooLarge, RequestTimeout, error_response
+from .lifecycle import Lifecycle
+
+
+class AdmissionMiddleware:
+    """Admits each HTTP request through the lifecycle and bounds its body.
+
+    - stamps ``scope["state"]["admission"]`` (arrival, deadline, body deadline);
+    - refuses a declared body over ``max_body_bytes`` with 413 before reading it, and a streamed one
+      as soon as it passes the limit;
+    - a body that has not fully arrived by the body deadline gets 408 and the connection closes;
+    - counts the request in flight and records its status (499 when the client left first).
+    """
+
+    def __init__(self, app, lifecycle: Lifecycle):
+        self.app = app
+        self.lifecycle = lifecycle
+        self.max_bytes = lifecycle.settings.max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        lc = self.lifecycle
+        admission = lc.admit()
+        scope.setdefault("state", {})["admission"] = admission
+        status: int | None = None
+        disconnected = False
+        body_done = False
+        seen = 0
+
+        async def recording_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        async def guarded_receive():
+            nonlocal seen, body_done, disconnected
+            if body_done:
+                message = await receive()  # after the body: only a disconnect can come; no timeout
+            else:
+                remaining = admission.body_deadline - time.monotonic()
+                try:
+                    if remaining <= 0:
+                        raise asyncio.TimeoutError
+                    message = await asyncio.wait_for(receive(), remaining)
+                except asyncio.TimeoutError:
+                    raise RequestTimeout(f"request body not received within {admission.body_deadline - admission.arrival:g} s") from None
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise PayloadTooLarge(f"body exceeds the limit of {self.max_bytes} bytes")
+                if not message.get("more_body", False):
+                    body_done = True
+            elif message["type"] == "http.disconnect":
+                disconnected = True
+            return message
+
+        try:
+            if lc.connections > lc.settings.max_connections:
+                lc.metrics.rejected.labels("connections").inc()
+                message = f"too many connections (at most {lc.settings.max_connections}); retry later"
+                return await error_response(503, message, {"Retry-After": "1", "Connection": "close"})(scope, receive, recording_send)
+            declared = _header(scope, b"content-length")
+            if declared is not None:
+                if not (declared.isascii() and declared.isdigit()):
+                    return await error_response(400, "Content-Length is not a decimal integer")(scope, receive, recording_send)
+                if int(declared) > self.max_bytes:
+                    return await error_response(413, f"body of {int(declared)} bytes exceeds the limit of {self.max_bytes} bytes")(
+                        scope, receive, recording_send
+                    )
+            await self.app(scope, guarded_receive, recording_send)
+        finally:
+            if disconnected and (status is None or status >= 500):
+                status = CLIENT_CLOSED
+            route = scope.get("route")
+            lc.release(admission, getattr(route, "path", None) or "unmatched", status or 500)
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers") or ():
+        if key == name:
+            return value.decode("latin-1")
+    return None
