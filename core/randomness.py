@@ -76,3 +76,19 @@ def choices(source: RandomSource, rows: int, pool: int, count: int) -> torch.Ten
     if count <= pool:
         return source.keys(rows, pool).argsort(dim=1, stable=True)[:, :count]
     return source.keys(rows, count).remainder(pool)
+
+
+def uniforms(source: RandomSource, *shape: int) -> torch.Tensor:
+    """Uniform float64 draws in (0, 1] of ``shape``: the top 53 bits of each key, plus one ulp."""
+    bits = (source.keys(*shape) >> 11) & ((1 << 53) - 1)  # arithmetic shift, then mask: the key's top 53 bits
+    return (bits.to(torch.float64) + 1.0) / float(1 << 53)
+
+
+def gaussian(source: RandomSource, *shape: int) -> torch.Tensor:
+    """Standard normal float32 draws of ``shape`` (Box–Muller on ``uniforms``; both outputs of a pair used)."""
+    count = int(np.prod(shape)) if shape else 1
+    u = uniforms(source, 2, (count + 1) // 2)
+    radius = torch.sqrt(-2.0 * torch.log(u[0]))
+    angle = 2.0 * torch.pi * u[1]
+    normal = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:count]
+    return normal.to(torch.float32).reshape(shape)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from codedsmooth.core import CodingSpec, SeededRandomSource, SystemRandomSource, apply_plan, plan_groups
+from codedsmooth.core.randomness import gaussian
 from codedsmooth.models import Checkpoint
 
 from .settings import ServeSettings
@@ -65,8 +66,9 @@ class InferenceEngine:
         self.code = self.spec.code(device=device, dtype=torch.float32)
         with torch.inference_mode():
             self.filler_z = self.trunk(checkpoint.filler.to(device))
-        if settings.rci_seed is not None and self.spec.enabled:
-            log.warning("rci_seed is set: RCI draws are reproducible, so clients can predict the code; for tests and reproduction only")
+        self.noise_sigma = float(settings.input_noise_sigma)
+        if settings.rci_seed is not None and (self.spec.enabled or self.noise_sigma > 0):
+            log.warning("rci_seed is set: RCI draws and input noise are reproducible, so clients can predict them; for tests and reproduction only")
         self._check_rng = random.Random()  # which batches are also run uncoded: a statistic, not a secret
 
     @property
@@ -97,10 +99,17 @@ class InferenceEngine:
         stats.filler_share = plan.filler_share
         return apply_plan(self.block, z, self.filler_z, plan, self.code, self.spec.decode_tolerance)
 
+    def _with_noise(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The noise baseline: each request's items plus fresh N(0, sigma^2) per pixel (a seeded source restarts per request)."""
+        source = self.random_source()
+        return [x + self.noise_sigma * gaussian(source.unit(), *x.shape) for x in inputs]
+
     @torch.inference_mode()
     def run(self, inputs: list[torch.Tensor]) -> BatchResult:
         """Probabilities for each request's inputs ((n_i, *input_shape) float tensors in [0, 1])."""
         sizes = [int(x.shape[0]) for x in inputs]
+        if self.noise_sigma > 0:
+            inputs = self._with_noise(inputs)
         x = torch.cat(inputs).to(self.device, non_blocking=True)
         stats = BatchStats(items=x.shape[0])
         z = self.trunk(x)

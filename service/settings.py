@@ -30,6 +30,7 @@ class ServeSettings(BaseSettings):
     rci_decode_tolerance: float | None = Field(None, ge=0, lt=1, description=f"request scope: skip coded samples whose decoder weight for the group's items is below this; 0 = full decode (default: {DEFAULT_DECODE_TOLERANCE:g})")
     rci_seed: int | None = Field(None, description="replace the OS CSPRNG with a seed, restarted for each request (batch scope: each batch) (tests and reproduction only: clients could predict the code)")
     rci_check_rate: float = Field(0.1, ge=0, le=1, description="share of batches also run without RCI to count label flips and the decode residual")
+    input_noise_sigma: float = Field(0.0, ge=0, le=10, description="a noise baseline: add fresh Gaussian noise of this standard deviation (OS randomness, not clipped) to every input pixel before the model, with or without RCI (0: off)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body; bigger gets 413 before it is read")
     max_items_per_request: int | None = Field(
         None, ge=1, description="most items (tensors or images) in one request; more gets 413. At most --max-batch-size, so one request is one device batch (default: --max-batch-size)"
