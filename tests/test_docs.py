@@ -154,12 +154,23 @@ def documented_cli_calls() -> list[tuple[str, list[str]]]:
     return calls
 
 
+def strict_parser() -> argparse.ArgumentParser:
+    """The CLI's parser without prefix matching, so a misspelt ``--sample`` is not read as ``--samples``."""
+    parser = build_parser()
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.allow_abbrev = False
+    return parser
+
+
 def parse(args: list[str]) -> argparse.Namespace | None:
     """``args`` through the real CLI parser; None for --help (which exits 0); a parse error fails with argparse's message."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
-            return build_parser().parse_args(args)
+            return strict_parser().parse_args(args)
         except SystemExit as exc:
             if exc.code == 0:
                 return None
@@ -188,6 +199,8 @@ def test_every_documented_command_parses_with_the_real_cli():
 def test_a_wrong_flag_is_caught():
     with pytest.raises(AssertionError, match="unrecognized arguments"):
         parse(["serve", "--no-such-flag"])
+    with pytest.raises(AssertionError, match="unrecognized arguments"):
+        parse(["attack", "--sample", "100"])  # a prefix of --samples
 
 
 # --- the README ----------------------------------------------------------------------------------
