@@ -196,6 +196,27 @@ def test_every_documented_command_parses_with_the_real_cli():
     assert len(calls) >= 30, f"only {len(calls)} codedsmooth commands found in bash blocks"
 
 
+def test_inline_codedsmooth_spans_name_real_subcommands_and_flags():
+    """`codedsmooth attack --url` in prose: a real subcommand and real flags (values may be left out)."""
+    parser = strict_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    top = {s for a in parser._actions for s in a.option_strings}
+    checked = 0
+    for page in PAGES:
+        for span in re.findall(r"`(codedsmooth [^`]+)`", FENCE.sub("", text(page))):
+            tokens = span.split()[1:]
+            while tokens and tokens[0] in top:  # global options before the subcommand
+                tokens = tokens[2:]
+            if tokens == ["…"]:
+                continue
+            assert tokens and tokens[0] in subs, f"{page.name}: `{span}`: no such subcommand"
+            known = {s for a in subs[tokens[0]]._actions for s in a.option_strings}
+            for flag in (t for t in tokens[1:] if t.startswith("--")):
+                assert flag in known, f"{page.name}: `{span}`: {tokens[0]} has no option {flag}"
+            checked += 1
+    assert checked >= 15
+
+
 def test_a_wrong_flag_is_caught():
     with pytest.raises(AssertionError, match="unrecognized arguments"):
         parse(["serve", "--no-such-flag"])
@@ -390,6 +411,8 @@ def test_robustness_numbers_match_results_json(results):
     assert {pct(s["plain"]["accuracy"]) for s in sq.values()} == {pct(s["request"]["whitebox_accuracy"]) for s in sq.values()} == {"0.0"}
     d = results["default_checkpoint"]
     assert f"{100 * d['plain']:.2f} % on the {d['n']:,} embedded MNIST test images ({100 * d['rci']:.2f} % served with RCI)" in readme
+    assert f"{100 * d['rci']:.2f} % expected against {100 * d['plain']:.2f} % on the default checkpoint" in flat(text(ROOT / "docs" / "rci.md"))
+    assert f"{100 * d['rci']:.2f} % expected over {d['draws']} draws" in flat(text(ROOT / "docs" / "training.md"))
 
 
 def test_rci_finding_matches_the_paired_tests(results):
