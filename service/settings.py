@@ -38,6 +38,10 @@ class ServeSettings(BaseSettings):
     max_connections: int = Field(256, ge=1, description="most open client connections; a request on a connection beyond it gets 503 + Retry-After and the connection closes")
     body_timeout_s: float = Field(10.0, gt=0, description="time from a request's arrival to the last byte of its body (at most --timeout-ms); slower gets 408 and the connection closes")
     header_timeout_s: float = Field(10.0, gt=0, description="time from a connection's first byte (or its opening) to the end of a request's headers; slower connections are closed")
+    max_header_bytes: int = Field(
+        32 * 1024, ge=1024, description="largest request head (request line and header fields, as nginx's 4 x 8 KiB); larger gets 431 and the connection closes"
+    )
+    max_headers: int = Field(100, ge=8, description="most header fields in one request; more gets 431 and the connection closes")
     keep_alive_s: float = Field(15.0, gt=0, description="idle keep-alive connections are closed after this long (uvicorn timeout_keep_alive); above the 5 s idle expiry of common clients (httpx, requests), so a client never reuses a connection the server is closing")
     metrics_host: str = Field("127.0.0.1", description="address of the Prometheus /metrics listener (0.0.0.0 only where the operator's network needs it)")
     metrics_port: int = Field(9464, ge=0, le=65535, description="port of the Prometheus /metrics listener, separate from the public port (0: any free port, logged at start)")
