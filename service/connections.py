@@ -5,12 +5,13 @@ not used: it bounds headers differently, by ``h11_max_incomplete_event_size`` al
 
 - **Slots.** At most ``max_connections`` connections hold a slot (:class:`ConnectionSlots`); a
   connection keeps its slot until its socket closes, whatever happened on it. A new connection
-  at the limit takes the slot of an idle connection (no request in the app: one that has not
-  yet sent complete headers, or a keep-alive connection between requests), which is closed:
-  the one idle the longest among those never answered, else the keep-alive connection idle the
-  longest. When every slot has a request in the app, the new connection waits
-  without one; once its request's headers are complete it tries again, and if there is still no
-  slot the admission middleware answers 503 + ``Retry-After`` (JSON) and the connection closes.
+  takes a free slot if there is one; otherwise it waits without one, and when its request's
+  headers are complete it takes the slot of an idle connection (no request in the app: one that
+  has not sent complete headers yet, or a keep-alive connection between requests), which is
+  closed: the one idle the longest among those never answered, else the keep-alive connection
+  idle the longest. So sockets that send nothing (or headers without end) never displace
+  anyone, and a complete request is refused only when every slot has a request in the app:
+  the admission middleware then answers 503 + ``Retry-After`` (JSON) and the connection closes.
   Beyond ``2 * max_connections + 16`` open sockets a new one is closed at once, unanswered.
 - **Header bounds.** A request's head (request line and header fields) may take at most
   ``max_header_bytes`` bytes and ``max_headers`` fields; past either, the protocol answers 431
@@ -55,22 +56,22 @@ class ConnectionSlots:
         self.admitted: set = set()
 
     def opened(self, conn) -> bool:
-        """Count ``conn`` and try to give it a slot; False when it must be closed at once (over the hard limit)."""
+        """Count ``conn`` and give it a free slot if there is one; False when it must be closed at once (over the hard limit)."""
         if len(self.open) >= self.hard_limit:
             return False
         self.open.add(conn)
         self._gauge()
-        self.admit(conn)
+        self.admit(conn, evict=False)
         return True
 
-    def admit(self, conn) -> bool:
-        """Whether ``conn`` holds a slot, giving it a free one or the longest-idle connection's."""
+    def admit(self, conn, evict: bool = True) -> bool:
+        """Whether ``conn`` holds a slot, giving it a free one or (``evict``) the longest-idle connection's."""
         if conn in self.admitted:
             return True
         if conn not in self.open:
             return False
         if len(self.admitted) >= self.limit:
-            idle = [c for c in self.admitted if c.evictable]
+            idle = [c for c in self.admitted if c.evictable] if evict else []
             if not idle:
                 return False
             victim = min(idle, key=lambda c: (c.answered, c.idle_since))

@@ -171,14 +171,15 @@ def test_idle_connections_give_way_and_an_admitted_connection_keeps_its_slot(ser
     try:
         keep.sendall(_get("/health/live"))
         assert _read_response(keep)[0] == 200  # a keep-alive client, admitted
-        silent = [_connect(server) for _ in range(LIMIT)]  # sockets that send nothing
-        # the fourth silent one took the slot of the first (never had a request), not the keep-alive client's
-        wait_for_metric(server, "codedsmooth_idle_connections_closed_total", lambda v: v - evicted >= 1)
+        silent = [_connect(server) for _ in range(LIMIT)]  # sockets that send nothing: the last one gets no slot
+        wait_for_metric(server, "codedsmooth_open_connections", lambda v: v == LIMIT + 1)
+        assert metric(server, "codedsmooth_idle_connections_closed_total") == evicted  # silent sockets displace nobody
         keep.sendall(_get("/health/live"))
         status, headers, _ = _read_response(keep)
-        assert status == 200 and headers.get("connection", "").lower() != "close"
+        assert status == 200 and headers.get("connection", "").lower() != "close"  # the admitted client kept its slot
         for _ in range(2 * LIMIT):  # fresh clients get in, each in the slot of the longest-idle silent socket
             assert httpx.get(server.url + "/health/live", timeout=10).status_code == 200
+        assert metric(server, "codedsmooth_idle_connections_closed_total") - evicted >= 1
         assert _closed_by_server(silent[0])
     finally:
         keep.close()
