@@ -22,7 +22,7 @@ class ServeSettings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=4096, description="most items in one device batch")
     max_delay_ms: float = Field(5.0, ge=0, description="longest wait for batch-mates, from the first request's arrival")
     max_queue_size: int = Field(256, ge=1, description="requests waiting for the model; beyond this, 503 + Retry-After")
-    timeout_ms: float = Field(10000.0, gt=0, description="deadline per request, from arrival; 504 when passed")
+    timeout_ms: float = Field(10000.0, gt=0, description="deadline per request, from when the server read its first byte; 504 when passed")
     rci: bool = Field(True, description="randomized coded inference on/off")
     rci_scope: Scope | None = Field(None, description=f"code each request with trusted filler (request) or the whole micro-batch together (batch) (default: {DEFAULT_SCOPE})")
     rci_group_size: int | None = Field(None, ge=2, description="K at inference (default: the checkpoint's K)")
