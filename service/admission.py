@@ -2,7 +2,10 @@
 
 The middleware is the outermost layer of the app. It asks the lifecycle to admit the request
 (``Lifecycle.admit`` stamps arrival and deadlines into ``scope["state"]["admission"]`` and counts it
-in flight) and releases it with the status actually sent, whatever happened on the way.
+in flight) and releases it with the status actually sent, whatever happened on the way. The
+arrival is when the server's protocol read the request's first byte (``connections.ARRIVAL``),
+and whether the request's connection holds one of the ``--max-connections`` slots is the
+protocol's word too (``connections.ADMITTED``).
 """
 
 from __future__ import annotations
@@ -10,8 +13,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+from .connections import ADMITTED, ARRIVAL
 from .errors import CLIENT_CLOSED, PayloadTooLarge, RequestTimeout, error_response
 from .lifecycle import Lifecycle
+
+
+CLOSE = {"Connection": "close"}  # uvicorn closes the connection after the answer, unread bytes and all
 
 
 class AdmissionMiddleware:
@@ -19,7 +26,8 @@ class AdmissionMiddleware:
 
     - stamps ``scope["state"]["admission"]`` (arrival, deadline, body deadline);
     - refuses a declared body over ``max_body_bytes`` with 413 before reading it, and a streamed one
-      as soon as it passes the limit;
+      as soon as it passes the limit, both with ``Connection: close`` (the rest is never read);
+    - answers a request on a connection without a slot 503 + ``Retry-After``, ``Connection: close``;
     - a body that has not fully arrived by the body deadline gets 408 and the connection closes;
     - counts the request in flight and records its status (499 when the client left first).
     """
@@ -33,8 +41,9 @@ class AdmissionMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         lc = self.lifecycle
-        admission = lc.admit()
-        scope.setdefault("state", {})["admission"] = admission
+        state = scope.setdefault("state", {})
+        admission = lc.admit(state.get(ARRIVAL))
+        state["admission"] = admission
         status: int | None = None
         disconnected = False
         body_done = False
@@ -61,7 +70,7 @@ class AdmissionMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise PayloadTooLarge(f"body exceeds the limit of {self.max_bytes} bytes")
+                    raise PayloadTooLarge(f"body exceeds the limit of {self.max_bytes} bytes", CLOSE)
                 if not message.get("more_body", False):
                     body_done = True
             elif message["type"] == "http.disconnect":
@@ -69,7 +78,7 @@ class AdmissionMiddleware:
             return message
 
         try:
-            if lc.connections > lc.settings.max_connections:
+            if not state.get(ADMITTED, True):  # the connection holds no slot (see connections.ConnectionSlots)
                 lc.metrics.rejected.labels("connections").inc()
                 message = f"too many connections (at most {lc.settings.max_connections}); retry later"
                 return await error_response(503, message, {"Retry-After": "1", "Connection": "close"})(scope, receive, recording_send)
@@ -78,7 +87,7 @@ class AdmissionMiddleware:
                 if not (declared.isascii() and declared.isdigit()):
                     return await error_response(400, "Content-Length is not a decimal integer")(scope, receive, recording_send)
                 if int(declared) > self.max_bytes:
-                    return await error_response(413, f"body of {int(declared)} bytes exceeds the limit of {self.max_bytes} bytes")(
+                    return await error_response(413, f"body of {int(declared)} bytes exceeds the limit of {self.max_bytes} bytes", CLOSE)(
                         scope, receive, recording_send
                     )
             await self.app(scope, guarded_receive, recording_send)

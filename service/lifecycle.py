@@ -22,6 +22,7 @@ import torch
 from fastapi import Request
 
 from .batcher import MicroBatcher
+from .connections import ConnectionSlots
 from .engine import InferenceEngine
 from .errors import ClientGone, DeadlineExceeded, NotFound, Unavailable
 from .metrics import BatchObserver, Metrics
@@ -53,7 +54,7 @@ class Lifecycle:
         self.engine: InferenceEngine | None = None
         self.batcher: MicroBatcher | None = None
         self.in_flight = 0
-        self.connections = 0  # open HTTP connections, counted by the server's protocol class
+        self.connections = ConnectionSlots(settings.max_connections, self.metrics)  # filled by the server's protocol class
         self._no_requests: asyncio.Event | None = None  # set while in_flight == 0 (made on the loop)
         self._drain_task: asyncio.Task | None = None
         self.model_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codedsmooth-model")
@@ -109,8 +110,9 @@ class Lifecycle:
 
     # ---- admission ---------------------------------------------------------
 
-    def admit(self) -> Admission:
-        now = time.monotonic()
+    def admit(self, arrival: float | None = None) -> Admission:
+        """Count a request in flight; its deadlines run from ``arrival`` (when its first byte was read; default: now)."""
+        now = time.monotonic() if arrival is None else arrival
         deadline = now + self.settings.timeout_ms / 1000.0
         self.in_flight += 1
         self.metrics.in_flight.inc()

@@ -36,6 +36,8 @@ class Metrics:
         self.batch_requests = Histogram("codedsmooth_batch_requests", "requests per device batch", buckets=SIZE_BUCKETS, registry=r)
         self.in_flight = Gauge("codedsmooth_requests_in_flight", "HTTP requests being handled", registry=r)
         self.queue_depth = Gauge("codedsmooth_queue_depth", "accepted requests waiting for the model (queued or gathered into the next batch)", registry=r)
+        self.connections = Gauge("codedsmooth_open_connections", "open client connections on the public port", registry=r)
+        self.connections_evicted = Counter("codedsmooth_idle_connections_closed_total", "connections without a request in the app closed to admit a new one at --max-connections", registry=r)
         self.rejected = Counter("codedsmooth_rejected_total", "requests refused or dropped before compute", ["reason"], registry=r)
         self.ready = Gauge("codedsmooth_model_ready", "1 when the model is loaded and warm", registry=r)
         self.rci_groups = Histogram("codedsmooth_rci_coding_groups", "coding groups per device batch", buckets=SIZE_BUCKETS, registry=r)

@@ -13,8 +13,14 @@ warm-up at start, the lifecycle's drain at stop).
   and with GPUs Ray sets ``CUDA_VISIBLE_DEVICES`` so ``cuda`` is the replica's own GPU.
 - **Host and port** are the Ray Serve HTTP proxy's. Timeouts, limits and RCI options keep
   their meaning inside each replica; the proxy (not the replica) holds client connections, so
-  ``--max-connections`` and ``--header-timeout-s`` are not enforced under Ray, and
-  ``--keep-alive-s`` becomes the proxy's keep-alive.
+  ``--max-connections``, ``--header-timeout-s``, ``--max-header-bytes`` and ``--max-headers``
+  are not enforced under Ray, and ``--keep-alive-s`` becomes the proxy's keep-alive. Ray Serve
+  2.60's proxy (uvicorn with httptools) bounds neither the size nor the count of request
+  headers nor the time to send them, and its ``HTTPOptions`` offer no such setting; its
+  experimental HAProxy ingress (``RAY_SERVE_ENABLE_HA_PROXY=1``, head bounded by
+  ``RAY_SERVE_HAPROXY_TUNE_BUFSIZE``, 16 KiB) replaces the proxy and the middleware below and
+  answers its own errors in HTML, so it is not used here. A public deployment puts a reverse
+  proxy with header limits in front (see the README).
 - **Metrics.** Each replica serves its own Prometheus registry on its own listener at
   ``--metrics-host:(--metrics-port + the replica's rank on its node)`` (0: any free port), every
   sample labelled ``replica``, ``deployment`` and ``app``. The address is logged by the replica.

@@ -1,4 +1,4 @@
-"""Runs the app under uvicorn: connection limits, header timeout, metrics listener, one graceful drain.
+"""Runs the app under uvicorn (with the protocol of ``.connections``), the metrics listener, one graceful drain.
 
 On the first SIGTERM/SIGINT the lifecycle drains once: readiness goes 503, new requests get 503 +
 ``Retry-After``, accepted requests finish for up to ``drain_timeout_s``; whatever is still unanswered
@@ -17,6 +17,7 @@ import sys
 import uvicorn
 
 from .app import create_app
+from .connections import protocol_class
 from .lifecycle import EngineFactory, Lifecycle
 from .metrics import start_metrics_listener
 from .settings import ServeSettings
@@ -26,65 +27,6 @@ log = logging.getLogger("codedsmooth.server")
 # After the drain, uvicorn closes idle connections and waits for the rest this long (seconds).
 # The drain has answered every accepted request by then, so what is left is a client mid-body.
 AFTER_DRAIN_GRACE_S = 0.5
-
-
-def _protocol_class(header_timeout_s: float, lifecycle: Lifecycle):
-    """uvicorn's HTTP protocol (httptools when installed, else h11) with a header read timeout and a
-    connection count.
-
-    A connection must deliver a request's complete headers within ``header_timeout_s`` of its
-    opening or of the first byte of that request; otherwise it is closed. (uvicorn itself only
-    times out idle keep-alive connections.)
-
-    Open connections are counted on the lifecycle; above ``max_connections`` its admission answers
-    503 + ``Retry-After`` (JSON, ``Connection: close``). uvicorn's own ``limit_concurrency`` would
-    answer a text/plain 503 without ``Retry-After``, breaking the error contract, so it is only set
-    as a backstop above that limit.
-    """
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
-    except ImportError:  # pragma: no cover - uvicorn[standard] brings httptools
-        from uvicorn.protocols.http.h11_impl import H11Protocol as base
-
-    class HeaderTimeoutProtocol(base):
-        _header_timer: asyncio.TimerHandle | None = None
-
-        def _awaiting_headers(self) -> bool:
-            return self.cycle is None or self.cycle.response_complete
-
-        def _arm(self) -> None:
-            if self._header_timer is None:
-                self._header_timer = self.loop.call_later(header_timeout_s, self._headers_too_slow)
-
-        def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _headers_too_slow(self) -> None:
-            self._header_timer = None
-            if self._awaiting_headers() and not self.transport.is_closing():
-                log.info("closing a connection that sent no complete request headers within %gs", header_timeout_s)
-                self.transport.close()
-
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            lifecycle.connections += 1
-            self._arm()
-
-        def data_received(self, data: bytes) -> None:
-            if self._awaiting_headers():
-                self._arm()
-            super().data_received(data)
-            if not self._awaiting_headers():
-                self._disarm()
-
-        def connection_lost(self, exc) -> None:
-            lifecycle.connections -= 1
-            self._disarm()
-            super().connection_lost(exc)
-
-    return HeaderTimeoutProtocol
 
 
 class DrainingServer(uvicorn.Server):
@@ -118,8 +60,9 @@ def uvicorn_config(app, settings: ServeSettings) -> uvicorn.Config:
         port=settings.port,
         log_level=settings.log_level,
         workers=1,
-        http=_protocol_class(settings.header_timeout_s, lifecycle),
-        limit_concurrency=2 * settings.max_connections + 16,  # backstop only, see _protocol_class
+        http=protocol_class(settings, lifecycle),  # connection slots, header bounds and timeout: see .connections
+        ws="none",  # no WebSocket routes: an upgrade request is answered as HTTP/1.1
+        server_header=False,
         timeout_keep_alive=settings.keep_alive_s,
         timeout_graceful_shutdown=AFTER_DRAIN_GRACE_S,  # type: ignore[arg-type] - uvicorn accepts a float
         access_log=False,

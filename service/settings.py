@@ -22,7 +22,7 @@ class ServeSettings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=4096, description="most items in one device batch")
     max_delay_ms: float = Field(5.0, ge=0, description="longest wait for batch-mates, from the first request's arrival")
     max_queue_size: int = Field(256, ge=1, description="requests waiting for the model; beyond this, 503 + Retry-After")
-    timeout_ms: float = Field(10000.0, gt=0, description="deadline per request, from arrival; 504 when passed")
+    timeout_ms: float = Field(10000.0, gt=0, description="deadline per request, from when the server read its first byte; 504 when passed")
     rci: bool = Field(True, description="randomized coded inference on/off")
     rci_scope: Scope | None = Field(None, description=f"code each request with trusted filler (request) or the whole micro-batch together (batch) (default: {DEFAULT_SCOPE})")
     rci_group_size: int | None = Field(None, ge=2, description="K at inference (default: the checkpoint's K)")
@@ -39,6 +39,10 @@ class ServeSettings(BaseSettings):
     max_connections: int = Field(256, ge=1, description="most open client connections; a request on a connection beyond it gets 503 + Retry-After and the connection closes")
     body_timeout_s: float = Field(10.0, gt=0, description="time from a request's arrival to the last byte of its body (at most --timeout-ms); slower gets 408 and the connection closes")
     header_timeout_s: float = Field(10.0, gt=0, description="time from a connection's first byte (or its opening) to the end of a request's headers; slower connections are closed")
+    max_header_bytes: int = Field(
+        32 * 1024, ge=1024, description="largest request head (request line and header fields, as nginx's 4 x 8 KiB); larger gets 431 and the connection closes"
+    )
+    max_headers: int = Field(100, ge=8, description="most header fields in one request; more gets 431 and the connection closes")
     keep_alive_s: float = Field(15.0, gt=0, description="idle keep-alive connections are closed after this long (uvicorn timeout_keep_alive); above the 5 s idle expiry of common clients (httpx, requests), so a client never reuses a connection the server is closing")
     metrics_host: str = Field("127.0.0.1", description="address of the Prometheus /metrics listener (0.0.0.0 only where the operator's network needs it)")
     metrics_port: int = Field(9464, ge=0, le=65535, description="port of the Prometheus /metrics listener, separate from the public port (0: any free port, logged at start)")

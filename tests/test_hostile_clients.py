@@ -361,7 +361,10 @@ def test_headers_that_never_finish_are_cut_off(server):
 
 def test_connections_beyond_the_limit_get_503_with_retry_after(tiny_checkpoint):
     with running_server(tiny_checkpoint, max_connections=4) as srv:
-        idle = [_connect(srv) for _ in range(4)]
+        idle = [_connect(srv) for _ in range(4)]  # each with a request waiting for its body: no slot to give way
+        for s in idle:
+            s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        wait_for_metric(srv, "codedsmooth_requests_in_flight", lambda v: v == 4)
         try:
             r = httpx.post(srv.url + "/v1/predict", json={"inputs": [GOOD_ITEM]}, timeout=30)
             assert r.status_code == 503 and r.headers.get("retry-after") and "connections" in r.json()["error"]
