@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .randomness import RandomSource, choices, permutations
+from .spec import check_scope
 from .spline import SplineCode
 
 
@@ -95,6 +96,7 @@ def plan_groups(sizes: Sequence[int], scope: str, k: int, filler_pool: int, sour
     sizes = [int(s) for s in sizes]
     if k < 2 or any(s < 1 for s in sizes):
         raise ValueError(f"need K >= 2 and requests of at least one item, got K={k}, sizes={sizes}")
+    check_scope(scope)
     total = sum(sizes)
     if scope == "request":
         members, units, start = [], [], 0
@@ -104,12 +106,10 @@ def plan_groups(sizes: Sequence[int], scope: str, k: int, filler_pool: int, sour
                 members.append(torch.arange(start + g, min(start + g + k, start + size)))
                 units.append(unit)
             start += size
-    elif scope == "batch":
+    else:  # batch
         unit = source.unit()
         members = list(permutations(unit, 1, total)[0].split(k))
         units = [unit] * len(members)
-    else:
-        raise ValueError(f"scope must be 'request' or 'batch', got {scope!r}")
     if filler_pool < 1 and any(len(m) < k for m in members):
         raise ValueError("padding a coding group needs a filler pool of at least one item")
     # Draws go group by group (filler, then permutation), so with a seeded source a

