@@ -1,4 +1,4 @@
-"""The math of coded-smoothing: spline codes, the coded loss, N schedule, the coding spec and RCI. Pure torch, no I/O."""
+"""The math of coded-smoothing: spline codes, the coded loss, N schedule, the coding spec, RCI and the differentiable attack primitives (``core.attacks``). Pure torch, no I/O."""
 
 from .randomness import RandomSource, SeededRandomSource, SystemRandomSource
 from .rci import CodingPlan, apply_plan, hoist_affine_prefix, identity_permutations, plan_groups, random_permutations, rci_forward, sparse_width

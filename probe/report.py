@@ -20,11 +20,11 @@ import torch
 from tqdm.auto import tqdm
 
 from codedsmooth.core import SCOPES, CodingSpec
+from codedsmooth.core.attacks import apgd
 from codedsmooth.models import METHODS, Checkpoint, Method, load_checkpoint
 from codedsmooth.service.launcher import local_server
 from codedsmooth.train import TrainConfig, as_float, load_dataset, train
 
-from .attacks import apgd
 from .cotenant import cotenant_report
 from .evaluate import AttackConfig
 from .render import render, write_figures

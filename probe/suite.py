@@ -20,7 +20,9 @@ from typing import Callable
 
 import torch
 
-from .attacks import apgd, pgd, square_attack
+from codedsmooth.core.attacks import apgd, pgd
+
+from .square import square_attack
 from .targets import RCIModel
 
 Attack = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, y, indices into the image set) -> x_adv

@@ -1,10 +1,12 @@
-"""Real servers for tests: ``codedsmooth serve`` child processes on 127.0.0.1 with 2 torch threads."""
+"""Test helpers: real servers (``codedsmooth serve`` child processes on 127.0.0.1 with 2 torch threads),
+waiting on observable state, and per-image outcomes (the independent worst case the report's cascade is checked against)."""
 
 import subprocess
 import sys
 import time
 
 import httpx
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from codedsmooth.service.launcher import LocalServer, free_port, local_server
@@ -69,4 +71,21 @@ def running_server(checkpoint, **settings):
     return local_server(checkpoint, threads=settings.pop("threads", 2), **settings)
 
 
-__all__ = ["ServerProcess", "running_server", "free_port", "metric_samples", "metric", "wait_for_metric", "wait_until", "run_in_fresh_interpreter"]
+@torch.no_grad()
+def correct_per_image(predict_fn, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Boolean per image: ``predict_fn`` (logits or probabilities) puts its top score on the label."""
+    out = [predict_fn(x[i : i + batch_size]).argmax(1).cpu() == y[i : i + batch_size].cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
+def worst_case(robust) -> torch.Tensor:
+    """Per-image worst case over attacks: robust only where robust under every attack (logical AND)."""
+    masks = [torch.as_tensor(r, dtype=torch.bool).cpu() for r in robust]
+    if not masks:
+        raise ValueError("worst_case needs at least one attack's per-image outcome")
+    if len({m.shape for m in masks}) != 1:
+        raise ValueError(f"per-image outcomes differ in shape: {[tuple(m.shape) for m in masks]}")
+    return torch.stack(masks).all(0)
+
+
+__all__ = ["ServerProcess", "running_server", "free_port", "metric_samples", "metric", "wait_for_metric", "wait_until", "run_in_fresh_interpreter", "correct_per_image", "worst_case"]

@@ -75,7 +75,9 @@ def test_import_from_a_directory_with_its_own_models_folder(tmp_path):
 
 
 def test_pgd_at_trains_loads_and_is_more_robust_than_erm(digits, tmp_path):
-    from codedsmooth.probe.attacks import correct_per_image, pgd
+    from helpers import correct_per_image
+
+    from codedsmooth.core.attacks import pgd
 
     eps = 0.1
     robust = {}

@@ -41,8 +41,8 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from codedsmooth.core import CodedSmoothing, NSchedule, TrainedCoding, coded_points_for, default_n_end
+from codedsmooth.core.attacks import pgd, pgd_step_size
 from codedsmooth.models import METHODS, Method, build_model, default_arch_for, save_checkpoint
-from codedsmooth.probe.attacks import pgd
 
 from . import distributed
 from .data import DATASETS, DataSplit, as_float, load_dataset
@@ -158,7 +158,7 @@ def adversarial_training_settings(cfg: TrainConfig, input_shape: tuple[int, ...]
     """pgd-at's ε, steps and step size, the ``None`` ones resolved by data shape."""
     mnist_like = tuple(input_shape) == (1, 28, 28)
     eps = cfg.at_eps if cfg.at_eps is not None else (0.3 if mnist_like else 8 / 255)
-    step_size = cfg.at_step_size if cfg.at_step_size is not None else 2.5 * eps / cfg.at_steps
+    step_size = cfg.at_step_size if cfg.at_step_size is not None else pgd_step_size(eps, cfg.at_steps)
     return {
         "eps": eps, "steps": cfg.at_steps, "step_size": step_size, "warmup": cfg.at_warmup,
         "random_start": True, "loss": "ce", "attack_mode": "train",
