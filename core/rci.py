@@ -212,30 +212,6 @@ def hoist_affine_prefix(trunk: nn.Module, block: nn.Module) -> tuple[nn.Sequenti
     return nn.Sequential(trunk, *leaves[:cut]), nn.Sequential(*leaves[cut:])
 
 
-def random_permutations(groups: int, k: int, generator: torch.Generator | None) -> torch.Tensor:
-    """(groups, k) permutations from a torch generator (training-side and benchmark use)."""
-    return torch.rand(groups, k, generator=generator).argsort(dim=1)
-
-
 def identity_permutations(groups: int, k: int) -> torch.Tensor:
+    """(groups, k) identity permutations: every draw fixed (the attack client's sanity-check model)."""
     return torch.arange(k).expand(groups, k).clone()
-
-
-def rci_forward(
-    block: nn.Module,
-    x: torch.Tensor,
-    code: SplineCode,
-    generator: torch.Generator | None = None,
-    permute: bool = True,
-) -> torch.Tensor:
-    """RCI on one batch ``x`` of K items coded together (the paper's batch semantics).
-
-    Deterministic given ``generator``; ``permute=False`` uses the identity permutation.
-    """
-    k = x.shape[0]
-    if k != code.k:
-        raise ValueError(f"batch has {k} items but the code expects K={code.k}")
-    perms = random_permutations(1, k, generator) if permute else identity_permutations(1, k)
-    plan = CodingPlan(torch.arange(k).unsqueeze(0), perms, k)
-    return apply_plan(block, x, x[:0], plan, code)
-

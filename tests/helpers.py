@@ -1,11 +1,14 @@
 """Test helpers: real servers (``codedsmooth serve`` child processes on 127.0.0.1 with 2 torch threads),
 waiting on observable state, and per-image outcomes (the independent worst case the report's cascade is checked against)."""
 
+import gzip
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
+import numpy as np
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -88,4 +91,19 @@ def worst_case(robust) -> torch.Tensor:
     return torch.stack(masks).all(0)
 
 
-__all__ = ["ServerProcess", "running_server", "free_port", "metric_samples", "metric", "wait_for_metric", "wait_until", "run_in_fresh_interpreter", "correct_per_image", "worst_case"]
+# The IDX format's type codes (third byte of the magic number), as LeCun's MNIST page lists them.
+IDX_TYPE_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B, np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D, np.dtype(np.float64): 0x0E}
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    """Write ``array`` as an IDX file (big-endian; gzipped when ``path`` ends in .gz), for the reader's tests."""
+    array = np.asarray(array)
+    code = IDX_TYPE_CODES.get(array.dtype.newbyteorder("="))
+    if code is None:
+        raise ValueError(f"IDX cannot store dtype {array.dtype}")
+    body = bytes([0, 0, code, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    body += np.ascontiguousarray(array, dtype=array.dtype.newbyteorder(">")).tobytes()
+    Path(path).write_bytes(gzip.compress(body) if str(path).endswith(".gz") else body)
+
+
+__all__ = ["ServerProcess", "running_server", "free_port", "metric_samples", "metric", "wait_for_metric", "wait_until", "run_in_fresh_interpreter", "correct_per_image", "worst_case", "write_idx"]
