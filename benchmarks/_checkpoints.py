@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from codedsmooth.core import default_n_end
+from codedsmooth.core import TrainedCoding, default_n_end
 from codedsmooth.models import build_model, save_checkpoint
 
 SHAPES = {"preact_resnet18": (3, 32, 32), "small_cnn": (1, 28, 28)}
@@ -28,7 +29,7 @@ def make_checkpoint(out: Path, arch: str = "preact_resnet18", width: int = 64, k
         "classes": [str(i) for i in range(10)],
         "normalization": {"mean": kwargs["mean"], "std": kwargs["std"]},
         "training": {"method": "erm"},
-        "coding": {"k": k, "n": n or default_n_end(k), "target_block": TARGETS[arch], "data_points": "equispaced", "coded_points": "chebyshev-gauss"},
+        "coding": asdict(TrainedCoding(k, n or default_n_end(k), TARGETS[arch])),
         "dataset": "random",
         "test_accuracy": None,
     }

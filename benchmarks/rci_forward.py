@@ -1,5 +1,8 @@
 """RCI forward vs plain forward, in one run: prints time ratios at N = K and the default N (1.5K).
 
+RCI is what the server runs for a micro-batch of K items in batch scope: ``plan_groups`` (one
+group, a permutation from the OS CSPRNG) and ``apply_plan`` on the trunk's output.
+
 Usage: python benchmarks/rci_forward.py [--device cpu|cuda] [--k 64] [--width 64]
 """
 
@@ -14,8 +17,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import interleaved_medians  # noqa: E402
 
-from codedsmooth.core import SplineCode, default_n_end, rci_forward  # noqa: E402
+from codedsmooth.core import SplineCode, SystemRandomSource, apply_plan, default_n_end, plan_groups  # noqa: E402
 from codedsmooth.models import build_model, resolve_device  # noqa: E402
+
+
+def _rci(block, z, code, source):
+    plan = plan_groups([len(z)], "batch", code.k, 0, source)
+    return apply_plan(block, z, z[:0], plan, code)
 
 
 def main() -> None:
@@ -38,12 +46,12 @@ def main() -> None:
         model = model.to(device).eval()
         trunk, block = model.split()
         x = torch.rand(k, *shape, device=device)
-        gen = torch.Generator().manual_seed(0)
+        source = SystemRandomSource()
         codes = {n: SplineCode(k, n, device=device) for n in (k, default_n_end(k))}
         with torch.inference_mode():
             fns = {"plain": lambda: model(x)}
             for n, code in codes.items():
-                fns[f"rci N={n}"] = lambda code=code: rci_forward(block, trunk(x), code, gen)
+                fns[f"rci N={n}"] = lambda code=code: _rci(block, trunk(x), code, source)
             med = interleaved_medians(fns, rounds=args.rounds, sync=sync)
         base = med["plain"]
         parts = [f"plain {base * 1e3:.2f} ms"]

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .randomness import RandomSource, choices, permutations
+from .spec import check_scope
 from .spline import SplineCode
 
 
@@ -95,6 +96,7 @@ def plan_groups(sizes: Sequence[int], scope: str, k: int, filler_pool: int, sour
     sizes = [int(s) for s in sizes]
     if k < 2 or any(s < 1 for s in sizes):
         raise ValueError(f"need K >= 2 and requests of at least one item, got K={k}, sizes={sizes}")
+    check_scope(scope)
     total = sum(sizes)
     if scope == "request":
         members, units, start = [], [], 0
@@ -104,12 +106,10 @@ def plan_groups(sizes: Sequence[int], scope: str, k: int, filler_pool: int, sour
                 members.append(torch.arange(start + g, min(start + g + k, start + size)))
                 units.append(unit)
             start += size
-    elif scope == "batch":
+    else:  # batch
         unit = source.unit()
         members = list(permutations(unit, 1, total)[0].split(k))
         units = [unit] * len(members)
-    else:
-        raise ValueError(f"scope must be 'request' or 'batch', got {scope!r}")
     if filler_pool < 1 and any(len(m) < k for m in members):
         raise ValueError("padding a coding group needs a filler pool of at least one item")
     # Draws go group by group (filler, then permutation), so with a seeded source a
@@ -212,30 +212,6 @@ def hoist_affine_prefix(trunk: nn.Module, block: nn.Module) -> tuple[nn.Sequenti
     return nn.Sequential(trunk, *leaves[:cut]), nn.Sequential(*leaves[cut:])
 
 
-def random_permutations(groups: int, k: int, generator: torch.Generator | None) -> torch.Tensor:
-    """(groups, k) permutations from a torch generator (training-side and benchmark use)."""
-    return torch.rand(groups, k, generator=generator).argsort(dim=1)
-
-
 def identity_permutations(groups: int, k: int) -> torch.Tensor:
+    """(groups, k) identity permutations: every draw fixed (the attack client's sanity-check model)."""
     return torch.arange(k).expand(groups, k).clone()
-
-
-def rci_forward(
-    block: nn.Module,
-    x: torch.Tensor,
-    code: SplineCode,
-    generator: torch.Generator | None = None,
-    permute: bool = True,
-) -> torch.Tensor:
-    """RCI on one batch ``x`` of K items coded together (the paper's batch semantics).
-
-    Deterministic given ``generator``; ``permute=False`` uses the identity permutation.
-    """
-    k = x.shape[0]
-    if k != code.k:
-        raise ValueError(f"batch has {k} items but the code expects K={code.k}")
-    perms = random_permutations(1, k, generator) if permute else identity_permutations(1, k)
-    plan = CodingPlan(torch.arange(k).unsqueeze(0), perms, k)
-    return apply_plan(block, x, x[:0], plan, code)
-

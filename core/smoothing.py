@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .spec import DEFAULT_CODED_POINTS, DEFAULT_DATA_POINTS, default_n_end
+from .spec import DEFAULT_CODED_POINTS, DEFAULT_DATA_POINTS, coded_points_for, default_n_end
 from .spline import SplineCode
 
 MIN_CODED_BATCH = 4
@@ -44,22 +44,14 @@ class NSchedule:
         return NSchedule(n_start=k, n_end=default_n_end(k), epochs=epochs)
 
 
-def coded_points_for(batch: int, k: int, n: int, coded_kind: str = DEFAULT_CODED_POINTS) -> int:
-    """N for a batch of ``batch`` items when the schedule says N for K (keeps N/K).
-
-    With Gauss coded points an odd batch never gets an odd N (both sets would hold 0).
-    """
-    m = n if batch == k else max(batch, int(round(n * batch / k)))
-    return m + 1 if (coded_kind == DEFAULT_CODED_POINTS and batch % 2 == 1 and m % 2 == 1) else m
-
-
 class CodedSmoothing(nn.Module):
     """Wraps ``block``; in training returns (output, coded_loss), in eval just the output.
 
     ``n`` is the number of coded points for a full batch of ``k`` items; shorter
-    batches keep the ratio N/K. Batches of fewer than 4 items are not coded (the
-    coded loss is 0 and ``last_skip_reason`` says why): a cubic spline through
-    2–3 points is at most a quadratic and the penalty would be meaningless.
+    batches keep the ratio N/K (``core.spec.coded_points_for``). Batches of fewer
+    than 4 items are not coded (the coded loss is 0 and ``last_skip_reason`` says
+    why): a cubic spline through 2–3 points is at most a quadratic and the
+    penalty would be meaningless.
     """
 
     def __init__(self, block: nn.Module, k: int, n: int | None = None, mu: float = 1.0, data_kind: str = DEFAULT_DATA_POINTS, coded_kind: str = DEFAULT_CODED_POINTS):

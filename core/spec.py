@@ -1,7 +1,18 @@
 """The coding spec: what RCI computes (on/off, scope, K, N, point kinds, sparse decode), in one typed value.
 
-This is the only place the defaults are written. A spec is resolved once,
-from what the checkpoint was trained with plus what the operator asked for:
+This is the only place the coding vocabulary (scopes, point kinds) and the
+coding rules are written; ``SplineCode``, ``CodedSmoothing``, the trainer and
+the server ask this module:
+- the point kinds: data points ``equispaced``; coded points ``chebyshev-gauss``
+  (the default) or ``chebyshev-lobatto`` (legacy: checkpoints written before the
+  kinds were named used it);
+- odd K with odd N is refused with Gauss points (both point sets then hold 0,
+  see ``core.spline``), and every N this module chooses is made even there
+  (``fix_parity``);
+- N for a group of another size keeps the ratio N/K (``coded_points_for``).
+
+A spec is resolved once, from what the checkpoint was trained with plus what
+the operator asked for:
 - K defaults to the trained K;
 - N defaults to the N the training schedule ended at (scaled by K/K_trained
   when K is overridden), so a model is served with the code it was fitted to;
@@ -14,14 +25,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Literal
+from typing import Literal, get_args
 
 Scope = Literal["request", "batch"]
-SCOPES: tuple[str, ...] = ("request", "batch")
+SCOPES: tuple[Scope, ...] = get_args(Scope)
 DEFAULT_SCOPE: Scope = "request"
-DEFAULT_DATA_POINTS = "equispaced"
-DEFAULT_CODED_POINTS = "chebyshev-gauss"
-LEGACY_CODED_POINTS = "chebyshev-lobatto"
+DataPointKind = Literal["equispaced"]
+CodedPointKind = Literal["chebyshev-gauss", "chebyshev-lobatto"]
+DATA_POINT_KINDS: tuple[DataPointKind, ...] = get_args(DataPointKind)
+CODED_POINT_KINDS: tuple[CodedPointKind, ...] = get_args(CodedPointKind)
+DEFAULT_DATA_POINTS: DataPointKind = "equispaced"
+DEFAULT_CODED_POINTS: CodedPointKind = "chebyshev-gauss"
+LEGACY_CODED_POINTS: CodedPointKind = "chebyshev-lobatto"
 # N at the end of training (and so at serving) as a multiple of K: 1.5 K decodes
 # almost exactly while still coding every item with its neighbours.
 DEFAULT_N_RATIO = 1.5
@@ -32,14 +47,50 @@ DEFAULT_N_RATIO = 1.5
 DEFAULT_DECODE_TOLERANCE = 1e-2
 
 
+def check_scope(scope: str) -> None:
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
+
+
+def check_point_kinds(data_kind: str, coded_kind: str) -> None:
+    if data_kind not in DATA_POINT_KINDS:
+        raise ValueError(f"unknown data point kind {data_kind!r}; known: {list(DATA_POINT_KINDS)}")
+    if coded_kind not in CODED_POINT_KINDS:
+        raise ValueError(f"unknown coded point kind {coded_kind!r}; known: {list(CODED_POINT_KINDS)}")
+
+
+def shares_a_point(k: int, n: int, coded_kind: str = DEFAULT_CODED_POINTS) -> bool:
+    """Whether a data point coincides with an interior coded point: Gauss points with K and N both odd (both hold 0)."""
+    return coded_kind == "chebyshev-gauss" and k % 2 == 1 and n % 2 == 1
+
+
+def check_code(k: int, n: int, coded_kind: str = DEFAULT_CODED_POINTS) -> None:
+    """Refuse a K/N pair the spline code cannot code without an exact (uncoded) slot."""
+    if shares_a_point(k, n, coded_kind):
+        raise ValueError(f"K={k} and N={n} are both odd: equispaced and Gauss points then share 0, which codes that slot exactly; make N even")
+
+
+def fix_parity(k: int, n: int, coded_kind: str = DEFAULT_CODED_POINTS) -> int:
+    """``n``, raised by one where K and N would share a point (see :func:`shares_a_point`)."""
+    return n + 1 if shares_a_point(k, n, coded_kind) else n
+
+
+def coded_points_for(batch: int, k: int, n: int, coded_kind: str = DEFAULT_CODED_POINTS) -> int:
+    """N for a group of ``batch`` items when the code says N for K (keeps N/K, at least ``batch``).
+
+    With Gauss coded points an odd group never gets an odd N (both sets would hold 0).
+    """
+    m = n if batch == k else max(batch, int(round(n * batch / k)))
+    return fix_parity(batch, m, coded_kind)
+
+
 def default_n_end(k: int) -> int:
     """The N a training schedule ends at for K items: ceil(1.5 K), made even where K is odd.
 
     Gauss coded points and equispaced data points share the point 0 when K and
     N are both odd, which would code that slot exactly (see ``core.spline``).
     """
-    n = math.ceil(DEFAULT_N_RATIO * k)
-    return n + 1 if (k % 2 == 1 and n % 2 == 1) else n
+    return fix_parity(k, math.ceil(DEFAULT_N_RATIO * k))
 
 
 @dataclass(frozen=True)
@@ -49,8 +100,8 @@ class TrainedCoding:
     k: int
     n: int
     target_block: str
-    data_points: str = DEFAULT_DATA_POINTS
-    coded_points: str = DEFAULT_CODED_POINTS
+    data_points: DataPointKind = DEFAULT_DATA_POINTS
+    coded_points: CodedPointKind = DEFAULT_CODED_POINTS
 
 
 @dataclass(frozen=True)
@@ -61,22 +112,20 @@ class CodingSpec:
     scope: Scope
     k: int
     n: int
-    data_points: str = DEFAULT_DATA_POINTS
-    coded_points: str = DEFAULT_CODED_POINTS
+    data_points: DataPointKind = DEFAULT_DATA_POINTS
+    coded_points: CodedPointKind = DEFAULT_CODED_POINTS
     decode_tolerance: float = 0.0
 
     def __post_init__(self):
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {list(SCOPES)}, got {self.scope!r}")
+        check_scope(self.scope)
         if self.k < 2:
             raise ValueError(f"group size K must be at least 2, got {self.k}")
         if self.n < self.k:
             raise ValueError(f"coded points N={self.n} must be >= the group size K={self.k}")
         if not 0.0 <= self.decode_tolerance < 1.0:
             raise ValueError(f"decode tolerance must be in [0, 1), got {self.decode_tolerance}")
-        from .spline import SplineCode
-
-        SplineCode(self.k, self.n, data_kind=self.data_points, coded_kind=self.coded_points)  # refuses kinds and K/N it cannot code
+        check_point_kinds(self.data_points, self.coded_points)
+        check_code(self.k, self.n, self.coded_points)
 
     @staticmethod
     def resolve(
@@ -90,9 +139,7 @@ class CodingSpec:
         """The spec in force for a checkpoint trained with ``trained`` and the given overrides (None: default)."""
         k = int(k or trained.k)
         if n is None:
-            n = trained.n if k == trained.k else max(k, round(trained.n * k / trained.k))
-            if trained.coded_points == DEFAULT_CODED_POINTS and k % 2 == 1 and n % 2 == 1:
-                n += 1
+            n = coded_points_for(k, trained.k, trained.n, trained.coded_points)
         scope = scope or DEFAULT_SCOPE
         tol = DEFAULT_DECODE_TOLERANCE if decode_tolerance is None else float(decode_tolerance)
         return CodingSpec(

@@ -7,7 +7,8 @@ the N coded points ``beta``; the decoder fits a spline through the block's N
 outputs at ``beta`` and samples it at ``alpha``.
 
 Point kinds (named in a checkpoint's coding spec, so a model is served with the
-points it was trained with):
+points it was trained with; the names, the default and the rules below are
+written in ``core.spec``):
 - data points ``equispaced``: K equispaced points on [-1, 1], ends included;
 - coded points ``chebyshev-gauss`` (default): the N Chebyshev points of the first
   kind cos((2j+1)π/2N), strictly inside (-1, 1), clustered near the ends;
@@ -21,7 +22,7 @@ points share ±1 with the data points (slots 0 and K-1). Equispaced points are
 rational, and by Niven's theorem the only rational values of cos(rπ) are 0,
 ±1/2 and ±1; cos((2j+1)π/2N) is never ±1 or ±1/2, and is 0 only for odd N.
 So Gauss points meet the data points only when K and N are both odd (both sets
-then hold 0), a pair ``SplineCode`` refuses. The decoder then extrapolates a
+then hold 0), a pair ``SplineCode`` refuses (``core.spec.check_code``). The decoder then extrapolates a
 little (to ±1 from ±cos(π/2N)), which the natural end pieces handle.
 """
 
@@ -32,12 +33,10 @@ import math
 
 import torch
 
-
-DATA_POINT_KINDS = ("equispaced",)
-CODED_POINT_KINDS = ("chebyshev-gauss", "chebyshev-lobatto")
+from .spec import CODED_POINT_KINDS, DATA_POINT_KINDS, DEFAULT_CODED_POINTS, DEFAULT_DATA_POINTS, check_code
 
 
-def data_points(k: int, kind: str = "equispaced") -> torch.Tensor:
+def data_points(k: int, kind: str = DEFAULT_DATA_POINTS) -> torch.Tensor:
     """K equispaced data points on [-1, 1] (float64)."""
     if kind not in DATA_POINT_KINDS:
         raise ValueError(f"unknown data point kind {kind!r}; known: {list(DATA_POINT_KINDS)}")
@@ -46,7 +45,7 @@ def data_points(k: int, kind: str = "equispaced") -> torch.Tensor:
     return torch.linspace(-1.0, 1.0, k, dtype=torch.float64)
 
 
-def chebyshev_points(n: int, kind: str = "chebyshev-lobatto") -> torch.Tensor:
+def chebyshev_points(n: int, kind: str) -> torch.Tensor:
     """N Chebyshev points, ascending (float64): Lobatto (ends included) or Gauss (first kind, interior)."""
     if kind not in CODED_POINT_KINDS:
         raise ValueError(f"unknown coded point kind {kind!r}; known: {list(CODED_POINT_KINDS)}")
@@ -146,17 +145,17 @@ class SplineCode:
     ``encode`` maps (…groups, K, *shape) → (…groups, N, *shape); ``decode`` maps
     (…groups, N, *shape) → (…groups, K, *shape). ``groups`` leading dims are
     optional (set ``group_dims``); the matrices are computed once per
-    (k, n, kinds, device, dtype). ``coded_kind`` defaults to Gauss points (see
-    the module docstring); ``chebyshev-lobatto`` reproduces codes trained before.
+    (k, n, kinds, device, dtype). The point kinds default to ``core.spec``'s
+    (Gauss coded points, see the module docstring); ``chebyshev-lobatto``
+    reproduces codes trained before.
     """
 
-    def __init__(self, k: int, n: int, device=None, dtype=None, data_kind: str = "equispaced", coded_kind: str = "chebyshev-gauss"):
+    def __init__(self, k: int, n: int, device=None, dtype=None, data_kind: str = DEFAULT_DATA_POINTS, coded_kind: str = DEFAULT_CODED_POINTS):
         if k < 1 or n < 1:
             raise ValueError(f"k and n must be positive, got k={k}, n={n}")
         if k >= 2 and n < 2:
             raise ValueError(f"n must be at least 2 when k >= 2, got n={n}")
-        if coded_kind == "chebyshev-gauss" and k % 2 == 1 and n % 2 == 1:
-            raise ValueError(f"K={k} and N={n} are both odd: equispaced and Gauss points then share 0, which codes that slot exactly; make N even")
+        check_code(k, n, coded_kind)
         self.k, self.n = int(k), int(n)
         self.data_kind, self.coded_kind = data_kind, coded_kind
         self.device = torch.device(device) if device is not None else torch.device("cpu")

@@ -2,6 +2,7 @@
 
 from .architectures import ARCHITECTURES, PreActResNet18, SmallCNN, StagedModel, build_model, default_arch_for
 from .checkpoint import Checkpoint, CheckpointError, default_checkpoint_path, load_checkpoint, save_checkpoint
+from .config import METHODS, Method
 from .device import resolve_device
 
 __all__ = [
@@ -16,5 +17,7 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
     "default_checkpoint_path",
+    "METHODS",
+    "Method",
     "resolve_device",
 ]

@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator, model_validator
 
 from codedsmooth.core import CODED_POINT_KINDS, DATA_POINT_KINDS, TrainedCoding
-from codedsmooth.core.spec import LEGACY_CODED_POINTS
+from codedsmooth.core.spec import DEFAULT_DATA_POINTS, LEGACY_CODED_POINTS
 
 from .architectures import ARCHITECTURES
 
 FORMAT_VERSION = 1
-METHODS = ("erm", "mixup", "coded", "pgd-at")
+# The training methods: the trainer, the CLI's choices and the report's tables all take them from here.
+Method = Literal["erm", "mixup", "coded", "pgd-at"]
+METHODS: tuple[Method, ...] = get_args(Method)
 MAX_CHANNELS = 64
 MAX_SIDE = 1024
 MAX_WIDTH = 512
@@ -38,14 +40,14 @@ class _Strict(BaseModel):
 class TrainingInfo(_Strict):
     """How the model was trained; the method is checked, the hyper-parameters are kept as written."""
 
-    method: Literal[METHODS]  # type: ignore[valid-type]
+    method: Method
 
 
 class CodingConfig(_Strict):
     k: StrictInt = Field(ge=2, le=MAX_K)
     n: StrictInt = Field(ge=2, le=MAX_N)
     target_block: StrictStr = Field(min_length=1)
-    data_points: StrictStr = DATA_POINT_KINDS[0]
+    data_points: StrictStr = DEFAULT_DATA_POINTS
     # checkpoints written before the point kinds existed used Lobatto points
     coded_points: StrictStr = LEGACY_CODED_POINTS
 

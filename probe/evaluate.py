@@ -8,9 +8,10 @@ import torch
 from tqdm.auto import tqdm
 
 from codedsmooth.core import CodingSpec
+from codedsmooth.core.attacks import fgsm, pgd
 from codedsmooth.models import Checkpoint
 
-from .attacks import fgsm, pgd, square_attack
+from .square import square_attack
 from .targets import InProcessTarget, RCIModel, accuracy
 
 GRADIENT_ATTACKS = ("fgsm", "pgd", "eot-pgd")

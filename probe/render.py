@@ -9,10 +9,13 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from codedsmooth.core import SCOPES
+
 from .stats import wilson
 
 ALPHA = 0.05
-SETTING_NAMES = {"plain": "no RCI", "request": "RCI, request scope", "batch": "RCI, batch scope"}
+# A model is attacked without RCI ("plain") and through RCI in each scope.
+SETTING_NAMES = {"plain": "no RCI", **{scope: f"RCI, {scope} scope" for scope in SCOPES}}
 
 
 def _pct(v: float | None, digits: int = 1) -> str:
@@ -174,7 +177,7 @@ def render(r: dict, figures: dict[str, str]) -> str:
     clean_rows = []
     for m, runs in by_method.items():
         full = [{"accuracy": x["clean_full"]["correct"] / x["clean_full"]["n"], "n": x["clean_full"]["n"]} for x in runs]
-        rci = {s: [{"accuracy": x["settings"][s][eps[0]]["cascade"][0][1], "n": x["settings"][s][eps[0]]["n"]} for x in runs] for s in ("request", "batch")}
+        rci = {s: [{"accuracy": x["settings"][s][eps[0]]["cascade"][0][1], "n": x["settings"][s][eps[0]]["n"]} for x in runs] for s in SCOPES}
         clean_rows.append([m, cell(full), cell(rci["request"]), cell(rci["batch"])])
     n_full = next(iter(r["models"].values()))["clean_full"]["n"]
     L += _table(["method", f"no RCI, all {n_full} test images", f"RCI request (first {cfg['rci_images']}, expected)", f"RCI batch (first {cfg['rci_images']}, expected)"], clean_rows)
@@ -193,7 +196,7 @@ def render(r: dict, figures: dict[str, str]) -> str:
                 ([m, label, *(cell([x["settings"][setting][e] for x in runs]) for e in eps)] for m, runs in by_method.items() for setting, label in SETTING_NAMES.items())),
     ]
     L += ["", "Spread over RCI's draws (sd of the accuracy of one draw, points, first seed): " + "; ".join(
-        f"{m} {s} ε={e}: {100 * first[m]['settings'][s][e]['draw_sd']:.1f}" for m in by_method for s in ("request", "batch") for e in eps[:1]) + "."]
+        f"{m} {s} ε={e}: {100 * first[m]['settings'][s][e]['draw_sd']:.1f}" for m in by_method for s in SCOPES for e in eps[:1]) + "."]
     L += _paired_section(r)
     L += _cascade_section(r, first, eps)
     L += _square_section(r, first)
@@ -266,7 +269,7 @@ def _reading(r: dict) -> list[str]:
                    + ", ".join(f"{_pct(sq['request']['whitebox_accuracy'])} %" for _, sq in fooled)
                    + ". RCI's draws make the scores a query attack reads noisy; an attacker with the model differentiates through them. "
                    "A black-box number against RCI alone would overstate its robustness.")
-    for scope in ("request", "batch"):
+    for scope in SCOPES:
         parts = []
         for key, tests in by.items():
             if key[1].endswith(f"RCI {scope}"):

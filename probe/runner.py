@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from codedsmooth.core import SCOPES, CodingSpec
+from codedsmooth.core import SCOPES, CodingSpec, Scope
 from codedsmooth.models import Checkpoint, default_checkpoint_path, load_checkpoint
 from codedsmooth.train import as_float, load_dataset
 
@@ -43,7 +43,7 @@ class TargetConfig:
     url: str | None = field(default=None, metadata={"help": "attack a running server at this URL instead of an in-process target"})
     data_dir: str | None = field(default=None, metadata={"help": "local files of the checkpoint's data set when it does not ship with a package"})
     rci: bool = field(default=True, metadata={"help": "in-process target: RCI on/off"})
-    rci_scope: str | None = field(default=None, metadata={"help": "in-process target: coding scope (default: the served default, request)", "choices": SCOPES})
+    rci_scope: Scope | None = field(default=None, metadata={"help": "in-process target: coding scope (default: the served default, request)", "choices": SCOPES})
     rci_group_size: int | None = field(default=None, metadata={"help": "in-process target: K (default: the checkpoint's)"})
     coded_points: int | None = field(default=None, metadata={"help": "in-process target: N (default: the checkpoint's final N)"})
     report: str | None = field(default=None, metadata={"help": "write the JSON report here"})

@@ -42,11 +42,6 @@ def wilson(successes: int, n: int, confidence: float = 0.95) -> Proportion:
     return Proportion(successes, n, low, high)
 
 
-def accuracy_interval(correct: torch.Tensor, confidence: float = 0.95) -> Proportion:
-    """Wilson interval of a boolean per-image outcome vector."""
-    return wilson(int(correct.sum()), int(correct.numel()), confidence)
-
-
 @dataclass(frozen=True)
 class Paired:
     only_a: int  # images A gets right and B wrong

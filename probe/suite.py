@@ -20,7 +20,11 @@ from typing import Callable
 
 import torch
 
-from .attacks import apgd, pgd, square_attack
+from codedsmooth.core import CodingSpec
+from codedsmooth.core.attacks import apgd, pgd
+from codedsmooth.models import Checkpoint
+
+from .square import square_attack
 from .targets import RCIModel
 
 Attack = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, y, indices into the image set) -> x_adv
@@ -158,3 +162,10 @@ def square(score_fn, eps: float, queries: int, seed: int) -> Attack:
         return square_attack(score_fn, x, y, eps, queries=queries, generator=torch.Generator().manual_seed(seed))[0]
 
     return attack
+
+
+def attacker_and_scorer(ck: Checkpoint, spec: CodingSpec, pool: torch.Tensor, draws: int, seed: int) -> tuple[RCIModel, Scorer]:
+    """The attacker's differentiable model and the served function it is scored on, with independent randomness."""
+    attacker = RCIModel(ck, spec, pool, seed=1000 + seed) if spec.enabled else RCIModel(ck, spec)
+    served = RCIModel(ck, spec, pool, seed=2000 + seed) if spec.enabled else attacker
+    return attacker, Scorer(served, draws)

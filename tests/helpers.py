@@ -1,10 +1,15 @@
-"""Real servers for tests: ``codedsmooth serve`` child processes on 127.0.0.1 with 2 torch threads."""
+"""Test helpers: real servers (``codedsmooth serve`` child processes on 127.0.0.1 with 2 torch threads),
+waiting on observable state, and per-image outcomes (the independent worst case the report's cascade is checked against)."""
 
+import gzip
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
+import numpy as np
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from codedsmooth.service.launcher import LocalServer, free_port, local_server
@@ -69,4 +74,36 @@ def running_server(checkpoint, **settings):
     return local_server(checkpoint, threads=settings.pop("threads", 2), **settings)
 
 
-__all__ = ["ServerProcess", "running_server", "free_port", "metric_samples", "metric", "wait_for_metric", "wait_until", "run_in_fresh_interpreter"]
+@torch.no_grad()
+def correct_per_image(predict_fn, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Boolean per image: ``predict_fn`` (logits or probabilities) puts its top score on the label."""
+    out = [predict_fn(x[i : i + batch_size]).argmax(1).cpu() == y[i : i + batch_size].cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
+def worst_case(robust) -> torch.Tensor:
+    """Per-image worst case over attacks: robust only where robust under every attack (logical AND)."""
+    masks = [torch.as_tensor(r, dtype=torch.bool).cpu() for r in robust]
+    if not masks:
+        raise ValueError("worst_case needs at least one attack's per-image outcome")
+    if len({m.shape for m in masks}) != 1:
+        raise ValueError(f"per-image outcomes differ in shape: {[tuple(m.shape) for m in masks]}")
+    return torch.stack(masks).all(0)
+
+
+# The IDX format's type codes (third byte of the magic number), as LeCun's MNIST page lists them.
+IDX_TYPE_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B, np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D, np.dtype(np.float64): 0x0E}
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    """Write ``array`` as an IDX file (big-endian; gzipped when ``path`` ends in .gz), for the reader's tests."""
+    array = np.asarray(array)
+    code = IDX_TYPE_CODES.get(array.dtype.newbyteorder("="))
+    if code is None:
+        raise ValueError(f"IDX cannot store dtype {array.dtype}")
+    body = bytes([0, 0, code, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    body += np.ascontiguousarray(array, dtype=array.dtype.newbyteorder(">")).tobytes()
+    Path(path).write_bytes(gzip.compress(body) if str(path).endswith(".gz") else body)
+
+
+__all__ = ["ServerProcess", "running_server", "free_port", "metric_samples", "metric", "wait_for_metric", "wait_until", "run_in_fresh_interpreter", "correct_per_image", "worst_case", "write_idx"]

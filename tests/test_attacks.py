@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from helpers import metric_samples, running_server
 
-from codedsmooth.probe.attacks import fgsm, margin, pgd, square_attack
+from codedsmooth.core.attacks import fgsm, pgd
 from codedsmooth.models import load_checkpoint
 from codedsmooth.probe.evaluate import AttackConfig, run_attack
 from codedsmooth.probe.runner import evaluation_data
+from codedsmooth.probe.square import margin, square_attack
 from codedsmooth.probe.targets import HttpTarget, InProcessTarget, RCIModel, accuracy
 
 

@@ -4,16 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from codedsmooth.probe.attacks import (
-    apgd,
-    apgd_checkpoints,
-    correct_per_image,
-    dlr_loss,
-    pgd,
-    square_attack,
-    worst_case,
-    worst_case_robust,
-)
+from helpers import correct_per_image, worst_case
+
+from codedsmooth.core.attacks import apgd, apgd_checkpoints, dlr_loss, pgd
+from codedsmooth.probe.square import square_attack
 
 
 def _linear(classes, d=20, seed=0):
@@ -76,7 +70,7 @@ def test_apgd_best_loss_never_decreases_and_stays_in_the_ball():
         trace = []
         adv = apgd(net, x, y, 0.1, steps=40, loss=loss, generator=torch.Generator().manual_seed(0), trace=trace)
         assert len(trace) == 40
-        best = torch.stack(trace)
+        best = torch.stack([t.best_loss for t in trace])
         assert bool((best[1:] >= best[:-1]).all())  # the best iterate is kept
         assert float((adv - x).abs().max()) <= 0.1 + 1e-6
         assert float(adv.min()) >= 0 and float(adv.max()) <= 1
@@ -84,9 +78,34 @@ def test_apgd_best_loss_never_decreases_and_stays_in_the_ball():
         assert float(correct_per_image(net, adv, y).float().mean()) <= float(correct_per_image(net, plain_pgd, y).float().mean())
 
 
-def test_apgd_checkpoint_schedule_is_the_papers():
-    # p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06): at 100 steps
-    assert apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+def _papers_checkpoints(steps: int) -> list[int]:
+    """Croce & Hein (2020): p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06), as iterations p_j · steps."""
+    p = [0.0, 0.22]
+    while p[-1] + max(p[-1] - p[-2] - 0.03, 0.06) <= 1.0 + 1e-9:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    return [round(q * steps) for q in p[1:]]
+
+
+@pytest.mark.parametrize("steps", [100, 50, 13])
+def test_apgd_halves_its_step_size_at_the_checkpoints_of_the_paper(steps):
+    """The attack as it runs: with a loss that never rises, every image halves its step size at every
+    checkpoint, so the iterations where the recorded step size changes are the attack's schedule."""
+    x = torch.rand(3, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2])
+    flat = torch.tensor([[2.0, 1.0, 0.0]])
+
+    def constant(z):  # the loss does not depend on the input: it never rises, so each check halves the step
+        return flat + 0 * z.flatten(1)[:, :1]
+
+    trace = []
+    apgd(constant, x, y, 0.1, steps=steps, loss="ce", generator=torch.Generator().manual_seed(0), trace=trace)
+    sizes = torch.stack([t.step_size for t in trace])  # (steps, images)
+    assert len(trace) == steps
+    halved_after = [i + 1 for i in range(steps) if bool((sizes[i] < (sizes[i - 1] if i else torch.full((3,), 0.2))).all())]
+    assert halved_after == apgd_checkpoints(steps)
+    if steps == 100:  # at 100 steps the reference code's integer arithmetic is the paper's p_j exactly
+        assert halved_after == _papers_checkpoints(100)
+    torch.testing.assert_close(sizes[-1], torch.full((3,), 0.2 / 2 ** len(halved_after)))
 
 
 def test_apgd_eot_averages_a_randomized_model():
@@ -182,12 +201,3 @@ def test_worst_case_is_the_per_image_and_over_attacks():
         worst_case([])
     with pytest.raises(ValueError, match="differ in shape"):
         worst_case([a, b[:3]])
-    def predict(z):  # class 1 where the first feature exceeds 0.5
-        return torch.stack([0.5 - z[:, 0], z[:, 0] - 0.5], 1)
-
-    x = torch.tensor([[0.1], [0.2], [0.9], [0.8]])
-    y = torch.tensor([1, 0, 1, 1])  # image 0 is wrong already when clean
-    attack_a = torch.tensor([[0.1], [0.6], [0.9], [0.8]])  # fools image 1
-    attack_b = torch.tensor([[0.1], [0.2], [0.3], [0.8]])  # fools image 2
-    assert worst_case_robust(predict, x, y, [attack_a, attack_b]).tolist() == [False, False, False, True]
-    assert worst_case_robust(predict, x, y, [attack_a]).tolist() == [False, False, True, True]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from codedsmooth.core.attacks import apgd
 from codedsmooth.models import load_checkpoint
-from codedsmooth.probe.attacks import apgd
 from codedsmooth.probe.targets import RCIModel
 from codedsmooth.train import TrainConfig, as_float, load_dataset, train
 

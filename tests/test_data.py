@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import write_idx
+
 from codedsmooth.train import load_dataset
-from codedsmooth.train.data import IDX_FILES, IdxError, read_idx, write_idx
+from codedsmooth.train.data import IDX_FILES, IdxError, read_idx
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])

@@ -53,6 +53,27 @@ def test_odd_k_with_odd_n_is_refused_and_the_default_n_is_even():
     assert CodingSpec.resolve(trained, k=9).n % 2 == 0  # scaled N bumped off the shared point
 
 
+def test_the_specs_shared_point_rule_is_the_geometry_of_the_point_sets():
+    """core.spec's rule (odd K with odd N) against the point sets computed here with numpy: Gauss
+    coded points meet equispaced data points exactly when the rule says so, and every N the spec
+    picks for a group (any size, scaled from any trained K/N) avoids them."""
+    from codedsmooth.core.spec import coded_points_for, shares_a_point
+
+    for k in range(2, 41):
+        alpha = np.linspace(-1.0, 1.0, k)
+        for n in range(k, 2 * k + 2):
+            beta = np.cos((2 * np.arange(n) + 1) * np.pi / (2 * n))
+            meet = bool(np.abs(alpha[:, None] - beta[None, :]).min() < 1e-9)
+            assert shares_a_point(k, n, "chebyshev-gauss") == meet, (k, n)
+            assert not shares_a_point(k, n, "chebyshev-lobatto")  # legacy kind: allowed (ends shared by design)
+    for trained_k, trained_n in [(32, 48), (16, 24), (15, 24), (7, 12)]:
+        for batch in range(4, 70):
+            n = coded_points_for(batch, trained_k, trained_n)
+            assert n >= batch and not shares_a_point(batch, n), (trained_k, trained_n, batch, n)
+            spec = CodingSpec.resolve(TrainedCoding(trained_k, trained_n, "head"), k=batch)
+            assert spec.n == n
+
+
 def test_spec_defaults_to_the_trained_code():
     trained = TrainedCoding(k=32, n=40, target_block="head")
     spec = CodingSpec.resolve(trained)

@@ -2,7 +2,17 @@ import numpy as np
 import torch
 from scipy.interpolate import CubicSpline
 
-from codedsmooth.core import CodingPlan, SplineCode, apply_plan, random_permutations, rci_forward
+from codedsmooth.core import CodingPlan, SeededRandomSource, SplineCode, apply_plan, identity_permutations, plan_groups
+
+
+def _one_group(block, x, code, perm):
+    """RCI on one group of K items coded together in the slots ``perm`` says (the paper's batch semantics)."""
+    k = x.shape[0]
+    return apply_plan(block, x, x[:0], CodingPlan(torch.arange(k)[None], perm[None], k), code)
+
+
+def _random_permutations(groups, k, generator):
+    return torch.rand(groups, k, generator=generator).argsort(dim=1)
 
 
 def test_identity_permutation_affine_block_returns_plain_output():
@@ -12,7 +22,7 @@ def test_identity_permutation_affine_block_returns_plain_output():
     x = a + code.alpha[:, None] * b
     block = torch.nn.Linear(6, 4).double()
     with torch.no_grad():
-        out = rci_forward(block, x, code, permute=False)
+        out = _one_group(block, x, code, identity_permutations(1, k)[0])
         torch.testing.assert_close(out, block(x), rtol=0, atol=1e-12)
 
 
@@ -22,8 +32,9 @@ def test_matches_scipy_reference_in_input_order():
     x = torch.randn(k, 3, dtype=torch.float64)
     block = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh()).double()
     with torch.no_grad():
-        out = rci_forward(block, x, code, torch.Generator().manual_seed(42))
-        perm = random_permutations(1, k, torch.Generator().manual_seed(42))[0].numpy()
+        perm = _random_permutations(1, k, torch.Generator().manual_seed(42))[0]
+        out = _one_group(block, x, code, perm)
+        perm = perm.numpy()
         alpha, beta = code.alpha.numpy(), code.beta.numpy()
         coded = CubicSpline(alpha, x.numpy()[perm], bc_type="natural", axis=0)(beta)
         y = block(torch.from_numpy(coded)).numpy()
@@ -33,14 +44,16 @@ def test_matches_scipy_reference_in_input_order():
     np.testing.assert_allclose(out.numpy(), expected, atol=1e-10)
 
 
-def test_deterministic_given_generator():
+def test_deterministic_given_a_seeded_source():
     code = SplineCode(8, 8)
     block = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
     x = torch.randn(8, 3)
+
+    def served(seed):
+        return apply_plan(block, x, x[:0], plan_groups([8], "batch", 8, 0, SeededRandomSource(seed)), code)
+
     with torch.no_grad():
-        a = rci_forward(block, x, code, torch.Generator().manual_seed(1))
-        b = rci_forward(block, x, code, torch.Generator().manual_seed(1))
-        c = rci_forward(block, x, code, torch.Generator().manual_seed(2))
+        a, b, c = served(1), served(1), served(2)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.allclose(a, c)
 
@@ -55,7 +68,7 @@ def test_groups_in_one_call_equal_group_by_group():
             return torch.sin(z).sum(-1, keepdim=True)
 
     z = torch.randn(5, 6, 4)
-    perms = random_permutations(5, 6, torch.Generator().manual_seed(0))
+    perms = _random_permutations(5, 6, torch.Generator().manual_seed(0))
     rows = torch.arange(30).view(5, 6)
     with torch.no_grad():
         together = apply_plan(Counting(), z.flatten(0, 1), z[:0, 0], CodingPlan(rows, perms, 30), code).view(5, 6, 1)

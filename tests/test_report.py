@@ -8,9 +8,11 @@ import sys
 import pytest
 import torch
 
+from helpers import correct_per_image, worst_case
+
 from codedsmooth.core import CodingSpec
+from codedsmooth.core.attacks import fgsm
 from codedsmooth.models import load_checkpoint
-from codedsmooth.probe.attacks import correct_per_image, fgsm, worst_case
 from codedsmooth.probe.runner import evaluation_data
 from codedsmooth.probe.stats import wilson
 from codedsmooth.probe.suite import Outcome, Scorer, run_cascade, transfer_attack

@@ -29,10 +29,10 @@ def test_matches_scipy_natural_spline(k, ratio, dtype, tol):
 
 def test_points_in_range_and_sorted():
     for m in (2, 5, 17, 96):
-        for pts in (data_points(m), chebyshev_points(m)):
+        for pts in (data_points(m), chebyshev_points(m, "chebyshev-lobatto")):
             assert pts.min() == -1.0 and pts.max() == 1.0
             assert bool(torch.all(pts[1:] > pts[:-1]))
-    beta = chebyshev_points(9).numpy()
+    beta = chebyshev_points(9, "chebyshev-lobatto").numpy()
     np.testing.assert_allclose(beta, np.sort(np.cos(np.arange(9) * np.pi / 8)), atol=1e-15)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy.stats import binomtest
 
-from codedsmooth.probe.stats import accuracy_interval, mcnemar, wilson
+from codedsmooth.probe.stats import mcnemar, wilson
 
 
 @pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (10, 10), (137, 200), (500, 1000), (1, 1)])
@@ -21,7 +21,6 @@ def test_wilson_narrows_as_n_grows_and_rejects_nonsense():
     assert widths[1] == pytest.approx(2 * 1.959964 * (0.25 / 200) ** 0.5, rel=0.02)  # ≈ ±6.9 points at n = 200
     with pytest.raises(ValueError):
         wilson(5, 3)
-    assert accuracy_interval(torch.tensor([True, False, True, True])).successes == 3
 
 
 def test_mcnemar_counts_discordant_pairs_and_matches_the_exact_binomial():

@@ -75,7 +75,9 @@ def test_import_from_a_directory_with_its_own_models_folder(tmp_path):
 
 
 def test_pgd_at_trains_loads_and_is_more_robust_than_erm(digits, tmp_path):
-    from codedsmooth.probe.attacks import correct_per_image, pgd
+    from helpers import correct_per_image
+
+    from codedsmooth.core.attacks import pgd
 
     eps = 0.1
     robust = {}
@@ -98,7 +100,7 @@ def test_pgd_at_trains_loads_and_is_more_robust_than_erm(digits, tmp_path):
 
 
 def test_adversarial_training_defaults_follow_the_data_and_bn_stats_stay_frozen_while_attacking():
-    from codedsmooth.train.trainer import _FrozenBatchNormStats, adversarial_training_settings
+    from codedsmooth.train.adversarial import FrozenBatchNormStats, adversarial_training_settings
 
     mnist_like = adversarial_training_settings(TrainConfig(method="pgd-at"), (1, 28, 28))
     assert mnist_like["eps"] == 0.3 and mnist_like["steps"] == 10 and abs(mnist_like["step_size"] - 0.075) < 1e-12
@@ -107,7 +109,7 @@ def test_adversarial_training_defaults_follow_the_data_and_bn_stats_stay_frozen_
     with pytest.raises(ValueError, match=r"at_eps must be in \(0, 1\]"):
         TrainConfig(method="pgd-at", at_eps=2.0).validate()
     bn = torch.nn.BatchNorm2d(3).train()
-    with _FrozenBatchNormStats(bn):
+    with FrozenBatchNormStats(bn):
         bn(torch.randn(8, 3, 4, 4) + 5)
     assert torch.equal(bn.running_mean, torch.zeros(3)) and int(bn.num_batches_tracked) == 0 and bn.momentum == 0.1
     bn(torch.randn(8, 3, 4, 4) + 5)

@@ -113,18 +113,6 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
 
-def write_idx(path: str | Path, array: np.ndarray) -> None:
-    """Write ``array`` as an IDX file (gzipped when ``path`` ends in .gz); the inverse of :func:`read_idx`."""
-    array = np.asarray(array)
-    codes = {np.dtype(v).newbyteorder("="): k for k, v in _IDX_DTYPES.items()}
-    code = codes.get(array.dtype.newbyteorder("="))
-    if code is None:
-        raise ValueError(f"IDX cannot store dtype {array.dtype}")
-    body = bytes([0, 0, code, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    body += np.ascontiguousarray(array, dtype=_IDX_DTYPES[code]).tobytes()
-    Path(path).write_bytes(gzip.compress(body) if str(path).endswith(".gz") else body)
-
-
 def _find_idx(root: Path, stem: str, name: str) -> Path:
     """``stem`` or ``stem.gz`` directly in ``root`` or in torchvision's ``<Name>/raw`` layout."""
     sub = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[name]

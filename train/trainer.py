@@ -1,4 +1,4 @@
-"""Offline trainer: ERM, mixup, coded-smoothing and PGD adversarial training on the same data, model and budget.
+"""Offline trainer: the training loop of ERM, mixup, coded-smoothing and PGD adversarial training on the same data, model and budget.
 
 Under torchrun it trains one model on P processes with DDP (see ``train.distributed``):
 ``batch_size`` is each rank's batch, so the global batch is P·K, and the coded loss of a rank
@@ -8,27 +8,15 @@ block's smoothness along splines through K training items) does not need it; a s
 micro-batch is coded the same way, one device's batch at a time. Rank 0 alone evaluates, logs
 and writes the checkpoint (atomically) and the state to resume from (after every epoch).
 
-``pgd-at`` is Madry et al. (2018): every step trains on L∞ PGD examples (random start, signed
-gradient steps, projection onto the ε-ball ∩ [0, 1]) made against the current weights, with
-cross-entropy on the adversarial batch only. The examples are made in train mode, the mode the
-weights are then updated in (as Madry et al.'s training code does: one graph, one mode), so
-BatchNorm normalises with batch statistics both when attacking and when training; its running
-statistics are frozen while the attack runs, so only the training forward pass updates them.
-One deviation by default: ε (and the step size with it) ramps up linearly over the first
-``at_warmup`` = 30 % of the training steps. Short runs of small models at a constant ε = 0.3
-can collapse to a constant prediction (a width-8 digits CNN, 3 epochs at ε = 0.1, did in one
-seed of three; a width-8 CNN on 4,000 MNIST images at ε = 0.3 stayed at chance for 6 epochs);
-with the 30 % ramp none of five digits seeds did. ``at_warmup=0`` gives Madry et al.'s constant ε.
+``pgd-at`` (Madry et al. 2018) trains on examples made by ``train.adversarial``; the state to
+resume from is written and read by ``train.resume``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,17 +28,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from codedsmooth.core import CodedSmoothing, NSchedule, coded_points_for, default_n_end
-from codedsmooth.core.spec import DEFAULT_CODED_POINTS, DEFAULT_DATA_POINTS
-from codedsmooth.models import build_model, default_arch_for, save_checkpoint
-from codedsmooth.probe.attacks import pgd
+from codedsmooth.core import CodedSmoothing, NSchedule, TrainedCoding, coded_points_for, default_n_end
+from codedsmooth.models import METHODS, Method, build_model, default_arch_for, save_checkpoint
 
 from . import distributed
+from .adversarial import adversarial_training_settings, pgd_examples
 from .data import DATASETS, DataSplit, as_float, load_dataset
+from .resume import load_state, resume_dir, save_state
 
 log = logging.getLogger("codedsmooth.train")
-
-METHODS = ("erm", "mixup", "coded", "pgd-at")
 
 
 @dataclass
@@ -62,7 +48,7 @@ class TrainConfig:
     image_size: int = field(default=32, metadata={"help": "imagefolder: resize images to this square size"})
     arch: str | None = field(default=None, metadata={"help": "small_cnn or preact_resnet18 (default: small_cnn below 32×32, else preact_resnet18)"})
     width: int | None = field(default=None, metadata={"help": "channel width of the architecture (default: its own)"})
-    method: str = field(default="coded", metadata={"help": "training method; pgd-at is Madry et al.'s PGD adversarial training", "choices": METHODS})
+    method: Method = field(default="coded", metadata={"help": "training method; pgd-at is Madry et al.'s PGD adversarial training", "choices": METHODS})
     epochs: int = field(default=30, metadata={"help": "epochs"})
     batch_size: int = field(default=32, metadata={"help": "batch size = K, the number of data points per code"})
     lr: float = field(default=0.05, metadata={"help": "peak learning rate of the one-cycle SGD schedule"})
@@ -157,56 +143,6 @@ def _arch_kwargs(arch: str, data: DataSplit, width: int | None) -> dict:
     return kwargs
 
 
-def adversarial_training_settings(cfg: TrainConfig, input_shape: tuple[int, ...]) -> dict:
-    """pgd-at's ε, steps and step size, the ``None`` ones resolved by data shape."""
-    mnist_like = tuple(input_shape) == (1, 28, 28)
-    eps = cfg.at_eps if cfg.at_eps is not None else (0.3 if mnist_like else 8 / 255)
-    step_size = cfg.at_step_size if cfg.at_step_size is not None else 2.5 * eps / cfg.at_steps
-    return {
-        "eps": eps, "steps": cfg.at_steps, "step_size": step_size, "warmup": cfg.at_warmup,
-        "random_start": True, "loss": "ce", "attack_mode": "train",
-    }
-
-
-class _FrozenBatchNormStats:
-    """Within the block, BatchNorm layers still normalise with batch statistics (train mode) but
-    do not update their running mean/variance."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-
-    def __enter__(self):
-        self.saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in self.layers]
-        for m in self.layers:
-            m.momentum = 0.0  # running = (1 − 0) · running + 0 · batch
-        return self
-
-    def __exit__(self, *exc):
-        for m, (momentum, tracked) in zip(self.layers, self.saved):
-            m.momentum = momentum
-            if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
-
-
-def _pgd_examples(model, xb, yb, at: dict, generator: torch.Generator, progress: float = 1.0) -> torch.Tensor:
-    """Madry et al.'s training attack against the current weights, in train mode.
-
-    ``progress`` is the fraction of training done; during the warm-up ε and the step size
-    scale by progress / warmup."""
-    scale = min(1.0, progress / at["warmup"]) if at["warmup"] > 0 else 1.0
-    if scale <= 0:
-        return xb
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)  # only ∇ₓ is needed while attacking
-    try:
-        with _FrozenBatchNormStats(model):
-            return pgd(model, xb, yb, scale * at["eps"], steps=at["steps"], step_size=scale * at["step_size"], random_start=True, generator=generator)
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
 def _filler_pool(data: DataSplit, size: int, generator: torch.Generator) -> torch.Tensor:
     """Clean training inputs, class-balanced, for request-scoped RCI padding."""
     per_class = max(1, math.ceil(size / len(data.classes)))
@@ -235,77 +171,11 @@ class _Objective(nn.Module):
             logits = self.model(lam * xb + (1 - lam) * xb[perm])
             return lam * F.cross_entropy(logits, yb) + (1 - lam) * F.cross_entropy(logits, yb[perm]), zero
         if self.at is not None:
-            return F.cross_entropy(self.model(_pgd_examples(self.model, xb, yb, self.at, self.at_gen, progress)), yb), zero
+            return F.cross_entropy(self.model(pgd_examples(self.model, xb, yb, self.at, self.at_gen, progress)), yb), zero
         if self.coded is not None:
             logits, closs = self.coded(self.trunk(xb))
             return F.cross_entropy(logits, yb) + closs, closs
         return F.cross_entropy(self.model(xb), yb), zero
-
-
-def resume_dir(out) -> Path:
-    """Where the state after each finished epoch is kept (beside the checkpoint, never inside it)."""
-    out = Path(out)
-    return out.with_name(out.name + ".resume")
-
-
-def _save_state(cfg: TrainConfig, epoch: int, history, model, opt, sched, gens: dict[str, torch.Generator]) -> None:
-    """Rank 0: model, optimiser, schedule and random states after ``epoch`` epochs, written atomically."""
-    from safetensors.torch import save_file
-
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    opt_state = opt.state_dict()
-    for i, st in opt_state["state"].items():
-        for name, value in st.items():
-            if torch.is_tensor(value):
-                tensors[f"opt.{i}.{name}"] = value.detach().cpu().contiguous()
-    tensors.update({f"rng.{name}": g.get_state() for name, g in gens.items()})
-    tensors["rng.torch"] = torch.get_rng_state()
-    meta = {"epoch": epoch, "config": asdict(cfg), "history": [asdict(h) for h in history], "param_groups": opt_state["param_groups"], "scheduler": sched.state_dict()}
-    root = resume_dir(cfg.out)
-    root.mkdir(parents=True, exist_ok=True)
-    # One directory per epoch, renamed into place whole; older ones go only once the new one
-    # is there, so a kill at any moment leaves a complete state behind.
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
-        save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(meta, default=float))
-        os.replace(tmp, root / f"epoch-{epoch:05d}")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in root.glob("epoch-*"):
-        if old.name != f"epoch-{epoch:05d}":
-            shutil.rmtree(old, ignore_errors=True)
-
-
-_RESUME_MUST_MATCH = ("data", "arch", "width", "method", "epochs", "batch_size", "lr", "weight_decay", "mu", "n_start", "n_end", "target_block", "seed", "nproc")
-
-
-def _load_state(cfg: TrainConfig, model, opt, sched, gens: dict[str, torch.Generator]) -> tuple[int, list]:
-    """Every rank reads the saved state (read-only); returns (epochs done, history)."""
-    from safetensors.torch import load_file
-
-    saved = sorted(d for d in resume_dir(cfg.out).glob("epoch-*") if (d / "state.json").exists())
-    if not saved:
-        raise FileNotFoundError(f"nothing to resume: no saved epoch under {resume_dir(cfg.out)}")
-    where = saved[-1]
-    meta = json.loads((where / "state.json").read_text())
-    differ = {k: (meta["config"].get(k), getattr(cfg, k)) for k in _RESUME_MUST_MATCH if meta["config"].get(k) != getattr(cfg, k)}
-    if differ:
-        raise ValueError(f"{where}: saved by a run with other settings {differ} (saved, now)")
-    tensors = load_file(str(where / "state.safetensors"))
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict = {}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, i, name = key.split(".", 2)
-            state.setdefault(int(i), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    sched.load_state_dict(meta["scheduler"])
-    for name, g in gens.items():
-        g.set_state(tensors[f"rng.{name}"])
-    torch.set_rng_state(tensors["rng.torch"])
-    return int(meta["epoch"]), [EpochStats(**h) for h in meta["history"]]
 
 
 def train(cfg: TrainConfig, data: DataSplit | None = None) -> TrainResult:
@@ -331,8 +201,8 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
     trunk, block = model.split(target)
     k = cfg.batch_size
     schedule = NSchedule(n_start=cfg.n_start or k, n_end=cfg.n_end or default_n_end(k), epochs=cfg.epochs)
-    code_kinds = {"data_points": DEFAULT_DATA_POINTS, "coded_points": DEFAULT_CODED_POINTS}
-    coded = CodedSmoothing(block, k=k, n=schedule(0), mu=cfg.mu, data_kind=code_kinds["data_points"], coded_kind=code_kinds["coded_points"]) if cfg.method == "coded" else None
+    coding = TrainedCoding(k=k, n=coded_points_for(k, k, schedule.n_end), target_block=target)  # the point kinds: core.spec's defaults
+    coded = CodedSmoothing(block, k=k, n=schedule(0), mu=cfg.mu, data_kind=coding.data_points, coded_kind=coding.coded_points) if cfg.method == "coded" else None
 
     # Each rank takes every world-th item of one seeded permutation per epoch, so the ranks'
     # s-th batches together are the s-th batch of P·K items a single process would take.
@@ -349,7 +219,8 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
     history: list[EpochStats] = []
     first_epoch = 0
     if cfg.resume:
-        first_epoch, history = _load_state(cfg, model, opt, sched, {"gen": gen, "at_gen": at_gen})
+        first_epoch, saved = load_state(cfg.out, asdict(cfg), model, opt, sched, {"gen": gen, "at_gen": at_gen})
+        history = [EpochStats(**h) for h in saved]
         if ranks.main:
             log.info("resuming after epoch %d of %d from %s", first_epoch, cfg.epochs, resume_dir(cfg.out))
     show_bar = cfg.progress if ranks.main else False
@@ -395,7 +266,7 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
                 "epoch %d/%d loss %.4f coded_loss %.4f N %s test_acc %.4f (%.2fs)",
                 stats.epoch, cfg.epochs, stats.loss, stats.coded_loss, n_now if n_now is not None else "-", acc, seconds,
             )
-            _save_state(cfg, epoch + 1, history, model, opt, sched, {"gen": gen, "at_gen": at_gen})
+            save_state(cfg.out, asdict(cfg), epoch + 1, [asdict(h) for h in history], model, opt, sched, {"gen": gen, "at_gen": at_gen})
         distributed.barrier(ranks)
 
     model.eval()
@@ -421,7 +292,7 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
             "device": str(device),
             "processes": ranks.world,
         },
-        "coding": {"k": k, "n": coded_points_for(k, k, schedule.n_end), **code_kinds, "target_block": target},
+        "coding": asdict(coding),
         "dataset": data.name,
         "test_accuracy": final_acc,
         "history": [asdict(h) for h in history],

@@ -1,26 +1,29 @@
-"""Attack math on differentiable (possibly randomized) models: FGSM, PGD, APGD, EOT, Square.
+"""Differentiable attack primitives: FGSM, PGD, APGD, their losses and step rules. Pure torch, no I/O.
 
 ``model_fn(x) -> logits`` may draw fresh randomness on every call (RCI); EOT
 averages the input gradient over ``eot_samples`` calls. Inputs are raw pixels
 in [0, 1] and every attack stays in the L∞ ball of radius ``eps`` and in [0, 1].
-No I/O: the Square attack takes a score function, which may query a server.
+The trainer (PGD adversarial training) and the attack client (``codedsmooth.probe``)
+both call these, so the rules (PGD's step size, APGD's step-size schedule) are
+written once.
 
 References: FGSM (Goodfellow et al. 2015), PGD (Madry et al. 2018), EOT (Athalye
 et al. 2018), APGD with the CE and DLR losses (Croce & Hein 2020, "Reliable
 evaluation of adversarial robustness with an ensemble of diverse parameter-free
-attacks"), Square (Andriushchenko et al. 2020).
+attacks").
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable, Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
 
 ModelFn = Callable[[torch.Tensor], torch.Tensor]
-LOSSES = ("ce", "dlr", "dlr-targeted")
+Loss = Literal["ce", "dlr", "dlr-targeted"]
+LOSSES: tuple[Loss, ...] = get_args(Loss)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -101,6 +104,11 @@ def fgsm(model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, eps: float, eot_sa
     return (x + eps * grad.sign()).clamp(0.0, 1.0).detach()
 
 
+def pgd_step_size(eps: float, steps: int) -> float:
+    """PGD's default step size, 2.5 · ε / steps (Madry et al. 2018): enough to cross the ball in fewer than the steps."""
+    return 2.5 * eps / max(steps, 1)
+
+
 def _keep_better(
     best_x: torch.Tensor, best_loss: torch.Tensor, best_fooled: torch.Tensor,
     x_new: torch.Tensor, loss_new: torch.Tensor, fooled_new: torch.Tensor,
@@ -139,7 +147,7 @@ def pgd(
         raise ValueError("restarts must be at least 1")
     if loss not in ("ce", "dlr"):
         raise ValueError(f"pgd loss must be ce or dlr, got {loss!r}")
-    step_size = step_size if step_size is not None else 2.5 * eps / max(steps, 1)
+    step_size = step_size if step_size is not None else pgd_step_size(eps, steps)
     x = x.detach()
     keep_best = keep_best or restarts > 1
     best_x = x.clone()
@@ -178,8 +186,7 @@ def apgd(
 ) -> torch.Tensor:
     """L∞ Auto-PGD (Croce & Hein 2020) with the CE, DLR or targeted-DLR loss.
 
-    Step size starts at 2ε and is halved, at checkpoints p_0 = 0, p_1 = 0.22 and
-    p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06) (fractions of ``steps``), for each image
+    Step size starts at 2ε and is halved, at the checkpoints of :func:`apgd_checkpoints`, for each image
     where (1) the loss rose in at most ``rho`` of the steps since the last checkpoint, or
     (2) the step size was not halved at the last checkpoint and the best loss has not improved
     since; a halved image restarts from its best point. The update carries momentum:
@@ -190,8 +197,8 @@ def apgd(
     highest loss. ``loss="dlr-targeted"`` runs one restart per target class, taking the
     ``target_classes`` most likely wrong classes of the clean input in turn (APGD-T), each
     ``restarts`` times. ``eot`` averages gradients, losses and logits over that many calls of
-    a randomized ``model_fn``. When ``trace`` is a list, the per-image best loss after every
-    iteration of every run is appended to it (for checking monotonicity).
+    a randomized ``model_fn``. When ``trace`` is a list, an :class:`ApgdTrace` (per-image best loss
+    and step size) after every iteration of every run is appended to it.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
@@ -226,7 +233,8 @@ def apgd(
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
-    """The iterations at which APGD may halve its step size (p_j · steps, as in the reference code)."""
+    """The iterations after which APGD may halve its step size: p_j · ``steps`` with p_0 = 0, p_1 = 0.22 and
+    p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06), in the reference code's integer arithmetic."""
     k = max(int(0.22 * steps), 1)
     decr, k_min = max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
     out, at = [], 0
@@ -235,6 +243,13 @@ def apgd_checkpoints(steps: int) -> list[int]:
         out.append(at)
         k = max(k - decr, k_min)
     return out
+
+
+class ApgdTrace(NamedTuple):
+    """One APGD iteration as ``apgd(trace=...)`` records it, per image."""
+
+    best_loss: torch.Tensor  # the best loss so far
+    step_size: torch.Tensor  # the step size for the next iteration (after this iteration's check)
 
 
 def _apgd_run(model_fn, x, y, eps, steps, loss, generator, eot, rho, momentum, target, trace):
@@ -247,9 +262,8 @@ def _apgd_run(model_fn, x, y, eps, steps, loss, generator, eot, rho, momentum, t
     x_fooled = torch.where(fooled.view(view), x_adv, x)
     x_best, loss_best, grad_best = x_adv.clone(), cur_loss.clone(), grad.clone()
 
-    k = max(int(0.22 * steps), 1)
-    decr, k_min = max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
-    since_check = 0
+    checks = set(apgd_checkpoints(steps))
+    last_check = 0
     n_increase = torch.zeros(n, device=x.device)
     prev_loss = cur_loss.clone()
     loss_best_at_check = loss_best.clone()
@@ -270,11 +284,8 @@ def _apgd_run(model_fn, x, y, eps, steps, loss, generator, eot, rho, momentum, t
             prev_loss = cur_loss.clone()
             better = cur_loss > loss_best
             x_best[better], grad_best[better], loss_best[better] = x_adv[better], grad[better], cur_loss[better]
-            if trace is not None:
-                trace.append(loss_best.clone())
-            since_check += 1
-            if since_check == k:
-                oscillating = n_increase <= rho * k
+            if i + 1 in checks:
+                oscillating = n_increase <= rho * (i + 1 - last_check)
                 stalled = ~reduced_at_check & (loss_best_at_check >= loss_best)
                 halve = oscillating | stalled
                 step[halve] /= 2.0
@@ -282,153 +293,9 @@ def _apgd_run(model_fn, x, y, eps, steps, loss, generator, eot, rho, momentum, t
                 grad[halve] = grad_best[halve]
                 reduced_at_check = halve
                 loss_best_at_check = loss_best.clone()
-                since_check = 0
+                last_check = i + 1
                 n_increase.zero_()
-                k = max(k - decr, k_min)
+            if trace is not None:
+                trace.append(ApgdTrace(loss_best.clone(), step.flatten().clone()))
     out = torch.where(fooled.view(view), x_fooled, x_best)
     return out.detach(), loss_best, fooled
-
-
-# ----------------------------------------------------------------------------- Square
-
-
-def margin(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """s_y − max_{j≠y} s_j of scores ``probs`` (probabilities, log-probabilities or logits): negative once misclassified."""
-    true = probs.gather(1, y[:, None]).squeeze(1)
-    other = probs.clone()
-    other.scatter_(1, y[:, None], -math.inf)
-    return true - other.max(1).values
-
-
-def _log_probs(probs: torch.Tensor) -> torch.Tensor:
-    return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
-
-
-def square_p_init(image_shape: tuple[int, ...]) -> float:
-    """Default initial square area fraction by image size: 0.8 up to 32×32 (the reference's
-    setting for MNIST and CIFAR-10), 0.05 above (its ImageNet setting)."""
-    h, w = image_shape[-2:]
-    return 0.8 if h * w <= 32 * 32 else 0.05
-
-
-def square_attack(
-    score_fn: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    eps: float,
-    queries: int = 200,
-    p_init: float | None = None,
-    repeats: int = 1,
-    generator: torch.Generator | None = None,
-    *,
-    scores: str = "probs",
-    rescale_schedule: bool = True,
-    redraw: bool = True,
-    reference_windows: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score-based L∞ Square attack (Andriushchenko et al. 2020) within a query budget.
-
-    ``score_fn(x)`` returns probabilities (``scores="probs"``, as the HTTP target does) or
-    logits (``scores="logits"``); the attack minimises the margin of log-probabilities
-    (log p_y − max_{j≠y} log p_j) or of logits, as the reference does. Against a randomized
-    target each candidate is queried ``repeats`` times and the scores averaged.
-
-    As in the reference: vertical ±ε stripes to start; then each step sets one random square
-    window of every unfooled image to a random ±ε per channel, keeping it when the margin drops.
-    With ``redraw`` (the reference's behaviour) a window that would not change the image is
-    redrawn before it is queried; ART's SquareAttack does not redraw and so spends some of its
-    queries on unchanged images (on 1-channel images a large share of them late in the schedule).
-    A window may start anywhere it fits; ``reference_windows`` draws its corner from [0, H − s)
-    as the reference code and ART do (numpy's exclusive upper bound), so no window after the
-    stripes ever touches the last row or column. Both reference behaviours weaken the attack: on
-    the 8×8 digits (ERM CNN, ε = 0.1, 300 queries) they left 65 % accuracy where the defaults
-    left 55 %; with both switched on this function agrees with ART's SquareAttack. The window's area is p·H·W with p from the
-    reference's piecewise-constant schedule over the iteration index, rescaled to the budget
-    (``rescale_schedule``, as the reference does; False keeps its 10,000-iteration scale).
-    ``p_init=None`` picks it by image size (:func:`square_p_init`). An image stops as soon as its
-    margin is negative. Returns (x_adv, queries used per image); no image uses more than ``queries``.
-    """
-    if scores not in ("probs", "logits"):
-        raise ValueError(f"scores must be probs or logits, got {scores!r}")
-    n, c, h, w = x.shape
-    gen = generator or torch.Generator().manual_seed(0)
-    p_init = square_p_init(x.shape) if p_init is None else p_init
-    x = x.detach()
-
-    def loss(batch, labels):
-        s = torch.stack([score_fn(batch).detach().float() for _ in range(repeats)]).mean(0)
-        return margin(_log_probs(s) if scores == "probs" else s, labels)
-
-    def rand_signs(*shape):
-        return (torch.randint(0, 2, shape, generator=gen).float() * 2 - 1).to(x.device, x.dtype)
-
-    x_best = (x + eps * rand_signs(n, c, 1, w)).clamp(0.0, 1.0)
-    m_best = loss(x_best, y)
-    used = torch.full((n,), repeats, dtype=torch.long)
-    iterations = max(0, queries // repeats - 1)
-    rows = torch.arange(h, device=x.device)
-    cols = torch.arange(w, device=x.device)
-    for i in range(iterations):
-        active = (m_best > 0).nonzero().flatten()
-        if len(active) == 0:
-            break
-        p = _square_fraction(p_init, i, iterations if rescale_schedule else 10000)
-        side = max(1, min(h - 1, int(round(math.sqrt(p * h * w)))))
-        xa, xb = x[active], x_best[active]
-        candidate = xb.clone()
-        redo = torch.ones(len(active), dtype=torch.bool, device=x.device)
-        for _ in range(100 if redraw else 1):  # the reference redraws until the window changes the image
-            m = int(redo.sum())
-            r = torch.randint(0, max(1, h - side) if reference_windows else h - side + 1, (m,), generator=gen).to(x.device)
-            s = torch.randint(0, max(1, w - side) if reference_windows else w - side + 1, (m,), generator=gen).to(x.device)
-            in_rows = (rows[None] >= r[:, None]) & (rows[None] < r[:, None] + side)
-            in_cols = (cols[None] >= s[:, None]) & (cols[None] < s[:, None] + side)
-            mask = (in_rows[:, None, :, None] & in_cols[:, None, None, :]).expand(m, c, h, w)
-            window = (xa[redo] + eps * rand_signs(m, c, 1, 1)).clamp(0.0, 1.0)
-            candidate[redo] = torch.where(mask, window, xb[redo])
-            same = ((candidate[redo] - xb[redo]).abs() < 1e-7).flatten(1).all(1)
-            redo_idx = redo.nonzero().flatten()
-            redo = torch.zeros_like(redo)
-            redo[redo_idx[same]] = True
-            if not bool(redo.any()):
-                break
-        m_new = loss(candidate, y[active])
-        used[active.cpu()] += repeats
-        better = m_new < m_best[active]
-        x_best[active[better]] = candidate[better]
-        m_best[active[better]] = m_new[better]
-    return x_best, used
-
-
-def _square_fraction(p_init: float, step: int, total: int) -> float:
-    """The reference's piecewise-constant schedule of the square's area, over ``total`` iterations."""
-    progress = int(step * 10000 / max(total, 1))
-    for bound, factor in ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128), (8000, 256)):
-        if progress <= bound:
-            return p_init / factor
-    return p_init / 512
-
-
-# ----------------------------------------------------------------------------- worst case
-
-
-@torch.no_grad()
-def correct_per_image(predict_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Boolean per image: ``predict_fn`` (logits or probabilities) puts its top score on the label."""
-    out = [predict_fn(x[i : i + batch_size]).argmax(1).cpu() == y[i : i + batch_size].cpu() for i in range(0, len(x), batch_size)]
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
-
-
-def worst_case(robust: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Per-image worst case over attacks: robust only where robust under every attack (logical AND)."""
-    masks = [torch.as_tensor(r, dtype=torch.bool).cpu() for r in robust]
-    if not masks:
-        raise ValueError("worst_case needs at least one attack's per-image outcome")
-    if len({m.shape for m in masks}) != 1:
-        raise ValueError(f"per-image outcomes differ in shape: {[tuple(m.shape) for m in masks]}")
-    return torch.stack(masks).all(0)
-
-
-def worst_case_robust(predict_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, adversarials: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Per image: correct on the clean input and on every attack's adversarial input."""
-    return worst_case([correct_per_image(predict_fn, x, y)] + [correct_per_image(predict_fn, xa, y) for xa in adversarials])

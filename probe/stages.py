@@ -1,0 +1,171 @@
+"""The report's stages, one function each: train (or reuse) a checkpoint, attack one model plain and
+through RCI in both scopes, the EOT convergence curve, the N sweep, the co-tenant probe and the
+shipped checkpoint's accuracy. Each returns plain data for the results file; :mod:`.report` runs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from codedsmooth.core import SCOPES, CodingSpec
+from codedsmooth.core.attacks import apgd
+from codedsmooth.models import Checkpoint, load_checkpoint
+from codedsmooth.train import TrainConfig, train
+
+from .cotenant import cotenant_report
+from .evaluate import AttackConfig
+from .servers import square_over_http
+from .stats import wilson
+from .suite import Outcome, Scorer, SuiteConfig, attacker_and_scorer, eot_attacks, run_cascade, transfer_attack, whitebox_attacks
+from .targets import InProcessTarget, RCIModel
+
+if TYPE_CHECKING:
+    from .report import ReportConfig
+
+log = logging.getLogger("codedsmooth.report")
+
+
+def ensure_checkpoint(cfg: ReportConfig, method: str, seed: int, data) -> Path:
+    path = Path(cfg.runs) / f"{method}-seed{seed}"
+    if path.exists() and not cfg.retrain:
+        try:
+            ck = load_checkpoint(path)
+            t = ck.config.training
+            if (t.method, t.epochs, t.seed, ck.config.arch_kwargs.get("width"), ck.config.dataset) == (method, cfg.epochs, seed, cfg.width, cfg.data):
+                log.info("reusing %s", path)
+                return path
+        except ValueError:
+            pass
+    log.info("training %s seed %d (%d epochs)", method, seed, cfg.epochs)
+    train(TrainConfig(data=cfg.data, method=method, epochs=cfg.epochs, seed=seed, width=cfg.width, out=str(path), max_steps=cfg.max_steps), data=data)
+    return path
+
+
+def training_seconds(path: Path) -> float:
+    """Training time recorded in a checkpoint (the sum of its epochs), whether trained now or reused."""
+    return float(sum(h.get("seconds", 0.0) for h in load_checkpoint(path).config.history))
+
+
+class Clock:
+    """Seconds spent per stage, for the report's run-time table."""
+
+    def __init__(self):
+        self.start = time.monotonic()
+        self.stages: dict[str, float] = {}
+
+    def add(self, stage: str, since: float) -> None:
+        self.stages[stage] = self.stages.get(stage, 0.0) + time.monotonic() - since
+
+    @property
+    def total(self) -> float:
+        return time.monotonic() - self.start
+
+
+def summary(out: Outcome) -> dict:
+    """What the tables need of one outcome. The interval is Wilson's for the (expected) count of correct
+    images; per-image scores of a randomized model lie in [0, 1] and vary less than a coin, so for
+    expected accuracy the interval is conservative."""
+    n = int(out.correct.shape[1])
+    ci = wilson(int(round(out.accuracy * n)), n)
+    return {
+        "accuracy": out.accuracy, "interval": [ci.low, ci.high], "n": n, "draws": int(out.correct.shape[0]), "draw_sd": out.draw_sd,
+        "majority_accuracy": float(out.majority().float().mean()),
+        "cascade": [[name, acc] for name, acc in out.log],
+        "score": [round(float(s), 4) for s in out.score],
+    }
+
+
+def evaluate_model(cfg: ReportConfig, suite: SuiteConfig, ck: Checkpoint, x_all, y_all, pool, clock: Clock, first_seed: bool, bar) -> dict:
+    """Clean accuracy on the whole test split, then the cascades: plain, RCI request, RCI batch, at every ε."""
+    t0 = time.monotonic()
+    result: dict = {"name": ck.name}
+    plain_model, plain_scorer = attacker_and_scorer(ck, CodingSpec.plain(), pool, 1, suite.seed)
+    result["clean_full"] = {"correct": int(plain_scorer(x_all, y_all)[0].sum()), "n": len(x_all)}
+    x, y = x_all[: cfg.images], y_all[: cfg.images]
+    outcomes: dict[str, dict[str, Outcome]] = {"plain": {}}
+    current = plain_scorer.start(x, y)
+    for eps in cfg.eps:
+        current = run_cascade(whitebox_attacks(plain_model, eps, suite), plain_scorer, x, y, current)
+        outcomes["plain"][f"{eps:g}"] = current
+        bar.set_postfix_str(f"{ck.name} plain ε={eps:g}: {100 * current.accuracy:.1f} %")
+    clock.add("white-box, no RCI", t0)
+    xr, yr = x[: cfg.rci_images], y[: cfg.rci_images]
+    for scope in SCOPES:
+        t0 = time.monotonic()
+        attacker, scorer = attacker_and_scorer(ck, ck.coding_spec(scope=scope), pool, cfg.draws, suite.seed)
+        current = scorer.start(xr, yr)
+        outcomes[scope] = {}
+        for eps in cfg.eps:
+            attacks = [transfer_attack("transfer from no-RCI worst case", outcomes["plain"][f"{eps:g}"]), *eot_attacks(attacker, eps, suite)]
+            current = run_cascade(attacks, scorer, xr, yr, current)
+            outcomes[scope][f"{eps:g}"] = current
+            bar.set_postfix_str(f"{ck.name} {scope} ε={eps:g}: {100 * current.accuracy:.1f} %")
+        clock.add(f"adaptive, RCI {scope}", t0)
+    if first_seed:
+        t0 = time.monotonic()
+        result["square"] = square_over_http(cfg, ck, outcomes, x, y, pool, suite.seed)
+        clock.add("Square over HTTP", t0)
+        t0 = time.monotonic()
+        current = outcomes["plain"][f"{cfg.eps[-1]:g}"]
+        curve = {}
+        for eps in sorted(e for e in cfg.curve_eps if e > cfg.eps[-1]):
+            current = run_cascade(whitebox_attacks(plain_model, eps, suite), plain_scorer, x, y, current)
+            curve[f"{eps:g}"] = current
+        for eps in sorted(e for e in cfg.curve_eps if e < cfg.eps[0]):
+            curve[f"{eps:g}"] = run_cascade(whitebox_attacks(plain_model, eps, suite), plain_scorer, x, y, plain_scorer.start(x, y))
+        result["curve_extra"] = {e: summary(o) for e, o in curve.items()}
+        result["curve_examples"] = {e: o.x_adv[:10].tolist() for e, o in curve.items()}
+        clock.add("ε-curve points", t0)
+    result["settings"] = {s: {e: summary(o) for e, o in v.items()} for s, v in outcomes.items()}
+    result["_outcomes"] = outcomes  # in memory only, for the paired tests and sanity checks
+    return result
+
+
+def eot_curve(cfg: ReportConfig, ck: Checkpoint, x, y, pool, eps: float, seed: int) -> list[dict]:
+    """EOT-APGD-CE alone through RCI (request scope) at several (draws, steps): accuracy should flatten."""
+    attacker, scorer = attacker_and_scorer(ck, ck.coding_spec(scope="request"), pool, cfg.draws, seed)
+    rows = []
+    for draws, steps in cfg.eot_grid():
+        x_adv = apgd(attacker, x, y, eps, steps=steps, loss="ce", eot=draws, generator=torch.Generator().manual_seed(seed + 7))
+        scored = Outcome(x_adv, scorer(x_adv, y))
+        rows.append({"draws": draws, "steps": steps, "gradients": draws * steps, "accuracy": scored.accuracy, "draw_sd": scored.draw_sd})
+    return rows
+
+
+def n_sweep(cfg: ReportConfig, suite: SuiteConfig, ck: Checkpoint, x, y, pool, plain: Outcome, eps: float) -> dict:
+    """Coded model, request scope: clean and worst-case (transfer + EOT-APGD) accuracy at N = K, 1.25K, 1.5K."""
+    k = ck.config.coding.k
+    rows = {}
+    for n in sorted({k, 2 * math.ceil(0.625 * k), 2 * math.ceil(0.75 * k)}):
+        attacker, scorer = attacker_and_scorer(ck, ck.coding_spec(scope="request", n=n), pool, cfg.draws, suite.seed)
+        start = scorer.start(x, y)
+        worst = run_cascade([transfer_attack("transfer", plain), *eot_attacks(attacker, eps, suite)], scorer, x, y, start)
+        rows[n] = {"clean": start.accuracy, "worst": worst.accuracy, "draw_sd": worst.draw_sd}
+    return {"k": k, "eps": eps, "rows": rows}
+
+
+def cotenant_table(cfg: ReportConfig, ck: Checkpoint, x, y, pool) -> dict:
+    k = ck.config.coding.k
+    acfg = AttackConfig(attack="cotenant", steps=cfg.cotenant_steps, eot_samples=4, seed=0)
+    out = {}
+    for scope, n in (("batch", k), ("batch", ck.coding_spec().n), ("request", k), ("request", ck.coding_spec().n)):
+        spec = ck.coding_spec(scope=scope, n=n)
+        target_model = RCIModel(ck, spec, pool, seed=100)
+        out[f"{scope} N={n}"] = cotenant_report(acfg, ck, spec, InProcessTarget(target_model), x[: cfg.cotenant_victims], y[: cfg.cotenant_victims], pool)["cotenant"]
+    return out
+
+
+def default_checkpoint_accuracy(x, y, pool, draws: int) -> dict:
+    """The shipped checkpoint on the whole test split: plain, and served with RCI (expected over draws)."""
+    from codedsmooth.models import default_checkpoint_path
+
+    ck = load_checkpoint(default_checkpoint_path())
+    plain = Scorer(RCIModel(ck, CodingSpec.plain()), 1).start(x, y)
+    rci = Scorer(RCIModel(ck, ck.coding_spec(), pool, seed=3000), draws).start(x, y)
+    return {"name": ck.name, "n": len(x), "plain": plain.accuracy, "rci": rci.accuracy, "rci_draw_sd": rci.draw_sd, "draws": int(rci.correct.shape[0])}

@@ -1,0 +1,56 @@
+"""The package layers, checked by the real ``lint-imports`` against the contracts in pyproject.toml.
+
+lint-imports (grimp) reads the root package's own folder, while setuptools maps the
+subpackages from core/, models/, … (package-dir). So the package is laid out as one tree in a
+temporary folder, codedsmooth/{__init__.py, cli.py, …, core/, models/, …}, and lint-imports runs
+with that tree first on PYTHONPATH and the repository's pyproject.toml as its configuration.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("importlinter", reason="the layer check needs the dev extra (import-linter)")
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = ROOT / "pyproject.toml"
+SUBPACKAGES = ("core", "models", "train", "service", "probe")
+
+
+def _package_tree(dest: Path) -> Path:
+    """The importable package as one folder: the CLI package's modules, each subpackage beneath it."""
+    pkg = dest / "codedsmooth"
+    shutil.copytree(ROOT / "codedsmooth", pkg, ignore=shutil.ignore_patterns("__pycache__", "default_checkpoint"))
+    for name in SUBPACKAGES:
+        shutil.copytree(ROOT / name, pkg / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def _lint_imports(tree: Path) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).parent / "lint-imports"
+    command = [str(script)] if script.exists() else [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    return subprocess.run(
+        [*command, "--config", str(PYPROJECT), "--no-cache"], cwd=tree, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_the_layer_contracts_hold(tmp_path):
+    result = _lint_imports(_package_tree(tmp_path))
+    assert result.returncode == 0, f"lint-imports found a broken layer contract:\n{result.stdout}\n{result.stderr}"
+    assert "5 kept, 0 broken" in result.stdout, result.stdout
+
+
+def test_a_service_module_importing_train_breaks_a_contract_and_names_the_chain(tmp_path):
+    tree = _package_tree(tmp_path)
+    errors = tree / "codedsmooth" / "service" / "errors.py"
+    errors.write_text(errors.read_text() + "\nfrom codedsmooth.train import trainer  # noqa: E402,F401\n")
+    result = _lint_imports(tree)
+    print(result.stdout)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "service never imports train or probe BROKEN" in result.stdout
+    assert "codedsmooth.service.errors -> codedsmooth.train" in result.stdout
