@@ -41,7 +41,7 @@ LEGACY_CODED_POINTS: CodedPointKind = "chebyshev-lobatto"
 # almost exactly while still coding every item with its neighbours.
 DEFAULT_N_RATIO = 1.5
 # Decoder weights below this are skipped in request scope; chosen from benchmarks/sparse_decode.py
-# (README, Results): on the default checkpoint's 1,000 test images at K = 32, N = 48, 1e-2 runs the
+# (docs/rci.md, Sparse decode): on the default checkpoint's 1,000 test images at K = 32, N = 48, 1e-2 runs the
 # block on 7 of 48 coded samples with 100 % label agreement with the full decode (max |logit
 # difference| 0.05); 1e-1 (4 of 48) is the first to change a label (1 in 1,000).
 DEFAULT_DECODE_TOLERANCE = 1e-2

@@ -35,7 +35,7 @@ def ray_address():
     from codedsmooth.service.ray_serve import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 
     old = os.environ.get(PROXY_CALLBACK_ENV)
-    os.environ[PROXY_CALLBACK_ENV] = PROXY_CALLBACK  # the cluster's proxy inherits it (see README: attaching)
+    os.environ[PROXY_CALLBACK_ENV] = PROXY_CALLBACK  # the cluster's proxy inherits it (see docs/scale-out.md: attaching to a cluster)
     t0 = time.monotonic()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     print(f"\nray: local cluster (2 CPUs) started in {time.monotonic() - t0:.1f}s")
