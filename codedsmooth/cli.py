@@ -105,7 +105,7 @@ def _add_serve(sub) -> None:
 def _run_serve(args) -> int:
     from pydantic import ValidationError
 
-    from codedsmooth.service.server import run_server
+    from codedsmooth.service.server import bind_public_socket, run_server
     from codedsmooth.service.settings import ServeSettings
 
     given = {k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None}
@@ -119,6 +119,8 @@ def _run_serve(args) -> int:
     from codedsmooth.models import resolve_device
 
     resolve_device(settings.device)  # --device cuda without CUDA: a clear error, not a failed start-up
+    # A busy port fails now, in one line, not after the model has loaded (Ray Serve binds its own).
+    listener = bind_public_socket(settings.host, settings.port) if settings.replicas is None else None
     if settings.checkpoint is not None:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -135,7 +137,7 @@ def _run_serve(args) -> int:
             raise ValueError(f"--replicas needs Ray Serve ({exc}): pip install -e '.[ray]'") from None
 
         return run_ray_serve(settings)
-    return run_server(settings)
+    return run_server(settings, listener=listener)
 
 
 def _add_attack(sub) -> None:
