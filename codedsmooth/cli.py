@@ -63,12 +63,18 @@ def _run_train(args) -> int:
     import os
 
     from codedsmooth.train import distributed
-    from codedsmooth.train.trainer import TrainConfig, train
+    from codedsmooth.train.trainer import TrainConfig, last_saved_epoch, resume_dir, train
 
     cfg = _config_from_args(TrainConfig, args)
     cfg.validate()
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: start it
-        return distributed.launch(cfg.nproc, _without_option(args.argv, "--nproc"))
+        code = distributed.launch(cfg.nproc, _without_option(args.argv, "--nproc"), saved_epoch=lambda: last_saved_epoch(cfg.out))
+        if code != 0:
+            done = last_saved_epoch(cfg.out)
+            how = (f"epochs 1-{done} of {cfg.epochs} are saved in {resume_dir(cfg.out)}: run the same command with --resume to continue from there"
+                   if done else "no epoch had finished: run the same command again")
+            print(f"codedsmooth train: error: training on {cfg.nproc} processes failed (exit code {code}; the failing rank's error is above); {how}", file=sys.stderr)
+        return code
     result = train(cfg)
     if distributed.from_environment().main:
         print(json.dumps({"checkpoint": str(result.checkpoint), "test_accuracy": result.test_accuracy, "mean_epoch_seconds": round(result.mean_epoch_seconds, 4)}))
