@@ -63,12 +63,19 @@ def _run_train(args) -> int:
     import os
 
     from codedsmooth.train import distributed
+    from codedsmooth.train.resume import last_saved_epoch, resume_dir
     from codedsmooth.train.trainer import TrainConfig, train
 
     cfg = _config_from_args(TrainConfig, args)
     cfg.validate()
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: start it
-        return distributed.launch(cfg.nproc, _without_option(args.argv, "--nproc"))
+        code = distributed.launch(cfg.nproc, _without_option(args.argv, "--nproc"), saved_epoch=lambda: last_saved_epoch(cfg.out))
+        if code != 0:
+            done = last_saved_epoch(cfg.out)
+            how = (f"epochs 1-{done} of {cfg.epochs} are saved in {resume_dir(cfg.out)}: run the same command with --resume to continue from there"
+                   if done else "no epoch had finished: run the same command again")
+            print(f"codedsmooth train: error: training on {cfg.nproc} processes failed (exit code {code}; the failing rank's error is above); {how}", file=sys.stderr)
+        return code
     result = train(cfg)
     if distributed.from_environment().main:
         print(json.dumps({"checkpoint": str(result.checkpoint), "test_accuracy": result.test_accuracy, "mean_epoch_seconds": round(result.mean_epoch_seconds, 4)}))
@@ -105,7 +112,7 @@ def _add_serve(sub) -> None:
 def _run_serve(args) -> int:
     from pydantic import ValidationError
 
-    from codedsmooth.service.server import run_server
+    from codedsmooth.service.server import bind_public_socket, run_server
     from codedsmooth.service.settings import ServeSettings
 
     given = {k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None}
@@ -119,6 +126,8 @@ def _run_serve(args) -> int:
     from codedsmooth.models import resolve_device
 
     resolve_device(settings.device)  # --device cuda without CUDA: a clear error, not a failed start-up
+    # A busy port fails now, in one line, not after the model has loaded (Ray Serve binds its own).
+    listener = bind_public_socket(settings.host, settings.port) if settings.replicas is None else None
     if settings.checkpoint is not None:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -135,7 +144,7 @@ def _run_serve(args) -> int:
             raise ValueError(f"--replicas needs Ray Serve ({exc}): pip install -e '.[ray]'") from None
 
         return run_ray_serve(settings)
-    return run_server(settings)
+    return run_server(settings, listener=listener)
 
 
 def _add_attack(sub) -> None:

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -60,6 +61,17 @@ class Checkpoint:
     def target_block(self) -> str:
         return self.config.coding.target_block
 
+    @cached_property
+    def background(self) -> tuple[float, ...]:
+        """Pixel value per channel, in [0, 1], that transparent areas of an uploaded image are composited onto.
+
+        ``background`` in config.json; for checkpoints written before it existed, derived from the
+        trusted filler as ``save_checkpoint`` does (black for MNIST-style data).
+        """
+        if self.config.background is not None:
+            return tuple(float(v) for v in self.config.background)
+        return border_background(self.filler)
+
     def coded_split(self) -> tuple[nn.Sequential, nn.Sequential]:
         """(trunk, coded block) as RCI runs them: the target block's leading affine layers go to the trunk."""
         return hoist_affine_prefix(*self.model.split(self.target_block))
@@ -73,10 +85,23 @@ class Checkpoint:
         return CodingSpec.resolve(self.trained_coding, enabled=enabled, scope=scope, k=k, n=n, decode_tolerance=decode_tolerance)
 
 
+def border_background(images: torch.Tensor) -> tuple[float, ...]:
+    """The median of the border pixels of ``images`` (n, C, H, W), per channel, rounded to 1/255:
+    the background of the data the model was trained on (0 for MNIST-style white-on-black digits)."""
+    x = images.detach().float().cpu()
+    border = torch.cat([x[:, :, 0, :], x[:, :, -1, :], x[:, :, :, 0], x[:, :, :, -1]], dim=2)  # (n, C, 2W + 2H)
+    median = border.transpose(0, 1).reshape(x.shape[1], -1).median(dim=1).values.clamp(0, 1)
+    return tuple(round(float(v) * 255) / 255 for v in median)
+
+
 def save_checkpoint(out_dir, model: StagedModel, config: dict, filler: torch.Tensor) -> Path:
-    """Write ``out_dir`` atomically (temp dir + rename); replaces an existing checkpoint."""
+    """Write ``out_dir`` atomically (temp dir + rename); replaces an existing checkpoint.
+
+    ``config`` without a ``background`` gets the one of the filler's data (``border_background``).
+    """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
+    config = {"background": list(border_background(filler)), **config}
     config = CheckpointConfig.model_validate({"format_version": FORMAT_VERSION, **config}).model_dump(mode="json")
     tensors = {MODEL_PREFIX + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors[FILLER_KEY] = filler.detach().cpu().float().contiguous()

@@ -86,6 +86,9 @@ class CheckpointConfig(BaseModel):
     dataset: StrictStr
     test_accuracy: StrictFloat | StrictInt | None = None
     history: list[dict[str, Any]] = []
+    # pixel value per channel, in [0, 1], that transparent areas of an uploaded image are composited
+    # onto (black for MNIST-style data); None in checkpoints written before it existed
+    background: list[StrictFloat | StrictInt] | None = None
 
     @field_validator("input_shape")
     @classmethod
@@ -140,6 +143,14 @@ class CheckpointConfig(BaseModel):
                 raise ValueError(f"arch_kwargs.{key} must list {c} finite numbers, got {values!r}")
             if key == "std" and min(values) <= 0:
                 raise ValueError(f"arch_kwargs.std must be positive, got {values}")
+        return self
+
+    @model_validator(mode="after")
+    def _background(self):
+        if self.background is not None:
+            c = self.input_shape[0]
+            if len(self.background) != c or not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in self.background):
+                raise ValueError(f"background must list {c} pixel values in [0, 1] (one per channel), got {self.background}")
         return self
 
     @property

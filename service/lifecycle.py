@@ -57,6 +57,7 @@ class Lifecycle:
         self.connections = ConnectionSlots(settings.max_connections, self.metrics)  # filled by the server's protocol class
         self._no_requests: asyncio.Event | None = None  # set while in_flight == 0 (made on the loop)
         self._drain_task: asyncio.Task | None = None
+        self._stop_now = asyncio.Event()  # set by stop_now(): the drain stops waiting for accepted work
         self.model_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codedsmooth-model")
         self.decode_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codedsmooth-decode")
 
@@ -176,6 +177,10 @@ class Lifecycle:
     async def drain(self) -> bool:
         return await self.begin_drain()
 
+    def stop_now(self) -> None:
+        """Cut the drain short (a second signal): every accepted request not yet answered gets 503 now."""
+        self._stop_now.set()
+
     async def _drain(self) -> bool:
         """Refuse new work (503), let accepted work finish within the drain timeout, answer the rest 503."""
         start = time.monotonic()
@@ -186,10 +191,18 @@ class Lifecycle:
         finished = True
         if self.batcher is not None:
             self.batcher.draining = True
-            finished = await self.batcher.drain(max(0.0, end - time.monotonic()))
+            drained = asyncio.ensure_future(self.batcher.drain(max(0.0, end - time.monotonic())))
+            cut = asyncio.ensure_future(self._stop_now.wait())
+            await asyncio.wait({drained, cut}, return_when=asyncio.FIRST_COMPLETED)
+            cut.cancel()
+            finished = drained.done() and drained.result()
+            drained.cancel()
             if not finished:
                 failed = self.batcher.fail_pending()
-                log.warning("drain timeout of %gs passed: answered %d accepted requests with 503", self.settings.drain_timeout_s, failed)
+                if self._stop_now.is_set():
+                    log.warning("stopping now: answered %d accepted requests with 503", failed)
+                else:
+                    log.warning("drain timeout of %gs passed: answered %d accepted requests with 503", self.settings.drain_timeout_s, failed)
         # Let the handlers write their answers; a client still sending its body is not waited for.
         try:
             await asyncio.wait_for(self._no_requests.wait(), timeout=max(0.05, min(0.5, end + 0.5 - time.monotonic())))

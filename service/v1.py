@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import InvalidInput, PayloadTooLarge, ServiceError, ServiceRoute
 from .inputs import check_batch, check_count, parse_json, require_content_type, to_float_array
@@ -46,11 +46,13 @@ def tensor_from_predict_body(payload: Any, input_shape, max_items: int, raw: byt
     return check_batch(to_float_array(inputs, raw=raw), input_shape, max_items)
 
 
-def decode_images(images: list[tuple[str, bytes]], input_shape, max_pixels: int) -> np.ndarray:
-    """PNG/JPEG files → (n, C, H, W) float32 in [0, 1]: converted to the model's channels, resized to its H×W.
+def decode_images(images: list[tuple[str, bytes]], input_shape, max_pixels: int, background: tuple[float, ...] = (0.0,)) -> np.ndarray:
+    """PNG/JPEG files → (n, C, H, W) float32 in [0, 1]: upright, opaque, in the model's channels and H×W.
 
     Runs on the decode thread. The pixel count comes from the header (``Image.open`` is lazy);
-    an image above ``max_pixels`` is refused before any pixel is decoded.
+    an image above ``max_pixels`` is refused before any pixel is decoded. Then, as image viewers
+    show it: the EXIF orientation is applied, and transparent areas are composited onto
+    ``background`` (the checkpoint's, a pixel value per channel in [0, 1]).
     """
     channels, height, width = input_shape
     mode = "L" if channels == 1 else "RGB"
@@ -62,18 +64,37 @@ def decode_images(images: list[tuple[str, bytes]], input_shape, max_pixels: int)
                 if w * h > max_pixels:
                     raise PayloadTooLarge(f"image {name!r} is {w}x{h} = {w * h} pixels; at most {max_pixels} per image")
                 if img.format == "JPEG":
-                    img.draft(mode, (width, height))  # decode at a reduced scale where JPEG allows it
+                    side = max(width, height)  # the EXIF orientation may swap width and height
+                    img.draft(mode, (side, side))  # decode at a reduced scale where JPEG allows it
+                img = _opaque(ImageOps.exif_transpose(img), background)
                 img = img.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
                 arr = np.asarray(img, dtype=np.float32) / 255.0
         except ServiceError:
             raise
-        except Image.DecompressionBombError as exc:
-            raise PayloadTooLarge(f"image {name!r} is too large: {exc}") from None
+        except Image.DecompressionBombError:
+            raise PayloadTooLarge(f"image {name!r} is too large to decode; at most {max_pixels} pixels per image") from None
         except Exception as exc:  # noqa: BLE001 - any failure to decode an upload is the upload's fault
-            reason = "not a PNG or JPEG image" if "cannot identify" in str(exc) else f"{type(exc).__name__}: {exc}"
-            raise InvalidInput(f"image {name!r} cannot be decoded ({reason}); only PNG and JPEG are accepted") from None
+            raise InvalidInput(f"image {name!r} cannot be decoded ({_decode_problem(exc)}); only PNG and JPEG are accepted") from None
         arrays.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
     return np.stack(arrays)
+
+
+def _opaque(img: Image.Image, background: tuple[float, ...]) -> Image.Image:
+    """``img`` with its transparent areas (alpha channel or transparent palette entry) composited onto ``background``."""
+    if "A" not in img.getbands() and "transparency" not in img.info:
+        return img
+    fill = tuple(round(255 * v) for v in (background * 3 if len(background) == 1 else background)[:3])
+    return Image.alpha_composite(Image.new("RGBA", img.size, (*fill, 255)), img.convert("RGBA"))
+
+
+def _decode_problem(exc: Exception) -> str:
+    """What is wrong with an upload, in the service's words (Pillow's own texts are not for clients)."""
+    text = str(exc)
+    if "cannot identify" in text:
+        return "not a PNG or JPEG image"
+    if "truncated" in text or isinstance(exc, EOFError):
+        return "the file is truncated"
+    return "the file is corrupt"
 
 
 def _predictions(probs: np.ndarray, classes: list[str]) -> list[Prediction]:
@@ -176,7 +197,7 @@ async def predict_image(request: Request):
         images = [(f.filename or "upload", await f.read()) for f in uploads]
     finally:
         await form.close()
-    arr = await lc.decode(decode_images, images, ck.input_shape, lc.settings.max_image_pixels)
+    arr = await lc.decode(decode_images, images, ck.input_shape, lc.settings.max_image_pixels, ck.background)
     x = check_batch(arr, ck.input_shape, max_items, what="images")
     probs = await lc.infer(request, x)
     return json_response(PredictResponse(model=ck.name, predictions=_predictions(probs, ck.classes), rci=lc.rci_info))

@@ -1,13 +1,16 @@
-"""DDP training under torchrun with gloo on this machine's CPUs, and resuming an interrupted run."""
+"""DDP training under torchrun with gloo on this machine's CPUs, resuming an interrupted run, and a busy host."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import running_server
+from helpers import running_server, wait_until
 from safetensors.torch import load_file
 
 from codedsmooth.models import build_model, load_checkpoint
@@ -94,3 +97,83 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
 def test_nproc_must_be_positive():
     bad = subprocess.run(CLI + ["--nproc", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "nproc must be at least 1" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ---- a busy host: CPU contention and a rank that dies --------------------------------------
+
+
+@contextlib.contextmanager
+def cpu_contention(processes: int = 3):
+    """Busy-loop processes for the duration (more runnable threads than this machine has cores)."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+
+
+def _rank_pid(root: int, rank: int) -> int | None:
+    """The pid of the torchrun worker with RANK=rank under process ``root`` (read from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        kids = [c for c, p in parents.items() if p == pid]
+        tree.update(kids)
+        todo += kids
+    for pid in tree:
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and any(e.startswith(b"LOCAL_RANK=") for e in env):
+            return pid
+    return None
+
+
+def _busy_env():
+    return {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # threads as a user gets them
+
+
+def test_a_rank_killed_on_a_busy_host_resumes_from_the_last_saved_epoch(tmp_path):
+    out = tmp_path / "busy"
+    cmd = CLI + ["--method", "mixup", "--epochs", "20", "--batch-size", "16", "--nproc", "2", "--seed", "2", "--out", str(out)]
+    with cpu_contention():
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_busy_env())
+        seen = []
+        for line in proc.stderr:  # "epoch 2/20" is logged after the state after epoch 1 is on disk
+            seen.append(line)
+            if "epoch 2/20" in line:
+                break
+        victim = wait_until(lambda: _rank_pid(proc.pid, 1), "rank 1's process", 30)
+        os.kill(victim, signal.SIGKILL)
+        stdout, rest = proc.communicate(timeout=600)
+    stderr = "".join(seen) + rest
+    assert proc.returncode == 0, stderr[-6000:]
+    assert "a rank failed" in stderr and "resuming after epoch" in stderr, stderr[-6000:]
+    assert json.loads(stdout.strip().splitlines()[-1])["checkpoint"] == str(out)
+    ck = load_checkpoint(out)
+    assert [h["epoch"] for h in ck.config.history] == list(range(1, 21))
+    assert ck.config.training.model_dump()["processes"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]  # the resume state is gone once done
+
+
+def test_a_run_that_dies_before_any_epoch_says_how_to_go_on(tmp_path):
+    cmd = CLI + ["--method", "erm", "--epochs", "3", "--nproc", "2", "--out", str(tmp_path / "early")]
+    with cpu_contention():
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_busy_env())
+        victim = wait_until(lambda: _rank_pid(proc.pid, 1), "rank 1's process", 120)
+        os.kill(victim, signal.SIGKILL)  # long before its first epoch: it is still importing torch
+        _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    last = stderr.strip().splitlines()[-1]
+    assert last == f"codedsmooth train: error: training on 2 processes failed (exit code {proc.returncode}; the failing rank's error is above); no epoch had finished: run the same command again"
+    assert "a rank failed" not in stderr  # no progress, so no second run

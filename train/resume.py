@@ -25,6 +25,12 @@ def resume_dir(out) -> Path:
     return out.with_name(out.name + ".resume")
 
 
+def last_saved_epoch(out) -> int | None:
+    """The last finished epoch saved to resume from (``resume_dir(out)``), or None."""
+    saved = sorted(resume_dir(out).glob("epoch-*/state.json"))
+    return int(saved[-1].parent.name.removeprefix("epoch-")) if saved else None
+
+
 def save_state(out, config: dict, epoch: int, history: list[dict], model, opt, sched, gens: dict[str, torch.Generator]) -> None:
     """Rank 0: model, optimiser, schedule and random states after ``epoch`` epochs of the run ``config``, written atomically."""
     from safetensors.torch import save_file
