@@ -19,7 +19,7 @@ from codedsmooth.models import build_model, resolve_device  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     ap.add_argument("--device", default=None)
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--width", type=int, default=64, help="PreActResNet-18 width (64 = standard)")
