@@ -31,7 +31,7 @@ def run(nproc: int, args, out: str) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     ap.add_argument("--data", default="mnist")
     ap.add_argument("--method", default="coded")
     ap.add_argument("--epochs", type=int, default=3)

@@ -27,7 +27,7 @@ def _rci(block, z, code, source):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     ap.add_argument("--device", default=None)
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--width", type=int, default=64, help="PreActResNet-18 width (64 = standard)")

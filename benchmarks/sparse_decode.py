@@ -78,7 +78,7 @@ def speed_table(device: torch.device, batch: int, rounds: int, tolerances: list[
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     ap.add_argument("--checkpoint", default=None, help="trained checkpoint for the error table (default: the shipped one)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--batch", type=int, default=32, help="one-item requests per device batch (default: 32)")

@@ -42,7 +42,7 @@ def _add_config_options(p: argparse.ArgumentParser, config_cls, skip: tuple[str,
 def _add_train(sub) -> None:
     from codedsmooth.train.trainer import TrainConfig
 
-    p = sub.add_parser("train", help="train a classifier (erm, mixup, coded-smoothing or pgd-at) and write a checkpoint")
+    p = sub.add_parser("train", allow_abbrev=False, help="train a classifier (erm, mixup, coded-smoothing or pgd-at) and write a checkpoint")
     _add_config_options(p, TrainConfig)
     p.set_defaults(func=_run_train)
 
@@ -87,6 +87,7 @@ def _add_serve(sub) -> None:
 
     p = sub.add_parser(
         "serve",
+        allow_abbrev=False,
         help="serve a checkpoint over HTTP with randomized coded inference",
         description="Every option is also read from the env var CODEDSMOOTH_<NAME> (flags win).",
     )
@@ -109,6 +110,22 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=_run_serve)
 
 
+def _settings_problem(error: dict, given: dict) -> str:
+    """One settings error, named where the value came from: the flag, or else the ``CODEDSMOOTH_*`` env var."""
+    import os
+
+    from codedsmooth.service.errors import quoted
+
+    message = error["msg"].removeprefix("Value error, ")
+    if not error["loc"]:  # a check across settings: its message names them
+        return message
+    name = str(error["loc"][0])
+    env = f"CODEDSMOOTH_{name.upper()}"
+    if name not in given and env in os.environ:
+        return f"env {env}={quoted(os.environ[env])}: {message}"
+    return f"--{name.replace('_', '-')}: {message}"
+
+
 def _run_serve(args) -> int:
     from pydantic import ValidationError
 
@@ -121,8 +138,7 @@ def _run_serve(args) -> int:
     try:
         settings = ServeSettings(**given)
     except ValidationError as exc:
-        lines = [f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
-        raise ValueError("; ".join(lines)) from None
+        raise ValueError("; ".join(_settings_problem(e, given) for e in exc.errors())) from None
     from codedsmooth.models import resolve_device
 
     resolve_device(settings.device)  # --device cuda without CUDA: a clear error, not a failed start-up
@@ -151,7 +167,7 @@ def _add_attack(sub) -> None:
     from codedsmooth.probe.evaluate import AttackConfig
     from codedsmooth.probe.runner import TargetConfig
 
-    p = sub.add_parser("attack", help="attack a checkpoint in-process or a running server, with a JSON report and a plot")
+    p = sub.add_parser("attack", allow_abbrev=False, help="attack a checkpoint in-process or a running server, with a JSON report and a plot")
     _add_config_options(p, TargetConfig)
     _add_config_options(p, AttackConfig)
     p.set_defaults(func=_run_attack)
@@ -172,7 +188,7 @@ def _run_attack(args) -> int:
 def _add_report(sub) -> None:
     from codedsmooth.probe.report import ReportConfig
 
-    p = sub.add_parser("report", help="train (or reuse) erm, mixup, coded and pgd-at on MNIST over several seeds, attack them plain and through RCI, write docs/RESULTS.md")
+    p = sub.add_parser("report", allow_abbrev=False, help="train (or reuse) erm, mixup, coded and pgd-at on MNIST over several seeds, attack them plain and through RCI, write docs/RESULTS.md")
     _add_config_options(p, ReportConfig)
     p.set_defaults(func=_run_report)
 
@@ -190,7 +206,7 @@ BENCHMARKS = {"rci": "rci_forward.py", "training": "training_methods.py", "serve
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="run a benchmark from benchmarks/ (needs the source checkout)",
+    p = sub.add_parser("bench", allow_abbrev=False, help="run a benchmark from benchmarks/ (needs the source checkout)",
                        description="rci: RCI vs plain forward; training: erm/mixup/coded accuracy and epoch time; server: server vs in-process throughput, latency, RCI scopes; sparse: sparse decode error and speed; ddp: epoch time on several processes. Options after the name go to the script (try: bench server --help).")
     p.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="options for the script")
@@ -212,7 +228,8 @@ def _run_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="codedsmooth", description=__doc__)
+    # allow_abbrev=False everywhere: "--epoch 1" is an error, never silently "--epochs 1"
+    parser = argparse.ArgumentParser(prog="codedsmooth", description=__doc__, allow_abbrev=False)
     parser.add_argument("--log-level", default=None, help="logging level: debug, info, warning, error (default: info)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)

@@ -137,6 +137,8 @@ def _resolve(path) -> tuple[Path, Path]:
     if p.is_file():
         if p.suffix in PICKLE_SUFFIXES:
             raise CheckpointError(f"{p}: pickle checkpoints are refused; use {WEIGHTS_FILE} (safetensors)")
+        if p.suffix == ".json":
+            raise CheckpointError(f"{p}: this is a JSON file, not the weights; give the checkpoint directory ({p.parent}), which holds {WEIGHTS_FILE} and {CONFIG_FILE}")
         return p, p.parent / CONFIG_FILE
     if not p.exists():
         raise CheckpointError(f"{p}: checkpoint not found")

@@ -36,6 +36,7 @@ def create_app(settings: ServeSettings | None = None, engine_factory: EngineFact
         version=codedsmooth.__version__,
         description="Image classification with randomized coded inference (coded-smoothing).",
         lifespan=lifespan,
+        redirect_slashes=False,  # paths are exact: "/v1/models/" is 404 JSON, never a redirect built from the Host header
     )
     app.state.lifecycle = lifecycle
     app.include_router(v1.router)

@@ -1,6 +1,9 @@
 """Errors the service answers with, and the one place that maps any failure to an HTTP answer.
 
-Every error body is JSON ``{"error": "<what is wrong>"}``. Routes use :class:`ServiceRoute`, which
+Every error body is JSON ``{"error": "<what is wrong>"}``, in the service's own words, never a
+library's. A value the client sent is quoted in a message only through :func:`quoted` (cut to
+``QUOTE_CHARS``), and every message is cut to ``MAX_ERROR_CHARS`` as it is answered, so an error
+body stays small whatever the request held. Routes use :class:`ServiceRoute`, which
 turns exceptions into answers inside the route, so even an unexpected error never escapes to
 Starlette's outermost middleware (which re-raises it and resets the keep-alive connection).
 """
@@ -8,6 +11,7 @@ Starlette's outermost middleware (which re-raises it and resets the keep-alive c
 from __future__ import annotations
 
 import logging
+import reprlib
 from typing import Any, Callable, Coroutine
 
 from fastapi import FastAPI, Request
@@ -21,6 +25,32 @@ log = logging.getLogger("codedsmooth.service")
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": counted, never sent (nobody is listening)
 UNREACHABLE = 0  # the client's status for a server that gave no answer (connection refused or reset)
+QUOTE_CHARS = 60  # most characters of one client-supplied value quoted in an error message
+MAX_ERROR_CHARS = 500  # most characters of any error message
+
+_QUOTE = reprlib.Repr()
+_QUOTE.maxstring = _QUOTE.maxother = _QUOTE.maxlong = QUOTE_CHARS
+_QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxset = _QUOTE.maxdict = 4
+_QUOTE.maxlevel = 2
+
+
+def clip(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, marking the cut with how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def quoted(value: Any) -> str:
+    """A value the client sent, for an error message: its repr, short (long strings and lists are cut, with "...").
+
+    The one way requests' contents enter error messages: a 7 MB input name or 600,000 unknown
+    keys come back as a few dozen characters, and quoting costs no more than the cut.
+    """
+    if isinstance(value, (str, bytes)) and len(value) > QUOTE_CHARS:
+        head = repr(value[:QUOTE_CHARS])
+        return f"{head[:-1]}...{head[-1]} ({len(value):,} {'bytes' if isinstance(value, bytes) else 'characters'})"
+    return clip(_QUOTE.repr(value), 2 * QUOTE_CHARS)
 
 
 class ServiceError(Exception):
@@ -92,7 +122,7 @@ class DeadlineExceeded(ServiceError):
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return JSONResponse({"error": clip(message)}, status_code=status, headers=headers)
 
 
 def response_for(exc: BaseException, request: Request | None = None) -> Response:
@@ -102,7 +132,12 @@ def response_for(exc: BaseException, request: Request | None = None) -> Response
     if isinstance(exc, ClientDisconnect):
         return error_response(CLIENT_CLOSED, "client disconnected")
     if isinstance(exc, StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        message = str(exc.detail)
+        if exc.status_code == 404 and request is not None:  # no such route (paths are exact: no redirects)
+            path = request.url.path
+            hint = "; paths take no trailing slash" if path.endswith("/") and path != "/" else ""
+            message = f"no route {quoted(path)}{hint}"
+        return error_response(exc.status_code, message, getattr(exc, "headers", None))
     if isinstance(exc, RequestValidationError):
         parts = [f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors()[:3]]
         return error_response(422, "; ".join(parts))

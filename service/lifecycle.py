@@ -24,7 +24,7 @@ from fastapi import Request
 from .batcher import MicroBatcher
 from .connections import ConnectionSlots
 from .engine import InferenceEngine
-from .errors import ClientGone, DeadlineExceeded, NotFound, Unavailable
+from .errors import ClientGone, DeadlineExceeded, NotFound, Unavailable, quoted
 from .metrics import BatchObserver, Metrics
 from .schemas import RciInfo
 from .settings import ServeSettings, cpu_quota
@@ -138,7 +138,7 @@ class Lifecycle:
     def require_model(self, name: str):
         self.require_ready()
         if name != self.checkpoint.name:
-            raise NotFound(f"unknown model {name!r}; this server serves {self.checkpoint.name!r}")
+            raise NotFound(f"unknown model {quoted(name)}; this server serves {self.checkpoint.name!r}")
         return self.checkpoint
 
     # ---- work --------------------------------------------------------------

@@ -3,7 +3,8 @@
 Routes that parse their own bodies (to give precise errors, and for the v2 binary extension)
 declare them with :func:`request_body`; their schemas are added to the components here. FastAPI's
 automatic 422 ``HTTPValidationError`` entries are dropped: path parameters are plain strings that
-cannot fail validation, and every error the server sends is ``{"error": "..."}`` (declared per route).
+cannot fail validation, and every error the server sends is ``{"error": "..."}`` (declared per route;
+its message is cut to ``errors.MAX_ERROR_CHARS``). Paths are exact: a trailing slash is 404, never a redirect.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from .schemas import ErrorBody
 _EXTRA_SCHEMAS: dict[str, Any] = {}
 
 ERROR_DESCRIPTIONS = {
-    400: "unparseable body or header",
+    400: "unparseable body (JSON, multipart) or header",
     404: "unknown model or version",
     408: "the body did not arrive within the body timeout (the connection closes)",
-    413: "body, item count or image size too large",
-    415: "wrong content type or content encoding",
+    413: "body, item count or image size too large, or more JSON values than the most items per request can hold",
+    415: "wrong content type, or a compressed body (any Content-Encoding but identity)",
     422: "invalid input (shape, datatype, values, names)",
     503: "not ready, queue full or draining; retry after Retry-After seconds",
     504: "no answer within the request deadline",

@@ -19,11 +19,20 @@ class PredictRequest(BaseModel):
     )
 
 
-class RciInfo(BaseModel):
-    """The public view of a ``codedsmooth.core.CodingSpec``: the one mapping between the two, both ways."""
+class RciSummary(BaseModel):
+    """What a prediction says about its coding; the whole spec is in ``GET /v1/models``."""
 
-    enabled: bool
-    scope: Scope
+    enabled: bool = Field(..., description="whether randomized coded inference ran")
+    scope: Scope = Field(..., description="request: coded with trusted filler only; batch: coded with the micro-batch")
+
+
+class RciInfo(RciSummary):
+    """The public view of a ``codedsmooth.core.CodingSpec``: the one mapping between the two, both ways.
+
+    Public on purpose (``GET /v1/models``, v2 model metadata): the defence is the per-request
+    random draw from the OS CSPRNG, not the secrecy of the code; an adaptive attacker is assumed
+    to know the spec, and the attack client (``codedsmooth attack --url``) builds it from here.
+    """
     group_size: int = Field(..., description="K: items per coding group")
     coded_points: int = Field(..., description="N: coded samples per coding group")
     data_point_kind: str = Field(..., description="where the K items sit on [-1, 1]")
@@ -44,6 +53,9 @@ class RciInfo(BaseModel):
             coded_points=self.coded_point_kind, decode_tolerance=self.decode_tolerance,
         )
 
+    def summary(self) -> RciSummary:
+        return RciSummary(enabled=self.enabled, scope=self.scope)
+
 
 class Prediction(BaseModel):
     label: str
@@ -54,18 +66,26 @@ class Prediction(BaseModel):
 class PredictResponse(BaseModel):
     model: str
     predictions: list[Prediction]
-    rci: RciInfo
+    rci: RciSummary
+
+
+class ModelDetails(BaseModel):
+    """How the model was made: shown only with ``--expose-model-details`` (it helps an attacker pick a transfer model)."""
+
+    method: str = Field(..., description="training method (erm, mixup, coded, pgd-at, coded-at)")
+    dataset: str = Field(..., description="the data set it was trained on")
+    test_accuracy: float | None = Field(None, description="accuracy on that data set's test split (absent when not measured)")
+    target_block: str = Field(..., description="the block RCI codes through")
 
 
 class ModelInfo(BaseModel):
+    """What a client needs to call the model; training details only when the operator opts in."""
+
     name: str
-    input_shape: list[int]
-    classes: list[str]
-    method: str
-    dataset: str
-    test_accuracy: float | None
-    target_block: str
+    input_shape: list[int] = Field(..., description="[C, H, W] of one item")
+    classes: list[str] = Field(..., description="labels, by output index")
     rci: RciInfo
+    details: ModelDetails | None = Field(None, description="only with --expose-model-details")
 
 
 class HealthBody(BaseModel):

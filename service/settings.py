@@ -61,6 +61,9 @@ class ServeSettings(BaseSettings):
     num_cpus: float = Field(1.0, ge=0, description="Ray Serve: CPUs reserved per replica; also its torch threads when --threads is not given")
     num_gpus: float = Field(0.0, ge=0, description="Ray Serve: GPUs reserved per replica (Ray sets CUDA_VISIBLE_DEVICES; --device cuda then means that GPU)")
     ray_address: str | None = Field(None, description="Ray Serve: address of an existing Ray cluster to join, e.g. 10.0.0.5:6379 or auto (default: start a local one)")
+    expose_model_details: bool = Field(
+        False, description="GET /v1/models also shows how the model was made (training method, data set, test accuracy, target block); off: name, input shape, classes and the RCI spec only"
+    )
 
     @model_validator(mode="after")
     def _items_fit_a_batch(self):

@@ -16,11 +16,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image, ImageOps
 
-from .errors import InvalidInput, PayloadTooLarge, ServiceError, ServiceRoute
-from .inputs import check_batch, check_count, parse_json, require_content_type, to_float_array
+from .errors import BadRequest, InvalidInput, PayloadTooLarge, ServiceError, ServiceRoute, quoted
+from .inputs import check_batch, check_count, parse_json, require_content_type, require_identity_encoding, to_float_array
 from .lifecycle import current_lifecycle
 from .openapi import INFER_ERRORS, errors, request_body, schema_ref
-from .schemas import HealthBody, ModelInfo, Prediction, PredictRequest, PredictResponse
+from .schemas import HealthBody, ModelDetails, ModelInfo, Prediction, PredictRequest, PredictResponse
 
 router = APIRouter(route_class=ServiceRoute)
 IMAGE_FORMATS = ("PNG", "JPEG")
@@ -37,9 +37,9 @@ def json_response(body) -> Response:
 def tensor_from_predict_body(payload: Any, input_shape, max_items: int, raw: bytes | None = None) -> torch.Tensor:
     if not isinstance(payload, dict) or "inputs" not in payload:
         raise InvalidInput('body must be a JSON object with an "inputs" list')
-    extra = sorted(set(payload) - {"inputs"})
+    extra = [key for key in payload if key != "inputs"]
     if extra:
-        raise InvalidInput(f"unknown field(s) {extra}; only \"inputs\" is accepted")
+        raise InvalidInput(f"{len(extra)} unknown field(s) {quoted(extra)}; only \"inputs\" is accepted")
     inputs = payload["inputs"]
     if isinstance(inputs, list):
         check_count(len(inputs), max_items, "inputs")  # before building an array of a huge request
@@ -62,7 +62,7 @@ def decode_images(images: list[tuple[str, bytes]], input_shape, max_pixels: int,
             with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
                 w, h = img.size
                 if w * h > max_pixels:
-                    raise PayloadTooLarge(f"image {name!r} is {w}x{h} = {w * h} pixels; at most {max_pixels} per image")
+                    raise PayloadTooLarge(f"image {quoted(name)} is {w}x{h} = {w * h} pixels; at most {max_pixels} per image")
                 if img.format == "JPEG":
                     side = max(width, height)  # the EXIF orientation may swap width and height
                     img.draft(mode, (side, side))  # decode at a reduced scale where JPEG allows it
@@ -72,9 +72,9 @@ def decode_images(images: list[tuple[str, bytes]], input_shape, max_pixels: int,
         except ServiceError:
             raise
         except Image.DecompressionBombError:
-            raise PayloadTooLarge(f"image {name!r} is too large to decode; at most {max_pixels} pixels per image") from None
+            raise PayloadTooLarge(f"image {quoted(name)} is too large to decode; at most {max_pixels} pixels per image") from None
         except Exception as exc:  # noqa: BLE001 - any failure to decode an upload is the upload's fault
-            raise InvalidInput(f"image {name!r} cannot be decoded ({_decode_problem(exc)}); only PNG and JPEG are accepted") from None
+            raise InvalidInput(f"image {quoted(name)} cannot be decoded ({_decode_problem(exc)}); only PNG and JPEG are accepted") from None
         arrays.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
     return np.stack(arrays)
 
@@ -95,6 +95,21 @@ def _decode_problem(exc: Exception) -> str:
     if "truncated" in text or isinstance(exc, EOFError):
         return "the file is truncated"
     return "the file is corrupt"
+
+
+def _multipart_problem(message: str, max_items: int) -> ServiceError:
+    """What is wrong with a multipart body the form parser refused, in the service's words."""
+    if "Too many files" in message:
+        return PayloadTooLarge(f"too many files; at most {max_items} images per request")
+    if "Too many fields" in message:
+        return PayloadTooLarge(f"too many form fields; send at most {max_items} images in fields named \"files\"")
+    if "maximum size" in message:
+        return PayloadTooLarge("a form field that is not a file is too large; send images as files")
+    if "boundary" in message:
+        return BadRequest("multipart body without a boundary in its Content-Type")
+    if "Content-Disposition" in message:
+        return BadRequest("a multipart part without a name in its Content-Disposition")
+    return BadRequest("body is not valid multipart/form-data")
 
 
 def _predictions(probs: np.ndarray, classes: list[str]) -> list[Prediction]:
@@ -130,15 +145,15 @@ async def ready(request: Request):
 
 @router.get("/v1/models", response_model=list[ModelInfo], responses=errors(503), tags=["v1"])
 async def models(request: Request):
+    """The served model: name, input shape, classes and the RCI coding spec (training details with --expose-model-details)."""
     lc = current_lifecycle(request)
     lc.require_ready()
     ck = lc.checkpoint
-    return [
-        ModelInfo(
-            name=ck.name, input_shape=list(ck.input_shape), classes=ck.classes, method=ck.config.method,
-            dataset=ck.config.dataset, test_accuracy=ck.config.test_accuracy, target_block=ck.target_block, rci=lc.rci_info,
-        )
-    ]
+    details = None
+    if lc.settings.expose_model_details:
+        details = ModelDetails(method=ck.config.method, dataset=ck.config.dataset, test_accuracy=ck.config.test_accuracy, target_block=ck.target_block)
+    info = ModelInfo(name=ck.name, input_shape=list(ck.input_shape), classes=ck.classes, rci=lc.rci_info, details=details)
+    return Response(f"[{info.model_dump_json(exclude_none=True)}]", media_type="application/json")
 
 
 @router.post(
@@ -153,11 +168,12 @@ async def predict(request: Request):
     lc = current_lifecycle(request)
     lc.require_ready()
     require_content_type(request.headers.get("content-type"), "application/json")
+    require_identity_encoding(request.headers.get("content-encoding"))
     raw = await request.body()
-    ck = lc.checkpoint
-    x = tensor_from_predict_body(parse_json(raw), ck.input_shape, lc.settings.max_items_per_request, raw=raw)
+    ck, max_items = lc.checkpoint, lc.settings.max_items_per_request
+    x = tensor_from_predict_body(parse_json(raw, ck.input_shape, max_items), ck.input_shape, max_items, raw=raw)
     probs = await lc.infer(request, x)
-    return json_response(PredictResponse(model=ck.name, predictions=_predictions(probs, ck.classes), rci=lc.rci_info))
+    return json_response(PredictResponse(model=ck.name, predictions=_predictions(probs, ck.classes), rci=lc.rci_info.summary()))
 
 
 IMAGE_BODY = {
@@ -179,16 +195,14 @@ async def predict_image(request: Request):
     lc = current_lifecycle(request)
     lc.require_ready()
     require_content_type(request.headers.get("content-type"), "multipart/form-data")
+    require_identity_encoding(request.headers.get("content-encoding"))
     ck, max_items = lc.checkpoint, lc.settings.max_items_per_request
     try:
         form = await request.form(max_files=max_items, max_fields=16)
     except ServiceError:
         raise
     except Exception as exc:  # noqa: BLE001 - malformed multipart
-        message = str(getattr(exc, "detail", exc))
-        if "Too many files" in message:
-            raise PayloadTooLarge(f"too many files; at most {max_items} images per request") from None
-        raise InvalidInput(f"cannot parse multipart body: {message}") from None
+        raise _multipart_problem(str(getattr(exc, "detail", exc)), max_items) from None
     try:
         uploads = [f for f in form.getlist("files") + form.getlist("file") if hasattr(f, "read")]
         if not uploads:
@@ -200,4 +214,4 @@ async def predict_image(request: Request):
     arr = await lc.decode(decode_images, images, ck.input_shape, lc.settings.max_image_pixels, ck.background)
     x = check_batch(arr, ck.input_shape, max_items, what="images")
     probs = await lc.infer(request, x)
-    return json_response(PredictResponse(model=ck.name, predictions=_predictions(probs, ck.classes), rci=lc.rci_info))
+    return json_response(PredictResponse(model=ck.name, predictions=_predictions(probs, ck.classes), rci=lc.rci_info.summary()))

@@ -21,8 +21,8 @@ from pydantic import ValidationError
 
 import codedsmooth
 
-from .errors import BadRequest, InvalidInput, NotFound, ServiceRoute, UnsupportedMediaType
-from .inputs import check_batch, check_count, parse_json, to_float_array, validation_message
+from .errors import BadRequest, InvalidInput, NotFound, ServiceRoute, quoted
+from .inputs import check_batch, check_count, parse_json, require_identity_encoding, to_float_array, validation_message
 from .lifecycle import current_lifecycle
 from .protocol import V2_INDEX, V2_INPUT, V2_INPUT_DATATYPE, V2_OUTPUTS, V2_PROBABILITIES
 from .openapi import INFER_ERRORS, errors, request_body, schema_ref
@@ -38,22 +38,22 @@ NO_BODY = {"description": "status only, empty body", "content": {}}
 # ---- codec ------------------------------------------------------------------
 
 
-def split_body(raw: bytes, header_length: str | None) -> tuple[Any, bytes]:
+def split_body(raw: bytes, header_length: str | None, input_shape, max_items: int) -> tuple[Any, bytes]:
     """The JSON part and the binary tail of a request (binary data extension)."""
     if header_length is None:
-        return parse_json(raw), b""
+        return parse_json(raw, input_shape, max_items), b""
     if not _DIGITS.fullmatch(header_length):
-        raise BadRequest(f"Inference-Header-Content-Length must be a decimal integer, got {header_length!r}")
+        raise BadRequest(f"Inference-Header-Content-Length must be a decimal integer, got {quoted(header_length)}")
     n = int(header_length)
     if n > len(raw):
         raise BadRequest(f"Inference-Header-Content-Length {n} does not fit a body of {len(raw)} bytes")
-    return parse_json(raw[:n]), raw[n:]
+    return parse_json(raw[:n], input_shape, max_items), raw[n:]
 
 
 def _flag(params: dict | None, key: str, default: bool, where: str) -> bool:
     value = (params or {}).get(key, default)
     if not isinstance(value, bool):
-        raise InvalidInput(f"{where} parameter {key!r} must be a JSON boolean, got {json.dumps(value)[:40]}")
+        raise InvalidInput(f"{where} parameter {key!r} must be a JSON boolean, got {quoted(value)}")
     return value
 
 
@@ -62,20 +62,20 @@ def tensor_from_request(req: V2InferRequest, binary: bytes, input_shape, max_ite
         raise InvalidInput(f"the model takes exactly one input tensor, got {len(req.inputs)}")
     inp = req.inputs[0]
     if inp.name != V2_INPUT:
-        raise InvalidInput(f"unknown input {inp.name!r}; the model's input is {V2_INPUT!r}")
+        raise InvalidInput(f"unknown input {quoted(inp.name)}; the model's input is {V2_INPUT!r}")
     dtype = FLOAT_TYPES.get(inp.datatype)
     if dtype is None:
-        raise InvalidInput(f"input {inp.name!r}: datatype {inp.datatype!r} not supported; use one of {sorted(FLOAT_TYPES)}")
+        raise InvalidInput(f"input {inp.name!r}: datatype {quoted(inp.datatype)} not supported; use one of {sorted(FLOAT_TYPES)}")
     shape, want = list(inp.shape), [len(input_shape) + 1, *input_shape]
     if len(shape) != want[0] or shape[1:] != list(input_shape) or shape[0] < 0:
-        raise InvalidInput(f"input {inp.name!r}: shape {shape} must be [n, {', '.join(map(str, input_shape))}] with n >= 1")
+        raise InvalidInput(f"input {inp.name!r}: shape {quoted(shape)} must be [n, {', '.join(map(str, input_shape))}] with n >= 1")
     check_count(shape[0], max_items, f"input {inp.name!r}")
     count = math.prod(shape)  # Python ints: bounded by the checks above, never overflows
     params = inp.parameters or {}
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if type(size) is not int or size != len(binary):
-            raise BadRequest(f"input {inp.name!r}: binary_data_size {size!r} but {len(binary)} binary bytes follow the header")
+            raise BadRequest(f"input {inp.name!r}: binary_data_size {quoted(size)} but {len(binary)} binary bytes follow the header")
         if size != count * np.dtype(dtype).itemsize:
             raise InvalidInput(f"input {inp.name!r}: {size} bytes do not hold shape {shape} of {inp.datatype}")
         arr = np.frombuffer(binary, dtype=dtype).astype(np.float32)
@@ -94,7 +94,7 @@ def tensor_from_request(req: V2InferRequest, binary: bytes, input_shape, max_ite
 def encode_response(req: V2InferRequest, model_name: str, probs: np.ndarray) -> Response:
     wanted = [o.name for o in req.outputs] if req.outputs else list(V2_OUTPUTS)
     binary_default = _flag(req.parameters, "binary_data_output", False, "request")
-    binary_wanted = {o.name: _flag(o.parameters, "binary_data", binary_default, f"output {o.name!r}") for o in (req.outputs or [])}
+    binary_wanted = {o.name: _flag(o.parameters, "binary_data", binary_default, f"output {quoted(o.name)}") for o in (req.outputs or [])}
     arrays = {V2_PROBABILITIES: probs.astype(np.float32), V2_INDEX: probs.argmax(1).astype(np.int64)}
     outputs, chunks = [], []
     for out_name in wanted:
@@ -118,10 +118,10 @@ def _check_request(req: V2InferRequest) -> None:
     """Everything about the outputs that can be refused before compute."""
     unknown = [o.name for o in (req.outputs or []) if o.name not in V2_OUTPUTS]
     if unknown:
-        raise InvalidInput(f"unknown output(s) {unknown}; this model has {list(V2_OUTPUTS)}")
+        raise InvalidInput(f"unknown output(s) {quoted(unknown)}; this model has {list(V2_OUTPUTS)}")
     default = _flag(req.parameters, "binary_data_output", False, "request")
     for o in req.outputs or []:
-        _flag(o.parameters, "binary_data", default, f"output {o.name!r}")
+        _flag(o.parameters, "binary_data", default, f"output {quoted(o.name)}")
 
 
 # ---- routes -----------------------------------------------------------------
@@ -159,7 +159,7 @@ def _metadata(request: Request, name: str) -> V2ModelMetadata:
 
 def _check_version(version: str) -> None:
     if version not in ("", "1"):
-        raise NotFound(f"unknown model version {version!r}; only version 1 exists")
+        raise NotFound(f"unknown model version {quoted(version)}; only version 1 exists")
 
 
 @router.get("/v2/models/{name}", response_model=V2ModelMetadata, responses=errors(404, 503))
@@ -209,10 +209,9 @@ INFER_RESPONSES = {
 async def _infer(name: str, request: Request) -> Response:
     lc = current_lifecycle(request)
     ck = lc.require_model(name)
-    if request.headers.get("content-encoding") not in (None, "identity"):
-        raise UnsupportedMediaType("compressed request bodies are not supported")
+    require_identity_encoding(request.headers.get("content-encoding"))
     raw = await request.body()
-    header, binary = split_body(raw, request.headers.get("inference-header-content-length"))
+    header, binary = split_body(raw, request.headers.get("inference-header-content-length"), ck.input_shape, lc.settings.max_items_per_request)
     try:
         req = V2InferRequest.model_validate(header)
     except ValidationError as exc:

@@ -14,6 +14,8 @@ from helpers import metric_samples, running_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from codedsmooth.service.errors import MAX_ERROR_CHARS
+
 BUDGET = settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
 SEEN: Counter = Counter()  # (body kind, status) -> count
 
@@ -45,11 +47,17 @@ def server(tiny_checkpoint):
             yield srv
 
 
+LIBRARY_PHRASES = ("maximum number of dimension", "inhomogeneous", "unexpected character", "(char ", "Traceback")
+
+
 def _check(kind: str, r: httpx.Response) -> None:
     SEEN[(kind, r.status_code)] += 1
     assert r.status_code == 200 or 400 <= r.status_code < 500, (kind, r.status_code, r.text[:300])
     if r.status_code != 200:
-        assert isinstance(r.json().get("error"), str)
+        message = r.json().get("error")
+        assert isinstance(message, str)
+        assert len(message) <= MAX_ERROR_CHARS + 40, (kind, len(message))  # cut, with the length it had
+        assert not any(p in message for p in LIBRARY_PHRASES), (kind, message)  # the service's words, not a library's
 
 
 @BUDGET

@@ -6,6 +6,7 @@ documented schema. The 503s (loading/draining) and 504s come from a server whose
 engine double of tests/slow_server.py.
 """
 
+import gzip
 import io
 import json
 import signal
@@ -53,10 +54,13 @@ def cases(model: str) -> list[tuple[str, str, str, dict, int]]:
         ("post", "/v1/predict", "/v1/predict", {"content": b"{nope", "headers": {"content-type": "application/json"}}, 400),
         ("post", "/v1/predict", "/v1/predict", {"json": {"inputs": [GOOD_ITEM] * 33}}, 413),
         ("post", "/v1/predict", "/v1/predict", {"content": b"{}", "headers": {"content-type": "text/plain"}}, 415),
+        ("post", "/v1/predict", "/v1/predict", {"content": gzip.compress(b'{"inputs": []}'), "headers": {"content-type": "application/json", "content-encoding": "gzip"}}, 415),
+        ("post", "/v1/predict", "/v1/predict", {"content": b'{"inputs":[' + b",".join([b"[[[0]]]"] * 5000) + b"]}", "headers": {"content-type": "application/json"}}, 413),
         ("post", "/v1/predict", "/v1/predict", {"json": {"inputs": [[[1.5]]]}}, 422),
         ("post", "/v1/predict/image", "/v1/predict/image", img(2), 200),
         ("post", "/v1/predict/image", "/v1/predict/image", img(33), 413),
         ("post", "/v1/predict/image", "/v1/predict/image", {"json": {}}, 415),
+        ("post", "/v1/predict/image", "/v1/predict/image", {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}}, 400),
         ("post", "/v1/predict/image", "/v1/predict/image", {"files": [("files", ("x.png", b"garbage", "image/png"))]}, 422),
         ("get", "/v2", "/v2", {}, 200),
         ("get", "/v2/health/live", "/v2/health/live", {}, 200),

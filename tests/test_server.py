@@ -49,8 +49,10 @@ def test_rci_on_with_fixed_seed_equals_in_process_engine(tiny_checkpoint, digits
         with running_server(tiny_checkpoint, rci_seed=123, rci_scope=scope, coded_points=20, rci_check_rate=0) as server:
             got = predict(server.url, x)
             body = httpx.post(server.url + "/v1/predict", json={"inputs": x[:1].tolist()}).json()
+            (info,) = httpx.get(server.url + "/v1/models").json()
         np.testing.assert_array_equal(got, expected)
-        assert body["rci"] == {
+        assert body["rci"] == {"enabled": True, "scope": scope}  # a prediction says whether and how it was coded
+        assert info["rci"] == {  # the model list has the whole spec
             "enabled": True, "scope": scope, "group_size": 16, "coded_points": 20, "data_point_kind": "equispaced",
             "coded_point_kind": "chebyshev-gauss", "decode_tolerance": DEFAULT_DECODE_TOLERANCE if scope == "request" else 0.0,
         }

@@ -36,7 +36,7 @@ def test_each_protocol_router_is_usable_alone():
     from codedsmooth.service.errors import BadRequest
 
     with pytest.raises(BadRequest):
-        v2.split_body(b"{}", "3_0_1")
+        v2.split_body(b"{}", "3_0_1", (1, 8, 8), 32)
 
 
 def test_the_batcher_knows_nothing_of_rci():
