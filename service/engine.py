@@ -17,7 +17,6 @@ source, fresh for each coding unit (a request, or the batch in batch scope), for
 from __future__ import annotations
 
 import logging
-import math
 import random
 from dataclasses import dataclass, field
 
@@ -25,11 +24,8 @@ import numpy as np
 import torch
 
 from codedsmooth.core import CodingSpec, SeededRandomSource, SystemRandomSource, apply_plan, plan_groups
-<<<<<<< HEAD
 from codedsmooth.core.randomness import gaussian
-=======
-from codedsmooth.core.spec import DEFAULT_N_RATIO
->>>>>>> i20-contract
+from codedsmooth.core.spec import default_n_end
 from codedsmooth.models import Checkpoint
 
 from .settings import ServeSettings
@@ -71,20 +67,15 @@ class InferenceEngine:
         self.code = self.spec.code(device=device, dtype=torch.float32)
         with torch.inference_mode():
             self.filler_z = self.trunk(checkpoint.filler.to(device))
-<<<<<<< HEAD
         self.noise_sigma = float(settings.input_noise_sigma)
         if settings.rci_seed is not None and (self.spec.enabled or self.noise_sigma > 0):
             log.warning("rci_seed is set: RCI draws and input noise are reproducible, so clients can predict them; for tests and reproduction only")
-=======
-        if settings.rci_seed is not None and self.spec.enabled:
-            log.warning("rci_seed is set: RCI draws are reproducible, so clients can predict the code; for tests and reproduction only")
-        exact_n = math.ceil(DEFAULT_N_RATIO * self.spec.k)
+        exact_n = default_n_end(self.spec.k)
         if self.spec.enabled and self.spec.scope == "batch" and self.spec.n < exact_n:
             log.warning(
-                "RCI in batch scope with N = %d coded points, below 1.5 K = %d: the decode is inexact, so other clients' items in a "
+                "RCI in batch scope with N = %d coded points, below the trained 1.5 K = %d: the decode is inexact, so other clients' items in a "
                 "micro-batch change a request's labels; use --coded-points %d or more, or --rci-scope request", self.spec.n, exact_n, exact_n,
             )
->>>>>>> i20-contract
         self._check_rng = random.Random()  # which batches are also run uncoded: a statistic, not a secret
 
     @property
