@@ -73,7 +73,7 @@ class InferenceEngine:
         exact_n = default_n_end(self.spec.k)
         if self.spec.enabled and self.spec.scope == "batch" and self.spec.n < exact_n:
             log.warning(
-                "RCI in batch scope with N = %d coded points, below the trained 1.5 K = %d: the decode is inexact, so other clients' items in a "
+                "RCI in batch scope with N = %d coded points, below 1.5 K = %d: the decode is inexact, so other clients' items in a "
                 "micro-batch change a request's labels; use --coded-points %d or more, or --rci-scope request", self.spec.n, exact_n, exact_n,
             )
         self._check_rng = random.Random()  # which batches are also run uncoded: a statistic, not a secret
