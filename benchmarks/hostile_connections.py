@@ -15,7 +15,10 @@ Each attack runs against a fresh ``codedsmooth serve`` (small CNN, random weight
 - ``deadline``: closed-loop load (``--concurrency`` clients, 32 items per request) with
   ``--timeout-ms 500``. Prints the status counts and the latency the clients saw, by status.
 
-Usage: python benchmarks/hostile_connections.py [--only websocket headers idle deadline] [--seconds 8]
+``--ray`` runs the headers attack against ``serve --replicas 1`` and measures Ray Serve's HTTP
+proxy, which holds the client connections there.
+
+Usage: python benchmarks/hostile_connections.py [--only websocket headers idle deadline] [--seconds 8] [--ray]
 """
 
 from __future__ import annotations
@@ -128,9 +131,27 @@ def websocket_attack(checkpoint: Path, args) -> None:
               f"then /health/live x20: {dict(health)}; RSS {before:.0f} -> {rss_mb(srv.proc.pid):.0f} MB")
 
 
+def ray_proxy_pid() -> int | None:
+    """The process of Ray Serve's HTTP proxy (an actor named ProxyActor), if one runs on this host."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"ProxyActor" in cmdline:
+                return int(entry.name)
+    return None
+
+
 def header_attack(checkpoint: Path, args) -> None:
-    with local_server(checkpoint, threads=1) as srv:
-        pid = srv.proc.pid
+    options = {"replicas": 1, "num_cpus": 0.5} if args.ray else {}
+    with local_server(checkpoint, threads=1, **options) as srv:
+        pid = ray_proxy_pid() if args.ray else srv.proc.pid
+        if pid is None:
+            raise SystemExit("no Ray Serve proxy process found")
+        if args.ray:
+            print("under Ray Serve (serve --replicas 1): measuring its HTTP proxy's RSS")
         before = peak = rss_mb(pid)
         line = b"X-Pad: " + b"a" * 55 + b"\r\n"  # 64 bytes a header
         batch = line * 1024
@@ -249,12 +270,13 @@ ATTACKS = {"websocket": websocket_attack, "headers": header_attack, "idle": idle
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--only", nargs="+", choices=sorted(ATTACKS), default=list(ATTACKS))
     p.add_argument("--seconds", type=float, default=8.0, help="length of the header, idle and deadline attacks")
     p.add_argument("--upgrades", type=int, default=20, help="WebSocket upgrade requests")
     p.add_argument("--header-timeout", type=float, default=10.0, help="--header-timeout-s of the idle attack's server")
     p.add_argument("--concurrency", type=int, default=128, help="clients of the deadline attack")
+    p.add_argument("--ray", action="store_true", help="headers attack against serve --replicas 1 (Ray Serve's proxy holds the connection)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = make_checkpoint(Path(tmp) / "cnn", arch="small_cnn", width=32, k=8)
