@@ -1,7 +1,8 @@
 """Square against RCI: the reference attack vs the adaptive one at m ∈ {1, 2, 4} readings per candidate.
 
 The target is the served function in this process: the default checkpoint under RCI in request
-scope (``probe.targets.RCIModel``), answering probabilities with fresh randomness per query. The
+scope (``probe.targets.RCIModel``), answering probabilities with fresh randomness per query; the
+last two rows of each budget attack the same model without RCI, for the query cost RCI adds. The
 images are a class-stratified random sample of the embedded MNIST test split (``--per-class``
 per class, drawn with ``--seed``). For each attack and budget it prints:
 
@@ -61,6 +62,10 @@ def main() -> None:
         with torch.no_grad():
             return served(batch).softmax(1)
 
+    def plain_probs(batch):
+        with torch.no_grad():
+            return plain(batch).softmax(1)
+
     @torch.no_grad()
     def fresh_accuracy(x_adv):
         return float(torch.stack([judge(x_adv).argmax(1) == y for _ in range(args.draws)]).float().mean())
@@ -69,26 +74,28 @@ def main() -> None:
     def plain_accuracy(x_adv):
         return float((plain(x_adv).argmax(1) == y).float().mean())
 
-    attacks = [("reference Square", None)]
+    attacks = [("reference Square", probs, None)]
     for m in (1, 2, 4):
-        attacks.append((f"adaptive m={m} max", {"score_queries": m, "statistic": "max"}))
+        attacks.append((f"adaptive m={m} max", probs, {"score_queries": m, "statistic": "max"}))
     attacks += [
-        ("adaptive m=4 q0.75", {"score_queries": 4, "statistic": "quantile"}),
-        ("adaptive m=2 mean", {"score_queries": 2, "statistic": "mean"}),
+        ("adaptive m=4 q0.75", probs, {"score_queries": 4, "statistic": "quantile"}),
+        ("adaptive m=2 mean", probs, {"score_queries": 2, "statistic": "mean"}),
+        ("no RCI: reference", plain_probs, None),
+        ("no RCI: m=2 max", plain_probs, {"score_queries": 2, "statistic": "max"}),
     ]
     print(f"{ck.name}, RCI request scope, "
           f"{len(y)} images ({args.per_class} per class, seed {args.seed}), ε = {args.eps}, re-query on, confirm 4")
     print(f"clean: fresh {fresh_accuracy(x):.3f}, plain {plain_accuracy(x):.3f}")
     print(f"{'attack':<20} {'budget':>6} {'claimed':>8} {'fresh':>6} {'plain':>6} {'q median':>8} {'q p90':>6} {'s':>5}")
     for budget in args.budgets:
-        for name, kw in attacks:
+        for name, score_fn, kw in attacks:
             started = time.monotonic()
             gen = torch.Generator().manual_seed(args.seed)
             if kw is None:
-                x_adv, used = square_attack(probs, x, y, args.eps, budget, generator=gen)
+                x_adv, used = square_attack(score_fn, x, y, args.eps, budget, generator=gen)
                 claimed = float((used >= budget).float().mean())
             else:
-                res = adaptive_square_attack(probs, x, y, args.eps, budget, generator=gen, **kw)
+                res = adaptive_square_attack(score_fn, x, y, args.eps, budget, generator=gen, **kw)
                 x_adv, used, claimed = res.x_adv, res.queries, 1 - float(res.broken.float().mean())
             seconds = time.monotonic() - started
             q = used.float()
