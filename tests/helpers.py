@@ -1,6 +1,7 @@
 """Test helpers: real servers (``codedsmooth serve`` child processes on 127.0.0.1 with 2 torch threads),
 waiting on observable state, and per-image outcomes (the independent worst case the report's cascade is checked against)."""
 
+import asyncio
 import gzip
 import subprocess
 import sys
@@ -74,6 +75,32 @@ def running_server(checkpoint, **settings):
     return local_server(checkpoint, threads=settings.pop("threads", 2), **settings)
 
 
+GOOD_ITEM = np.full((1, 8, 8), 0.5).tolist()  # one valid item for the 8x8 digits checkpoints of the tests
+SLOW_SERVER = [sys.executable, str(Path(__file__).with_name("slow_server.py"))]  # serve with an engine held at a gate
+
+
+def held_server(checkpoint, gate: Path, monkeypatch, drain_timeout_s: float, slow_batch_s: float = 0.0) -> ServerProcess:
+    """A server (not started) whose engine holds its first batch until ``gate/open`` exists (tests/slow_server.py)."""
+    monkeypatch.setenv("SLOW_ENGINE_GATE", str(gate))
+    monkeypatch.setenv("SLOW_BATCH_S", str(slow_batch_s))
+    return ServerProcess(
+        checkpoint, program=SLOW_SERVER, log_level="info", drain_timeout_s=drain_timeout_s,
+        max_batch_size=4, max_delay_ms=0, max_queue_size=64, timeout_ms=60000, rci=False,
+    )
+
+
+async def hold_and_queue(client, server, gate: Path, requests: int) -> list:
+    """Post one request and wait until the model thread holds it, then ``requests - 1`` more, queued behind it; their futures."""
+    def post():
+        return asyncio.ensure_future(client.post("/v1/predict", json={"inputs": [GOOD_ITEM]}))
+
+    accepted = [post()]
+    await asyncio.to_thread(wait_until, (gate / "entered").exists, "the first batch on the model thread", 60, 0.005)
+    accepted += [post() for _ in range(requests - 1)]
+    await asyncio.to_thread(wait_for_metric, server, "codedsmooth_queue_depth", lambda v: v == requests - 1)
+    return accepted
+
+
 @torch.no_grad()
 def correct_per_image(predict_fn, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Boolean per image: ``predict_fn`` (logits or probabilities) puts its top score on the label."""
@@ -106,4 +133,4 @@ def write_idx(path, array: np.ndarray) -> None:
     Path(path).write_bytes(gzip.compress(body) if str(path).endswith(".gz") else body)
 
 
-__all__ = ["ServerProcess", "running_server", "free_port", "metric_samples", "metric", "wait_for_metric", "wait_until", "run_in_fresh_interpreter", "correct_per_image", "worst_case", "write_idx"]
+__all__ = ["GOOD_ITEM", "SLOW_SERVER", "held_server", "hold_and_queue", "ServerProcess", "running_server", "free_port", "metric_samples", "metric", "wait_for_metric", "wait_until", "run_in_fresh_interpreter", "correct_per_image", "worst_case", "write_idx"]

@@ -6,41 +6,20 @@ ready gauges on the metrics port, and the process exit; never on sleeps.
 
 import asyncio
 import signal
-import sys
 import time
-from pathlib import Path
 
 import httpx
-import numpy as np
-from helpers import ServerProcess, wait_for_metric, wait_until
-
-GOOD_ITEM = np.full((1, 8, 8), 0.5).tolist()
-SLOW_SERVER = [sys.executable, str(Path(__file__).with_name("slow_server.py"))]
-
-
-def _wait_file(path: Path, timeout: float = 60.0) -> None:
-    wait_until(path.exists, f"{path} to appear", timeout, interval=0.005)
-
+from helpers import GOOD_ITEM, held_server, hold_and_queue, wait_for_metric
 
 def _drain_scenario(tiny_checkpoint, tmp_path, monkeypatch, drain_timeout_s: float, open_gate: bool, slow_batch_s: float, requests: int = 12):
     """Hold the first batch on the model thread, queue the rest, SIGTERM, then (maybe) release the model."""
-    monkeypatch.setenv("SLOW_ENGINE_GATE", str(tmp_path))
-    monkeypatch.setenv("SLOW_BATCH_S", str(slow_batch_s))
-    srv = ServerProcess(
-        tiny_checkpoint, program=SLOW_SERVER, log_level="info", drain_timeout_s=drain_timeout_s,
-        max_batch_size=4, max_delay_ms=0, max_queue_size=64, timeout_ms=60000, rci=False,
-    )
+    srv = held_server(tiny_checkpoint, tmp_path, monkeypatch, drain_timeout_s, slow_batch_s)
     try:
         srv.wait_ready()
 
         async def main():
             async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
-                post = lambda: asyncio.ensure_future(client.post("/v1/predict", json={"inputs": [GOOD_ITEM]}))  # noqa: E731
-                accepted = [post()]
-                await asyncio.to_thread(_wait_file, tmp_path / "entered")  # the first batch is on the model thread
-                accepted += [post() for _ in range(requests - 1)]
-                # every other request is queued behind it: accepted by the batcher
-                await asyncio.to_thread(wait_for_metric, srv, "codedsmooth_queue_depth", lambda v: v == requests - 1)
+                accepted = await hold_and_queue(client, srv, tmp_path, requests)  # the first on the model thread, the rest queued
                 sigterm = time.monotonic()
                 srv.proc.send_signal(signal.SIGTERM)
                 await asyncio.to_thread(wait_for_metric, srv, "codedsmooth_model_ready", lambda v: v == 0)  # draining

@@ -16,37 +16,25 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
-from helpers import ServerProcess, free_port, wait_for_metric, wait_until
+from helpers import GOOD_ITEM, ServerProcess, free_port, held_server, hold_and_queue, wait_for_metric
 
 from codedsmooth.service.server import startup_warnings
 from codedsmooth.service.settings import ServeSettings
 
-GOOD_ITEM = np.full((1, 8, 8), 0.5).tolist()
-SLOW_SERVER = [sys.executable, str(Path(__file__).with_name("slow_server.py"))]
 REQUESTS = 12
 
 
 def _signal_scenario(checkpoint, gate: Path, monkeypatch, signals: list[int], drain_timeout_s: float):
     """Hold the first batch on the model thread, queue the rest, send ``signals`` (each later one
     once the drain is under way); the model is released only after the last signal."""
-    monkeypatch.setenv("SLOW_ENGINE_GATE", str(gate))
-    monkeypatch.setenv("SLOW_BATCH_S", "0")
-    srv = ServerProcess(
-        checkpoint, program=SLOW_SERVER, log_level="info", drain_timeout_s=drain_timeout_s,
-        max_batch_size=4, max_delay_ms=0, max_queue_size=64, timeout_ms=60000, rci=False,
-    )
+    srv = held_server(checkpoint, gate, monkeypatch, drain_timeout_s)
     try:
         srv.wait_ready()
 
         async def main():
             async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
-                post = lambda: asyncio.ensure_future(client.post("/v1/predict", json={"inputs": [GOOD_ITEM]}))  # noqa: E731
-                accepted = [post()]
-                await asyncio.to_thread(wait_until, (gate / "entered").exists, "the first batch on the model thread", 60, 0.005)
-                accepted += [post() for _ in range(REQUESTS - 1)]
-                await asyncio.to_thread(wait_for_metric, srv, "codedsmooth_queue_depth", lambda v: v == REQUESTS - 1)
+                accepted = await hold_and_queue(client, srv, gate, REQUESTS)
                 first = time.monotonic()
                 srv.proc.send_signal(signals[0])
                 await asyncio.to_thread(wait_for_metric, srv, "codedsmooth_model_ready", lambda v: v == 0)  # draining
