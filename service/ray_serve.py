@@ -258,6 +258,7 @@ def run_ray_serve(settings: ServeSettings) -> int:
 
     t0 = time.monotonic()
     started_ray = start_ray(settings)
+    limits_actor = None
     t_ray = time.monotonic() - t0
     stop = threading.Event()  # handlers after ray.init, which installs its own
     signals = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -269,7 +270,7 @@ def run_ray_serve(settings: ServeSettings) -> int:
         if settings.api_keys_file:
             from .shared_limits import start_limits_actor
 
-            start_limits_actor()  # before the replicas, which charge it
+            limits_actor = start_limits_actor()  # before the replicas, which charge it; the handle keeps it alive (a non-detached actor ends with its last handle)
         handle = start_serve(settings)
         # A first call through the handle makes its router learn the replicas, so that the
         # broadcast on shutdown reaches every replica at once.
@@ -287,6 +288,7 @@ def run_ray_serve(settings: ServeSettings) -> int:
         log.info("draining: replicas refuse new requests and finish accepted ones (at most %gs)", settings.drain_timeout_s)
         results = drain_replicas(handle, settings.drain_timeout_s + 5.0)
         log.info("drained %d replicas: %s", len(results), json.dumps([r if isinstance(r, dict) else repr(r) for r in results]))
+        limits_actor = None  # the shared counters end with the application
     finally:
         if started_ray:
             serve.shutdown()

@@ -6,8 +6,9 @@ through a :class:`SharedLimiter`, so a client's rate and quota hold for the depl
 whichever replica Ray's router picks. The actor runs one call at a time (a charge is all or
 nothing across replicas) on one clock (``time.monotonic`` of its process).
 
-Its life: the actor belongs to the ``serve`` command's driver, so it ends with the command (or
-with a local Ray it started). If its process dies, Ray restarts it (``max_restarts=-1``) with
+Its life: the actor belongs to the ``serve`` command's driver, which holds its handle while
+serving (a non-detached actor ends with its last handle), so it ends with the command (or with a
+local Ray it started). If its process dies, Ray restarts it (``max_restarts=-1``) with
 **empty counters**: every client's bucket is full again and its quota window starts afresh, so a
 client may get up to one more quota per restart. While it is down or restarting, predict
 requests get 503 + ``Retry-After`` (never unlimited answers).
@@ -73,7 +74,7 @@ class SharedLimiter:
         try:
             return await getattr(self._handle(), method).remote(*args)
         except (ray.exceptions.RayError, ValueError) as exc:  # ValueError: no actor of that name (yet)
-            log.warning("the shared per-client limits are unavailable (%s): answering 503", type(exc).__name__)
+            log.warning("the shared per-client limits are unavailable (%s: %s): answering 503", type(exc).__name__, str(exc)[:300])
             self._actor = None  # look it up again next time
             raise Unavailable("per-client limits are unavailable; retry", retry_after_s=1) from None
 
