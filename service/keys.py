@@ -213,7 +213,10 @@ class KeysFile:
     def poll(self) -> Reload | None:
         """Reload if the file changed since the last look; None when it did not (or its failure was reported already)."""
         stamp = self._stat()
-        if stamp == self._stamp or (stamp is not None and stamp == self._failed_stamp):
+        if stamp == self._stamp:
+            self._failed_stamp = None  # back to the version in force (e.g. a file restored after a bad edit)
+            return None
+        if stamp is not None and stamp == self._failed_stamp:
             return None
         if stamp is None:
             if self._failed_stamp == "missing":
