@@ -1,4 +1,4 @@
-"""The ``codedsmooth`` command line: train, serve, attack, bench, report."""
+"""The ``codedsmooth`` command line: train, serve, keys, attack, bench, report."""
 
 from __future__ import annotations
 
@@ -141,7 +141,11 @@ def _run_serve(args) -> int:
         raise ValueError("; ".join(_settings_problem(e, given) for e in exc.errors())) from None
     from codedsmooth.models import resolve_device
 
-    resolve_device(settings.device)  # --device cuda without CUDA: a clear error, not a failed start-up
+    resolve_device(settings.device)
+    if settings.api_keys_file is not None:
+        from codedsmooth.service.keys import read_keys
+
+        read_keys(settings.api_keys_file)  # a missing file or a bad line: one error naming the file and line, before anything starts  # --device cuda without CUDA: a clear error, not a failed start-up
     # A busy port fails now, in one line, not after the model has loaded (Ray Serve binds its own).
     listener = bind_public_socket(settings.host, settings.port) if settings.replicas is None else None
     if settings.checkpoint is not None:
@@ -161,6 +165,29 @@ def _run_serve(args) -> int:
 
         return run_ray_serve(settings)
     return run_server(settings, listener=listener)
+
+
+def _add_keys(sub) -> None:
+    p = sub.add_parser("keys", allow_abbrev=False, help="manage the API keys file of serve --api-keys-file")
+    actions = p.add_subparsers(dest="keys_command", required=True)
+    add = actions.add_parser(
+        "add", allow_abbrev=False, help="make a key for a new client: print it once, append its SHA-256 to the file",
+        description="Prints the new key on stdout, once: it is stored nowhere (the file keeps its SHA-256). A running server picks the new line up within a second or two.",
+    )
+    add.add_argument("name", help="the client's name (1-64 characters of A-Z a-z 0-9 _ . -), in logs and metric labels")
+    add.add_argument("--file", required=True, help="the keys file (created with mode 0600 when missing)")
+    add.add_argument("--rate", default=None, help="items per second for this client instead of serve --rate-limit ('none': no rate limit)")
+    add.add_argument("--quota", default=None, help="items per quota window for this client instead of serve --quota ('none': no quota)")
+    add.set_defaults(func=_run_keys_add)
+
+
+def _run_keys_add(args) -> int:
+    from codedsmooth.service.keys import add_key
+
+    key = add_key(args.file, args.name, rate=args.rate, quota=args.quota)
+    print(key)
+    print(f"added client {args.name!r} to {args.file}; the key above is shown once and stored nowhere", file=sys.stderr)
+    return 0
 
 
 def _add_attack(sub) -> None:
@@ -202,12 +229,12 @@ def _run_report(args) -> int:
     return 0
 
 
-BENCHMARKS = {"rci": "rci_forward.py", "training": "training_methods.py", "server": "server_throughput.py", "sparse": "sparse_decode.py", "ddp": "ddp_training.py"}
+BENCHMARKS = {"rci": "rci_forward.py", "training": "training_methods.py", "server": "server_throughput.py", "sparse": "sparse_decode.py", "ddp": "ddp_training.py", "access": "access_limits.py"}
 
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", allow_abbrev=False, help="run a benchmark from benchmarks/ (needs the source checkout)",
-                       description="rci: RCI vs plain forward; training: erm/mixup/coded accuracy and epoch time; server: server vs in-process throughput, latency, RCI scopes; sparse: sparse decode error and speed; ddp: epoch time on several processes. Options after the name go to the script (try: bench server --help).")
+                       description="rci: RCI vs plain forward; training: erm/mixup/coded accuracy and epoch time; server: server vs in-process throughput, latency, RCI scopes; sparse: sparse decode error and speed; ddp: epoch time on several processes; access: what API keys and limits add per request (in-process and Ray actor) and whether the rate holds. Options after the name go to the script (try: bench server --help).")
     p.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="options for the script")
     p.set_defaults(func=_run_bench)
@@ -234,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_serve(sub)
+    _add_keys(sub)
     _add_attack(sub)
     _add_report(sub)
     _add_bench(sub)

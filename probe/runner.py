@@ -29,9 +29,9 @@ def evaluation_data(ck: Checkpoint, samples: int, data_dir=None):
     return x, y, pool
 
 
-def make_target(ck: Checkpoint, url: str | None, spec: CodingSpec, clean_pool, seed: int):
+def make_target(ck: Checkpoint, url: str | None, spec: CodingSpec, clean_pool, seed: int, api_key: str | None = None):
     if url:
-        return HttpTarget(url)
+        return HttpTarget(url, api_key=api_key)
     return InProcessTarget(RCIModel(ck, spec, clean_pool, seed=seed + 100))
 
 
@@ -41,6 +41,7 @@ class TargetConfig:
 
     checkpoint: str | None = field(default=None, metadata={"help": "the attacker's copy of the model; the in-process target when url is not given (default: the embedded checkpoint)"})
     url: str | None = field(default=None, metadata={"help": "attack a running server at this URL instead of an in-process target"})
+    api_key: str | None = field(default=None, metadata={"help": "API key for --url, sent as Authorization: Bearer (default: env CODEDSMOOTH_API_KEY, which keeps it out of shell history)"})
     data_dir: str | None = field(default=None, metadata={"help": "local files of the checkpoint's data set when it does not ship with a package"})
     rci: bool = field(default=True, metadata={"help": "in-process target: RCI on/off"})
     rci_scope: Scope | None = field(default=None, metadata={"help": "in-process target: coding scope (default: the served default, request)", "choices": SCOPES})
@@ -56,7 +57,7 @@ def attack_command(cfg: AttackConfig, args: TargetConfig) -> dict:
     ck = load_checkpoint(args.checkpoint or default_checkpoint_path())
     x, y, pool = evaluation_data(ck, cfg.samples, args.data_dir)
     spec = ck.coding_spec(enabled=args.rci, scope=args.rci_scope, k=args.rci_group_size, n=args.coded_points)
-    target = make_target(ck, args.url, spec, pool, cfg.seed)
+    target = make_target(ck, args.url, spec, pool, cfg.seed, args.api_key)
     if args.url and target.info["name"] != ck.name:
         raise ValueError(f"server serves {target.info['name']!r} but the attacker's checkpoint is {ck.name!r}; the attacker needs the served model")
     report = run_attack(cfg, ck, target, x, y, pool)

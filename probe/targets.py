@@ -112,8 +112,9 @@ class InProcessTarget:
 class HttpTarget:
     """Queries sent to a running server, one request per item, concurrently (v2 binary tensors on kept connections)."""
 
-    def __init__(self, url: str, concurrency: int = 8):
-        self.client = CodedSmoothClient(url, concurrency=concurrency)
+    def __init__(self, url: str, concurrency: int = 8, api_key: str | None = None):
+        """``api_key``: sent as ``Authorization: Bearer`` (default: env ``CODEDSMOOTH_API_KEY``; see ``service.client``)."""
+        self.client = CodedSmoothClient(url, concurrency=concurrency, api_key=api_key)
         self.info = self.client.models()[0]
         self.spec = spec_from_server(self.info)
         self.queries = 0

@@ -5,7 +5,8 @@ The middleware is the outermost layer of the app. It asks the lifecycle to admit
 in flight) and releases it with the status actually sent, whatever happened on the way. The
 arrival is when the server's protocol read the request's first byte (``connections.ARRIVAL``),
 and whether the request's connection holds one of the ``--max-connections`` slots is the
-protocol's word too (``connections.ADMITTED``).
+protocol's word too (``connections.ADMITTED``). With ``--api-keys-file`` the request's API key is
+checked here, before its body is read (``access.Access.authenticate``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+from .access import CLIENT
 from .connections import ADMITTED, ARRIVAL
-from .errors import CLIENT_CLOSED, PayloadTooLarge, RequestTimeout, error_response
+from .errors import CLIENT_CLOSED, PayloadTooLarge, RequestTimeout, ServiceError, error_response
 from .lifecycle import Lifecycle
 
 
@@ -28,6 +30,8 @@ class AdmissionMiddleware:
     - refuses a declared body over ``max_body_bytes`` with 413 before reading it, and a streamed one
       as soon as it passes the limit, both with ``Connection: close`` (the rest is never read);
     - answers a request on a connection without a slot 503 + ``Retry-After``, ``Connection: close``;
+    - with API keys required, answers a request on any but the open paths without a known key 401
+      + ``WWW-Authenticate`` before reading its body, and keeps its client in ``scope["state"][CLIENT]``;
     - a body that has not fully arrived by the body deadline gets 408 and the connection closes;
     - counts the request in flight and records its status (499 when the client left first).
     """
@@ -82,6 +86,12 @@ class AdmissionMiddleware:
                 lc.metrics.rejected.labels("connections").inc()
                 message = f"too many connections (at most {lc.settings.max_connections}); retry later"
                 return await error_response(503, message, {"Retry-After": "1", "Connection": "close"})(scope, receive, recording_send)
+            access = lc.access
+            if access is not None and not access.is_open(scope["path"]):
+                try:
+                    state[CLIENT] = access.authenticate(_headers(scope, b"authorization"), scope["method"], scope["path"])
+                except ServiceError as exc:
+                    return await error_response(exc.status, exc.message, exc.headers)(scope, receive, recording_send)
             declared = _header(scope, b"content-length")
             if declared is not None:
                 if not (declared.isascii() and declared.isdigit()):
@@ -96,6 +106,10 @@ class AdmissionMiddleware:
                 status = CLIENT_CLOSED
             route = scope.get("route")
             lc.release(admission, getattr(route, "path", None) or "unmatched", status or 500)
+
+
+def _headers(scope, name: bytes) -> list[str]:
+    return [value.decode("latin-1") for key, value in scope.get("headers") or () if key == name]
 
 
 def _header(scope, name: bytes) -> str | None:

@@ -21,9 +21,10 @@ from .openapi import install_openapi
 from .settings import ServeSettings
 
 
-def create_app(settings: ServeSettings | None = None, engine_factory: EngineFactory | None = None, metrics: Metrics | None = None) -> FastAPI:
-    """``engine_factory(checkpoint, settings, device)`` replaces ``InferenceEngine`` (tests inject slowed doubles)."""
-    lifecycle = Lifecycle(settings or ServeSettings(), metrics, engine_factory)
+def create_app(settings: ServeSettings | None = None, engine_factory: EngineFactory | None = None, metrics: Metrics | None = None, limiter=None) -> FastAPI:
+    """``engine_factory(checkpoint, settings, device)`` replaces ``InferenceEngine`` (tests inject slowed doubles);
+    ``limiter`` holds the per-client counters (default: in this process; see ``.limits``)."""
+    lifecycle = Lifecycle(settings or ServeSettings(), metrics, engine_factory, limiter)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -42,6 +43,6 @@ def create_app(settings: ServeSettings | None = None, engine_factory: EngineFact
     app.include_router(v1.router)
     app.include_router(v2.router)
     install_error_handlers(app)
-    install_openapi(app)
+    install_openapi(app, keys_required=lifecycle.access is not None)
     app.add_middleware(AdmissionMiddleware, lifecycle=lifecycle)
     return app

@@ -81,6 +81,25 @@ class InvalidInput(ServiceError):
     status = 422
 
 
+class Unauthorized(ServiceError):
+    """No API key, or one the keys file does not hold (``WWW-Authenticate: Bearer``, RFC 6750)."""
+
+    status = 401
+
+    def __init__(self, message: str, invalid_token: bool = False):
+        challenge = 'Bearer realm="codedsmooth"' + (', error="invalid_token"' if invalid_token else "")
+        super().__init__(message, {"WWW-Authenticate": challenge})
+
+
+class TooManyRequests(ServiceError):
+    """Over a client's rate limit or quota; ``Retry-After``: whole seconds until the same request would fit."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message, {"Retry-After": str(max(1, int(retry_after_s)))})
+
+
 class PayloadTooLarge(ServiceError):
     status = 413
 

@@ -1,8 +1,10 @@
 """The server's lifecycle: loading, readiness, admission, in-flight counting and draining, in one object.
 
 ``Lifecycle`` is the only holder of request-path state. Every HTTP request is admitted through it
-by ``admission.AdmissionMiddleware``, which stamps its arrival and deadlines, counts it in flight
-and records its status. Routes reach the lifecycle with ``current_lifecycle(request)``.
+by ``admission.AdmissionMiddleware``, which stamps its arrival and deadlines, counts it in flight,
+checks its API key (``access``, with ``--api-keys-file``) and records its status. Routes reach the
+lifecycle with ``current_lifecycle(request)``; every predict route queues its items through
+:meth:`Lifecycle.infer`, which charges them to the client's limits first.
 
 Threads: torch work (load, warm-up, inference) runs on the single model thread; image decoding
 (Pillow and numpy only) runs on a separate decode thread; neither runs on the event loop.
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 from fastapi import Request
 
+from .access import CLIENT, Access
 from .batcher import MicroBatcher
 from .connections import ConnectionSlots
 from .engine import InferenceEngine
@@ -45,9 +48,12 @@ class Admission:
 
 
 class Lifecycle:
-    def __init__(self, settings: ServeSettings, metrics: Metrics | None = None, engine_factory: EngineFactory | None = None):
+    def __init__(self, settings: ServeSettings, metrics: Metrics | None = None, engine_factory: EngineFactory | None = None, limiter=None):
+        """``limiter``: where the per-client counters live (default: in this process; Ray Serve replicas share one)."""
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self.access = Access(settings, self.metrics, limiter) if settings.api_keys_file else None  # None: open to anyone
+        self._watch_task: asyncio.Task | None = None
         self.engine_factory = engine_factory or InferenceEngine
         self.phase: Phase = "loading"
         self.checkpoint = None
@@ -87,6 +93,8 @@ class Lifecycle:
             self.engine, self.metrics, self.model_executor, s.max_batch_size, s.max_delay_ms / 1000.0, s.max_queue_size, on_batch=observer
         )
         self.batcher.start()
+        if self.access is not None:
+            self._watch_task = asyncio.get_running_loop().create_task(self.access.watch(), name="codedsmooth-keys-watch")
         if self.phase == "loading":  # a drain may have begun while loading
             self.phase = "ready"
             self.metrics.ready.set(1)
@@ -148,10 +156,16 @@ class Lifecycle:
         return await asyncio.get_running_loop().run_in_executor(self.decode_executor, fn, *args)
 
     async def infer(self, request: Request, x: torch.Tensor) -> np.ndarray:
-        """Queue ``x``, wait for its probabilities; 504 past the deadline, 499 (dropped) if the client leaves."""
+        """Charge ``x``'s items to the client (429 over a limit), queue it, wait for its probabilities; 504 past the deadline, 499 (dropped) if the client leaves."""
         self.require_ready()
-        admission: Admission = request.scope["state"]["admission"]
-        fut = self.batcher.submit(x, admission.arrival, admission.deadline)
+        state = request.scope["state"]
+        admission: Admission = state["admission"]
+
+        def submit() -> asyncio.Future:
+            return self.batcher.submit(x, admission.arrival, admission.deadline)
+
+        client = state.get(CLIENT)  # set by the admission when keys are required
+        fut = submit() if client is None else await self.access.queue(client, len(x), submit)
         watcher = asyncio.ensure_future(_wait_disconnect(request))
         try:
             done, _ = await asyncio.wait(
@@ -214,6 +228,8 @@ class Lifecycle:
     async def stop(self) -> None:
         await self.drain()
         self.phase = "stopped"
+        if self._watch_task is not None:
+            self._watch_task.cancel()
         if self.batcher is not None:
             await self.batcher.stop()
         # Do not wait for a model call still running past the drain timeout.

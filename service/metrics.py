@@ -40,6 +40,14 @@ class Metrics:
         self.connections_evicted = Counter("codedsmooth_idle_connections_closed_total", "connections without a request in the app closed to admit a new one at --max-connections", registry=r)
         self.rejected = Counter("codedsmooth_rejected_total", "requests refused or dropped before compute", ["reason"], registry=r)
         self.ready = Gauge("codedsmooth_model_ready", "1 when the model is loaded and warm", registry=r)
+        # access control (with --api-keys-file); client labels come from the keys file, plus "unknown"
+        self.client_requests = Counter("codedsmooth_client_requests_total", "requests with a known API key, by client", ["client"], registry=r)
+        self.client_items = Counter("codedsmooth_client_items_total", "items charged to a client's limits", ["client"], registry=r)
+        self.client_refused = Counter(
+            "codedsmooth_client_refused_total", "requests refused by access control: 401 (client unknown: no key or an unknown one), 429 (over a limit)", ["client", "status"], registry=r
+        )
+        self.keys_reloads = Counter("codedsmooth_api_keys_reloads_total", "keys file reloads after a change: ok, or error (the last good table stays)", ["result"], registry=r)
+        self.keys_clients = Gauge("codedsmooth_api_keys_clients", "clients in the keys table in force", registry=r)
         self.rci_groups = Histogram("codedsmooth_rci_coding_groups", "coding groups per device batch", buckets=SIZE_BUCKETS, registry=r)
         self.rci_filler_share = Histogram("codedsmooth_rci_filler_share", "share of coded slots filled with trusted filler", buckets=SHARE_BUCKETS, registry=r)
         self.rci_checked = Counter("codedsmooth_rci_checked_items_total", "items also run without RCI to measure its effect", registry=r)

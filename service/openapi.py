@@ -5,6 +5,8 @@ declare them with :func:`request_body`; their schemas are added to the component
 automatic 422 ``HTTPValidationError`` entries are dropped: path parameters are plain strings that
 cannot fail validation, and every error the server sends is ``{"error": "..."}`` (declared per route;
 its message is cut to ``errors.MAX_ERROR_CHARS``). Paths are exact: a trailing slash is 404, never a redirect.
+With API keys required, the document declares the bearer scheme, and every operation off the open
+paths (``access.OPEN_PATHS``) lists it and its 401 (the predict operations also 429).
 """
 
 from __future__ import annotations
@@ -13,17 +15,20 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from .access import OPEN_PATHS
 from .schemas import ErrorBody
 
 _EXTRA_SCHEMAS: dict[str, Any] = {}
 
 ERROR_DESCRIPTIONS = {
     400: "unparseable body (JSON, multipart) or header",
+    401: "no API key, or an unknown one (WWW-Authenticate: Bearer)",
     404: "unknown model or version",
     408: "the body did not arrive within the body timeout (the connection closes)",
     413: "body, item count or image size too large, or more JSON values than the most items per request can hold",
     415: "wrong content type, or a compressed body (any Content-Encoding but identity)",
     422: "invalid input (shape, datatype, values, names)",
+    429: "over the API key's rate limit or quota; retry after Retry-After seconds",
     503: "not ready, queue full or draining; retry after Retry-After seconds",
     504: "no answer within the request deadline",
 }
@@ -50,7 +55,7 @@ def request_body(content: dict[str, dict]) -> dict:
     return {"requestBody": {"required": True, "content": {media: {"schema": schema} for media, schema in content.items()}}}
 
 
-def install_openapi(app: FastAPI) -> None:
+def install_openapi(app: FastAPI, keys_required: bool = False) -> None:
     def openapi() -> dict:
         if app.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
@@ -59,6 +64,8 @@ def install_openapi(app: FastAPI) -> None:
             schemas = doc.setdefault("components", {}).setdefault("schemas", {})
             schemas.update(_EXTRA_SCHEMAS)
             _drop_validation_errors(doc)
+            if keys_required:
+                _require_keys(doc)
             app.openapi_schema = doc
         return app.openapi_schema
 
@@ -74,3 +81,21 @@ def _drop_validation_errors(doc: dict) -> None:
     schemas = doc.get("components", {}).get("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
+
+
+BEARER = "apiKey"
+
+
+def _require_keys(doc: dict) -> None:
+    doc["components"].setdefault("securitySchemes", {})[BEARER] = {
+        "type": "http", "scheme": "bearer", "description": "an API key from the server's keys file: Authorization: Bearer <key>",
+    }
+    for path, operations in doc.get("paths", {}).items():
+        if path in OPEN_PATHS:
+            continue
+        for operation in operations.values():
+            operation["security"] = [{BEARER: []}]
+            responses = operation.setdefault("responses", {})
+            codes = (401, 429) if "504" in responses else (401,)  # items are charged where a deadline applies: the predict routes
+            for code, entry in errors(*codes).items():
+                responses[str(code)] = {"description": entry["description"], "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}

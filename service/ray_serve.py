@@ -32,12 +32,16 @@ warm-up at start, the lifecycle's drain at stop).
   deleted (attached cluster) or Serve and the local Ray stop. Replicas Ray stops on its own
   (downscaling, ``serve.shutdown``) wait for their ongoing requests (``graceful_shutdown_timeout_s``
   = the drain timeout) and then run the same drain.
+- **API keys and limits.** Each replica checks keys against ``--api-keys-file`` (read and
+  re-read by each replica: the path must hold the same file on every node), and all replicas
+  charge one set of per-client counters in a named Ray actor (``.shared_limits``), so
+  ``--rate-limit`` and ``--quota`` hold for the deployment as a whole.
 - **A replica that dies** with requests on it: Ray's proxy would answer them 500 with an empty
   body; :func:`proxy_middlewares` (installed through Ray's proxy callback, set up automatically for
   a local cluster) answers them ``503 + Retry-After`` with the JSON error body instead, so a client
   sees the same contract as on a draining server and may retry.
 
-This module imports ray; nothing else in ``codedsmooth`` imports it (``pip install -e '.[ray]'``).
+This module and ``.shared_limits`` import ray; nothing else in ``codedsmooth`` imports it (``pip install -e '.[ray]'``).
 """
 
 from __future__ import annotations
@@ -97,7 +101,12 @@ class CodedSmoothReplica:
             self._metrics_listener = start_metrics_listener(metrics, s.metrics_host, 0, labels=self.labels)
         self.metrics_address = f"{s.metrics_host}:{self._metrics_listener.server_port}"
         log.info("replica %s (rank %d on this node) starting", self.replica, self.local_rank)
-        return create_app(s, metrics=metrics)  # the wrapper keeps it as ``self.app``
+        limiter = None
+        if s.api_keys_file:
+            from .shared_limits import SharedLimiter
+
+            limiter = SharedLimiter()
+        return create_app(s, metrics=metrics, limiter=limiter)  # the wrapper keeps it as ``self.app``
 
     async def drain(self) -> dict:
         """Drain this replica's lifecycle: 503 to new requests, accepted ones finish (called on shutdown)."""
@@ -249,10 +258,19 @@ def run_ray_serve(settings: ServeSettings) -> int:
 
     t0 = time.monotonic()
     started_ray = start_ray(settings)
+    limits_actor = None
     t_ray = time.monotonic() - t0
     stop = threading.Event()  # handlers after ray.init, which installs its own
     signals = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        from .server import startup_warnings
+
+        for warning in startup_warnings(settings):
+            log.warning("%s", warning)
+        if settings.api_keys_file:
+            from .shared_limits import start_limits_actor
+
+            limits_actor = start_limits_actor()  # before the replicas, which charge it; the handle keeps it alive (a non-detached actor ends with its last handle)
         handle = start_serve(settings)
         # A first call through the handle makes its router learn the replicas, so that the
         # broadcast on shutdown reaches every replica at once.
@@ -270,6 +288,7 @@ def run_ray_serve(settings: ServeSettings) -> int:
         log.info("draining: replicas refuse new requests and finish accepted ones (at most %gs)", settings.drain_timeout_s)
         results = drain_replicas(handle, settings.drain_timeout_s + 5.0)
         log.info("drained %d replicas: %s", len(results), json.dumps([r if isinstance(r, dict) else repr(r) for r in results]))
+        limits_actor = None  # the shared counters end with the application
     finally:
         if started_ray:
             serve.shutdown()

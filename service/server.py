@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import signal
@@ -133,12 +134,24 @@ def startup_warnings(settings: ServeSettings) -> list[str]:
     warnings = []
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         warnings.append("running as root: a flaw in any dependency would own the host; run as an unprivileged user (the Docker image runs as uid 10001)")
+    open_to_anyone = "" if settings.api_keys_file else "; without --api-keys-file anyone who reaches it may query, as much as they like"
     if settings.host in ALL_INTERFACES:
         warnings.append(
-            f"listening on all interfaces ({settings.host or '0.0.0.0'}:{settings.port}): the API is reachable from other hosts; "
+            f"listening on all interfaces ({settings.host or '0.0.0.0'}:{settings.port}): the API is reachable from other hosts{open_to_anyone}; "
             "expose it through a reverse proxy or firewall, or bind --host 127.0.0.1"
         )
+    elif open_to_anyone and not _loopback(settings.host):
+        warnings.append(f"listening on {settings.host}:{settings.port}, not a loopback address: the API is reachable from other hosts{open_to_anyone}")
     return warnings
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def run_server(

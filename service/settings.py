@@ -44,6 +44,12 @@ class ServeSettings(BaseSettings):
     )
     max_headers: int = Field(100, ge=8, description="most header fields in one request; more gets 431 and the connection closes")
     keep_alive_s: float = Field(15.0, gt=0, description="idle keep-alive connections are closed after this long (uvicorn timeout_keep_alive); above the 5 s idle expiry of common clients (httpx, requests), so a client never reuses a connection the server is closing")
+    api_keys_file: str | None = Field(
+        None, description="clients and the SHA-256 of their keys, one a line (codedsmooth keys add NAME --file PATH); every route but health then needs Authorization: Bearer KEY, else 401. Re-read when it changes (default: none, the server answers anyone)"
+    )
+    rate_limit: float | None = Field(None, gt=0, description="items per second per API key (a token bucket of --max-batch-size items); over it 429 + Retry-After (needs --api-keys-file; default: none)")
+    quota: int | None = Field(None, ge=0, description="items per API key per --quota-window-s; over it 429 + Retry-After (needs --api-keys-file; default: none)")
+    quota_window_s: float = Field(86400.0, gt=0, description="the quota's window in seconds, from a key's first item in it")
     metrics_host: str = Field("127.0.0.1", description="address of the Prometheus /metrics listener (0.0.0.0 only where the operator's network needs it)")
     metrics_port: int = Field(9464, ge=0, le=65535, description="port of the Prometheus /metrics listener, separate from the public port (0: any free port, logged at start)")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: the CPU quota)")
@@ -73,6 +79,8 @@ class ServeSettings(BaseSettings):
             raise ValueError(
                 f"max_items_per_request ({self.max_items_per_request}) must not exceed max_batch_size ({self.max_batch_size}): one request runs as one device batch"
             )
+        if self.api_keys_file is None and (self.rate_limit is not None or self.quota is not None):
+            raise ValueError("rate_limit and quota need api_keys_file: limits are per API key")
         if self.metrics_port and self.metrics_port == self.port:
             raise ValueError("metrics_port must differ from port: /metrics is not served on the public port")
         if self.replicas is None:
@@ -89,7 +97,7 @@ class ServeSettings(BaseSettings):
     def autoscaling(self) -> bool:
         return self.replicas is not None and self.max_replicas is not None
 
-    @field_validator("checkpoint", "ray_address")
+    @field_validator("checkpoint", "ray_address", "api_keys_file")
     @classmethod
     def _checkpoint(cls, value):
         return value or None  # an empty env var (as compose passes through) means the default

@@ -211,8 +211,13 @@ def test_inline_codedsmooth_spans_name_real_subcommands_and_flags():
             if tokens == ["…"]:
                 continue
             assert tokens and tokens[0] in subs, f"{page.name}: `{span}`: no such subcommand"
-            known = {s for a in subs[tokens[0]]._actions for s in a.option_strings}
-            for flag in (t for t in tokens[1:] if t.startswith("--")):
+            sub, rest = subs[tokens[0]], tokens[1:]
+            nested = next((a for a in sub._actions if isinstance(a, argparse._SubParsersAction)), None)
+            if nested is not None:  # `codedsmooth keys add …`
+                assert rest and rest[0] in nested.choices, f"{page.name}: `{span}`: {tokens[0]} needs one of {sorted(nested.choices)}"
+                sub, rest = nested.choices[rest[0]], rest[1:]
+            known = {s for a in sub._actions for s in a.option_strings}
+            for flag in (t for t in rest if t.startswith("--")):
                 assert flag in known, f"{page.name}: `{span}`: {tokens[0]} has no option {flag}"
             checked += 1
     assert checked >= 15
@@ -284,10 +289,12 @@ def test_serving_options_table_lists_exactly_the_serve_options_with_their_defaul
     assert compared >= 15, f"only {compared} numeric defaults compared"
 
 
-def test_documented_env_vars_are_serve_settings():
+def test_documented_env_vars_are_serve_settings_or_the_clients_key():
+    from codedsmooth.service.client import API_KEY_ENV
+
     serve_flags = {s for a in serve_parser()._actions for s in a.option_strings}
     for page in PAGES:
-        for name in set(re.findall(r"CODEDSMOOTH_([A-Z][A-Z_]*)", text(page))):
+        for name in set(re.findall(r"CODEDSMOOTH_([A-Z][A-Z_]*)", text(page))) - {API_KEY_ENV.removeprefix("CODEDSMOOTH_")}:
             assert "--" + name.lower().replace("_", "-") in serve_flags, f"{page.name}: CODEDSMOOTH_{name} is no serve setting"
 
 

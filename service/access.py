@@ -1,0 +1,139 @@
+"""Who may query, and how much: API keys checked on admission, items charged to per-client limits.
+
+With ``--api-keys-file`` (see ``.keys`` for the format) every request but those on ``OPEN_PATHS``
+needs ``Authorization: Bearer <key>``; the admission middleware calls :meth:`Access.authenticate`
+before reading the body, and a missing or unknown key gets 401 + ``WWW-Authenticate: Bearer``.
+The client is kept in ``scope["state"][CLIENT]``. Every predict route passes through
+``Lifecycle.infer``, which charges the request's items with :meth:`Access.queue` as it is
+queued: over the client's rate limit or quota it gets 429 + ``Retry-After`` and nothing is
+queued or run. A charge is refunded only when the request is then refused before it is queued
+(queue full, draining); once queued it counts, whatever its answer (504, 503 of a drain cut
+short, a client that left), since the model may have run for it.
+
+Open paths: the health checks (``/health/*``, ``/v2/health/*``: orchestrators probe them without
+keys) and the API's description (``/docs``, ``/redoc``, ``/openapi.json``: they describe the
+software, not this deployment: no model name, key or limit). Everything else, the metadata
+routes and unknown paths included, needs a key.
+
+Each refused request is logged once (warning) with its client's name or ``unknown key``, never
+the key. The keys file is checked for changes every second by :meth:`Access.watch`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable, TypeVar
+
+from .errors import TooManyRequests, Unauthorized, Unavailable, quoted
+from .keys import DEFAULT, UNKNOWN, Client, KeysFile
+from .limits import Limits, LocalLimiter
+from .metrics import Metrics
+from .settings import ServeSettings
+
+log = logging.getLogger("codedsmooth.access")
+T = TypeVar("T")
+
+CLIENT = "codedsmooth.client"  # scope["state"] key: the authenticated keys.Client
+HEALTH_PATHS = frozenset({"/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"})
+DOC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})  # FastAPI's defaults, which the app keeps
+OPEN_PATHS = HEALTH_PATHS | DOC_PATHS
+
+
+class Access:
+    """The keys table in force, the limits it sets, and the counters they are charged to (``limiter``)."""
+
+    def __init__(self, settings: ServeSettings, metrics: Metrics, limiter=None):
+        self.settings = settings
+        self.metrics = metrics
+        self.keys = KeysFile(settings.api_keys_file)
+        self.limiter = limiter or LocalLimiter()
+        self._labelled(self.keys.table.names)
+        log.info("API keys required: %d clients in %s", len(self.keys.table.clients), self.keys.path)
+
+    def _labelled(self, names: list[str]) -> None:
+        """Create every client's series at 0, so rates and alerts see a client before its first request."""
+        m = self.metrics
+        m.keys_clients.set(len(names))
+        m.client_refused.labels(UNKNOWN, "401")
+        for name in names:
+            m.client_requests.labels(name)
+            m.client_items.labels(name)
+            m.client_refused.labels(name, "429")
+
+    @staticmethod
+    def is_open(path: str) -> bool:
+        return path in OPEN_PATHS
+
+    def authenticate(self, authorization: list[str], method: str, path: str) -> Client:
+        """The client a request's ``Authorization`` header values name; ``Unauthorized`` (logged, counted) otherwise."""
+        client, problem = None, None
+        if not authorization:
+            problem = "no API key: send the header Authorization: Bearer <key>"
+        elif len(authorization) > 1:
+            problem = "more than one Authorization header"
+        else:
+            scheme, _, key = authorization[0].strip().partition(" ")
+            key = key.strip()
+            if scheme.lower() != "bearer" or not key:
+                problem = "the Authorization header must be Bearer <key>"
+            else:
+                client = self.keys.table.find(key)
+                if client is None:
+                    problem = "unknown API key"
+        if client is None:
+            log.warning("refused %s %s, unknown key: %s (401)", method, quoted(path), problem)
+            self.metrics.client_refused.labels(UNKNOWN, "401").inc()
+            raise Unauthorized(problem, invalid_token=bool(authorization))
+        self.metrics.client_requests.labels(client.name).inc()
+        return client
+
+    def limits(self, client: Client) -> Limits:
+        s = self.settings
+        rate = s.rate_limit if client.rate == DEFAULT else client.rate
+        quota = s.quota if client.quota == DEFAULT else client.quota
+        return Limits(rate=rate, burst=s.max_batch_size, quota=quota, window_s=s.quota_window_s)
+
+    async def queue(self, client: Client, items: int, submit: Callable[[], T]) -> T:
+        """Charge ``items`` to ``client``, then ``submit()`` (which queues the request) and return what it returns.
+
+        Over a limit: ``TooManyRequests`` (logged, counted) and ``submit`` is never called. When
+        ``submit`` refuses (``Unavailable``: queue full, draining) the charge is given back.
+        """
+        limits = self.limits(client)
+        if limits.any:
+            decision = await self.limiter.charge(client.name, items, limits)
+            if not decision.allowed:
+                log.warning("refused client %s: %s; retry after %d s (429)", client.name, decision.reason, decision.retry_after_s)
+                self.metrics.client_refused.labels(client.name, "429").inc()
+                raise TooManyRequests(f"{decision.reason}; retry after {decision.retry_after_s} s", decision.retry_after_s)
+        try:
+            queued = submit()
+        except Unavailable:
+            if limits.any:
+                await self.limiter.refund(client.name, items, limits)
+            raise
+        self.metrics.client_items.labels(client.name).inc(items)
+        return queued
+
+    def poll(self) -> None:
+        """Reload the keys file if it changed: log and count the outcome."""
+        reload = self.keys.poll()
+        if reload is None:
+            return
+        if reload.error is None:
+            self._labelled(self.keys.table.names)
+            self.metrics.keys_reloads.labels("ok").inc()
+            log.info("reloaded %s: %d clients", self.keys.path, reload.clients)
+        else:
+            self.metrics.keys_reloads.labels("error").inc()
+            log.error("%s", reload.error)
+
+    async def watch(self) -> None:
+        """Poll the keys file every ``keys.interval_s`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(self.keys.interval_s)
+            try:
+                self.poll()
+            except Exception:  # noqa: BLE001 - the watch must outlive any surprise; the table in force stays
+                log.exception("checking %s failed; keeping the table in force", self.keys.path)

@@ -1,0 +1,232 @@
+"""The API keys file: its format, new keys, and the table a running server reloads when the file changes.
+
+One client a line::
+
+    # comments and blank lines are ignored
+    <client-name> <sha256 hex of the key> [rate=R] [quota=Q]
+
+- ``client-name``: 1-64 characters of ``A-Z a-z 0-9 _ . -``, unique in the file; ``unknown`` is
+  reserved (the metrics' label for requests without a known key). Names appear in logs and metric
+  labels; keys never do.
+- the SHA-256 digest of the key, 64 hex digits, unique in the file. Keys are never stored in clear.
+- ``rate=R`` (items per second, > 0) and ``quota=Q`` (items per quota window, an integer >= 0)
+  override ``--rate-limit`` and ``--quota`` for this client; ``rate=none`` / ``quota=none`` lift
+  the limit for it.
+
+:func:`add_key` makes a key with ``secrets`` (256 bits, URL-safe text), appends its line (creating
+the file with mode 0600) and returns the key, which is shown once and kept nowhere.
+:class:`KeysFile` holds the table a server uses and reloads it when the file's size, modification
+time or inode changes; a file that no longer parses (or is gone) leaves the last good table in
+force (never an open server) and is reported by :meth:`KeysFile.poll`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+UNKNOWN = "unknown"  # the client name of a request with no key or an unknown one (a metric label, never a file's name)
+UNLIMITED = "none"
+KEY_BYTES = 32  # 256 bits of the OS CSPRNG per key
+DEFAULT = "default"  # a limit the file does not set: the server's flag applies
+
+
+class KeysFileError(ValueError):
+    """A keys file that cannot be used: names the file and, for a bad line, its number."""
+
+
+@dataclass(frozen=True)
+class Client:
+    """One line of the keys file. ``rate``/``quota``: ``DEFAULT`` (the server's flags), ``None`` (no limit) or a value."""
+
+    name: str
+    digest: bytes  # sha256 of the key
+    rate: float | None | str = DEFAULT
+    quota: int | None | str = DEFAULT
+
+
+def digest_of(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
+@dataclass
+class KeyTable:
+    """The clients of one version of the keys file, looked up by the digest of the key a request presents."""
+
+    clients: dict[bytes, Client] = field(default_factory=dict)
+
+    def find(self, key: str) -> Client | None:
+        """The client whose key is ``key``, or None.
+
+        The key is hashed first and the table is keyed by digest, so what the lookup's timing could
+        depend on is the digest of what the client sent, which tells nothing about any stored key;
+        the found entry is confirmed with ``hmac.compare_digest``.
+        """
+        digest = digest_of(key)
+        client = self.clients.get(digest)
+        if client is not None and hmac.compare_digest(client.digest, digest):
+            return client
+        return None
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(c.name for c in self.clients.values())
+
+
+def _limit(value: str, kind: type, where: str, what: str):
+    if value == UNLIMITED:
+        return None
+    try:
+        number = kind(value)
+    except ValueError:
+        number = None
+    if number is None or not math.isfinite(number) or (number <= 0 if kind is float else number < 0):
+        need = "a number > 0" if kind is float else "an integer >= 0"
+        raise KeysFileError(f"{where}: {what} must be {need} or {UNLIMITED!r}, got {value[:40]!r}")
+    return number
+
+
+def check_name(name: str, where: str) -> None:
+    if not NAME.fullmatch(name):
+        raise KeysFileError(f"{where}: client name {name[:70]!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
+    if name == UNKNOWN:
+        raise KeysFileError(f"{where}: the client name {UNKNOWN!r} is reserved (it labels requests without a known key)")
+
+
+def parse_line(line: str, where: str) -> Client | None:
+    """One line of a keys file (None for a comment or a blank line); ``where`` names it in errors."""
+    text = line.split("#", 1)[0].strip()
+    if not text:
+        return None
+    parts = text.split()
+    if len(parts) < 2:
+        raise KeysFileError(f"{where}: expected '<client-name> <sha256 hex of the key> [rate=R] [quota=Q]'")
+    name, digest, options = parts[0], parts[1], parts[2:]
+    check_name(name, where)
+    if not DIGEST.fullmatch(digest):
+        raise KeysFileError(f"{where}: expected the SHA-256 of the key as 64 hex digits after the name (keys are never stored in clear)")
+    limits: dict = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in ("rate", "quota"):
+            raise KeysFileError(f"{where}: unknown option {option[:40]!r}; a line may end with rate=R and quota=Q")
+        if key in limits:
+            raise KeysFileError(f"{where}: {key} given twice")
+        limits[key] = _limit(value, float if key == "rate" else int, where, key)
+    return Client(name, bytes.fromhex(digest), limits.get("rate", DEFAULT), limits.get("quota", DEFAULT))
+
+
+def parse_keys(text: str, path: str) -> KeyTable:
+    table = KeyTable()
+    names: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        where = f"{path}, line {number}"
+        client = parse_line(line, where)
+        if client is None:
+            continue
+        if client.name in names:
+            raise KeysFileError(f"{where}: client {client.name!r} is already on line {names[client.name]}")
+        if client.digest in table.clients:
+            raise KeysFileError(f"{where}: the same key as client {table.clients[client.digest].name!r} (each client needs its own key)")
+        names[client.name] = number
+        table.clients[client.digest] = client
+    return table
+
+
+def read_keys(path: str | os.PathLike) -> KeyTable:
+    """The table of a keys file; ``KeysFileError`` naming the file (and line) when it cannot be used."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise KeysFileError(f"keys file {path} does not exist (make one with: codedsmooth keys add NAME --file {path})") from None
+    except UnicodeDecodeError:
+        raise KeysFileError(f"keys file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise KeysFileError(f"cannot read keys file {path}: {exc.strerror or exc}") from None
+    return parse_keys(text, str(path))
+
+
+def format_line(client: Client) -> str:
+    parts = [client.name, client.digest.hex()]
+    if client.rate != DEFAULT:
+        parts.append(f"rate={UNLIMITED if client.rate is None else f'{client.rate:g}'}")
+    if client.quota != DEFAULT:
+        parts.append(f"quota={UNLIMITED if client.quota is None else int(client.quota)}")
+    return " ".join(parts)
+
+
+def add_key(path: str | os.PathLike, name: str, rate: str | None = None, quota: str | None = None) -> str:
+    """Make a key for a new client ``name``, append its line to the file (mode 0600 when created) and return the key.
+
+    ``rate``/``quota``: the client's own limits as the file writes them (a number or ``none``;
+    None: the server's flags). Refuses a bad name or limit, a name already in the file, and a file
+    that does not parse; nothing is written then.
+    """
+    path = Path(path)
+    check_name(name, "the new client")
+    rate_ = DEFAULT if rate is None else _limit(rate, float, "the new client", "rate")
+    quota_ = DEFAULT if quota is None else _limit(quota, int, "the new client", "quota")
+    existing = read_keys(path) if path.exists() else KeyTable()
+    if name in existing.names:
+        raise KeysFileError(f"{path}: client {name!r} already has a key (remove its line to replace it)")
+    key = secrets.token_urlsafe(KEY_BYTES)
+    ends_cleanly = not path.exists() or path.stat().st_size == 0 or path.read_bytes().endswith(b"\n")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(("" if ends_cleanly else "\n") + format_line(Client(name, digest_of(key), rate_, quota_)) + "\n")
+    return key
+
+
+@dataclass(frozen=True)
+class Reload:
+    """What one :meth:`KeysFile.poll` found: a new table (``error`` None) or a problem (the old table stays)."""
+
+    error: str | None
+    clients: int
+
+
+class KeysFile:
+    """The table of a keys file, reloaded when the file changes (checked at most every ``interval_s``)."""
+
+    def __init__(self, path: str | os.PathLike, interval_s: float = 1.0):
+        self.path = str(path)
+        self.interval_s = interval_s
+        self._stamp = self._stat()  # before reading: a change while reading is seen at the next poll
+        self.table = read_keys(self.path)
+        self._failed_stamp = None  # the version that failed last (reported once, not on every poll)
+
+    def _stat(self):
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def poll(self) -> Reload | None:
+        """Reload if the file changed since the last look; None when it did not (or its failure was reported already)."""
+        stamp = self._stat()
+        if stamp == self._stamp:
+            self._failed_stamp = None  # back to the version in force (e.g. a file restored after a bad edit)
+            return None
+        if stamp is not None and stamp == self._failed_stamp:
+            return None
+        if stamp is None:
+            if self._failed_stamp == "missing":
+                return None
+            self._failed_stamp = "missing"
+            return Reload(f"keys file {self.path} is gone; keeping the last table ({len(self.table.clients)} clients)", len(self.table.clients))
+        try:
+            table = read_keys(self.path)
+        except KeysFileError as exc:
+            self._failed_stamp = stamp
+            return Reload(f"{exc}; keeping the last good table ({len(self.table.clients)} clients)", len(self.table.clients))
+        self.table, self._stamp, self._failed_stamp = table, stamp, None
+        return Reload(None, len(table.clients))

@@ -1,0 +1,107 @@
+"""Per-client limits on items: a token bucket (rate) and a quota per window, and where their counters live.
+
+:class:`Counters` is the arithmetic only (the clock is an argument): for each client a token
+bucket of ``burst`` items refilled at ``rate`` items per second, and a quota of ``quota`` items
+per window of ``window_s`` seconds, the window starting at the client's first item after the
+previous one ended. A charge of ``n`` items is all or nothing: it is taken from both when both
+have room, and otherwise refused with the whole seconds until it would fit (at least 1). The
+counters of one server process are a :class:`LocalLimiter`; Ray Serve replicas share one
+``codedsmooth.service.shared_limits.SharedLimiter`` (the same counters in one Ray actor).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One client's limits. ``rate``: items per second (None: no rate limit); ``quota``: items per window (None: none)."""
+
+    rate: float | None
+    burst: int
+    quota: int | None
+    window_s: float
+
+    @property
+    def any(self) -> bool:
+        return self.rate is not None or self.quota is not None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of a charge: allowed, or refused with why and in how many whole seconds the same request would fit."""
+
+    allowed: bool
+    retry_after_s: int = 0
+    reason: str = ""
+
+
+ALLOWED = Decision(True)
+EPSILON = 1e-6  # items and seconds: float rounding never turns "fits exactly at Retry-After" into a refusal
+
+
+def _whole_seconds(seconds: float) -> int:
+    return max(1, math.ceil(seconds - EPSILON))
+
+
+class Counters:
+    """Every client's token bucket ``[tokens, updated]`` and quota window ``[start, used]``."""
+
+    def __init__(self):
+        self.buckets: dict[str, list[float]] = {}
+        self.windows: dict[str, list[float]] = {}
+
+    def _tokens(self, client: str, limits: Limits, now: float) -> float:
+        tokens, updated = self.buckets.get(client, (float(limits.burst), now))
+        return min(float(limits.burst), tokens + max(0.0, now - updated) * limits.rate)
+
+    def _window(self, client: str, limits: Limits, now: float) -> tuple[float, float]:
+        start, used = self.windows.get(client, (now, 0.0))
+        if now + EPSILON >= start + limits.window_s:
+            return now, 0.0
+        return start, used
+
+    def charge(self, client: str, items: int, limits: Limits, now: float) -> Decision:
+        refusals: list[Decision] = []
+        if limits.quota is not None:
+            start, used = self._window(client, limits, now)
+            if items > limits.quota:
+                refusals.append(Decision(False, _whole_seconds(limits.window_s), f"{items} items exceed the quota of {limits.quota} items per {limits.window_s:g} s: send fewer"))
+            elif used + items > limits.quota:
+                left = int(limits.quota - used)
+                refusals.append(Decision(False, _whole_seconds(start + limits.window_s - now), f"quota of {limits.quota} items per {limits.window_s:g} s used ({left} left, {items} asked)"))
+        if limits.rate is not None:
+            tokens = self._tokens(client, limits, now)
+            if tokens + EPSILON < items:
+                refusals.append(Decision(False, _whole_seconds((items - tokens) / limits.rate), f"rate limit of {limits.rate:g} items/s (burst {limits.burst}) reached"))
+        if refusals:
+            return max(refusals, key=lambda d: d.retry_after_s)
+        if limits.quota is not None:
+            self.windows[client] = [start, used + items]
+        if limits.rate is not None:
+            self.buckets[client] = [max(0.0, tokens - items), now]
+        return ALLOWED
+
+    def refund(self, client: str, items: int, limits: Limits, now: float) -> None:
+        """Give back a charge whose request was refused before it was queued."""
+        if limits.quota is not None and client in self.windows:
+            self.windows[client][1] = max(0.0, self.windows[client][1] - items)
+        if limits.rate is not None and client in self.buckets:
+            tokens = self._tokens(client, limits, now)
+            self.buckets[client] = [min(float(limits.burst), tokens + items), now]
+
+
+class LocalLimiter:
+    """The counters of one server process (its event loop is their only user)."""
+
+    def __init__(self):
+        self.counters = Counters()
+
+    async def charge(self, client: str, items: int, limits: Limits) -> Decision:
+        return self.counters.charge(client, items, limits, time.monotonic())
+
+    async def refund(self, client: str, items: int, limits: Limits) -> None:
+        self.counters.refund(client, items, limits, time.monotonic())

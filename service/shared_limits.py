@@ -1,0 +1,85 @@
+"""Per-client limits shared by every Ray Serve replica: the counters of ``.limits`` in one named Ray actor.
+
+``codedsmooth serve --replicas N --api-keys-file …`` starts :class:`LimitsActor` (named
+``ACTOR_NAME`` in the namespace ``NAMESPACE``) before the replicas; each replica charges it
+through a :class:`SharedLimiter`, so a client's rate and quota hold for the deployment as a whole
+whichever replica Ray's router picks. The actor runs one call at a time (a charge is all or
+nothing across replicas) on one clock (``time.monotonic`` of its process).
+
+Its life: the actor belongs to the ``serve`` command's driver, which holds its handle while
+serving (a non-detached actor ends with its last handle), so it ends with the command (or with a
+local Ray it started). If its process dies, Ray restarts it (``max_restarts=-1``) with
+**empty counters**: every client's bucket is full again and its quota window starts afresh, so a
+client may get up to one more quota per restart. While it is down or restarting, predict
+requests get 503 + ``Retry-After`` (never unlimited answers).
+
+This module imports ray (as ``.ray_serve`` does); nothing else in ``codedsmooth`` imports it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import ray
+
+from .errors import Unavailable
+from .limits import Counters, Decision, Limits
+
+log = logging.getLogger("codedsmooth.ray")
+
+ACTOR_NAME = "codedsmooth-limits"
+NAMESPACE = "codedsmooth"
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=1)
+class LimitsActor:
+    """The shared counters: one charge at a time."""
+
+    def __init__(self):
+        self.counters = Counters()
+        self.started = time.time()
+
+    def charge(self, client: str, items: int, limits: Limits) -> Decision:
+        return self.counters.charge(client, items, limits, time.monotonic())
+
+    def refund(self, client: str, items: int, limits: Limits) -> None:
+        self.counters.refund(client, items, limits, time.monotonic())
+
+    def state(self) -> dict:
+        """Started when (epoch seconds) and how many clients it counts (a restart shows as a later start)."""
+        return {"started": self.started, "clients": len(set(self.counters.buckets) | set(self.counters.windows))}
+
+
+def start_limits_actor():
+    """The shared counters' actor (created by the driver before the replicas; reused if it exists)."""
+    actor = LimitsActor.options(name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True).remote()
+    ray.get(actor.state.remote())
+    log.info("per-client limits shared by all replicas in actor %s/%s", NAMESPACE, ACTOR_NAME)
+    return actor
+
+
+class SharedLimiter:
+    """A replica's way to the shared counters (the interface of ``limits.LocalLimiter``)."""
+
+    def __init__(self):
+        self._actor = None
+
+    def _handle(self):
+        if self._actor is None:
+            self._actor = ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
+        return self._actor
+
+    async def _call(self, method: str, *args):
+        try:
+            return await getattr(self._handle(), method).remote(*args)
+        except (ray.exceptions.RayError, ValueError) as exc:  # ValueError: no actor of that name (yet)
+            log.warning("the shared per-client limits are unavailable (%s: %s): answering 503", type(exc).__name__, str(exc)[:300])
+            self._actor = None  # look it up again next time
+            raise Unavailable("per-client limits are unavailable; retry", retry_after_s=1) from None
+
+    async def charge(self, client: str, items: int, limits: Limits) -> Decision:
+        return await self._call("charge", client, items, limits)
+
+    async def refund(self, client: str, items: int, limits: Limits) -> None:
+        await self._call("refund", client, items, limits)

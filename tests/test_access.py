@@ -1,0 +1,442 @@
+"""API keys and per-key limits on a real server: 401s, the open paths, every protocol with a key, tritonclient,
+quota and rate limits counted in items, live reloads of the keys file, the client's key, and the limits' arithmetic.
+
+One server serves the module, with a keys file whose clients each play one part (their own
+``rate=``/``quota=`` overrides keep the parts apart). Synchronised on state: metrics, log lines
+read from the server's output, answers; never on sleeps.
+"""
+
+import base64
+import hashlib
+import json
+import math
+import os
+import random
+import stat
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from helpers import ServerProcess, metric, wait_for_metric, wait_until
+
+from codedsmooth.service.keys import KeysFileError, add_key, read_keys
+from codedsmooth.service.limits import Counters, Limits
+
+QUOTA = 50
+BATCH = 8
+RATE = 20.0
+
+
+class LoggedServer(ServerProcess):
+    """A server whose output is read continuously into ``lines`` (tests wait for log lines)."""
+
+    def __init__(self, checkpoint, **settings):
+        super().__init__(checkpoint, **settings)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(line.rstrip("\n") for line in self.proc.stdout), daemon=True).start()
+
+    def wait_line(self, text: str) -> str:
+        return wait_until(lambda: next((line for line in self.lines if text in line), None), f"a log line with {text!r}", 30)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    path = tmp_path_factory.mktemp("keys") / "keys.txt"
+    out = {
+        "alice": add_key(path, "alice"),  # the server's limits: quota 50
+        "bob": add_key(path, "bob"),  # the server's limits: the second key of the quota test
+        "carol": add_key(path, "carol", quota="none"),  # unlimited: protocols and auth
+        "dave": add_key(path, "dave", quota="none"),  # removed from the file while the server runs
+        "erin": add_key(path, "erin", rate=str(RATE), quota="none"),  # the rate limit
+    }
+    return path, out
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, keys):
+    path, _ = keys
+    srv = LoggedServer(tiny_checkpoint, api_keys_file=path, quota=QUOTA, max_batch_size=BATCH, rci=False, max_delay_ms=1)
+    try:
+        srv.wait_ready()
+        srv.model = None
+        yield srv
+    finally:
+        srv.terminate()
+
+
+def auth(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def model_name(server, key) -> str:
+    return httpx.get(server.url + "/v1/models", headers=auth(key)).json()[0]["name"]
+
+
+def item(digits, i=0):
+    return digits.test_x[i : i + 1].tolist()
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8), 100).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def routes(model: str, digits) -> list[tuple[str, str, dict]]:
+    """Every route that needs a key, with a body it would answer 200."""
+    x = digits.test_x[:2].numpy()
+    head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    return [
+        ("GET", "/v1/models", {}),
+        ("POST", "/v1/predict", {"json": {"inputs": x.tolist()}}),
+        ("POST", "/v1/predict/image", {"files": [("files", ("a.png", _png(), "image/png"))]}),
+        ("GET", "/v2", {}),
+        ("GET", f"/v2/models/{model}", {}),
+        ("GET", f"/v2/models/{model}/ready", {}),
+        ("POST", f"/v2/models/{model}/infer", {"json": {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}]}}),
+        ("POST", f"/v2/models/{model}/infer", {"content": head + x.tobytes(), "headers": {"inference-header-content-length": str(len(head))}}),
+    ]
+
+
+# ---- the keys file and the command that writes it ------------------------------------------------
+
+
+def cli(capsys, *args) -> subprocess.CompletedProcess:
+    """The real CLI's ``main`` in this process (exit code, stdout, stderr)."""
+    from codedsmooth.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def test_keys_add_prints_a_256_bit_key_once_and_stores_only_its_digest(tmp_path, capsys):
+    path = tmp_path / "keys.txt"
+    run = lambda *a: cli(capsys, "keys", "add", *a)  # noqa: E731
+    r = run("ops", "--file", str(path))
+    assert r.returncode == 0, r.stderr
+    key = r.stdout.strip()
+    assert len(base64.urlsafe_b64decode(key + "=")) == 32  # 256 bits
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert key not in path.read_text()
+    assert path.read_text() == f"ops {hashlib.sha256(key.encode()).hexdigest()}\n"
+    assert read_keys(path).find(key).name == "ops" and read_keys(path).find(key + "x") is None
+    second = run("batch-job", "--file", str(path), "--rate", "5", "--quota", "none")
+    assert second.returncode == 0 and second.stdout.strip() != key
+    assert path.read_text().splitlines()[1].endswith(" rate=5 quota=none")
+    again = run("ops", "--file", str(path))
+    assert again.returncode == 2 and "'ops' already has a key" in again.stderr and again.stdout == ""
+    assert len(path.read_text().splitlines()) == 2  # nothing written
+
+
+def test_a_bad_keys_file_is_one_error_naming_file_and_line(tmp_path, capsys):
+    path = tmp_path / "keys.txt"
+    digest = "ab" * 32
+    for body, expected in (
+        (f"# ops\n\nalice {digest}\nbob\n", "line 4: expected '<client-name>"),
+        (f"alice {digest[:-1]}\n", "line 1: expected the SHA-256"),
+        (f"alice {digest}\nalice {'cd' * 32}\n", "line 2: client 'alice' is already on line 1"),
+        (f"alice {digest}\nbob {digest}\n", "line 2: the same key as client 'alice'"),
+        (f"alice {digest} rate=0\n", "line 1: rate must be a number > 0"),
+        (f"alice {digest} quota=1.5\n", "line 1: quota must be an integer >= 0"),
+        (f"alice {digest} burst=3\n", "line 1: unknown option 'burst=3'"),
+        (f"unknown {digest}\n", "line 1: the client name 'unknown' is reserved"),
+    ):
+        path.write_text(body)
+        with pytest.raises(KeysFileError, match=expected):
+            read_keys(path)
+        r = cli(capsys, "serve", "--api-keys-file", str(path), "--port", "0")  # refused before anything binds or loads
+        assert r.returncode == 2 and f"{path}, {expected}" in r.stderr, r.stderr
+    r = cli(capsys, "serve", "--quota", "5", "--port", "0")
+    assert r.returncode == 2 and "need api_keys_file" in r.stderr
+
+
+# ---- authentication ---------------------------------------------------------------------------
+
+
+def test_no_key_or_a_wrong_key_gets_401_with_www_authenticate_on_every_route(server, keys, digits):
+    _, k = keys
+    model = model_name(server, k["carol"])
+    before = metric(server, "codedsmooth_client_refused_total", client="unknown", status="401")
+    refused = 0
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for method, path, kwargs in routes(model, digits) + [("GET", "/no/such/path", {})]:
+            extra = kwargs.pop("headers", {})
+            for headers in ({}, auth("not-a-key"), auth(k["carol"] + "x"), {"Authorization": f"Basic {k['carol']}"}, {"Authorization": "Bearer"}):
+                r = client.request(method, path, headers={**extra, **headers}, **kwargs)
+                assert r.status_code == 401, (method, path, headers, r.status_code, r.text[:200])
+                assert r.headers["www-authenticate"].startswith('Bearer realm="codedsmooth"')
+                assert ("invalid_token" in r.headers["www-authenticate"]) == bool(headers)
+                assert r.headers["content-type"] == "application/json" and r.json()["error"]
+                refused += 1
+            kwargs["headers"] = extra
+    assert metric(server, "codedsmooth_client_refused_total", client="unknown", status="401") - before == refused
+    # one log line per refused request, naming no key
+    server.wait_line("refused POST '/v1/predict', unknown key: unknown API key (401)")
+    assert sum("(401)" in line for line in server.lines) >= refused
+    assert not any(key in line for line in server.lines for key in k.values())
+
+
+def test_health_and_the_api_description_stay_open(server):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for path in ("/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready", "/docs", "/openapi.json"):
+            assert client.get(path).status_code == 200, path
+        doc = client.get("/openapi.json").json()
+    assert doc["components"]["securitySchemes"]["apiKey"] == {"type": "http", "scheme": "bearer", "description": doc["components"]["securitySchemes"]["apiKey"]["description"]}
+    assert doc["paths"]["/v1/predict"]["post"]["security"] == [{"apiKey": []}]
+    assert {"401", "429"} <= set(doc["paths"]["/v2/models/{name}/infer"]["post"]["responses"])
+    assert "401" in doc["paths"]["/v1/models"]["get"]["responses"] and "429" not in doc["paths"]["/v1/models"]["get"]["responses"]
+    assert "security" not in doc["paths"]["/health/ready"]["get"]
+
+
+def test_the_right_key_is_answered_on_v1_v2_json_binary_and_images(server, keys, digits):
+    _, k = keys
+    model = model_name(server, k["carol"])
+    with httpx.Client(base_url=server.url, timeout=30, headers=auth(k["carol"])) as client:
+        for method, path, kwargs in routes(model, digits):
+            r = client.request(method, path, **kwargs)
+            assert r.status_code == 200, (method, path, r.text[:200])
+    assert metric(server, "codedsmooth_client_requests_total", client="carol") >= len(routes(model, digits))
+
+
+def test_tritonclient_passes_the_key_as_a_header(server, keys, tiny_checkpoint, digits):
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    from codedsmooth.models import load_checkpoint
+
+    _, k = keys
+    ck = load_checkpoint(tiny_checkpoint)
+    x = digits.test_x[:4].numpy()
+    triton = httpclient.InferenceServerClient(url=server.url.removeprefix("http://"))
+    try:
+        assert triton.is_server_live() and triton.is_server_ready()  # health: no key
+        with pytest.raises(InferenceServerException):
+            triton.get_model_metadata(ck.name)
+        headers = auth(k["carol"])
+        assert triton.is_model_ready(ck.name, headers=headers)
+        assert triton.get_model_metadata(ck.name, headers=headers)["name"] == ck.name
+        for binary in (True, False):
+            inp = httpclient.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x, binary_data=binary)
+            # a fresh dict per call: tritonclient writes Inference-Header-Content-Length into the one it is given
+            result = triton.infer(ck.name, [inp], outputs=[httpclient.InferRequestedOutput("probabilities", binary_data=binary)], headers=auth(k["carol"]))
+            assert result.as_numpy("probabilities").shape == (4, len(ck.classes))
+        with pytest.raises(InferenceServerException, match="unknown API key"):
+            triton.infer(ck.name, [inp], headers=auth("wrong"))
+    finally:
+        triton.close()
+
+
+# ---- limits -----------------------------------------------------------------------------------
+
+
+def test_quota_of_50_items_answers_exactly_50_of_80_one_item_requests(server, keys, digits):
+    _, k = keys
+    model = model_name(server, k["alice"])
+    x = digits.test_x[:1].numpy()
+
+    def one(i):
+        # v1 and v2 alike: the same charge
+        if i % 2:
+            return httpx.post(server.url + "/v1/predict", json={"inputs": item(digits, i % 10)}, headers=auth(k["alice"]), timeout=30)
+        body = {"inputs": [{"name": "input", "shape": [1, *x.shape[1:]], "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
+        return httpx.post(f"{server.url}/v2/models/{model}/infer", json=body, headers=auth(k["alice"]), timeout=30)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(80)))
+    codes = [r.status_code for r in answers]
+    assert codes.count(200) == QUOTA and codes.count(429) == 30, sorted(set(codes))
+    window = 86400
+    for r in answers:
+        if r.status_code == 429:
+            retry = int(r.headers["retry-after"])
+            assert 1 <= retry <= window and "quota of 50 items" in r.json()["error"]
+    assert metric(server, "codedsmooth_client_items_total", client="alice") == QUOTA
+    assert metric(server, "codedsmooth_client_refused_total", client="alice", status="429") == 30
+    # a second key is still answered; a request of several items is charged several
+    r = httpx.post(server.url + "/v1/predict", json={"inputs": digits.test_x[:3].tolist()}, headers=auth(k["bob"]), timeout=30)
+    assert r.status_code == 200
+    assert metric(server, "codedsmooth_client_items_total", client="bob") == 3
+    # metadata uses no items and is still answered for the exhausted key
+    assert httpx.get(server.url + "/v1/models", headers=auth(k["alice"])).status_code == 200
+    server.wait_line("refused client alice: quota of 50 items per 86400 s used (0 left, 1 asked)")
+
+
+def test_rate_limit_never_passes_its_bucket_and_keeps_near_its_rate(server, keys, digits):
+    """Over ~3 s of clients sending as fast as they can: answered items <= burst + rate x time (exact,
+    the token bucket cannot pass it) and >= half of rate x time (generous: a loaded machine still
+    serves 20 items/s). The precise rate over 10 s is measured by benchmarks/access_limits.py."""
+    _, k = keys
+    body = {"inputs": item(digits)}
+    answered, refused, retry_afters = [], [], set()
+    stop = threading.Event()
+
+    def loop():
+        with httpx.Client(base_url=server.url, timeout=30, headers=auth(k["erin"])) as client:
+            while not stop.is_set():
+                r = client.post("/v1/predict", json=body)
+                (answered if r.status_code == 200 else refused).append(r.status_code)
+                if r.status_code == 429:
+                    retry_afters.add(r.headers["retry-after"])
+
+    threads = [threading.Thread(target=loop) for _ in range(4)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    wait_until(lambda: time.monotonic() - start >= 3.0 and len(refused) > 0, "3 s of load past the rate", 60, interval=0.05)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    elapsed = time.monotonic() - start
+    print(f"rate limit {RATE:g}/s, burst {BATCH}: {len(answered)} answered, {len(refused)} refused in {elapsed:.2f}s "
+          f"({(len(answered) - BATCH) / elapsed:.1f} items/s past the burst)")
+    assert set(refused) == {429} and retry_afters == {"1"}
+    assert len(answered) <= BATCH + RATE * elapsed + 1e-6
+    assert len(answered) >= 0.5 * RATE * elapsed
+
+
+def test_limits_arithmetic_against_its_definition():
+    """Random charges on a simulated clock: within any span the bucket passes at most burst + rate x span; every
+    refusal's Retry-After is when that request would fit, and no earlier whole second; a quota window passes at most Q."""
+    rng = random.Random(0)
+    for trial in range(60):
+        limits = Limits(rate=rng.choice([None, 0.5, 3.0, 20.0]), burst=rng.choice([1, 4, 8]), quota=rng.choice([None, 0, 5, 40]), window_s=rng.choice([10.0, 60.0]))
+        c, now, passed = Counters(), 0.0, []
+        for _ in range(300):
+            now += rng.expovariate(5.0)
+            n = rng.randint(1, limits.burst)
+            d = c.charge("x", n, limits, now)
+            if d.allowed:
+                passed.append((now, n))
+                continue
+            assert d.retry_after_s >= 1 and d.reason
+            if limits.quota is not None and n > limits.quota:
+                assert "send fewer" in d.reason
+                continue
+            # the same request fits at now + Retry-After, and not one whole second earlier (unless that is now)
+            later = lambda dt: Counters.charge(_copy(c), "x", n, limits, now + dt).allowed  # noqa: E731
+            assert later(d.retry_after_s), (trial, limits, n, d)
+            if d.retry_after_s > 1:
+                assert not later(d.retry_after_s - 1), (trial, limits, n, d)
+        if limits.rate is not None:
+            for i, (t0, _) in enumerate(passed):
+                for j in range(i, len(passed)):
+                    span = passed[j][0] - t0
+                    assert sum(m for _, m in passed[i : j + 1]) <= limits.burst + limits.rate * span + 1e-5
+        if limits.quota is not None:
+            starts = [t for t, _ in passed]
+            for t0 in starts:  # a window starts at a passed charge; what passed in [t0, t0 + W) fits Q, or spans two windows
+                inside = sum(m for t, m in passed if t0 <= t < t0 + limits.window_s)
+                assert inside <= 2 * limits.quota
+            # from the first charge, windows are back to back: each holds at most Q
+            w0, used = passed[0][0] if passed else 0.0, 0
+            for t, m in passed:
+                if t >= w0 + limits.window_s:
+                    w0, used = t, 0
+                used += m
+                assert used <= limits.quota
+
+
+def _copy(c: Counters) -> Counters:
+    out = Counters()
+    out.buckets = {k: list(v) for k, v in c.buckets.items()}
+    out.windows = {k: list(v) for k, v in c.windows.items()}
+    return out
+
+
+# ---- the keys file changes while the server runs -------------------------------------------------
+
+
+def test_a_removed_key_is_refused_without_a_restart_and_a_broken_file_keeps_the_last_table(server, keys, digits):
+    path, k = keys
+    body = {"inputs": item(digits)}
+    post = lambda key: httpx.post(server.url + "/v1/predict", json=body, headers=auth(key), timeout=30)  # noqa: E731
+    assert post(k["dave"]).status_code == 200
+    original = path.read_text()
+    ok = metric(server, "codedsmooth_api_keys_reloads_total", result="ok")
+    errors = metric(server, "codedsmooth_api_keys_reloads_total", result="error")
+    try:
+        # a broken line: the last good table stays in force (dave still answered), an error is logged and counted
+        path.write_text(original + "frank not-a-digest\n")
+        wait_for_metric(server, "codedsmooth_api_keys_reloads_total", lambda v: v == errors + 1, 30, result="error")
+        server.wait_line(f"{path}, line 6: expected the SHA-256 of the key as 64 hex digits after the name (keys are never stored in clear); keeping the last good table (5 clients)")
+        assert post(k["dave"]).status_code == 200 and metric(server, "codedsmooth_api_keys_clients") == 5
+        # dave's line removed (replaced by a rename, as editors do): refused from the reload on, the others answered
+        t0 = time.monotonic()
+        tmp = path.with_suffix(".new")
+        tmp.write_text("".join(line + "\n" for line in original.splitlines() if not line.startswith("dave ")))
+        os.replace(tmp, path)
+        wait_for_metric(server, "codedsmooth_api_keys_reloads_total", lambda v: v == ok + 1, 30, result="ok")
+        print(f"removed key refused after a reload {time.monotonic() - t0:.2f}s after the edit")
+        assert metric(server, "codedsmooth_api_keys_clients") == 4
+        r = post(k["dave"])
+        assert r.status_code == 401 and r.json() == {"error": "unknown API key"}
+        assert post(k["carol"]).status_code == 200
+        # a new client is answered after the next reload
+        new_key = add_key(path, "grace", quota="none")
+        wait_for_metric(server, "codedsmooth_api_keys_reloads_total", lambda v: v == ok + 2, 30, result="ok")
+        assert post(new_key).status_code == 200
+    finally:
+        path.write_text(original)
+
+
+# ---- the client -------------------------------------------------------------------------------
+
+
+def test_the_attack_client_sends_its_key_from_the_argument_or_the_environment(server, keys, digits, monkeypatch):
+    from codedsmooth.probe.targets import HttpTarget
+    from codedsmooth.service.client import API_KEY_ENV, CodedSmoothClient
+    from codedsmooth.service.errors import ServiceError
+
+    _, k = keys
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    with pytest.raises(ServiceError, match="HTTP 401") as exc:
+        CodedSmoothClient(server.url).models()
+    assert exc.value.status == 401
+    target = HttpTarget(server.url, api_key=k["carol"])
+    probs = target.predict_proba(digits.test_x[:3])
+    assert probs.shape == (3, 10) and np.allclose(probs.sum(1).numpy(), 1, atol=1e-5)
+    target.close()
+    monkeypatch.setenv(API_KEY_ENV, k["carol"])
+    with CodedSmoothClient(server.url, protocol="v1") as client:
+        assert client.predict(digits.test_x[:2].numpy()).shape == (2, 10)
+    # a used-up quota (Retry-After of hours) is raised at once, not waited out
+    with CodedSmoothClient(server.url, api_key=k["alice"]) as client:
+        if metric(server, "codedsmooth_client_items_total", client="alice") < QUOTA:
+            pytest.skip("needs the quota test's used-up key")
+        t0 = time.monotonic()
+        with pytest.raises(ServiceError, match="HTTP 429"):
+            client.predict(digits.test_x[:1].numpy())
+        assert time.monotonic() - t0 < 10
+    # the CLI's --api-key reaches the target
+    from codedsmooth.cli import build_parser
+
+    args = build_parser().parse_args(["attack", "--url", server.url, "--api-key", "k1"])
+    assert args.api_key == "k1"
+
+
+# ---- safe defaults ------------------------------------------------------------------------------
+
+
+def test_without_keys_a_server_reachable_from_other_hosts_warns():
+    from codedsmooth.service.server import startup_warnings
+    from codedsmooth.service.settings import ServeSettings
+
+    open_warning = "without --api-keys-file anyone who reaches it may query"
+    for host in ("0.0.0.0", "::", "10.1.2.3", "myhost.example"):
+        warnings = startup_warnings(ServeSettings(host=host))
+        assert sum(open_warning in w for w in warnings) == 1, (host, warnings)
+        assert not any(open_warning in w for w in startup_warnings(ServeSettings(host=host, api_keys_file="keys.txt")))
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        assert not any(open_warning in w for w in startup_warnings(ServeSettings(host=host))), host
+    assert math.isclose(ServeSettings().quota_window_s, 86400)
