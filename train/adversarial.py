@@ -22,7 +22,6 @@ steps, the step size, the warm-up and the mode (train, BatchNorm statistics froz
 from __future__ import annotations
 
 import torch
-
 import torch.nn.functional as F
 
 from codedsmooth.core.attacks import pgd, pgd_step_size
