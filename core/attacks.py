@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 ModelFn = Callable[[torch.Tensor], torch.Tensor]
+# a per-item loss of (logits, y) that PGD may maximise instead of a named one (TRADES's KL to clean probabilities)
+ItemLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Loss = Literal["ce", "dlr", "dlr-targeted"]
 LOSSES: tuple[Loss, ...] = get_args(Loss)
 
@@ -53,7 +55,9 @@ def dlr_targeted_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tenso
     return -(z_y - z_t) / (z_sorted[:, -1] - 0.5 * (z_sorted[:, -3] + z_sorted[:, -4]) + 1e-12)
 
 
-def _per_item_loss(name: str, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+def _per_item_loss(name: str | ItemLoss, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    if callable(name):
+        return name(logits, y)
     if name == "ce":
         return F.cross_entropy(logits, y, reduction="none")
     if name == "dlr":
@@ -64,7 +68,7 @@ def _per_item_loss(name: str, logits: torch.Tensor, y: torch.Tensor, target: tor
 
 
 def _loss_and_grad(
-    model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, loss: str, eot_samples: int, target: torch.Tensor | None = None
+    model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, loss: str | ItemLoss, eot_samples: int, target: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(∇ₓ of the summed per-item loss, per-item loss, logits), each averaged over ``eot_samples`` calls."""
     x = x.detach().requires_grad_(True)
@@ -132,8 +136,9 @@ def pgd(
     generator: torch.Generator | None = None,
     *,
     restarts: int = 1,
-    loss: str = "ce",
+    loss: str | ItemLoss = "ce",
     keep_best: bool = False,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L∞ PGD (Madry et al. 2018); with ``eot_samples > 1`` it is EOT-PGD (Athalye et al. 2018).
 
@@ -141,11 +146,13 @@ def pgd(
     restarts, one that is misclassified if any was, else the one of highest loss; otherwise the
     last iterate of the single run is returned (the historical behaviour). For a randomized
     ``model_fn`` "misclassified" and "loss" are judged on the mean of ``eot_samples`` calls.
-    ``loss`` is "ce" or "dlr".
+    ``loss`` is "ce", "dlr" or a callable ``(logits, y) -> per-item loss`` to maximise.
+    ``start``, when given, is the first iterate of every restart, used as given (in place of
+    ``random_start``'s uniform draw; it is projected only by the first step).
     """
     if restarts < 1:
         raise ValueError("restarts must be at least 1")
-    if loss not in ("ce", "dlr"):
+    if not callable(loss) and loss not in ("ce", "dlr"):
         raise ValueError(f"pgd loss must be ce or dlr, got {loss!r}")
     step_size = step_size if step_size is not None else pgd_step_size(eps, steps)
     x = x.detach()
@@ -155,7 +162,7 @@ def pgd(
     best_fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     x_adv = x.clone()
     for _ in range(restarts):
-        x_adv = _uniform_start(x, eps, generator) if random_start else x.clone()
+        x_adv = start.detach().clone() if start is not None else _uniform_start(x, eps, generator) if random_start else x.clone()
         for _ in range(steps + (1 if keep_best else 0)):
             grad, item_loss, logits = _loss_and_grad(model_fn, x_adv, y, loss, eot_samples)
             if keep_best:  # the point whose loss was just measured

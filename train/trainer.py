@@ -1,4 +1,4 @@
-"""Offline trainer: the training loop of ERM, mixup, coded-smoothing and PGD adversarial training on the same data, model and budget.
+"""Offline trainer: the training loop of ERM, mixup, coded-smoothing, PGD adversarial training, coded-smoothing inside it and TRADES on the same data, model and budget.
 
 Under torchrun it trains one model on P processes with DDP (see ``train.distributed``):
 ``batch_size`` is each rank's batch, so the global batch is P·K, and the coded loss of a rank
@@ -8,7 +8,10 @@ block's smoothness along splines through K training items) does not need it; a s
 micro-batch is coded the same way, one device's batch at a time. Rank 0 alone evaluates, logs
 and writes the checkpoint (atomically) and the state to resume from (after every epoch).
 
-``pgd-at`` (Madry et al. 2018) trains on examples made by ``train.adversarial``; the state to
+``pgd-at`` (Madry et al. 2018) trains on examples made by ``train.adversarial``, with
+cross-entropy on them; ``coded-at`` adds ``mu`` × the coded loss of the same adversarial batch
+(the block, N schedule and coding of ``coded``); ``trades`` (Zhang et al. 2019) trains on
+CE(f(x), y) + β · KL(f(x) ‖ f(x')) with x' from ``train.adversarial``'s KL attack. The state to
 resume from is written and read by ``train.resume``.
 """
 
@@ -30,9 +33,10 @@ from tqdm.auto import tqdm
 
 from codedsmooth.core import CodedSmoothing, NSchedule, TrainedCoding, coded_points_for, default_n_end
 from codedsmooth.models import METHODS, Method, build_model, default_arch_for, save_checkpoint
+from codedsmooth.models.config import ADVERSARIAL_METHODS, CODED_METHODS
 
 from . import distributed
-from .adversarial import adversarial_training_settings, pgd_examples
+from .adversarial import adversarial_training_settings, kl_per_item, pgd_examples, trades_examples
 from .data import DATASETS, DataSplit, as_float, load_dataset
 from .resume import load_state, resume_dir, save_state
 
@@ -48,20 +52,21 @@ class TrainConfig:
     image_size: int = field(default=32, metadata={"help": "imagefolder: resize images to this square size"})
     arch: str | None = field(default=None, metadata={"help": "small_cnn or preact_resnet18 (default: small_cnn below 32×32, else preact_resnet18)"})
     width: int | None = field(default=None, metadata={"help": "channel width of the architecture (default: its own)"})
-    method: Method = field(default="coded", metadata={"help": "training method; pgd-at is Madry et al.'s PGD adversarial training", "choices": METHODS})
+    method: Method = field(default="coded", metadata={"help": "training method; pgd-at is Madry et al.'s PGD adversarial training, coded-at adds the coded loss on its adversarial batch, trades is Zhang et al.'s TRADES", "choices": METHODS})
     epochs: int = field(default=30, metadata={"help": "epochs"})
     batch_size: int = field(default=32, metadata={"help": "batch size = K, the number of data points per code"})
     lr: float = field(default=0.05, metadata={"help": "peak learning rate of the one-cycle SGD schedule"})
     weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
-    mu: float = field(default=1.0, metadata={"help": "coded: weight of the coded loss"})
-    n_start: int | None = field(default=None, metadata={"help": "coded: coded points N in the first epoch (default: K)"})
-    n_end: int | None = field(default=None, metadata={"help": "coded: coded points N in the last epoch (default: ceil(1.5 K), even for odd K)"})
+    mu: float = field(default=1.0, metadata={"help": "coded, coded-at: weight of the coded loss"})
+    n_start: int | None = field(default=None, metadata={"help": "coded, coded-at: coded points N in the first epoch (default: K)"})
+    n_end: int | None = field(default=None, metadata={"help": "coded, coded-at: coded points N in the last epoch (default: ceil(1.5 K), even for odd K)"})
     target_block: str | None = field(default=None, metadata={"help": "stage where the coded block starts (default: head for small_cnn, layer4 for preact_resnet18)"})
     mixup_alpha: float = field(default=1.0, metadata={"help": "mixup: Beta(alpha, alpha)"})
-    at_eps: float | None = field(default=None, metadata={"help": "pgd-at: L∞ radius (default: 0.3 on 28×28 grey data, else 8/255)"})
-    at_steps: int = field(default=10, metadata={"help": "pgd-at: PGD steps per training batch"})
-    at_step_size: float | None = field(default=None, metadata={"help": "pgd-at: PGD step size (default: 2.5 · eps / steps, Madry et al.)"})
-    at_warmup: float = field(default=0.3, metadata={"help": "pgd-at: share of the training steps over which eps ramps up linearly from 0 (0: Madry et al.'s constant eps)"})
+    at_eps: float | None = field(default=None, metadata={"help": "pgd-at, coded-at, trades: L∞ radius (default: 0.3 on 28×28 grey data, else 8/255)"})
+    at_steps: int = field(default=10, metadata={"help": "pgd-at, coded-at, trades: PGD steps per training batch"})
+    at_step_size: float | None = field(default=None, metadata={"help": "pgd-at, coded-at, trades: PGD step size (default: 2.5 · eps / steps, Madry et al.)"})
+    at_warmup: float = field(default=0.3, metadata={"help": "pgd-at, coded-at, trades: share of the training steps over which eps ramps up linearly from 0 (0: Madry et al.'s constant eps)"})
+    trades_beta: float = field(default=6.0, metadata={"help": "trades: weight β of the KL term (Zhang et al.'s MNIST and CIFAR setting)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda or cuda:N (default: cuda when available, else cpu)"})
     filler_size: int = field(default=64, metadata={"help": "clean training inputs stored as the trusted filler pool"})
@@ -90,6 +95,8 @@ class TrainConfig:
             raise ValueError(f"at_step_size must be positive, got {self.at_step_size}")
         if not 0 <= self.at_warmup < 1:
             raise ValueError(f"at_warmup must be in [0, 1), got {self.at_warmup}")
+        if not (math.isfinite(self.trades_beta) and self.trades_beta >= 0):
+            raise ValueError(f"trades_beta must be a non-negative number, got {self.trades_beta}")
         for name in ("n_start", "n_end"):
             value = getattr(self, name)
             if value is not None and value < self.batch_size:
@@ -158,20 +165,29 @@ def _filler_pool(data: DataSplit, size: int, generator: torch.Generator) -> torc
 class _Objective(nn.Module):
     """One batch's training loss, as a module: DDP synchronises gradients of what runs through its forward."""
 
-    def __init__(self, model, trunk, coded, beta, at, generator, at_generator):
+    def __init__(self, model, trunk, coded, beta, at, generator, at_generator, trades_beta=None):
         super().__init__()
         self.model, self.trunk, self.coded = model, trunk, coded
         self.beta, self.at, self.gen, self.at_gen = beta, at, generator, at_generator
+        self.trades_beta = trades_beta
 
     def forward(self, xb, yb, progress: float):
+        """(loss, coded loss) of one batch; ``progress`` is the fraction of training done (the ε warm-up)."""
         zero = xb.new_zeros(())
         if self.beta is not None:
             lam = float(self.beta.sample())
             perm = torch.randperm(len(xb), generator=self.gen).to(xb.device)
             logits = self.model(lam * xb + (1 - lam) * xb[perm])
             return lam * F.cross_entropy(logits, yb) + (1 - lam) * F.cross_entropy(logits, yb[perm]), zero
-        if self.at is not None:
+        if self.trades_beta is not None:  # CE(f(x), y) + β · mean KL(f(x) ‖ f(x')), the gradient through both
+            x_adv = trades_examples(self.model, xb, yb, self.at, self.at_gen, progress)
+            logits = self.model(xb)
+            robust = kl_per_item(F.softmax(logits, dim=1), self.model(x_adv)).mean()
+            return F.cross_entropy(logits, yb) + self.trades_beta * robust, zero
+        if self.at is not None and self.coded is None:
             return F.cross_entropy(self.model(pgd_examples(self.model, xb, yb, self.at, self.at_gen, progress)), yb), zero
+        if self.at is not None:  # coded-at: the coded loss of the adversarial batch
+            xb = pgd_examples(self.model, xb, yb, self.at, self.at_gen, progress)
         if self.coded is not None:
             logits, closs = self.coded(self.trunk(xb))
             return F.cross_entropy(logits, yb) + closs, closs
@@ -202,7 +218,7 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
     k = cfg.batch_size
     schedule = NSchedule(n_start=cfg.n_start or k, n_end=cfg.n_end or default_n_end(k), epochs=cfg.epochs)
     coding = TrainedCoding(k=k, n=coded_points_for(k, k, schedule.n_end), target_block=target)  # the point kinds: core.spec's defaults
-    coded = CodedSmoothing(block, k=k, n=schedule(0), mu=cfg.mu, data_kind=coding.data_points, coded_kind=coding.coded_points) if cfg.method == "coded" else None
+    coded = CodedSmoothing(block, k=k, n=schedule(0), mu=cfg.mu, data_kind=coding.data_points, coded_kind=coding.coded_points) if cfg.method in CODED_METHODS else None
 
     # Each rank takes every world-th item of one seeded permutation per epoch, so the ranks'
     # s-th batches together are the s-th batch of P·K items a single process would take.
@@ -211,9 +227,9 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
     steps_per_epoch = math.ceil(len(sampler) / k)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
     beta = torch.distributions.Beta(cfg.mixup_alpha, cfg.mixup_alpha) if cfg.method == "mixup" else None
-    at = adversarial_training_settings(cfg, data.input_shape) if cfg.method == "pgd-at" else None
+    at = adversarial_training_settings(cfg, data.input_shape) if cfg.method in ADVERSARIAL_METHODS else None
     at_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    objective = _Objective(model, trunk, coded, beta, at, gen, at_gen)
+    objective = _Objective(model, trunk, coded, beta, at, gen, at_gen, cfg.trades_beta if cfg.method == "trades" else None)
     step_fn = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None) if ranks.distributed else objective
 
     history: list[EpochStats] = []
@@ -285,10 +301,11 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
             "lr": cfg.lr,
             "weight_decay": cfg.weight_decay,
             "seed": cfg.seed,
-            "mu": cfg.mu if cfg.method == "coded" else None,
-            "n_schedule": asdict(schedule) if cfg.method == "coded" else None,
+            "mu": cfg.mu if cfg.method in CODED_METHODS else None,
+            "n_schedule": asdict(schedule) if cfg.method in CODED_METHODS else None,
             "mixup_alpha": cfg.mixup_alpha if cfg.method == "mixup" else None,
             "adversarial_training": at,
+            "trades_beta": cfg.trades_beta if cfg.method == "trades" else None,
             "device": str(device),
             "processes": ranks.world,
         },
