@@ -42,7 +42,7 @@ def _add_config_options(p: argparse.ArgumentParser, config_cls, skip: tuple[str,
 def _add_train(sub) -> None:
     from codedsmooth.train.trainer import TrainConfig
 
-    p = sub.add_parser("train", allow_abbrev=False, help="train a classifier (erm, mixup, coded-smoothing or pgd-at) and write a checkpoint")
+    p = sub.add_parser("train", allow_abbrev=False, help="train a classifier by one of the methods of --method and write a checkpoint")
     _add_config_options(p, TrainConfig)
     p.set_defaults(func=_run_train)
 

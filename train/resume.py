@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 
 # Settings that must be the same for a run to continue another one.
-RESUME_MUST_MATCH = ("data", "arch", "width", "method", "epochs", "batch_size", "lr", "weight_decay", "mu", "n_start", "n_end", "target_block", "seed", "nproc")
+RESUME_MUST_MATCH = (
+    "data", "arch", "width", "method", "epochs", "batch_size", "lr", "weight_decay", "mu", "n_start", "n_end", "target_block", "seed", "nproc",
+    "trades_beta", "at_eps", "at_steps", "at_step_size", "at_warmup",
+)
 
 
 def resume_dir(out) -> Path:
