@@ -12,7 +12,9 @@ not used: it bounds headers differently, by ``h11_max_incomplete_event_size`` al
   idle the longest. So sockets that send nothing (or headers without end) never displace
   anyone, and a complete request is refused only when every slot has a request in the app:
   the admission middleware then answers 503 + ``Retry-After`` (JSON) and the connection closes.
-  Beyond ``2 * max_connections + 16`` open sockets a new one is closed at once, unanswered.
+  At ``2 * max_connections + 16`` open sockets, a new one makes room by closing the oldest socket
+  that has never been answered and has no request in the app; if there is none, the new one is
+  closed at once, unanswered.
 - **Header bounds.** A request's head (request line and header fields) may take at most
   ``max_header_bytes`` bytes and ``max_headers`` fields; past either, the protocol answers 431
   (JSON) and closes the connection, having buffered at most ``max_header_bytes`` of the head.
@@ -56,9 +58,22 @@ class ConnectionSlots:
         self.admitted: set = set()
 
     def opened(self, conn) -> bool:
-        """Count ``conn`` and give it a free slot if there is one; False when it must be closed at once (over the hard limit)."""
+        """Count ``conn`` and give it a free slot if there is one.
+
+        At the hard limit of open sockets the oldest one that has never been answered and has no
+        request in the app (a silent socket, or one still sending its first head) is closed to make
+        room; only when there is none is ``conn`` refused (False: close it at once). So sockets that
+        send nothing cannot lock out fresh clients, whatever their number.
+        """
         if len(self.open) >= self.hard_limit:
-            return False
+            silent = [c for c in self.open if c.evictable and not c.answered]
+            if not silent:
+                return False
+            victim = min(silent, key=lambda c: c.idle_since)
+            self.closed(victim)
+            victim.evict()
+            if self.metrics is not None:
+                self.metrics.connections_evicted.inc()
         self.open.add(conn)
         self._gauge()
         self.admit(conn, evict=False)

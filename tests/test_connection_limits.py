@@ -188,6 +188,22 @@ def test_idle_connections_give_way_and_an_admitted_connection_keeps_its_slot(ser
     _all_closed(server)
 
 
+def test_silent_sockets_at_the_hard_limit_make_room_for_fresh_clients(server):
+    """At 2 N + 16 open sockets a newcomer closes the oldest silent one instead of being refused."""
+    _all_closed(server)
+    hard = 2 * LIMIT + 16
+    silent = [_connect(server) for _ in range(hard)]
+    try:
+        wait_for_metric(server, "codedsmooth_open_connections", lambda v: v == hard)
+        for _ in range(3):  # fresh clients and health checks still get in
+            assert httpx.get(server.url + "/health/live", timeout=10).status_code == 200
+        assert _closed_by_server(silent[0])  # the oldest silent socket made room
+    finally:
+        for s in silent:
+            s.close()
+    _all_closed(server)
+
+
 def test_a_new_connection_gets_503_when_every_slot_has_a_request_in_the_app(server):
     _all_closed(server)
     refused = metric(server, "codedsmooth_rejected_total", reason="connections")
