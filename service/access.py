@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from typing import Callable, TypeVar
 
 from .errors import TooManyRequests, Unauthorized, Unavailable, quoted
@@ -33,6 +35,7 @@ from .settings import ServeSettings
 
 log = logging.getLogger("codedsmooth.access")
 T = TypeVar("T")
+REFUSAL_LOG_EVERY_S = 10.0
 
 CLIENT = "codedsmooth.client"  # scope["state"] key: the authenticated keys.Client
 HEALTH_PATHS = frozenset({"/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"})
@@ -48,8 +51,24 @@ class Access:
         self.metrics = metrics
         self.keys = KeysFile(settings.api_keys_file)
         self.limiter = limiter or LocalLimiter()
+        self._refusals: dict[str, list] = {}  # client name -> [when last logged, refusals since]
         self._labelled(self.keys.table.names)
         log.info("API keys required: %d clients in %s", len(self.keys.table.clients), self.keys.path)
+
+    def _log_refusal(self, name: str, what: str) -> None:
+        """One warning line per client at most every ``REFUSAL_LOG_EVERY_S``, with the count of refusals it stands for.
+
+        Every refusal is counted in the metrics; the log is bounded so that a client sending bad keys
+        as fast as it can costs the operator one line per interval, not one per request.
+        """
+        now = time.monotonic()
+        last, since = self._refusals.get(name, (-math.inf, 0))
+        if now - last < REFUSAL_LOG_EVERY_S:
+            self._refusals[name] = [last, since + 1]
+            return
+        more = f"; {since} more refusals of this client since its last line" if since else ""
+        log.warning("refused client %s: %s%s", name, what, more)
+        self._refusals[name] = [now, 0]
 
     def _labelled(self, names: list[str]) -> None:
         """Create every client's series at 0, so rates and alerts see a client before its first request."""
@@ -82,7 +101,7 @@ class Access:
                 if client is None:
                     problem = "unknown API key"
         if client is None:
-            log.warning("refused %s %s, unknown key: %s (401)", method, quoted(path), problem)
+            self._log_refusal(UNKNOWN, f"{method} {quoted(path)}: {problem} (401)")
             self.metrics.client_refused.labels(UNKNOWN, "401").inc()
             raise Unauthorized(problem, invalid_token=bool(authorization))
         self.metrics.client_requests.labels(client.name).inc()
@@ -104,9 +123,10 @@ class Access:
         if limits.any:
             decision = await self.limiter.charge(client.name, items, limits)
             if not decision.allowed:
-                log.warning("refused client %s: %s; retry after %d s (429)", client.name, decision.reason, decision.retry_after_s)
+                when = f"retry after {decision.retry_after_s} s" if decision.retry_after_s > 0 else "do not retry it"
+                self._log_refusal(client.name, f"{decision.reason}; {when} (429)")
                 self.metrics.client_refused.labels(client.name, "429").inc()
-                raise TooManyRequests(f"{decision.reason}; retry after {decision.retry_after_s} s", decision.retry_after_s)
+                raise TooManyRequests(f"{decision.reason}; {when}", decision.retry_after_s)
         try:
             queued = submit()
         except Unavailable:

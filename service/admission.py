@@ -89,9 +89,12 @@ class AdmissionMiddleware:
             access = lc.access
             if access is not None and not access.is_open(scope["path"]):
                 try:
-                    state[CLIENT] = access.authenticate(_headers(scope, b"authorization"), scope["method"], scope["path"])
+                    # keys are hashed as UTF-8 text (keys.py): read the header's bytes as UTF-8, not latin-1
+                    state[CLIENT] = access.authenticate(_headers(scope, b"authorization", "utf-8"), scope["method"], scope["path"])
                 except ServiceError as exc:
-                    return await error_response(exc.status, exc.message, exc.headers)(scope, receive, recording_send)
+                    # a refused request's body is never read: close the connection rather than drain it
+                    headers = {**exc.headers, **CLOSE} if _has_body(scope) else exc.headers
+                    return await error_response(exc.status, exc.message, headers)(scope, receive, recording_send)
             declared = _header(scope, b"content-length")
             if declared is not None:
                 if not (declared.isascii() and declared.isdigit()):
@@ -108,8 +111,14 @@ class AdmissionMiddleware:
             lc.release(admission, getattr(route, "path", None) or "unmatched", status or 500)
 
 
-def _headers(scope, name: bytes) -> list[str]:
-    return [value.decode("latin-1") for key, value in scope.get("headers") or () if key == name]
+def _headers(scope, name: bytes, encoding: str = "latin-1") -> list[str]:
+    return [value.decode(encoding, "replace") for key, value in scope.get("headers") or () if key == name]
+
+
+def _has_body(scope) -> bool:
+    """Whether the request declares a body (a non-zero Content-Length, or any Transfer-Encoding)."""
+    length = _header(scope, b"content-length")
+    return _header(scope, b"transfer-encoding") is not None or (length is not None and length.strip() not in ("", "0"))
 
 
 def _header(scope, name: bytes) -> str | None:

@@ -92,12 +92,12 @@ class Unauthorized(ServiceError):
 
 
 class TooManyRequests(ServiceError):
-    """Over a client's rate limit or quota; ``Retry-After``: whole seconds until the same request would fit."""
+    """Over a client's rate limit or quota; ``Retry-After``: whole seconds until the same request would fit (absent when it never will)."""
 
     status = 429
 
     def __init__(self, message: str, retry_after_s: int):
-        super().__init__(message, {"Retry-After": str(max(1, int(retry_after_s)))})
+        super().__init__(message, {"Retry-After": str(int(retry_after_s))} if retry_after_s > 0 else None)
 
 
 class PayloadTooLarge(ServiceError):

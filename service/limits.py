@@ -32,7 +32,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class Decision:
-    """The outcome of a charge: allowed, or refused with why and in how many whole seconds the same request would fit."""
+    """The outcome of a charge: allowed, or refused with why and in how many whole seconds the same request would fit (0: never)."""
 
     allowed: bool
     retry_after_s: int = 0
@@ -43,8 +43,11 @@ ALLOWED = Decision(True)
 EPSILON = 1e-6  # items and seconds: float rounding never turns "fits exactly at Retry-After" into a refusal
 
 
+MAX_RETRY_AFTER_S = 366 * 86400  # a wait longer than a year is reported as a year
+
+
 def _whole_seconds(seconds: float) -> int:
-    return max(1, math.ceil(seconds - EPSILON))
+    return max(1, math.ceil(min(seconds, MAX_RETRY_AFTER_S) - EPSILON))
 
 
 class Counters:
@@ -68,8 +71,9 @@ class Counters:
         refusals: list[Decision] = []
         if limits.quota is not None:
             start, used = self._window(client, limits, now)
-            if items > limits.quota:
-                refusals.append(Decision(False, _whole_seconds(limits.window_s), f"{items} items exceed the quota of {limits.quota} items per {limits.window_s:g} s: send fewer"))
+            if items > limits.quota:  # never fits: no Retry-After (0), whatever the other limits say
+                never = "this key may send no items" if limits.quota == 0 else f"a request of {items} items can never fit the quota of {limits.quota:g} items per {limits.window_s:g} s"
+                return Decision(False, 0, never)
             elif used + items > limits.quota:
                 left = int(limits.quota - used)
                 refusals.append(Decision(False, _whole_seconds(start + limits.window_s - now), f"quota of {limits.quota} items per {limits.window_s:g} s used ({left} left, {items} asked)"))

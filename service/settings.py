@@ -30,7 +30,7 @@ class ServeSettings(BaseSettings):
     rci_decode_tolerance: float | None = Field(None, ge=0, lt=1, description=f"request scope: skip coded samples whose decoder weight for the group's items is below this; 0 = full decode (default: {DEFAULT_DECODE_TOLERANCE:g})")
     rci_seed: int | None = Field(None, description="replace the OS CSPRNG with a seed, restarted for each request (batch scope: each batch) (tests and reproduction only: clients could predict the code)")
     rci_check_rate: float = Field(0.1, ge=0, le=1, description="share of batches also run without RCI to count label flips and the decode residual")
-    input_noise_sigma: float = Field(0.0, ge=0, le=10, description="a noise baseline: add fresh Gaussian noise of this standard deviation (OS randomness, not clipped) to every input pixel before the model, with or without RCI (0: off)")
+    input_noise_sigma: float = Field(0.0, ge=0, le=10, allow_inf_nan=False, description="a noise baseline: add fresh Gaussian noise of this standard deviation (OS randomness, not clipped) to every input pixel before the model, with or without RCI (0: off)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body; bigger gets 413 before it is read")
     max_items_per_request: int | None = Field(
         None, ge=1, description="most items (tensors or images) in one request; more gets 413. At most --max-batch-size, so one request is one device batch (default: --max-batch-size)"
@@ -47,9 +47,9 @@ class ServeSettings(BaseSettings):
     api_keys_file: str | None = Field(
         None, description="clients and the SHA-256 of their keys, one a line (codedsmooth keys add NAME --file PATH); every route but health then needs Authorization: Bearer KEY, else 401. Re-read when it changes (default: none, the server answers anyone)"
     )
-    rate_limit: float | None = Field(None, gt=0, description="items per second per API key (a token bucket of --max-batch-size items); over it 429 + Retry-After (needs --api-keys-file; default: none)")
+    rate_limit: float | None = Field(None, gt=0, allow_inf_nan=False, description="items per second per API key (a token bucket of --max-batch-size items); over it 429 + Retry-After (needs --api-keys-file; default: none)")
     quota: int | None = Field(None, ge=0, description="items per API key per --quota-window-s; over it 429 + Retry-After (needs --api-keys-file; default: none)")
-    quota_window_s: float = Field(86400.0, gt=0, description="the quota's window in seconds, from a key's first item in it")
+    quota_window_s: float = Field(86400.0, gt=0, allow_inf_nan=False, description="the quota's window in seconds, from a key's first item in it")
     metrics_host: str = Field("127.0.0.1", description="address of the Prometheus /metrics listener (0.0.0.0 only where the operator's network needs it)")
     metrics_port: int = Field(9464, ge=0, le=65535, description="port of the Prometheus /metrics listener, separate from the public port (0: any free port, logged at start)")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: the CPU quota)")
