@@ -159,7 +159,7 @@ def _data_lines(r: dict, sizes: dict) -> list[str]:
                 "These results predate recorded samples: the test split is stored by class, so its first images are not a mix of classes "
                 "([which images are attacked](robustness.md#which-images-are-attacked))."]
     split = r["test_split"]
-    lines = [head + f"the split is stored by class ({_counts_text(split['classes'])} of its {split['n']:,}). The attacked images are class-stratified "
+    lines = [head + f"the test split holds {_counts_text(split['classes'])}, stored class by class, so its first images are one class. The attacked images are class-stratified "
              f"random samples of the test split (seed {r['config']['sample_seed']}), listed by index in `RESULTS.json` under `samples`; each smaller "
              "sample is part of the larger ones:"]
     for name, idx in r["samples"].items():
@@ -413,14 +413,16 @@ def _training_note(r: dict) -> list[str]:
     trained = r.get("training_seconds")
     if not trained:
         return []
+    cached = ["", f"Each stage's minutes are its compute time when it ran; {r['reused_stages']} stage results were read back from the cache under `--runs` in this run, "
+              "so the total (this run's wall time) is less than their sum."] if r.get("reused_stages") else []
     total = sum(trained.values())
     reuse = r["stages"].get("training (or reuse)", 0.0)
     line = f"The {len(trained)} models' training time recorded in their checkpoints: {total / 60:.1f} min"
     if reuse < 0.5 * total:
-        line += f"; this run reused them (the full run from scratch: about {(r['seconds'] + total - reuse) / 60:.0f} min)."
+        line += f"; this run reused them (the full run from scratch: about {(sum(r['stages'].values()) + total - reuse) / 60:.0f} min)."
     else:
         line += "."
-    return ["", line]
+    return ["", line, *cached]
 
 
 def _paired_section(r: dict) -> list[str]:
