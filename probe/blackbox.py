@@ -51,19 +51,22 @@ def _row(method: str, model: str, attacker: str, budget: int, score_queries: int
 
 
 def blackbox_section(cfg: ReportConfig, suite: SuiteConfig, cache: StageCache, models: dict[str, Checkpoint], surrogates: dict[str, list[tuple[str, Checkpoint]]],
-                     x, y, x_all, y_all, pool, key: dict) -> tuple[dict, dict]:
+                     x, y, x_all, y_all, pool, key: dict, sha: dict[str, str]) -> tuple[dict, dict]:
     """Run (or reuse) every black-box attack; returns the results' section and, per (method, setting),
-    the scored adversarials [(label, x_adv, correct)] to merge into the white-box worst case."""
+    the scored adversarials [(label, x_adv, correct)] to merge into the white-box worst case.
+
+    ``key``: what every stage here depends on (the sample, the draws); ``sha``: the SHA-256 of each
+    target's (by method) and surrogate's (by label) weights, so a stage's key names only its own models."""
     eps = cfg.eps[-1]
     rows, merges, noise = [], {}, {}
     for method, ck in models.items():
-        mkey = {**key, "checkpoint": key["checkpoints"][method]}
-        noise[method] = cache.run(f"noise calibration/{method}", {**mkey, "grid": cfg.noise_grid, "draws": cfg.calibration_draws, "seed": suite.seed},
+        mkey = {**key, "checkpoint": sha[method]}
+        noise[method] = cache.run(f"noise calibration/{method}", {"checkpoint": sha[method], "grid": cfg.noise_grid, "draws": cfg.calibration_draws, "seed": suite.seed},
                                   lambda: noise_calibration(cfg, ck, x_all, y_all, pool, suite.seed))
         sigma = noise[method]["sigma"]
         sources = {}
         for label, sck in surrogates.get(method, []):
-            sources[label] = cache.run(f"transfer source/{method}/{label}", {**key, "surrogate": key["surrogates"][label], "eps": eps, "steps": suite.apgd_steps, "seed": suite.seed},
+            sources[label] = cache.run(f"transfer source/{method}/{label}", {**key, "surrogate": sha[label], "eps": eps, "steps": suite.apgd_steps, "seed": suite.seed},
                                        lambda sck=sck: transfer_source(suite, sck, x, y, eps))
         jobs = [("adaptive Square", b, cfg.score_queries) for b in cfg.budgets]
         if method in cfg.study_methods:
@@ -93,7 +96,7 @@ def blackbox_section(cfg: ReportConfig, suite: SuiteConfig, cache: StageCache, m
                     if m == cfg.score_queries:
                         merges.setdefault((method, setting), []).append((f"adaptive Square {budget} q, HTTP", res["x_adv"], correct))
                 for label, x_t in sources.items():
-                    res = cache.run(f"black-box/{method}/{setting}/transfer-{label}", {**skey, "source": key["surrogates"][label], "eps": eps, "x": x_t},
+                    res = cache.run(f"black-box/{method}/{setting}/transfer-{label}", {**skey, "source": sha[label], "eps": eps, "x": x_t},
                                     lambda setting=setting, x_t=x_t: one_query(target(setting), x_t, y))
                     correct = served(x_t, y)
                     rows.append(_row(method, ck.name, f"transfer from {label}", 1, None, setting, correct, res["queries"], {

@@ -23,6 +23,8 @@ from typing import Any, Callable
 import torch
 
 log = logging.getLogger("codedsmooth.report")
+# Part of every key: raise it when a stage's code changes what it computes, so no older result is read back.
+STAGE_VERSION = 1
 
 
 def digest(material: Any) -> str:
@@ -32,7 +34,7 @@ def digest(material: Any) -> str:
             return hashlib.sha256(o.detach().cpu().contiguous().numpy().tobytes()).hexdigest() + str(tuple(o.shape)) + str(o.dtype)
         return str(o)
 
-    text = json.dumps(material, sort_keys=True, default=default)
+    text = json.dumps({"version": STAGE_VERSION, "material": material}, sort_keys=True, default=default)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -194,7 +194,7 @@ def run_report(cfg: ReportConfig, command: str) -> Path:
     last = f"{cfg.eps[-1]:g}"
     rests = {}
     rest = order[len(samples["white-box"]):]
-    for m in cfg.full_split:
+    for m in (m for m in cfg.full_split if m in cfg.methods):
         for s in cfg.seeds_of(m):
             ck = cks[(m, s)]
             fkey = {"checkpoint": sha[f"{m}/seed{s}"], "rest": rest, **budgets, "eps": cfg.eps[-1]}
@@ -221,9 +221,9 @@ def run_report(cfg: ReportConfig, command: str) -> Path:
     if cfg.blackbox_methods:
         firsts = {m: cks[(m, cfg.seeds_of(m)[0])] for m in cfg.blackbox_methods if m in cfg.methods}
         surrogates = {m: [(f"{sm} seed {ss}", cks[(sm, ss)]) for sm, ss in dict.fromkeys([(m, cfg.surrogate_seed), ("erm", cfg.surrogate_seed)]) if (sm, ss) != (m, cfg.seeds_of(m)[0])] for m in firsts}
-        bkey = {"sample": samples["black-box"], "checkpoints": {m: sha[f"{m}/seed{cfg.seeds_of(m)[0]}"] for m in firsts},
-                "surrogates": {f"{sm} seed {ss}": sha[f"{sm}/seed{ss}"] for sm, ss in surrogate_keys}, "draws": cfg.draws}
-        section, merges = blackbox_section(cfg, suite, cache, firsts, surrogates, xs["black-box"], ys["black-box"], x_all, y_all, pool, bkey)
+        bkey = {"sample": samples["black-box"], "draws": cfg.draws}
+        bsha = {**{m: sha[f"{m}/seed{cfg.seeds_of(m)[0]}"] for m in firsts}, **{f"{sm} seed {ss}": sha[f"{sm}/seed{ss}"] for sm, ss in surrogate_keys}}
+        section, merges = blackbox_section(cfg, suite, cache, firsts, surrogates, xs["black-box"], ys["black-box"], x_all, y_all, pool, bkey, bsha)
         n = len(samples["black-box"])
         for row in section["rows"]:  # what the white-box worst case was on the same images, before the black-box attacks join it
             if row["server"] in ("plain", "request"):
