@@ -71,6 +71,7 @@ class StageCache:
         result = fn()
         seconds = time.monotonic() - started
         self.seconds[name] = seconds
+        log.info("stage %s: %.0f s", name, seconds)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
