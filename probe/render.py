@@ -319,7 +319,6 @@ def _checkpoints_section(r: dict) -> list[str]:
 def render(r: dict, figures: dict[str, str]) -> str:
     cfg = r["config"]
     by_method = _by_method(r)
-    seeds = cfg["seeds"]
     eps = [f"{e:g}" for e in cfg["eps"]]
     first = {m: runs[0] for m, runs in by_method.items()}
     sizes = _sizes(r)

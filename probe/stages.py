@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from codedsmooth.core import SCOPES, CodingSpec
+from codedsmooth.core import CodingSpec
 from codedsmooth.core.attacks import apgd
 from codedsmooth.models import Checkpoint, load_checkpoint
 from codedsmooth.train import TrainConfig, train
