@@ -84,6 +84,7 @@ class ReportConfig:
     surrogate_seed: int = field(default=1, metadata={"help": "seed of the transfer attack's surrogates (the same method, and erm)"})
     cotenant_steps: int = field(default=10, metadata={"help": "optimisation steps of the co-tenant attacker"})
     max_steps: int | None = field(default=None, metadata={"help": "stop each training run after this many optimiser steps (quick checks)"})
+    threads: int | None = field(default=None, metadata={"help": "torch threads of this process (default: torch's); with 1, two runs of disjoint --methods share 2 cores and one --runs cache"})
     render_only: bool = field(default=False, metadata={"help": "rewrite the markdown and figures from the JSON beside out, without running anything"})
     quick: bool = field(default=False, metadata={"help": "smoke test at CI size: one seed, one epoch, a few images and small attack budgets (overrides the budgets above); its output says it is not a result"})
     retrain: bool = field(default=False, metadata={"help": "train again even when checkpoints exist"})
@@ -143,6 +144,8 @@ def run_report(cfg: ReportConfig, command: str) -> Path:
         return out
     cfg = cfg.resolved()
     cfg.validate()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     suite = cfg.suite()
     clock = Clock()
     cache = StageCache(cfg.runs)
