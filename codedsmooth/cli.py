@@ -201,14 +201,25 @@ def _add_attack(sub) -> None:
 
 
 def _run_attack(args) -> int:
+    from codedsmooth.probe.checks import failure_lines
     from codedsmooth.probe.evaluate import AttackConfig
     from codedsmooth.probe.runner import TargetConfig, attack_command
+    from codedsmooth.service.errors import ServiceError
 
-    report = attack_command(_config_from_args(AttackConfig, args), _config_from_args(TargetConfig, args))
-    summary = {k: report[k] for k in ("target", "clean_accuracy", "robust_accuracy", "cotenant") if k in report}
+    try:
+        report = attack_command(_config_from_args(AttackConfig, args), _config_from_args(TargetConfig, args))
+    except ServiceError as exc:  # the server stopped answering during the attack
+        raise ConnectionError(str(exc)) from None
+    copy = report.get("attacker_copy")
+    if copy and args.checkpoint is None:
+        print(f"codedsmooth attack: warning: no --checkpoint, so the attacker's copy of the model is the embedded default checkpoint ({copy['name']}); "
+              f"checked against the server: same name and classes, {100 * copy['agreement']:.0f} % agreement on {copy['items']} clean items", file=sys.stderr)
+    summary = {k: report[k] for k in ("target", "clean_accuracy", "draws", "robust_accuracy", "queries_per_image", "cotenant") if k in report}
     if "sanity" in report:
-        summary["sanity"] = {c["name"]: c["passed"] for c in report["sanity"]}
+        summary["sanity"] = [{"name": c["name"], "eps": c["eps"], "passed": c["passed"], "numbers": c["value"]} for c in report["sanity"]]
     print(json.dumps(summary, indent=2))
+    for line in failure_lines(report.get("sanity", [])):
+        print(f"codedsmooth attack: {line}", file=sys.stderr)
     return 0
 
 
@@ -223,9 +234,14 @@ def _add_report(sub) -> None:
 def _run_report(args) -> int:
     from codedsmooth.probe.report import ReportConfig, run_report
 
+    from codedsmooth.probe.report import QUICK_NOTE
+
     cfg = _config_from_args(ReportConfig, args)
     command = "codedsmooth report" + (" --quick" if cfg.quick else "") + ("" if args.out == ReportConfig.out else f" --out {args.out}")
-    print(run_report(cfg, command))
+    out = run_report(cfg, command)
+    if cfg.quick:
+        print(f"codedsmooth report: {QUICK_NOTE}", file=sys.stderr)
+    print(out)
     return 0
 
 

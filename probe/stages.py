@@ -1,6 +1,8 @@
-"""The report's stages, one function each: train (or reuse) a checkpoint, attack one model plain and
-through RCI in both scopes, the EOT convergence curve, the N sweep, the co-tenant probe and the
-shipped checkpoint's accuracy. Each returns plain data for the results file; :mod:`.report` runs them.
+"""The report's stages, one function each: train (or reuse) a checkpoint; attack one model without RCI
+(white-box cascade) and through RCI in each scope (transfer + EOT); the ε-curve's extra points; the
+transfer attack's surrogate adversarials; the noise baseline's σ; the EOT convergence curve, the N
+sweep, the co-tenant probe and the shipped checkpoint's accuracy. Each returns data that
+:mod:`.report` caches per stage (:mod:`.cache`) and turns into the results file.
 """
 
 from __future__ import annotations
@@ -13,16 +15,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from codedsmooth.core import SCOPES, CodingSpec
+from codedsmooth.core import CodingSpec
 from codedsmooth.core.attacks import apgd
 from codedsmooth.models import Checkpoint, load_checkpoint
 from codedsmooth.train import TrainConfig, train
 
 from .cotenant import cotenant_report
 from .evaluate import AttackConfig
-from .servers import square_over_http
 from .stats import wilson
-from .suite import Outcome, Scorer, SuiteConfig, attacker_and_scorer, eot_attacks, run_cascade, transfer_attack, whitebox_attacks
+from .suite import Outcome, Scorer, SuiteConfig, attacker_and_scorer, eot_attacks, run_cascade, served_model, transfer_attack, whitebox_attacks
 from .targets import InProcessTarget, RCIModel
 
 if TYPE_CHECKING:
@@ -67,6 +68,15 @@ class Clock:
         return time.monotonic() - self.start
 
 
+def outcome_data(out: Outcome) -> dict:
+    """An outcome as plain data (for the stage cache)."""
+    return {"x_adv": out.x_adv, "correct": out.correct, "log": [[n, float(a)] for n, a in out.log]}
+
+
+def outcome_from(data: dict) -> Outcome:
+    return Outcome(data["x_adv"].clone(), data["correct"].clone(), [(n, float(a)) for n, a in data["log"]])
+
+
 def summary(out: Outcome) -> dict:
     """What the tables need of one outcome. The interval is Wilson's for the (expected) count of correct
     images; per-image scores of a randomized model lie in [0, 1] and vary less than a coin, so for
@@ -81,50 +91,61 @@ def summary(out: Outcome) -> dict:
     }
 
 
-def evaluate_model(cfg: ReportConfig, suite: SuiteConfig, ck: Checkpoint, x_all, y_all, pool, clock: Clock, first_seed: bool, bar) -> dict:
-    """Clean accuracy on the whole test split, then the cascades: plain, RCI request, RCI batch, at every ε."""
-    t0 = time.monotonic()
-    result: dict = {"name": ck.name}
-    plain_model, plain_scorer = attacker_and_scorer(ck, CodingSpec.plain(), pool, 1, suite.seed)
-    result["clean_full"] = {"correct": int(plain_scorer(x_all, y_all)[0].sum()), "n": len(x_all)}
-    x, y = x_all[: cfg.images], y_all[: cfg.images]
-    outcomes: dict[str, dict[str, Outcome]] = {"plain": {}}
+def whitebox_stage(suite: SuiteConfig, ck: Checkpoint, x, y, eps_list: list[float]) -> dict[str, Outcome]:
+    """No RCI: the white-box cascade at every ε (a larger ε starts from the smaller one's worst case)."""
+    plain_model, plain_scorer = attacker_and_scorer(ck, CodingSpec.plain(), None, 1, suite.seed)
     current = plain_scorer.start(x, y)
-    for eps in cfg.eps:
+    out = {}
+    for eps in eps_list:
         current = run_cascade(whitebox_attacks(plain_model, eps, suite), plain_scorer, x, y, current)
-        outcomes["plain"][f"{eps:g}"] = current
-        bar.set_postfix_str(f"{ck.name} plain ε={eps:g}: {100 * current.accuracy:.1f} %")
-    clock.add("white-box, no RCI", t0)
-    xr, yr = x[: cfg.rci_images], y[: cfg.rci_images]
-    for scope in SCOPES:
-        t0 = time.monotonic()
-        attacker, scorer = attacker_and_scorer(ck, ck.coding_spec(scope=scope), pool, cfg.draws, suite.seed)
-        current = scorer.start(xr, yr)
-        outcomes[scope] = {}
-        for eps in cfg.eps:
-            attacks = [transfer_attack("transfer from no-RCI worst case", outcomes["plain"][f"{eps:g}"]), *eot_attacks(attacker, eps, suite)]
-            current = run_cascade(attacks, scorer, xr, yr, current)
-            outcomes[scope][f"{eps:g}"] = current
-            bar.set_postfix_str(f"{ck.name} {scope} ε={eps:g}: {100 * current.accuracy:.1f} %")
-        clock.add(f"adaptive, RCI {scope}", t0)
-    if first_seed:
-        t0 = time.monotonic()
-        result["square"] = square_over_http(cfg, ck, outcomes, x, y, pool, suite.seed)
-        clock.add("Square over HTTP", t0)
-        t0 = time.monotonic()
-        current = outcomes["plain"][f"{cfg.eps[-1]:g}"]
-        curve = {}
-        for eps in sorted(e for e in cfg.curve_eps if e > cfg.eps[-1]):
-            current = run_cascade(whitebox_attacks(plain_model, eps, suite), plain_scorer, x, y, current)
-            curve[f"{eps:g}"] = current
-        for eps in sorted(e for e in cfg.curve_eps if e < cfg.eps[0]):
-            curve[f"{eps:g}"] = run_cascade(whitebox_attacks(plain_model, eps, suite), plain_scorer, x, y, plain_scorer.start(x, y))
-        result["curve_extra"] = {e: summary(o) for e, o in curve.items()}
-        result["curve_examples"] = {e: o.x_adv[:10].tolist() for e, o in curve.items()}
-        clock.add("ε-curve points", t0)
-    result["settings"] = {s: {e: summary(o) for e, o in v.items()} for s, v in outcomes.items()}
-    result["_outcomes"] = outcomes  # in memory only, for the paired tests and sanity checks
-    return result
+        out[f"{eps:g}"] = current
+    return out
+
+
+def rci_stage(suite: SuiteConfig, ck: Checkpoint, spec: CodingSpec, x, y, pool, plain: dict[str, Outcome], eps_list: list[float], draws: int) -> dict[str, Outcome]:
+    """Through RCI (``spec``): the no-RCI worst case transferred, then EOT-APGD through the attacker's model of the server."""
+    attacker, scorer = attacker_and_scorer(ck, spec, pool, draws, suite.seed)
+    current = scorer.start(x, y)
+    out = {}
+    for eps in eps_list:
+        source = plain[f"{eps:g}"]
+        sub = Outcome(source.x_adv[: len(x)], source.correct[:, : len(x)])
+        attacks = [transfer_attack("transfer from no-RCI worst case", sub), *eot_attacks(attacker, eps, suite)]
+        current = run_cascade(attacks, scorer, x, y, current)
+        out[f"{eps:g}"] = current
+    return out
+
+
+def curve_stage(cfg: ReportConfig, suite: SuiteConfig, ck: Checkpoint, x, y, plain: dict[str, Outcome]) -> dict[str, Outcome]:
+    """The plain ε-curve's extra points: above the table's radii from its largest ε's worst case, below it from the clean images."""
+    plain_model, plain_scorer = attacker_and_scorer(ck, CodingSpec.plain(), None, 1, suite.seed)
+    current = plain[f"{cfg.eps[-1]:g}"]
+    curve = {}
+    for eps in sorted(e for e in cfg.curve_eps if e > cfg.eps[-1]):
+        current = run_cascade(whitebox_attacks(plain_model, eps, suite), plain_scorer, x, y, current)
+        curve[f"{eps:g}"] = current
+    for eps in sorted(e for e in cfg.curve_eps if e < cfg.eps[0]):
+        curve[f"{eps:g}"] = run_cascade(whitebox_attacks(plain_model, eps, suite), plain_scorer, x, y, plain_scorer.start(x, y))
+    return curve
+
+
+def transfer_source(suite: SuiteConfig, surrogate: Checkpoint, x, y, eps: float) -> torch.Tensor:
+    """White-box APGD-CE on a surrogate model the attacker trained itself (no queries to the target)."""
+    model = RCIModel(surrogate, CodingSpec.plain())
+    return apgd(model, x, y, eps, steps=suite.apgd_steps, loss="ce", generator=torch.Generator().manual_seed(suite.seed)).detach()
+
+
+@torch.no_grad()
+def noise_calibration(cfg: ReportConfig, ck: Checkpoint, x, y, pool, seed: int) -> dict:
+    """The input-noise σ whose clean accuracy (expected over draws) is closest to RCI's (request scope), from a grid."""
+    def clean(model):
+        return Scorer(model, cfg.calibration_draws).start(x, y).accuracy
+
+    rci = clean(served_model(ck, ck.coding_spec(scope="request"), pool, seed))
+    plain = clean(RCIModel(ck, CodingSpec.plain()))
+    grid = {f"{s:g}": clean(served_model(ck, CodingSpec.plain(), pool, seed, noise_sigma=s)) for s in cfg.noise_grid}
+    sigma = min(grid, key=lambda s: (abs(grid[s] - rci), float(s)))
+    return {"sigma": float(sigma), "noise_clean": grid[sigma], "rci_clean": rci, "plain_clean": plain, "grid": grid, "images": len(x), "draws": cfg.calibration_draws}
 
 
 def eot_curve(cfg: ReportConfig, ck: Checkpoint, x, y, pool, eps: float, seed: int) -> list[dict]:
@@ -151,13 +172,14 @@ def n_sweep(cfg: ReportConfig, suite: SuiteConfig, ck: Checkpoint, x, y, pool, p
 
 
 def cotenant_table(cfg: ReportConfig, ck: Checkpoint, x, y, pool) -> dict:
+    """The co-tenant probe on victims ``x`` at N = K and the checkpoint's N, in both scopes."""
     k = ck.config.coding.k
     acfg = AttackConfig(attack="cotenant", steps=cfg.cotenant_steps, eot_samples=4, seed=0)
     out = {}
     for scope, n in (("batch", k), ("batch", ck.coding_spec().n), ("request", k), ("request", ck.coding_spec().n)):
         spec = ck.coding_spec(scope=scope, n=n)
         target_model = RCIModel(ck, spec, pool, seed=100)
-        out[f"{scope} N={n}"] = cotenant_report(acfg, ck, spec, InProcessTarget(target_model), x[: cfg.cotenant_victims], y[: cfg.cotenant_victims], pool)["cotenant"]
+        out[f"{scope} N={n}"] = cotenant_report(acfg, ck, spec, InProcessTarget(target_model), x, y, pool)["cotenant"]
     return out
 
 

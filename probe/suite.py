@@ -24,7 +24,6 @@ from codedsmooth.core import CodingSpec
 from codedsmooth.core.attacks import apgd, pgd
 from codedsmooth.models import Checkpoint
 
-from .square import square_attack
 from .targets import RCIModel
 
 Attack = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, y, indices into the image set) -> x_adv
@@ -88,7 +87,7 @@ class Scorer:
 
     def __init__(self, model: RCIModel, draws: int):
         self.model = model
-        self.draws = draws if model.spec.enabled else 1
+        self.draws = draws if model.randomized else 1
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return correct_draws(self.model, x, y, self.draws)
@@ -156,16 +155,13 @@ def transfer_attack(name: str, source: Outcome) -> tuple[str, Attack]:
     return name, lambda x, y, idx: source.x_adv[idx]
 
 
-def square(score_fn, eps: float, queries: int, seed: int) -> Attack:
-    """Square (Andriushchenko et al. 2020) on a probability score function, e.g. a server over HTTP."""
-    def attack(x, y, idx=None):
-        return square_attack(score_fn, x, y, eps, queries=queries, generator=torch.Generator().manual_seed(seed))[0]
-
-    return attack
+def served_model(ck: Checkpoint, spec: CodingSpec, pool: torch.Tensor, seed: int, noise_sigma: float = 0.0) -> RCIModel:
+    """The served function (RCI per ``spec``, input noise of ``noise_sigma``) with the evaluator's own randomness."""
+    return RCIModel(ck, spec, pool, seed=2000 + seed, noise_sigma=noise_sigma)
 
 
 def attacker_and_scorer(ck: Checkpoint, spec: CodingSpec, pool: torch.Tensor, draws: int, seed: int) -> tuple[RCIModel, Scorer]:
     """The attacker's differentiable model and the served function it is scored on, with independent randomness."""
     attacker = RCIModel(ck, spec, pool, seed=1000 + seed) if spec.enabled else RCIModel(ck, spec)
-    served = RCIModel(ck, spec, pool, seed=2000 + seed) if spec.enabled else attacker
+    served = served_model(ck, spec, pool, seed) if spec.enabled else attacker
     return attacker, Scorer(served, draws)

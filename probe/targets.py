@@ -12,13 +12,15 @@ requests, in-process or over HTTP.
 
 from __future__ import annotations
 
+import httpx
 import numpy as np
 import torch
 
 from codedsmooth.core import CodingPlan, CodingSpec, SeededRandomSource, apply_plan, identity_permutations, plan_groups
-from codedsmooth.core.randomness import choices
+from codedsmooth.core.randomness import choices, gaussian
 from codedsmooth.models import Checkpoint
 from codedsmooth.service.client import CodedSmoothClient
+from codedsmooth.service.errors import ServiceError
 from codedsmooth.service.schemas import RciInfo
 
 
@@ -34,11 +36,15 @@ class RCIModel:
     the micro-batch (default K-1: the victim's group is full of strangers).
     ``deterministic=True`` fixes every draw (the same companions for every call, the
     identity permutation): the sanity-check model on which an adaptive attack must succeed.
+    ``noise_sigma`` > 0 is the server's noise baseline (``serve --input-noise-sigma``): fresh
+    Gaussian noise of that standard deviation added to every pixel before the model, with or
+    without RCI, drawn here from the model's own seeded source.
     """
 
-    def __init__(self, ck: Checkpoint, spec: CodingSpec, clean_pool: torch.Tensor | None = None, seed: int = 0, deterministic: bool = False, batch_mates: int | None = None):
+    def __init__(self, ck: Checkpoint, spec: CodingSpec, clean_pool: torch.Tensor | None = None, seed: int = 0, deterministic: bool = False, batch_mates: int | None = None, noise_sigma: float = 0.0):
         self.model = ck.model.eval()
         self.spec = spec
+        self.noise_sigma = float(noise_sigma)
         self.seed = seed
         self.deterministic = deterministic
         self.source = SeededRandomSource(seed)
@@ -75,11 +81,21 @@ class RCIModel:
         out = apply_plan(self.block, items, self.filler_z, CodingPlan.concat(plans), self.code, self.spec.decode_tolerance)
         return out[:: 1 + b]
 
+    @property
+    def randomized(self) -> bool:
+        """Whether two calls on the same input can answer differently."""
+        return not self.deterministic and (self.spec.enabled or self.noise_sigma > 0)
+
+    def label(self) -> str:
+        return self.spec.label() + (f", input noise σ = {self.noise_sigma:g}" if self.noise_sigma > 0 else "")
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        source = self._source()
+        if self.noise_sigma > 0:
+            x = x + self.noise_sigma * gaussian(source, *x.shape).to(x.device, x.dtype)
         if not self.spec.enabled:
             return self.model(x)
         z = self.trunk(x)
-        source = self._source()
         if self.spec.scope == "request":
             return self.serve(z, [1] * len(x), source)
         picks = choices(source, len(x), self.mates_z.shape[0], self.batch_mates)
@@ -100,7 +116,7 @@ class InProcessTarget:
 
     @property
     def name(self) -> str:
-        return f"in-process ({self.spec.label()})"
+        return f"in-process ({self.model.label()})"
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,13 +126,28 @@ class InProcessTarget:
 
 
 class HttpTarget:
-    """Queries sent to a running server, one request per item, concurrently (v2 binary tensors on kept connections)."""
+    """Queries sent to a running server, concurrently on kept connections (v2 binary tensors).
 
-    def __init__(self, url: str, concurrency: int = 8, api_key: str | None = None):
-        """``api_key``: sent as ``Authorization: Bearer`` (default: env ``CODEDSMOOTH_API_KEY``; see ``service.client``)."""
+    ``items_per_request=1`` (the default) sends each item as its own one-item request, as
+    independent clients do; RCI codes a request's items together, so against RCI that is the
+    only way to query the served one-item function. A server whose items are answered
+    independently (no RCI, with or without input noise) gives the same answers to items sent
+    several per request, which is much faster over HTTP. ``api_key`` is sent as
+    ``Authorization: Bearer`` (default: env ``CODEDSMOOTH_API_KEY``; see ``service.client``).
+    """
+
+    def __init__(self, url: str, concurrency: int = 8, items_per_request: int = 1, api_key: str | None = None):
         self.client = CodedSmoothClient(url, concurrency=concurrency, api_key=api_key)
-        self.info = self.client.models()[0]
+        try:
+            self.info = self.client.models()[0]
+        except httpx.HTTPError as exc:
+            raise ConnectionError(f"cannot reach a server at {url}: {exc}") from None
+        except ServiceError as exc:
+            raise ConnectionError(f"{url} did not answer GET /v1/models: {exc}") from None
         self.spec = spec_from_server(self.info)
+        if self.spec.enabled and items_per_request != 1:
+            raise ValueError("an RCI server codes a request's items together: query it with one-item requests")
+        self.items_per_request = items_per_request
         self.queries = 0
 
     @property
@@ -125,11 +156,36 @@ class HttpTarget:
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         self.queries += len(x)
-        return torch.from_numpy(self.client.predict_each(x.detach().cpu().numpy().astype(np.float32)))
+        items = x.detach().cpu().numpy().astype(np.float32)
+        if self.items_per_request == 1:
+            return torch.from_numpy(self.client.predict_each(items))
+        step = self.items_per_request
+        return torch.from_numpy(np.concatenate([self.client.predict(items[i : i + step]) for i in range(0, len(items), step)]))
 
     def close(self) -> None:
         self.client.close()
 
 
+def is_randomized(target) -> bool:
+    """Whether the target can answer the same input differently: RCI, or input noise (a server does not
+    report its noise, so two answers to one input are compared)."""
+    if isinstance(target, InProcessTarget):
+        return target.model.randomized
+    if target.spec.enabled:
+        return True
+    if not hasattr(target, "_randomized"):
+        probe = torch.full((2, *target.info["input_shape"]), 0.5)
+        answers = target.predict_proba(probe)
+        target._randomized = not torch.equal(answers[0], answers[1])
+    return target._randomized
+
+
 def accuracy(target, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One query per item."""
     return float((target.predict_proba(x).argmax(1) == y).float().mean())
+
+
+def expected_accuracy(target, x: torch.Tensor, y: torch.Tensor, draws: int) -> float:
+    """Accuracy expected over ``draws`` queries per item of a randomized target (one query of a deterministic one)."""
+    n = draws if is_randomized(target) else 1
+    return sum(accuracy(target, x, y) for _ in range(n)) / n

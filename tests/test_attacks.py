@@ -11,10 +11,14 @@ from helpers import metric_samples, running_server
 
 from codedsmooth.core.attacks import fgsm, pgd
 from codedsmooth.models import load_checkpoint
+from codedsmooth.probe.checks import CHECKS, failure_lines
 from codedsmooth.probe.evaluate import AttackConfig, run_attack
-from codedsmooth.probe.runner import evaluation_data
+from codedsmooth.probe.runner import check_served_model, evaluation_data
+from codedsmooth.probe.servers import query_attack, serve_options
 from codedsmooth.probe.square import margin, square_attack
-from codedsmooth.probe.targets import HttpTarget, InProcessTarget, RCIModel, accuracy
+from codedsmooth.probe.targets import HttpTarget, InProcessTarget, RCIModel, accuracy, expected_accuracy, is_randomized
+from codedsmooth.service.launcher import free_port
+from codedsmooth.train import TrainConfig, train
 
 
 def test_fgsm_matches_the_closed_form_of_a_linear_model():
@@ -59,7 +63,7 @@ def tiny(tiny_checkpoint):
     return ck, x, y, pool
 
 
-@pytest.mark.parametrize("attack,threat", [("fgsm", "transfer"), ("pgd", "transfer"), ("fgsm", "adaptive"), ("eot-pgd", "adaptive")])
+@pytest.mark.parametrize("attack,threat", [("fgsm", "transfer"), ("pgd", "transfer"), ("fgsm", "adaptive"), ("eot-pgd", "adaptive"), ("apgd", "adaptive")])
 def test_each_gradient_attack_lowers_accuracy(tiny, attack, threat):
     ck, x, y, pool = tiny
     spec = ck.coding_spec()
@@ -75,12 +79,32 @@ def test_sanity_checks_hold_on_a_working_attack(tiny):
     target = InProcessTarget(RCIModel(ck, spec, pool, seed=5))
     cfg = AttackConfig(attack="pgd", threat="adaptive", eps=[0.05, 0.15], steps=10, samples=len(x))
     report = run_attack(cfg, ck, target, x, y, pool)
-    checks = {c["name"]: c for c in report["sanity"]}
-    assert set(checks) == {"identity permutation", "pgd <= fgsm", "large eps"}
-    ident = checks["identity permutation"]
-    for eps in ("0.05", "0.15"):
-        assert abs(ident["value"][eps] - ident["reference"][eps]) <= 0.1
-    assert all(c["passed"] for c in checks.values()), checks
+    checks = report["sanity"]
+    assert {c["name"] for c in checks} == {"identity permutation", "iterative ≤ one step", "large eps"}
+    ident = [c for c in checks if c["name"] == "identity permutation"]
+    assert sorted(c["eps"] for c in ident) == [0.05, 0.15]
+    for c in checks:  # each check is decided by the shared thresholds, from its own numbers
+        _, tolerance, passes = CHECKS[c["name"]]
+        assert c["tolerance"] == tolerance and c["passed"] == passes(c["measured"], c["reference"], tolerance)
+        assert c["what"] and c["value"]
+    assert all(c["passed"] for c in checks), checks
+    assert failure_lines(checks) == []
+    failed = dict(ident[0], passed=False)
+    assert failure_lines([failed]) == [f"sanity check failed: identity permutation ({failed['what']}): {failed['value']} (tolerance 5 points)"]
+
+
+def test_randomized_targets_are_scored_over_draws(tiny):
+    ck, x, y, pool = tiny
+    spec = ck.coding_spec(n=ck.config.coding.k)  # N = K: draws disagree
+    got = expected_accuracy(InProcessTarget(RCIModel(ck, spec, pool, seed=9)), x, y, draws=6)
+    reference = RCIModel(ck, spec, pool, seed=9)  # the same stream of draws, scored one draw at a time
+    with torch.no_grad():
+        per_draw = [float((reference(x).argmax(1) == y).float().mean()) for _ in range(6)]
+    assert got == pytest.approx(sum(per_draw) / 6, abs=1e-9)
+    assert len(set(per_draw)) > 1  # the draws differed, so one draw would not have been the expected accuracy
+    plain = InProcessTarget(RCIModel(ck, ck.coding_spec(enabled=False)))
+    assert not is_randomized(plain) and plain.queries == 0
+    assert expected_accuracy(plain, x, y, draws=6) == accuracy(plain, x, y) and plain.queries == 2 * len(x)  # a deterministic target: one query each
 
 
 def test_square_attack_in_process_lowers_accuracy_within_budget(tiny):
@@ -110,8 +134,8 @@ def test_blackbox_attack_against_a_real_server_within_its_budget(tiny, tiny_chec
 
 def test_cotenant_flips_labels_in_batch_scope_and_never_in_request_scope(tiny_checkpoint, tiny):
     ck, x, y, pool = tiny
-    xs, ys = x[:20], y[:20]
-    cfg = AttackConfig(attack="cotenant", steps=15, eot_samples=4)
+    xs, ys = x[:40], y[:40]
+    cfg = AttackConfig(attack="cotenant", steps=15, eot_samples=4, draws=1)
     rates = {}
     for scope in ("batch", "request"):
         with running_server(tiny_checkpoint, rci_scope=scope, coded_points=16, rci_seed=3, max_delay_ms=150, max_batch_size=64) as server:
@@ -136,3 +160,54 @@ def test_attack_cli_writes_report_and_plot(tiny_checkpoint, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = subprocess.run([sys.executable, "-m", "codedsmooth.cli", "attack", "--attack", "square", "--threat", "adaptive"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "threat 'blackbox'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _attack_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "codedsmooth.cli", "attack", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_attack_cli_errors_are_one_line(tiny_checkpoint):
+    dead = _attack_cli("--checkpoint", str(tiny_checkpoint), "--url", f"http://127.0.0.1:{free_port()}", "--samples", "10")
+    assert dead.returncode == 2 and "Traceback" not in dead.stderr
+    assert dead.stderr.strip().count("\n") == 0 and "cannot reach a server at http://127.0.0.1:" in dead.stderr
+    plot = _attack_cli("--checkpoint", str(tiny_checkpoint), "--attack", "cotenant", "--plot", "p.png", "--samples", "10")
+    assert plot.returncode == 2 and "drop --plot" in plot.stderr and "Traceback" not in plot.stderr
+
+
+def test_served_model_is_checked_against_the_attackers_copy(tiny, tiny_checkpoint, tmp_path, digits):
+    ck, x, y, pool = tiny
+    other = tmp_path / "other-seed"  # same architecture, method and data, so the same name; other weights
+    train(TrainConfig(method="coded", epochs=1, width=8, batch_size=16, out=str(other), progress=False, seed=7, filler_size=32, max_steps=3), data=digits)
+    with running_server(tiny_checkpoint) as server:
+        target = HttpTarget(server.url)
+        same = check_served_model(ck, target, x, given=True)
+        assert same["agreement"] == 1.0 and same["items"] == 32
+        with pytest.raises(ValueError, match="other weights under the same name"):
+            check_served_model(load_checkpoint(other), target, x, given=True)
+        target.close()
+        embedded = _attack_cli("--url", server.url, "--samples", "10")  # no --checkpoint: the embedded model, another name
+    assert embedded.returncode == 2 and "the embedded default checkpoint" in embedded.stderr and "Traceback" not in embedded.stderr
+
+
+def test_adaptive_square_over_http_counts_every_query_against_noise_and_rci_servers(tiny, tiny_checkpoint):
+    ck, x, y, pool = tiny
+    xs, ys = x[:10], y[:10]
+    for setting in ("noise", "request"):
+        with running_server(tiny_checkpoint, **serve_options(setting, 0.1)) as server:
+            per_request = 1 if setting == "request" else 128
+            target = HttpTarget(server.url, items_per_request=per_request)
+            assert is_randomized(target)  # the noise server says nothing of its noise; two answers to one input differ
+            before = target.queries
+            res = query_attack(target, xs, ys, eps=0.3, budget=40, score_queries=2, confirm=2, seed=0)
+            samples = metric_samples(server)
+            requests = sum(v for (name, labels), v in samples.items() if name == "codedsmooth_requests_total" and ("status", "200") in labels and dict(labels)["endpoint"].endswith("/infer"))
+            target.close()
+        assert int(res["queries"].max()) <= 40 and int(res["queries"].sum()) == res["queries_sent"] == target.queries - before
+        assert float((res["x_adv"] - xs).abs().max()) <= 0.3 + 1e-6
+        if setting == "request":
+            assert requests == target.queries  # against RCI every query is its own one-item request
+        else:
+            assert requests < target.queries  # items answered independently go several to a request
+    with running_server(tiny_checkpoint, **serve_options("request", 0)) as server:
+        with pytest.raises(ValueError, match="one-item requests"):
+            HttpTarget(server.url, items_per_request=8)

@@ -347,12 +347,25 @@ def test_digits_counts_in_the_docs():
 
 
 def test_which_images_are_attacked_is_generated_from_the_data(mnist):
+    from codedsmooth.probe.report import ReportConfig
+
     page = flat(section(ROOT / "docs" / "robustness.md", "Which images are attacked"))
-    cfg = json.loads((ROOT / "docs" / "RESULTS.json").read_text())["config"]
-    sizes = {cfg["images"], cfg["rci_images"], cfg["square_images"], cfg["curve_images"], cfg["cotenant_victims"]}
-    for n in sorted(sizes, reverse=True):
-        phrase = f"the first {n} test images are {classes_phrase(mnist.test_y[:n])}"
-        assert phrase in page, f"robustness.md should say: {phrase}"
+    results = json.loads((ROOT / "docs" / "RESULTS.json").read_text())
+    if "samples" in results:  # recorded samples: each covers every class in equal shares
+        for name, idx in results["samples"].items():
+            counts = Counter(mnist.test_y[idx].tolist())
+            assert sorted(counts) == list(range(10)) and len(set(counts.values())) == 1, (name, counts)
+    else:  # older results attacked the first images of the split: the page says which classes those are
+        cfg = results["config"]
+        sizes = {cfg["images"], cfg["rci_images"], cfg["square_images"], cfg["curve_images"], cfg["cotenant_victims"]}
+        for n in sorted(sizes, reverse=True):
+            phrase = f"the first {n} test images are {classes_phrase(mnist.test_y[:n])}"
+            assert phrase in page, f"robustness.md should say: {phrase}"
+    defaults = ReportConfig()
+    per_class = {"white-box": defaults.images_per_class, "rci": defaults.rci_per_class, "black-box": defaults.blackbox_per_class,
+                 "eot-curve": defaults.curve_per_class, "cotenant": defaults.cotenant_per_class}
+    for name, k in per_class.items():  # what the report draws, as its defaults say
+        assert f"*{name}* sample ({k} per class" in page, f"robustness.md should describe the {name} sample"
     assert classes_phrase(mnist.test_y) == f"{', '.join(NUMBER_WORDS[:-1])} and nines, 100 each"
     assert "`--samples 1000` to attack every class" in page and len(mnist.test_y) == 1000
 

@@ -1,9 +1,11 @@
 """The report's attack cascade and scoring against independent computations, and ``codedsmooth report --quick`` end to end."""
 
+import hashlib
 import json
 import math
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from codedsmooth.probe.runner import evaluation_data
 from codedsmooth.probe.stats import wilson
 from codedsmooth.probe.suite import Outcome, Scorer, run_cascade, transfer_attack
 from codedsmooth.probe.targets import RCIModel
+from codedsmooth.train import load_dataset
 
 
 def _fgsm_attacks(model, eps_values):
@@ -85,18 +88,28 @@ def test_merge_keeps_the_lower_score_per_image():
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_quick_report_end_to_end(tmp_path):
-    """``codedsmooth report --quick``: trains, attacks over HTTP and in-process, writes markdown, JSON and figures whose numbers agree."""
+    """``codedsmooth report --quick``: trains, attacks over HTTP and in-process, writes markdown, JSON, figures and
+    weights whose numbers agree; its samples are balanced; a second run reuses every cached stage."""
     out = tmp_path / "RESULTS.md"
-    proc = subprocess.run(
-        [sys.executable, "-m", "codedsmooth", "report", "--quick", "--runs", str(tmp_path / "runs"), "--out", str(out)],
-        capture_output=True, text=True, timeout=900,
-    )
+    cmd = [sys.executable, "-m", "codedsmooth", "report", "--quick", "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "smoke test" in proc.stderr  # the terminal says what this is
     r = json.loads(out.with_suffix(".json").read_text())
     md = out.read_text()
+    assert r["quick"] is True and "smoke test" in md.splitlines()[0] and "not robustness results" in md
     assert set(r["models"]) == {f"{m}/seed0" for m in ("erm", "mixup", "coded", "pgd-at")}
+    test_y = load_dataset("mnist").test_y
+    classes = sorted(set(test_y.tolist()))
+    for name, idx in r["samples"].items():  # every sample covers every class in equal shares, and says so
+        counts = Counter(test_y[torch.tensor(idx)].tolist())
+        assert sorted(counts) == classes and len(set(counts.values())) == 1, (name, counts)
+        assert len(set(idx)) == len(idx)
+        assert f"*{name}*: {len(idx)} images, {len(idx) // len(classes)} of each of the {len(classes)} classes" in md
+    assert r["samples"]["rci"] == r["samples"]["white-box"][: len(r["samples"]["rci"])]  # nested: results on the smaller sample line up
     for key, m in r["models"].items():
         assert set(m["settings"]) == {"plain", "request", "batch"}
+        assert m["settings"]["plain"]["0.1"]["n"] == len(r["samples"]["white-box"]) and m["settings"]["request"]["0.1"]["n"] == len(r["samples"]["rci"])
         for setting, by_eps in m["settings"].items():
             accs = [by_eps[e]["accuracy"] for e in ("0.1", "0.2", "0.3")]
             assert accs == sorted(accs, reverse=True), (key, setting, accs)  # a larger ball never helps the model
@@ -105,11 +118,33 @@ def test_quick_report_end_to_end(tmp_path):
                 ci = wilson(round(s["accuracy"] * s["n"]), s["n"])
                 assert math.isclose(s["interval"][0], ci.low, abs_tol=1e-9) and math.isclose(s["interval"][1], ci.high, abs_tol=1e-9)
                 assert s["draws"] == (1 if setting == "plain" else r["config"]["draws"])
-        sq = m["square"]
-        for setting in ("plain", "request"):
-            assert 0 < sq[setting]["queries_sent"] <= r["config"]["square_queries"] * sq[setting]["images"]
+    b = r["blackbox"]
+    assert set(b["servers"]) == {"plain", "request", "noise"}
+    noise = b["noise"]["coded"]
+    assert noise["sigma"] == min(r["config"]["noise_grid"], key=lambda s: (abs(noise["grid"][f"{s:g}"] - noise["rci_clean"]), s))
+    bb_n = len(r["samples"]["black-box"])
+    for row in b["rows"]:
+        assert row["n"] == bb_n and len(row["queries"]) == bb_n
+        assert max(row["queries"]) <= row["budget"]  # every query counted, none over the budget
+        assert math.isclose(row["accuracy"], sum(row["score"]) / bb_n, abs_tol=1e-3)
+        if row["server"] in ("plain", "request"):
+            assert "whitebox_accuracy" in row
+    for budget in r["config"]["budgets"]:
+        assert {x["server"] for x in b["rows"] if x["budget"] == budget} == {"plain", "request", "noise"}
+    assert any(x["attacker"].startswith("transfer") and x["budget"] == 1 for x in b["rows"])
+    # the black-box attacks joined the worst case: it is at most every row's accuracy on the same images
+    coded = r["models"]["coded/seed0"]["settings"]
+    assert any(name.startswith("adaptive Square") for name, _ in coded["plain"]["0.3"]["cascade"])
+    worst_plain = sum(coded["plain"]["0.3"]["score"][:bb_n]) / bb_n
+    assert all(worst_plain <= x["accuracy"] + 1e-6 for x in b["rows"] if x["server"] == "plain")
+    full = r["full_split"]["rows"]["pgd-at/seed0"]
+    assert full["n"] == r["full_split"]["n"] == len(test_y)
+    for key, c in r["checkpoints"].items():  # published weights are the files whose hashes are recorded
+        for name, rec in c["files"].items():
+            assert hashlib.sha256((tmp_path / c["published"] / name).read_bytes()).hexdigest() == rec["sha256"]
+    assert r["environment"]["torch"] == torch.__version__
     assert {c["name"] for c in r["sanity"]} >= {"black-box ≤ white-box", "more steps and restarts no longer help", "ε-curve reaches ~0", "identity permutation"}
-    assert all(isinstance(c["passed"], bool) for c in r["sanity"])
+    assert all(isinstance(c["passed"], bool) and c["what"] for c in r["sanity"])
     assert len(r["eot_curve"]["rows"]) >= 4 and r["n_sweep"]["rows"]
     for fig in ("RESULTS-eps.png", "RESULTS-eot.png", "RESULTS-examples.png"):
         assert (tmp_path / fig).stat().st_size > 1000
@@ -117,3 +152,7 @@ def test_quick_report_end_to_end(tmp_path):
     pgd_at = r["models"]["pgd-at/seed0"]["settings"]["plain"]["0.1"]
     assert f"{100 * pgd_at['accuracy']:.1f}" in md
     assert "codedsmooth report --quick" in md
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    r2 = json.loads(out.with_suffix(".json").read_text())
+    assert r2["reused_stages"] > 0 and r2["models"] == r["models"] and r2["blackbox"]["rows"] == b["rows"]

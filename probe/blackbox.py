@@ -1,0 +1,123 @@
+"""The report's black-box section: query and transfer attacks over HTTP against a plain server, an RCI
+server (request scope) and a server with input noise at RCI's clean accuracy.
+
+Per method (its first seed's model): σ of the noise baseline from a grid by measured clean
+accuracy; the adaptive Square at every budget (and, for the study, at other numbers of queries per
+candidate); white-box APGD on surrogates the attacker trained itself (another seed of the same
+method, and an ERM model), one query per image. Every attack's inputs are scored on draws of the
+served function, like the rest of the report, and each row keeps its per-image scores and queries.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from typing import TYPE_CHECKING
+
+import torch
+
+from codedsmooth.models import Checkpoint
+
+from .cache import StageCache
+from .servers import BLACKBOX_SERVERS, one_query, query_attack, server_target, served_function
+from .stages import noise_calibration, transfer_source
+from .stats import mcnemar, wilson
+from .suite import Scorer, SuiteConfig
+
+if TYPE_CHECKING:
+    from .report import ReportConfig
+
+log = logging.getLogger("codedsmooth.report")
+
+
+def _quantile(q: torch.Tensor, p: float) -> float:
+    return float(torch.quantile(q.double(), p)) if len(q) else float("nan")
+
+
+def _row(method: str, model: str, attacker: str, budget: int, score_queries: int | None, setting: str, correct: torch.Tensor, queries: torch.Tensor, extra: dict) -> dict:
+    score = correct.float().mean(0)
+    n = len(score)
+    acc = float(score.mean())
+    ci = wilson(int(round(acc * n)), n)
+    broken = score < 1
+    return {
+        "method": method, "model": model, "attacker": attacker, "budget": budget, "score_queries": score_queries, "server": setting,
+        "accuracy": acc, "interval": [ci.low, ci.high], "n": n, "draws": int(correct.shape[0]),
+        "majority": [bool(v) for v in (score > 0.5)], "score": [round(float(s), 4) for s in score],
+        "queries": [int(v) for v in queries], "queries_median": _quantile(queries, 0.5), "queries_p90": _quantile(queries, 0.9),
+        "queries_mean": float(queries.double().mean()), "queries_median_broken": _quantile(queries[broken], 0.5) if bool(broken.any()) else None,
+        **extra,
+    }
+
+
+def blackbox_section(cfg: ReportConfig, suite: SuiteConfig, cache: StageCache, models: dict[str, Checkpoint], surrogates: dict[str, list[tuple[str, Checkpoint]]],
+                     x, y, x_all, y_all, pool, key: dict, sha: dict[str, str]) -> tuple[dict, dict]:
+    """Run (or reuse) every black-box attack; returns the results' section and, per (method, setting),
+    the scored adversarials [(label, x_adv, correct)] to merge into the white-box worst case.
+
+    ``key``: what every stage here depends on (the sample, the draws); ``sha``: the SHA-256 of each
+    target's (by method) and surrogate's (by label) weights, so a stage's key names only its own models."""
+    eps = cfg.eps[-1]
+    rows, merges, noise = [], {}, {}
+    for method, ck in models.items():
+        mkey = {**key, "checkpoint": sha[method]}
+        noise[method] = cache.run(f"noise calibration/{method}", {"checkpoint": sha[method], "grid": cfg.noise_grid, "draws": cfg.calibration_draws, "seed": suite.seed},
+                                  lambda: noise_calibration(cfg, ck, x_all, y_all, pool, suite.seed))
+        sigma = noise[method]["sigma"]
+        sources = {}
+        for label, sck in surrogates.get(method, []):
+            sources[label] = cache.run(f"transfer source/{method}/{label}", {**key, "surrogate": sha[label], "eps": eps, "steps": suite.apgd_steps, "seed": suite.seed},
+                                       lambda sck=sck: transfer_source(suite, sck, x, y, eps))
+        jobs = [("adaptive Square", b, cfg.score_queries) for b in cfg.budgets]
+        if method in cfg.study_methods:
+            jobs += [("adaptive Square", cfg.study_budget, m) for m in cfg.study_score_queries if m != cfg.score_queries or cfg.study_budget not in cfg.budgets]
+        with ExitStack() as stack:
+            live: dict[str, object] = {}
+
+            def target(setting):
+                if setting not in live:
+                    live[setting] = stack.enter_context(server_target(ck, setting, sigma))
+                return live[setting]
+
+            for setting in BLACKBOX_SERVERS:
+                skey = {**mkey, "setting": setting, "sigma": sigma if setting == "noise" else None}
+                served = Scorer(served_function(ck, setting, sigma, pool, suite.seed), cfg.draws)
+                clean = cache.run(f"black-box clean/{method}/{setting}", skey, lambda setting=setting: one_query(target(setting), x, y))
+                clean_draws = served(x, y)
+                extra_clean = {"served_clean_one_query": float(clean["served_correct"].float().mean()), "clean_expected": float(clean_draws.float().mean()), "sigma": sigma if setting == "noise" else None}
+                for attacker, budget, m in jobs:
+                    if setting == "plain" and m != cfg.score_queries:
+                        continue  # the plain server answers the same to every query: more queries per candidate only cost
+                    res = cache.run(f"black-box/{method}/{setting}/square-{budget}-m{m}", {**skey, "eps": eps, "budget": budget, "m": m, "confirm": cfg.confirm, "seed": suite.seed},
+                                    lambda setting=setting, budget=budget, m=m: query_attack(target(setting), x, y, eps, budget, m, cfg.confirm, suite.seed))
+                    correct = served(res["x_adv"], y)
+                    rows.append(_row(method, ck.name, attacker, budget, m, setting, correct, res["queries"], {
+                        **extra_clean, "confirmed_broken": int(res["broken"].sum()), "queries_sent": int(res["queries_sent"]), "seconds": float(res["seconds"])}))
+                    if m == cfg.score_queries:
+                        merges.setdefault((method, setting), []).append((f"adaptive Square {budget} q, HTTP", res["x_adv"], correct))
+                for label, x_t in sources.items():
+                    res = cache.run(f"black-box/{method}/{setting}/transfer-{label}", {**skey, "source": sha[label], "eps": eps, "x": x_t},
+                                    lambda setting=setting, x_t=x_t: one_query(target(setting), x_t, y))
+                    correct = served(x_t, y)
+                    rows.append(_row(method, ck.name, f"transfer from {label}", 1, None, setting, correct, res["queries"], {
+                        **extra_clean, "served_correct_one_query": float(res["served_correct"].float().mean()), "seconds": float(res["seconds"])}))
+                    merges.setdefault((method, setting), []).append((f"transfer from {label}, HTTP", x_t, correct))
+    section = {"eps": eps, "images": len(x), "score_queries": cfg.score_queries, "confirm": cfg.confirm, "budgets": list(cfg.budgets),
+               "servers": dict(BLACKBOX_SERVERS), "noise": noise, "rows": rows, "paired": paired_servers(rows)}
+    return section, merges
+
+
+def paired_servers(rows: list[dict]) -> list[dict]:
+    """McNemar of each randomized server against the plain one, per method, attacker and budget (same images)."""
+    out = []
+    plain = {(r["method"], r["attacker"], r["budget"], r["score_queries"]): r for r in rows if r["server"] == "plain"}
+    for r in rows:
+        if r["server"] == "plain":
+            continue
+        base = plain.get((r["method"], r["attacker"], r["budget"], r["score_queries"]))
+        if base is None:
+            continue
+        t = mcnemar(torch.tensor(r["majority"]), torch.tensor(base["majority"]))
+        out.append({"method": r["method"], "attacker": r["attacker"], "budget": r["budget"], "score_queries": r["score_queries"], "server": r["server"],
+                    "diff": r["accuracy"] - base["accuracy"], "only_server": t.only_a, "only_plain": t.only_b, "p": t.p_value})
+    return out

@@ -1,0 +1,70 @@
+"""The report's parts that are not attacks: balanced samples, the stage cache, checkpoint hashes and published weights."""
+
+import hashlib
+from collections import Counter
+
+import pytest
+import torch
+
+from codedsmooth.probe.cache import StageCache
+from codedsmooth.probe.samples import balanced_order, balanced_sample, class_counts, describe
+from codedsmooth.probe.weights import checkpoint_record, publish
+from codedsmooth.train import load_dataset
+
+
+def test_mnist_test_split_is_stored_by_class_and_samples_balance_it():
+    y = load_dataset("mnist").test_y
+    assert y[:100].unique().tolist() == [0]  # why the first images cannot be the sample
+    order = balanced_order(y, seed=0)
+    assert sorted(order.tolist()) == list(range(len(y)))  # a permutation of the whole split
+    for per_class in (1, 5, 20, 50, 100):
+        idx = balanced_sample(y, per_class, seed=0)
+        counts = Counter(y[idx].tolist())
+        assert counts == {c: per_class for c in range(10)}
+        assert torch.equal(idx, order[: 10 * per_class])  # a smaller sample is a prefix of a larger one
+        assert class_counts(y, idx) == {c: per_class for c in range(10)}
+    assert describe(class_counts(y, balanced_sample(y, 20))) == "20 of each of the 10 classes"
+    other = balanced_sample(y, 20, seed=1)
+    assert set(other.tolist()) != set(balanced_sample(y, 20, seed=0).tolist())  # the seed draws the sample
+    assert torch.equal(balanced_sample(y, 20, seed=1), other)  # and fixes it
+    with pytest.raises(ValueError, match="per_class"):
+        balanced_sample(y, 101)
+
+
+def test_balanced_order_with_unequal_classes_is_balanced_up_to_the_smallest_class():
+    y = torch.tensor([0] * 5 + [1] * 3 + [2] * 4)
+    order = balanced_order(y, seed=3)
+    assert sorted(order.tolist()) == list(range(12))
+    for k in (1, 2, 3):
+        assert Counter(y[order[: 3 * k]].tolist()) == {0: k, 1: k, 2: k}
+    assert describe(class_counts(y, order[:5]), ["a", "b", "c"]) == "2 × a, 2 × b, 1 × c"
+
+
+def test_stage_cache_runs_a_stage_once_per_inputs(tmp_path):
+    calls = []
+
+    def stage(v):
+        calls.append(v)
+        return {"x": torch.arange(3) * v, "log": [["a", 0.5]], "n": v}
+
+    cache = StageCache(tmp_path)
+    first = cache.run("white-box/m", {"eps": [0.1], "sample": torch.arange(4)}, lambda: stage(2))
+    again = StageCache(tmp_path).run("white-box/m", {"sample": torch.arange(4), "eps": [0.1]}, lambda: stage(3))
+    assert calls == [2] and torch.equal(again["x"], first["x"]) and again["log"] == [["a", 0.5]]
+    other = StageCache(tmp_path).run("white-box/m", {"eps": [0.1], "sample": torch.arange(5)}, lambda: stage(4))  # other inputs: run again
+    assert calls == [2, 4] and other["n"] == 4
+    path = cache.path("white-box/m", {"eps": [0.1], "sample": torch.arange(4)})
+    path.write_bytes(b"damaged")
+    fresh = StageCache(tmp_path)
+    assert fresh.run("white-box/m", {"eps": [0.1], "sample": torch.arange(4)}, lambda: stage(5))["n"] == 5 and fresh.reused == []
+    assert not list(tmp_path.rglob("*.tmp*"))  # results are written atomically
+
+
+def test_checkpoint_hashes_and_published_copy(tiny_checkpoint, tmp_path):
+    record = checkpoint_record(tiny_checkpoint)
+    for name, rec in record.items():
+        data = (tiny_checkpoint / name).read_bytes()
+        assert rec == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    dest = publish(tiny_checkpoint, tmp_path / "weights" / "coded-seed0")
+    assert checkpoint_record(dest) == record
+    assert publish(dest, dest) == dest  # publishing in place is a no-op
