@@ -221,7 +221,9 @@ def adaptive_square_attack(
     - An image whose score is ≤ 0 is confirmed: up to ``confirm`` = k fresh queries of it, stopped
       at the first that leaves the label on top. It counts as broken only if all k put another
       class on top; otherwise those readings join its incumbent's and the search goes on. The
-      search keeps k queries in reserve, so a found adversarial can always be confirmed.
+      search keeps k queries in reserve, so a found adversarial can always be confirmed. With
+      ``confirm=0`` an image stops once its score is ≤ 0 and counts as broken if it is < 0 (the
+      search's own verdict, as :func:`square_attack` has it).
     - Every query — candidates, re-queries, confirmations — counts against ``queries``; an image
       stops when it is broken or its next step would not fit.
 
