@@ -21,7 +21,7 @@ from codedsmooth.models import Checkpoint
 from .cache import StageCache
 from .servers import BLACKBOX_SERVERS, one_query, query_attack, server_target, served_function
 from .stages import noise_calibration, transfer_source
-from .stats import mcnemar, wilson
+from .stats import sign_test, wilson
 from .suite import Scorer, SuiteConfig
 
 if TYPE_CHECKING:
@@ -108,7 +108,8 @@ def blackbox_section(cfg: ReportConfig, suite: SuiteConfig, cache: StageCache, m
 
 
 def paired_servers(rows: list[dict]) -> list[dict]:
-    """McNemar of each randomized server against the plain one, per method, attacker and budget (same images)."""
+    """Each randomized server against the plain one, per method, attacker and budget: an exact sign test on the
+    same images' expected accuracies (images the server scores higher against images the plain one does)."""
     out = []
     plain = {(r["method"], r["attacker"], r["budget"], r["score_queries"]): r for r in rows if r["server"] == "plain"}
     for r in rows:
@@ -117,7 +118,7 @@ def paired_servers(rows: list[dict]) -> list[dict]:
         base = plain.get((r["method"], r["attacker"], r["budget"], r["score_queries"]))
         if base is None:
             continue
-        t = mcnemar(torch.tensor(r["majority"]), torch.tensor(base["majority"]))
+        t = sign_test(torch.tensor(r["score"]), torch.tensor(base["score"]))
         out.append({"method": r["method"], "attacker": r["attacker"], "budget": r["budget"], "score_queries": r["score_queries"], "server": r["server"],
                     "diff": r["accuracy"] - base["accuracy"], "only_server": t.only_a, "only_plain": t.only_b, "p": t.p_value})
     return out

@@ -279,9 +279,8 @@ def run_report(cfg: ReportConfig, command: str) -> Path:
         "checkpoints": {k: {"files": records[k], "published": published[k]} for k in records}, "environment": environment(),
         "models": models, **extras,
     }
-    figures = write_figures(results, out)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    out.write_text(render(results, figures))
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str) + "\n")  # first: the text can be re-rendered from it
+    out.write_text(render(results, write_figures(results, out)))
     return out
 
 

@@ -2,7 +2,8 @@
 
 Every accuracy in a report is a count of images; the Wilson score interval says
 how far that count can be trusted, and two methods (or RCI on and off) scored on
-the same images are compared by their discordant pairs, not by their means.
+the same images are compared by their discordant pairs, not by their means (a sign
+test when the per-image outcomes are expected accuracies over draws).
 """
 
 from __future__ import annotations
@@ -58,6 +59,18 @@ def mcnemar(correct_a: torch.Tensor, correct_b: torch.Tensor) -> Paired:
         raise ValueError(f"outcomes must cover the same images, got {tuple(correct_a.shape)} and {tuple(correct_b.shape)}")
     a, b = correct_a.bool(), correct_b.bool()
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    discordant = only_a + only_b
+    p = 1.0 if discordant == 0 else float(binomtest(only_a, discordant, 0.5).pvalue)
+    return Paired(only_a, only_b, p)
+
+
+def sign_test(score_a: torch.Tensor, score_b: torch.Tensor) -> Paired:
+    """Exact two-sided sign test on per-image scores in [0, 1] of the same images (e.g. expected accuracy over
+    draws): the images where A scores higher against those where B does. On 0/1 outcomes it is McNemar's test."""
+    if score_a.shape != score_b.shape:
+        raise ValueError(f"scores must cover the same images, got {tuple(score_a.shape)} and {tuple(score_b.shape)}")
+    a, b = score_a.double(), score_b.double()
+    only_a, only_b = int((a > b).sum()), int((a < b).sum())
     discordant = only_a + only_b
     p = 1.0 if discordant == 0 else float(binomtest(only_a, discordant, 0.5).pvalue)
     return Paired(only_a, only_b, p)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy.stats import binomtest
 
-from codedsmooth.probe.stats import mcnemar, wilson
+from codedsmooth.probe.stats import mcnemar, sign_test, wilson
 
 
 @pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (10, 10), (137, 200), (500, 1000), (1, 1)])
@@ -34,3 +34,14 @@ def test_mcnemar_counts_discordant_pairs_and_matches_the_exact_binomial():
     assert same.p_value == 1.0 and not same.supports_difference()
     with pytest.raises(ValueError):
         mcnemar(a, b[:5])
+
+
+def test_sign_test_on_scores_reduces_to_mcnemar_on_outcomes():
+    a = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1, 1, 0], dtype=torch.bool)
+    b = torch.tensor([0, 0, 0, 1, 1, 0, 0, 0, 1, 0], dtype=torch.bool)
+    assert sign_test(a.float(), b.float()) == mcnemar(a, b)
+    scores = torch.tensor([0.5, 0.25, 0.0, 1.0, 0.75, 0.125])
+    other = torch.tensor([0.0, 0.25, 0.0, 0.5, 1.0, 0.0])
+    t = sign_test(scores, other)
+    assert (t.only_a, t.only_b) == (3, 1)  # higher in images 0, 3, 5; lower in 4; ties dropped
+    assert t.p_value == pytest.approx(0.625)  # P(|X - 2| >= 1) for X ~ Bin(4, 1/2): 1 - 6/16
