@@ -68,9 +68,9 @@ def blackbox_section(cfg: ReportConfig, suite: SuiteConfig, cache: StageCache, m
         for label, sck in surrogates.get(method, []):
             sources[label] = cache.run(f"transfer source/{method}/{label}", {**key, "surrogate": sha[label], "eps": eps, "steps": suite.apgd_steps, "seed": suite.seed},
                                        lambda sck=sck: transfer_source(suite, sck, x, y, eps))
-        jobs = [("adaptive Square", b, cfg.score_queries) for b in cfg.budgets]
+        jobs = [("adaptive Square", b, cfg.score_queries) for b in cfg.budgets_of(method)]
         if method in cfg.study_methods:
-            jobs += [("adaptive Square", cfg.study_budget, m) for m in cfg.study_score_queries if m != cfg.score_queries or cfg.study_budget not in cfg.budgets]
+            jobs += [("adaptive Square", cfg.study_budget, m) for m in cfg.study_score_queries if m != cfg.score_queries or cfg.study_budget not in cfg.budgets_of(method)]
         with ExitStack() as stack:
             live: dict[str, object] = {}
 
@@ -103,6 +103,7 @@ def blackbox_section(cfg: ReportConfig, suite: SuiteConfig, cache: StageCache, m
                         **extra_clean, "served_correct_one_query": float(res["served_correct"].float().mean()), "seconds": float(res["seconds"])}))
                     merges.setdefault((method, setting), []).append((f"transfer from {label}, HTTP", x_t, correct))
     section = {"eps": eps, "images": len(x), "score_queries": cfg.score_queries, "confirm": cfg.confirm, "budgets": list(cfg.budgets),
+               "budgets_by_method": {m: list(cfg.budgets_of(m)) for m in models},
                "servers": dict(BLACKBOX_SERVERS), "noise": noise, "rows": rows, "paired": paired_servers(rows)}
     return section, merges
 

@@ -91,9 +91,8 @@ def sanity_checks(cfg: ReportConfig, suite: SuiteConfig, outcomes: dict, cks: di
     last_eps = f"{cfg.eps[-1]:g}"
     first = {m: cfg.seeds_of(m)[0] for m in cfg.methods}
     # 1. black-box never beats white-box (the largest budget, and each transfer source; the white-box worst case before they joined it)
-    top = max(cfg.budgets, default=None)
     for row in (blackbox or {}).get("rows", []):
-        if row["server"] in ("plain", "request") and (row["budget"] == top and row["score_queries"] == cfg.score_queries or row["attacker"].startswith("transfer")):
+        if row["server"] in ("plain", "request") and (row["budget"] == max(cfg.budgets_of(row["method"])) and row["score_queries"] == cfg.score_queries or row["attacker"].startswith("transfer")):
             attacker = row["attacker"] if row["attacker"].startswith("transfer") else f"{row['attacker']} ({row['budget']} q)"
             checks.append(check("black-box ≤ white-box", row["accuracy"], row["whitebox_accuracy"], model=f"{row['method']} seed {first[row['method']]}", setting=row["server"], eps=blackbox["eps"],
                                 numbers=f"{attacker} {100 * row['accuracy']:.1f} % vs white-box {100 * row['whitebox_accuracy']:.1f} % (n = {row['n']})"))

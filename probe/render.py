@@ -197,6 +197,9 @@ def _blackbox_setting(r: dict, eps: list[str]) -> str:
                 f"against a real plain server and a real RCI server, at ε = {eps[-1]}, on the first {cfg['square_images']} images of seed {cfg['seeds'][0]}'s models, "
                 "merged into those worst cases; against RCI it is a baseline, not evidence (see below).")
     budgets = " and ".join(f"{q:,}" for q in b["budgets"])
+    capped = {m: q for m, q in b.get("budgets_by_method", {}).items() if q != b["budgets"]}
+    if capped:
+        budgets += " (" + "; ".join(f"{m}: {' and '.join(f'{x:,}' for x in q)}" for m, q in capped.items()) + ", adversarially trained: most images survive and each survivor costs the whole budget)"
     return (f"Over HTTP against real servers — plain, RCI in request scope, and input noise at RCI's clean accuracy — on the black-box sample at "
             f"ε = {b['eps']:g}: the adaptive Square (a candidate scored by the maximum margin over {b['score_queries']} queries, the incumbent re-queried "
             f"every step, an image counted as broken only after {b['confirm']} fresh queries agree, every query counted) at {budgets} queries per image, "
@@ -225,6 +228,11 @@ def _full_split_section(r: dict) -> list[str]:
     return L
 
 
+def _budgets_of(b: dict, method: str) -> list[int]:
+    """The adaptive Square's budgets against ``method`` (results written before per-method budgets name one list)."""
+    return b.get("budgets_by_method", {}).get(method, b["budgets"])
+
+
 def _bb_cell(row: dict | None) -> str:
     if row is None:
         return "–"
@@ -246,12 +254,12 @@ def _blackbox_section(r: dict) -> list[str]:
          "", f"Clean accuracy on all {next(iter(b['noise'].values()))['images']:,} test images, expected over {next(iter(b['noise'].values()))['draws']} draws.", "",
          f"Cells: expected accuracy over {r['config']['draws']} draws of the served function (%) [95 % Wilson]; then queries per image, median / p90 "
          "(every query counted, the confirming ones too).", ""]
-    main = [x for x in b["rows"] if x["attacker"].startswith("transfer") or x["score_queries"] == b["score_queries"] and x["budget"] in b["budgets"]]
+    main = [x for x in b["rows"] if x["attacker"].startswith("transfer") or x["score_queries"] == b["score_queries"] and x["budget"] in _budgets_of(b, x["method"])]
     index = {(x["method"], x["attacker"], x["budget"], x["score_queries"], x["server"]): x for x in b["rows"]}
     keys = list(dict.fromkeys((x["method"], x["attacker"], x["budget"], x["score_queries"]) for x in main))
     L += _table(["method", "attacker", "budget", *servers.values()],
                 ([m, a if a.startswith("transfer") else f"{a}, max of {q}", f"{bud:,}", *(_bb_cell(index.get((m, a, bud, q, s))) for s in servers)] for m, a, bud, q in keys))
-    study = [x for x in b["rows"] if not x["attacker"].startswith("transfer") and (x["score_queries"] != b["score_queries"] or x["budget"] not in b["budgets"])]
+    study = [x for x in b["rows"] if not x["attacker"].startswith("transfer") and (x["score_queries"] != b["score_queries"] or x["budget"] not in _budgets_of(b, x["method"]))]
     if study:
         skeys = sorted({(x["method"], x["budget"]) for x in study})
         L += ["", "Queries per candidate (the study): the adaptive Square with the maximum over m queries, at one budget.", ""]
@@ -271,11 +279,11 @@ def _difference(row: dict, plain: dict, p: float) -> str:
 def _blackbox_reading(r: dict) -> list[str]:
     """Which defences raise the query cost and by how much, and which change the outcome (sign test against the plain server)."""
     b = r["blackbox"]
-    top = max(b["budgets"])
     paired = {(p["method"], p["attacker"], p["budget"], p["score_queries"], p["server"]): p for p in b["paired"]}
     index = {(x["method"], x["attacker"], x["budget"], x["score_queries"], x["server"]): x for x in b["rows"]}
     out = []
     for m in dict.fromkeys(x["method"] for x in b["rows"]):
+        top = max(_budgets_of(b, m))
         plain = index.get((m, "adaptive Square", top, b["score_queries"], "plain"))
         if plain is None:
             continue

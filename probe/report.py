@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from codedsmooth.core import SCOPES
 from codedsmooth.models import METHODS, Method, load_checkpoint
+from codedsmooth.models.config import ADVERSARIAL_METHODS
 from codedsmooth.train import as_float, load_dataset
 
 from .blackbox import blackbox_section
@@ -78,6 +79,7 @@ class ReportConfig:
     eot_steps: int = field(default=50, metadata={"help": "steps of the adaptive (EOT) APGD attacks"})
     blackbox_methods: list[Method] = field(default_factory=lambda: list(METHODS), metadata={"help": "methods whose first-seed model is attacked over HTTP", "choices": METHODS})
     budgets: list[int] = field(default_factory=lambda: [1000, 10000], metadata={"help": "query budgets per image of the adaptive Square over HTTP"})
+    adversarial_budgets: list[int] = field(default_factory=lambda: [1000], metadata={"help": "query budgets of the adaptive Square against adversarially trained models (most of their images survive, and each survivor costs the whole budget)"})
     score_queries: int = field(default=2, metadata={"help": "queries per candidate of the adaptive Square (it keeps their maximum margin)"})
     confirm: int = field(default=4, metadata={"help": "fresh queries that must agree before the adaptive Square counts an image as broken"})
     study_methods: list[Method] = field(default_factory=lambda: ["erm"], metadata={"help": "methods on which the adaptive Square also runs with other queries per candidate", "choices": METHODS})
@@ -100,7 +102,7 @@ class ReportConfig:
             self, runs=self.runs + "-quick" if self.runs == ReportConfig.runs else self.runs, seeds=self.seeds[:1], coded_seeds=self.seeds[:1], epochs=1, max_steps=15,
             images_per_class=2, rci_per_class=1, blackbox_per_class=1, curve_per_class=1, cotenant_per_class=1, draws=4, apgd_steps=10, pgd_steps=10, pgd_restarts=2,
             eot_draws=2, eot_steps=5, cotenant_steps=2, curve_eps=self.curve_eps[-1:], blackbox_methods=["coded"], budgets=[24, 60], study_methods=["coded"],
-            study_score_queries=[1, 2], study_budget=24, noise_grid=[0.1, 0.3], calibration_draws=2, surrogate_seed=self.seeds[0],
+            adversarial_budgets=[24], study_score_queries=[1, 2], study_budget=24, noise_grid=[0.1, 0.3], calibration_draws=2, surrogate_seed=self.seeds[0],
         )
 
     def validate(self) -> None:
@@ -109,8 +111,11 @@ class ReportConfig:
             raise ValueError(f"each sample must be part of the one before: need images_per_class >= rci_per_class >= blackbox_per_class >= 1, got {sizes}")
         if max(self.curve_per_class, self.cotenant_per_class) > self.rci_per_class:
             raise ValueError("the EOT curve's and co-tenant samples must be part of the RCI sample (per class counts at most rci_per_class)")
-        if self.confirm < 1 or self.score_queries < 1 or min(self.budgets, default=1) < 1:
+        if self.confirm < 1 or self.score_queries < 1 or min(self.budgets + self.adversarial_budgets, default=1) < 1:
             raise ValueError("confirm, score_queries and budgets must be positive")
+
+    def budgets_of(self, method: str) -> list[int]:
+        return self.adversarial_budgets if method in ADVERSARIAL_METHODS else self.budgets
 
     def seeds_of(self, method: str) -> list[int]:
         return self.coded_seeds if method == "coded" else self.seeds
@@ -253,7 +258,7 @@ def run_report(cfg: ReportConfig, command: str) -> Path:
             rows[f"{m}/seed{s}"] = {**summary(whole), "sample_accuracy": sample_part.accuracy, "rest_accuracy": rest_part.accuracy, "rest_cascade": rest_part.log}
         extras["full_split"] = {"eps": cfg.eps[-1], "n": len(order), "rows": rows}
 
-    skey = {"models": stage_keys, "samples": samples, **budgets, **eot_budget, "blackbox": digest(extras.get("blackbox", {}).get("rows", [])), "budgets": cfg.budgets}
+    skey = {"models": stage_keys, "samples": samples, **budgets, **eot_budget, "blackbox": digest(extras.get("blackbox", {}).get("rows", [])), "budgets": cfg.budgets, "adversarial_budgets": cfg.adversarial_budgets}
     extras["sanity"] = cache.run("sanity", skey, lambda: sanity_checks(cfg, suite, outcomes, cks, xs, ys, pool, extras.get("blackbox")))
     extras["paired"] = paired_tests(outcomes, cfg)
     if cfg.data == "mnist":
