@@ -161,7 +161,8 @@ def run_report(cfg: ReportConfig, command: str) -> Path:
     t0 = time.monotonic()
     data = load_dataset(cfg.data)
     keys = [(m, s) for m in cfg.methods for s in cfg.seeds_of(m)]
-    surrogate_keys = sorted({(m, cfg.surrogate_seed) for m in cfg.blackbox_methods} | ({("erm", cfg.surrogate_seed)} if cfg.blackbox_methods else set()))
+    attacked = [m for m in cfg.blackbox_methods if m in cfg.methods]  # over HTTP: the first seed of each method this run evaluates
+    surrogate_keys = sorted({(m, cfg.surrogate_seed) for m in attacked} | ({("erm", cfg.surrogate_seed)} if attacked else set()))
     paths = {k: ensure_checkpoint(cfg, k[0], k[1], data) for k in dict.fromkeys([*keys, *surrogate_keys])}
     clock.add("training (or reuse)", t0)
     trained = {f"{m}/seed{s}": training_seconds(p) for (m, s), p in paths.items()}
@@ -230,8 +231,8 @@ def run_report(cfg: ReportConfig, command: str) -> Path:
                                        lambda: cotenant_table(cfg, ck, xs["cotenant"], ys["cotenant"], pool))
 
     # last, the attacks over HTTP (the longest stages): they join the worst cases before the checks and tests read them
-    if cfg.blackbox_methods:
-        firsts = {m: cks[(m, cfg.seeds_of(m)[0])] for m in cfg.blackbox_methods if m in cfg.methods}
+    if attacked:
+        firsts = {m: cks[(m, cfg.seeds_of(m)[0])] for m in attacked}
         surrogates = {m: [(f"{sm} seed {ss}", cks[(sm, ss)]) for sm, ss in dict.fromkeys([(m, cfg.surrogate_seed), ("erm", cfg.surrogate_seed)]) if (sm, ss) != (m, cfg.seeds_of(m)[0])] for m in firsts}
         bkey = {"sample": samples["black-box"], "draws": cfg.draws}
         bsha = {**{m: sha[f"{m}/seed{cfg.seeds_of(m)[0]}"] for m in firsts}, **{f"{sm} seed {ss}": sha[f"{sm}/seed{ss}"] for sm, ss in surrogate_keys}}
