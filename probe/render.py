@@ -11,6 +11,7 @@ from pathlib import Path
 
 from codedsmooth.core import SCOPES
 
+from .cost import attacker_cost
 from .stats import wilson
 
 ALPHA = 0.05
@@ -266,8 +267,46 @@ def _blackbox_section(r: dict) -> list[str]:
         ms = sorted({x["score_queries"] for x in b["rows"] if (x["method"], x["budget"]) in skeys and not x["attacker"].startswith("transfer")})
         L += _table(["method", "budget", "server", *(f"m = {m}" for m in ms)],
                     ([m, f"{bud:,}", servers[s], *(_bb_cell(index.get((m, "adaptive Square", bud, k, s))) for k in ms)] for m, bud in skeys for s in servers if s != "plain"))
+    L += _cost_section(r)
     L += ["", "### Reading", "", "p: exact two-sided sign test against the plain server on the same images' expected accuracies (images the server "
           "scores higher against images the plain one does); the query cost is the median of queries per image, every query counted.", ""] + _blackbox_reading(r)
+    return L
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds:,.0f} s"
+
+
+def _windows(n: int | None, window: float) -> str:
+    if n is None:
+        return "never (quota 0)"
+    return "1 window (within one quota)" if n <= 1 else f"{n} windows (≥ {_duration((n - 1) * window)} of waiting)"
+
+
+def _cost_section(r: dict) -> list[str]:
+    """The attacker's cost at a per-key quota (``--attacker-quota``): measured queries, then arithmetic."""
+    cfg = r["config"]
+    if "attacker_quota" not in cfg:
+        return []
+    b = r["blackbox"]
+    quota, window, keys = cfg["attacker_quota"], cfg["attacker_quota_window_s"], cfg["colluding_keys"]
+    rows = attacker_cost(b, quota, window, keys)
+    if not rows:
+        return []
+    L = ["", f"### The attacker's cost at a quota of {quota:,} items per key per {_duration(window)}", "",
+         f"With API keys (`serve --api-keys-file … --quota {quota} --quota-window-s {window:g}`; the server sets no quota unless told) every query of "
+         "the adaptive Square is one item of the attacker's quota. Queries per broken image: all queries the attacker sent on the "
+         f"{b['images']} images (the confirming ones too, and those spent on images it never broke) over the images it confirmed as broken. "
+         "The last columns are arithmetic on those counts, not measurements: the quota windows k keys need for the whole sample "
+         "(a window's quota can be spent at once; `--rate-limit` only adds the time to send it).", "",
+         *_table(["method", "server", "budget", "broken / images", "queries sent", "queries per broken image", "broken per key per window",
+                  *(f"whole sample, {k} key{'s' if k > 1 else ''}" for k in keys)],
+                 ([x["method"], b["servers"][x["server"]], f"{x['budget']:,}", f"{x['broken']} / {x['images']}", f"{x['queries_sent']:,}",
+                   "–" if x["queries_per_broken"] is None else f"{x['queries_per_broken']:,.0f}", f"{x['broken_per_window_per_key']:,.1f}",
+                   *(_windows(x["windows_for_sample"][k], window) for k in keys)] for x in rows))]
     return L
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from codedsmooth.probe.cache import StageCache
+from codedsmooth.probe.cost import attacker_cost
 from codedsmooth.probe.samples import balanced_order, balanced_sample, class_counts, describe
 from codedsmooth.probe.weights import checkpoint_record, publish
 from codedsmooth.train import load_dataset
@@ -68,3 +69,24 @@ def test_checkpoint_hashes_and_published_copy(tiny_checkpoint, tmp_path):
     dest = publish(tiny_checkpoint, tmp_path / "weights" / "coded-seed0")
     assert checkpoint_record(dest) == record
     assert publish(dest, dest) == dest  # publishing in place is a no-op
+
+
+def _bb_row(method, server, budget, score_queries, sent, broken, n=10, attacker="adaptive Square"):
+    return {"method": method, "server": server, "budget": budget, "score_queries": score_queries, "attacker": attacker,
+            "queries_sent": sent, "confirmed_broken": broken, "n": n}
+
+
+def test_attacker_cost_is_arithmetic_on_the_largest_budgets_counts():
+    blackbox = {"budgets": [100, 1000], "budgets_by_method": {"erm": [100, 1000], "pgd-at": [100]}, "score_queries": 2, "rows": [
+        _bb_row("erm", "plain", 100, 2, 900, 9), _bb_row("erm", "plain", 1000, 2, 2_345, 10), _bb_row("erm", "request", 1000, 1, 50, 1),
+        _bb_row("erm", "request", 1000, 2, 7_001, 7), _bb_row("erm", "plain", 1, None, 10, 3, attacker="transfer from erm seed 1"),
+        _bb_row("pgd-at", "plain", 100, 2, 1_000, 0)]}
+    rows = {(r["method"], r["server"]): r for r in attacker_cost(blackbox, quota=1_000, window_s=60.0, keys=[1, 3, 10])}
+    assert sorted(rows) == [("erm", "plain"), ("erm", "request"), ("pgd-at", "plain")]  # largest budget, main m, no transfer rows
+    assert rows[("pgd-at", "plain")]["budget"] == 100 and rows[("pgd-at", "plain")]["queries_per_broken"] is None
+    assert rows[("pgd-at", "plain")]["broken_per_window_per_key"] == 0.0
+    for r in (rows[("erm", "plain")], rows[("erm", "request")]):
+        assert r["queries_per_broken"] * r["broken"] == pytest.approx(r["queries_sent"])
+        assert r["broken_per_window_per_key"] * r["queries_per_broken"] == pytest.approx(1_000)
+        for k, windows in r["windows_for_sample"].items():  # the fewest windows whose quotas cover every query sent
+            assert (windows - 1) * k * 1_000 < r["queries_sent"] <= windows * k * 1_000
