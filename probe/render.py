@@ -422,7 +422,9 @@ def render(r: dict, figures: dict[str, str]) -> str:
     d = r.get("default_checkpoint")
     if d:
         L += ["", f"The shipped default checkpoint (`{d['name']}`) on the whole test split (n = {d['n']}): {_pct(d['plain'], 2)} % without RCI, "
-              f"{_pct(d['rci'], 2)} % expected with RCI as served (request scope, {d['draws']} draws, sd over draws {_pct(d['rci_draw_sd'], 2)} points)."]
+              f"{_pct(d['rci'], 2)} % expected with RCI as served (request scope, {d['draws']} draws, sd over draws {_pct(d['rci_draw_sd'], 2)} points)."
+              + (f" Its weights are those of {d['same_as'].replace('/', ' ')} below (the same SHA-256), so every number of that model is a number of the default."
+                 if d.get("same_as") else " Its weights are none of the models below.")]
     L += [
         "",
         "## Worst-case accuracy under attack (%)",

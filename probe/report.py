@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from codedsmooth.core import SCOPES
-from codedsmooth.models import METHODS, Method, load_checkpoint
+from codedsmooth.models import METHODS, Method, default_checkpoint_path, load_checkpoint
 from codedsmooth.models.config import ADVERSARIAL_METHODS
 from codedsmooth.train import as_float, load_dataset
 
@@ -266,7 +266,10 @@ def run_report(cfg: ReportConfig, command: str) -> Path:
     extras["sanity"] = cache.run("sanity", skey, lambda: sanity_checks(cfg, suite, outcomes, cks, xs, ys, pool, extras.get("blackbox")))
     extras["paired"] = paired_tests(outcomes, cfg)
     if cfg.data == "mnist":
-        extras["default_checkpoint"] = cache.run("default checkpoint", {"draws": cfg.draws}, lambda: default_checkpoint_accuracy(x_all, y_all, pool, cfg.draws))
+        shipped = checkpoint_record(default_checkpoint_path())["model.safetensors"]["sha256"]
+        extras["default_checkpoint"] = cache.run("default checkpoint", {"draws": cfg.draws, "checkpoint": shipped}, lambda: default_checkpoint_accuracy(x_all, y_all, pool, cfg.draws))
+        extras["default_checkpoint"]["sha256"] = shipped
+        extras["default_checkpoint"]["same_as"] = next((k for k, v in sha.items() if v == shipped), None)
     out.parent.mkdir(parents=True, exist_ok=True)
     models = {}
     for (m, s), o in outcomes.items():

@@ -17,7 +17,7 @@ import torch
 
 from codedsmooth.core import CodingSpec
 from codedsmooth.core.attacks import apgd
-from codedsmooth.models import Checkpoint, load_checkpoint
+from codedsmooth.models import Checkpoint, default_checkpoint_path, load_checkpoint
 from codedsmooth.train import TrainConfig, train
 
 from .cotenant import cotenant_report
@@ -185,8 +185,6 @@ def cotenant_table(cfg: ReportConfig, ck: Checkpoint, x, y, pool) -> dict:
 
 def default_checkpoint_accuracy(x, y, pool, draws: int) -> dict:
     """The shipped checkpoint on the whole test split: plain, and served with RCI (expected over draws)."""
-    from codedsmooth.models import default_checkpoint_path
-
     ck = load_checkpoint(default_checkpoint_path())
     plain = Scorer(RCIModel(ck, CodingSpec.plain()), 1).start(x, y)
     rci = Scorer(RCIModel(ck, ck.coding_spec(), pool, seed=3000), draws).start(x, y)
