@@ -351,6 +351,10 @@ def _blackbox_reading(r: dict) -> list[str]:
     return out or ["No black-box rows."]
 
 
+def _trained_with(env: dict | None) -> str:
+    return "*not recorded*" if not env else f"torch {env['torch']}, {env['torch_threads']} threads, {env['cpu_count']} CPUs"
+
+
 def _checkpoints_section(r: dict) -> list[str]:
     cks = r.get("checkpoints")
     if not cks:
@@ -362,8 +366,10 @@ def _checkpoints_section(r: dict) -> list[str]:
          "build and thread count, so attack the published files: `sha256sum weights/*/model.safetensors` checks them, "
          "`codedsmooth report --runs <a copy of weights/>` re-runs the report on exactly these weights (a checkpoint under `--runs` whose "
          "configuration matches is reused, not retrained), and `codedsmooth attack --checkpoint weights/<model>` attacks one of them.", "",
-         *_table(["model", "published", "model.safetensors SHA-256"], ([k, f"`{c['published']}`", f"`{c['files']['model.safetensors']['sha256']}`"] for k, c in cks.items())),
-         "", f"Environment of this run: torch {env['torch']}, {env['torch_threads']} torch threads, {env['cpu_count']} CPUs, {env['platform']}, Python {env['python']}."]
+         *_table(["model", "published", "model.safetensors SHA-256", "trained with"],
+                 ([k, f"`{c['published']}`", f"`{c['files']['model.safetensors']['sha256']}`", _trained_with(c.get("training_environment"))] for k, c in cks.items())),
+         "", f"Environment of the attacks: torch {env['torch']}, {env['torch_threads']} torch threads, {env['cpu_count']} CPUs, {env['platform']}, Python {env['python']}. "
+         "*not recorded*: the checkpoint was written before `codedsmooth train` recorded its environment; its published file is what was attacked."]
     return L
 
 

@@ -30,6 +30,7 @@ from codedsmooth.core import SCOPES
 from codedsmooth.models import METHODS, Method, default_checkpoint_path, load_checkpoint
 from codedsmooth.models.config import ADVERSARIAL_METHODS
 from codedsmooth.train import as_float, load_dataset
+from codedsmooth.train.environment import environment
 
 from .blackbox import blackbox_section
 from .cache import StageCache, digest
@@ -39,7 +40,7 @@ from .samples import balanced_order, class_counts
 from .stages import (Clock, cotenant_table, curve_stage, default_checkpoint_accuracy, ensure_checkpoint, eot_curve, n_sweep, outcome_data, outcome_from, rci_stage,
                      summary, training_seconds, whitebox_stage)
 from .suite import Outcome, SuiteConfig, attacker_and_scorer, run_cascade, whitebox_attacks
-from .weights import checkpoint_record, environment, publish
+from .weights import checkpoint_record, publish
 
 log = logging.getLogger("codedsmooth.report")
 
@@ -185,6 +186,7 @@ def run_report(cfg: ReportConfig, command: str) -> Path:
     budgets = {"apgd": cfg.apgd_steps, "pgd": cfg.pgd_steps, "restarts": cfg.pgd_restarts, "eps": cfg.eps, "seed": suite.seed}
     eot_budget = {"draws": cfg.draws, "eot_draws": cfg.eot_draws, "eot_steps": cfg.eot_steps}
     cks = {k: load_checkpoint(p) for k, p in paths.items()}
+    trained_in = {f"{m}/seed{s}": ck.config.training.model_dump().get("environment") for (m, s), ck in cks.items()}  # None: written before checkpoints recorded it
 
     outcomes: dict = {}
     stage_keys: dict = {}
@@ -288,7 +290,8 @@ def run_report(cfg: ReportConfig, command: str) -> Path:
         "samples": {name: [int(i) for i in idx] for name, idx in samples.items()},
         "sample_classes": {name: {str(c): n for c, n in class_counts(data.test_y, idx).items()} for name, idx in samples.items()},
         "test_split": {"n": len(y_all), "classes": {str(c): n for c, n in class_counts(data.test_y, range(len(y_all))).items()}},
-        "checkpoints": {k: {"files": records[k], "published": published[k]} for k in records}, "environment": environment(),
+        "checkpoints": {k: {"files": records[k], "published": published[k], "training_environment": trained_in[k]} for k in records},
+        "environment": environment(),
         "models": models, **extras,
     }
     out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str) + "\n")  # first: the text can be re-rendered from it

@@ -10,13 +10,9 @@ depend on either.
 from __future__ import annotations
 
 import hashlib
-import os
-import platform
 import shutil
-import sys
 from pathlib import Path
 
-import torch
 
 FILES = ("config.json", "model.safetensors")
 
@@ -33,14 +29,6 @@ def checkpoint_record(path: str | Path) -> dict:
     """{file: {"sha256", "bytes"}} of a checkpoint directory's files."""
     path = Path(path)
     return {name: {"sha256": sha256(path / name), "bytes": (path / name).stat().st_size} for name in FILES}
-
-
-def environment() -> dict:
-    """What a rerun needs to match: torch build and threads, CPUs, platform, Python."""
-    return {
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "platform": platform.platform(), "machine": platform.machine(), "python": sys.version.split()[0],
-    }
 
 
 def publish(path: str | Path, dest: str | Path) -> Path:

@@ -1,6 +1,8 @@
 """The report's parts that are not attacks: balanced samples, the stage cache, checkpoint hashes and published weights."""
 
 import hashlib
+import json
+import os
 from collections import Counter
 
 import pytest
@@ -69,6 +71,11 @@ def test_checkpoint_hashes_and_published_copy(tiny_checkpoint, tmp_path):
     dest = publish(tiny_checkpoint, tmp_path / "weights" / "coded-seed0")
     assert checkpoint_record(dest) == record
     assert publish(dest, dest) == dest  # publishing in place is a no-op
+
+
+def test_a_trained_checkpoint_records_the_threads_and_torch_it_was_trained_with(tiny_checkpoint):
+    env = json.loads((tiny_checkpoint / "config.json").read_text())["training"]["environment"]
+    assert env["torch"] == torch.__version__ and env["torch_threads"] == 2 and env["cpu_count"] == os.cpu_count()  # conftest trains with 2 threads
 
 
 def _bb_row(method, server, budget, score_queries, sent, broken, n=10, attacker="adaptive Square"):

@@ -38,6 +38,7 @@ from codedsmooth.models.config import ADVERSARIAL_METHODS, CODED_METHODS
 from . import distributed
 from .adversarial import adversarial_training_settings, kl_per_item, pgd_examples, trades_examples
 from .data import DATASETS, DataSplit, as_float, load_dataset
+from .environment import environment
 from .resume import load_state, resume_dir, save_state
 
 log = logging.getLogger("codedsmooth.train")
@@ -308,6 +309,7 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
             "trades_beta": cfg.trades_beta if cfg.method == "trades" else None,
             "device": str(device),
             "processes": ranks.world,
+            "environment": environment(),  # retraining gives the same weights only in the same one
         },
         "coding": asdict(coding),
         "dataset": data.name,
