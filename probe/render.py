@@ -175,6 +175,33 @@ def _counts_text(counts: dict) -> str:
     return ", ".join(f"{n} × {c}" for c, n in counts.items())
 
 
+def _method_text(method: str, t: dict) -> str:
+    """One method's hyper-parameters as its checkpoint's config records them."""
+    parts = [f"batch {t['batch_size']}", f"lr {t['lr']:g}"]
+    if t.get("mixup_alpha") is not None:
+        parts.append(f"α = {t['mixup_alpha']:g}")
+    if t.get("mu") is not None:
+        parts.append(f"μ = {t['mu']:g}")
+    if t.get("n_schedule"):
+        parts.append(f"N {t['n_schedule']['n_start']} → {t['n_schedule']['n_end']}")
+    at = t.get("adversarial_training")
+    if at:
+        parts.append(f"PGD-{at['loss'].upper()} {at['steps']} steps of {at['step_size']:g} at ε = {at['eps']:g}, ε ramped over the first {100 * at['warmup']:.0f} % of the steps")
+    if t.get("trades_beta") is not None:
+        parts.append(f"β = {t['trades_beta']:g}")
+    return f"{method} ({', '.join(parts)})"
+
+
+def _methods_text(r: dict) -> str:
+    """Each method's settings from its first checkpoint's config (the others share them: same flags, other seeds)."""
+    cks = r.get("checkpoints", {})
+    firsts: dict[str, dict | None] = {}
+    for key in r["models"]:
+        firsts.setdefault(key.split("/")[0], cks.get(key, {}).get("training"))
+    texts = [_method_text(m, t) if t else m for m, t in firsts.items()]
+    return ", ".join(texts[:-1]) + " and " + texts[-1] if len(texts) > 1 else "".join(texts)
+
+
 def _seeds_text(r: dict) -> str:
     by_method: dict[str, list[str]] = {}
     for key in r["models"]:
@@ -389,9 +416,7 @@ def render(r: dict, figures: dict[str, str]) -> str:
         "",
         "## Setting",
         *_data_lines(r, sizes),
-        f"- **Models**: `small_cnn` width {cfg['width']}, {cfg['epochs']} epochs, batch K = 32, training seeds {_seeds_text(r)} "
-        "for erm, mixup (α = 1), coded (μ = 1, N 32 → 48, Gauss points) and pgd-at (Madry et al.: PGD 10 steps of "
-        "2.5ε/10 at ε = 0.3, ε ramped over the first 30 % of the steps)."
+        f"- **Models**: `small_cnn` width {cfg['width']}, {cfg['epochs']} epochs, training seeds {_seeds_text(r)} for {_methods_text(r)}."
         + (" The exact weights are published beside this file; see [Checkpoints](#checkpoints)." if r.get("checkpoints") else ""),
         "- **Settings**: *no RCI* (the plain model); *RCI, request scope* (the server's default: each image a one-item request "
         "coded with 31 trusted filler items, N = 48, sparse decode); *RCI, batch scope* (the paper's setting: each image coded "

@@ -290,7 +290,8 @@ def run_report(cfg: ReportConfig, command: str) -> Path:
         "samples": {name: [int(i) for i in idx] for name, idx in samples.items()},
         "sample_classes": {name: {str(c): n for c, n in class_counts(data.test_y, idx).items()} for name, idx in samples.items()},
         "test_split": {"n": len(y_all), "classes": {str(c): n for c, n in class_counts(data.test_y, range(len(y_all))).items()}},
-        "checkpoints": {k: {"files": records[k], "published": published[k], "training_environment": trained_in[k]} for k in records},
+        "checkpoints": {k: {"files": records[k], "published": published[k], "training_environment": trained_in[k],
+                            "training": cks[(k.split("/seed")[0], int(k.split("/seed")[1]))].config.training.model_dump()} for k in records},
         "environment": environment(),
         "models": models, **extras,
     }
