@@ -248,10 +248,12 @@ def test_a_weighted_alias_routes_by_its_weights_and_every_answer_names_its_model
         # the metrics count per model, as the answers say
         for name in ("coded", "erm"):
             assert metric(server, "codedsmooth_requests_total", endpoint="/v1/predict", status="200", model=name) == names.count(name)
-        # each answer is the named model's own: the alias's answers equal that model's direct answers
+        # each answer is the named model's own: the alias's answers equal that model's direct answers (batched with
+        # others, so BLAS may sum in another order: float32 rounding only; the two models differ by far more)
         direct = {name: v1(server.url, name, digits.test_x[:1]) for name in ("coded", "erm")}
+        assert np.abs(direct["coded"] - direct["erm"]).max() > 1e-3
         for a in answers[:50]:
-            np.testing.assert_array_equal(np.array([a.json()["predictions"][0]["probabilities"]], dtype=np.float32), direct[a.json()["model"]])
+            np.testing.assert_allclose(np.array([a.json()["predictions"][0]["probabilities"]], dtype=np.float32), direct[a.json()["model"]], rtol=0, atol=1e-6)
         v2_names = {v2_json_model_name(server.url, "ab", digits.test_x[:1]) for _ in range(40)}
         assert v2_names == {"coded", "erm"} or v2_names == {"coded"}  # 40 draws at 10 %: "erm" is likely, not certain
         assert httpx.get(server.url + "/v2/models/ab/ready").status_code == 200
