@@ -249,12 +249,12 @@ def _run_report(args) -> int:
     return 0
 
 
-BENCHMARKS = {"rci": "rci_forward.py", "training": "training_methods.py", "server": "server_throughput.py", "sparse": "sparse_decode.py", "ddp": "ddp_training.py", "access": "access_limits.py"}
+BENCHMARKS = {"rci": "rci_forward.py", "training": "training_methods.py", "server": "server_throughput.py", "sparse": "sparse_decode.py", "ddp": "ddp_training.py", "access": "access_limits.py", "repository": "repository_flood.py"}
 
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", allow_abbrev=False, help="run a benchmark from benchmarks/ (needs the source checkout)",
-                       description="rci: RCI vs plain forward; training: erm/mixup/coded accuracy and epoch time; server: server vs in-process throughput, latency, RCI scopes; sparse: sparse decode error and speed; ddp: epoch time on several processes; access: what API keys and limits add per request (in-process and Ray actor) and whether the rate holds. Options after the name go to the script (try: bench server --help).")
+                       description="rci: RCI vs plain forward; training: erm/mixup/coded accuracy and epoch time; server: server vs in-process throughput, latency, RCI scopes; sparse: sparse decode error and speed; ddp: epoch time on several processes; access: what API keys and limits add per request (in-process and Ray actor) and whether the rate holds; repository: one model's latency while another model of the repository is flooded. Options after the name go to the script (try: bench server --help).")
     p.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="options for the script")
     p.set_defaults(func=_run_bench)
