@@ -18,12 +18,12 @@ from .errors import Forbidden, InvalidInput, ServiceRoute
 from .inputs import parse_json
 from .lifecycle import current_lifecycle
 from .openapi import errors
+from .schemas import V2RepositoryModel
 
 router = APIRouter(route_class=ServiceRoute, tags=["v2 repository"])
-STATE_ENTRY = {"description": "the model's entry in the index: name, version, state"}
 
 
-@router.post("/v2/repository/index", responses={200: {"description": "[{name, version, state, reason}] for every model of the repository"}, **errors(400, 503)})
+@router.post("/v2/repository/index", response_model=list[V2RepositoryModel], responses=errors(400, 413, 422, 503))
 async def index(request: Request):
     """Every model of the repository and its state; body ``{"ready": true}``: the ready ones only."""
     lc = current_lifecycle(request)
@@ -49,7 +49,7 @@ def _entry(lc, name: str) -> dict:
     return next(e for e in lc.repository.index() if e["name"] == name)
 
 
-@router.post("/v2/repository/models/{name}/load", responses={200: STATE_ENTRY, **errors(400, 403, 404, 503)})
+@router.post("/v2/repository/models/{name}/load", response_model=V2RepositoryModel, responses=errors(400, 403, 404, 503))
 async def load(name: str, request: Request):
     """Load (or reload as a new version) the checkpoint directory ``name`` of the repository."""
     lc = _allowed(request)
@@ -58,7 +58,7 @@ async def load(name: str, request: Request):
     return JSONResponse(_entry(lc, name))
 
 
-@router.post("/v2/repository/models/{name}/unload", responses={200: STATE_ENTRY, **errors(403, 404, 503)})
+@router.post("/v2/repository/models/{name}/unload", response_model=V2RepositoryModel, responses=errors(403, 404, 503))
 async def unload(name: str, request: Request):
     """Stop routing to ``name``, let its accepted requests finish, then free it."""
     lc = _allowed(request)
