@@ -7,20 +7,21 @@ sends one-item v1 requests to "b" one at a time on a kept connection:
 1. alone: nothing else runs;
 2. flood: meanwhile ``--flooders`` clients send ``--flood-items``-item requests to "a" as fast as
    they are answered (so "a" always has a full queue of work);
-3. single: the same requests to a ``--checkpoint`` server of "b" alone (no repository), the
-   added latency of the repository's routing per request.
+3. single: the same requests to a ``--checkpoint`` server of "b" alone (no repository), in
+   blocks alternating with phase 1: the added latency of the repository's routing per request.
 
 Prints the median latency of each, the mean model time of one batch of "a", the ratio flood / alone (the promise: each model has its own
 queue and the model thread takes one batch of each busy model in turn, so the ratio is about
 1 + (one batch of "a") / (one request of "b"), not the length of "a"'s backlog), and repository / single.
 
-Usage: python benchmarks/repository_flood.py [--requests 200] [--flooders 16] [--flood-items 8] [--threads 2]
+Usage: python benchmarks/repository_flood.py [--requests 200] [--flooders 16] [--flood-items 8] [--threads 2] [--a-max-batch-size 8]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import sys
 import tempfile
@@ -104,12 +105,15 @@ def main() -> None:
     ap.add_argument("--flooders", type=int, default=16, help="concurrent clients flooding model a")
     ap.add_argument("--flood-items", type=int, default=8, help="items per flood request")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of each server")
+    ap.add_argument("--a-max-batch-size", type=int, default=None, help="model a's max_batch_size in its serving.json (default: the server's, 32): a smaller one bounds how long b waits")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "models"
         for name in ("a", "b"):
             make_checkpoint(root / name, arch="small_cnn", width=32)
+        if args.a_max_batch_size is not None:
+            (root / "a" / "serving.json").write_text(json.dumps({"max_batch_size": args.a_max_batch_size}))
         repo = LocalServer(model_repository=root, threads=args.threads)
         single = LocalServer(root / "b", threads=args.threads)
         try:
@@ -118,8 +122,10 @@ def main() -> None:
             with httpx.Client(base_url=repo.url, timeout=60) as client, httpx.Client(base_url=single.url, timeout=60) as direct:
                 latencies(client, "/v1/models/b/predict", 20)  # warm the connection and the allocator
                 latencies(direct, "/v1/predict", 20)
-                alone = latencies(client, "/v1/models/b/predict", args.requests)
-                single_ms = latencies(direct, "/v1/predict", args.requests)
+                alone, single_ms = [], []
+                for _ in range(10):  # in alternating blocks, so drift hits both alike
+                    alone += latencies(client, "/v1/models/b/predict", args.requests // 10)
+                    single_ms += latencies(direct, "/v1/predict", args.requests // 10)
                 with Flood(repo.url + "/v1/models/a/predict", args.flooders, args.flood_items) as flood:
                     start, before = time.perf_counter(), flood.answered
                     flooded = latencies(client, "/v1/models/b/predict", args.requests)
