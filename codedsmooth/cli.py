@@ -88,7 +88,7 @@ def _add_serve(sub) -> None:
     p = sub.add_parser(
         "serve",
         allow_abbrev=False,
-        help="serve a checkpoint over HTTP with randomized coded inference",
+        help="serve a checkpoint (or a repository of them) over HTTP with randomized coded inference",
         description="Every option is also read from the env var CODEDSMOOTH_<NAME> (flags win).",
     )
     for name, field in ServeSettings.model_fields.items():
@@ -148,15 +148,19 @@ def _run_serve(args) -> int:
         read_keys(settings.api_keys_file)  # a missing file or a bad line: one error naming the file and line, before anything starts  # --device cuda without CUDA: a clear error, not a failed start-up
     # A busy port fails now, in one line, not after the model has loaded (Ray Serve binds its own).
     listener = bind_public_socket(settings.host, settings.port) if settings.replicas is None else None
-    if settings.checkpoint is not None:
+    if settings.checkpoint is not None or settings.model_repository is not None:
         from concurrent.futures import ThreadPoolExecutor
 
         from codedsmooth.models import load_checkpoint
+        from codedsmooth.service.repository import check_repository
 
-        # Fail fast with the file and the problem, before binding. Not on the main thread: torch
+        # Fail fast with the file and the problem, before serving. Not on the main thread: torch
         # kernels run there would slow the server's model thread (see codedsmooth.service.engine).
         with ThreadPoolExecutor(1) as pool:
-            pool.submit(load_checkpoint, settings.checkpoint).result()
+            if settings.model_repository is not None:
+                pool.submit(check_repository, settings).result()
+            else:
+                pool.submit(load_checkpoint, settings.checkpoint).result()
     if settings.replicas is not None:
         try:
             from codedsmooth.service.ray_serve import run_ray_serve  # imports ray: only with --replicas
@@ -245,12 +249,12 @@ def _run_report(args) -> int:
     return 0
 
 
-BENCHMARKS = {"rci": "rci_forward.py", "training": "training_methods.py", "server": "server_throughput.py", "sparse": "sparse_decode.py", "ddp": "ddp_training.py", "access": "access_limits.py"}
+BENCHMARKS = {"rci": "rci_forward.py", "training": "training_methods.py", "server": "server_throughput.py", "sparse": "sparse_decode.py", "ddp": "ddp_training.py", "access": "access_limits.py", "repository": "repository_flood.py"}
 
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", allow_abbrev=False, help="run a benchmark from benchmarks/ (needs the source checkout)",
-                       description="rci: RCI vs plain forward; training: erm/mixup/coded accuracy and epoch time; server: server vs in-process throughput, latency, RCI scopes; sparse: sparse decode error and speed; ddp: epoch time on several processes; access: what API keys and limits add per request (in-process and Ray actor) and whether the rate holds. Options after the name go to the script (try: bench server --help).")
+                       description="rci: RCI vs plain forward; training: erm/mixup/coded accuracy and epoch time; server: server vs in-process throughput, latency, RCI scopes; sparse: sparse decode error and speed; ddp: epoch time on several processes; access: what API keys and limits add per request (in-process and Ray actor) and whether the rate holds; repository: one model's latency while another model of the repository is flooded. Options after the name go to the script (try: bench server --help).")
     p.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="options for the script")
     p.set_defaults(func=_run_bench)

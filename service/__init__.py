@@ -1,4 +1,4 @@
-"""The inference service: lifecycle, micro-batcher, engine, protocol routers (v1, v2), errors, metrics, settings, uvicorn runner.
+"""The inference service: lifecycle, model repository, micro-batcher, engine, protocol routers (v1, v2, repository), errors, metrics, settings, uvicorn runner.
 
 Importing this package imports nothing heavy: ``create_app`` and ``ServeSettings`` load on first use.
 """

@@ -113,25 +113,43 @@ class Access:
         quota = s.quota if client.quota == DEFAULT else client.quota
         return Limits(rate=rate, burst=s.max_batch_size, quota=quota, window_s=s.quota_window_s)
 
-    async def queue(self, client: Client, items: int, submit: Callable[[], T]) -> T:
-        """Charge ``items`` to ``client``, then ``submit()`` (which queues the request) and return what it returns.
+    def model_limits(self, model) -> Limits | None:
+        """A model's own per-key limits (its serving.json's ``rate_limit`` / ``quota``), or None."""
+        own = getattr(model, "key_limits", None)
+        if not own:
+            return None
+        return Limits(rate=own.get("rate_limit"), burst=model.settings.max_batch_size, quota=own.get("quota"), window_s=self.settings.quota_window_s)
 
-        Over a limit: ``TooManyRequests`` (logged, counted) and ``submit`` is never called. When
-        ``submit`` refuses (``Unavailable``: queue full, draining) the charge is given back.
+    async def queue(self, client: Client, items: int, submit: Callable[[], T], model=None) -> T:
+        """Charge ``items`` to ``client`` (and to its counters on ``model`` when that model sets limits of its own), then
+        ``submit()`` (which queues the request) and return what it returns.
+
+        Over a limit: ``TooManyRequests`` (logged, counted), nothing stays charged and ``submit`` is
+        never called. When ``submit`` refuses (``Unavailable``: queue full, draining) the charges are given back.
         """
-        limits = self.limits(client)
-        if limits.any:
-            decision = await self.limiter.charge(client.name, items, limits)
+        charges = [(client.name, self.limits(client))]
+        own = self.model_limits(model)
+        if own is not None:
+            charges.append((f"{client.name}@{model.name}", own))  # '@' is no character of a client name: its own counters
+        taken: list[tuple[str, Limits]] = []
+        for key, limits in charges:
+            if not limits.any:
+                continue
+            decision = await self.limiter.charge(key, items, limits)
             if not decision.allowed:
+                for k, lim in taken:
+                    await self.limiter.refund(k, items, lim)
+                on = f" on model {model.name!r}" if key != client.name else ""
                 when = f"retry after {decision.retry_after_s} s" if decision.retry_after_s > 0 else "do not retry it"
-                self._log_refusal(client.name, f"{decision.reason}; {when} (429)")
+                self._log_refusal(client.name, f"{decision.reason}{on}; {when} (429)")
                 self.metrics.client_refused.labels(client.name, "429").inc()
-                raise TooManyRequests(f"{decision.reason}; {when}", decision.retry_after_s)
+                raise TooManyRequests(f"{decision.reason}{on}; {when}", decision.retry_after_s)
+            taken.append((key, limits))
         try:
             queued = submit()
         except Unavailable:
-            if limits.any:
-                await self.limiter.refund(client.name, items, limits)
+            for key, limits in taken:
+                await self.limiter.refund(key, items, limits)
             raise
         self.metrics.client_items.labels(client.name).inc(items)
         return queued

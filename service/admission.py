@@ -17,7 +17,7 @@ import time
 from .access import CLIENT
 from .connections import ADMITTED, ARRIVAL
 from .errors import CLIENT_CLOSED, PayloadTooLarge, RequestTimeout, ServiceError, error_response
-from .lifecycle import Lifecycle
+from .lifecycle import MODEL, Lifecycle
 
 
 CLOSE = {"Connection": "close"}  # uvicorn closes the connection after the answer, unread bytes and all
@@ -33,7 +33,8 @@ class AdmissionMiddleware:
     - with API keys required, answers a request on any but the open paths without a known key 401
       + ``WWW-Authenticate`` before reading its body, and keeps its client in ``scope["state"][CLIENT]``;
     - a body that has not fully arrived by the body deadline gets 408 and the connection closes;
-    - counts the request in flight and records its status (499 when the client left first).
+    - counts the request in flight and records its status (499 when the client left first) and,
+      with a model repository, the model it was routed to; lets go of that model.
     """
 
     def __init__(self, app, lifecycle: Lifecycle):
@@ -108,7 +109,7 @@ class AdmissionMiddleware:
             if disconnected and (status is None or status >= 500):
                 status = CLIENT_CLOSED
             route = scope.get("route")
-            lc.release(admission, getattr(route, "path", None) or "unmatched", status or 500)
+            lc.release(admission, getattr(route, "path", None) or "unmatched", status or 500, state.get(MODEL))
 
 
 def _headers(scope, name: bytes, encoding: str = "latin-1") -> list[str]:

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 import codedsmooth
 
-from . import v1, v2
+from . import management, v1, v2
 from .errors import install_error_handlers
 from .admission import AdmissionMiddleware
 from .lifecycle import EngineFactory, Lifecycle
@@ -42,6 +42,7 @@ def create_app(settings: ServeSettings | None = None, engine_factory: EngineFact
     app.state.lifecycle = lifecycle
     app.include_router(v1.router)
     app.include_router(v2.router)
+    app.include_router(management.router)
     install_error_handlers(app)
     install_openapi(app, keys_required=lifecycle.access is not None)
     app.add_middleware(AdmissionMiddleware, lifecycle=lifecycle)

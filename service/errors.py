@@ -100,6 +100,12 @@ class TooManyRequests(ServiceError):
         super().__init__(message, {"Retry-After": str(int(retry_after_s))} if retry_after_s > 0 else None)
 
 
+class Forbidden(ServiceError):
+    """A route this server's configuration does not allow (e.g. model load/unload without --model-control explicit)."""
+
+    status = 403
+
+
 class PayloadTooLarge(ServiceError):
     status = 413
 

@@ -3,10 +3,12 @@
 ``Lifecycle`` is the only holder of request-path state. Every HTTP request is admitted through it
 by ``admission.AdmissionMiddleware``, which stamps its arrival and deadlines, counts it in flight,
 checks its API key (``access``, with ``--api-keys-file``) and records its status. Routes reach the
-lifecycle with ``current_lifecycle(request)``; every predict route queues its items through
-:meth:`Lifecycle.infer`, which charges them to the client's limits first.
+lifecycle with ``current_lifecycle(request)``; a route that serves a model takes it with
+:meth:`Lifecycle.use_model` (held until the request is answered, so an unload waits for it), and
+every predict route queues its items through :meth:`Lifecycle.infer`, which charges them to the
+client's limits first. The models themselves are the ``repository``'s (one, or a model repository).
 
-Threads: torch work (load, warm-up, inference) runs on the single model thread; image decoding
+Threads: torch work (load, warm-up, inference) of every model runs on the single model thread; image decoding
 (Pillow and numpy only) runs on a separate decode thread; neither runs on the event loop.
 """
 
@@ -24,18 +26,18 @@ import torch
 from fastapi import Request
 
 from .access import CLIENT, Access
-from .batcher import MicroBatcher
 from .connections import ConnectionSlots
 from .engine import InferenceEngine
-from .errors import ClientGone, DeadlineExceeded, NotFound, Unavailable, quoted
-from .metrics import BatchObserver, Metrics
-from .schemas import RciInfo
+from .errors import ClientGone, DeadlineExceeded, Unavailable
+from .metrics import Metrics
+from .repository import Repository, ServedModel
 from .settings import ServeSettings, cpu_quota
 
 log = logging.getLogger("codedsmooth.service")
 
 Phase = Literal["loading", "ready", "draining", "stopped"]
 EngineFactory = Callable[..., InferenceEngine]  # (checkpoint, settings, device) -> engine
+MODEL = "codedsmooth.model"  # scope["state"] key: the ServedModel a request was routed to
 
 
 @dataclass(frozen=True)
@@ -51,14 +53,11 @@ class Lifecycle:
     def __init__(self, settings: ServeSettings, metrics: Metrics | None = None, engine_factory: EngineFactory | None = None, limiter=None):
         """``limiter``: where the per-client counters live (default: in this process; Ray Serve replicas share one)."""
         self.settings = settings
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(by_model=settings.model_repository is not None)
         self.access = Access(settings, self.metrics, limiter) if settings.api_keys_file else None  # None: open to anyone
         self._watch_task: asyncio.Task | None = None
         self.engine_factory = engine_factory or InferenceEngine
         self.phase: Phase = "loading"
-        self.checkpoint = None
-        self.engine: InferenceEngine | None = None
-        self.batcher: MicroBatcher | None = None
         self.in_flight = 0
         self.connections = ConnectionSlots(settings.max_connections, self.metrics)  # filled by the server's protocol class
         self._no_requests: asyncio.Event | None = None  # set while in_flight == 0 (made on the loop)
@@ -66,42 +65,33 @@ class Lifecycle:
         self._stop_now = asyncio.Event()  # set by stop_now(): the drain stops waiting for accepted work
         self.model_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codedsmooth-model")
         self.decode_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codedsmooth-decode")
+        self.repository = Repository(settings, self.metrics, self.engine_factory, self.model_executor)
 
     # ---- loading -----------------------------------------------------------
 
     def _load(self) -> None:
-        from codedsmooth.models import default_checkpoint_path, load_checkpoint, resolve_device
-
         torch.set_num_threads(self.settings.threads or cpu_quota())  # on the model thread, as all torch work
-        device = resolve_device(self.settings.device)
-        path = self.settings.checkpoint or default_checkpoint_path()
-        self.checkpoint = load_checkpoint(path, device=device)
-        self.engine = self.engine_factory(self.checkpoint, self.settings, device)
-        self.engine.warm_up(self.settings.max_batch_size)
-        log.info(
-            "loaded %s from %s on %s (%s)", self.checkpoint.name, path, device, self.engine.spec.label(),
-        )
+        self.repository.load_all()
 
     async def start(self) -> None:
         self._no_requests = asyncio.Event()
         if self.in_flight == 0:
             self._no_requests.set()
         await asyncio.get_running_loop().run_in_executor(self.model_executor, self._load)
-        s = self.settings
-        observer = BatchObserver(self.metrics, self.engine.scope)
-        self.batcher = MicroBatcher(
-            self.engine, self.metrics, self.model_executor, s.max_batch_size, s.max_delay_ms / 1000.0, s.max_queue_size, on_batch=observer
-        )
-        self.batcher.start()
+        self.repository.start()
         if self.access is not None:
             self._watch_task = asyncio.get_running_loop().create_task(self.access.watch(), name="codedsmooth-keys-watch")
         if self.phase == "loading":  # a drain may have begun while loading
             self.phase = "ready"
-            self.metrics.ready.set(1)
+        self.update_ready()
+
+    def update_ready(self) -> None:
+        self.metrics.ready.set(1 if self.ready else 0)
 
     @property
     def ready(self) -> bool:
-        return self.phase == "ready"
+        """Serving, with every model the repository marks required loaded."""
+        return self.phase == "ready" and self.repository.required_loaded
 
     @property
     def draining(self) -> bool:
@@ -110,12 +100,7 @@ class Lifecycle:
     @property
     def model_busy(self) -> bool:
         """Whether the model thread is still running a device batch."""
-        return self.batcher is not None and self.batcher.model_running
-
-    @property
-    def rci_info(self) -> RciInfo:
-        e = self.engine
-        return RciInfo.from_spec(e.spec)
+        return any(b.model_running for b in self.repository.batchers())
 
     # ---- admission ---------------------------------------------------------
 
@@ -129,25 +114,39 @@ class Lifecycle:
             self._no_requests.clear()
         return Admission(arrival=now, deadline=deadline, body_deadline=min(deadline, now + self.settings.body_timeout_s))
 
-    def release(self, admission: Admission, endpoint: str, status: int) -> None:
+    def release(self, admission: Admission, endpoint: str, status: int, model: ServedModel | None = None) -> None:
+        """The request is answered: count it (by the model it was routed to, with a repository) and let go of its model."""
         self.in_flight -= 1
         self.metrics.in_flight.dec()
         if self.in_flight == 0 and self._no_requests is not None:
             self._no_requests.set()
-        self.metrics.requests.labels(endpoint, str(status)).inc()
-        self.metrics.latency.labels(endpoint).observe(time.monotonic() - admission.arrival)
+        if model is not None:
+            model.holders -= 1
+        label = self.metrics.model_label(model.name if model is not None else None)
+        self.metrics.requests.labels(endpoint, str(status), *label).inc()
+        self.metrics.latency.labels(endpoint, *label).observe(time.monotonic() - admission.arrival)
 
     def require_ready(self) -> None:
         if self.draining:
             raise Unavailable("server is shutting down", retry_after_s=5)
-        if not self.ready:
+        if self.phase != "ready":
             raise Unavailable("model is loading", retry_after_s=2)
 
-    def require_model(self, name: str):
+    def describe_model(self, name: str) -> ServedModel:
+        """The model ``name`` names (an alias: its first loaded model), for metadata; 404 when there is none."""
         self.require_ready()
-        if name != self.checkpoint.name:
-            raise NotFound(f"unknown model {quoted(name)}; this server serves {self.checkpoint.name!r}")
-        return self.checkpoint
+        return self.repository.describe(name)
+
+    def use_model(self, request: Request, name: str | None) -> ServedModel:
+        """Route the request to ``name`` (None: the default model; an alias: a weighted draw) and hold that model until it is answered."""
+        self.require_ready()
+        state = request.scope["state"]
+        if MODEL in state:  # one model per request
+            return state[MODEL]
+        model = self.repository.default_model() if name is None else self.repository.resolve(name)
+        model.holders += 1
+        state[MODEL] = model
+        return model
 
     # ---- work --------------------------------------------------------------
 
@@ -155,17 +154,17 @@ class Lifecycle:
         """Run a decoder (Pillow/numpy, never torch kernels) on the decode thread."""
         return await asyncio.get_running_loop().run_in_executor(self.decode_executor, fn, *args)
 
-    async def infer(self, request: Request, x: torch.Tensor) -> np.ndarray:
-        """Charge ``x``'s items to the client (429 over a limit), queue it, wait for its probabilities; 504 past the deadline, 499 (dropped) if the client leaves."""
+    async def infer(self, request: Request, x: torch.Tensor, model: ServedModel) -> np.ndarray:
+        """Charge ``x``'s items to the client (429 over a limit), queue it on ``model``, wait for its probabilities; 504 past the deadline, 499 (dropped) if the client leaves."""
         self.require_ready()
         state = request.scope["state"]
         admission: Admission = state["admission"]
 
         def submit() -> asyncio.Future:
-            return self.batcher.submit(x, admission.arrival, admission.deadline)
+            return model.batcher.submit(x, admission.arrival, admission.deadline)
 
         client = state.get(CLIENT)  # set by the admission when keys are required
-        fut = submit() if client is None else await self.access.queue(client, len(x), submit)
+        fut = submit() if client is None else await self.access.queue(client, len(x), submit, model)
         watcher = asyncio.ensure_future(_wait_disconnect(request))
         try:
             done, _ = await asyncio.wait(
@@ -203,16 +202,18 @@ class Lifecycle:
         self.metrics.ready.set(0)
         log.info("draining: refusing new requests, finishing %d in flight", self.in_flight)
         finished = True
-        if self.batcher is not None:
-            self.batcher.draining = True
-            drained = asyncio.ensure_future(self.batcher.drain(max(0.0, end - time.monotonic())))
+        batchers = self.repository.batchers()
+        if batchers:
+            for batcher in batchers:
+                batcher.draining = True
+            drained = asyncio.ensure_future(_drain_all(batchers, max(0.0, end - time.monotonic())))
             cut = asyncio.ensure_future(self._stop_now.wait())
             await asyncio.wait({drained, cut}, return_when=asyncio.FIRST_COMPLETED)
             cut.cancel()
             finished = drained.done() and drained.result()
             drained.cancel()
             if not finished:
-                failed = self.batcher.fail_pending()
+                failed = sum(b.fail_pending() for b in batchers)
                 if self._stop_now.is_set():
                     log.warning("stopping now: answered %d accepted requests with 503", failed)
                 else:
@@ -230,8 +231,8 @@ class Lifecycle:
         self.phase = "stopped"
         if self._watch_task is not None:
             self._watch_task.cancel()
-        if self.batcher is not None:
-            await self.batcher.stop()
+        for batcher in self.repository.batchers():
+            await batcher.stop()
         # Do not wait for a model call still running past the drain timeout.
         self.model_executor.shutdown(wait=False, cancel_futures=True)
         self.decode_executor.shutdown(wait=False, cancel_futures=True)
@@ -240,6 +241,10 @@ class Lifecycle:
 def current_lifecycle(request: Request) -> Lifecycle:
     """The lifecycle of the app serving ``request`` (routes reach all serving state through it)."""
     return request.app.state.lifecycle
+
+
+async def _drain_all(batchers, timeout_s: float) -> bool:
+    return all(await asyncio.gather(*(b.drain(timeout_s) for b in batchers)))
 
 
 async def _wait_disconnect(request: Request) -> None:

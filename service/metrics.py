@@ -22,24 +22,37 @@ SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 SHARE_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.97, 1.0)
 
 
-class Metrics:
-    """All metric objects; the public port never serves them (see ``start_metrics_listener``)."""
+# The metrics of one model's batcher and engine: with a model repository they carry a ``model`` label.
+PER_MODEL = ("queue_wait", "inference", "batch_size", "batch_requests", "queue_depth", "rci_groups", "rci_filler_share", "rci_checked", "rci_flips", "rci_residual")
 
-    def __init__(self, registry: CollectorRegistry | None = None):
+
+class Metrics:
+    """All metric objects; the public port never serves them (see ``start_metrics_listener``).
+
+    ``by_model`` (a model repository): the request counters and the ``PER_MODEL`` metrics get a
+    ``model`` label, whose values are the repository's model names ("" for requests that reached
+    no model), so the label is bounded by the repository. Without it (one checkpoint) the names and
+    labels are exactly those of a single-model server.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, by_model: bool = False):
         self.registry = registry or CollectorRegistry()
+        self.by_model = by_model
         r = self.registry
-        self.requests = Counter("codedsmooth_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
-        self.latency = Histogram("codedsmooth_request_latency_seconds", "HTTP request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("codedsmooth_queue_wait_seconds", "time from arrival to the start of the request's device batch", buckets=LATENCY_BUCKETS, registry=r)
-        self.inference = Histogram("codedsmooth_inference_seconds", "model time per device batch", buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("codedsmooth_batch_size", "items per device batch", buckets=SIZE_BUCKETS, registry=r)
-        self.batch_requests = Histogram("codedsmooth_batch_requests", "requests per device batch", buckets=SIZE_BUCKETS, registry=r)
+        m = ["model"] if by_model else []
+        self.requests = Counter("codedsmooth_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status", *m], registry=r)
+        self.latency = Histogram("codedsmooth_request_latency_seconds", "HTTP request latency", ["endpoint", *m], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("codedsmooth_queue_wait_seconds", "time from arrival to the start of the request's device batch", m, buckets=LATENCY_BUCKETS, registry=r)
+        self.inference = Histogram("codedsmooth_inference_seconds", "model time per device batch", m, buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("codedsmooth_batch_size", "items per device batch", m, buckets=SIZE_BUCKETS, registry=r)
+        self.batch_requests = Histogram("codedsmooth_batch_requests", "requests per device batch", m, buckets=SIZE_BUCKETS, registry=r)
         self.in_flight = Gauge("codedsmooth_requests_in_flight", "HTTP requests being handled", registry=r)
-        self.queue_depth = Gauge("codedsmooth_queue_depth", "accepted requests waiting for the model (queued or gathered into the next batch)", registry=r)
+        self.queue_depth = Gauge("codedsmooth_queue_depth", "accepted requests waiting for the model (queued or gathered into the next batch)", m, registry=r)
         self.connections = Gauge("codedsmooth_open_connections", "open client connections on the public port", registry=r)
         self.connections_evicted = Counter("codedsmooth_idle_connections_closed_total", "connections without a request in the app closed to admit a new one at --max-connections", registry=r)
         self.rejected = Counter("codedsmooth_rejected_total", "requests refused or dropped before compute", ["reason"], registry=r)
-        self.ready = Gauge("codedsmooth_model_ready", "1 when the model is loaded and warm", registry=r)
+        self.ready = Gauge("codedsmooth_model_ready", "1 when the model is loaded and warm (a repository: every required model)", registry=r)
+        self.model_loaded = Gauge("codedsmooth_model_loaded", "1 while a model is loaded and serving, by model name", ["model"], registry=r)
         # access control (with --api-keys-file); client labels come from the keys file, plus "unknown"
         self.client_requests = Counter("codedsmooth_client_requests_total", "requests with a known API key, by client", ["client"], registry=r)
         self.client_items = Counter("codedsmooth_client_items_total", "items charged to a client's limits", ["client"], registry=r)
@@ -48,11 +61,32 @@ class Metrics:
         )
         self.keys_reloads = Counter("codedsmooth_api_keys_reloads_total", "keys file reloads after a change: ok, or error (the last good table stays)", ["result"], registry=r)
         self.keys_clients = Gauge("codedsmooth_api_keys_clients", "clients in the keys table in force", registry=r)
-        self.rci_groups = Histogram("codedsmooth_rci_coding_groups", "coding groups per device batch", buckets=SIZE_BUCKETS, registry=r)
-        self.rci_filler_share = Histogram("codedsmooth_rci_filler_share", "share of coded slots filled with trusted filler", buckets=SHARE_BUCKETS, registry=r)
-        self.rci_checked = Counter("codedsmooth_rci_checked_items_total", "items also run without RCI to measure its effect", registry=r)
-        self.rci_flips = Counter("codedsmooth_rci_label_flips_total", "checked items whose RCI label differs from the uncoded model's", registry=r)
-        self.rci_residual = Gauge("codedsmooth_rci_decode_residual", "mean squared gap between RCI and uncoded logits in the last checked batch", registry=r)
+        self.rci_groups = Histogram("codedsmooth_rci_coding_groups", "coding groups per device batch", m, buckets=SIZE_BUCKETS, registry=r)
+        self.rci_filler_share = Histogram("codedsmooth_rci_filler_share", "share of coded slots filled with trusted filler", m, buckets=SHARE_BUCKETS, registry=r)
+        self.rci_checked = Counter("codedsmooth_rci_checked_items_total", "items also run without RCI to measure its effect", m, registry=r)
+        self.rci_flips = Counter("codedsmooth_rci_label_flips_total", "checked items whose RCI label differs from the uncoded model's", m, registry=r)
+        self.rci_residual = Gauge("codedsmooth_rci_decode_residual", "mean squared gap between RCI and uncoded logits in the last checked batch", m, registry=r)
+
+    def model_label(self, model: str | None) -> tuple[str, ...]:
+        """The trailing label values of a request counter for a request that reached ``model`` (None: no model)."""
+        return (model or "",) if self.by_model else ()
+
+    def for_model(self, name: str) -> "ModelMetrics":
+        """The metrics one model's batcher and engine report to (labelled with ``name`` when ``by_model``)."""
+        return ModelMetrics(self, name)
+
+
+class ModelMetrics:
+    """One model's view of :class:`Metrics`: the ``PER_MODEL`` series of that model, the rest shared.
+
+    The micro-batcher and :class:`BatchObserver` take it where they would take a ``Metrics``.
+    """
+
+    def __init__(self, metrics: Metrics, name: str):
+        self.rejected = metrics.rejected
+        for attr in PER_MODEL:
+            metric = getattr(metrics, attr)
+            setattr(self, attr, metric.labels(name) if metrics.by_model else metric)
 
 
 class BatchObserver:

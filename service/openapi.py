@@ -23,6 +23,7 @@ _EXTRA_SCHEMAS: dict[str, Any] = {}
 ERROR_DESCRIPTIONS = {
     400: "unparseable body (JSON, multipart) or header",
     401: "no API key, or an unknown one (WWW-Authenticate: Bearer)",
+    403: "not allowed by the server's configuration (model load/unload needs --model-control explicit)",
     404: "unknown model or version",
     408: "the body did not arrive within the body timeout (the connection closes)",
     413: "body, item count or image size too large, or more JSON values than the most items per request can hold",

@@ -149,3 +149,12 @@ class V2InferResponse(BaseModel):
     id: str | None = None
     parameters: dict[str, Any] | None = None
     outputs: list[V2InferOutput]
+
+
+class V2RepositoryModel(BaseModel):
+    """One model of the repository index (Triton's repository extension)."""
+
+    name: str
+    version: str | None = Field(None, description="the loaded version (counts loads); absent when not loaded")
+    state: Literal["READY", "LOADING", "UNLOADING", "UNAVAILABLE"]
+    reason: str | None = Field(None, description="UNAVAILABLE: why (unloaded, or why its last load failed)")

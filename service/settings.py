@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -16,6 +18,13 @@ class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CODEDSMOOTH_", extra="ignore")
 
     checkpoint: str | None = Field(None, description="checkpoint directory (default: the embedded default checkpoint)")
+    model_repository: str | None = Field(
+        None, description="serve every checkpoint directory under this directory, each by its directory name, with its own queue and batcher (docs/repository.md); instead of --checkpoint (default: none)"
+    )
+    default_model: str | None = Field(None, description="with --model-repository: the model or alias /v1/predict uses (default: the only model, when there is one)")
+    model_control: Literal["none", "explicit"] = Field(
+        "none", description="with --model-repository: explicit also allows POST /v2/repository/models/NAME/load and .../unload (default: none, the models loaded at start stay)"
+    )
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in the container)")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
     device: str | None = Field(None, description="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
@@ -81,6 +90,14 @@ class ServeSettings(BaseSettings):
             )
         if self.api_keys_file is None and (self.rate_limit is not None or self.quota is not None):
             raise ValueError("rate_limit and quota need api_keys_file: limits are per API key")
+        if self.model_repository is None:
+            repo_only = [n for n in ("default_model",) if getattr(self, n) is not None] + (["model_control"] if self.model_control != "none" else [])
+            if repo_only:
+                raise ValueError(f"{' and '.join(repo_only)} only apply with model_repository")
+        elif self.checkpoint is not None:
+            raise ValueError("give either checkpoint or model_repository, not both")
+        elif self.replicas is not None:
+            raise ValueError("model_repository serves from one process for now: Ray Serve replicas (replicas) serve one checkpoint")
         if self.metrics_port and self.metrics_port == self.port:
             raise ValueError("metrics_port must differ from port: /metrics is not served on the public port")
         if self.replicas is None:
@@ -97,7 +114,7 @@ class ServeSettings(BaseSettings):
     def autoscaling(self) -> bool:
         return self.replicas is not None and self.max_replicas is not None
 
-    @field_validator("checkpoint", "ray_address", "api_keys_file")
+    @field_validator("checkpoint", "ray_address", "api_keys_file", "model_repository", "default_model")
     @classmethod
     def _checkpoint(cls, value):
         return value or None  # an empty env var (as compose passes through) means the default

@@ -1,5 +1,8 @@
 """The service's own protocol (v1): JSON tensors, PNG/JPEG uploads, model list, health.
 
+``/v1/predict`` and ``/v1/predict/image`` go to the default model; ``/v1/models/{name}/predict``
+and its image route to the model (or alias) named. Every answer names the model that produced it.
+
 Codec: ``/v1/predict`` takes ``{"inputs": [item, ...]}``; ``/v1/predict/image`` takes multipart
 files whose size is read from the image header and refused above ``max_image_pixels`` *before*
 decoding; decoding runs on the lifecycle's decode thread (Pillow and numpy only).
@@ -143,37 +146,49 @@ async def ready(request: Request):
 # ---- models and prediction --------------------------------------------------
 
 
-@router.get("/v1/models", response_model=list[ModelInfo], responses=errors(503), tags=["v1"])
-async def models(request: Request):
-    """The served model: name, input shape, classes and the RCI coding spec (training details with --expose-model-details)."""
-    lc = current_lifecycle(request)
-    lc.require_ready()
-    ck = lc.checkpoint
+def _model_info(lc, model) -> ModelInfo:
+    ck = model.checkpoint
     details = None
     if lc.settings.expose_model_details:
         details = ModelDetails(method=ck.config.method, dataset=ck.config.dataset, test_accuracy=ck.config.test_accuracy, target_block=ck.target_block)
-    info = ModelInfo(name=ck.name, input_shape=list(ck.input_shape), classes=ck.classes, rci=lc.rci_info, details=details)
-    return Response(f"[{info.model_dump_json(exclude_none=True)}]", media_type="application/json")
+    return ModelInfo(name=model.name, input_shape=list(ck.input_shape), classes=ck.classes, rci=model.rci_info, details=details)
 
 
-@router.post(
-    "/v1/predict",
-    response_model=PredictResponse,
-    responses=INFER_ERRORS,
-    tags=["v1"],
-    openapi_extra=request_body({"application/json": schema_ref(PredictRequest)}),
-)
-async def predict(request: Request):
-    """Classify tensors: `inputs` is a list of items of the model's input shape, raw pixels in [0, 1]."""
+@router.get("/v1/models", response_model=list[ModelInfo], responses=errors(503), tags=["v1"])
+async def models(request: Request):
+    """The served models: name, input shape, classes and the RCI coding spec (training details with --expose-model-details)."""
+    lc = current_lifecycle(request)
+    lc.require_ready()
+    infos = [_model_info(lc, m).model_dump_json(exclude_none=True) for m in lc.repository.serving()]
+    return Response(f"[{','.join(infos)}]", media_type="application/json")
+
+
+async def _predict(request: Request, name: str | None) -> Response:
     lc = current_lifecycle(request)
     lc.require_ready()
     require_content_type(request.headers.get("content-type"), "application/json")
     require_identity_encoding(request.headers.get("content-encoding"))
+    model = lc.use_model(request, name)
     raw = await request.body()
-    ck, max_items = lc.checkpoint, lc.settings.max_items_per_request
+    ck, max_items = model.checkpoint, model.settings.max_items_per_request
     x = tensor_from_predict_body(parse_json(raw, ck.input_shape, max_items), ck.input_shape, max_items, raw=raw)
-    probs = await lc.infer(request, x)
-    return json_response(PredictResponse(model=ck.name, predictions=_predictions(probs, ck.classes), rci=lc.rci_info.summary()))
+    probs = await lc.infer(request, x, model)
+    return json_response(PredictResponse(model=model.name, predictions=_predictions(probs, ck.classes), rci=model.rci_info.summary()))
+
+
+PREDICT_DOC = request_body({"application/json": schema_ref(PredictRequest)})
+
+
+@router.post("/v1/predict", response_model=PredictResponse, responses=INFER_ERRORS, tags=["v1"], openapi_extra=PREDICT_DOC)
+async def predict(request: Request):
+    """Classify tensors with the default model: `inputs` is a list of items of the model's input shape, raw pixels in [0, 1]."""
+    return await _predict(request, None)
+
+
+@router.post("/v1/models/{name}/predict", response_model=PredictResponse, responses={**errors(404), **INFER_ERRORS}, tags=["v1"], openapi_extra=PREDICT_DOC)
+async def predict_model(name: str, request: Request):
+    """Classify tensors with the model or alias `name` (the answer's `model` names the one that ran)."""
+    return await _predict(request, name)
 
 
 IMAGE_BODY = {
@@ -181,22 +196,16 @@ IMAGE_BODY = {
     "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}, "description": "PNG or JPEG images"}},
     "required": ["files"],
 }
+IMAGE_DOC = request_body({"multipart/form-data": IMAGE_BODY})
 
 
-@router.post(
-    "/v1/predict/image",
-    response_model=PredictResponse,
-    responses=INFER_ERRORS,
-    tags=["v1"],
-    openapi_extra=request_body({"multipart/form-data": IMAGE_BODY}),
-)
-async def predict_image(request: Request):
-    """Classify PNG/JPEG images (multipart field `files`), resized and converted as the checkpoint needs."""
+async def _predict_image(request: Request, name: str | None) -> Response:
     lc = current_lifecycle(request)
     lc.require_ready()
     require_content_type(request.headers.get("content-type"), "multipart/form-data")
     require_identity_encoding(request.headers.get("content-encoding"))
-    ck, max_items = lc.checkpoint, lc.settings.max_items_per_request
+    model = lc.use_model(request, name)
+    ck, max_items = model.checkpoint, model.settings.max_items_per_request
     try:
         form = await request.form(max_files=max_items, max_fields=16)
     except ServiceError:
@@ -213,5 +222,17 @@ async def predict_image(request: Request):
         await form.close()
     arr = await lc.decode(decode_images, images, ck.input_shape, lc.settings.max_image_pixels, ck.background)
     x = check_batch(arr, ck.input_shape, max_items, what="images")
-    probs = await lc.infer(request, x)
-    return json_response(PredictResponse(model=ck.name, predictions=_predictions(probs, ck.classes), rci=lc.rci_info.summary()))
+    probs = await lc.infer(request, x, model)
+    return json_response(PredictResponse(model=model.name, predictions=_predictions(probs, ck.classes), rci=model.rci_info.summary()))
+
+
+@router.post("/v1/predict/image", response_model=PredictResponse, responses=INFER_ERRORS, tags=["v1"], openapi_extra=IMAGE_DOC)
+async def predict_image(request: Request):
+    """Classify PNG/JPEG images (multipart field `files`) with the default model, resized and converted as its checkpoint needs."""
+    return await _predict_image(request, None)
+
+
+@router.post("/v1/models/{name}/predict/image", response_model=PredictResponse, responses={**errors(404), **INFER_ERRORS}, tags=["v1"], openapi_extra=IMAGE_DOC)
+async def predict_model_image(name: str, request: Request):
+    """Classify PNG/JPEG images (multipart field `files`) with the model or alias `name`."""
+    return await _predict_image(request, name)

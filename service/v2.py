@@ -91,7 +91,7 @@ def tensor_from_request(req: V2InferRequest, binary: bytes, input_shape, max_ite
     return check_batch(arr.reshape(shape), input_shape, max_items, what=f"input {inp.name!r}")
 
 
-def encode_response(req: V2InferRequest, model_name: str, probs: np.ndarray) -> Response:
+def encode_response(req: V2InferRequest, model_name: str, probs: np.ndarray, version: int = 1) -> Response:
     wanted = [o.name for o in req.outputs] if req.outputs else list(V2_OUTPUTS)
     binary_default = _flag(req.parameters, "binary_data_output", False, "request")
     binary_wanted = {o.name: _flag(o.parameters, "binary_data", binary_default, f"output {quoted(o.name)}") for o in (req.outputs or [])}
@@ -107,7 +107,7 @@ def encode_response(req: V2InferRequest, model_name: str, probs: np.ndarray) -> 
         else:
             entry["data"] = arr.reshape(-1).tolist()
         outputs.append(entry)
-    body = V2InferResponse(model_name=model_name, model_version="1", id=req.id, outputs=outputs).model_dump(exclude_none=True)
+    body = V2InferResponse(model_name=model_name, model_version=str(version), id=req.id, outputs=outputs).model_dump(exclude_none=True)
     head = json.dumps(body).encode()
     if not chunks:
         return Response(head, media_type="application/json")
@@ -142,24 +142,26 @@ async def health_ready(request: Request):
     return Response(status_code=200 if current_lifecycle(request).ready else 503)
 
 
-def _metadata(request: Request, name: str) -> V2ModelMetadata:
-    ck = current_lifecycle(request).require_model(name)
+def _metadata(request: Request, name: str, version: str = "") -> V2ModelMetadata:
+    model = current_lifecycle(request).describe_model(name)
+    _check_version(version, model)
+    ck = model.checkpoint
     return V2ModelMetadata(
-        name=ck.name,
-        versions=["1"],
+        name=name,
+        versions=[str(model.version)],
         platform="pytorch",
         inputs=[V2TensorMetadata(name=V2_INPUT, datatype=V2_INPUT_DATATYPE, shape=[-1, *ck.input_shape])],
         outputs=[
             V2TensorMetadata(name=V2_PROBABILITIES, datatype=V2_OUTPUTS[V2_PROBABILITIES], shape=[-1, len(ck.classes)]),
             V2TensorMetadata(name=V2_INDEX, datatype=V2_OUTPUTS[V2_INDEX], shape=[-1]),
         ],
-        parameters={"rci": current_lifecycle(request).rci_info},
+        parameters={"rci": model.rci_info},
     )
 
 
-def _check_version(version: str) -> None:
-    if version not in ("", "1"):
-        raise NotFound(f"unknown model version {quoted(version)}; only version 1 exists")
+def _check_version(version: str, model) -> None:
+    if version not in ("", str(model.version)):
+        raise NotFound(f"unknown model version {quoted(version)}; version {model.version} is loaded")
 
 
 @router.get("/v2/models/{name}", response_model=V2ModelMetadata, responses=errors(404, 503))
@@ -169,20 +171,18 @@ async def model_metadata(name: str, request: Request):
 
 @router.get("/v2/models/{name}/versions/{version}", response_model=V2ModelMetadata, responses=errors(404, 503))
 async def model_version_metadata(name: str, version: str, request: Request):
-    _check_version(version)
-    return _metadata(request, name)
+    return _metadata(request, name, version)
 
 
 @router.get("/v2/models/{name}/ready", response_class=Response, responses={200: NO_BODY, **errors(404, 503)})
 async def model_ready(name: str, request: Request):
-    current_lifecycle(request).require_model(name)
+    current_lifecycle(request).describe_model(name)
     return Response(status_code=200)
 
 
 @router.get("/v2/models/{name}/versions/{version}/ready", response_class=Response, responses={200: NO_BODY, **errors(404, 503)})
 async def model_version_ready(name: str, version: str, request: Request):
-    _check_version(version)
-    current_lifecycle(request).require_model(name)
+    _check_version(version, current_lifecycle(request).describe_model(name))
     return Response(status_code=200)
 
 
@@ -206,29 +206,30 @@ INFER_RESPONSES = {
 }
 
 
-async def _infer(name: str, request: Request) -> Response:
+async def _infer(name: str, request: Request, version: str = "") -> Response:
     lc = current_lifecycle(request)
-    ck = lc.require_model(name)
+    model = lc.use_model(request, name)
+    _check_version(version, model)
+    ck, max_items = model.checkpoint, model.settings.max_items_per_request
     require_identity_encoding(request.headers.get("content-encoding"))
     raw = await request.body()
-    header, binary = split_body(raw, request.headers.get("inference-header-content-length"), ck.input_shape, lc.settings.max_items_per_request)
+    header, binary = split_body(raw, request.headers.get("inference-header-content-length"), ck.input_shape, max_items)
     try:
         req = V2InferRequest.model_validate(header)
     except ValidationError as exc:
         raise InvalidInput(validation_message(exc)) from None
-    x = tensor_from_request(req, binary, ck.input_shape, lc.settings.max_items_per_request)
+    x = tensor_from_request(req, binary, ck.input_shape, max_items)
     _check_request(req)
-    probs = await lc.infer(request, x)
-    return encode_response(req, ck.name, probs)
+    probs = await lc.infer(request, x, model)
+    return encode_response(req, model.name, probs, model.version)
 
 
 @router.post("/v2/models/{name}/infer", response_model=V2InferResponse, responses=INFER_RESPONSES, openapi_extra=INFER_DOC)
 async def infer(name: str, request: Request):
-    """Open Inference Protocol v2 inference, JSON or with the binary tensor data extension."""
+    """Open Inference Protocol v2 inference, JSON or with the binary tensor data extension; ``model_name`` names the model that ran."""
     return await _infer(name, request)
 
 
 @router.post("/v2/models/{name}/versions/{version}/infer", response_model=V2InferResponse, responses=INFER_RESPONSES, openapi_extra=INFER_DOC)
 async def infer_version(name: str, version: str, request: Request):
-    _check_version(version)
-    return await _infer(name, request)
+    return await _infer(name, request, version)

@@ -82,6 +82,17 @@ def cases(model: str) -> list[tuple[str, str, str, dict, int]]:
         ("post", "/v2/models/{name}/infer", f"/v2/models/{m}/infer", {"json": _v2(name="x")}, 422),
         ("post", "/v2/models/{name}/versions/{version}/infer", f"/v2/models/{m}/versions/1/infer", {"json": _v2()}, 200),
         ("post", "/v2/models/{name}/versions/{version}/infer", f"/v2/models/{m}/versions/3/infer", {"json": _v2()}, 404),
+        ("post", "/v1/models/{name}/predict", f"/v1/models/{m}/predict", {"json": {"inputs": [GOOD_ITEM]}}, 200),
+        ("post", "/v1/models/{name}/predict", "/v1/models/nope/predict", {"json": {"inputs": [GOOD_ITEM]}}, 404),
+        ("post", "/v1/models/{name}/predict", f"/v1/models/{m}/predict", {"json": {"inputs": [[[1.5]]]}}, 422),
+        ("post", "/v1/models/{name}/predict/image", f"/v1/models/{m}/predict/image", img(2), 200),
+        ("post", "/v1/models/{name}/predict/image", "/v1/models/nope/predict/image", img(1), 404),
+        ("post", "/v2/repository/index", "/v2/repository/index", {}, 200),
+        ("post", "/v2/repository/index", "/v2/repository/index", {"json": {"ready": True}}, 200),
+        ("post", "/v2/repository/index", "/v2/repository/index", {"json": {"ready": "yes"}}, 422),
+        ("post", "/v2/repository/index", "/v2/repository/index", {"content": b"{nope", "headers": {"content-type": "application/json"}}, 400),
+        ("post", "/v2/repository/models/{name}/load", f"/v2/repository/models/{m}/load", {}, 403),
+        ("post", "/v2/repository/models/{name}/unload", f"/v2/repository/models/{m}/unload", {}, 403),
     ]
 
 

@@ -1,0 +1,67 @@
+"""The model repository extension of the Open Inference Protocol (Triton's names): index, load, unload.
+
+``POST /v2/repository/index`` lists every model of the repository with its state (``READY``,
+``LOADING``, ``UNLOADING``, ``UNAVAILABLE`` with a reason); ``{"ready": true}`` lists the ready ones
+only. With ``--model-control explicit``, ``POST /v2/repository/models/{name}/load`` loads (or
+reloads, as a new version swapped in without a failed request) the checkpoint directory ``name``
+of the repository, validated as at start-up (a broken one: 400 naming the file, the other models
+keep serving), and ``…/unload`` stops routing to it, lets its accepted requests finish, then frees
+it. Without it both answer 403. The work is ``repository.Repository``'s.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from .errors import Forbidden, InvalidInput, ServiceRoute
+from .inputs import parse_json
+from .lifecycle import current_lifecycle
+from .openapi import errors
+from .schemas import V2RepositoryModel
+
+router = APIRouter(route_class=ServiceRoute, tags=["v2 repository"])
+
+
+@router.post("/v2/repository/index", response_model=list[V2RepositoryModel], responses=errors(400, 413, 422, 503))
+async def index(request: Request):
+    """Every model of the repository and its state; body ``{"ready": true}``: the ready ones only."""
+    lc = current_lifecycle(request)
+    lc.require_ready()
+    raw = await request.body()
+    body = parse_json(raw, (1,), 1) if raw.strip() else {}
+    ready = body.get("ready", False) if isinstance(body, dict) else None
+    if not isinstance(ready, bool):
+        raise InvalidInput('body must be empty or {"ready": true|false}')
+    entries = lc.repository.index()
+    return JSONResponse([e for e in entries if e["state"] == "READY"] if ready else entries)
+
+
+def _allowed(request: Request):
+    lc = current_lifecycle(request)
+    lc.require_ready()
+    if not lc.repository.explicit:
+        raise Forbidden("model control is off: start the server with --model-repository DIR --model-control explicit to load and unload models")
+    return lc
+
+
+def _entry(lc, name: str) -> dict:
+    return next(e for e in lc.repository.index() if e["name"] == name)
+
+
+@router.post("/v2/repository/models/{name}/load", response_model=V2RepositoryModel, responses=errors(400, 403, 404, 503))
+async def load(name: str, request: Request):
+    """Load (or reload as a new version) the checkpoint directory ``name`` of the repository."""
+    lc = _allowed(request)
+    await lc.repository.load(name)
+    lc.update_ready()
+    return JSONResponse(_entry(lc, name))
+
+
+@router.post("/v2/repository/models/{name}/unload", response_model=V2RepositoryModel, responses=errors(403, 404, 503))
+async def unload(name: str, request: Request):
+    """Stop routing to ``name``, let its accepted requests finish, then free it."""
+    lc = _allowed(request)
+    await lc.repository.unload(name)
+    lc.update_ready()
+    return JSONResponse(_entry(lc, name))

@@ -1,0 +1,438 @@
+"""The model repository: the models one server holds, each with its own settings, engine and micro-batcher.
+
+Layout of ``--model-repository DIR``::
+
+    DIR/
+      repository.json     optional: {"required": [names], "aliases": {"default": {"pgd-at": 0.9, "coded-at": 0.1}}}
+      pgd-at/             a checkpoint directory (model.safetensors, config.json), served as "pgd-at"
+        serving.json      optional: this model's serving settings (``MODEL_SETTINGS``), over the server's flags
+      coded-at/ ...
+
+Directories whose names start with "." are skipped (``save_checkpoint`` writes into such temporary
+directories); every other directory is a model, named by its directory. One ``--checkpoint`` is a
+repository of one model, named by its checkpoint's config, with the server's settings only.
+
+Sharing the device and the model thread: every model's micro-batcher hands its device batches to
+the server's one model thread (a single-worker executor, first come first served). A batcher has at
+most one batch there at a time, so while several models have work the thread runs one batch of each
+in turn: a flooded model gets one device batch per round, never the thread, and only its own queue
+(``max_queue_size`` of its own) fills up and answers 503. Loading a model (start-up, explicit load)
+runs on the same thread, between batches.
+
+Aliases route a request to one of several models with the weights given; the draw is Python's
+``random`` seeded from the OS at start (an A/B split, not a defence), among the alias's models that
+are loaded. Each answer names the model that produced it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+
+from codedsmooth.models import Checkpoint, default_checkpoint_path, load_checkpoint, resolve_device
+
+from .batcher import MicroBatcher
+from .engine import InferenceEngine
+from .errors import BadRequest, NotFound, Unavailable, quoted
+from .metrics import BatchObserver, Metrics, ModelMetrics
+from .schemas import RciInfo
+from .settings import ServeSettings
+
+log = logging.getLogger("codedsmooth.repository")
+
+REPOSITORY_FILE = "repository.json"
+MODEL_SETTINGS_FILE = "serving.json"
+# What a model's serving.json may set; the server's flags are the defaults. rate_limit and quota
+# there are per API key on this model, on top of the key's own limits (see access.Access.queue).
+MODEL_SETTINGS = (
+    "max_batch_size", "max_delay_ms", "max_queue_size", "max_items_per_request", "rci", "rci_scope", "rci_group_size", "coded_points",
+    "rci_decode_tolerance", "input_noise_sigma", "rate_limit", "quota",
+)
+KEY_LIMITS = ("rate_limit", "quota")
+MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+STATES = ("READY", "LOADING", "UNLOADING", "UNAVAILABLE")  # as Triton's repository index names them
+
+
+class RepositoryError(ValueError):
+    """A repository, its repository.json or a model's serving.json that cannot be used; names the file."""
+
+
+class LoadFailed(BadRequest):
+    """An explicit load refused: the checkpoint or its settings are broken (the message names the file)."""
+
+
+@dataclass(frozen=True)
+class RepositoryConfig:
+    required: tuple[str, ...] = ()
+    aliases: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class ServedModel:
+    """One loaded model: its checkpoint, effective settings, engine and (once started) micro-batcher."""
+
+    name: str
+    version: int
+    path: Path
+    settings: ServeSettings
+    key_limits: dict[str, float | int]  # rate_limit / quota per API key on this model, from its serving.json
+    checkpoint: Checkpoint
+    engine: InferenceEngine
+    metrics: ModelMetrics
+    batcher: MicroBatcher | None = None
+    unloading: bool = False
+    holders: int = 0  # requests that were routed to it and are not answered yet
+
+    @property
+    def rci_info(self) -> RciInfo:
+        return RciInfo.from_spec(self.engine.spec)
+
+    @property
+    def idle(self) -> bool:
+        return self.holders == 0 and (self.batcher is None or self.batcher.idle)
+
+    def start(self, executor) -> None:
+        s = self.settings
+        observer = BatchObserver(self.metrics, self.engine.scope)
+        self.batcher = MicroBatcher(self.engine, self.metrics, executor, s.max_batch_size, s.max_delay_ms / 1000.0, s.max_queue_size, on_batch=observer)
+        self.batcher.start()
+
+
+# ---- files ------------------------------------------------------------------------
+
+
+def model_names(root: Path) -> list[str]:
+    """The models of a repository: its directories not starting with "."; ``RepositoryError`` for a bad root or name."""
+    if not root.is_dir():
+        raise RepositoryError(f"{root}: model repository not found (a directory of checkpoint directories)")
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for name in names:
+        if not MODEL_NAME.fullmatch(name):
+            raise RepositoryError(f"{root / name}: a model's directory name must be 1-64 characters of A-Z a-z 0-9 _ . - (it is the model's name in URLs)")
+    if not names:
+        raise RepositoryError(f"{root}: no checkpoint directories in the model repository")
+    return names
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RepositoryError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise RepositoryError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if not isinstance(data, dict):
+        raise RepositoryError(f"{path}: must hold a JSON object")
+    return data
+
+
+def read_repository_config(root: Path, names: list[str]) -> RepositoryConfig:
+    """``root/repository.json`` (absent: no aliases, nothing required), checked against the repository's ``names``."""
+    path = root / REPOSITORY_FILE
+    if not path.exists():
+        return RepositoryConfig()
+    data = _read_json(path)
+    unknown = sorted(set(data) - {"required", "aliases"})
+    if unknown:
+        raise RepositoryError(f"{path}: unknown key(s) {unknown}; it may hold \"required\" and \"aliases\"")
+    aliases = data.get("aliases", {})
+    if not isinstance(aliases, dict):
+        raise RepositoryError(f"{path}: \"aliases\" must map alias names to {{model: weight}} objects")
+    checked: dict[str, dict[str, float]] = {}
+    for alias, weights in aliases.items():
+        where = f"{path}: alias {alias!r}"
+        if not MODEL_NAME.fullmatch(alias):
+            raise RepositoryError(f"{where}: a name must be 1-64 characters of A-Z a-z 0-9 _ . -")
+        if alias in names:
+            raise RepositoryError(f"{where}: a model of the repository has this name")
+        if not isinstance(weights, dict) or not weights:
+            raise RepositoryError(f"{where}: must map model names to weights, e.g. {{\"pgd-at\": 0.9, \"coded-at\": 0.1}}")
+        for model, weight in weights.items():
+            if model not in names:
+                raise RepositoryError(f"{where}: {model!r} is no model of the repository ({', '.join(names)})")
+            if type(weight) not in (int, float) or not math.isfinite(weight) or weight <= 0:
+                raise RepositoryError(f"{where}: the weight of {model!r} must be a number > 0, got {weight!r}")
+        checked[alias] = {m: float(w) for m, w in weights.items()}
+    required = data.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(n, str) for n in required):
+        raise RepositoryError(f"{path}: \"required\" must be a list of model names")
+    missing = [n for n in required if n not in names]
+    if missing:
+        raise RepositoryError(f"{path}: required model(s) {missing} are not in the repository ({', '.join(names)})")
+    return RepositoryConfig(tuple(required), checked)
+
+
+def model_settings(base: ServeSettings, model_dir: Path) -> tuple[ServeSettings, dict]:
+    """The settings a model is served with: ``model_dir/serving.json`` over ``base``; and its per-key limits.
+
+    Validated as the flags are (the same fields and bounds), each error naming the file.
+    """
+    path = model_dir / MODEL_SETTINGS_FILE
+    if not path.exists():
+        return base, {}
+    given = _read_json(path)
+    unknown = sorted(set(given) - set(MODEL_SETTINGS))
+    if unknown:
+        raise RepositoryError(f"{path}: unknown setting(s) {unknown}; a model may set {', '.join(MODEL_SETTINGS)}")
+    values = base.model_dump()
+    values.update(given)
+    if "max_batch_size" in given and "max_items_per_request" not in given:
+        values["max_items_per_request"] = min(base.max_items_per_request, given["max_batch_size"]) if isinstance(given["max_batch_size"], int) else None
+    if any(k in given for k in KEY_LIMITS):  # the model's own limits; the server's stay the keys' overall ones
+        values.update({k: given.get(k) for k in KEY_LIMITS})
+    try:
+        settings = ServeSettings(**values)
+    except ValidationError as exc:
+        problems = [f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()[:3]]
+        raise RepositoryError(f"{path}: {'; '.join(problems)}") from None
+    limits = {k: getattr(settings, k) for k in KEY_LIMITS if given.get(k) is not None}
+    if not limits:  # the model sets no limits of its own: the server's apply, once, as the key's overall limits
+        settings = settings.model_copy(update={k: getattr(base, k) for k in KEY_LIMITS})
+    return settings, limits
+
+
+def check_repository(settings: ServeSettings) -> list[str]:
+    """Everything start-up would refuse, without building engines: names, files, every checkpoint. Returns the names.
+
+    For the CLI, to fail before binding with the file and the problem (run it off the main thread:
+    loading checkpoints runs torch).
+    """
+    root = Path(settings.model_repository)
+    names = model_names(root)
+    config = read_repository_config(root, names)
+    checkpoints = {}
+    for name in names:
+        model_settings(settings, root / name)
+        checkpoints[name] = load_checkpoint(root / name)
+    _check_aliases(config, {n: c for n, c in checkpoints.items()}, root)
+    _check_default(settings.default_model, names, config)
+    return names
+
+
+def _check_aliases(config: RepositoryConfig, checkpoints: dict[str, Checkpoint], root: Path) -> None:
+    """An alias's models must take the same inputs and name the same classes (a client cannot tell which it gets)."""
+    for alias, weights in config.aliases.items():
+        loaded = [checkpoints[m] for m in weights if m in checkpoints]
+        if any(c.input_shape != loaded[0].input_shape or c.classes != loaded[0].classes for c in loaded[1:]):
+            raise RepositoryError(f"{root / REPOSITORY_FILE}: alias {alias!r}: its models differ in input shape or classes")
+
+
+def _check_default(default: str | None, names: list[str], config: RepositoryConfig) -> None:
+    if default is not None and default not in names and default not in config.aliases:
+        raise RepositoryError(f"--default-model {default!r} is neither a model nor an alias of the repository ({', '.join(names + sorted(config.aliases))})")
+
+
+# ---- the registry -----------------------------------------------------------------
+
+
+class Repository:
+    """The models a server holds, by name; aliases; explicit load and unload. Used on the event loop only,
+    except ``load_all`` and ``_load`` (the model thread)."""
+
+    def __init__(self, settings: ServeSettings, metrics: Metrics, engine_factory, executor):
+        self.settings = settings
+        self.metrics = metrics
+        self.engine_factory = engine_factory
+        self.executor = executor  # the model thread
+        self.root = Path(settings.model_repository) if settings.model_repository else None
+        self.explicit = settings.model_control == "explicit"
+        self.config = RepositoryConfig()
+        self.models: dict[str, ServedModel] = {}
+        self.loading: set[str] = set()
+        self.failed: dict[str, str] = {}  # name -> why its last load failed
+        self.loads: dict[str, int] = {}  # name -> versions loaded so far (a load's version is the next one)
+        self.default: str | None = settings.default_model
+        self.device: torch.device | None = None
+        self._draw = random.Random()  # seeded from the OS
+        self._lock: asyncio.Lock | None = None  # loads and unloads one at a time (made on the loop)
+
+    # ---- loading (model thread) -------------------------------------------------
+
+    def load_all(self) -> None:
+        """Load every model (on the model thread); raises with the file and the problem."""
+        self.device = resolve_device(self.settings.device)
+        if self.root is None:
+            path = self.settings.checkpoint or default_checkpoint_path()
+            checkpoint = load_checkpoint(path, device=self.device)
+            model = self._build(checkpoint.name, Path(path), checkpoint, self.settings, {}, 1)
+            self.models[model.name] = model
+            self.default = model.name
+            return
+        names = model_names(self.root)
+        self.config = read_repository_config(self.root, names)
+        for name in names:
+            self.models[name] = self._load(name, 1)
+        _check_aliases(self.config, {n: m.checkpoint for n, m in self.models.items()}, self.root)
+        _check_default(self.default, names, self.config)
+        if self.default is None and len(names) == 1:
+            self.default = names[0]
+
+    def _load(self, name: str, version: int) -> ServedModel:
+        path = self.root / name
+        settings, limits = model_settings(self.settings, path)
+        checkpoint = load_checkpoint(path, device=self.device)
+        return self._build(name, path, checkpoint, settings, limits, version)
+
+    def _build(self, name, path, checkpoint, settings, limits, version) -> ServedModel:
+        engine = self.engine_factory(checkpoint, settings, self.device)
+        engine.warm_up(settings.max_batch_size)
+        log.info("loaded %s (version %d) from %s on %s (%s)", name, version, path, self.device, engine.spec.label())
+        return ServedModel(name, version, path, settings, limits, checkpoint, engine, self.metrics.for_model(name))
+
+    def start(self) -> None:
+        """Start every loaded model's batcher (on the loop)."""
+        self._lock = asyncio.Lock()
+        for model in self.models.values():
+            self.loads[model.name] = model.version
+            model.start(self.executor)
+            self.metrics.model_loaded.labels(model.name).set(1)
+
+    # ---- routing ----------------------------------------------------------------
+
+    def _serving(self, name: str) -> ServedModel | None:
+        model = self.models.get(name)
+        return model if model is not None and not model.unloading else None
+
+    def resolve(self, name: str) -> ServedModel:
+        """The model a request for ``name`` goes to (an alias: a weighted draw among its loaded models); 404 otherwise."""
+        model = self._serving(name)
+        if model is not None:
+            return model
+        weights = self.config.aliases.get(name)
+        if weights is None:
+            raise self._not_found(name)
+        live = [(m, w) for t, w in weights.items() if (m := self._serving(t)) is not None]
+        if not live:
+            raise NotFound(f"alias {name!r}: none of its models ({', '.join(weights)}) is loaded")
+        return self._draw.choices([m for m, _ in live], [w for _, w in live])[0]
+
+    def describe(self, name: str) -> ServedModel:
+        """The model whose metadata ``name`` shows, without a draw (an alias: its first loaded model)."""
+        model = self._serving(name)
+        if model is not None or name not in self.config.aliases:
+            return model or self.resolve(name)
+        return next((m for t in self.config.aliases[name] if (m := self._serving(t)) is not None), None) or self.resolve(name)
+
+    def default_model(self) -> ServedModel:
+        if self.default is None:
+            raise NotFound(f"no default model; use POST /v1/models/{{name}}/predict with one of {', '.join(self.names())}, or start the server with --default-model")
+        return self.resolve(self.default)
+
+    def _not_found(self, name: str) -> NotFound:
+        if name in self.loading:
+            return Unavailable(f"model {name!r} is loading", retry_after_s=2)
+        if self.root is not None and MODEL_NAME.fullmatch(name) and (self.root / name).is_dir():
+            why = f" (its last load failed: {self.failed[name]})" if name in self.failed else ""
+            return NotFound(f"model {name!r} is not loaded{why}")
+        return NotFound(f"unknown model {quoted(name)}; this server serves {', '.join(repr(n) for n in self.names())}")
+
+    def names(self) -> list[str]:
+        return sorted(n for n, m in self.models.items() if not m.unloading)
+
+    def serving(self) -> list[ServedModel]:
+        return [self.models[n] for n in self.names()]
+
+    @property
+    def required_loaded(self) -> bool:
+        return bool(self.names()) and all(self._serving(n) is not None for n in self.config.required)
+
+    def batchers(self) -> list[MicroBatcher]:
+        return [m.batcher for m in self.models.values() if m.batcher is not None]
+
+    # ---- index, load, unload ----------------------------------------------------
+
+    def index(self) -> list[dict]:
+        """Every model of the repository with its state (Triton's repository index)."""
+        names = set(self.models) | self.loading | set(self.failed)
+        if self.root is not None and self.root.is_dir():
+            names |= {p.name for p in self.root.iterdir() if p.is_dir() and MODEL_NAME.fullmatch(p.name) and not p.name.startswith(".")}
+        out = []
+        for name in sorted(names):
+            model = self.models.get(name)
+            entry: dict = {"name": name}
+            if model is not None:
+                entry.update(version=str(model.version), state="UNLOADING" if model.unloading else "READY")
+            elif name in self.loading:
+                entry["state"] = "LOADING"
+            else:
+                entry.update(state="UNAVAILABLE", reason=self.failed.get(name, "unloaded"))
+            out.append(entry)
+        return out
+
+    def _model_dir(self, name: str) -> None:
+        if self.root is None or not MODEL_NAME.fullmatch(name) or not (self.root / name).is_dir():
+            where = "" if self.root is None else f"; no directory {quoted(name)} in the model repository"
+            raise NotFound(f"unknown model {quoted(name)}{where}")
+
+    async def load(self, name: str) -> ServedModel:
+        """Load (or reload: a new version swapped in, the old one drained) ``name`` from the repository."""
+        self._model_dir(name)
+        async with self._lock:
+            old = self.models.get(name)
+            version = self.loads.get(name, 1) + 1
+            self.loading.add(name)
+            try:
+                model = await asyncio.get_running_loop().run_in_executor(self.executor, self._load, name, version)
+            except Exception as exc:  # noqa: BLE001 - any failure to load is the checkpoint's; the others keep serving
+                reason = str(exc) if isinstance(exc, ValueError) else f"{self.root / name}: {type(exc).__name__}: {exc}"
+                self.failed[name] = reason
+                log.error("load of %s refused: %s", name, reason)
+                raise LoadFailed(f"model {name!r} not loaded: {reason}") from None
+            finally:
+                self.loading.discard(name)
+            others = [self.models[t].checkpoint for a in self.config.aliases.values() if name in a for t in a if t != name and t in self.models]
+            if any(c.input_shape != model.checkpoint.input_shape or c.classes != model.checkpoint.classes for c in others):
+                raise LoadFailed(f"model {name!r} not loaded: {model.path} differs in input shape or classes from the other models of its alias")
+            model.start(self.executor)
+            self.loads[name] = version
+            self.failed.pop(name, None)
+            self.models[name] = model  # new requests go to the new version from here
+            self.metrics.model_loaded.labels(name).set(1)
+            if old is not None:
+                old.unloading = True
+                await self._retire(old)
+            return model
+
+    async def unload(self, name: str) -> ServedModel:
+        """Stop routing to ``name``, let its accepted requests finish, then free it."""
+        async with self._lock:
+            model = self._serving(name)
+            if model is None:
+                raise self._not_found(name)
+            model.unloading = True
+            self.metrics.model_loaded.labels(name).set(0)
+            await self._retire(model)
+            if self.models.get(name) is model:
+                del self.models[name]
+            return model
+
+    async def _retire(self, model: ServedModel) -> None:
+        """Drain one model (its requests routed before now finish, up to the drain timeout), then free it."""
+        end = asyncio.get_running_loop().time() + self.settings.drain_timeout_s
+        while not model.idle and asyncio.get_running_loop().time() < end:
+            await asyncio.sleep(0.01)
+        if model.batcher is not None:
+            if not model.idle:
+                log.warning("%s version %d: drain timeout passed; answering what is left 503", model.name, model.version)
+            model.batcher.draining = True
+            await model.batcher.stop()
+        if model.holders == 0:  # drop the last references: the weights go with them
+            model.engine = model.checkpoint = model.batcher = None
+        await asyncio.get_running_loop().run_in_executor(self.executor, _free_memory)
+        log.info("unloaded %s version %d", model.name, model.version)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

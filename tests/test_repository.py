@@ -1,0 +1,322 @@
+"""A model repository on real servers: each model answers as a single-checkpoint server of it (v1, v2 JSON, v2 binary,
+tritonclient), per-model queues under a flood, explicit load/unload/reload under load, weighted aliases, per-model
+metrics, readiness and limits, and the repository's files refused with the file named.
+
+Synchronised on state (queue-depth gauges, answers), never on sleeps.
+"""
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from helpers import SLOW_SERVER, ServerProcess, metric, running_server, wait_for_metric, wait_until
+
+from codedsmooth.service.keys import add_key
+from codedsmooth.service.repository import RepositoryError, model_settings
+from codedsmooth.service.settings import ServeSettings
+from codedsmooth.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def erm_checkpoint(tmp_path_factory, digits):
+    out = tmp_path_factory.mktemp("ckpt-erm") / "tiny-erm"
+    train(TrainConfig(method="erm", epochs=2, width=8, batch_size=16, out=str(out), progress=False, seed=1, filler_size=32), data=digits)
+    return out
+
+
+def make_repository(root, tiny_checkpoint, erm_checkpoint, repository: dict | None = None, serving: dict | None = None):
+    """``root`` with the two test checkpoints as models "coded" and "erm" (``serving``: {model: its serving.json})."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(tiny_checkpoint, root / "coded")
+    shutil.copytree(erm_checkpoint, root / "erm")
+    if repository is not None:
+        (root / "repository.json").write_text(json.dumps(repository))
+    for name, values in (serving or {}).items():
+        (root / name / "serving.json").write_text(json.dumps(values))
+    return root
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, tiny_checkpoint, erm_checkpoint):
+    return make_repository(tmp_path_factory.mktemp("repo") / "models", tiny_checkpoint, erm_checkpoint)
+
+
+def v1(url, name, x) -> np.ndarray:
+    path = "/v1/predict" if name is None else f"/v1/models/{name}/predict"
+    r = httpx.post(url + path, json={"inputs": x.tolist()}, timeout=30)
+    assert r.status_code == 200, r.text
+    return np.array([p["probabilities"] for p in r.json()["predictions"]], dtype=np.float32)
+
+
+def v2_json(url, name, x) -> np.ndarray:
+    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}], "outputs": [{"name": "probabilities"}]}
+    r = httpx.post(f"{url}/v2/models/{name}/infer", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["model_name"] == name
+    return np.array(out["outputs"][0]["data"], dtype=np.float32).reshape(out["outputs"][0]["shape"])
+
+
+def v2_binary(url, name, x) -> np.ndarray:
+    data = x.numpy().astype(np.float32).tobytes()
+    header = json.dumps({
+        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": len(data)}}],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+    }).encode()
+    r = httpx.post(f"{url}/v2/models/{name}/infer", content=header + data, headers={"Inference-Header-Content-Length": str(len(header))}, timeout=30)
+    assert r.status_code == 200, r.text
+    n = int(r.headers["Inference-Header-Content-Length"])
+    head = json.loads(r.content[:n])
+    assert head["model_name"] == name
+    return np.frombuffer(r.content[n:], dtype=np.float32).reshape(head["outputs"][0]["shape"])
+
+
+def triton(url, name, x) -> np.ndarray:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=url.removeprefix("http://"))
+    try:
+        assert client.is_model_ready(name)
+        assert client.get_model_metadata(name)["inputs"][0]["shape"] == [-1, *x.shape[1:]]
+        inp = httpclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x.numpy(), binary_data=True)
+        return client.infer(name, [inp], outputs=[httpclient.InferRequestedOutput("probabilities", binary_data=True)]).as_numpy("probabilities")
+    finally:
+        client.close()
+
+
+def test_each_model_answers_exactly_as_a_single_checkpoint_server_of_it(repo, tiny_checkpoint, erm_checkpoint, digits):
+    x = digits.test_x[:5]
+    with running_server(None, model_repository=repo, rci=False) as server:
+        got = {name: [f(server.url, name, x) for f in (v1, v2_json, v2_binary, triton)] for name in ("coded", "erm")}
+        listed = httpx.get(server.url + "/v1/models").json()
+        index = httpx.post(server.url + "/v2/repository/index").json()
+    assert [m["name"] for m in listed] == ["coded", "erm"]
+    assert index == [{"name": "coded", "version": "1", "state": "READY"}, {"name": "erm", "version": "1", "state": "READY"}]
+    for name, checkpoint in (("coded", tiny_checkpoint), ("erm", erm_checkpoint)):
+        with running_server(checkpoint, rci=False) as single:
+            (info,) = httpx.get(single.url + "/v1/models").json()
+            own = info["name"]
+            expected = [v1(single.url, None, x), v2_json(single.url, own, x), v2_binary(single.url, own, x), triton(single.url, own, x)]
+        for protocol, a, b in zip(("v1", "v2 JSON", "v2 binary", "tritonclient"), got[name], expected):
+            np.testing.assert_array_equal(a, b, err_msg=f"{name} over {protocol}")
+    # the two models are different models: the test would see a mix-up
+    assert np.abs(got["coded"][0] - got["erm"][0]).max() > 1e-3
+
+
+def test_unknown_models_get_404_with_the_json_body_and_no_default_means_naming_one(repo, digits):
+    item = {"inputs": digits.test_x[:1].tolist()}
+    with running_server(None, model_repository=repo, rci=False) as server:
+        for method, path in (("POST", "/v1/models/nope/predict"), ("POST", "/v2/models/nope/infer"), ("GET", "/v2/models/nope"), ("GET", "/v2/models/nope/ready")):
+            r = httpx.request(method, server.url + path, json=item)
+            assert r.status_code == 404 and "unknown model 'nope'" in r.json()["error"], (path, r.text)
+        r = httpx.post(server.url + "/v1/predict", json=item)
+        assert r.status_code == 404 and "--default-model" in r.json()["error"]
+        r = httpx.post(server.url + "/v2/repository/models/erm/unload")
+        assert r.status_code == 403 and "--model-control explicit" in r.json()["error"]
+        assert httpx.get(server.url + "/v2/models/erm/versions/2").status_code == 404
+        assert httpx.get(server.url + "/v2/models/erm/versions/1/ready").status_code == 200
+
+
+async def _flood(url, name, n, x):
+    async with httpx.AsyncClient(timeout=60) as client:
+        return await asyncio.gather(*[client.post(f"{url}/v1/models/{name}/predict", json={"inputs": x}) for _ in range(n)])
+
+
+def test_a_flood_on_one_model_does_not_starve_the_other(tmp_path, tiny_checkpoint, erm_checkpoint, digits, monkeypatch):
+    """Model "coded" holds a backlog (one item per batch, each batch slowed); a request to "erm" is answered while that backlog is still there."""
+    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint, serving={"coded": {"max_batch_size": 1, "max_delay_ms": 0}})
+    monkeypatch.setenv("SLOW_BATCH_S", "0.05")
+    monkeypatch.delenv("SLOW_ENGINE_GATE", raising=False)
+    server = ServerProcess(None, program=SLOW_SERVER, model_repository=root, rci=False, timeout_ms=60000)
+    x = digits.test_x[:1].tolist()
+    try:
+        server.wait_ready()
+
+        async def scenario():
+            flood = asyncio.ensure_future(_flood(server.url, "coded", 60, x))
+            await asyncio.to_thread(wait_for_metric, server, "codedsmooth_queue_depth", lambda v: v >= 30, model="coded")
+            async with httpx.AsyncClient(timeout=60) as client:
+                r = await client.post(f"{server.url}/v1/models/erm/predict", json={"inputs": x})
+            backlog = await asyncio.to_thread(metric, server, "codedsmooth_queue_depth", model="coded")
+            return r, backlog, await flood
+
+        r, backlog, flooded = asyncio.run(scenario())
+        assert r.status_code == 200 and r.json()["model"] == "erm"
+        # one shared queue would have answered "erm" after the whole backlog; its own queue answers it after at most one "coded" batch
+        assert backlog >= 20, f"'coded' still had {backlog} requests queued when 'erm' was answered"
+        assert all(f.status_code == 200 for f in flooded)
+        assert metric(server, "codedsmooth_batch_size_count", model="coded") >= 60  # one item per batch: its own max_batch_size
+    finally:
+        server.terminate()
+
+
+async def _traffic(url, name, stop: asyncio.Event, x) -> list:
+    out = []
+    async with httpx.AsyncClient(timeout=60) as client:
+        while not stop.is_set():
+            r = await client.post(f"{url}/v1/models/{name}/predict", json={"inputs": x})
+            out.append((r.status_code, r.json().get("model")))
+    return out
+
+
+def test_explicit_load_unload_and_reload_under_load(tmp_path, tiny_checkpoint, erm_checkpoint, digits):
+    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint, repository={"required": ["erm"]})
+    x = digits.test_x[:2].tolist()
+    with running_server(None, model_repository=root, model_control="explicit", rci=False) as server:
+        url = server.url
+
+        async def reloads():
+            stop = asyncio.Event()
+            workers = [asyncio.ensure_future(_traffic(url, name, stop, x)) for name in ("coded", "coded", "erm", "erm")]
+            async with httpx.AsyncClient(timeout=60) as client:
+                await asyncio.to_thread(wait_for_metric, server, "codedsmooth_requests_total", lambda v: v >= 10, endpoint="/v1/models/{name}/predict", status="200", model="erm")
+                answers = [await client.post(f"{url}/v2/repository/models/erm/load") for _ in range(2)]
+                (root / "erm" / "serving.json").write_text('{"max_batch_size": 0}')  # a broken new version: refused, the old one stays
+                broken = await client.post(f"{url}/v2/repository/models/erm/load")
+                (root / "erm" / "serving.json").unlink()
+                before = metric(server, "codedsmooth_requests_total", endpoint="/v1/models/{name}/predict", status="200", model="erm")
+                await asyncio.to_thread(wait_for_metric, server, "codedsmooth_requests_total", lambda v: v >= before + 10, endpoint="/v1/models/{name}/predict", status="200", model="erm")
+            stop.set()
+            return answers, broken, await asyncio.gather(*workers)
+
+        answers, broken, traffic = asyncio.run(reloads())
+        assert [a.status_code for a in answers] == [200, 200] and [a.json()["version"] for a in answers] == ["2", "3"]
+        assert broken.status_code == 400 and "serving.json" in broken.json()["error"] and "max_batch_size" in broken.json()["error"]
+        for answers_of_one in traffic:
+            assert answers_of_one and all(status == 200 for status, _ in answers_of_one), [a for a in answers_of_one if a[0] != 200][:3]
+        assert httpx.get(url + "/v2/models/erm").json()["versions"] == ["3"]
+
+        # unload "erm" while "coded" is under load: "coded" loses nothing; "erm" is then 404, the server unready (it is required)
+        async def unload():
+            stop = asyncio.Event()
+            workers = [asyncio.ensure_future(_traffic(url, "coded", stop, x)) for _ in range(2)]
+            async with httpx.AsyncClient(timeout=60) as client:
+                r = await client.post(f"{url}/v2/repository/models/erm/unload")
+                gone = await client.post(f"{url}/v1/models/erm/predict", json={"inputs": x})
+            stop.set()
+            return r, gone, await asyncio.gather(*workers)
+
+        r, gone, traffic = asyncio.run(unload())
+        assert r.status_code == 200 and r.json()["state"] == "UNAVAILABLE"
+        assert gone.status_code == 404 and "not loaded" in gone.json()["error"]
+        assert all(status == 200 for w in traffic for status, _ in w)
+        assert httpx.get(url + "/health/ready").status_code == 503 and metric(server, "codedsmooth_model_ready") == 0
+        assert metric(server, "codedsmooth_model_loaded", model="erm") == 0
+
+        # a broken checkpoint is refused with the file named; the others keep serving
+        shutil.copytree(erm_checkpoint, root / "broken")
+        (root / "broken" / "config.json").write_text("{not json")
+        r = httpx.post(url + "/v2/repository/models/broken/load")
+        assert r.status_code == 400 and str(root / "broken" / "config.json") in r.json()["error"]
+        index = {e["name"]: e for e in httpx.post(url + "/v2/repository/index").json()}
+        assert index["broken"]["state"] == "UNAVAILABLE" and "config.json" in index["broken"]["reason"]
+        assert httpx.post(url + "/v2/repository/models/elsewhere/load").status_code == 404
+        v1(url, "coded", digits.test_x[:1])
+
+        assert httpx.post(url + "/v2/repository/models/erm/load").json() == {"name": "erm", "version": "4", "state": "READY"}
+        assert httpx.get(url + "/health/ready").status_code == 200 and metric(server, "codedsmooth_model_ready") == 1
+
+
+def test_a_weighted_alias_routes_by_its_weights_and_every_answer_names_its_model(tmp_path, tiny_checkpoint, erm_checkpoint, digits):
+    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint, repository={"aliases": {"ab": {"coded": 0.9, "erm": 0.1}}})
+    x = digits.test_x[:1].tolist()
+    with running_server(None, model_repository=root, default_model="ab", rci=False) as server:
+
+        async def many(n):
+            async with httpx.AsyncClient(timeout=60) as client:
+                sem = asyncio.Semaphore(16)
+
+                async def one():
+                    async with sem:
+                        return await client.post(server.url + "/v1/predict", json={"inputs": x})
+
+                return await asyncio.gather(*[one() for _ in range(n)])
+
+        answers = asyncio.run(many(1000))
+        assert all(a.status_code == 200 for a in answers)
+        names = [a.json()["model"] for a in answers]
+        share = names.count("coded") / len(names)
+        assert abs(share - 0.9) <= 0.05, f"{share:.3f} of 1000 requests went to 'coded' (weight 0.9)"
+        assert set(names) == {"coded", "erm"}
+        # the metrics count per model, as the answers say
+        for name in ("coded", "erm"):
+            assert metric(server, "codedsmooth_requests_total", endpoint="/v1/predict", status="200", model=name) == names.count(name)
+        # each answer is the named model's own: the alias's answers equal that model's direct answers (batched with
+        # others, so BLAS may sum in another order: float32 rounding only; the two models differ by far more)
+        direct = {name: v1(server.url, name, digits.test_x[:1]) for name in ("coded", "erm")}
+        assert np.abs(direct["coded"] - direct["erm"]).max() > 1e-3
+        for a in answers[:50]:
+            np.testing.assert_allclose(np.array([a.json()["predictions"][0]["probabilities"]], dtype=np.float32), direct[a.json()["model"]], rtol=0, atol=1e-6)
+        v2_names = {v2_json_model_name(server.url, "ab", digits.test_x[:1]) for _ in range(40)}
+        assert v2_names == {"coded", "erm"} or v2_names == {"coded"}  # 40 draws at 10 %: "erm" is likely, not certain
+        assert httpx.get(server.url + "/v2/models/ab/ready").status_code == 200
+
+
+def v2_json_model_name(url, name, x) -> str:
+    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
+    r = httpx.post(f"{url}/v2/models/{name}/infer", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["model_name"]
+
+
+def test_a_models_own_settings_and_per_key_quota(tmp_path, tiny_checkpoint, erm_checkpoint, digits):
+    keys = tmp_path / "keys.txt"
+    key = add_key(keys, "alice")
+    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint, serving={"erm": {"quota": 3, "rci": False, "max_batch_size": 4}})
+    auth = {"Authorization": f"Bearer {key}"}
+    x = digits.test_x[:1].tolist()
+    with running_server(None, model_repository=root, api_keys_file=keys) as server:
+        listed = {m["name"]: m for m in httpx.get(server.url + "/v1/models", headers=auth).json()}
+        assert listed["erm"]["rci"]["enabled"] is False and listed["coded"]["rci"]["enabled"] is True  # each its own spec
+        r = httpx.post(server.url + "/v1/models/erm/predict", json={"inputs": digits.test_x[:5].tolist()}, headers=auth)
+        assert r.status_code == 413  # its max_batch_size of 4 bounds its requests
+        for _ in range(3):
+            assert httpx.post(server.url + "/v1/models/erm/predict", json={"inputs": x}, headers=auth).status_code == 200
+        r = httpx.post(server.url + "/v1/models/erm/predict", json={"inputs": x}, headers=auth)
+        assert r.status_code == 429 and "on model 'erm'" in r.json()["error"]
+        for _ in range(5):  # the quota is the model's: the other model is not limited
+            assert httpx.post(server.url + "/v1/models/coded/predict", json={"inputs": x}, headers=auth).status_code == 200
+
+
+def test_model_settings_files_are_validated_with_the_file_named(tmp_path):
+    base = ServeSettings()
+    (tmp_path / "serving.json").write_text('{"max_batch_size": 8, "rci_scope": "batch"}')
+    settings, limits = model_settings(base, tmp_path)
+    assert (settings.max_batch_size, settings.max_items_per_request, settings.rci_scope, limits) == (8, 8, "batch", {})
+    assert settings.max_delay_ms == base.max_delay_ms  # the server's flags are the defaults
+    for text, problem in (
+        ('{"max_batch_sise": 8}', "unknown setting"),
+        ('{"max_delay_ms": -1}', "max_delay_ms"),
+        ('{"rci_scope": "everything"}', "rci_scope"),
+        ('{"quota": 5}', "need api_keys_file"),
+        ("[1, 2]", "JSON object"),
+        ("{", "not valid JSON"),
+    ):
+        (tmp_path / "serving.json").write_text(text)
+        with pytest.raises(RepositoryError, match=problem) as err:
+            model_settings(base, tmp_path)
+        assert str(tmp_path / "serving.json") in str(err.value)
+
+
+def serve_error(*args) -> str:
+    r = subprocess.run([sys.executable, "-m", "codedsmooth.cli", "serve", "--port", "0", "--metrics-port", "0", *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    return r.stderr
+
+
+def test_the_cli_refuses_bad_repositories_with_the_file_named(tmp_path, tiny_checkpoint, erm_checkpoint):
+    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint, repository={"aliases": {"ab": {"coded": 1, "gone": 1}}})
+    assert "ab" in serve_error("--model-repository", str(root)) and "'gone' is no model of the repository" in serve_error("--model-repository", str(root))
+    (root / "repository.json").unlink()
+    assert "Ray Serve" in serve_error("--model-repository", str(root), "--replicas", "2")
+    assert "not both" in serve_error("--model-repository", str(root), "--checkpoint", str(tiny_checkpoint))
+    assert "neither a model nor an alias" in serve_error("--model-repository", str(root), "--default-model", "nope")
+    (root / "erm" / "model.safetensors").unlink()
+    assert str(root / "erm" / "model.safetensors") in serve_error("--model-repository", str(root))
