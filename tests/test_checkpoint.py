@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from codedsmooth.models import CheckpointError, default_checkpoint_path, load_checkpoint, save_checkpoint
+from codedsmooth.models.config import ADVERSARIAL_METHODS
 from codedsmooth.train import evaluate, load_dataset
 
 
@@ -94,9 +95,9 @@ def test_nonexistent_path():
         load_checkpoint("/nonexistent/ckpt")
 
 
-def test_default_checkpoint_is_coded_and_its_accuracy_is_reproducible():
+def test_default_checkpoint_is_adversarially_trained_and_its_accuracy_is_reproducible():
     ck = load_checkpoint(default_checkpoint_path())
-    assert ck.config.method == "coded" and ck.config.dataset == "mnist"
+    assert ck.config.method in ADVERSARIAL_METHODS and ck.config.dataset == "mnist"
     assert ck.trained_coding.coded_points == "chebyshev-gauss"  # no exact slots in the shipped model
     data = load_dataset(ck.config.dataset)
     acc = evaluate(ck.model, data.test_x, data.test_y, "cpu")

@@ -394,8 +394,10 @@ def test_default_checkpoint_facts_match_its_config():
     assert (args.width, args.data) == (config["arch_kwargs"]["width"], config["dataset"])
     coding = config["coding"]
     page = flat(text(ROOT / "docs" / "training.md"))
-    assert f"K = {coding['k']}, N {t['n_schedule']['n_start']}→{t['n_schedule']['n_end']} on Gauss coded points" in page
-    assert coding["coded_points"] == "chebyshev-gauss"
+    assert f"served with RCI at K = {coding['k']}, N = {coding['n']} on Gauss coded points" in page and coding["coded_points"] == "chebyshev-gauss"
+    at = t["adversarial_training"]
+    assert f"PGD adversarial training (ε = {at['eps']:g}, {at['steps']} steps)" in page
+    assert f"in {sum(h['seconds'] for h in config['history']) / 60:.0f} min on 2 CPU cores" in page
 
 
 # --- numbers quoted from docs/RESULTS.json -------------------------------------------------------
