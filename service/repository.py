@@ -111,11 +111,21 @@ class ServedModel:
 # ---- files ------------------------------------------------------------------------
 
 
+def _hidden(name: str) -> bool:
+    """A name starting with "." is no model ("." and ".." are no directories of the repository; save_checkpoint's temporary ones)."""
+    return name.startswith(".")
+
+
+def is_model_dir(root: Path, name: str) -> bool:
+    """Whether ``name`` (e.g. from a URL) names a model directory of ``root``: a valid name, not hidden, a directory."""
+    return MODEL_NAME.fullmatch(name) is not None and not _hidden(name) and (root / name).is_dir()
+
+
 def model_names(root: Path) -> list[str]:
     """The models of a repository: its directories not starting with "."; ``RepositoryError`` for a bad root or name."""
     if not root.is_dir():
         raise RepositoryError(f"{root}: model repository not found (a directory of checkpoint directories)")
-    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
     for name in names:
         if not MODEL_NAME.fullmatch(name):
             raise RepositoryError(f"{root / name}: a model's directory name must be 1-64 characters of A-Z a-z 0-9 _ . - (it is the model's name in URLs)")
@@ -331,7 +341,7 @@ class Repository:
     def _not_found(self, name: str) -> NotFound:
         if name in self.loading:
             return Unavailable(f"model {name!r} is loading", retry_after_s=2)
-        if self.root is not None and MODEL_NAME.fullmatch(name) and (self.root / name).is_dir():
+        if self.root is not None and is_model_dir(self.root, name):
             why = f" (its last load failed: {self.failed[name]})" if name in self.failed else ""
             return NotFound(f"model {name!r} is not loaded{why}")
         return NotFound(f"unknown model {quoted(name)}; this server serves {', '.join(repr(n) for n in self.names())}")
@@ -355,7 +365,7 @@ class Repository:
         """Every model of the repository with its state (Triton's repository index)."""
         names = set(self.models) | self.loading | set(self.failed)
         if self.root is not None and self.root.is_dir():
-            names |= {p.name for p in self.root.iterdir() if p.is_dir() and MODEL_NAME.fullmatch(p.name) and not p.name.startswith(".")}
+            names |= {p.name for p in self.root.iterdir() if is_model_dir(self.root, p.name)}
         out = []
         for name in sorted(names):
             model = self.models.get(name)
@@ -370,7 +380,7 @@ class Repository:
         return out
 
     def _model_dir(self, name: str) -> None:
-        if self.root is None or not MODEL_NAME.fullmatch(name) or not (self.root / name).is_dir():
+        if self.root is None or not is_model_dir(self.root, name):
             where = "" if self.root is None else f"; no directory {quoted(name)} in the model repository"
             raise NotFound(f"unknown model {quoted(name)}{where}")
 

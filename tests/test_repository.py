@@ -320,3 +320,19 @@ def test_the_cli_refuses_bad_repositories_with_the_file_named(tmp_path, tiny_che
     assert "neither a model nor an alias" in serve_error("--model-repository", str(root), "--default-model", "nope")
     (root / "erm" / "model.safetensors").unlink()
     assert str(root / "erm" / "model.safetensors") in serve_error("--model-repository", str(root))
+
+
+def test_explicit_load_takes_only_the_repositorys_own_model_directories(tmp_path, tiny_checkpoint, erm_checkpoint, digits):
+    """'..' (percent-encoded, as a client can send it), '.' and hidden directories are no models: 404, nothing loaded."""
+    root = make_repository(tmp_path / "parent" / "repo", tiny_checkpoint, erm_checkpoint)
+    for f in tiny_checkpoint.iterdir():  # a valid checkpoint one level above the repository
+        shutil.copy(f, tmp_path / "parent" / f.name)
+    shutil.copytree(erm_checkpoint, root / ".staging")  # a hidden directory (as save_checkpoint writes): skipped at start
+    with running_server(None, model_repository=root, model_control="explicit", rci=False) as server:
+        for name in ("%2E%2E", "%2E", ".staging"):
+            r = httpx.post(f"{server.url}/v2/repository/models/{name}/load")
+            assert r.status_code == 404 and "unknown model" in r.json()["error"], (name, r.status_code, r.text)
+            r = httpx.post(f"{server.url}/v1/models/{name}/predict", json={"inputs": digits.test_x[:1].tolist()})
+            assert r.status_code == 404, (name, r.text)
+        assert [e["name"] for e in httpx.post(server.url + "/v2/repository/index").json()] == ["coded", "erm"]
+        assert [m["name"] for m in httpx.get(server.url + "/v1/models").json()] == ["coded", "erm"]
