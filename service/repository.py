@@ -61,6 +61,7 @@ MODEL_SETTINGS = (
 KEY_LIMITS = ("rate_limit", "quota")
 MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 STATES = ("READY", "LOADING", "UNLOADING", "UNAVAILABLE")  # as Triton's repository index names them
+UNLOADED = "unloaded"  # the reason of an UNAVAILABLE model never loaded or unloaded
 
 
 class RepositoryError(ValueError):
@@ -375,7 +376,7 @@ class Repository:
             elif name in self.loading:
                 entry["state"] = "LOADING"
             else:
-                entry.update(state="UNAVAILABLE", reason=self.failed.get(name, "unloaded"))
+                entry.update(state="UNAVAILABLE", reason=self.failed.get(name, UNLOADED))
             out.append(entry)
         return out
 

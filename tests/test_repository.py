@@ -336,3 +336,12 @@ def test_explicit_load_takes_only_the_repositorys_own_model_directories(tmp_path
             assert r.status_code == 404, (name, r.text)
         assert [e["name"] for e in httpx.post(server.url + "/v2/repository/index").json()] == ["coded", "erm"]
         assert [m["name"] for m in httpx.get(server.url + "/v1/models").json()] == ["coded", "erm"]
+
+
+def test_unloading_a_model_whose_directory_is_gone_answers_its_state(tmp_path, tiny_checkpoint, erm_checkpoint):
+    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint)
+    with running_server(None, model_repository=root, model_control="explicit", rci=False) as server:
+        shutil.rmtree(root / "erm")  # the operator removes a model's files, then unloads it
+        r = httpx.post(server.url + "/v2/repository/models/erm/unload")
+        assert r.status_code == 200 and r.json() == {"name": "erm", "state": "UNAVAILABLE", "reason": "unloaded"}, r.text
+        assert [e["name"] for e in httpx.post(server.url + "/v2/repository/index").json()] == ["coded"]
