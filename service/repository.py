@@ -390,7 +390,7 @@ class Repository:
         self._model_dir(name)
         async with self._lock:
             old = self.models.get(name)
-            version = self.loads.get(name, 1) + 1
+            version = self.loads.get(name, 0) + 1
             self.loading.add(name)
             try:
                 model = await asyncio.get_running_loop().run_in_executor(self.executor, self._load, name, version)

@@ -345,3 +345,13 @@ def test_unloading_a_model_whose_directory_is_gone_answers_its_state(tmp_path, t
         r = httpx.post(server.url + "/v2/repository/models/erm/unload")
         assert r.status_code == 200 and r.json() == {"name": "erm", "state": "UNAVAILABLE", "reason": "unloaded"}, r.text
         assert [e["name"] for e in httpx.post(server.url + "/v2/repository/index").json()] == ["coded"]
+
+
+def test_a_model_first_loaded_explicitly_is_version_1(tmp_path, tiny_checkpoint, erm_checkpoint):
+    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint)
+    with running_server(None, model_repository=root, model_control="explicit", rci=False) as server:
+        shutil.copytree(tiny_checkpoint, root / "added")  # a model added to the repository after start
+        assert httpx.post(server.url + "/v2/repository/models/added/load").json() == {"name": "added", "version": "1", "state": "READY"}
+        assert httpx.get(server.url + "/v2/models/added").json()["versions"] == ["1"]
+        assert httpx.post(server.url + "/v2/repository/models/added/load").json()["version"] == "2"  # a reload: the next version
+
