@@ -165,7 +165,7 @@ def read_repository_config(root: Path, names: list[str]) -> RepositoryConfig:
         if not MODEL_NAME.fullmatch(alias):
             raise RepositoryError(f"{where}: a name must be 1-64 characters of A-Z a-z 0-9 _ . -")
         if alias in names:
-            raise RepositoryError(f"{where}: a model of the repository has this name")
+            raise _named_as_alias(path, alias)
         if not isinstance(weights, dict) or not weights:
             raise RepositoryError(f"{where}: must map model names to weights, e.g. {{\"pgd-at\": 0.9, \"coded-at\": 0.1}}")
         for model, weight in weights.items():
@@ -181,6 +181,10 @@ def read_repository_config(root: Path, names: list[str]) -> RepositoryConfig:
     if missing:
         raise RepositoryError(f"{path}: required model(s) {missing} are not in the repository ({', '.join(names)})")
     return RepositoryConfig(tuple(required), checked)
+
+
+def _named_as_alias(path: Path, alias: str) -> RepositoryError:
+    return RepositoryError(f"{path}: alias {alias!r}: a model of the repository has this name")
 
 
 def model_settings(base: ServeSettings, model_dir: Path) -> tuple[ServeSettings, dict]:
@@ -290,6 +294,8 @@ class Repository:
 
     def _load(self, name: str, version: int) -> ServedModel:
         path = self.root / name
+        if name in self.config.aliases:  # a directory added after start with an alias's name: refused, as at start-up
+            raise _named_as_alias(self.root / REPOSITORY_FILE, name)
         settings, limits = model_settings(self.settings, path)
         checkpoint = load_checkpoint(path, device=self.device)
         return self._build(name, path, checkpoint, settings, limits, version)

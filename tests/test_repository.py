@@ -355,3 +355,12 @@ def test_a_model_first_loaded_explicitly_is_version_1(tmp_path, tiny_checkpoint,
         assert httpx.get(server.url + "/v2/models/added").json()["versions"] == ["1"]
         assert httpx.post(server.url + "/v2/repository/models/added/load").json()["version"] == "2"  # a reload: the next version
 
+
+def test_explicit_load_refuses_a_directory_named_as_an_alias(tmp_path, tiny_checkpoint, erm_checkpoint, digits):
+    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint, repository={"aliases": {"ab": {"coded": 1, "erm": 1}}})
+    with running_server(None, model_repository=root, model_control="explicit", rci=False) as server:
+        shutil.copytree(tiny_checkpoint, root / "ab")  # would shadow the alias: refused, as at start-up
+        r = httpx.post(server.url + "/v2/repository/models/ab/load")
+        assert r.status_code == 400 and str(root / "repository.json") in r.json()["error"] and "alias 'ab'" in r.json()["error"], r.text
+        names = {httpx.post(server.url + "/v1/models/ab/predict", json={"inputs": digits.test_x[:1].tolist()}).json()["model"] for _ in range(20)}
+        assert names <= {"coded", "erm"} and names, names  # the alias still routes to its models
