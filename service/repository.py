@@ -441,7 +441,9 @@ class Repository:
         if model.batcher is not None:
             if not model.idle:
                 log.warning("%s version %d: drain timeout passed; answering what is left 503", model.name, model.version)
+            model.batcher.refusal = f"model {model.name!r} was unloaded (version {model.version})"  # not the server stopping
             model.batcher.draining = True
+            model.batcher.fail_pending(model.batcher.refusal)
             await model.batcher.stop()
         if model.holders == 0:  # drop the last references: the weights go with them
             model.engine = model.checkpoint = model.batcher = None

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from helpers import SLOW_SERVER, ServerProcess, metric, running_server, wait_for_metric, wait_until
+from helpers import GOOD_ITEM, SLOW_SERVER, ServerProcess, metric, running_server, wait_for_metric, wait_until
 
 from codedsmooth.service.keys import add_key
 from codedsmooth.service.repository import RepositoryError, model_settings
@@ -364,3 +364,23 @@ def test_explicit_load_refuses_a_directory_named_as_an_alias(tmp_path, tiny_chec
         assert r.status_code == 400 and str(root / "repository.json") in r.json()["error"] and "alias 'ab'" in r.json()["error"], r.text
         names = {httpx.post(server.url + "/v1/models/ab/predict", json={"inputs": digits.test_x[:1].tolist()}).json()["model"] for _ in range(20)}
         assert names <= {"coded", "erm"} and names, names  # the alias still routes to its models
+
+
+def test_a_request_still_held_when_its_model_is_unloaded_is_told_so(tmp_path, tiny_checkpoint, erm_checkpoint):
+    """Past the drain timeout an unload answers what is left 503: the message says the model was unloaded, not that the server stops."""
+    import socket
+
+    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint)
+    body = json.dumps({"inputs": [GOOD_ITEM]}).encode()
+    with running_server(None, model_repository=root, model_control="explicit", rci=False, drain_timeout_s=0.2, body_timeout_s=60) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as slow:  # routed to "erm", its body still coming
+            slow.sendall(b"POST /v1/models/erm/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body[:5]))
+            wait_for_metric(server, "codedsmooth_requests_in_flight", lambda v: v == 1)
+            assert httpx.post(server.url + "/v2/repository/models/erm/unload", timeout=60).status_code == 200
+            slow.sendall(body[5:])
+            answer = b""
+            while b"}" not in answer:
+                answer += slow.recv(4096)
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and "model 'erm' was unloaded" in json.loads(payload)["error"], answer
+        assert httpx.get(server.url + "/health/live").json()["status"] == "ok"  # the server is not shutting down
