@@ -62,6 +62,7 @@ class MicroBatcher:
         self.queue: asyncio.Queue[Work] = asyncio.Queue(maxsize=max_queue_size)
         self.executor = executor  # the single model thread, shared with loading and warm-up
         self.draining = False
+        self.refusal = "server is shutting down"  # what a request submitted while draining is told
         self.busy = False
         self._held: Work | None = None  # a request that did not fit the last batch
         self._running: list[Work] = []  # the batch on the model thread now
@@ -80,7 +81,7 @@ class MicroBatcher:
         """Queue one request; raises ``Unavailable`` at once when draining or full."""
         if self.draining:
             self.metrics.rejected.labels("draining").inc()
-            raise Unavailable("server is shutting down", retry_after_s=5)
+            raise Unavailable(self.refusal, retry_after_s=5)
         fut = asyncio.get_running_loop().create_future()
         try:
             self.queue.put_nowait(Work(inputs, arrival, deadline, fut))

@@ -18,6 +18,7 @@ from .errors import Forbidden, InvalidInput, ServiceRoute
 from .inputs import parse_json
 from .lifecycle import current_lifecycle
 from .openapi import errors
+from .repository import UNLOADED
 from .schemas import V2RepositoryModel
 
 router = APIRouter(route_class=ServiceRoute, tags=["v2 repository"])
@@ -46,7 +47,8 @@ def _allowed(request: Request):
 
 
 def _entry(lc, name: str) -> dict:
-    return next(e for e in lc.repository.index() if e["name"] == name)
+    """``name``'s index entry; a model unloaded after its directory was removed is in the index no more."""
+    return next((e for e in lc.repository.index() if e["name"] == name), {"name": name, "state": "UNAVAILABLE", "reason": UNLOADED})
 
 
 @router.post("/v2/repository/models/{name}/load", response_model=V2RepositoryModel, responses=errors(400, 403, 404, 503))

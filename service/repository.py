@@ -61,6 +61,7 @@ MODEL_SETTINGS = (
 KEY_LIMITS = ("rate_limit", "quota")
 MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 STATES = ("READY", "LOADING", "UNLOADING", "UNAVAILABLE")  # as Triton's repository index names them
+UNLOADED = "unloaded"  # the reason of an UNAVAILABLE model never loaded or unloaded
 
 
 class RepositoryError(ValueError):
@@ -111,11 +112,21 @@ class ServedModel:
 # ---- files ------------------------------------------------------------------------
 
 
+def _hidden(name: str) -> bool:
+    """A name starting with "." is no model ("." and ".." are no directories of the repository; save_checkpoint's temporary ones)."""
+    return name.startswith(".")
+
+
+def is_model_dir(root: Path, name: str) -> bool:
+    """Whether ``name`` (e.g. from a URL) names a model directory of ``root``: a valid name, not hidden, a directory."""
+    return MODEL_NAME.fullmatch(name) is not None and not _hidden(name) and (root / name).is_dir()
+
+
 def model_names(root: Path) -> list[str]:
     """The models of a repository: its directories not starting with "."; ``RepositoryError`` for a bad root or name."""
     if not root.is_dir():
         raise RepositoryError(f"{root}: model repository not found (a directory of checkpoint directories)")
-    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
     for name in names:
         if not MODEL_NAME.fullmatch(name):
             raise RepositoryError(f"{root / name}: a model's directory name must be 1-64 characters of A-Z a-z 0-9 _ . - (it is the model's name in URLs)")
@@ -154,7 +165,7 @@ def read_repository_config(root: Path, names: list[str]) -> RepositoryConfig:
         if not MODEL_NAME.fullmatch(alias):
             raise RepositoryError(f"{where}: a name must be 1-64 characters of A-Z a-z 0-9 _ . -")
         if alias in names:
-            raise RepositoryError(f"{where}: a model of the repository has this name")
+            raise _named_as_alias(path, alias)
         if not isinstance(weights, dict) or not weights:
             raise RepositoryError(f"{where}: must map model names to weights, e.g. {{\"pgd-at\": 0.9, \"coded-at\": 0.1}}")
         for model, weight in weights.items():
@@ -170,6 +181,10 @@ def read_repository_config(root: Path, names: list[str]) -> RepositoryConfig:
     if missing:
         raise RepositoryError(f"{path}: required model(s) {missing} are not in the repository ({', '.join(names)})")
     return RepositoryConfig(tuple(required), checked)
+
+
+def _named_as_alias(path: Path, alias: str) -> RepositoryError:
+    return RepositoryError(f"{path}: alias {alias!r}: a model of the repository has this name")
 
 
 def model_settings(base: ServeSettings, model_dir: Path) -> tuple[ServeSettings, dict]:
@@ -279,6 +294,8 @@ class Repository:
 
     def _load(self, name: str, version: int) -> ServedModel:
         path = self.root / name
+        if name in self.config.aliases:  # a directory added after start with an alias's name: refused, as at start-up
+            raise _named_as_alias(self.root / REPOSITORY_FILE, name)
         settings, limits = model_settings(self.settings, path)
         checkpoint = load_checkpoint(path, device=self.device)
         return self._build(name, path, checkpoint, settings, limits, version)
@@ -331,7 +348,7 @@ class Repository:
     def _not_found(self, name: str) -> NotFound:
         if name in self.loading:
             return Unavailable(f"model {name!r} is loading", retry_after_s=2)
-        if self.root is not None and MODEL_NAME.fullmatch(name) and (self.root / name).is_dir():
+        if self.root is not None and is_model_dir(self.root, name):
             why = f" (its last load failed: {self.failed[name]})" if name in self.failed else ""
             return NotFound(f"model {name!r} is not loaded{why}")
         return NotFound(f"unknown model {quoted(name)}; this server serves {', '.join(repr(n) for n in self.names())}")
@@ -355,7 +372,7 @@ class Repository:
         """Every model of the repository with its state (Triton's repository index)."""
         names = set(self.models) | self.loading | set(self.failed)
         if self.root is not None and self.root.is_dir():
-            names |= {p.name for p in self.root.iterdir() if p.is_dir() and MODEL_NAME.fullmatch(p.name) and not p.name.startswith(".")}
+            names |= {p.name for p in self.root.iterdir() if is_model_dir(self.root, p.name)}
         out = []
         for name in sorted(names):
             model = self.models.get(name)
@@ -365,12 +382,12 @@ class Repository:
             elif name in self.loading:
                 entry["state"] = "LOADING"
             else:
-                entry.update(state="UNAVAILABLE", reason=self.failed.get(name, "unloaded"))
+                entry.update(state="UNAVAILABLE", reason=self.failed.get(name, UNLOADED))
             out.append(entry)
         return out
 
     def _model_dir(self, name: str) -> None:
-        if self.root is None or not MODEL_NAME.fullmatch(name) or not (self.root / name).is_dir():
+        if self.root is None or not is_model_dir(self.root, name):
             where = "" if self.root is None else f"; no directory {quoted(name)} in the model repository"
             raise NotFound(f"unknown model {quoted(name)}{where}")
 
@@ -379,7 +396,7 @@ class Repository:
         self._model_dir(name)
         async with self._lock:
             old = self.models.get(name)
-            version = self.loads.get(name, 1) + 1
+            version = self.loads.get(name, 0) + 1
             self.loading.add(name)
             try:
                 model = await asyncio.get_running_loop().run_in_executor(self.executor, self._load, name, version)
@@ -424,7 +441,9 @@ class Repository:
         if model.batcher is not None:
             if not model.idle:
                 log.warning("%s version %d: drain timeout passed; answering what is left 503", model.name, model.version)
+            model.batcher.refusal = f"model {model.name!r} was unloaded (version {model.version})"  # not the server stopping
             model.batcher.draining = True
+            model.batcher.fail_pending(model.batcher.refusal)
             await model.batcher.stop()
         if model.holders == 0:  # drop the last references: the weights go with them
             model.engine = model.checkpoint = model.batcher = None

@@ -19,7 +19,7 @@ class ServeSettings(BaseSettings):
 
     checkpoint: str | None = Field(None, description="checkpoint directory (default: the embedded default checkpoint)")
     model_repository: str | None = Field(
-        None, description="serve every checkpoint directory under this directory, each by its directory name, with its own queue and batcher (docs/repository.md); instead of --checkpoint (default: none)"
+        None, description="serve every checkpoint directory under this directory, each by its directory name, with its own queue and batcher (docs/serving.md, Model repository); instead of --checkpoint (default: none)"
     )
     default_model: str | None = Field(None, description="with --model-repository: the model or alias /v1/predict uses (default: the only model, when there is one)")
     model_control: Literal["none", "explicit"] = Field(

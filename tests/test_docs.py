@@ -516,3 +516,16 @@ def test_docs_name_packages_not_moving_files():
     for page in [README, *(p for p in DOCS if not p.name.startswith("RESULTS"))]:
         for ref in re.findall(r"`([a-z_]+/[a-z_]+\.py)`", text(page)):
             assert not ref.startswith(package_dirs), f"{page.name} names the module file {ref}"
+
+
+def test_every_docs_page_the_cli_help_names_exists():
+    def parsers(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    named = {(p.prog, m) for p in parsers(build_parser()) for a in p._actions for m in re.findall(r"docs/[\w.-]+\.md", a.help or "")}
+    missing = [(prog, page) for prog, page in named if not (ROOT / page).is_file()]
+    assert not missing, f"--help names docs pages that do not exist: {missing}"

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from helpers import SLOW_SERVER, ServerProcess, metric, running_server, wait_for_metric, wait_until
+from helpers import GOOD_ITEM, SLOW_SERVER, ServerProcess, metric, running_server, wait_for_metric, wait_until
 
 from codedsmooth.service.keys import add_key
 from codedsmooth.service.repository import RepositoryError, model_settings
@@ -320,3 +320,67 @@ def test_the_cli_refuses_bad_repositories_with_the_file_named(tmp_path, tiny_che
     assert "neither a model nor an alias" in serve_error("--model-repository", str(root), "--default-model", "nope")
     (root / "erm" / "model.safetensors").unlink()
     assert str(root / "erm" / "model.safetensors") in serve_error("--model-repository", str(root))
+
+
+def test_explicit_load_takes_only_the_repositorys_own_model_directories(tmp_path, tiny_checkpoint, erm_checkpoint, digits):
+    """'..' (percent-encoded, as a client can send it), '.' and hidden directories are no models: 404, nothing loaded."""
+    root = make_repository(tmp_path / "parent" / "repo", tiny_checkpoint, erm_checkpoint)
+    for f in tiny_checkpoint.iterdir():  # a valid checkpoint one level above the repository
+        shutil.copy(f, tmp_path / "parent" / f.name)
+    shutil.copytree(erm_checkpoint, root / ".staging")  # a hidden directory (as save_checkpoint writes): skipped at start
+    with running_server(None, model_repository=root, model_control="explicit", rci=False) as server:
+        for name in ("%2E%2E", "%2E", ".staging"):
+            r = httpx.post(f"{server.url}/v2/repository/models/{name}/load")
+            assert r.status_code == 404 and "unknown model" in r.json()["error"], (name, r.status_code, r.text)
+            r = httpx.post(f"{server.url}/v1/models/{name}/predict", json={"inputs": digits.test_x[:1].tolist()})
+            assert r.status_code == 404, (name, r.text)
+        assert [e["name"] for e in httpx.post(server.url + "/v2/repository/index").json()] == ["coded", "erm"]
+        assert [m["name"] for m in httpx.get(server.url + "/v1/models").json()] == ["coded", "erm"]
+
+
+def test_unloading_a_model_whose_directory_is_gone_answers_its_state(tmp_path, tiny_checkpoint, erm_checkpoint):
+    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint)
+    with running_server(None, model_repository=root, model_control="explicit", rci=False) as server:
+        shutil.rmtree(root / "erm")  # the operator removes a model's files, then unloads it
+        r = httpx.post(server.url + "/v2/repository/models/erm/unload")
+        assert r.status_code == 200 and r.json() == {"name": "erm", "state": "UNAVAILABLE", "reason": "unloaded"}, r.text
+        assert [e["name"] for e in httpx.post(server.url + "/v2/repository/index").json()] == ["coded"]
+
+
+def test_a_model_first_loaded_explicitly_is_version_1(tmp_path, tiny_checkpoint, erm_checkpoint):
+    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint)
+    with running_server(None, model_repository=root, model_control="explicit", rci=False) as server:
+        shutil.copytree(tiny_checkpoint, root / "added")  # a model added to the repository after start
+        assert httpx.post(server.url + "/v2/repository/models/added/load").json() == {"name": "added", "version": "1", "state": "READY"}
+        assert httpx.get(server.url + "/v2/models/added").json()["versions"] == ["1"]
+        assert httpx.post(server.url + "/v2/repository/models/added/load").json()["version"] == "2"  # a reload: the next version
+
+
+def test_explicit_load_refuses_a_directory_named_as_an_alias(tmp_path, tiny_checkpoint, erm_checkpoint, digits):
+    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint, repository={"aliases": {"ab": {"coded": 1, "erm": 1}}})
+    with running_server(None, model_repository=root, model_control="explicit", rci=False) as server:
+        shutil.copytree(tiny_checkpoint, root / "ab")  # would shadow the alias: refused, as at start-up
+        r = httpx.post(server.url + "/v2/repository/models/ab/load")
+        assert r.status_code == 400 and str(root / "repository.json") in r.json()["error"] and "alias 'ab'" in r.json()["error"], r.text
+        names = {httpx.post(server.url + "/v1/models/ab/predict", json={"inputs": digits.test_x[:1].tolist()}).json()["model"] for _ in range(20)}
+        assert names <= {"coded", "erm"} and names, names  # the alias still routes to its models
+
+
+def test_a_request_still_held_when_its_model_is_unloaded_is_told_so(tmp_path, tiny_checkpoint, erm_checkpoint):
+    """Past the drain timeout an unload answers what is left 503: the message says the model was unloaded, not that the server stops."""
+    import socket
+
+    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint)
+    body = json.dumps({"inputs": [GOOD_ITEM]}).encode()
+    with running_server(None, model_repository=root, model_control="explicit", rci=False, drain_timeout_s=0.2, body_timeout_s=60) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as slow:  # routed to "erm", its body still coming
+            slow.sendall(b"POST /v1/models/erm/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body[:5]))
+            wait_for_metric(server, "codedsmooth_requests_in_flight", lambda v: v == 1)
+            assert httpx.post(server.url + "/v2/repository/models/erm/unload", timeout=60).status_code == 200
+            slow.sendall(body[5:])
+            answer = b""
+            while b"}" not in answer:
+                answer += slow.recv(4096)
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and "model 'erm' was unloaded" in json.loads(payload)["error"], answer
+        assert httpx.get(server.url + "/health/live").json()["status"] == "ok"  # the server is not shutting down
