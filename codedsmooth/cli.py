@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import shlex
 import sys
 import typing
 
@@ -235,13 +237,29 @@ def _add_report(sub) -> None:
     p.set_defaults(func=_run_report)
 
 
+def _non_default_flags(cfg, defaults) -> list[str]:
+    """The command-line flags that give ``cfg`` from ``defaults`` (a dataclass config)."""
+    flags: list[str] = []
+    for f in dataclasses.fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if value == getattr(defaults, f.name):
+            continue
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            flags += [flag, *map(str, value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
 def _run_report(args) -> int:
     from codedsmooth.probe.report import ReportConfig, run_report
 
     from codedsmooth.probe.report import QUICK_NOTE
 
     cfg = _config_from_args(ReportConfig, args)
-    command = "codedsmooth report" + (" --quick" if cfg.quick else "") + ("" if args.out == ReportConfig.out else f" --out {args.out}")
+    command = shlex.join(["codedsmooth", "report", *_non_default_flags(cfg, ReportConfig())])  # what to type to run it again
     out = run_report(cfg, command)
     if cfg.quick:
         print(f"codedsmooth report: {QUICK_NOTE}", file=sys.stderr)

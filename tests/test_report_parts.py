@@ -97,3 +97,14 @@ def test_attacker_cost_is_arithmetic_on_the_largest_budgets_counts():
         assert r["broken_per_window_per_key"] * r["queries_per_broken"] == pytest.approx(1_000)
         for k, windows in r["windows_for_sample"].items():  # the fewest windows whose quotas cover every query sent
             assert (windows - 1) * k * 1_000 < r["queries_sent"] <= windows * k * 1_000
+
+
+def test_the_recorded_report_command_parses_back_to_the_same_config():
+    from codedsmooth.cli import _config_from_args, _non_default_flags, build_parser
+    from codedsmooth.probe.report import ReportConfig
+
+    cfg = ReportConfig(methods=["erm", "pgd-at"], seeds=[0, 2], threads=1, runs="/tmp/a b", budgets=[50], quick=True, retrain=False, sample_seed=3)
+    flags = _non_default_flags(cfg, ReportConfig())
+    assert "--retrain" not in flags and "--no-retrain" not in flags  # defaults are left out
+    again = _config_from_args(ReportConfig, build_parser().parse_args(["report", *flags]))
+    assert again == cfg
