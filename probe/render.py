@@ -361,9 +361,10 @@ def _blackbox_reading(r: dict) -> list[str]:
                 continue
             a, c = plain["queries_median"], row["queries_median"]
             ratio = c / a if a else float("inf")
-            cost = (f"raises the median queries per image ×{ratio:.1f} (to {c:,.0f})" if ratio >= 1.5 else
-                    f"lowers the median queries per image (to {c:,.0f})" if ratio <= 1 / 1.5 else
-                    f"leaves the median queries per image about the same ({c:,.0f})")
+            spread = f"median {a:,.0f} → {c:,.0f}, p90 {plain['queries_p90']:,.0f} → {row['queries_p90']:,.0f}"
+            cost = (f"raises the queries per image ×{ratio:.1f} at the median ({spread})" if ratio >= 1.5 else
+                    f"lowers the queries per image ({spread})" if ratio <= 1 / 1.5 else
+                    f"changes the median queries per image by less than ×1.5 ({spread})")
             whitebox = f" (the white-box worst case through it on the same images: {_pct(row['whitebox_accuracy'])} %)" if row.get("whitebox_accuracy") is not None else ""
             parts.append(f"{b['servers'][s]} leaves {_difference(row, plain, p['p'])}{whitebox} and {cost}")
         if parts:
