@@ -460,6 +460,21 @@ def test_default_checkpoint_numbers_in_the_docs(results):
     assert f"({100 * d['rci']:.2f} % expected over {d['draws']} draws with RCI" in flat(text(ROOT / "docs" / "training.md"))
 
 
+def test_rci_cost_and_benefit_on_the_default(results):
+    d = results["default_checkpoint"]
+    st = results["models"][d["same_as"]]["settings"]
+    method = d["same_as"].split("/seed")[0]
+    tests = [t for q in results["paired"] if q["a"].startswith(f"{method}, RCI") for t in q["tests"]]
+    assert tests and all(t["p"] >= 0.05 for t in tests)
+    rob = flat(text(ROOT / "docs" / "robustness.md"))
+    assert (f"{pct(st['plain']['0.3']['accuracy'])} % without RCI, {pct(st['request']['0.3']['accuracy'])} % with RCI in request scope and "
+            f"{pct(st['batch']['0.3']['accuracy'])} % in batch scope against the EOT suite (no McNemar test of {method} with RCI against without is "
+            f"significant, {len(tests)} tests") in rob
+    row = next(line for line in text(ROOT / "docs" / "rci.md").splitlines() if line.startswith("| small_cnn, 28×28"))
+    sparse_default = row.split("|")[3].strip()  # the "sparse 1e-2 (default)" column
+    assert f"runs the small CNN's engine at {sparse_default}× the throughput of RCI off" in rob
+
+
 def test_robustness_findings_match_results_json(results):
     readme, rob = flat(text(README)), flat(text(ROOT / "docs" / "robustness.md"))
     w = lambda *a, **k: worst(results, *a, **k)  # noqa: E731
