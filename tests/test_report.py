@@ -3,6 +3,7 @@
 import hashlib
 import json
 import math
+import shlex
 import subprocess
 import sys
 from collections import Counter
@@ -151,7 +152,7 @@ def test_quick_report_end_to_end(tmp_path):
         assert fig in md
     pgd_at = r["models"]["pgd-at/seed0"]["settings"]["plain"]["0.1"]
     assert f"{100 * pgd_at['accuracy']:.1f}" in md
-    assert "codedsmooth report --quick" in md
+    assert shlex.split(r["command"])[:2] == ["codedsmooth", "report"] and "--quick" in shlex.split(r["command"]) and f"`{r['command']}`" in md
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     r2 = json.loads(out.with_suffix(".json").read_text())
