@@ -301,9 +301,10 @@ def _blackbox_section(r: dict) -> list[str]:
 
 
 def _duration(seconds: float) -> str:
-    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
         if seconds >= size:
-            return f"{seconds / size:,.1f} {unit}"
+            n = f"{seconds / size:,.1f}".removesuffix(".0")
+            return f"{n} {unit}" + ("" if n == "1" else "s")
     return f"{seconds:,.0f} s"
 
 
@@ -396,7 +397,7 @@ def _checkpoints_section(r: dict) -> list[str]:
          "configuration matches is reused, not retrained), and `codedsmooth attack --checkpoint weights/<model>` attacks one of them.", "",
          *_table(["model", "published", "model.safetensors SHA-256", "trained with"],
                  ([k, f"`{c['published']}`", f"`{c['files']['model.safetensors']['sha256']}`", _trained_with(c.get("training_environment"))] for k, c in cks.items())),
-         "", f"Environment of the attacks: torch {env['torch']}, {env['torch_threads']} torch threads, {env['cpu_count']} CPUs, {env['platform']}, Python {env['python']}. "
+         "", f"Environment of the attacks: torch {env['torch']}, {env['torch_threads']} torch thread{'s' if env['torch_threads'] != 1 else ''}, {env['cpu_count']} CPUs, {env['platform']}, Python {env['python']}. "
          "*not recorded*: the checkpoint was written before `codedsmooth train` recorded its environment; its published file is what was attacked."]
     return L
 
@@ -497,7 +498,7 @@ def render(r: dict, figures: dict[str, str]) -> str:
 
 def _machine(r: dict) -> str:
     env = r.get("environment")
-    return f"{env['cpu_count']} CPU cores, {env['torch_threads']} torch threads" if env else "2 CPU cores, no GPU"
+    return f"{env['cpu_count']} CPU cores, {env['torch_threads']} torch thread{'s' if env['torch_threads'] != 1 else ''}" if env else "2 CPU cores, no GPU"
 
 
 def _training_note(r: dict) -> list[str]:
