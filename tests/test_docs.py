@@ -631,3 +631,13 @@ def test_every_docs_page_the_cli_help_names_exists():
     named = {(p.prog, m) for p in parsers(build_parser()) for a in p._actions for m in re.findall(r"docs/[\w.-]+\.md", a.help or "")}
     missing = [(prog, page) for prog, page in named if not (ROOT / page).is_file()]
     assert not missing, f"--help names docs pages that do not exist: {missing}"
+
+
+def test_the_attackers_quota_defaults_in_the_docs():
+    from codedsmooth.probe.report import ReportConfig
+
+    cfg = ReportConfig()
+    keys = cfg.colluding_keys
+    assert cfg.attacker_quota_window_s == 86400
+    phrase = f"(`--attacker-quota`, {cfg.attacker_quota:,} items a day by default, for {', '.join(map(str, keys[:-1]))} and {keys[-1]} colluding keys"
+    assert phrase in flat(text(ROOT / "docs" / "robustness.md"))
