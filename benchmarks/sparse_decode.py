@@ -58,23 +58,31 @@ def error_table(path: Path) -> None:
         print(f"  tol {tol:g}: block on {sparse_width(code, tol)} of {spec.n}, max |logit diff| {diff:.2e}, label agreement {agree:.4f}, accuracy {acc:.4f}{mark}")
 
 
-def speed_table(device: torch.device, batch: int, rounds: int, tolerances: list[float]) -> None:
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
+SPEED_MODELS = ("preact_resnet18", "small_cnn", "checkpoint")
+
+
+def speed_table(device: torch.device, batch: int, rounds: int, tolerances: list[float], checkpoint: Path, models=SPEED_MODELS) -> None:
     print(f"engine throughput, device batches of {batch} one-item requests, request scope K=32 N=48, device={device}, threads={torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as tmp:
-        for arch in ("preact_resnet18", "small_cnn"):
-            ck = load_checkpoint(make_checkpoint(Path(tmp) / arch, arch, width=64 if arch == "preact_resnet18" else 32, k=32, n=48), device=device)
-            engines = {
-                "rci off": InferenceEngine(ck, ServeSettings(rci=False), device),
-                "request, full decode": InferenceEngine(ck, ServeSettings(rci_decode_tolerance=0, rci_check_rate=0), device),
-            }
-            for tol in tolerances:
-                engines[f"request, sparse {tol:g}"] = InferenceEngine(ck, ServeSettings(rci_decode_tolerance=tol, rci_check_rate=0), device)
-            x = [t for t in torch.rand(batch, *ck.input_shape, device=device).split(1)]
-            med = interleaved_medians({name: (lambda e=e: e.run(x)) for name, e in engines.items()}, rounds=rounds, sync=sync)
-            base = med["rci off"]
-            parts = [f"{name}: {batch / med[name]:.0f} items/s ({base / med[name]:.2f}x of rci off)" for name in engines]
-            print(f"  {arch}: " + " | ".join(parts))
+        for name in models:
+            path = checkpoint if name == "checkpoint" else make_checkpoint(Path(tmp) / name, name, width=64 if name == "preact_resnet18" else 32, k=32, n=48)
+            ck = load_checkpoint(path, device=device)
+            _speed_row(ck.name if name == "checkpoint" else name, ck, device, batch, rounds, tolerances)
+
+
+def _speed_row(label: str, ck, device: torch.device, batch: int, rounds: int, tolerances: list[float]) -> None:
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    engines = {
+        "rci off": InferenceEngine(ck, ServeSettings(rci=False), device),
+        "request, full decode": InferenceEngine(ck, ServeSettings(rci_decode_tolerance=0, rci_check_rate=0), device),
+    }
+    for tol in tolerances:
+        engines[f"request, sparse {tol:g}"] = InferenceEngine(ck, ServeSettings(rci_decode_tolerance=tol, rci_check_rate=0), device)
+    x = [t for t in torch.rand(batch, *ck.input_shape, device=device).split(1)]
+    med = interleaved_medians({name: (lambda e=e: e.run(x)) for name, e in engines.items()}, rounds=rounds, sync=sync)
+    base = med["rci off"]
+    parts = [f"{name}: {batch / med[name]:.0f} items/s ({base / med[name]:.2f}x of rci off)" for name in engines]
+    print(f"  {label}: " + " | ".join(parts))
 
 
 def main() -> None:
@@ -84,9 +92,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="one-item requests per device batch (default: 32)")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--tolerances", type=float, nargs="+", default=[DEFAULT_DECODE_TOLERANCE, 3e-2, 1e-1], help="sparse-decode tolerances to time")
+    ap.add_argument("--speed-models", nargs="+", choices=SPEED_MODELS, default=list(SPEED_MODELS),
+                    help="models of the speed table: random-weight PreActResNet-18 and small_cnn, and --checkpoint's (default: all three)")
     args = ap.parse_args()
-    error_table(Path(args.checkpoint) if args.checkpoint else default_checkpoint_path())
-    speed_table(resolve_device(args.device), args.batch, args.rounds, args.tolerances)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint_path()
+    error_table(checkpoint)
+    speed_table(resolve_device(args.device), args.batch, args.rounds, args.tolerances, checkpoint, args.speed_models)
 
 
 if __name__ == "__main__":
