@@ -252,13 +252,15 @@ def test_a_413_closes_the_connection_and_the_rest_is_not_read(server, framing):
 def test_the_deadline_counts_from_the_requests_first_byte(server):
     """A request whose headers took longer than --timeout-ms is past its deadline when it reaches the app."""
     body = json.dumps({"inputs": [ITEM]}).encode()
-    with _connect(server) as sock:
+    with _connect(server) as sock, _connect(server) as clock:
         sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n")
         first_byte = time.monotonic()
-        # Not a synchronisation: the stimulus is the client's own pace (the rest of its headers come late). A busy machine
-        # only lengthens the pause, which the assert below bounds from both sides (past the deadline, before the header timeout).
-        time.sleep(TIMEOUT_MS / 1000 + 0.5)
+        # The server's own clock: a request begun after this one's first byte, whose body never comes, is answered 408 once
+        # its deadline has passed; by then this request's earlier deadline has passed too.
+        clock.sendall(f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        clock_status, _, _ = _read_response(clock)
         paused = time.monotonic() - first_byte
+        assert clock_status == 408, clock_status
         sock.sendall(f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
         status, headers, answer = _read_response(sock)
     assert TIMEOUT_MS / 1000 < paused < HEADER_TIMEOUT_S, paused
