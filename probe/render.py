@@ -11,7 +11,7 @@ from pathlib import Path
 
 from codedsmooth.core import SCOPES
 
-from .cost import attacker_cost
+from .cost import attacker_cost, budgets_of
 from .stats import wilson
 
 ALPHA = 0.05
@@ -256,11 +256,6 @@ def _full_split_section(r: dict) -> list[str]:
     return L
 
 
-def _budgets_of(b: dict, method: str) -> list[int]:
-    """The adaptive Square's budgets against ``method`` (results written before per-method budgets name one list)."""
-    return b.get("budgets_by_method", {}).get(method, b["budgets"])
-
-
 def _bb_cell(row: dict | None) -> str:
     if row is None:
         return "–"
@@ -282,12 +277,12 @@ def _blackbox_section(r: dict) -> list[str]:
          "", f"Clean accuracy on all {next(iter(b['noise'].values()))['images']:,} test images, expected over {next(iter(b['noise'].values()))['draws']} draws.", "",
          f"Cells: expected accuracy over {r['config']['draws']} draws of the served function (%) [95 % Wilson]; then queries per image, median / p90 "
          "(every query counted, the confirming ones too).", ""]
-    main = [x for x in b["rows"] if x["attacker"].startswith("transfer") or x["score_queries"] == b["score_queries"] and x["budget"] in _budgets_of(b, x["method"])]
+    main = [x for x in b["rows"] if x["attacker"].startswith("transfer") or x["score_queries"] == b["score_queries"] and x["budget"] in budgets_of(b, x["method"])]
     index = {(x["method"], x["attacker"], x["budget"], x["score_queries"], x["server"]): x for x in b["rows"]}
     keys = list(dict.fromkeys((x["method"], x["attacker"], x["budget"], x["score_queries"]) for x in main))
     L += _table(["method", "attacker", "budget", *servers.values()],
                 ([m, a if a.startswith("transfer") else f"{a}, max of {q}", f"{bud:,}", *(_bb_cell(index.get((m, a, bud, q, s))) for s in servers)] for m, a, bud, q in keys))
-    study = [x for x in b["rows"] if not x["attacker"].startswith("transfer") and (x["score_queries"] != b["score_queries"] or x["budget"] not in _budgets_of(b, x["method"]))]
+    study = [x for x in b["rows"] if not x["attacker"].startswith("transfer") and (x["score_queries"] != b["score_queries"] or x["budget"] not in budgets_of(b, x["method"]))]
     if study:
         skeys = sorted({(x["method"], x["budget"]) for x in study})
         L += ["", "Queries per candidate (the study): the adaptive Square with the maximum over m queries, at one budget.", ""]
@@ -321,7 +316,7 @@ def _cost_section(r: dict) -> list[str]:
         return []
     b = r["blackbox"]
     quota, window, keys = cfg["attacker_quota"], cfg["attacker_quota_window_s"], cfg["colluding_keys"]
-    rows = attacker_cost(b, quota, window, keys)
+    rows = attacker_cost(b, quota, keys)
     if not rows:
         return []
     L = ["", f"### The attacker's cost at a quota of {quota:,} items per key per {_duration(window)}", "",
@@ -350,7 +345,7 @@ def _blackbox_reading(r: dict) -> list[str]:
     index = {(x["method"], x["attacker"], x["budget"], x["score_queries"], x["server"]): x for x in b["rows"]}
     out = []
     for m in dict.fromkeys(x["method"] for x in b["rows"]):
-        top = max(_budgets_of(b, m))
+        top = max(budgets_of(b, m))
         plain = index.get((m, "adaptive Square", top, b["score_queries"], "plain"))
         if plain is None:
             continue

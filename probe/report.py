@@ -186,7 +186,7 @@ def run_report(cfg: ReportConfig, command: str) -> Path:
     budgets = {"apgd": cfg.apgd_steps, "pgd": cfg.pgd_steps, "restarts": cfg.pgd_restarts, "eps": cfg.eps, "seed": suite.seed}
     eot_budget = {"draws": cfg.draws, "eot_draws": cfg.eot_draws, "eot_steps": cfg.eot_steps}
     cks = {k: load_checkpoint(p) for k, p in paths.items()}
-    trained_in = {f"{m}/seed{s}": ck.config.training.model_dump().get("environment") for (m, s), ck in cks.items()}  # None: written before checkpoints recorded it
+    training = {f"{m}/seed{s}": ck.config.training.model_dump() for (m, s), ck in cks.items()}
 
     outcomes: dict = {}
     stage_keys: dict = {}
@@ -290,8 +290,8 @@ def run_report(cfg: ReportConfig, command: str) -> Path:
         "samples": {name: [int(i) for i in idx] for name, idx in samples.items()},
         "sample_classes": {name: {str(c): n for c, n in class_counts(data.test_y, idx).items()} for name, idx in samples.items()},
         "test_split": {"n": len(y_all), "classes": {str(c): n for c, n in class_counts(data.test_y, range(len(y_all))).items()}},
-        "checkpoints": {k: {"files": records[k], "published": published[k], "training_environment": trained_in[k],
-                            "training": cks[(k.split("/seed")[0], int(k.split("/seed")[1]))].config.training.model_dump()} for k in records},
+        "checkpoints": {k: {"files": records[k], "published": published[k], "training": training[k],
+                            "training_environment": training[k].get("environment")} for k in records},  # None: written before checkpoints recorded it
         "environment": environment(),
         "models": models, **extras,
     }

@@ -88,7 +88,7 @@ def test_attacker_cost_is_arithmetic_on_the_largest_budgets_counts():
         _bb_row("erm", "plain", 100, 2, 900, 9), _bb_row("erm", "plain", 1000, 2, 2_345, 10), _bb_row("erm", "request", 1000, 1, 50, 1),
         _bb_row("erm", "request", 1000, 2, 7_001, 7), _bb_row("erm", "plain", 1, None, 10, 3, attacker="transfer from erm seed 1"),
         _bb_row("pgd-at", "plain", 100, 2, 1_000, 0)]}
-    rows = {(r["method"], r["server"]): r for r in attacker_cost(blackbox, quota=1_000, window_s=60.0, keys=[1, 3, 10])}
+    rows = {(r["method"], r["server"]): r for r in attacker_cost(blackbox, quota=1_000, keys=[1, 3, 10])}
     assert sorted(rows) == [("erm", "plain"), ("erm", "request"), ("pgd-at", "plain")]  # largest budget, main m, no transfer rows
     assert rows[("pgd-at", "plain")]["budget"] == 100 and rows[("pgd-at", "plain")]["queries_per_broken"] is None
     assert rows[("pgd-at", "plain")]["broken_per_window_per_key"] == 0.0
