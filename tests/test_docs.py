@@ -641,3 +641,22 @@ def test_the_attackers_quota_defaults_in_the_docs():
     assert cfg.attacker_quota_window_s == 86400
     phrase = f"(`--attacker-quota`, {cfg.attacker_quota:,} items a day by default, for {', '.join(map(str, keys[:-1]))} and {keys[-1]} colluding keys"
     assert phrase in flat(text(ROOT / "docs" / "robustness.md"))
+
+
+def test_the_reports_seeds_budgets_and_weights_as_robustness_md_states_them(results):
+    rob = flat(text(ROOT / "docs" / "robustness.md"))
+    seeds: dict[str, list[str]] = {}
+    for key in results["models"]:
+        method, seed = key.split("/seed")
+        seeds.setdefault(method, []).append(seed)
+    assert seeds["erm"] == seeds["mixup"] == seeds["pgd-at"]
+    others = seeds["erm"]
+    assert f"erm, mixup and pgd-at with seeds {', '.join(others[:-1])} and {others[-1]} and coded with seeds {seeds['coded'][0]} to {seeds['coded'][-1]}" in rob
+    assert seeds["coded"] == [str(s) for s in range(int(seeds["coded"][0]), int(seeds["coded"][-1]) + 1)]
+    assert f"the other methods with {len(others)}" in rob
+    b = results["blackbox"]
+    assert f"with {' and '.join(f'{q:,}' for q in b['budgets'])} queries per image" in rob
+    assert all(q == [1000] for m, q in b["budgets_by_method"].items() if m == "pgd-at") and "against adversarially trained models 1,000" in rob
+    assert results["full_split"]["n"] == 1000 and set(results["full_split"]["rows"]) == {k for k in results["models"] if k.startswith("pgd-at/")}
+    sizes = [ck["files"]["model.safetensors"]["bytes"] / 1e6 for ck in results["checkpoints"].values()]
+    assert "about 1.8 MB per model" in rob and all(1.75 <= s < 1.85 for s in sizes), sizes
