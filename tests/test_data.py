@@ -137,3 +137,27 @@ def test_embedded_mnist_images_are_real_digits(mnist):
     xt = mnist.test_x.float().flatten(1) / 255
     pred = torch.cdist(xt, centroids).argmin(1)
     assert float((pred == mnist.test_y).float().mean()) > 0.7
+
+
+def test_training_subset_is_stratified_nested_and_leaves_the_test_split():
+    from collections import Counter
+
+    from codedsmooth.train.data import training_subset
+
+    data = load_dataset("mnist")
+    full = Counter(data.train_y.tolist())
+    rows = {tuple(r.tolist()): i for i, r in enumerate(data.train_x.flatten(1))}  # pixels → index in the training split
+    picked = {}
+    for size in (500, 1000, 1234):
+        sub = training_subset(data, size)
+        assert len(sub.train_y) == size and torch.equal(sub.test_x, data.test_x) and torch.equal(sub.test_y, data.test_y)
+        counts = Counter(sub.train_y.tolist())
+        # each class's count is its share of size, rounded by at most one
+        assert all(abs(counts[c] - size * full[c] / len(data.train_y)) < 1 for c in full), counts
+        picked[size] = {rows[tuple(r.tolist())] for r in sub.train_x.flatten(1)}
+        assert all(data.train_y[i] == sub.train_y[j] for j, i in enumerate(sorted(picked[size])))
+    assert picked[500] < picked[1000] < picked[1234]
+    assert torch.equal(training_subset(data, 500).train_x, training_subset(data, 500).train_x)
+    assert training_subset(data, len(data.train_y)) is data
+    with pytest.raises(ValueError, match="train_size"):
+        training_subset(data, len(data.train_y) + 1)

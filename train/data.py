@@ -55,6 +55,29 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
     return x.float()
 
 
+def training_subset(split: DataSplit, size: int, seed: int = SPLIT_SEED) -> DataSplit:
+    """The first ``size`` training items of a seeded class-stratified order; the test split is unchanged.
+
+    Each class gets its share of ``size`` (largest remainders; equal classes get equal counts),
+    taken from one seeded permutation of that class, so a smaller subset is part of a larger one
+    and a study over sizes compares nested training sets.
+    """
+    n = len(split.train_y)
+    classes = sorted(set(split.train_y.tolist()))
+    if not len(classes) <= size <= n:
+        raise ValueError(f"train_size must be between the number of classes ({len(classes)}) and the training split's {n} items, got {size}")
+    if size == n:
+        return split
+    gen = torch.Generator().manual_seed(seed)
+    members = [(split.train_y == c).nonzero().flatten() for c in classes]
+    quotas = [size * len(m) / n for m in members]
+    counts = [int(q) for q in quotas]
+    for i in sorted(range(len(classes)), key=lambda i: (counts[i] - quotas[i], i))[: size - sum(counts)]:
+        counts[i] += 1
+    chosen = torch.cat([m[torch.randperm(len(m), generator=gen)[:k]] for m, k in zip(members, counts)]).sort().values
+    return DataSplit(split.name, split.classes, split.train_x[chosen], split.train_y[chosen], split.test_x, split.test_y)
+
+
 def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 

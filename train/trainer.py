@@ -37,7 +37,7 @@ from codedsmooth.models.config import ADVERSARIAL_METHODS, CODED_METHODS
 
 from . import distributed
 from .adversarial import adversarial_training_settings, kl_per_item, pgd_examples, trades_examples
-from .data import DATASETS, DataSplit, as_float, load_dataset
+from .data import DATASETS, DataSplit, as_float, load_dataset, training_subset
 from .environment import environment
 from .resume import load_state, resume_dir, save_state
 
@@ -70,6 +70,7 @@ class TrainConfig:
     trades_beta: float = field(default=6.0, metadata={"help": "trades: weight β of the KL term (Zhang et al.'s MNIST and CIFAR setting)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda or cuda:N (default: cuda when available, else cpu)"})
+    train_size: int | None = field(default=None, metadata={"help": "train on this many training items, a class-stratified subset (nested: a smaller one is part of a larger one; default: all)"})
     filler_size: int = field(default=64, metadata={"help": "clean training inputs stored as the trusted filler pool"})
     out: str = field(default="runs/checkpoint", metadata={"help": "checkpoint directory to write"})
     nproc: int = field(default=1, metadata={"help": "data-parallel processes (DDP under torchrun: gloo on CPU, NCCL on CUDA); each codes its own batch of K"})
@@ -104,6 +105,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= batch_size (K={self.batch_size}), got {value}")
         if self.nproc < 1:
             raise ValueError(f"nproc must be at least 1, got {self.nproc}")
+        if self.train_size is not None and self.train_size < 1:
+            raise ValueError(f"train_size must be at least 1, got {self.train_size}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
 
@@ -208,6 +211,8 @@ def train(cfg: TrainConfig, data: DataSplit | None = None) -> TrainResult:
 
 def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, device: torch.device) -> TrainResult:
     data = data or load_dataset(cfg.data, cfg.data_dir, image_size=cfg.image_size)
+    if cfg.train_size is not None:
+        data = training_subset(data, cfg.train_size)
     arch = cfg.arch or default_arch_for(data.input_shape)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -302,6 +307,7 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
             "lr": cfg.lr,
             "weight_decay": cfg.weight_decay,
             "seed": cfg.seed,
+            "train_images": len(data.train_y),  # of the data set's training split (train_size: a stratified subset)
             "mu": cfg.mu if cfg.method in CODED_METHODS else None,
             "n_schedule": asdict(schedule) if cfg.method in CODED_METHODS else None,
             "mixup_alpha": cfg.mixup_alpha if cfg.method == "mixup" else None,
