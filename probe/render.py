@@ -256,6 +256,69 @@ def _full_split_section(r: dict) -> list[str]:
     return L
 
 
+MEASURES = {"clean": "clean", "worst": "worst-case"}
+
+
+def _size_cell(rows: list[dict], measure: str) -> str:
+    """mean ± sd over seeds of one method at one size (clean: of the whole test split; worst: of the study's sample)."""
+    accs = [x[measure]["correct"] / x[measure]["n"] if measure == "clean" else x[measure]["accuracy"] for x in rows]
+    if not accs:
+        return "–"
+    return _pct(statistics.mean(accs)) + (f" ± {100 * statistics.stdev(accs):.1f}" if len(accs) > 1 else "")
+
+
+def size_finding(tests: list[dict]) -> str:
+    """What the paired tests of one pair at one size support, with the mean difference over seeds."""
+    mean = 100 * statistics.mean(t["diff"] for t in tests)
+    verdict = _verdict(tests)
+    if verdict.startswith("higher in all"):
+        return f"raises it by {mean:.1f} points ({verdict})"
+    if verdict.startswith("lower in all"):
+        return f"lowers it by {-mean:.1f} points ({verdict})"
+    return f"no effect the tests support ({verdict}; mean Δ {mean:+.1f} points)"
+
+
+def _at_sizes(sizes: list[str]) -> str:
+    return f"at {' and '.join(sizes)} training images" if sizes else "at none"
+
+
+def _training_sizes_section(r: dict) -> list[str]:
+    st = r.get("sizes")
+    if not st:
+        return []
+    rows = st["rows"]
+    at = lambda size, m, measure: [x for x in rows if x["size"] == size and x["method"] == m and measure in x]  # noqa: E731
+    steps = {size: sorted({x["steps"] for x in rows if x["size"] == size}) for size in st["sizes"]}
+    epochs = {size: sorted({x["epochs"] for x in rows if x["size"] == size}) for size in st["sizes"]}
+    robust = [m for m in st["methods"] if any("worst" in x for x in rows if x["method"] == m)]
+    n_test = next(x["clean"]["n"] for x in rows)
+    L = ["", "## What coded training adds, by training-set size", "",
+         f"Each method trained on nested class-stratified subsets of the {st['n_train']:,}-image training split: "
+         + "; ".join(f"{size:,} ({_counts_text(st['subset_classes'][str(size)])}, {'/'.join(map(str, epochs[size]))} epoch{'s' if epochs[size] != [1] else ''}, {'/'.join(f'{v:,}' for v in steps[size])} optimiser steps)" for size in st["sizes"])
+         + f", training seeds {', '.join(map(str, st['seeds']))}; every other setting as above. A smaller set gets more epochs so that every model takes about the same number "
+         f"of optimiser steps. Clean accuracy: no RCI, all {n_test:,} test images. Worst case: no RCI, the white-box cascade above at ε = {st['eps']:g} from the clean images, "
+         f"on the first {len(st['sample'])} images of the white-box sample ({_counts_text(st['sample_classes'])}), for the adversarially trained methods"
+         + (f" ({', '.join(robust)})" if robust else "") + ". Cells: mean ± sd over the seeds (%).", "",
+         *_table(["training images", *(f"{m} clean" for m in st["methods"]), *(f"{m} worst case, ε = {st['eps']:g}" for m in robust)],
+                 ([f"{size:,}", *(_size_cell(at(size, m, "clean"), "clean") for m in st["methods"]), *(_size_cell(at(size, m, "worst"), "worst") for m in robust)]
+                  for size in st["sizes"])),
+         "", "Paired tests: Δ = accuracy of A − accuracy of B on the same images (points), per seed; p = two-sided exact McNemar p-value.", "",
+         *_table(["training images", "A", "B", "measure (n)", "per seed: Δ (p)", "what the tests support"],
+                 ([f"{t['size']:,}", t["a"], t["b"], f"{MEASURES[t['measure']]} ({t['tests'][0]['n']})", "; ".join(f"{100 * x['diff']:+.1f} ({x['p']:.2g})" for x in t["tests"]),
+                   size_finding(t["tests"])] for t in st["tests"])),
+         "", "### Reading", "",
+         f"A size counts as helped (or hurt) only where the difference is significant (p < {ALPHA}) in the same direction in every seed.", ""]
+    if r.get("quick"):
+        L += [f"*{QUICK_BANNER}*", ""]
+    for a, b, measure in dict.fromkeys((t["a"], t["b"], t["measure"]) for t in st["tests"]):
+        found = [(t["size"], size_finding(t["tests"])) for t in st["tests"] if (t["a"], t["b"], t["measure"]) == (a, b, measure)]
+        helps = [f"{size:,}" for size, f in found if f.startswith("raises")]
+        hurts = [f"{size:,}" for size, f in found if f.startswith("lowers")]
+        L.append(f"- **{a} against {b}, {MEASURES[measure]} accuracy**: " + "; ".join(f"{size:,} training images: {f}" for size, f in found) + ". "
+                 + f"Among the sizes tried, coded training helps {_at_sizes(helps)} and hurts {_at_sizes(hurts)}.")
+    return L
+
+
 def _bb_cell(row: dict | None) -> str:
     if row is None:
         return "–"
@@ -471,6 +534,7 @@ def render(r: dict, figures: dict[str, str]) -> str:
     L += _seed_spread(r, eps)
     L += _full_split_section(r)
     L += _paired_section(r)
+    L += _training_sizes_section(r)
     L += _cascade_section(r, first, eps)
     L += _blackbox_section(r) if r.get("blackbox") else _square_section(r, first)
     L += _eot_section(r, figures)

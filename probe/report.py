@@ -37,7 +37,8 @@ from .cache import StageCache, digest
 from .checks import paired_tests, sanity_checks
 from .render import render, write_figures
 from .samples import balanced_order, class_counts
-from .stages import (Clock, cotenant_table, curve_stage, default_checkpoint_accuracy, ensure_checkpoint, eot_curve, n_sweep, outcome_data, outcome_from, rci_stage,
+from .sizes import size_study
+from .stages import (Clock, clean_correct, cotenant_table, curve_stage, default_checkpoint_accuracy, ensure_checkpoint, eot_curve, n_sweep, outcome_data, outcome_from, rci_stage,
                      summary, training_seconds, whitebox_stage)
 from .suite import Outcome, SuiteConfig, attacker_and_scorer, run_cascade, whitebox_attacks
 from .weights import checkpoint_record, publish
@@ -93,6 +94,10 @@ class ReportConfig:
     calibration_draws: int = field(default=8, metadata={"help": "draws per test image when matching the noise baseline's clean accuracy to RCI's"})
     surrogate_seed: int = field(default=1, metadata={"help": "seed of the transfer attack's surrogates (the same method, and erm)"})
     cotenant_steps: int = field(default=10, metadata={"help": "optimisation steps of the co-tenant attacker"})
+    sizes: list[int] = field(default_factory=lambda: [500, 1000, 4000], metadata={"help": "training-set sizes of the study of what coded training adds (nested class-stratified subsets of the training split; about the same optimiser steps at every size)"})
+    size_methods: list[Method] = field(default_factory=lambda: ["erm", "mixup", "coded", "pgd-at", "coded-at"], metadata={"help": "methods trained at each size", "choices": METHODS})
+    size_seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "training seeds per method and size"})
+    size_per_class: int = field(default=20, metadata={"help": "test images per class on which the study's adversarially trained models are attacked (the first of the white-box sample)"})
     max_steps: int | None = field(default=None, metadata={"help": "stop each training run after this many optimiser steps (quick checks)"})
     threads: int | None = field(default=None, metadata={"help": "torch threads of this process (default: torch's); with 1, two runs of disjoint --methods share 2 cores and one --runs cache"})
     render_only: bool = field(default=False, metadata={"help": "rewrite the markdown and figures from the JSON beside out, without running anything"})
@@ -106,7 +111,7 @@ class ReportConfig:
             self, runs=self.runs + "-quick" if self.runs == ReportConfig.runs else self.runs, seeds=self.seeds[:1], coded_seeds=self.seeds[:1], epochs=1, max_steps=15,
             images_per_class=2, rci_per_class=1, blackbox_per_class=1, curve_per_class=1, cotenant_per_class=1, draws=4, apgd_steps=10, pgd_steps=10, pgd_restarts=2,
             eot_draws=2, eot_steps=5, cotenant_steps=2, curve_eps=self.curve_eps[-1:], blackbox_methods=["coded"], budgets=[24, 60], study_methods=["coded"],
-            adversarial_budgets=[24], study_score_queries=[1, 2], study_budget=24, noise_grid=[0.1, 0.3], calibration_draws=2, surrogate_seed=self.seeds[0],
+            adversarial_budgets=[24], sizes=[min(self.sizes), max(self.sizes)], size_seeds=self.seeds[:1], size_per_class=1, study_score_queries=[1, 2], study_budget=24, noise_grid=[0.1, 0.3], calibration_draws=2, surrogate_seed=self.seeds[0],
         )
 
     def validate(self) -> None:
@@ -115,6 +120,8 @@ class ReportConfig:
             raise ValueError(f"each sample must be part of the one before: need images_per_class >= rci_per_class >= blackbox_per_class >= 1, got {sizes}")
         if max(self.curve_per_class, self.cotenant_per_class) > self.rci_per_class:
             raise ValueError("the EOT curve's and co-tenant samples must be part of the RCI sample (per class counts at most rci_per_class)")
+        if not 1 <= self.size_per_class <= self.images_per_class or min(self.sizes, default=1) < 1:
+            raise ValueError("sizes must be positive and size_per_class in [1, images_per_class] (its sample is part of the white-box one)")
         if self.confirm < 1 or self.score_queries < 1 or min(self.budgets + self.adversarial_budgets, default=1) < 1:
             raise ValueError("confirm, score_queries and budgets must be positive")
 
@@ -137,7 +144,7 @@ STAGE_KINDS = {  # a stage's cache name starts with its kind; the run-time table
     "white-box": "white-box, no RCI", "rci-request": "adaptive, RCI request", "rci-batch": "adaptive, RCI batch", "curve": "ε-curve points",
     "full split": "largest ε on the whole test split", "noise calibration": "noise baseline σ", "transfer source": "transfer: surrogate APGD",
     "black-box": "black-box over HTTP", "black-box clean": "black-box over HTTP", "eot curve": "EOT convergence curve", "n sweep": "N sweep",
-    "cotenant": "co-tenant probe", "sanity": "sanity checks", "default checkpoint": "default checkpoint accuracy",
+    "cotenant": "co-tenant probe", "size": "training-set sizes: worst case", "sanity": "sanity checks", "default checkpoint": "default checkpoint accuracy",
 }
 
 
@@ -265,6 +272,11 @@ def run_report(cfg: ReportConfig, command: str) -> Path:
         extras["full_split"] = {"eps": cfg.eps[-1], "n": len(order), "rows": rows}
 
     skey = {"models": stage_keys, "samples": samples, **budgets, **eot_budget, "blackbox": digest(extras.get("blackbox", {}).get("rows", [])), "budgets": cfg.budgets, "adversarial_budgets": cfg.adversarial_budgets}
+    if cfg.sizes and cfg.size_methods:
+        t1 = time.monotonic()
+        extras["sizes"] = size_study(cfg, suite, cache, data, order)
+        computed = sum(v for n, v in cache.seconds.items() if n.startswith("size/") and n not in cache.reused)  # counted under its own stage kind
+        clock.add("training-set sizes: training (or reuse), clean accuracy", t1 + computed)
     extras["sanity"] = cache.run("sanity", skey, lambda: sanity_checks(cfg, suite, outcomes, cks, xs, ys, pool, extras.get("blackbox")))
     extras["paired"] = paired_tests(outcomes, cfg)
     if cfg.data == "mnist":
@@ -285,7 +297,7 @@ def run_report(cfg: ReportConfig, command: str) -> Path:
             models[f"{m}/seed{s}"]["curve_examples"] = {e: v.x_adv[:10].tolist() for e, v in o["curve"].items()}
     compute = stage_minutes(cache.seconds)
     results = {
-        "config": dataclasses.asdict(cfg), "command": command, "quick": cfg.quick, "seconds": clock.total, "stages": {"training (or reuse)": clock.stages.get("training (or reuse)", 0.0), **compute},
+        "config": dataclasses.asdict(cfg), "command": command, "quick": cfg.quick, "seconds": clock.total, "stages": {**clock.stages, **compute},
         "reused_stages": len(cache.reused), "training_seconds": trained,
         "samples": {name: [int(i) for i in idx] for name, idx in samples.items()},
         "sample_classes": {name: {str(c): n for c, n in class_counts(data.test_y, idx).items()} for name, idx in samples.items()},
@@ -307,5 +319,4 @@ def _full_split_rest(suite: SuiteConfig, ck, x, y, eps: float) -> Outcome:
 
 
 def _clean_full(ck, x, y) -> dict:
-    _, scorer = attacker_and_scorer(ck, ck.coding_spec(enabled=False), None, 1, 0)
-    return {"correct": int(scorer(x, y)[0].sum()), "n": len(x)}
+    return {"correct": int(clean_correct(ck, x, y).sum()), "n": len(x)}

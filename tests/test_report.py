@@ -153,7 +153,51 @@ def test_quick_report_end_to_end(tmp_path):
     pgd_at = r["models"]["pgd-at/seed0"]["settings"]["plain"]["0.1"]
     assert f"{100 * pgd_at['accuracy']:.1f}" in md
     assert shlex.split(r["command"])[:2] == ["codedsmooth", "report"] and "--quick" in shlex.split(r["command"]) and f"`{r['command']}`" in md
+    _check_size_study(r, md, tmp_path / "runs")
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     r2 = json.loads(out.with_suffix(".json").read_text())
     assert r2["reused_stages"] > 0 and r2["models"] == r["models"] and r2["blackbox"]["rows"] == b["rows"]
+    assert r2["sizes"]["rows"] == r["sizes"]["rows"]  # the study's models reused, not retrained
+
+
+def _check_size_study(r, md, runs):
+    """The training-set-size study: the models were trained on the subsets it names, its per-image outcomes are
+    the models' own, and its tests and sentences follow from them (recomputed here with scipy)."""
+    from scipy.stats import binomtest
+
+    st, cfg = r["sizes"], r["config"]
+    data = load_dataset("mnist")
+    x, y = data.test_x.float() / 255, data.test_y
+    assert {(x_["size"], x_["method"], x_["seed"]) for x_ in st["rows"]} == {(n, m, s) for n in cfg["sizes"] for m in cfg["size_methods"] for s in cfg["size_seeds"]}
+    assert min(cfg["sizes"]) < st["n_train"] == max(cfg["sizes"])
+    for row in st["rows"]:
+        path = runs / (f"{row['method']}-seed{row['seed']}" if row["size"] == st["n_train"] else f"sizes/{row['method']}-n{row['size']}-seed{row['seed']}")
+        ck = load_checkpoint(path)
+        assert ck.config.training.method == row["method"]
+        assert getattr(ck.config.training, "train_images", st["n_train"]) == row["size"]
+        assert hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest() == row["sha256"]
+        model = RCIModel(ck, CodingSpec.plain())
+        clean = correct_per_image(model, x, y)
+        assert "".join("1" if c else "0" for c in clean.tolist()) == row["clean"]["per_image"] and row["clean"]["correct"] == int(clean.sum())
+        if "worst" in row:
+            sample = torch.tensor(st["sample"])
+            worst = torch.tensor([c == "1" for c in row["worst"]["per_image"]])
+            assert not bool((worst & ~clean[sample]).any())  # the worst case never beats the clean image
+    assert {r_["method"] for r_ in st["rows"] if "worst" in r_} == {"pgd-at", "coded-at"}
+    for size, counts in st["subset_classes"].items():
+        assert sum(counts.values()) == int(size) and len(set(counts.values())) == 1
+    by = {(x_["size"], x_["method"], x_["seed"]): x_ for x_ in st["rows"]}
+    assert {(t["size"], t["a"], t["b"], t["measure"]) for t in st["tests"]} == {
+        (n, a, b, m) for n in cfg["sizes"] for a, b, m in (("coded", "erm", "clean"), ("coded", "mixup", "clean"), ("coded-at", "pgd-at", "clean"), ("coded-at", "pgd-at", "worst"))}
+    for t in st["tests"]:
+        for one in t["tests"]:
+            a = by[(t["size"], t["a"], one["seed"])][t["measure"]]["per_image"]
+            b = by[(t["size"], t["b"], one["seed"])][t["measure"]]["per_image"]
+            only_a = sum(p == "1" and q == "0" for p, q in zip(a, b))
+            only_b = sum(p == "0" and q == "1" for p, q in zip(a, b))
+            assert (one["only_a"], one["only_b"]) == (only_a, only_b)
+            assert math.isclose(one["p"], binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0)
+    assert "## What coded training adds, by training-set size" in md
+    for a, b, measure in (("coded", "erm", "clean"), ("coded-at", "pgd-at", "worst-case")):
+        assert f"**{a} against {b}, {measure} accuracy**" in md

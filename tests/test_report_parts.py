@@ -108,3 +108,17 @@ def test_the_recorded_report_command_parses_back_to_the_same_config():
     assert "--retrain" not in flags and "--no-retrain" not in flags  # defaults are left out
     again = _config_from_args(ReportConfig, build_parser().parse_args(["report", *flags]))
     assert again == cfg
+
+
+def test_size_findings_claim_an_effect_only_when_every_seed_agrees():
+    from codedsmooth.probe.render import size_finding
+
+    def tests(*pairs):
+        return [{"seed": i, "diff": d, "p": p} for i, (d, p) in enumerate(pairs)]
+
+    assert size_finding(tests((0.02, 0.01), (0.01, 0.04), (0.03, 0.001))).startswith("raises it by 2.0 points")
+    assert size_finding(tests((-0.02, 0.01), (-0.04, 0.001))).startswith("lowers it by 3.0 points")
+    # two of three seeds significant is not enough, nor is a large mean difference without significance
+    assert size_finding(tests((0.02, 0.01), (0.01, 0.04), (0.03, 0.2))).startswith("no effect the tests support")
+    assert size_finding(tests((0.2, 0.06), (0.2, 0.06))).startswith("no effect the tests support")
+    assert "mean Δ +20.0 points" in size_finding(tests((0.2, 0.06), (0.2, 0.06)))
