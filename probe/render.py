@@ -256,6 +256,35 @@ def _full_split_section(r: dict) -> list[str]:
     return L
 
 
+def _default_rci_section(r: dict, eps: list[str]) -> list[str]:
+    """What RCI adds to the served model: its rows with RCI on in both scopes beside no RCI on the same images, and the attacks over HTTP."""
+    d = r.get("default_checkpoint") or {}
+    key = d.get("same_as")
+    if not key:
+        return []
+    m, seed = key.split("/seed")
+    model = r["models"][key]["settings"]
+    n = model["request"][eps[0]]["n"]
+    tests = {(row["eps"], row["setting"]): next(t for t in row["tests"] if t["seed"] == int(seed)) for row in r["paired"] if row["a"].startswith(f"{m}, RCI")}
+    plain = {e: sum(model["plain"][e]["score"][:n]) / n for e in eps}
+    L = ["", "## RCI on the served default", "",
+         f"The served default checkpoint (`{d['name']}`) is the {m} seed {seed} model above. Worst-case accuracy (%) on the RCI sample (n = {n}; with RCI expected over {model['request'][eps[0]]['draws']} draws) under the white-box suite: "
+         "no RCI, and through RCI with the adaptive EOT attacks; in brackets the exact McNemar p-value against no RCI on the same images.", "",
+         *_table(["setting", *(f"ε = {e}" for e in eps)],
+                 [["no RCI", *(_pct(plain[e]) for e in eps)],
+                  *([SETTING_NAMES[s], *(f"{_pct(model[s][e]['accuracy'])} (p = {tests[(e, s)]['p']:.2g})" if (e, s) in tests else _pct(model[s][e]["accuracy"]) for e in eps)] for s in SCOPES)])]
+    bb = [row for row in (r.get("blackbox") or {}).get("rows", []) if row["method"] == m]
+    if bb:
+        attackers = list(dict.fromkeys((row["attacker"], row["budget"]) for row in bb))
+        servers = list(dict.fromkeys(row["server"] for row in bb))
+        cell_of = {(row["attacker"], row["budget"], row["server"]): row for row in bb}
+        L += ["", f"Over HTTP at ε = {r['blackbox']['eps']:g} (n = {bb[0]['n']}, accuracy %):", "",
+              *_table(["attacker", *servers], ([f"{a} ({b:,} quer{'y' if b == 1 else 'ies'} per image)", *(_bb_cell(cell_of.get((a, b, s))) for s in servers)] for a, b in attackers))]
+    L += ["", "What RCI costs this model in throughput is measured outside the report, by `benchmarks/sparse_decode.py --speed-models checkpoint`; "
+          "[robustness.md](robustness.md) sets that ratio beside these rows."]
+    return L
+
+
 MEASURES = {"clean": "clean", "worst": "worst-case"}
 
 
@@ -298,7 +327,9 @@ def _training_sizes_section(r: dict) -> list[str]:
          + f", training seeds {', '.join(map(str, st['seeds']))}; every other setting as above. A smaller set gets more epochs so that every model takes about the same number "
          f"of optimiser steps. Clean accuracy: no RCI, all {n_test:,} test images. Worst case: no RCI, the white-box cascade above at ε = {st['eps']:g} from the clean images, "
          f"on the first {len(st['sample'])} images of the white-box sample ({_counts_text(st['sample_classes'])}), for the adversarially trained methods"
-         + (f" ({', '.join(robust)})" if robust else "") + ". Cells: mean ± sd over the seeds (%).", "",
+         + (f" ({', '.join(robust)})" if robust else "") + ". Cells: mean ± sd over the seeds (%). "
+         + f"The study's {len(rows)} models recorded {sum(x['training_seconds'] for x in rows) / 60:.0f} min of training in their checkpoints; "
+         f"those on all {st['n_train']:,} training images are the report's own models of the same method and seed, where the report has them.", "",
          *_table(["training images", *(f"{m} clean" for m in st["methods"]), *(f"{m} worst case, ε = {st['eps']:g}" for m in robust)],
                  ([f"{size:,}", *(_size_cell(at(size, m, "clean"), "clean") for m in st["methods"]), *(_size_cell(at(size, m, "worst"), "worst") for m in robust)]
                   for size in st["sizes"])),
@@ -533,6 +564,7 @@ def render(r: dict, figures: dict[str, str]) -> str:
         f"{m} {s} ε={e}: {100 * first[m]['settings'][s][e]['draw_sd']:.1f}" for m in by_method for s in SCOPES for e in eps[:1]) + "."]
     L += _seed_spread(r, eps)
     L += _full_split_section(r)
+    L += _default_rci_section(r, eps)
     L += _paired_section(r)
     L += _training_sizes_section(r)
     L += _cascade_section(r, first, eps)
