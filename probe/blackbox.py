@@ -1,5 +1,6 @@
-"""The report's black-box section: query and transfer attacks over HTTP against a plain server, an RCI
-server (request scope) and a server with input noise at RCI's clean accuracy.
+"""The report's black-box section: query and transfer attacks over HTTP against each method's model served
+plain, with RCI (request scope) and with input noise at RCI's clean accuracy, all of them models of one
+repository server (:func:`.servers.repository_server`).
 
 Per method (its first seed's model): σ of the noise baseline from a grid by measured clean
 accuracy; the adaptive Square at every budget (and, for the study, at other numbers of queries per
@@ -19,7 +20,7 @@ import torch
 from codedsmooth.models import Checkpoint
 
 from .cache import StageCache
-from .servers import BLACKBOX_SERVERS, one_query, query_attack, server_target, served_function
+from .servers import BLACKBOX_SERVERS, one_query, query_attack, repository_server, served_function, target_name
 from .stages import noise_calibration, transfer_source
 from .stats import sign_test, wilson
 from .suite import Scorer, SuiteConfig
@@ -28,6 +29,11 @@ if TYPE_CHECKING:
     from .report import ReportConfig
 
 log = logging.getLogger("codedsmooth.report")
+
+# What a row's queries ran against (``served_by``): one repository server for every method and setting;
+# results cached before the report used one carry no mark, and ran against one server per model and setting.
+REPOSITORY = "repository"
+ONE_SERVER_EACH = "one server per model and setting"
 
 
 def _quantile(q: torch.Tensor, p: float) -> float:
@@ -60,52 +66,68 @@ def blackbox_section(cfg: ReportConfig, suite: SuiteConfig, cache: StageCache, m
     eps = cfg.eps[-1]
     rows, merges, noise = [], {}, {}
     for method, ck in models.items():
-        mkey = {**key, "checkpoint": sha[method]}
         noise[method] = cache.run(f"noise calibration/{method}", {"checkpoint": sha[method], "grid": cfg.noise_grid, "draws": cfg.calibration_draws, "seed": suite.seed},
-                                  lambda: noise_calibration(cfg, ck, x_all, y_all, pool, suite.seed))
-        sigma = noise[method]["sigma"]
-        sources = {}
-        for label, sck in surrogates.get(method, []):
-            sources[label] = cache.run(f"transfer source/{method}/{label}", {**key, "surrogate": sha[label], "eps": eps, "steps": suite.apgd_steps, "seed": suite.seed},
-                                       lambda sck=sck: transfer_source(suite, sck, x, y, eps))
-        jobs = [("adaptive Square", b, cfg.score_queries) for b in cfg.budgets_of(method)]
-        if method in cfg.study_methods:
-            jobs += [("adaptive Square", cfg.study_budget, m) for m in cfg.study_score_queries if m != cfg.score_queries or cfg.study_budget not in cfg.budgets_of(method)]
-        with ExitStack() as stack:
-            live: dict[str, object] = {}
+                                  lambda ck=ck: noise_calibration(cfg, ck, x_all, y_all, pool, suite.seed))
+    with ExitStack() as stack:
+        server = []  # the repository server, started when the first stage that is not cached needs it
 
-            def target(setting):
-                if setting not in live:
-                    live[setting] = stack.enter_context(server_target(ck, setting, sigma))
-                return live[setting]
+        def target(method, setting):
+            if not server:
+                server.append(stack.enter_context(repository_server(
+                    {target_name(m, s): (models[m], s, noise[m]["sigma"]) for m in models for s in BLACKBOX_SERVERS})))
+            return server[0](target_name(method, setting))
 
-            for setting in BLACKBOX_SERVERS:
-                skey = {**mkey, "setting": setting, "sigma": sigma if setting == "noise" else None}
-                served = Scorer(served_function(ck, setting, sigma, pool, suite.seed), cfg.draws)
-                clean = cache.run(f"black-box clean/{method}/{setting}", skey, lambda setting=setting: one_query(target(setting), x, y))
-                clean_draws = served(x, y)
-                extra_clean = {"served_clean_one_query": float(clean["served_correct"].float().mean()), "clean_expected": float(clean_draws.float().mean()), "sigma": sigma if setting == "noise" else None}
-                for attacker, budget, m in jobs:
-                    if setting == "plain" and m != cfg.score_queries:
-                        continue  # the plain server answers the same to every query: more queries per candidate only cost
-                    res = cache.run(f"black-box/{method}/{setting}/square-{budget}-m{m}", {**skey, "eps": eps, "budget": budget, "m": m, "confirm": cfg.confirm, "seed": suite.seed},
-                                    lambda setting=setting, budget=budget, m=m: query_attack(target(setting), x, y, eps, budget, m, cfg.confirm, suite.seed))
-                    correct = served(res["x_adv"], y)
-                    rows.append(_row(method, ck.name, attacker, budget, m, setting, correct, res["queries"], {
-                        **extra_clean, "confirmed_broken": int(res["broken"].sum()), "queries_sent": int(res["queries_sent"]), "seconds": float(res["seconds"])}))
-                    if m == cfg.score_queries:
-                        merges.setdefault((method, setting), []).append((f"adaptive Square {budget} q, HTTP", res["x_adv"], correct))
-                for label, x_t in sources.items():
-                    res = cache.run(f"black-box/{method}/{setting}/transfer-{label}", {**skey, "source": sha[label], "eps": eps, "x": x_t},
-                                    lambda setting=setting, x_t=x_t: one_query(target(setting), x_t, y))
-                    correct = served(x_t, y)
-                    rows.append(_row(method, ck.name, f"transfer from {label}", 1, None, setting, correct, res["queries"], {
-                        **extra_clean, "served_correct_one_query": float(res["served_correct"].float().mean()), "seconds": float(res["seconds"])}))
-                    merges.setdefault((method, setting), []).append((f"transfer from {label}, HTTP", x_t, correct))
+        for method, ck in models.items():
+            rows_of, merges_of = _attack_model(cfg, suite, cache, method, ck, surrogates.get(method, []), noise[method]["sigma"], x, y, pool, key, sha,
+                                               lambda setting, method=method: target(method, setting))
+            rows += rows_of
+            merges.update(merges_of)
     section = {"eps": eps, "images": len(x), "score_queries": cfg.score_queries, "confirm": cfg.confirm, "budgets": list(cfg.budgets),
                "budgets_by_method": {m: list(cfg.budgets_of(m)) for m in models},
                "servers": dict(BLACKBOX_SERVERS), "noise": noise, "rows": rows, "paired": paired_servers(rows)}
     return section, merges
+
+
+def _attack_model(cfg: ReportConfig, suite: SuiteConfig, cache: StageCache, method: str, ck: Checkpoint, surrogates: list[tuple[str, Checkpoint]], sigma: float,
+                  x, y, pool, key: dict, sha: dict[str, str], target) -> tuple[list[dict], dict]:
+    """Every attack over HTTP on one method's model in each setting; ``target(setting)`` is its HTTP target.
+    A stage run now records that it ran against the repository server (``served_by``)."""
+    eps = cfg.eps[-1]
+    mkey = {**key, "checkpoint": sha[method]}
+    rows, merges = [], {}
+    sources = {}
+    for label, sck in surrogates:
+        sources[label] = cache.run(f"transfer source/{method}/{label}", {**key, "surrogate": sha[label], "eps": eps, "steps": suite.apgd_steps, "seed": suite.seed},
+                                   lambda sck=sck: transfer_source(suite, sck, x, y, eps))
+    jobs = [("adaptive Square", b, cfg.score_queries) for b in cfg.budgets_of(method)]
+    if method in cfg.study_methods:
+        jobs += [("adaptive Square", cfg.study_budget, m) for m in cfg.study_score_queries if m != cfg.score_queries or cfg.study_budget not in cfg.budgets_of(method)]
+    for setting in BLACKBOX_SERVERS:
+        skey = {**mkey, "setting": setting, "sigma": sigma if setting == "noise" else None}
+        served = Scorer(served_function(ck, setting, sigma, pool, suite.seed), cfg.draws)
+        clean = cache.run(f"black-box clean/{method}/{setting}", skey, lambda setting=setting: {**one_query(target(setting), x, y), "served_by": REPOSITORY})
+        clean_draws = served(x, y)
+        extra_clean = {"served_clean_one_query": float(clean["served_correct"].float().mean()), "clean_expected": float(clean_draws.float().mean()), "sigma": sigma if setting == "noise" else None}
+        for attacker, budget, m in jobs:
+            if setting == "plain" and m != cfg.score_queries:
+                continue  # the plain server answers the same to every query: more queries per candidate only cost
+            res = cache.run(f"black-box/{method}/{setting}/square-{budget}-m{m}", {**skey, "eps": eps, "budget": budget, "m": m, "confirm": cfg.confirm, "seed": suite.seed},
+                            lambda setting=setting, budget=budget, m=m: {**query_attack(target(setting), x, y, eps, budget, m, cfg.confirm, suite.seed), "served_by": REPOSITORY})
+            correct = served(res["x_adv"], y)
+            rows.append(_row(method, ck.name, attacker, budget, m, setting, correct, res["queries"], {
+                **extra_clean, "confirmed_broken": int(res["broken"].sum()), "queries_sent": int(res["queries_sent"]), "seconds": float(res["seconds"]),
+                "served_by": res.get("served_by", ONE_SERVER_EACH)}))
+            if m == cfg.score_queries:
+                merges.setdefault((method, setting), []).append((f"adaptive Square {budget} q, HTTP", res["x_adv"], correct))
+        for label, x_t in sources.items():
+            res = cache.run(f"black-box/{method}/{setting}/transfer-{label}", {**skey, "source": sha[label], "eps": eps, "x": x_t},
+                            lambda setting=setting, x_t=x_t: {**one_query(target(setting), x_t, y), "served_by": REPOSITORY})
+            correct = served(x_t, y)
+            rows.append(_row(method, ck.name, f"transfer from {label}", 1, None, setting, correct, res["queries"], {
+                **extra_clean, "served_correct_one_query": float(res["served_correct"].float().mean()), "seconds": float(res["seconds"]),
+                "served_by": res.get("served_by", ONE_SERVER_EACH)}))
+            merges.setdefault((method, setting), []).append((f"transfer from {label}, HTTP", x_t, correct))
+    return rows, merges
 
 
 def paired_servers(rows: list[dict]) -> list[dict]:

@@ -215,6 +215,17 @@ def _seeds_text(r: dict) -> str:
     return "; ".join(f"{seeds} for {' and '.join(ms)}" for seeds, ms in groups.items()) + " —"
 
 
+def _served_by(rows: list[dict]) -> str:
+    """What the rows' queries ran against, from the rows (results cached before the report used a repository server carry no mark)."""
+    on_repository = sum(1 for row in rows if row.get("served_by") == "repository")
+    repository = "each method's model once per setting, all of them models of one repository server (`serve --model-repository`)"
+    if on_repository == len(rows):
+        return repository
+    if on_repository == 0:
+        return "one server per model and setting"
+    return f"{repository}, for {on_repository} of the {len(rows)} rows; the others, read back from the cache, ran against one server per model and setting"
+
+
 def _blackbox_setting(r: dict, eps: list[str]) -> str:
     cfg = r["config"]
     b = r.get("blackbox")
@@ -228,7 +239,7 @@ def _blackbox_setting(r: dict, eps: list[str]) -> str:
     capped = {m: q for m, q in b.get("budgets_by_method", {}).items() if q != b["budgets"]}
     if capped:
         budgets += " (" + "; ".join(f"{m}: {' and '.join(f'{x:,}' for x in q)}" for m, q in capped.items()) + ", adversarially trained: most images survive and each survivor costs the whole budget)"
-    return (f"Over HTTP against real servers — plain, RCI in request scope, and input noise at RCI's clean accuracy — on the black-box sample at "
+    return (f"Over HTTP against real servers ({_served_by(b['rows'])}) — plain, RCI in request scope, and input noise at RCI's clean accuracy — on the black-box sample at "
             f"ε = {b['eps']:g}: the adaptive Square (a candidate scored by the maximum margin over {b['score_queries']} queries, the incumbent re-queried "
             f"every step, an image counted as broken only after {b['confirm']} fresh queries agree, every query counted) at {budgets} queries per image, "
             "and a transfer attack (white-box APGD-CE on a surrogate the attacker trained itself: another seed of the same method, and an ERM model; "

@@ -1,7 +1,9 @@
 """Attacks against real servers over HTTP: the adaptive query attack, the transfer attack's queries, and
 the servers they run against (plain, RCI in request scope, and the input-noise baseline).
 
-Each server is ``codedsmooth serve`` on a local port; the attacker reaches it only through HTTP.
+The targets are the models of one ``codedsmooth serve --model-repository`` on a local port: each
+method's model once per setting, named ``<method>-<setting>``, its setting in its ``serving.json``
+(:func:`repository_server`). The attacker reaches them only through HTTP.
 Results are scored like every other number of the report: in-process, on draws of the served
 function with the evaluator's own randomness (:func:`.suite.served_model`).
 """
@@ -9,7 +11,10 @@ function with the evaluator's own randomness (:func:`.suite.served_model`).
 from __future__ import annotations
 
 import time
+import json
+import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -25,18 +30,30 @@ BLACKBOX_SERVERS = {"plain": "plain", "request": "RCI, request scope", "noise": 
 ITEMS_PER_REQUEST = 128  # plain and noise servers answer items independently: a step's candidates go in few requests
 
 
-def serve_options(setting: str, sigma: float) -> dict:
-    """``codedsmooth serve`` options of one black-box setting."""
+# One torch thread: a one-item request is far too small to split, and on a busy machine idle intra-op
+# threads spin (on 2 loaded cores, 2 threads cost about 8× the server CPU time per query of 1 thread).
+SERVER_OPTIONS = {"timeout_ms": 120000, "threads": 1}
+
+
+def model_settings(setting: str, sigma: float) -> dict:
+    """The serving settings (a repository model's ``serving.json``, or ``serve`` options) of one black-box setting."""
     if setting not in BLACKBOX_SERVERS:
         raise ValueError(f"unknown server setting {setting!r}; known: {list(BLACKBOX_SERVERS)}")
-    # One torch thread: a one-item request is far too small to split, and on a busy machine idle intra-op
-    # threads spin (on 2 loaded cores, 2 threads cost about 8× the server CPU time per query of 1 thread).
-    options = {"rci": setting == "request", "rci_scope": "request", "max_queue_size": 4096, "timeout_ms": 120000, "max_delay_ms": 2, "threads": 1}
+    options = {"rci": setting == "request", "rci_scope": "request", "max_queue_size": 4096, "max_delay_ms": 2}
     if setting == "noise":
         options["input_noise_sigma"] = sigma
     if setting != "request":
         options["max_batch_size"] = ITEMS_PER_REQUEST
     return options
+
+
+def serve_options(setting: str, sigma: float) -> dict:
+    """``codedsmooth serve`` options of a server of one checkpoint in one black-box setting."""
+    return {**model_settings(setting, sigma), **SERVER_OPTIONS}
+
+
+def target_name(method: str, setting: str) -> str:
+    return f"{method}-{setting}"
 
 
 def served_function(ck: Checkpoint, setting: str, sigma: float, pool: torch.Tensor, seed: int) -> RCIModel:
@@ -46,16 +63,33 @@ def served_function(ck: Checkpoint, setting: str, sigma: float, pool: torch.Tens
 
 
 @contextmanager
-def server_target(ck: Checkpoint, setting: str, sigma: float):
-    """A running server of ``ck`` in this setting, and the attacker's HTTP target for it."""
-    with local_server(ck.path, capture_output=True, **serve_options(setting, sigma)) as server:
-        target = HttpTarget(server.url, items_per_request=1 if setting == "request" else ITEMS_PER_REQUEST)
-        try:
-            if target.info["name"] != ck.name:
-                raise ValueError(f"server serves {target.info['name']!r}, expected {ck.name!r}")
-            yield target
-        finally:
-            target.close()
+def repository_server(targets: dict[str, tuple[Checkpoint, str, float]]):
+    """One running server of a repository holding each ``name: (checkpoint, setting, σ)`` as a model of that
+    name (links to the checkpoint's files and a ``serving.json``), and ``target(name)``, the attacker's HTTP
+    target of that model (opened once)."""
+    with tempfile.TemporaryDirectory(prefix="codedsmooth-blackbox-") as tmp:
+        root = Path(tmp)
+        for name, (ck, setting, sigma) in targets.items():
+            folder = root / name
+            folder.mkdir()
+            for f in Path(ck.path).iterdir():
+                if f.is_file():
+                    (folder / f.name).symlink_to(f.resolve())
+            (folder / "serving.json").write_text(json.dumps(model_settings(setting, sigma)))
+        live: dict[str, HttpTarget] = {}
+        with local_server(None, capture_output=True, model_repository=str(root), **SERVER_OPTIONS) as server:
+            def target(name: str) -> HttpTarget:
+                if name not in live:
+                    _, setting, _ = targets[name]
+                    live[name] = HttpTarget(server.url, items_per_request=1 if setting == "request" else ITEMS_PER_REQUEST, model=name)
+                    if live[name].spec.enabled != (setting == "request"):
+                        raise ValueError(f"{name}: the server reports RCI {'on' if live[name].spec.enabled else 'off'}, expected the {setting} setting")
+                return live[name]
+            try:
+                yield target
+            finally:
+                for t in live.values():
+                    t.close()
 
 
 def query_attack(target, x: torch.Tensor, y: torch.Tensor, eps: float, budget: int, score_queries: int, confirm: int, seed: int) -> dict:

@@ -134,16 +134,21 @@ class HttpTarget:
     independently (no RCI, with or without input noise) gives the same answers to items sent
     several per request, which is much faster over HTTP. ``api_key`` is sent as
     ``Authorization: Bearer`` (default: env ``CODEDSMOOTH_API_KEY``; see ``service.client``).
+    ``model``: one model of a repository server (``serve --model-repository``), by name.
     """
 
-    def __init__(self, url: str, concurrency: int = 8, items_per_request: int = 1, api_key: str | None = None):
-        self.client = CodedSmoothClient(url, concurrency=concurrency, api_key=api_key)
+    def __init__(self, url: str, concurrency: int = 8, items_per_request: int = 1, api_key: str | None = None, model: str | None = None):
+        self.client = CodedSmoothClient(url, concurrency=concurrency, api_key=api_key, model=model)
         try:
-            self.info = self.client.models()[0]
+            models = self.client.models()
         except httpx.HTTPError as exc:
             raise ConnectionError(f"cannot reach a server at {url}: {exc}") from None
         except ServiceError as exc:
             raise ConnectionError(f"{url} did not answer GET /v1/models: {exc}") from None
+        named = [m for m in models if model is None or m["name"] == model]
+        if not named:
+            raise ValueError(f"{url} serves no model {model!r}; it serves {[m['name'] for m in models]}")
+        self.info = named[0]
         self.spec = spec_from_server(self.info)
         if self.spec.enabled and items_per_request != 1:
             raise ValueError("an RCI server codes a request's items together: query it with one-item requests")

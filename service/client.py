@@ -32,7 +32,8 @@ MAX_RATE_WAIT_S = 60  # longest Retry-After of a 429 the client waits out
 
 
 class CodedSmoothClient:
-    def __init__(self, url: str, timeout: float = 60.0, concurrency: int = 8, retries: int = 20, protocol: Protocol = "v2", api_key: str | None = None):
+    def __init__(self, url: str, timeout: float = 60.0, concurrency: int = 8, retries: int = 20, protocol: Protocol = "v2", api_key: str | None = None,
+                 model: str | None = None):
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
         self.url = url.rstrip("/")
@@ -42,7 +43,7 @@ class CodedSmoothClient:
         self.protocol = protocol
         key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._model: str | None = None
+        self._model = model  # a repository server's model by name (default: the server's first model; v1: its default route)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._http: httpx.AsyncClient | None = None
 
@@ -54,7 +55,7 @@ class CodedSmoothClient:
     def _encode(self, items: np.ndarray) -> tuple[str, dict]:
         """(path, httpx request arguments) of one predict request."""
         if self.protocol == "v1":
-            return "/v1/predict", {"json": {"inputs": items.tolist()}}
+            return (f"/v1/models/{self._model}/predict" if self._model else "/v1/predict"), {"json": {"inputs": items.tolist()}}
         if self._model is None:
             self._model = self.models()[0]["name"]
         data = np.ascontiguousarray(items, dtype="<f4").tobytes()

@@ -14,7 +14,7 @@ from codedsmooth.models import load_checkpoint
 from codedsmooth.probe.checks import CHECKS, failure_lines
 from codedsmooth.probe.evaluate import AttackConfig, run_attack
 from codedsmooth.probe.runner import check_served_model, evaluation_data
-from codedsmooth.probe.servers import query_attack, serve_options
+from codedsmooth.probe.servers import query_attack, repository_server, serve_options
 from codedsmooth.probe.square import margin, square_attack
 from codedsmooth.probe.targets import HttpTarget, InProcessTarget, RCIModel, accuracy, expected_accuracy, is_randomized
 from codedsmooth.service.launcher import free_port
@@ -211,3 +211,20 @@ def test_adaptive_square_over_http_counts_every_query_against_noise_and_rci_serv
     with running_server(tiny_checkpoint, **serve_options("request", 0)) as server:
         with pytest.raises(ValueError, match="one-item requests"):
             HttpTarget(server.url, items_per_request=8)
+
+
+def test_repository_targets_answer_as_one_server_of_each_setting_does(tiny, tiny_checkpoint):
+    """The report's black-box targets: one repository server holding the model once per setting. Plain answers
+    equal a single plain server's; the noise and RCI models are randomized, and RCI is on only where asked."""
+    ck, x, y, pool = tiny
+    xs = x[:12]
+    with repository_server({"m-plain": (ck, "plain", 0.0), "m-noise": (ck, "noise", 0.1), "m-request": (ck, "request", 0.0)}) as target:
+        plain, noise, rci = target("m-plain"), target("m-noise"), target("m-request")
+        assert target("m-plain") is plain
+        from_repository = plain.predict_proba(xs)
+        assert not plain.spec.enabled and not noise.spec.enabled and rci.spec.enabled and rci.spec.scope == "request"
+        assert not is_randomized(plain) and is_randomized(noise) and is_randomized(rci)
+    with running_server(tiny_checkpoint, **serve_options("plain", 0.0)) as server:
+        single = HttpTarget(server.url, items_per_request=128)
+        assert torch.allclose(single.predict_proba(xs), from_repository, atol=1e-6)
+        single.close()

@@ -130,6 +130,7 @@ def test_quick_report_end_to_end(tmp_path):
         assert math.isclose(row["accuracy"], sum(row["score"]) / bb_n, abs_tol=1e-3)
         if row["server"] in ("plain", "request"):
             assert "whitebox_accuracy" in row
+    assert {row["served_by"] for row in b["rows"]} == {"repository"} and "all of them models of one repository server" in md
     for budget in r["config"]["budgets"]:
         assert {x["server"] for x in b["rows"] if x["budget"] == budget} == {"plain", "request", "noise"}
     assert any(x["attacker"].startswith("transfer") and x["budget"] == 1 for x in b["rows"])
