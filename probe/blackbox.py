@@ -103,7 +103,7 @@ def _attack_model(cfg: ReportConfig, suite: SuiteConfig, cache: StageCache, meth
     if method in cfg.study_methods:
         jobs += [("adaptive Square", cfg.study_budget, m) for m in cfg.study_score_queries if m != cfg.score_queries or cfg.study_budget not in cfg.budgets_of(method)]
     for setting in BLACKBOX_SERVERS:
-        skey = {**mkey, "setting": setting, "sigma": sigma if setting == "noise" else None}
+        skey = {**mkey, "setting": setting, "sigma": sigma if setting == "noise" else None, "served_by": REPOSITORY}
         served = Scorer(served_function(ck, setting, sigma, pool, suite.seed), cfg.draws)
         clean = cache.run(f"black-box clean/{method}/{setting}", skey, lambda setting=setting: {**one_query(target(setting), x, y), "served_by": REPOSITORY})
         clean_draws = served(x, y)
