@@ -43,7 +43,7 @@ def model_settings(setting: str, sigma: float) -> dict:
     if setting == "noise":
         options["input_noise_sigma"] = sigma
     if setting != "request":
-        options["max_batch_size"] = ITEMS_PER_REQUEST
+        options["max_batch_size"] = options["max_items_per_request"] = ITEMS_PER_REQUEST
     return options
 
 

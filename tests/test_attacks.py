@@ -217,7 +217,8 @@ def test_repository_targets_answer_as_one_server_of_each_setting_does(tiny, tiny
     """The report's black-box targets: one repository server holding the model once per setting. Plain answers
     equal a single plain server's; the noise and RCI models are randomized, and RCI is on only where asked."""
     ck, x, y, pool = tiny
-    xs = x[:12]
+    xs = torch.cat([x, x.flip(0)])[:100]  # more than a server's default items per request (the plain and noise targets send up to 128 per request)
+    assert len(xs) == 100
     with repository_server({"m-plain": (ck, "plain", 0.0), "m-noise": (ck, "noise", 0.1), "m-request": (ck, "request", 0.0)}) as target:
         plain, noise, rci = target("m-plain"), target("m-noise"), target("m-request")
         assert target("m-plain") is plain
