@@ -33,9 +33,9 @@ def evaluation_data(ck: Checkpoint, samples: int, data_dir=None, seed: int = SAM
     return x, y, pool
 
 
-def make_target(ck: Checkpoint, url: str | None, spec: CodingSpec, clean_pool, seed: int, api_key: str | None = None):
+def make_target(ck: Checkpoint, url: str | None, spec: CodingSpec, clean_pool, seed: int, api_key: str | None = None, model: str | None = None):
     if url:
-        return HttpTarget(url, api_key=api_key)
+        return HttpTarget(url, api_key=api_key, model=model)
     return InProcessTarget(RCIModel(ck, spec, clean_pool, seed=seed + 100))
 
 
@@ -45,6 +45,7 @@ class TargetConfig:
 
     checkpoint: str | None = field(default=None, metadata={"help": "the attacker's copy of the model; the in-process target when url is not given (default: the embedded checkpoint; with --url it must be the served model, which is checked)"})
     url: str | None = field(default=None, metadata={"help": "attack a running server at this URL instead of an in-process target"})
+    model: str | None = field(default=None, metadata={"help": "with --url: the model of a repository server (serve --model-repository) to attack, by its name there; the served answers must agree with --checkpoint's (default: the server's first model, whose name must be the checkpoint's)"})
     api_key: str | None = field(default=None, metadata={"help": "API key for --url, sent as Authorization: Bearer (default: env CODEDSMOOTH_API_KEY, which keeps it out of shell history)"})
     data_dir: str | None = field(default=None, metadata={"help": "local files of the checkpoint's data set when it does not ship with a package"})
     rci: bool = field(default=True, metadata={"help": "in-process target: RCI on/off"})
@@ -59,15 +60,16 @@ AGREEMENT_ITEMS = 32  # clean items on which the served model and the attacker's
 AGREEMENT = 0.9
 
 
-def check_served_model(ck: Checkpoint, target: HttpTarget, x: torch.Tensor, given: bool) -> dict:
+def check_served_model(ck: Checkpoint, target: HttpTarget, x: torch.Tensor, given: bool, named: bool = False) -> dict:
     """The served model against the attacker's copy: name, classes, and agreement on clean answers.
 
     Without a ``--checkpoint`` the copy is the embedded checkpoint; a server of another model fails
-    here instead of silently describing the wrong model.
+    here instead of silently describing the wrong model. A repository model chosen by ``--model``
+    (``named``) has the operator's name, not the checkpoint's: its answers must agree all the same.
     """
     info = target.info
     source = "--checkpoint" if given else "the embedded default checkpoint (no --checkpoint given)"
-    if info["name"] != ck.name:
+    if not named and info["name"] != ck.name:
         raise ValueError(f"the server serves {info['name']!r} but the attacker's copy, {source}, is {ck.name!r}: pass --checkpoint with the served model")
     if list(info.get("classes", ck.config.classes)) != list(ck.config.classes):
         raise ValueError(f"the server's classes {info['classes']} differ from those of the attacker's copy ({source})")
@@ -79,7 +81,7 @@ def check_served_model(ck: Checkpoint, target: HttpTarget, x: torch.Tensor, give
     if agreement < AGREEMENT:
         raise ValueError(f"the server's answers agree with the attacker's copy ({source}) on only {100 * agreement:.0f} % of {len(items)} clean items: "
                          "it serves other weights under the same name; pass --checkpoint with the served weights")
-    return {"copy": source, "name": ck.name, "agreement": agreement, "items": len(items)}
+    return {"copy": source, "name": ck.name, "served_as": info["name"], "agreement": agreement, "items": len(items)}
 
 
 def attack_command(cfg: AttackConfig, args: TargetConfig) -> dict:
@@ -90,8 +92,10 @@ def attack_command(cfg: AttackConfig, args: TargetConfig) -> dict:
     ck = load_checkpoint(args.checkpoint or default_checkpoint_path())
     x, y, pool = evaluation_data(ck, cfg.samples, args.data_dir)
     spec = ck.coding_spec(enabled=args.rci, scope=args.rci_scope, k=args.rci_group_size, n=args.coded_points)
-    target = make_target(ck, args.url, spec, pool, cfg.seed, args.api_key)
-    identity = check_served_model(ck, target, x, args.checkpoint is not None) if args.url else None
+    if args.model and not args.url:
+        raise ValueError("--model names a model of the server at --url: give --url too")
+    target = make_target(ck, args.url, spec, pool, cfg.seed, args.api_key, args.model)
+    identity = check_served_model(ck, target, x, args.checkpoint is not None, named=args.model is not None) if args.url else None
     report = run_attack(cfg, ck, target, x, y, pool)
     if identity:
         report["attacker_copy"] = identity

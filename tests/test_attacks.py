@@ -17,7 +17,7 @@ from codedsmooth.probe.runner import check_served_model, evaluation_data
 from codedsmooth.probe.servers import query_attack, repository_server, serve_options
 from codedsmooth.probe.square import margin, square_attack
 from codedsmooth.probe.targets import HttpTarget, InProcessTarget, RCIModel, accuracy, expected_accuracy, is_randomized
-from codedsmooth.service.launcher import free_port
+from codedsmooth.service.launcher import free_port, local_server
 from codedsmooth.train import TrainConfig, train
 
 
@@ -229,3 +229,26 @@ def test_repository_targets_answer_as_one_server_of_each_setting_does(tiny, tiny
         single = HttpTarget(server.url, items_per_request=128)
         assert torch.allclose(single.predict_proba(xs), from_repository, atol=1e-6)
         single.close()
+
+
+def test_attack_cli_targets_one_model_of_a_repository_server(tiny_checkpoint, tmp_path):
+    """``attack --url --model``: the repository's model by its directory name, checked against --checkpoint by its answers."""
+    repo = tmp_path / "repo"
+    for name in ("first", "second"):
+        (repo / name).mkdir(parents=True)
+        for f in ("config.json", "model.safetensors"):
+            (repo / name / f).symlink_to((tiny_checkpoint / f).resolve())
+    (repo / "first" / "serving.json").write_text(json.dumps({"rci": False}))
+    report = tmp_path / "attack.json"
+    with local_server(None, model_repository=str(repo), threads=1) as server:
+        unnamed = _attack_cli("--checkpoint", str(tiny_checkpoint), "--url", server.url, "--samples", "10")
+        named = _attack_cli("--checkpoint", str(tiny_checkpoint), "--url", server.url, "--model", "second", "--attack", "fgsm", "--threat", "transfer",
+                            "--eps", "0.1", "--samples", "10", "--report", str(report))
+        missing = _attack_cli("--checkpoint", str(tiny_checkpoint), "--url", server.url, "--model", "third", "--samples", "10")
+    assert unnamed.returncode == 2 and "pass --checkpoint with the served model" in unnamed.stderr  # the directory name is not the checkpoint's
+    assert named.returncode == 0, named.stderr
+    data = json.loads(report.read_text())
+    assert data["attacker_copy"]["served_as"] == "second" and data["attacker_copy"]["agreement"] == 1.0
+    assert missing.returncode == 2 and "serves no model 'third'" in missing.stderr and "Traceback" not in missing.stderr
+    alone = _attack_cli("--checkpoint", str(tiny_checkpoint), "--model", "second", "--samples", "10")
+    assert alone.returncode == 2 and "give --url too" in alone.stderr
