@@ -7,6 +7,11 @@ reloads, as a new version swapped in without a failed request) the checkpoint di
 of the repository, validated as at start-up (a broken one: 400 naming the file, the other models
 keep serving), and ``…/unload`` stops routing to it, lets its accepted requests finish, then frees
 it. Without it both answer 403. The work is ``repository.Repository``'s.
+
+Where the load or unload runs is the app's ``model_control`` (``app.state``): by default this
+process's repository (:func:`apply`); under Ray Serve, every replica's (``ray_serve``
+broadcasts :func:`apply` to each replica live at the call), so a load or unload reaches every
+replica, and the answer is an error if any replica's was.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from .errors import Forbidden, InvalidInput, ServiceRoute
+from .errors import Forbidden, InvalidInput, ServiceError, ServiceRoute
 from .inputs import parse_json
 from .lifecycle import current_lifecycle
 from .openapi import errors
@@ -51,19 +56,47 @@ def _entry(lc, name: str) -> dict:
     return next((e for e in lc.repository.index() if e["name"] == name), {"name": name, "state": "UNAVAILABLE", "reason": UNLOADED})
 
 
+ACTIONS = ("load", "unload")
+
+
+async def apply(lc, action: str, name: str) -> dict:
+    """Load or unload ``name`` in this process's repository: ``{"entry": index entry}`` or ``{"error": {status, message}}``
+    (data, not an exception, so that it crosses a process boundary as it is)."""
+    if action not in ACTIONS:
+        raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
+    try:
+        await (lc.repository.load(name) if action == "load" else lc.repository.unload(name))
+    except ServiceError as exc:
+        return {"error": {"status": exc.status, "message": exc.message, "headers": dict(exc.headers or {})}}
+    finally:
+        lc.update_ready()
+    return {"entry": _entry(lc, name)}
+
+
+async def local_control(request: Request, action: str, name: str) -> list[dict]:
+    """The default model control: this process only."""
+    return [await apply(current_lifecycle(request), action, name)]
+
+
+async def _control(request: Request, action: str, name: str) -> JSONResponse:
+    lc = _allowed(request)
+    control = getattr(request.app.state, "model_control", None) or local_control
+    results = await control(request, action, name)
+    failed = [r["error"] for r in results if "error" in r]
+    if failed:
+        first = failed[0]
+        more = f" (and {len(failed) - 1} more of {len(results)} replicas)" if len(results) > 1 and len(failed) > 1 else (f" (on 1 of {len(results)} replicas)" if len(results) > 1 else "")
+        raise ServiceError(first["message"] + more, headers=first["headers"] or None, status=first["status"])
+    return JSONResponse(_entry(lc, name))
+
+
 @router.post("/v2/repository/models/{name}/load", response_model=V2RepositoryModel, responses=errors(400, 403, 404, 503))
 async def load(name: str, request: Request):
-    """Load (or reload as a new version) the checkpoint directory ``name`` of the repository."""
-    lc = _allowed(request)
-    await lc.repository.load(name)
-    lc.update_ready()
-    return JSONResponse(_entry(lc, name))
+    """Load (or reload as a new version) the checkpoint directory ``name`` of the repository (under Ray Serve: on every replica)."""
+    return await _control(request, "load", name)
 
 
 @router.post("/v2/repository/models/{name}/unload", response_model=V2RepositoryModel, responses=errors(403, 404, 503))
 async def unload(name: str, request: Request):
-    """Stop routing to ``name``, let its accepted requests finish, then free it."""
-    lc = _allowed(request)
-    await lc.repository.unload(name)
-    lc.update_ready()
-    return JSONResponse(_entry(lc, name))
+    """Stop routing to ``name``, let its accepted requests finish, then free it (under Ray Serve: on every replica)."""
+    return await _control(request, "unload", name)

@@ -36,6 +36,14 @@ warm-up at start, the lifecycle's drain at stop).
   re-read by each replica: the path must hold the same file on every node), and all replicas
   charge one set of per-client counters in a named Ray actor (``.shared_limits``), so
   ``--rate-limit`` and ``--quota`` hold for the deployment as a whole.
+- **A model repository** (``--model-repository``): every replica serves the whole repository,
+  read from the same path (on a multi-node cluster the path must hold the same directory on
+  every node). With ``--model-control explicit`` a load or unload request reaches one replica
+  through the proxy, which broadcasts it to every replica live at that moment (this one
+  included) and answers only when all have done it (an error if any replica's was). A replica
+  started later (autoscaling, or replacing one that died) loads the repository as it is on disk
+  at its start: it does not replay earlier unloads, so remove a model's directory when you
+  unload it for good.
 - **A replica that dies** with requests on it: Ray's proxy would answer them 500 with an empty
   body; :func:`proxy_middlewares` (installed through Ray's proxy callback, set up automatically for
   a local cluster) answers them ``503 + Retry-After`` with the JSON error body instead, so a client
@@ -106,7 +114,16 @@ class CodedSmoothReplica:
             from .shared_limits import SharedLimiter
 
             limiter = SharedLimiter()
-        return create_app(s, metrics=metrics, limiter=limiter)  # the wrapper keeps it as ``self.app``
+        app = create_app(s, metrics=metrics, limiter=limiter)  # the wrapper keeps it as ``self.app``
+        if s.model_repository is not None and s.model_control == "explicit":
+            app.state.model_control = broadcast_model_control
+        return app
+
+    async def model_control(self, action: str, name: str) -> dict:
+        """Load or unload ``name`` in this replica's repository (broadcast to every replica by :func:`broadcast_model_control`)."""
+        from .management import apply
+
+        return {**await apply(self.app.state.lifecycle, action, name), "replica": self.replica}
 
     async def drain(self) -> dict:
         """Drain this replica's lifecycle: 503 to new requests, accepted ones finish (called on shutdown)."""
@@ -123,6 +140,15 @@ class CodedSmoothReplica:
         finally:
             if self._metrics_listener is not None:
                 self._metrics_listener.shutdown()
+
+
+async def broadcast_model_control(request, action: str, name: str) -> list[dict]:
+    """``management``'s model control under Ray Serve: the load or unload runs on every replica live at the call
+    (this one included), each from the repository directory at the same path, and every replica's result comes back."""
+    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, APP_NAME)
+    results = await handle.broadcast("model_control", action, name).results_async(return_exceptions=True)
+    return [r if isinstance(r, dict) else {"error": {"status": 503, "message": f"a replica did not answer the {action} of {name!r}: {type(r).__name__}", "headers": {"Retry-After": "1"}}}
+            for r in results]
 
 
 def _status_counts(metrics) -> dict[str, dict[str, int]]:

@@ -96,8 +96,6 @@ class ServeSettings(BaseSettings):
                 raise ValueError(f"{' and '.join(repo_only)} only apply with model_repository")
         elif self.checkpoint is not None:
             raise ValueError("give either checkpoint or model_repository, not both")
-        elif self.replicas is not None:
-            raise ValueError("model_repository serves from one process for now: Ray Serve replicas (replicas) serve one checkpoint")
         if self.metrics_port and self.metrics_port == self.port:
             raise ValueError("metrics_port must differ from port: /metrics is not served on the public port")
         if self.replicas is None:

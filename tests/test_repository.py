@@ -315,7 +315,6 @@ def test_the_cli_refuses_bad_repositories_with_the_file_named(tmp_path, tiny_che
     root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint, repository={"aliases": {"ab": {"coded": 1, "gone": 1}}})
     assert "ab" in serve_error("--model-repository", str(root)) and "'gone' is no model of the repository" in serve_error("--model-repository", str(root))
     (root / "repository.json").unlink()
-    assert "Ray Serve" in serve_error("--model-repository", str(root), "--replicas", "2")
     assert "not both" in serve_error("--model-repository", str(root), "--checkpoint", str(tiny_checkpoint))
     assert "neither a model nor an alias" in serve_error("--model-repository", str(root), "--default-model", "nope")
     (root / "erm" / "model.safetensors").unlink()
