@@ -12,6 +12,7 @@ from pathlib import Path
 from codedsmooth.core import SCOPES
 
 from .cost import attacker_cost, budgets_of
+from .sizes import collapsed
 from .stats import wilson
 
 ALPHA = 0.05
@@ -318,6 +319,30 @@ def size_finding(tests: list[dict]) -> str:
     return f"no effect the tests support ({verdict}; mean Δ {mean:+.1f} points)"
 
 
+def _collapsed_runs(st: dict) -> dict:
+    """{(size, method): [seeds]} of the study's models that predict fewer than half of the classes (``probe.sizes.collapsed``)."""
+    classes = len(next(iter(st["subset_classes"].values())))
+    out: dict = {}
+    for x in st["rows"]:
+        if collapsed(x, classes):
+            out.setdefault((x["size"], x["method"]), []).append(x["seed"])
+    return out
+
+
+def _collapse_lines(st: dict) -> list[str]:
+    failed = _collapsed_runs(st)
+    if not failed:
+        return []
+    by_row = {(x["size"], x["method"], x["seed"]): x for x in st["rows"]}
+    parts = [f"{m} on {size:,} images, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} ("
+             + ", ".join(f"{by_row[(size, m, s)]['clean']['classes_predicted']} class{'es' if by_row[(size, m, s)]['clean']['classes_predicted'] != 1 else ''}, "
+                         f"{_pct(by_row[(size, m, s)]['clean']['correct'] / by_row[(size, m, s)]['clean']['n'])} % clean" for s in seeds) + ")"
+             for (size, m), seeds in failed.items()]
+    return ["", "**Collapsed runs.** These models predict fewer than half of the classes on the test split: their training failed, "
+            "and they are in the tables and tests as they came out: "
+            + "; ".join(parts) + "."]
+
+
 def _at_sizes(sizes: list[str]) -> str:
     return f"at {' and '.join(sizes)} training images" if sizes else "at none"
 
@@ -344,6 +369,7 @@ def _training_sizes_section(r: dict) -> list[str]:
          *_table(["training images", *(f"{m} clean" for m in st["methods"]), *(f"{m} worst case, ε = {st['eps']:g}" for m in robust)],
                  ([f"{size:,}", *(_size_cell(at(size, m, "clean"), "clean") for m in st["methods"]), *(_size_cell(at(size, m, "worst"), "worst") for m in robust)]
                   for size in st["sizes"])),
+         *_collapse_lines(st),
          "", "Paired tests: Δ = accuracy of A − accuracy of B on the same images (points), per seed; p = two-sided exact McNemar p-value.", "",
          *_table(["training images", "A", "B", "measure (n)", "per seed: Δ (p)", "what the tests support"],
                  ([f"{t['size']:,}", t["a"], t["b"], f"{MEASURES[t['measure']]} ({t['tests'][0]['n']})", "; ".join(f"{100 * x['diff']:+.1f} ({x['p']:.2g})" for x in t["tests"]),
@@ -356,8 +382,11 @@ def _training_sizes_section(r: dict) -> list[str]:
         found = [(t["size"], size_finding(t["tests"])) for t in st["tests"] if (t["a"], t["b"], t["measure"]) == (a, b, measure)]
         helps = [f"{size:,}" for size, f in found if f.startswith("raises")]
         hurts = [f"{size:,}" for size, f in found if f.startswith("lowers")]
+        failed = _collapsed_runs(st)
+        notes = [f"{m} collapsed in seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} at {size:,}" for (size, m), seeds in failed.items() if m in (a, b)]
         L.append(f"- **{a} against {b}, {MEASURES[measure]} accuracy**: " + "; ".join(f"{size:,} training images: {f}" for size, f in found) + ". "
-                 + f"Among the sizes tried, coded training helps {_at_sizes(helps)} and hurts {_at_sizes(hurts)}.")
+                 + f"Among the sizes tried, coded training helps {_at_sizes(helps)} and hurts {_at_sizes(hurts)}"
+                 + (f" ({'; '.join(notes)}: what those seeds' tests measure is a training failure of one side)" if notes else "") + ".")
     return L
 
 

@@ -67,10 +67,11 @@ def size_study(cfg: ReportConfig, suite: SuiteConfig, cache: StageCache, data, o
         ck = load_checkpoint(path)
         record = checkpoint_record(path)
         clean = clean_correct(ck, x_all, y_all)
+        predicted = predicted_classes(ck, x_all)
         _, epochs, _ = checkpoint_plan(cfg, m, seed, n_train, size)
         row = {"size": size, "method": m, "seed": seed, "epochs": epochs, "steps": epochs * -(-size // ck.config.training.batch_size),
                "sha256": record["model.safetensors"]["sha256"], "training_seconds": training_seconds(path),
-               "clean": {"correct": int(clean.sum()), "n": len(clean), "per_image": bits(clean)}}
+               "clean": {"correct": int(clean.sum()), "n": len(clean), "per_image": bits(clean), "classes_predicted": predicted}}
         if m in ADVERSARIAL_METHODS:
             key = {"checkpoint": row["sha256"], "sample": sample, **budgets}
             worst = outcome_from(cache.run(f"size/{m}-n{size}-seed{seed}", key, lambda ck=ck: outcome_data(
@@ -84,6 +85,18 @@ def size_study(cfg: ReportConfig, suite: SuiteConfig, cache: StageCache, data, o
         "subset_classes": {str(size): {str(c): n for c, n in class_counts(training_subset(data, size).train_y, range(size)).items()} for size in cfg.sizes},
         "rows": rows, "tests": size_tests(rows),
     }
+
+
+@torch.no_grad()
+def predicted_classes(ck, x: torch.Tensor) -> int:
+    """How many classes the plain model predicts on ``x``: a run of adversarial training that collapsed predicts one or two."""
+    model = ck.model.eval()
+    return len(torch.cat([model(x[i : i + 500]).argmax(1) for i in range(0, len(x), 500)]).unique())
+
+
+def collapsed(row: dict, classes: int) -> bool:
+    """A model that predicts fewer than half of the classes on the test split: its training failed, it did not learn less."""
+    return row["clean"].get("classes_predicted", classes) < classes / 2
 
 
 def size_tests(rows: list[dict]) -> list[dict]:

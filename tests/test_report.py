@@ -181,6 +181,8 @@ def _check_size_study(r, md, runs):
         model = RCIModel(ck, CodingSpec.plain())
         clean = correct_per_image(model, x, y)
         assert "".join("1" if c else "0" for c in clean.tolist()) == row["clean"]["per_image"] and row["clean"]["correct"] == int(clean.sum())
+        with torch.no_grad():
+            assert row["clean"]["classes_predicted"] == len(model(x).argmax(1).unique())
         if "worst" in row:
             sample = torch.tensor(st["sample"])
             worst = torch.tensor([c == "1" for c in row["worst"]["per_image"]])

@@ -122,3 +122,26 @@ def test_size_findings_claim_an_effect_only_when_every_seed_agrees():
     assert size_finding(tests((0.02, 0.01), (0.01, 0.04), (0.03, 0.2))).startswith("no effect the tests support")
     assert size_finding(tests((0.2, 0.06), (0.2, 0.06))).startswith("no effect the tests support")
     assert "mean Δ +20.0 points" in size_finding(tests((0.2, 0.06), (0.2, 0.06)))
+
+
+def test_size_study_names_collapsed_runs_and_says_which_tests_they_decide():
+    from codedsmooth.probe.render import _training_sizes_section
+    from codedsmooth.probe.sizes import size_tests
+
+    def row(method, seed, correct, classes_predicted, worst=None):
+        r = {"size": 100, "method": method, "seed": seed, "epochs": 40, "steps": 160, "sha256": "x", "training_seconds": 1.0,
+             "clean": {"correct": correct.count("1"), "n": len(correct), "per_image": correct, "classes_predicted": classes_predicted}}
+        if worst is not None:
+            r["worst"] = {"accuracy": worst.count("1") / len(worst), "interval": [0, 1], "n": len(worst), "per_image": worst, "cascade": []}
+        return r
+
+    good, chance = "1" * 18 + "0" * 2, "1" * 2 + "0" * 18
+    rows = [row("pgd-at", 0, good, 10, "1" * 5 + "0" * 5), row("pgd-at", 1, chance, 1, "0" * 10),
+            row("coded-at", 0, good, 10, "1" * 5 + "0" * 5), row("coded-at", 1, good, 10, "1" * 5 + "0" * 5)]
+    st = {"eps": 0.3, "n_train": 400, "seeds": [0, 1], "methods": ["pgd-at", "coded-at"], "sizes": [100], "sample": list(range(10)),
+          "sample_classes": {str(c): 1 for c in range(10)}, "subset_classes": {"100": {str(c): 10 for c in range(10)}}, "rows": rows, "tests": size_tests(rows)}
+    text = "\n".join(_training_sizes_section({"sizes": st}))
+    assert "**Collapsed runs.**" in text and "pgd-at on 100 images, seed 1 (1 class, 10.0 % clean)" in text
+    assert "pgd-at collapsed in seed 1 at 100: what those seeds' tests measure is a training failure of one side" in text
+    rows[1]["clean"]["classes_predicted"] = 10  # the same accuracy without a collapse: no such note
+    assert "collapsed" not in "\n".join(_training_sizes_section({"sizes": st})).lower()
