@@ -30,7 +30,7 @@ from .connections import ConnectionSlots
 from .engine import InferenceEngine
 from .errors import ClientGone, DeadlineExceeded, Unavailable
 from .metrics import Metrics
-from .repository import Repository, ServedModel
+from .repository import Repository, ServedModel, end_model_threads
 from .settings import ServeSettings, cpu_quota
 
 log = logging.getLogger("codedsmooth.service")
@@ -235,6 +235,7 @@ class Lifecycle:
             await batcher.stop()
         # Do not wait for a model call still running past the drain timeout.
         self.model_executor.shutdown(wait=False, cancel_futures=True)
+        end_model_threads(self.repository.models.values())
         self.decode_executor.shutdown(wait=False, cancel_futures=True)
 
 

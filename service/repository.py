@@ -12,12 +12,15 @@ Directories whose names start with "." are skipped (``save_checkpoint`` writes i
 directories); every other directory is a model, named by its directory. One ``--checkpoint`` is a
 repository of one model, named by its checkpoint's config, with the server's settings only.
 
-Sharing the device and the model thread: every model's micro-batcher hands its device batches to
-the server's one model thread (a single-worker executor, first come first served). A batcher has at
-most one batch there at a time, so while several models have work the thread runs one batch of each
-in turn: a flooded model gets one device batch per round, never the thread, and only its own queue
-(``max_queue_size`` of its own) fills up and answers 503. Loading a model (start-up, explicit load)
-runs on the same thread, between batches.
+Sharing the device and the model thread: by default (``--model-threads shared``) every model's
+micro-batcher hands its device batches to the server's one model thread (a single-worker executor,
+first come first served). A batcher has at most one batch there at a time, so while several models
+have work the thread runs one batch of each in turn: a flooded model gets one device batch per
+round, never the thread, and only its own queue (``max_queue_size`` of its own) fills up and
+answers 503. With ``--model-threads per-model`` each model runs its batches on a thread of its own
+(started with the model, ended when it is unloaded): a batch of one model never waits for
+another's, and they compete only for the cores (on CPU with ``--threads 1`` each model's torch work
+stays on its own thread). Loading a model (start-up, explicit load) runs on the shared thread.
 
 Aliases route a request to one of several models with the weights given; the draw is Python's
 ``random`` seeded from the OS at start (an A/B split, not a defence), among the alias's models that
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from concurrent.futures import ThreadPoolExecutor
 import json
 import logging
 import math
@@ -91,6 +95,7 @@ class ServedModel:
     engine: InferenceEngine
     metrics: ModelMetrics
     batcher: MicroBatcher | None = None
+    own_thread: ThreadPoolExecutor | None = None  # --model-threads per-model: the thread its batches run on
     unloading: bool = False
     holders: int = 0  # requests that were routed to it and are not answered yet
 
@@ -102,8 +107,12 @@ class ServedModel:
     def idle(self) -> bool:
         return self.holders == 0 and (self.batcher is None or self.batcher.idle)
 
-    def start(self, executor) -> None:
+    def start(self, shared_thread, own_thread: bool = False) -> None:
+        """Start its micro-batcher, on the server's model thread or (``own_thread``) on a thread of its own."""
         s = self.settings
+        if own_thread:
+            self.own_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"codedsmooth-model-{self.name}")
+        executor = self.own_thread or shared_thread
         observer = BatchObserver(self.metrics, self.engine.scope)
         self.batcher = MicroBatcher(self.engine, self.metrics, executor, s.max_batch_size, s.max_delay_ms / 1000.0, s.max_queue_size, on_batch=observer)
         self.batcher.start()
@@ -259,6 +268,7 @@ class Repository:
         self.metrics = metrics
         self.engine_factory = engine_factory
         self.executor = executor  # the model thread
+        self.own_threads = settings.model_threads == "per-model"
         self.root = Path(settings.model_repository) if settings.model_repository else None
         self.explicit = settings.model_control == "explicit"
         self.config = RepositoryConfig()
@@ -311,7 +321,7 @@ class Repository:
         self._lock = asyncio.Lock()
         for model in self.models.values():
             self.loads[model.name] = model.version
-            model.start(self.executor)
+            model.start(self.executor, own_thread=self.own_threads)
             self.metrics.model_loaded.labels(model.name).set(1)
 
     # ---- routing ----------------------------------------------------------------
@@ -410,7 +420,7 @@ class Repository:
             others = [self.models[t].checkpoint for a in self.config.aliases.values() if name in a for t in a if t != name and t in self.models]
             if any(c.input_shape != model.checkpoint.input_shape or c.classes != model.checkpoint.classes for c in others):
                 raise LoadFailed(f"model {name!r} not loaded: {model.path} differs in input shape or classes from the other models of its alias")
-            model.start(self.executor)
+            model.start(self.executor, own_thread=self.own_threads)
             self.loads[name] = version
             self.failed.pop(name, None)
             self.models[name] = model  # new requests go to the new version from here
@@ -445,10 +455,19 @@ class Repository:
             model.batcher.draining = True
             model.batcher.fail_pending(model.batcher.refusal)
             await model.batcher.stop()
+        if model.own_thread is not None:
+            model.own_thread.shutdown(wait=False, cancel_futures=True)  # its batcher has stopped: the thread ends after any call still running
         if model.holders == 0:  # drop the last references: the weights go with them
             model.engine = model.checkpoint = model.batcher = None
         await asyncio.get_running_loop().run_in_executor(self.executor, _free_memory)
         log.info("unloaded %s version %d", model.name, model.version)
+
+
+def end_model_threads(models) -> None:
+    """At server stop: end the models' own threads (``--model-threads per-model``) after any call still running."""
+    for model in models:
+        if model.own_thread is not None:
+            model.own_thread.shutdown(wait=False, cancel_futures=True)
 
 
 def _free_memory() -> None:

@@ -25,6 +25,9 @@ class ServeSettings(BaseSettings):
     model_control: Literal["none", "explicit"] = Field(
         "none", description="with --model-repository: explicit also allows POST /v2/repository/models/NAME/load and .../unload (default: none, the models loaded at start stay)"
     )
+    model_threads: Literal["shared", "per-model"] = Field(
+        "shared", description="with --model-repository: shared: every model's device batches take turns on the one model thread; per-model: each model runs its batches on a thread of its own, so a flood on one model does not hold another's batches (on CPU give --threads 1: each model's torch work then stays on its own thread and core) (default: shared)"
+    )
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in the container)")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
     device: str | None = Field(None, description="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
@@ -91,7 +94,8 @@ class ServeSettings(BaseSettings):
         if self.api_keys_file is None and (self.rate_limit is not None or self.quota is not None):
             raise ValueError("rate_limit and quota need api_keys_file: limits are per API key")
         if self.model_repository is None:
-            repo_only = [n for n in ("default_model",) if getattr(self, n) is not None] + (["model_control"] if self.model_control != "none" else [])
+            repo_only = ([n for n in ("default_model",) if getattr(self, n) is not None] + (["model_control"] if self.model_control != "none" else [])
+                         + (["model_threads"] if self.model_threads != "shared" else []))
             if repo_only:
                 raise ValueError(f"{' and '.join(repo_only)} only apply with model_repository")
         elif self.checkpoint is not None:

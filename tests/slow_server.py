@@ -4,7 +4,8 @@ Same arguments as ``codedsmooth --log-level L serve --flag value ...``. The doub
 engine plus, after warm-up:
 - first device batch: writes ``$SLOW_ENGINE_GATE/entered`` and waits until ``$SLOW_ENGINE_GATE/open``
   exists (at most 60 s), so a test can hold work on the model thread and see that it is there;
-- every device batch: ``$SLOW_BATCH_S`` seconds longer.
+- every device batch: ``$SLOW_BATCH_S`` seconds longer;
+- with ``$SLOW_ENGINE_METHOD`` set, only the engines of checkpoints trained by that method are slowed (a repository's other models run as they are).
 The server under test is the real one (``run_server`` with ``engine_factory``).
 """
 
@@ -24,8 +25,10 @@ class SlowEngine(InferenceEngine):
         super().__init__(*args, **kwargs)
         self.warm = False
         self.batches = 0
-        self.gate = Path(os.environ["SLOW_ENGINE_GATE"]) if os.environ.get("SLOW_ENGINE_GATE") else None
-        self.delay = float(os.environ.get("SLOW_BATCH_S", "0"))
+        only = os.environ.get("SLOW_ENGINE_METHOD")
+        slowed = only is None or self.checkpoint.config.training.method == only
+        self.gate = Path(os.environ["SLOW_ENGINE_GATE"]) if os.environ.get("SLOW_ENGINE_GATE") and slowed else None
+        self.delay = float(os.environ.get("SLOW_BATCH_S", "0")) if slowed else 0.0
 
     def warm_up(self, max_batch: int) -> None:
         super().warm_up(max_batch)

@@ -383,3 +383,34 @@ def test_a_request_still_held_when_its_model_is_unloaded_is_told_so(tmp_path, ti
         head, _, payload = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 503") and "model 'erm' was unloaded" in json.loads(payload)["error"], answer
         assert httpx.get(server.url + "/health/live").json()["status"] == "ok"  # the server is not shutting down
+
+
+def test_with_a_thread_per_model_a_held_batch_holds_only_its_own_model(tmp_path, tiny_checkpoint, erm_checkpoint, digits, monkeypatch):
+    """Model "coded"'s first batch is held on its thread (a gate the test opens only after the other answer came);
+    meanwhile a request to "erm" is answered. On the one shared thread (the default) it would wait behind the held
+    batch, the gate would open only at the engine's own 60 s limit, and "coded" would answer first."""
+    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    monkeypatch.setenv("SLOW_ENGINE_GATE", str(gate))
+    monkeypatch.setenv("SLOW_ENGINE_METHOD", "coded")
+    server = ServerProcess(None, program=SLOW_SERVER, model_repository=root, model_threads="per-model", threads=1, rci=False, max_delay_ms=0, timeout_ms=90000)
+    x = digits.test_x[:1].tolist()
+    try:
+        server.wait_ready()
+
+        async def scenario():
+            async with httpx.AsyncClient(timeout=90) as client:
+                held = asyncio.ensure_future(client.post(f"{server.url}/v1/models/coded/predict", json={"inputs": x}))
+                await asyncio.to_thread(wait_until, lambda: (gate / "entered").exists(), "the held batch on the model thread", 60)
+                other = asyncio.ensure_future(client.post(f"{server.url}/v1/models/erm/predict", json={"inputs": x}))
+                done, _ = await asyncio.wait({held, other}, return_when=asyncio.FIRST_COMPLETED)
+                first = "erm" if other in done else "coded"
+                (gate / "open").touch()
+                return first, await held, await other
+
+        first, held, other = asyncio.run(scenario())
+        assert held.status_code == 200 and other.status_code == 200 and other.json()["model"] == "erm"
+        assert first == "erm"
+    finally:
+        server.terminate()
