@@ -662,3 +662,35 @@ def test_the_reports_seeds_budgets_and_weights_as_robustness_md_states_them(resu
     assert results["full_split"]["n"] == 1000 and set(results["full_split"]["rows"]) == {k for k in results["models"] if k.startswith("pgd-at/")}
     sizes = [ck["files"]["model.safetensors"]["bytes"] / 1e6 for ck in results["checkpoints"].values()]
     assert "about 1.8 MB per model" in rob and all(1.75 <= s < 1.85 for s in sizes), sizes
+
+
+def test_size_study_as_robustness_md_states_it(results):
+    """The study's headline in robustness.md, recomputed from the per-seed tests and rows in RESULTS.json."""
+    from codedsmooth.probe.sizes import collapsed
+
+    st = results["sizes"]
+    rob = flat(text(ROOT / "docs" / "robustness.md"))
+    tests = {(t["size"], t["a"], t["b"], t["measure"]): t["tests"] for t in st["tests"]}
+    classes = len(next(iter(st["subset_classes"].values())))
+
+    def sig(ts):
+        return sum(1 for t in ts if t["p"] < 0.05)
+
+    erm = {n: tests[(n, "coded", "erm", "clean")] for n in (500, 1000, 4000)}
+    assert all(sig(ts) < len(ts) for ts in erm.values())  # "no size passes the report's rule"
+    mean = {n: 100 * sum(t["diff"] for t in ts) / len(ts) for n, ts in erm.items()}
+    assert (f"coded − erm is {mean[500]:+.1f} points at 500 (significant in {sig(erm[500])} of 3 seeds), {mean[1000]:+.1f} at 1,000 ({sig(erm[1000])} of 3) and "
+            f"{mean[4000]:+.1f} at 4,000 ({sig(erm[4000])} of 3)").replace("+", "") in rob.replace("+", "")
+    small = [r for r in st["rows"] if r["size"] < st["n_train"]]
+    failed = {m: sum(collapsed(r, classes) for r in small if r["method"] == m) for m in ("pgd-at", "coded-at")}
+    runs = {m: sum(1 for r in small if r["method"] == m) for m in failed}
+    assert f"pgd-at collapsed to a single predicted class in {failed['pgd-at']} of its {runs['pgd-at']} runs" in rob
+    assert failed["coded-at"] == 0 and f"coded-at in none of its {sum(1 for r in st['rows'] if r['method'] == 'coded-at')} runs" in rob
+    seed0 = {n: next(t for t in tests[(n, "coded-at", "pgd-at", "worst")] if t["seed"] == 0) for n in (500, 1000)}
+    assert all(not collapsed(r, classes) for r in small if r["method"] == "pgd-at" and r["seed"] == 0)
+    assert f"{100 * seed0[500]['diff']:.1f} points at 500, {100 * seed0[1000]['diff']:.1f} at 1,000" in rob
+    big = {m: [r["worst"]["accuracy"] for r in st["rows"] if r["size"] == st["n_train"] and r["method"] == m] for m in ("coded-at", "pgd-at")}
+    sd = lambda v: statistics.stdev(v)  # noqa: E731
+    assert (f"coded-at keeps {pct(statistics.mean(big['coded-at']))} ± {100 * sd(big['coded-at']):.1f} % worst case against pgd-at's "
+            f"{pct(statistics.mean(big['pgd-at']))} ± {100 * sd(big['pgd-at']):.1f} % on the study's {len(st['sample'])} images, significant in "
+            f"{sig(tests[(st['n_train'], 'coded-at', 'pgd-at', 'worst')])} of 3 seeds") in rob
