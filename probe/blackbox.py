@@ -30,10 +30,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("codedsmooth.report")
 
-# What a row's queries ran against (``served_by``): one repository server for every method and setting;
-# results cached before the report used one carry no mark, and ran against one server per model and setting.
+# What a row's queries ran against (``served_by``, also in each stage's cache key): one repository server for
+# every method and setting. Results files written before carry no mark (``render`` reads that as one server each).
 REPOSITORY = "repository"
-ONE_SERVER_EACH = "one server per model and setting"
 
 
 def _quantile(q: torch.Tensor, p: float) -> float:
@@ -90,8 +89,7 @@ def blackbox_section(cfg: ReportConfig, suite: SuiteConfig, cache: StageCache, m
 
 def _attack_model(cfg: ReportConfig, suite: SuiteConfig, cache: StageCache, method: str, ck: Checkpoint, surrogates: list[tuple[str, Checkpoint]], sigma: float,
                   x, y, pool, key: dict, sha: dict[str, str], target) -> tuple[list[dict], dict]:
-    """Every attack over HTTP on one method's model in each setting; ``target(setting)`` is its HTTP target.
-    A stage run now records that it ran against the repository server (``served_by``)."""
+    """Every attack over HTTP on one method's model in each setting; ``target(setting)`` is its HTTP target."""
     eps = cfg.eps[-1]
     mkey = {**key, "checkpoint": sha[method]}
     rows, merges = [], {}
@@ -105,27 +103,25 @@ def _attack_model(cfg: ReportConfig, suite: SuiteConfig, cache: StageCache, meth
     for setting in BLACKBOX_SERVERS:
         skey = {**mkey, "setting": setting, "sigma": sigma if setting == "noise" else None, "served_by": REPOSITORY}
         served = Scorer(served_function(ck, setting, sigma, pool, suite.seed), cfg.draws)
-        clean = cache.run(f"black-box clean/{method}/{setting}", skey, lambda setting=setting: {**one_query(target(setting), x, y), "served_by": REPOSITORY})
+        clean = cache.run(f"black-box clean/{method}/{setting}", skey, lambda setting=setting: one_query(target(setting), x, y))
         clean_draws = served(x, y)
-        extra_clean = {"served_clean_one_query": float(clean["served_correct"].float().mean()), "clean_expected": float(clean_draws.float().mean()), "sigma": sigma if setting == "noise" else None}
+        extra_clean = {"served_by": REPOSITORY, "served_clean_one_query": float(clean["served_correct"].float().mean()), "clean_expected": float(clean_draws.float().mean()), "sigma": sigma if setting == "noise" else None}
         for attacker, budget, m in jobs:
             if setting == "plain" and m != cfg.score_queries:
                 continue  # the plain server answers the same to every query: more queries per candidate only cost
             res = cache.run(f"black-box/{method}/{setting}/square-{budget}-m{m}", {**skey, "eps": eps, "budget": budget, "m": m, "confirm": cfg.confirm, "seed": suite.seed},
-                            lambda setting=setting, budget=budget, m=m: {**query_attack(target(setting), x, y, eps, budget, m, cfg.confirm, suite.seed), "served_by": REPOSITORY})
+                            lambda setting=setting, budget=budget, m=m: query_attack(target(setting), x, y, eps, budget, m, cfg.confirm, suite.seed))
             correct = served(res["x_adv"], y)
             rows.append(_row(method, ck.name, attacker, budget, m, setting, correct, res["queries"], {
-                **extra_clean, "confirmed_broken": int(res["broken"].sum()), "queries_sent": int(res["queries_sent"]), "seconds": float(res["seconds"]),
-                "served_by": res.get("served_by", ONE_SERVER_EACH)}))
+                **extra_clean, "confirmed_broken": int(res["broken"].sum()), "queries_sent": int(res["queries_sent"]), "seconds": float(res["seconds"])}))
             if m == cfg.score_queries:
                 merges.setdefault((method, setting), []).append((f"adaptive Square {budget} q, HTTP", res["x_adv"], correct))
         for label, x_t in sources.items():
             res = cache.run(f"black-box/{method}/{setting}/transfer-{label}", {**skey, "source": sha[label], "eps": eps, "x": x_t},
-                            lambda setting=setting, x_t=x_t: {**one_query(target(setting), x_t, y), "served_by": REPOSITORY})
+                            lambda setting=setting, x_t=x_t: one_query(target(setting), x_t, y))
             correct = served(x_t, y)
             rows.append(_row(method, ck.name, f"transfer from {label}", 1, None, setting, correct, res["queries"], {
-                **extra_clean, "served_correct_one_query": float(res["served_correct"].float().mean()), "seconds": float(res["seconds"]),
-                "served_by": res.get("served_by", ONE_SERVER_EACH)}))
+                **extra_clean, "served_correct_one_query": float(res["served_correct"].float().mean()), "seconds": float(res["seconds"])}))
             merges.setdefault((method, setting), []).append((f"transfer from {label}, HTTP", x_t, correct))
     return rows, merges
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from codedsmooth.core import SCOPES
 
+from .blackbox import REPOSITORY
 from .cost import attacker_cost, budgets_of
 from .sizes import collapsed
 from .stats import wilson
@@ -218,7 +219,7 @@ def _seeds_text(r: dict) -> str:
 
 def _served_by(rows: list[dict]) -> str:
     """What the rows' queries ran against, from the rows (results cached before the report used a repository server carry no mark)."""
-    on_repository = sum(1 for row in rows if row.get("served_by") == "repository")
+    on_repository = sum(1 for row in rows if row.get("served_by") == REPOSITORY)
     repository = "each method's model once per setting, all of them models of one repository server (`serve --model-repository`)"
     if on_repository == len(rows):
         return repository

@@ -10,9 +10,9 @@ function with the evaluator's own randomness (:func:`.suite.served_model`).
 
 from __future__ import annotations
 
-import time
 import json
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 

@@ -24,7 +24,7 @@ from codedsmooth.train.data import training_subset
 
 from .cache import StageCache
 from .samples import class_counts
-from .stages import checkpoint_plan, clean_correct, ensure_checkpoint, outcome_data, outcome_from, summary, training_seconds, whitebox_stage
+from .stages import ensure_checkpoint, outcome_data, outcome_from, plain_predictions, summary, training_seconds, whitebox_stage
 from .stats import mcnemar
 from .suite import SuiteConfig
 from .weights import checkpoint_record
@@ -66,12 +66,12 @@ def size_study(cfg: ReportConfig, suite: SuiteConfig, cache: StageCache, data, o
         path = ensure_checkpoint(cfg, m, seed, data, size)
         ck = load_checkpoint(path)
         record = checkpoint_record(path)
-        clean = clean_correct(ck, x_all, y_all)
-        predicted = predicted_classes(ck, x_all)
-        _, epochs, _ = checkpoint_plan(cfg, m, seed, n_train, size)
-        row = {"size": size, "method": m, "seed": seed, "epochs": epochs, "steps": epochs * -(-size // ck.config.training.batch_size),
+        predictions = plain_predictions(ck, x_all)
+        clean = predictions == y_all
+        t = ck.config.training  # ensure_checkpoint checked it against the study's plan
+        row = {"size": size, "method": m, "seed": seed, "epochs": t.epochs, "steps": t.epochs * -(-size // t.batch_size),
                "sha256": record["model.safetensors"]["sha256"], "training_seconds": training_seconds(path),
-               "clean": {"correct": int(clean.sum()), "n": len(clean), "per_image": bits(clean), "classes_predicted": predicted}}
+               "clean": {"correct": int(clean.sum()), "n": len(clean), "per_image": bits(clean), "classes_predicted": len(predictions.unique())}}
         if m in ADVERSARIAL_METHODS:
             key = {"checkpoint": row["sha256"], "sample": sample, **budgets}
             worst = outcome_from(cache.run(f"size/{m}-n{size}-seed{seed}", key, lambda ck=ck: outcome_data(
@@ -85,13 +85,6 @@ def size_study(cfg: ReportConfig, suite: SuiteConfig, cache: StageCache, data, o
         "subset_classes": {str(size): {str(c): n for c, n in class_counts(training_subset(data, size).train_y, range(size)).items()} for size in cfg.sizes},
         "rows": rows, "tests": size_tests(rows),
     }
-
-
-@torch.no_grad()
-def predicted_classes(ck, x: torch.Tensor) -> int:
-    """How many classes the plain model predicts on ``x``: a run of adversarial training that collapsed predicts one or two."""
-    model = ck.model.eval()
-    return len(torch.cat([model(x[i : i + 500]).argmax(1) for i in range(0, len(x), 500)]).unique())
 
 
 def collapsed(row: dict, classes: int) -> bool:

@@ -195,10 +195,16 @@ def cotenant_table(cfg: ReportConfig, ck: Checkpoint, x, y, pool) -> dict:
     return out
 
 
+@torch.no_grad()
+def plain_predictions(ck: Checkpoint, x, batch_size: int = 256) -> torch.Tensor:
+    """Per image, the class the plain model (no RCI) predicts."""
+    model = RCIModel(ck, CodingSpec.plain())
+    return torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+
+
 def clean_correct(ck: Checkpoint, x, y) -> torch.Tensor:
     """Per image, whether the plain model (no RCI) classifies it correctly."""
-    _, scorer = attacker_and_scorer(ck, CodingSpec.plain(), None, 1, 0)
-    return scorer(x, y)[0].bool()
+    return plain_predictions(ck, x) == y
 
 
 def default_checkpoint_accuracy(x, y, pool, draws: int) -> dict:

@@ -85,7 +85,7 @@ async def _control(request: Request, action: str, name: str) -> JSONResponse:
     failed = [r["error"] for r in results if "error" in r]
     if failed:
         first = failed[0]
-        more = f" (and {len(failed) - 1} more of {len(results)} replicas)" if len(results) > 1 and len(failed) > 1 else (f" (on 1 of {len(results)} replicas)" if len(results) > 1 else "")
+        more = f" (on {len(failed)} of {len(results)} replicas)" if len(results) > 1 else ""
         raise ServiceError(first["message"] + more, headers=first["headers"] or None, status=first["status"])
     return JSONResponse(_entry(lc, name))
 

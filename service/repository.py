@@ -107,6 +107,11 @@ class ServedModel:
     def idle(self) -> bool:
         return self.holders == 0 and (self.batcher is None or self.batcher.idle)
 
+    def end_thread(self) -> None:
+        """End its own thread (``--model-threads per-model``) once any call still running on it returns; nothing more is sent to it."""
+        if self.own_thread is not None:
+            self.own_thread.shutdown(wait=False, cancel_futures=True)
+
     def start(self, shared_thread, own_thread: bool = False) -> None:
         """Start its micro-batcher, on the server's model thread or (``own_thread``) on a thread of its own."""
         s = self.settings
@@ -455,8 +460,7 @@ class Repository:
             model.batcher.draining = True
             model.batcher.fail_pending(model.batcher.refusal)
             await model.batcher.stop()
-        if model.own_thread is not None:
-            model.own_thread.shutdown(wait=False, cancel_futures=True)  # its batcher has stopped: the thread ends after any call still running
+        model.end_thread()  # its batcher has stopped
         if model.holders == 0:  # drop the last references: the weights go with them
             model.engine = model.checkpoint = model.batcher = None
         await asyncio.get_running_loop().run_in_executor(self.executor, _free_memory)
@@ -466,8 +470,7 @@ class Repository:
 def end_model_threads(models) -> None:
     """At server stop: end the models' own threads (``--model-threads per-model``) after any call still running."""
     for model in models:
-        if model.own_thread is not None:
-            model.own_thread.shutdown(wait=False, cancel_futures=True)
+        model.end_thread()
 
 
 def _free_memory() -> None:
