@@ -39,11 +39,14 @@ def _table(head: list[str], rows) -> list[str]:
 
 def cell(runs: list[dict]) -> str:
     """mean ± sd over seeds, and the Wilson interval of the count pooled over seeds."""
-    accs = [r["accuracy"] for r in runs]
     n = sum(r["n"] for r in runs)
     ci = wilson(int(round(sum(r["accuracy"] * r["n"] for r in runs))), n)
-    sd = f" ± {100 * statistics.stdev(accs):.1f}" if len(accs) > 1 else ""
-    return f"{_pct(statistics.mean(accs))}{sd} [{_pct(ci.low)}, {_pct(ci.high)}]"
+    return f"{_mean_sd([r['accuracy'] for r in runs])} [{_pct(ci.low)}, {_pct(ci.high)}]"
+
+
+def _mean_sd(accs: list[float]) -> str:
+    """mean ± sd over seeds in %, the sd left out for a single seed."""
+    return _pct(statistics.mean(accs)) + (f" ± {100 * statistics.stdev(accs):.1f}" if len(accs) > 1 else "")
 
 
 def _plot_lines(ax, lines: dict[str, dict[str, float]]) -> None:
@@ -304,9 +307,7 @@ MEASURES = {"clean": "clean", "worst": "worst-case"}
 def _size_cell(rows: list[dict], measure: str) -> str:
     """mean ± sd over seeds of one method at one size (clean: of the whole test split; worst: of the study's sample)."""
     accs = [x[measure]["correct"] / x[measure]["n"] if measure == "clean" else x[measure]["accuracy"] for x in rows]
-    if not accs:
-        return "–"
-    return _pct(statistics.mean(accs)) + (f" ± {100 * statistics.stdev(accs):.1f}" if len(accs) > 1 else "")
+    return _mean_sd(accs) if accs else "–"
 
 
 def size_finding(tests: list[dict]) -> str:
@@ -379,11 +380,11 @@ def _training_sizes_section(r: dict) -> list[str]:
          f"A size counts as helped (or hurt) only where the difference is significant (p < {ALPHA}) in the same direction in every seed.", ""]
     if r.get("quick"):
         L += [f"*{QUICK_BANNER}*", ""]
+    failed = _collapsed_runs(st)
     for a, b, measure in dict.fromkeys((t["a"], t["b"], t["measure"]) for t in st["tests"]):
         found = [(t["size"], size_finding(t["tests"])) for t in st["tests"] if (t["a"], t["b"], t["measure"]) == (a, b, measure)]
         helps = [f"{size:,}" for size, f in found if f.startswith("raises")]
         hurts = [f"{size:,}" for size, f in found if f.startswith("lowers")]
-        failed = _collapsed_runs(st)
         notes = [f"{m} collapsed in seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} at {size:,}" for (size, m), seeds in failed.items() if m in (a, b)]
         L.append(f"- **{a} against {b}, {MEASURES[measure]} accuracy**: " + "; ".join(f"{size:,} training images: {f}" for size, f in found) + ". "
                  + f"Among the sizes tried, coded training helps {_at_sizes(helps)} and hurts {_at_sizes(hurts)}"
