@@ -184,13 +184,14 @@ def _add_keys(sub) -> None:
     add.add_argument("--file", required=True, help="the keys file (created with mode 0600 when missing)")
     add.add_argument("--rate", default=None, help="items per second for this client instead of serve --rate-limit ('none': no rate limit)")
     add.add_argument("--quota", default=None, help="items per quota window for this client instead of serve --quota ('none': no quota)")
+    add.add_argument("--manage", action="store_true", help="this client may load and unload models (serve --model-control explicit); others get 403 there")
     add.set_defaults(func=_run_keys_add)
 
 
 def _run_keys_add(args) -> int:
     from codedsmooth.service.keys import add_key
 
-    key = add_key(args.file, args.name, rate=args.rate, quota=args.quota)
+    key = add_key(args.file, args.name, rate=args.rate, quota=args.quota, manage=args.manage)
     print(key)
     print(f"added client {args.name!r} to {args.file}; the key above is shown once and stored nowhere", file=sys.stderr)
     return 0

@@ -3,7 +3,7 @@
 One client a line::
 
     # comments and blank lines are ignored
-    <client-name> <sha256 hex of the key> [rate=R] [quota=Q]
+    <client-name> <sha256 hex of the key> [rate=R] [quota=Q] [manage=yes]
 
 - ``client-name``: 1-64 characters of ``A-Z a-z 0-9 _ . -``, unique in the file; ``unknown`` is
   reserved (the metrics' label for requests without a known key). Names appear in logs and metric
@@ -12,6 +12,9 @@ One client a line::
 - ``rate=R`` (items per second, > 0) and ``quota=Q`` (items per quota window, an integer >= 0)
   override ``--rate-limit`` and ``--quota`` for this client; ``rate=none`` / ``quota=none`` lift
   the limit for it.
+- ``manage=yes`` lets this client load and unload models (``POST /v2/repository/models/NAME/load``
+  and ``…/unload`` with ``--model-control explicit``); other clients get 403 there. ``manage=no``,
+  the default, says so explicitly.
 
 :func:`add_key` makes a key with ``secrets`` (256 bits, URL-safe text), appends its line (creating
 the file with mode 0600) and returns the key, which is shown once and kept nowhere.
@@ -35,6 +38,7 @@ NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 DIGEST = re.compile(r"[0-9a-fA-F]{64}")
 UNKNOWN = "unknown"  # the client name of a request with no key or an unknown one (a metric label, never a file's name)
 UNLIMITED = "none"
+MANAGE_VALUES = {"yes": True, "no": False}  # manage=... in the keys file
 KEY_BYTES = 32  # 256 bits of the OS CSPRNG per key
 DEFAULT = "default"  # a limit the file does not set: the server's flag applies
 
@@ -45,12 +49,14 @@ class KeysFileError(ValueError):
 
 @dataclass(frozen=True)
 class Client:
-    """One line of the keys file. ``rate``/``quota``: ``DEFAULT`` (the server's flags), ``None`` (no limit) or a value."""
+    """One line of the keys file. ``rate``/``quota``: ``DEFAULT`` (the server's flags), ``None`` (no limit) or a value;
+    ``manage``: may load and unload models."""
 
     name: str
     digest: bytes  # sha256 of the key
     rate: float | None | str = DEFAULT
     quota: int | None | str = DEFAULT
+    manage: bool = False
 
 
 def digest_of(key: str) -> bytes:
@@ -94,6 +100,12 @@ def _limit(value: str, kind: type, where: str, what: str):
     return number
 
 
+def _manage(value: str, where: str) -> bool:
+    if value not in MANAGE_VALUES:
+        raise KeysFileError(f"{where}: manage must be 'yes' or 'no', got {value[:40]!r}")
+    return MANAGE_VALUES[value]
+
+
 def check_name(name: str, where: str) -> None:
     if not NAME.fullmatch(name):
         raise KeysFileError(f"{where}: client name {name[:70]!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
@@ -108,20 +120,20 @@ def parse_line(line: str, where: str) -> Client | None:
         return None
     parts = text.split()
     if len(parts) < 2:
-        raise KeysFileError(f"{where}: expected '<client-name> <sha256 hex of the key> [rate=R] [quota=Q]'")
+        raise KeysFileError(f"{where}: expected '<client-name> <sha256 hex of the key> [rate=R] [quota=Q] [manage=yes]'")
     name, digest, options = parts[0], parts[1], parts[2:]
     check_name(name, where)
     if not DIGEST.fullmatch(digest):
         raise KeysFileError(f"{where}: expected the SHA-256 of the key as 64 hex digits after the name (keys are never stored in clear)")
-    limits: dict = {}
+    given: dict = {}
     for option in options:
         key, sep, value = option.partition("=")
-        if not sep or key not in ("rate", "quota"):
-            raise KeysFileError(f"{where}: unknown option {option[:40]!r}; a line may end with rate=R and quota=Q")
-        if key in limits:
+        if not sep or key not in ("rate", "quota", "manage"):
+            raise KeysFileError(f"{where}: unknown option {option[:40]!r}; a line may end with rate=R, quota=Q and manage=yes")
+        if key in given:
             raise KeysFileError(f"{where}: {key} given twice")
-        limits[key] = _limit(value, float if key == "rate" else int, where, key)
-    return Client(name, bytes.fromhex(digest), limits.get("rate", DEFAULT), limits.get("quota", DEFAULT))
+        given[key] = _manage(value, where) if key == "manage" else _limit(value, float if key == "rate" else int, where, key)
+    return Client(name, bytes.fromhex(digest), given.get("rate", DEFAULT), given.get("quota", DEFAULT), given.get("manage", False))
 
 
 def parse_keys(text: str, path: str) -> KeyTable:
@@ -160,14 +172,16 @@ def format_line(client: Client) -> str:
         parts.append(f"rate={UNLIMITED if client.rate is None else f'{client.rate:g}'}")
     if client.quota != DEFAULT:
         parts.append(f"quota={UNLIMITED if client.quota is None else int(client.quota)}")
+    if client.manage:
+        parts.append("manage=yes")
     return " ".join(parts)
 
 
-def add_key(path: str | os.PathLike, name: str, rate: str | None = None, quota: str | None = None) -> str:
+def add_key(path: str | os.PathLike, name: str, rate: str | None = None, quota: str | None = None, manage: bool = False) -> str:
     """Make a key for a new client ``name``, append its line to the file (mode 0600 when created) and return the key.
 
     ``rate``/``quota``: the client's own limits as the file writes them (a number or ``none``;
-    None: the server's flags). Refuses a bad name or limit, a name already in the file, and a file
+    None: the server's flags); ``manage``: the client may load and unload models. Refuses a bad name or limit, a name already in the file, and a file
     that does not parse; nothing is written then.
     """
     path = Path(path)
@@ -181,7 +195,7 @@ def add_key(path: str | os.PathLike, name: str, rate: str | None = None, quota: 
     ends_cleanly = not path.exists() or path.stat().st_size == 0 or path.read_bytes().endswith(b"\n")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     with os.fdopen(fd, "a", encoding="utf-8") as f:
-        f.write(("" if ends_cleanly else "\n") + format_line(Client(name, digest_of(key), rate_, quota_)) + "\n")
+        f.write(("" if ends_cleanly else "\n") + format_line(Client(name, digest_of(key), rate_, quota_, manage)) + "\n")
     return key
 
 

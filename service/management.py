@@ -6,7 +6,8 @@ only. With ``--model-control explicit``, ``POST /v2/repository/models/{name}/loa
 reloads, as a new version swapped in without a failed request) the checkpoint directory ``name``
 of the repository, validated as at start-up (a broken one: 400 naming the file, the other models
 keep serving), and ``…/unload`` stops routing to it, lets its accepted requests finish, then frees
-it. Without it both answer 403. The work is ``repository.Repository``'s.
+it. Without it both answer 403, and so do they, with API keys, for a client whose line in the keys
+file lacks ``manage=yes`` (the index is open to every client). The work is ``repository.Repository``'s.
 
 Where the load or unload runs is the app's ``model_control`` (``app.state``): by default this
 process's repository (:func:`apply`); under Ray Serve, every replica's (``ray_serve``
@@ -19,6 +20,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from .access import CLIENT
 from .errors import Forbidden, InvalidInput, ServiceError, ServiceRoute
 from .inputs import parse_json
 from .lifecycle import current_lifecycle
@@ -44,10 +46,14 @@ async def index(request: Request):
 
 
 def _allowed(request: Request):
+    """The lifecycle, when this server allows model control and (with API keys) the client may use it; 403 otherwise."""
     lc = current_lifecycle(request)
     lc.require_ready()
     if not lc.repository.explicit:
         raise Forbidden("model control is off: start the server with --model-repository DIR --model-control explicit to load and unload models")
+    client = request.scope["state"].get(CLIENT)  # set by the admission when keys are required
+    if client is not None and not client.manage:
+        raise Forbidden(f"client {client.name!r} may not load or unload models: its line in the keys file needs manage=yes")
     return lc
 
 

@@ -133,9 +133,12 @@ def test_keys_add_prints_a_256_bit_key_once_and_stores_only_its_digest(tmp_path,
     second = run("batch-job", "--file", str(path), "--rate", "5", "--quota", "none")
     assert second.returncode == 0 and second.stdout.strip() != key
     assert path.read_text().splitlines()[1].endswith(" rate=5 quota=none")
+    third = run("ops-admin", "--file", str(path), "--manage")
+    assert third.returncode == 0 and path.read_text().splitlines()[2].endswith(" manage=yes")
+    assert read_keys(path).find(third.stdout.strip()).manage and not read_keys(path).find(key).manage
     again = run("ops", "--file", str(path))
     assert again.returncode == 2 and "'ops' already has a key" in again.stderr and again.stdout == ""
-    assert len(path.read_text().splitlines()) == 2  # nothing written
+    assert len(path.read_text().splitlines()) == 3  # nothing written
 
 
 def test_a_bad_keys_file_is_one_error_naming_file_and_line(tmp_path, capsys):
@@ -149,6 +152,7 @@ def test_a_bad_keys_file_is_one_error_naming_file_and_line(tmp_path, capsys):
         (f"alice {digest} rate=0\n", "line 1: rate must be a number > 0"),
         (f"alice {digest} quota=1.5\n", "line 1: quota must be an integer >= 0"),
         (f"alice {digest} burst=3\n", "line 1: unknown option 'burst=3'"),
+        (f"alice {digest} manage=maybe\n", "line 1: manage must be 'yes' or 'no'"),
         (f"unknown {digest}\n", "line 1: the client name 'unknown' is reserved"),
     ):
         path.write_text(body)

@@ -285,6 +285,28 @@ def test_a_models_own_settings_and_per_key_quota(tmp_path, tiny_checkpoint, erm_
             assert httpx.post(server.url + "/v1/models/coded/predict", json={"inputs": x}, headers=auth).status_code == 200
 
 
+def test_with_api_keys_only_a_client_with_manage_yes_loads_and_unloads(tmp_path, tiny_checkpoint, erm_checkpoint, digits):
+    keys = tmp_path / "keys.txt"
+    reader, ops = add_key(keys, "reader"), add_key(keys, "ops", manage=True)
+    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint)
+    x = {"inputs": digits.test_x[:1].tolist()}
+    as_reader, as_ops = {"Authorization": f"Bearer {reader}"}, {"Authorization": f"Bearer {ops}"}
+    with running_server(None, model_repository=root, model_control="explicit", api_keys_file=keys, rci=False) as server:
+        for action in ("unload", "load"):
+            r = httpx.post(f"{server.url}/v2/repository/models/erm/{action}", headers=as_reader)
+            assert r.status_code == 403 and "'reader' may not load or unload models" in r.json()["error"] and "manage=yes" in r.json()["error"], r.text
+        assert httpx.post(f"{server.url}/v2/repository/models/erm/unload").status_code == 401  # no key at all
+        states = {e["name"]: e["state"] for e in httpx.post(server.url + "/v2/repository/index", headers=as_reader).json()}
+        assert states == {"coded": "READY", "erm": "READY"}  # the refused calls changed nothing; the index is every client's
+        assert httpx.post(server.url + "/v1/models/erm/predict", json=x, headers=as_reader).status_code == 200
+        r = httpx.post(f"{server.url}/v2/repository/models/erm/unload", headers=as_ops)
+        assert r.status_code == 200 and r.json()["state"] == "UNAVAILABLE", r.text
+        assert httpx.post(server.url + "/v1/models/erm/predict", json=x, headers=as_reader).status_code == 404
+        r = httpx.post(f"{server.url}/v2/repository/models/erm/load", headers=as_ops)
+        assert r.status_code == 200 and r.json()["state"] == "READY", r.text
+        assert httpx.post(server.url + "/v1/models/erm/predict", json=x, headers=as_reader).status_code == 200
+
+
 def test_model_settings_files_are_validated_with_the_file_named(tmp_path):
     base = ServeSettings()
     (tmp_path / "serving.json").write_text('{"max_batch_size": 8, "rci_scope": "batch"}')
