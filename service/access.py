@@ -113,22 +113,28 @@ class Access:
         quota = s.quota if client.quota == DEFAULT else client.quota
         return Limits(rate=rate, burst=s.max_batch_size, quota=quota, window_s=s.quota_window_s)
 
-    def model_limits(self, model) -> Limits | None:
-        """A model's own per-key limits (its serving.json's ``rate_limit`` / ``quota``), or None."""
-        own = getattr(model, "key_limits", None)
-        if not own:
+    def model_limits(self, model, client: Client) -> Limits | None:
+        """``client``'s limits on ``model``: its keys-file ``rate@MODEL`` / ``quota@MODEL`` where given, else the model's
+        own per-key limits (its serving.json's ``rate_limit`` / ``quota``); None when neither limits it."""
+        if model is None:
             return None
-        return Limits(rate=own.get("rate_limit"), burst=model.settings.max_batch_size, quota=own.get("quota"), window_s=self.settings.quota_window_s)
+        own = getattr(model, "key_limits", None) or {}
+        rate, quota = client.on_model(model.name, "rate"), client.on_model(model.name, "quota")
+        rate = own.get("rate_limit") if rate == DEFAULT else rate
+        quota = own.get("quota") if quota == DEFAULT else quota
+        if rate is None and quota is None:
+            return None
+        return Limits(rate=rate, burst=model.settings.max_batch_size, quota=quota, window_s=self.settings.quota_window_s)
 
     async def queue(self, client: Client, items: int, submit: Callable[[], T], model=None) -> T:
-        """Charge ``items`` to ``client`` (and to its counters on ``model`` when that model sets limits of its own), then
+        """Charge ``items`` to ``client`` (and to its counters on ``model`` when the model or the client's line limits it there), then
         ``submit()`` (which queues the request) and return what it returns.
 
         Over a limit: ``TooManyRequests`` (logged, counted), nothing stays charged and ``submit`` is
         never called. When ``submit`` refuses (``Unavailable``: queue full, draining) the charges are given back.
         """
         charges = [(client.name, self.limits(client))]
-        own = self.model_limits(model)
+        own = self.model_limits(model, client)
         if own is not None:
             charges.append((f"{client.name}@{model.name}", own))  # '@' is no character of a client name: its own counters
         taken: list[tuple[str, Limits]] = []

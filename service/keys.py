@@ -3,7 +3,7 @@
 One client a line::
 
     # comments and blank lines are ignored
-    <client-name> <sha256 hex of the key> [rate=R] [quota=Q] [manage=yes]
+    <client-name> <sha256 hex of the key> [rate=R] [quota=Q] [rate@MODEL=R] [quota@MODEL=Q] [manage=yes]
 
 - ``client-name``: 1-64 characters of ``A-Z a-z 0-9 _ . -``, unique in the file; ``unknown`` is
   reserved (the metrics' label for requests without a known key). Names appear in logs and metric
@@ -12,6 +12,9 @@ One client a line::
 - ``rate=R`` (items per second, > 0) and ``quota=Q`` (items per quota window, an integer >= 0)
   override ``--rate-limit`` and ``--quota`` for this client; ``rate=none`` / ``quota=none`` lift
   the limit for it.
+- ``rate@MODEL=R`` and ``quota@MODEL=Q`` override, for this client, the per-key limits that model
+  ``MODEL`` of a repository sets in its ``serving.json`` (``none`` lifts them; a model that sets
+  none gets them for this client only). ``MODEL`` need not be loaded: the line applies when it is.
 - ``manage=yes`` lets this client load and unload models (``POST /v2/repository/models/NAME/load``
   and ``…/unload`` with ``--model-control explicit``); other clients get 403 there. ``manage=no``,
   the default, says so explicitly.
@@ -50,13 +53,18 @@ class KeysFileError(ValueError):
 @dataclass(frozen=True)
 class Client:
     """One line of the keys file. ``rate``/``quota``: ``DEFAULT`` (the server's flags), ``None`` (no limit) or a value;
-    ``manage``: may load and unload models."""
+    ``manage``: may load and unload models; ``per_model``: its own limits on named models."""
 
     name: str
     digest: bytes  # sha256 of the key
     rate: float | None | str = DEFAULT
     quota: int | None | str = DEFAULT
     manage: bool = False
+    per_model: tuple[tuple[str, str, float | int | None], ...] = ()  # (model, "rate" | "quota", value) from rate@MODEL= / quota@MODEL=
+
+    def on_model(self, model: str, kind: str) -> float | int | None | str:
+        """This client's own ``kind`` ("rate" or "quota") on ``model``: a value, None (no limit) or ``DEFAULT`` (the model's)."""
+        return next((value for m, k, value in self.per_model if m == model and k == kind), DEFAULT)
 
 
 def digest_of(key: str) -> bytes:
@@ -120,7 +128,7 @@ def parse_line(line: str, where: str) -> Client | None:
         return None
     parts = text.split()
     if len(parts) < 2:
-        raise KeysFileError(f"{where}: expected '<client-name> <sha256 hex of the key> [rate=R] [quota=Q] [manage=yes]'")
+        raise KeysFileError(f"{where}: expected '<client-name> <sha256 hex of the key> [rate=R] [quota=Q] [rate@MODEL=R] [quota@MODEL=Q] [manage=yes]'")
     name, digest, options = parts[0], parts[1], parts[2:]
     check_name(name, where)
     if not DIGEST.fullmatch(digest):
@@ -128,12 +136,14 @@ def parse_line(line: str, where: str) -> Client | None:
     given: dict = {}
     for option in options:
         key, sep, value = option.partition("=")
-        if not sep or key not in ("rate", "quota", "manage"):
-            raise KeysFileError(f"{where}: unknown option {option[:40]!r}; a line may end with rate=R, quota=Q and manage=yes")
+        kind, at, model = key.partition("@")
+        if not sep or kind not in ("rate", "quota", "manage") or (at and (kind == "manage" or not NAME.fullmatch(model))):
+            raise KeysFileError(f"{where}: unknown option {option[:40]!r}; a line may end with rate=R, quota=Q, rate@MODEL=R, quota@MODEL=Q and manage=yes")
         if key in given:
             raise KeysFileError(f"{where}: {key} given twice")
-        given[key] = _manage(value, where) if key == "manage" else _limit(value, float if key == "rate" else int, where, key)
-    return Client(name, bytes.fromhex(digest), given.get("rate", DEFAULT), given.get("quota", DEFAULT), given.get("manage", False))
+        given[key] = _manage(value, where) if kind == "manage" else _limit(value, float if kind == "rate" else int, where, key)
+    per_model = tuple((k.partition("@")[2], k.partition("@")[0], v) for k, v in given.items() if "@" in k)
+    return Client(name, bytes.fromhex(digest), given.get("rate", DEFAULT), given.get("quota", DEFAULT), given.get("manage", False), per_model)
 
 
 def parse_keys(text: str, path: str) -> KeyTable:
@@ -172,6 +182,8 @@ def format_line(client: Client) -> str:
         parts.append(f"rate={UNLIMITED if client.rate is None else f'{client.rate:g}'}")
     if client.quota != DEFAULT:
         parts.append(f"quota={UNLIMITED if client.quota is None else int(client.quota)}")
+    for model, kind, value in client.per_model:
+        parts.append(f"{kind}@{model}={UNLIMITED if value is None else (f'{value:g}' if kind == 'rate' else int(value))}")
     if client.manage:
         parts.append("manage=yes")
     return " ".join(parts)

@@ -153,6 +153,10 @@ def test_a_bad_keys_file_is_one_error_naming_file_and_line(tmp_path, capsys):
         (f"alice {digest} quota=1.5\n", "line 1: quota must be an integer >= 0"),
         (f"alice {digest} burst=3\n", "line 1: unknown option 'burst=3'"),
         (f"alice {digest} manage=maybe\n", "line 1: manage must be 'yes' or 'no'"),
+        (f"alice {digest} quota@erm=-1\n", "line 1: quota@erm must be an integer >= 0"),
+        (f"alice {digest} quota@=5\n", "line 1: unknown option 'quota@=5'"),
+        (f"alice {digest} manage@erm=yes\n", "line 1: unknown option 'manage@erm=yes'"),
+        (f"alice {digest} rate@erm=2 rate@erm=3\n", "line 1: rate@erm given twice"),
         (f"unknown {digest}\n", "line 1: the client name 'unknown' is reserved"),
     ):
         path.write_text(body)
@@ -307,6 +311,17 @@ def test_rate_limit_never_passes_its_bucket_and_keeps_near_its_rate(server, keys
     assert set(refused) == {429} and retry_afters == {"1"}
     assert len(answered) <= BATCH + RATE * elapsed + 1e-6
     assert len(answered) >= 0.5 * RATE * elapsed
+
+
+def test_a_keys_line_reads_back_as_it_is_written():
+    from codedsmooth.service.keys import DEFAULT, format_line, parse_line
+
+    digest = "cd" * 32
+    line = f"batch {digest} rate=5 quota=none rate@erm=2.5 quota@coded=none quota@erm=7 manage=yes"
+    client = parse_line(line, "here")
+    assert format_line(client) == line
+    assert (client.on_model("erm", "rate"), client.on_model("erm", "quota"), client.on_model("coded", "quota")) == (2.5, 7, None)
+    assert client.on_model("coded", "rate") == DEFAULT and client.on_model("other", "quota") == DEFAULT
 
 
 def test_limits_arithmetic_against_its_definition():

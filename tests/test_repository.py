@@ -285,6 +285,27 @@ def test_a_models_own_settings_and_per_key_quota(tmp_path, tiny_checkpoint, erm_
             assert httpx.post(server.url + "/v1/models/coded/predict", json={"inputs": x}, headers=auth).status_code == 200
 
 
+def test_a_clients_own_limits_on_a_model_override_the_models(tmp_path, tiny_checkpoint, erm_checkpoint, digits):
+    """erm sets quota 2 per key in its serving.json; batch lifts it for itself (quota@erm=none); capped gets a quota of 2
+    on coded, which sets none; alice keeps the model's."""
+    keys = tmp_path / "keys.txt"
+    key = {name: add_key(keys, name) for name in ("alice", "batch", "capped")}
+    lines = keys.read_text().splitlines()
+    keys.write_text("\n".join(line + {"batch": " quota@erm=none", "capped": " quota@coded=2"}.get(line.split()[0], "") for line in lines) + "\n")
+    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint, serving={"erm": {"quota": 2, "rci": False}})
+    x = {"inputs": digits.test_x[:1].tolist()}
+
+    def answers(name: str, model: str, n: int) -> list[int]:
+        return [httpx.post(f"{server.url}/v1/models/{model}/predict", json=x, headers={"Authorization": f"Bearer {key[name]}"}).status_code for _ in range(n)]
+
+    with running_server(None, model_repository=root, api_keys_file=keys) as server:
+        assert answers("alice", "erm", 3) == [200, 200, 429]
+        assert answers("batch", "erm", 5) == [200] * 5
+        assert answers("capped", "erm", 3) == [200, 200, 429]  # its own quota is on coded, not here
+        assert answers("capped", "coded", 3) == [200, 200, 429]
+        assert answers("alice", "coded", 4) == [200] * 4
+
+
 def test_with_api_keys_only_a_client_with_manage_yes_loads_and_unloads(tmp_path, tiny_checkpoint, erm_checkpoint, digits):
     keys = tmp_path / "keys.txt"
     reader, ops = add_key(keys, "reader"), add_key(keys, "ops", manage=True)
