@@ -52,6 +52,7 @@ class Access:
         self.keys = KeysFile(settings.api_keys_file)
         self.limiter = limiter or LocalLimiter()
         self._refusals: dict[str, list] = {}  # client name -> [when last logged, refusals since]
+        self.known_models: Callable[[], tuple[set[str], set[str]]] | None = None  # the server's (models, aliases); set once loaded
         self._labelled(self.keys.table.names)
         log.info("API keys required: %d clients in %s", len(self.keys.table.clients), self.keys.path)
 
@@ -160,6 +161,23 @@ class Access:
         self.metrics.client_items.labels(client.name).inc(items)
         return queued
 
+    def check_overrides(self) -> list[str]:
+        """Warn of each ``rate@MODEL`` / ``quota@MODEL`` of the keys file that names no model of this server (it would
+        limit nothing: a misspelt name, or an alias, whose requests are charged to the model they reach); returns the warnings."""
+        if self.known_models is None:
+            return []
+        models, aliases = self.known_models()
+        warnings = []
+        for client, option in self.keys.table.model_overrides():
+            model = option.partition("@")[2]
+            if model in models:
+                continue
+            what = "an alias; per-model limits name the models it routes to" if model in aliases else "no model of this server"
+            warnings.append(f"{self.keys.path}: client {client!r}: {option} names {what} ({', '.join(sorted(models))}); it limits nothing")
+        for line in warnings:
+            log.warning("%s", line)
+        return warnings
+
     def poll(self) -> None:
         """Reload the keys file if it changed: log and count the outcome."""
         reload = self.keys.poll()
@@ -169,6 +187,7 @@ class Access:
             self._labelled(self.keys.table.names)
             self.metrics.keys_reloads.labels("ok").inc()
             log.info("reloaded %s: %d clients", self.keys.path, reload.clients)
+            self.check_overrides()
         else:
             self.metrics.keys_reloads.labels("error").inc()
             log.error("%s", reload.error)

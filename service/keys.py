@@ -14,7 +14,9 @@ One client a line::
   the limit for it.
 - ``rate@MODEL=R`` and ``quota@MODEL=Q`` override, for this client, the per-key limits that model
   ``MODEL`` of a repository sets in its ``serving.json`` (``none`` lifts them; a model that sets
-  none gets them for this client only). ``MODEL`` need not be loaded: the line applies when it is.
+  none gets them for this client only). ``MODEL`` is a model's name, never an alias (an alias's
+  requests are charged to the model they are routed to); it need not be loaded: the limit applies
+  when it is. A server warns of names that are no model of it (``Access.check_overrides``).
 - ``manage=yes`` lets this client load and unload models (``POST /v2/repository/models/NAME/load``
   and ``…/unload`` with ``--model-control explicit``); other clients get 403 there. ``manage=no``,
   the default, says so explicitly.
@@ -94,6 +96,10 @@ class KeyTable:
     def names(self) -> list[str]:
         return sorted(c.name for c in self.clients.values())
 
+    def model_overrides(self) -> list[tuple[str, str]]:
+        """(client name, "kind@MODEL") of every per-model limit in the table, sorted."""
+        return sorted((c.name, f"{kind}@{model}") for c in self.clients.values() for model, kind, _ in c.per_model)
+
 
 def _limit(value: str, kind: type, where: str, what: str):
     if value == UNLIMITED:
@@ -137,8 +143,10 @@ def parse_line(line: str, where: str) -> Client | None:
     for option in options:
         key, sep, value = option.partition("=")
         kind, at, model = key.partition("@")
-        if not sep or kind not in ("rate", "quota", "manage") or (at and (kind == "manage" or not NAME.fullmatch(model))):
+        if not sep or kind not in ("rate", "quota", "manage") or (at and kind == "manage"):
             raise KeysFileError(f"{where}: unknown option {option[:40]!r}; a line may end with rate=R, quota=Q, rate@MODEL=R, quota@MODEL=Q and manage=yes")
+        if at and not NAME.fullmatch(model):
+            raise KeysFileError(f"{where}: {option[:40]!r}: MODEL in {kind}@MODEL must be a model's name, 1-64 characters of A-Z a-z 0-9 _ . -")
         if key in given:
             raise KeysFileError(f"{where}: {key} given twice")
         given[key] = _manage(value, where) if kind == "manage" else _limit(value, float if kind == "rate" else int, where, key)
@@ -179,14 +187,21 @@ def read_keys(path: str | os.PathLike) -> KeyTable:
 def format_line(client: Client) -> str:
     parts = [client.name, client.digest.hex()]
     if client.rate != DEFAULT:
-        parts.append(f"rate={UNLIMITED if client.rate is None else f'{client.rate:g}'}")
+        parts.append(f"rate={_written(client.rate)}")
     if client.quota != DEFAULT:
-        parts.append(f"quota={UNLIMITED if client.quota is None else int(client.quota)}")
+        parts.append(f"quota={_written(client.quota)}")
     for model, kind, value in client.per_model:
-        parts.append(f"{kind}@{model}={UNLIMITED if value is None else (f'{value:g}' if kind == 'rate' else int(value))}")
+        parts.append(f"{kind}@{model}={_written(value)}")
     if client.manage:
         parts.append("manage=yes")
     return " ".join(parts)
+
+
+def _written(value: float | int | None) -> str:
+    """A limit as the file writes it, read back to the same value: ``none``, a whole number, or the float's repr."""
+    if value is None:
+        return UNLIMITED
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def add_key(path: str | os.PathLike, name: str, rate: str | None = None, quota: str | None = None, manage: bool = False) -> str:

@@ -80,6 +80,8 @@ class Lifecycle:
         await asyncio.get_running_loop().run_in_executor(self.model_executor, self._load)
         self.repository.start()
         if self.access is not None:
+            self.access.known_models = self.repository.known_names
+            self.access.check_overrides()
             self._watch_task = asyncio.get_running_loop().create_task(self.access.watch(), name="codedsmooth-keys-watch")
         if self.phase == "loading":  # a drain may have begun while loading
             self.phase = "ready"

@@ -51,9 +51,11 @@ def _allowed(request: Request):
     lc.require_ready()
     if not lc.repository.explicit:
         raise Forbidden("model control is off: start the server with --model-repository DIR --model-control explicit to load and unload models")
-    client = request.scope["state"].get(CLIENT)  # set by the admission when keys are required
-    if client is not None and not client.manage:
-        raise Forbidden(f"client {client.name!r} may not load or unload models: its line in the keys file needs manage=yes")
+    if lc.access is not None:  # keys required: the admission has set the client, which must have manage=yes
+        client = request.scope["state"].get(CLIENT)
+        if client is None or not client.manage:
+            who = f"client {client.name!r}" if client is not None else "this request"
+            raise Forbidden(f"{who} may not load or unload models: its line in the keys file needs manage=yes")
     return lc
 
 

@@ -329,6 +329,16 @@ class Repository:
             model.start(self.executor, own_thread=self.own_threads)
             self.metrics.model_loaded.labels(model.name).set(1)
 
+    def known_names(self) -> tuple[set[str], set[str]]:
+        """The models this server holds or could load (its repository's directories now), and its aliases."""
+        names = set(self.models)
+        if self.root is not None:
+            try:
+                names |= set(model_names(self.root))
+            except RepositoryError:  # the directory changed under the server: what is loaded still counts
+                pass
+        return names, set(self.config.aliases)
+
     # ---- routing ----------------------------------------------------------------
 
     def _serving(self, name: str) -> ServedModel | None:

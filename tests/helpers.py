@@ -5,6 +5,7 @@ import asyncio
 import gzip
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -69,6 +70,18 @@ def run_in_fresh_interpreter(code: str) -> None:
 class ServerProcess(LocalServer):
     def __init__(self, checkpoint, **settings):
         super().__init__(checkpoint, threads=settings.pop("threads", 2), **settings)
+
+
+class LoggedServer(ServerProcess):
+    """A server whose output is read continuously into ``lines`` (tests wait for log lines)."""
+
+    def __init__(self, checkpoint, **settings):
+        super().__init__(checkpoint, **settings)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(line.rstrip("\n") for line in self.proc.stdout), daemon=True).start()
+
+    def wait_line(self, text: str) -> str:
+        return wait_until(lambda: next((line for line in self.lines if text in line), None), f"a log line with {text!r}", 30)
 
 
 def running_server(checkpoint, **settings):

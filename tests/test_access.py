@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from helpers import ServerProcess, metric, running_server, wait_for_metric, wait_until
+from helpers import LoggedServer, metric, running_server, wait_for_metric, wait_until
 
 from codedsmooth.service.keys import KeysFileError, add_key, read_keys
 from codedsmooth.service.limits import Counters, Limits
@@ -29,18 +29,6 @@ from codedsmooth.service.limits import Counters, Limits
 QUOTA = 50
 BATCH = 8
 RATE = 20.0
-
-
-class LoggedServer(ServerProcess):
-    """A server whose output is read continuously into ``lines`` (tests wait for log lines)."""
-
-    def __init__(self, checkpoint, **settings):
-        super().__init__(checkpoint, **settings)
-        self.lines: list[str] = []
-        threading.Thread(target=lambda: self.lines.extend(line.rstrip("\n") for line in self.proc.stdout), daemon=True).start()
-
-    def wait_line(self, text: str) -> str:
-        return wait_until(lambda: next((line for line in self.lines if text in line), None), f"a log line with {text!r}", 30)
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +142,8 @@ def test_a_bad_keys_file_is_one_error_naming_file_and_line(tmp_path, capsys):
         (f"alice {digest} burst=3\n", "line 1: unknown option 'burst=3'"),
         (f"alice {digest} manage=maybe\n", "line 1: manage must be 'yes' or 'no'"),
         (f"alice {digest} quota@erm=-1\n", "line 1: quota@erm must be an integer >= 0"),
-        (f"alice {digest} quota@=5\n", "line 1: unknown option 'quota@=5'"),
+        (f"alice {digest} quota@=5\n", "line 1: 'quota@=5': MODEL in quota@MODEL must be a model's name"),
+        (f"alice {digest} quota@a@b=5\n", "line 1: 'quota@a@b=5': MODEL in quota@MODEL must be a model's name"),
         (f"alice {digest} manage@erm=yes\n", "line 1: unknown option 'manage@erm=yes'"),
         (f"alice {digest} rate@erm=2 rate@erm=3\n", "line 1: rate@erm given twice"),
         (f"unknown {digest}\n", "line 1: the client name 'unknown' is reserved"),
@@ -320,6 +309,9 @@ def test_a_keys_line_reads_back_as_it_is_written():
     line = f"batch {digest} rate=5 quota=none rate@erm=2.5 quota@coded=none quota@erm=7 manage=yes"
     client = parse_line(line, "here")
     assert format_line(client) == line
+    for rate in ("1234567", "0.1234567", "1e-07", "3.3333333333333335"):  # every digit of a rate survives the round trip
+        again = parse_line(format_line(parse_line(f"b {digest} rate={rate} rate@erm={rate}", "here")), "there")
+        assert again.rate == float(rate) and again.on_model("erm", "rate") == float(rate)
     assert (client.on_model("erm", "rate"), client.on_model("erm", "quota"), client.on_model("coded", "quota")) == (2.5, 7, None)
     assert client.on_model("coded", "rate") == DEFAULT and client.on_model("other", "quota") == DEFAULT
 

@@ -644,6 +644,7 @@ def test_the_keys_file_example_parses_as_the_server_reads_it():
     assert (clients["alice"].rate, clients["alice"].quota, clients["alice"].manage) == (DEFAULT, DEFAULT, False)
     assert (clients["batch-job"].rate, clients["batch-job"].quota) == (200.0, None)
     assert [name for name, c in clients.items() if c.manage] == ["ops"]
+    assert clients["ops"].per_model == (("erm", "quota", None),)
 
 
 def test_the_attackers_quota_defaults_in_the_docs():

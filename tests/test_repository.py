@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from helpers import GOOD_ITEM, SLOW_SERVER, ServerProcess, metric, running_server, wait_for_metric, wait_until
+from helpers import GOOD_ITEM, SLOW_SERVER, LoggedServer, ServerProcess, metric, running_server, wait_for_metric, wait_until
 
 from codedsmooth.service.keys import add_key
 from codedsmooth.service.repository import RepositoryError, model_settings
@@ -286,24 +286,35 @@ def test_a_models_own_settings_and_per_key_quota(tmp_path, tiny_checkpoint, erm_
 
 
 def test_a_clients_own_limits_on_a_model_override_the_models(tmp_path, tiny_checkpoint, erm_checkpoint, digits):
-    """erm sets quota 2 per key in its serving.json; batch lifts it for itself (quota@erm=none); capped gets a quota of 2
-    on coded, which sets none; alice keeps the model's."""
+    """erm sets quota 2 per key in its serving.json; batch lifts it for itself (quota@erm=none); capped gets a quota of 1
+    on coded, which sets none; alice keeps the model's. Overrides naming no model (a typo, an alias) are warned of,
+    at start and when the file is reloaded."""
     keys = tmp_path / "keys.txt"
     key = {name: add_key(keys, name) for name in ("alice", "batch", "capped")}
-    lines = keys.read_text().splitlines()
-    keys.write_text("\n".join(line + {"batch": " quota@erm=none", "capped": " quota@coded=2"}.get(line.split()[0], "") for line in lines) + "\n")
-    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint, serving={"erm": {"quota": 2, "rci": False}})
+    own = {"alice": " quota@emr=3 rate@ab=2", "batch": " quota@erm=none", "capped": " quota@coded=1"}
+    keys.write_text("".join(line + own[line.split()[0]] + "\n" for line in keys.read_text().splitlines()))
+    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint, repository={"aliases": {"ab": {"coded": 0.5, "erm": 0.5}}},
+                           serving={"erm": {"quota": 2, "rci": False}})
     x = {"inputs": digits.test_x[:1].tolist()}
 
     def answers(name: str, model: str, n: int) -> list[int]:
         return [httpx.post(f"{server.url}/v1/models/{model}/predict", json=x, headers={"Authorization": f"Bearer {key[name]}"}).status_code for _ in range(n)]
 
-    with running_server(None, model_repository=root, api_keys_file=keys) as server:
+    server = LoggedServer(None, model_repository=root, api_keys_file=keys)
+    try:
+        server.wait_ready()
+        assert "client 'alice': quota@emr names no model of this server (coded, erm); it limits nothing" in server.wait_line("quota@emr")
+        assert "rate@ab names an alias" in server.wait_line("rate@ab")
         assert answers("alice", "erm", 3) == [200, 200, 429]
         assert answers("batch", "erm", 5) == [200] * 5
-        assert answers("capped", "erm", 3) == [200, 200, 429]  # its own quota is on coded, not here
-        assert answers("capped", "coded", 3) == [200, 200, 429]
+        assert answers("capped", "erm", 3) == [200, 200, 429]  # erm's quota of 2, not its own 1 on coded
+        assert answers("capped", "coded", 2) == [200, 429]
         assert answers("alice", "coded", 4) == [200] * 4
+        with keys.open("a") as f:  # a client added while the server runs: its typo is warned of on the reload
+            f.write(f"late {'ab' * 32} quota@cdoed=1\n")
+        assert "client 'late': quota@cdoed names no model" in server.wait_line("quota@cdoed")
+    finally:
+        server.terminate()
 
 
 def test_with_api_keys_only_a_client_with_manage_yes_loads_and_unloads(tmp_path, tiny_checkpoint, erm_checkpoint, digits):
