@@ -367,7 +367,8 @@ def serve_error(*args) -> str:
 
 def test_the_cli_refuses_bad_repositories_with_the_file_named(tmp_path, tiny_checkpoint, erm_checkpoint):
     root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint, repository={"aliases": {"ab": {"coded": 1, "gone": 1}}})
-    assert "ab" in serve_error("--model-repository", str(root)) and "'gone' is no model of the repository" in serve_error("--model-repository", str(root))
+    error = serve_error("--model-repository", str(root))
+    assert "ab" in error and "'gone' is no model of the repository" in error
     (root / "repository.json").unlink()
     assert "not both" in serve_error("--model-repository", str(root), "--checkpoint", str(tiny_checkpoint))
     assert "neither a model nor an alias" in serve_error("--model-repository", str(root), "--default-model", "nope")
