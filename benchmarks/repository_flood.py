@@ -71,8 +71,9 @@ def _flood(url: str, clients: int, payload: bytes, answered, failed, started, st
     async def one(client: httpx.AsyncClient) -> None:
         while not stop.is_set():
             r = await client.post(url, content=payload, headers={"content-type": "application/json"})
-            with (answered if r.status_code == 200 else failed).get_lock():
-                (answered if r.status_code == 200 else failed).value += 1
+            counter = answered if r.status_code == 200 else failed
+            with counter.get_lock():
+                counter.value += 1
             started.set()
 
     async def run() -> None:

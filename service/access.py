@@ -46,13 +46,14 @@ OPEN_PATHS = HEALTH_PATHS | DOC_PATHS
 class Access:
     """The keys table in force, the limits it sets, and the counters they are charged to (``limiter``)."""
 
-    def __init__(self, settings: ServeSettings, metrics: Metrics, limiter=None):
+    def __init__(self, settings: ServeSettings, metrics: Metrics, known_models: Callable[[], tuple[set[str], set[str]]], limiter=None):
+        """``known_models``: the server's (models, aliases) now, against which the keys file's per-model limits are checked."""
         self.settings = settings
         self.metrics = metrics
         self.keys = KeysFile(settings.api_keys_file)
         self.limiter = limiter or LocalLimiter()
         self._refusals: dict[str, list] = {}  # client name -> [when last logged, refusals since]
-        self.known_models: Callable[[], tuple[set[str], set[str]]] | None = None  # the server's (models, aliases); set once loaded
+        self.known_models = known_models
         self._labelled(self.keys.table.names)
         log.info("API keys required: %d clients in %s", len(self.keys.table.clients), self.keys.path)
 
@@ -161,22 +162,14 @@ class Access:
         self.metrics.client_items.labels(client.name).inc(items)
         return queued
 
-    def check_overrides(self) -> list[str]:
+    def check_overrides(self) -> None:
         """Warn of each ``rate@MODEL`` / ``quota@MODEL`` of the keys file that names no model of this server (it would
-        limit nothing: a misspelt name, or an alias, whose requests are charged to the model they reach); returns the warnings."""
-        if self.known_models is None:
-            return []
+        limit nothing: a misspelt name, or an alias, whose requests are charged to the model they reach)."""
         models, aliases = self.known_models()
-        warnings = []
-        for client, option in self.keys.table.model_overrides():
-            model = option.partition("@")[2]
-            if model in models:
-                continue
-            what = "an alias; per-model limits name the models it routes to" if model in aliases else "no model of this server"
-            warnings.append(f"{self.keys.path}: client {client!r}: {option} names {what} ({', '.join(sorted(models))}); it limits nothing")
-        for line in warnings:
-            log.warning("%s", line)
-        return warnings
+        for client, kind, model in self.keys.table.model_overrides():
+            if model not in models:
+                what = "an alias; per-model limits name the models it routes to" if model in aliases else "no model of this server"
+                log.warning("%s: client %r: %s@%s names %s (%s); it limits nothing", self.keys.path, client, kind, model, what, ", ".join(sorted(models)))
 
     def poll(self) -> None:
         """Reload the keys file if it changed: log and count the outcome."""

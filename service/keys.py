@@ -96,9 +96,9 @@ class KeyTable:
     def names(self) -> list[str]:
         return sorted(c.name for c in self.clients.values())
 
-    def model_overrides(self) -> list[tuple[str, str]]:
-        """(client name, "kind@MODEL") of every per-model limit in the table, sorted."""
-        return sorted((c.name, f"{kind}@{model}") for c in self.clients.values() for model, kind, _ in c.per_model)
+    def model_overrides(self) -> list[tuple[str, str, str]]:
+        """(client name, kind, model) of every per-model limit in the table, sorted."""
+        return sorted((c.name, kind, model) for c in self.clients.values() for model, kind, _ in c.per_model)
 
 
 def _limit(value: str, kind: type, where: str, what: str):
@@ -139,7 +139,7 @@ def parse_line(line: str, where: str) -> Client | None:
     check_name(name, where)
     if not DIGEST.fullmatch(digest):
         raise KeysFileError(f"{where}: expected the SHA-256 of the key as 64 hex digits after the name (keys are never stored in clear)")
-    given: dict = {}
+    given: dict[tuple[str, str], object] = {}  # (kind, model: "" for the client-wide limit) -> value
     for option in options:
         key, sep, value = option.partition("=")
         kind, at, model = key.partition("@")
@@ -147,11 +147,11 @@ def parse_line(line: str, where: str) -> Client | None:
             raise KeysFileError(f"{where}: unknown option {option[:40]!r}; a line may end with rate=R, quota=Q, rate@MODEL=R, quota@MODEL=Q and manage=yes")
         if at and not NAME.fullmatch(model):
             raise KeysFileError(f"{where}: {option[:40]!r}: MODEL in {kind}@MODEL must be a model's name, 1-64 characters of A-Z a-z 0-9 _ . -")
-        if key in given:
+        if (kind, model) in given:
             raise KeysFileError(f"{where}: {key} given twice")
-        given[key] = _manage(value, where) if kind == "manage" else _limit(value, float if kind == "rate" else int, where, key)
-    per_model = tuple((k.partition("@")[2], k.partition("@")[0], v) for k, v in given.items() if "@" in k)
-    return Client(name, bytes.fromhex(digest), given.get("rate", DEFAULT), given.get("quota", DEFAULT), given.get("manage", False), per_model)
+        given[kind, model] = _manage(value, where) if kind == "manage" else _limit(value, float if kind == "rate" else int, where, key)
+    per_model = tuple((model, kind, v) for (kind, model), v in given.items() if model)
+    return Client(name, bytes.fromhex(digest), given.get(("rate", ""), DEFAULT), given.get(("quota", ""), DEFAULT), given.get(("manage", ""), False), per_model)
 
 
 def parse_keys(text: str, path: str) -> KeyTable:

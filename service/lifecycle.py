@@ -54,7 +54,6 @@ class Lifecycle:
         """``limiter``: where the per-client counters live (default: in this process; Ray Serve replicas share one)."""
         self.settings = settings
         self.metrics = metrics or Metrics(by_model=settings.model_repository is not None)
-        self.access = Access(settings, self.metrics, limiter) if settings.api_keys_file else None  # None: open to anyone
         self._watch_task: asyncio.Task | None = None
         self.engine_factory = engine_factory or InferenceEngine
         self.phase: Phase = "loading"
@@ -66,6 +65,7 @@ class Lifecycle:
         self.model_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codedsmooth-model")
         self.decode_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codedsmooth-decode")
         self.repository = Repository(settings, self.metrics, self.engine_factory, self.model_executor)
+        self.access = Access(settings, self.metrics, self.repository.known_names, limiter) if settings.api_keys_file else None  # None: open to anyone
 
     # ---- loading -----------------------------------------------------------
 
@@ -80,8 +80,7 @@ class Lifecycle:
         await asyncio.get_running_loop().run_in_executor(self.model_executor, self._load)
         self.repository.start()
         if self.access is not None:
-            self.access.known_models = self.repository.known_names
-            self.access.check_overrides()
+            self.access.check_overrides()  # the models are loaded now
             self._watch_task = asyncio.get_running_loop().create_task(self.access.watch(), name="codedsmooth-keys-watch")
         if self.phase == "loading":  # a drain may have begun while loading
             self.phase = "ready"
