@@ -16,7 +16,8 @@ code, link targets and comments are not prose). It passes when it lies
 
 Excluded by rule: integers without a unit (counts, sizes, ports, steps), thresholds (after ≥, ≤, <, >,
 "at least", "at most"), coefficients of a formula (1.5K, 2.5·ε), versions (a number right after a
-capitalised name or "HTTP/", or with two dots), and a confidence level ("95 % Wilson").
+capitalised name or "HTTP/", or with two dots), a confidence level ("95 % Wilson"), a goal ("0.5× goal"),
+and sizes and counts written with × ("28×28", "60 × 200").
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ RENDERED = {"rci-costs"}  # generated blocks, each checked by a test below
 GENERATED = re.compile(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", re.S)
 UNCHECKED = re.compile(r"<!-- unchecked:(.*?)-->.*?<!-- /unchecked -->", re.S)
 CHECKED_BY = re.compile(r"<!-- checked-by: (\w+) -->.*?<!-- /checked-by -->", re.S)
-NUMBER = re.compile(r"(?<![\w.])(\d[\d,]*(?:\.\d+)?(?:e-?\d+)?)(?![\w]|\.\d)(\s?(?:%|×))?")
-THRESHOLD = re.compile(r"(?:[≥≤<>]|at least|at most)\s?~?$")
+NUMBER = re.compile(r"(?<![\w.])(\d[\d,]*(?:\.\d+)?(?:e-?\d+)?)(?![\w]|\.\d)(\s?(?:%|×(?!\s?\d)))?")  # "28×28", "60 × 200": sizes and counts, not ratios
+THRESHOLD = re.compile(r"(?:[≥≤<>]|at least|at most|more than|less than)\s?~?$")
 VERSION = re.compile(r"(?:\b[A-Z][\w-]*(?: Serve)? |HTTP/|arXiv )$")
 
 
@@ -83,7 +84,7 @@ def claims(markdown: str) -> list[tuple[str, str, str]]:
         before, after = body[max(0, m.start() - 12) : m.start()], body[m.end() : m.end() + 8]
         if "." not in token and not unit:
             continue
-        if THRESHOLD.search(before) or VERSION.search(before) or re.match(r"(?:K\b|·)", after) or re.match(r"\s?Wilson|\s?confidence", after):
+        if THRESHOLD.search(before) or VERSION.search(before) or re.match(r"(?:K\b|·)", after) or re.match(r"\s?(?:Wilson|confidence|goal)", after):
             continue
         if unit == "%" and re.search(r"%\s*(Wilson|confidence)", body[m.start() : m.end() + 14]):
             continue
