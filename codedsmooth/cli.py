@@ -186,6 +186,19 @@ def _add_keys(sub) -> None:
     add.add_argument("--quota", default=None, help="items per quota window for this client instead of serve --quota ('none': no quota)")
     add.add_argument("--manage", action="store_true", help="this client may load and unload models (serve --model-control explicit); others get 403 there")
     add.set_defaults(func=_run_keys_add)
+    show = actions.add_parser(
+        "list", allow_abbrev=False, help="list the clients of the file: name, the first 8 hex digits of the key's SHA-256, options",
+        description="One client a line, in the file's order. The digest is cut to a short prefix (enough to tell two lines apart, never the whole hash).",
+    )
+    show.add_argument("--file", required=True, help="the keys file")
+    show.set_defaults(func=_run_keys_list)
+    remove = actions.add_parser(
+        "remove", allow_abbrev=False, help="remove a client's line from the file; a running server refuses its key from its next reload",
+        description="Rewrites the file without the client's line (comments and other lines kept, mode kept) by an atomic rename; a running server reloads it within a second or two.",
+    )
+    remove.add_argument("name", help="the client's name, as keys list shows it")
+    remove.add_argument("--file", required=True, help="the keys file")
+    remove.set_defaults(func=_run_keys_remove)
 
 
 def _run_keys_add(args) -> int:
@@ -194,6 +207,45 @@ def _run_keys_add(args) -> int:
     key = add_key(args.file, args.name, rate=args.rate, quota=args.quota, manage=args.manage)
     print(key)
     print(f"added client {args.name!r} to {args.file}; the key above is shown once and stored nowhere", file=sys.stderr)
+    return 0
+
+
+DIGEST_SHOWN = 8  # hex digits of a key's SHA-256 that keys list shows: tells lines apart, never the whole hash
+
+
+def _run_keys_list(args) -> int:
+    from codedsmooth.service.keys import format_line, read_keys
+
+    table = read_keys(args.file)
+    for client in table.clients.values():  # the file's order
+        name, digest, *options = format_line(client).split(" ")
+        print(" ".join([f"{name:<16}", digest[:DIGEST_SHOWN] + "...", *options]).rstrip())
+    print(f"{len(table.clients)} clients in {args.file}", file=sys.stderr)
+    return 0
+
+
+def _run_keys_remove(args) -> int:
+    import os
+    import stat
+    from pathlib import Path
+
+    from codedsmooth.service.keys import KeysFileError, parse_line, read_keys
+
+    path = Path(args.file)
+    if args.name not in read_keys(path).names:  # also refuses a missing or broken file, naming it
+        raise KeysFileError(f"{path}: no client {args.name!r} (codedsmooth keys list --file {path} shows the clients)")
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for n, line in enumerate(lines, 1) if getattr(parse_line(line, f"{path}, line {n}"), "name", None) != args.name]
+    # a new file renamed over the old one: a server never reads half a file, and sees a new inode
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IMODE(path.stat().st_mode))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"removed client {args.name!r} from {path}; a running server refuses its key from its next reload", file=sys.stderr)
     return 0
 
 
