@@ -39,7 +39,7 @@ from codedsmooth.service.launcher import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.M | re.S)
+FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 MARKER = re.compile(r"<!-- recipe: (server|docker|ray|skip: (?P<reason>\S[^\n]*?)) -->")
 RUN = {"bash": "bash", "sh": "bash", "shell": "bash", "python": "python", "py": "python"}
 ADDRESS = "127.0.0.1:8000"
