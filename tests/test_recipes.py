@@ -29,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +109,7 @@ def run(recipe: Recipe, work: Path, server_url: str | None) -> None:
         address = server_url.removeprefix("http://")
     body = recipe.body.replace(ADDRESS, address)
     args = ["bash", "-e", "-o", "pipefail", "-c", body + "\nwait\n"] if recipe.kind == "bash" else [sys.executable, "-c", body]
+    start = time.monotonic()
     proc = subprocess.Popen(args, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=BLOCK_TIMEOUT_S)
@@ -119,6 +121,7 @@ def run(recipe: Recipe, work: Path, server_url: str | None) -> None:
         except ProcessLookupError:
             pass
         proc.wait()
+    print(f"{recipe.page}:{recipe.line}: {recipe.kind} block, exit {proc.returncode} in {time.monotonic() - start:.1f}s")  # pytest -s: where the time goes
     assert proc.returncode == 0, f"{recipe.page}:{recipe.line}: the {recipe.kind} block failed (exit {proc.returncode}):\n{body}\n--- output ---\n{output[-3000:]}"
 
 
