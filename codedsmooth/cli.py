@@ -345,24 +345,31 @@ def _run_bench(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI; ``only``: just that subcommand (``keys`` alone needs no torch, so ``KEY=$(codedsmooth keys add …)`` is instant)."""
     # allow_abbrev=False everywhere: "--epoch 1" is an error, never silently "--epochs 1"
     parser = argparse.ArgumentParser(prog="codedsmooth", description=__doc__, allow_abbrev=False)
     parser.add_argument("--log-level", default=None, help="logging level: debug, info, warning, error (default: info)")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub)
-    _add_serve(sub)
-    _add_keys(sub)
-    _add_attack(sub)
-    _add_report(sub)
-    _add_bench(sub)
+    for name, add in (("train", _add_train), ("serve", _add_serve), ("keys", _add_keys), ("attack", _add_attack), ("report", _add_report), ("bench", _add_bench)):
+        if only in (None, name):
+            add(sub)
     return parser
 
 
+def _light_subcommand(argv: list[str]) -> str | None:
+    """``"keys"`` when ``argv`` runs it (the other subcommands' parsers import torch for their config classes), else None."""
+    tokens = list(argv)
+    while tokens and tokens[0].startswith("--log-level"):
+        tokens = tokens[1:] if "=" in tokens[0] else tokens[2:]
+    return "keys" if tokens[:1] == ["keys"] else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    args_given = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(only=_light_subcommand(args_given))
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.argv = args_given
     logging.basicConfig(level=(args.log_level or "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise for the attack client
     try:

@@ -9,6 +9,7 @@ whole output is searched for every digest of the file.
 import hashlib
 import stat
 import subprocess
+import sys
 
 import httpx
 import pytest
@@ -108,3 +109,12 @@ def test_a_running_server_refuses_a_removed_client_from_its_next_reload(keyed_se
     assert r.status_code == 401 and r.json() == {"error": "unknown API key"}
     assert post(k["alice"]).status_code == 200
     assert metric(srv, "codedsmooth_api_keys_clients") == 1
+
+
+def test_the_keys_commands_start_without_torch(tmp_path):
+    """``KEY=$(codedsmooth keys add …)`` in a script should not wait seconds for torch: the keys parser stands alone."""
+    path = tmp_path / "keys.txt"
+    code = f"import sys; from codedsmooth.cli import main; assert main(['--log-level', 'warning', 'keys', 'add', 'a', '--file', {str(path)!r}]) == 0; assert 'torch' not in sys.modules, 'torch imported'"
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip()) == 43 and path.read_text().startswith("a ")
