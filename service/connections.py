@@ -232,7 +232,7 @@ def protocol_class(settings, lifecycle):
 
         def _refuse(self, status: int, message: str) -> None:
             log.info("answering %d and closing the connection: %s", status, message)
-            metrics.requests.labels("unmatched", str(status)).inc()
+            metrics.count_request("unmatched", status)
             if self.cycle is None or self.cycle.response_complete:  # no answer under way that this one would cut into
                 self.transport.write(error_bytes(status, message, self.server_state.default_headers))
             self.transport.close()

@@ -123,9 +123,9 @@ class Lifecycle:
             self._no_requests.set()
         if model is not None:
             model.holders -= 1
-        label = self.metrics.model_label(model.name if model is not None else None)
-        self.metrics.requests.labels(endpoint, str(status), *label).inc()
-        self.metrics.latency.labels(endpoint, *label).observe(time.monotonic() - admission.arrival)
+        name = model.name if model is not None else None
+        self.metrics.count_request(endpoint, status, model=name)
+        self.metrics.observe_latency(endpoint, time.monotonic() - admission.arrival, model=name)
 
     def require_ready(self) -> None:
         if self.draining:

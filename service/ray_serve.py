@@ -129,7 +129,7 @@ class CodedSmoothReplica:
         """Drain this replica's lifecycle: 503 to new requests, accepted ones finish (called on shutdown)."""
         lifecycle = self.app.state.lifecycle
         finished = await lifecycle.drain()
-        return {"replica": self.replica, "finished": finished, "answered": _status_counts(lifecycle.metrics)}
+        return {"replica": self.replica, "finished": finished, "answered": lifecycle.metrics.status_counts()}
 
     def info(self) -> dict:
         return {"replica": self.replica, "metrics": self.metrics_address, "phase": self.app.state.lifecycle.phase}
@@ -149,16 +149,6 @@ async def broadcast_model_control(request, action: str, name: str) -> list[dict]
     results = await handle.broadcast("model_control", action, name).results_async(return_exceptions=True)
     return [r if isinstance(r, dict) else {"error": {"status": 503, "message": f"a replica did not answer the {action} of {name!r}: {type(r).__name__}", "headers": {"Retry-After": "1"}}}
             for r in results]
-
-
-def _status_counts(metrics) -> dict[str, dict[str, int]]:
-    """Requests this replica answered: {endpoint: {status: count}}."""
-    out: dict[str, dict[str, int]] = {}
-    for family in metrics.requests.collect():
-        for sample in family.samples:
-            if sample.name.endswith("_total"):
-                out.setdefault(sample.labels["endpoint"], {})[sample.labels["status"]] = int(sample.value)
-    return out
 
 
 def _tag_log_records(replica: str) -> None:
