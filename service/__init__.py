@@ -8,11 +8,11 @@ __all__ = ["create_app", "ServeSettings"]
 
 def __getattr__(name: str):
     if name == "create_app":
-        from .app import create_app
+        from codedsmooth.service.http.app import create_app
 
         return create_app
     if name == "ServeSettings":
-        from .settings import ServeSettings
+        from codedsmooth.service.settings import ServeSettings
 
         return ServeSettings
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,7 +28,7 @@ from codedsmooth.core.randomness import gaussian
 from codedsmooth.core.spec import default_n_end
 from codedsmooth.models import Checkpoint
 
-from .settings import ServeSettings
+from codedsmooth.service.settings import ServeSettings
 
 log = logging.getLogger("codedsmooth.engine")
 

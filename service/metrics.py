@@ -4,7 +4,7 @@ One uvicorn worker per device is the supported layout: the micro-batcher only
 batches what one process sees, and each worker would hold its own model copy,
 so several workers split batches and memory without adding compute. Hence no
 multiprocess mode; scale out with Ray Serve replicas (each with its own registry
-and listener, samples labelled ``replica``: see ``codedsmooth.service.ray_serve``)
+and listener, samples labelled ``replica``: see ``codedsmooth.service.ray.serve``)
 or more containers/devices instead.
 """
 

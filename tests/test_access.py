@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from helpers import LoggedServer, metric, running_server, wait_for_metric, wait_until
 
-from codedsmooth.service.keys import KeysFileError, add_key, read_keys
-from codedsmooth.service.limits import Counters, Limits
+from codedsmooth.service.access.keys import KeysFileError, add_key, read_keys
+from codedsmooth.service.access.limits import Counters, Limits
 
 QUOTA = 50
 BATCH = 8
@@ -303,7 +303,7 @@ def test_rate_limit_never_passes_its_bucket_and_keeps_near_its_rate(server, keys
 
 
 def test_a_keys_line_reads_back_as_it_is_written():
-    from codedsmooth.service.keys import DEFAULT, format_line, parse_line
+    from codedsmooth.service.access.keys import DEFAULT, format_line, parse_line
 
     digest = "cd" * 32
     line = f"batch {digest} rate=5 quota=none rate@erm=2.5 quota@coded=none quota@erm=7 manage=yes"
@@ -441,7 +441,7 @@ def test_the_attack_client_sends_its_key_from_the_argument_or_the_environment(se
 
 
 def test_without_keys_a_server_reachable_from_other_hosts_warns():
-    from codedsmooth.service.server import startup_warnings
+    from codedsmooth.service.http.server import startup_warnings
     from codedsmooth.service.settings import ServeSettings
 
     open_warning = "without --api-keys-file anyone who reaches it may query"
@@ -455,7 +455,7 @@ def test_without_keys_a_server_reachable_from_other_hosts_warns():
 
 
 def test_retry_after_stays_a_bounded_whole_number_for_extreme_limits():
-    from codedsmooth.service.limits import MAX_RETRY_AFTER_S
+    from codedsmooth.service.access.limits import MAX_RETRY_AFTER_S
 
     c = Counters()
     slow = Limits(rate=1e-300, burst=2, quota=None, window_s=60.0)

@@ -636,7 +636,7 @@ def test_every_docs_page_the_cli_help_names_exists():
 
 
 def test_the_keys_file_example_parses_as_the_server_reads_it():
-    from codedsmooth.service.keys import DEFAULT, parse_keys
+    from codedsmooth.service.access.keys import DEFAULT, parse_keys
 
     block = next(body for lang, body in FENCE.findall(text(ROOT / "docs" / "serving.md")) if "sha256 of the key" in body)
     table = parse_keys(block, "serving.md")

@@ -17,8 +17,8 @@ import pytest
 import torch
 from helpers import GOOD_ITEM, SLOW_SERVER, LoggedServer, ServerProcess, metric, running_server, wait_for_metric, wait_until
 
-from codedsmooth.service.keys import add_key
-from codedsmooth.service.repository import RepositoryError, model_settings
+from codedsmooth.service.access.keys import add_key
+from codedsmooth.service.repository.files import RepositoryError, model_settings
 from codedsmooth.service.settings import ServeSettings
 from codedsmooth.train import TrainConfig, train
 

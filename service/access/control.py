@@ -27,11 +27,11 @@ import math
 import time
 from typing import Callable, TypeVar
 
-from .errors import TooManyRequests, Unauthorized, Unavailable, quoted
-from .keys import DEFAULT, UNKNOWN, Client, KeysFile
-from .limits import Limits, LocalLimiter
-from .metrics import Metrics
-from .settings import ServeSettings
+from codedsmooth.service.errors import TooManyRequests, Unauthorized, Unavailable, quoted
+from codedsmooth.service.access.keys import DEFAULT, UNKNOWN, Client, KeysFile
+from codedsmooth.service.access.limits import Limits, LocalLimiter
+from codedsmooth.service.metrics import Metrics
+from codedsmooth.service.settings import ServeSettings
 
 log = logging.getLogger("codedsmooth.access")
 T = TypeVar("T")

@@ -1,7 +1,7 @@
 """Serving on Ray Serve: the same FastAPI app, one engine per replica, behind Ray Serve's HTTP proxy.
 
 ``codedsmooth serve --replicas N [--ray-address ADDR]`` runs :func:`run_ray_serve`. Each replica
-builds the app with :func:`codedsmooth.service.app.create_app` (lifecycle, engine, micro-batcher,
+builds the app with :func:`codedsmooth.service.http.app.create_app` (lifecycle, engine, micro-batcher,
 v1 and v2 routers, error mapping), so every route, status code and error body is the plain
 server's; Ray Serve's FastAPI ingress runs the app's lifespan in the replica (model load and
 warm-up at start, the lifecycle's drain at stop).
@@ -63,13 +63,13 @@ import time
 
 from ray import serve
 
-from .settings import ServeSettings
+from codedsmooth.service.settings import ServeSettings
 
 log = logging.getLogger("codedsmooth.ray")
 
 APP_NAME = "codedsmooth"
 DEPLOYMENT_NAME = "CodedSmooth"
-PROXY_CALLBACK = "codedsmooth.service.ray_serve.proxy_middlewares"
+PROXY_CALLBACK = "codedsmooth.service.ray.serve.proxy_middlewares"
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 
 
@@ -96,8 +96,8 @@ class CodedSmoothReplica:
         self.metrics_address: str | None = None
 
     def __serve_build_asgi_app__(self):
-        from .app import create_app
-        from .metrics import Metrics, start_metrics_listener
+        from codedsmooth.service.http.app import create_app
+        from codedsmooth.service.metrics import Metrics, start_metrics_listener
 
         metrics = Metrics()
         s = self.settings
@@ -111,7 +111,7 @@ class CodedSmoothReplica:
         log.info("replica %s (rank %d on this node) starting", self.replica, self.local_rank)
         limiter = None
         if s.api_keys_file:
-            from .shared_limits import SharedLimiter
+            from codedsmooth.service.access.shared_limits import SharedLimiter
 
             limiter = SharedLimiter()
         app = create_app(s, metrics=metrics, limiter=limiter)  # the wrapper keeps it as ``self.app``
@@ -121,7 +121,7 @@ class CodedSmoothReplica:
 
     async def model_control(self, action: str, name: str) -> dict:
         """Load or unload ``name`` in this replica's repository (broadcast to every replica by :func:`broadcast_model_control`)."""
-        from .management import apply
+        from codedsmooth.service.api.management import apply
 
         return {**await apply(self.app.state.lifecycle, action, name), "replica": self.replica}
 
@@ -279,12 +279,12 @@ def run_ray_serve(settings: ServeSettings) -> int:
     stop = threading.Event()  # handlers after ray.init, which installs its own
     signals = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        from .server import startup_warnings
+        from codedsmooth.service.http.server import startup_warnings
 
         for warning in startup_warnings(settings):
             log.warning("%s", warning)
         if settings.api_keys_file:
-            from .shared_limits import start_limits_actor
+            from codedsmooth.service.access.shared_limits import start_limits_actor
 
             limits_actor = start_limits_actor()  # before the replicas, which charge it; the handle keeps it alive (a non-detached actor ends with its last handle)
         handle = start_serve(settings)

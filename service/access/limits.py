@@ -6,7 +6,7 @@ per window of ``window_s`` seconds, the window starting at the client's first it
 previous one ended. A charge of ``n`` items is all or nothing: it is taken from both when both
 have room, and otherwise refused with the whole seconds until it would fit (at least 1). The
 counters of one server process are a :class:`LocalLimiter`; Ray Serve replicas share one
-``codedsmooth.service.shared_limits.SharedLimiter`` (the same counters in one Ray actor).
+``codedsmooth.service.access.shared_limits.SharedLimiter`` (the same counters in one Ray actor).
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ import time
 
 import ray
 
-from .errors import Unavailable
-from .limits import Counters, Decision, Limits
+from codedsmooth.service.errors import Unavailable
+from codedsmooth.service.access.limits import Counters, Decision, Limits
 
 log = logging.getLogger("codedsmooth.ray")
 

@@ -128,7 +128,7 @@ def protocol_class(settings, lifecycle):
     import httptools
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    slots: ConnectionSlots = lifecycle.connections
+    slots = ConnectionSlots(settings.max_connections, lifecycle.metrics)
     metrics = lifecycle.metrics
     header_timeout_s = settings.header_timeout_s
     max_head = settings.max_header_bytes
