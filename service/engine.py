@@ -86,14 +86,6 @@ class InferenceEngine:
     def scope(self) -> str:
         return self.spec.scope
 
-    @property
-    def k(self) -> int:
-        return self.spec.k
-
-    @property
-    def n(self) -> int:
-        return self.spec.n
-
     def random_source(self):
         """OS CSPRNG unless a seed is set; a seeded source starts afresh for each coding unit."""
         if self.settings.rci_seed is not None:

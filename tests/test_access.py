@@ -303,17 +303,22 @@ def test_rate_limit_never_passes_its_bucket_and_keeps_near_its_rate(server, keys
 
 
 def test_a_keys_line_reads_back_as_it_is_written():
-    from codedsmooth.service.access.keys import DEFAULT, format_line, parse_line
+    from codedsmooth.service.access.keys import format_line, parse_line
+    from codedsmooth.service.access.overrides import INHERIT, NO_OVERRIDE, LimitOverride
 
     digest = "cd" * 32
-    line = f"batch {digest} rate=5 quota=none rate@erm=2.5 quota@coded=none quota@erm=7 manage=yes"
+    line = f"batch {digest} rate=5 quota=none rate@erm=2.5 quota@erm=7 quota@coded=none manage=yes"
     client = parse_line(line, "here")
     assert format_line(client) == line
+    # a model's options written apart are read as one override, written together in the order the models came
+    assert parse_line(f"batch {digest} rate=5 quota=none rate@erm=2.5 quota@coded=none quota@erm=7 manage=yes", "here") == client
     for rate in ("1234567", "0.1234567", "1e-07", "3.3333333333333335"):  # every digit of a rate survives the round trip
         again = parse_line(format_line(parse_line(f"b {digest} rate={rate} rate@erm={rate}", "here")), "there")
-        assert again.rate == float(rate) and again.on_model("erm", "rate") == float(rate)
-    assert (client.on_model("erm", "rate"), client.on_model("erm", "quota"), client.on_model("coded", "quota")) == (2.5, 7, None)
-    assert client.on_model("coded", "rate") == DEFAULT and client.on_model("other", "quota") == DEFAULT
+        assert again.limits.rate == float(rate) and again.on_model("erm").rate == float(rate)
+    assert client.limits == LimitOverride(rate=5.0, quota=None)
+    assert client.on_model("erm") == LimitOverride(rate=2.5, quota=7)
+    assert client.on_model("coded") == LimitOverride(rate=INHERIT, quota=None)
+    assert client.on_model("other") == NO_OVERRIDE
 
 
 def test_limits_arithmetic_against_its_definition():

@@ -24,7 +24,7 @@ import time
 import ray
 
 from codedsmooth.service.errors import Unavailable
-from codedsmooth.service.access.limits import Counters, Decision, Limits
+from codedsmooth.service.access.limits import CounterKey, Counters, Decision, Limits
 
 log = logging.getLogger("codedsmooth.ray")
 
@@ -40,10 +40,10 @@ class LimitsActor:
         self.counters = Counters()
         self.started = time.time()
 
-    def charge(self, client: str, items: int, limits: Limits) -> Decision:
+    def charge(self, client: CounterKey, items: int, limits: Limits) -> Decision:
         return self.counters.charge(client, items, limits, time.monotonic())
 
-    def refund(self, client: str, items: int, limits: Limits) -> None:
+    def refund(self, client: CounterKey, items: int, limits: Limits) -> None:
         self.counters.refund(client, items, limits, time.monotonic())
 
     def state(self) -> dict:
@@ -78,8 +78,8 @@ class SharedLimiter:
             self._actor = None  # look it up again next time
             raise Unavailable("per-client limits are unavailable; retry", retry_after_s=1) from None
 
-    async def charge(self, client: str, items: int, limits: Limits) -> Decision:
+    async def charge(self, client: CounterKey, items: int, limits: Limits) -> Decision:
         return await self._call("charge", client, items, limits)
 
-    async def refund(self, client: str, items: int, limits: Limits) -> None:
+    async def refund(self, client: CounterKey, items: int, limits: Limits) -> None:
         await self._call("refund", client, items, limits)

@@ -304,7 +304,7 @@ def run_ray_serve(settings: ServeSettings) -> int:
         log.info("draining: replicas refuse new requests and finish accepted ones (at most %gs)", settings.drain_timeout_s)
         results = drain_replicas(handle, settings.drain_timeout_s + 5.0)
         log.info("drained %d replicas: %s", len(results), json.dumps([r if isinstance(r, dict) else repr(r) for r in results]))
-        limits_actor = None  # the shared counters end with the application
+        del limits_actor  # its last handle: the shared counters end with the application
     finally:
         if started_ray:
             serve.shutdown()

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from codedsmooth.models import Checkpoint, load_checkpoint
 
+from codedsmooth.service.access.overrides import INHERIT, NO_OVERRIDE, LimitOverride
 from codedsmooth.service.settings import ServeSettings
 
 REPOSITORY_FILE = "repository.json"
@@ -37,7 +38,6 @@ MODEL_SETTINGS = (
     "max_batch_size", "max_delay_ms", "max_queue_size", "max_items_per_request", "rci", "rci_scope", "rci_group_size", "coded_points",
     "rci_decode_tolerance", "input_noise_sigma", "rate_limit", "quota",
 )
-KEY_LIMITS = ("rate_limit", "quota")
 MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -126,14 +126,16 @@ def named_as_alias(path: Path, alias: str) -> RepositoryError:
     return RepositoryError(f"{path}: alias {alias!r}: a model of the repository has this name")
 
 
-def model_settings(base: ServeSettings, model_dir: Path) -> tuple[ServeSettings, dict]:
+def model_settings(base: ServeSettings, model_dir: Path) -> tuple[ServeSettings, LimitOverride]:
     """The settings a model is served with: ``model_dir/serving.json`` over ``base``; and its per-key limits.
 
-    Validated as the flags are (the same fields and bounds), each error naming the file.
+    Validated as the flags are (the same fields and bounds), each error naming the file. The file's
+    ``rate_limit`` / ``quota`` are this model's limits per API key (``INHERIT`` where it sets none);
+    the settings keep the server's, which stay the keys' overall limits.
     """
     path = model_dir / MODEL_SETTINGS_FILE
     if not path.exists():
-        return base, {}
+        return base, NO_OVERRIDE
     given = _read_json(path)
     unknown = sorted(set(given) - set(MODEL_SETTINGS))
     if unknown:
@@ -142,17 +144,16 @@ def model_settings(base: ServeSettings, model_dir: Path) -> tuple[ServeSettings,
     values.update(given)
     if "max_batch_size" in given and "max_items_per_request" not in given:
         values["max_items_per_request"] = min(base.max_items_per_request, given["max_batch_size"]) if isinstance(given["max_batch_size"], int) else None
-    if any(k in given for k in KEY_LIMITS):  # the model's own limits; the server's stay the keys' overall ones
-        values.update({k: given.get(k) for k in KEY_LIMITS})
     try:
-        settings = ServeSettings(**values)
+        checked = ServeSettings(**values)
     except ValidationError as exc:
         problems = [f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()[:3]]
         raise RepositoryError(f"{path}: {'; '.join(problems)}") from None
-    limits = {k: getattr(settings, k) for k in KEY_LIMITS if given.get(k) is not None}
-    if not limits:  # the model sets no limits of its own: the server's apply, once, as the key's overall limits
-        settings = settings.model_copy(update={k: getattr(base, k) for k in KEY_LIMITS})
-    return settings, limits
+    limits = LimitOverride(
+        rate=checked.rate_limit if "rate_limit" in given else INHERIT,
+        quota=checked.quota if "quota" in given else INHERIT,
+    )
+    return checked.model_copy(update={"rate_limit": base.rate_limit, "quota": base.quota}), limits
 
 
 def check_repository(settings: ServeSettings) -> list[str]:

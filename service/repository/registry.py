@@ -30,12 +30,13 @@ import torch
 
 from codedsmooth.models import Checkpoint, default_checkpoint_path, load_checkpoint, resolve_device
 
+from codedsmooth.service.access.overrides import NO_OVERRIDE, LimitOverride
 from codedsmooth.service.batcher import MicroBatcher
 from codedsmooth.service.engine import InferenceEngine
 from codedsmooth.service.errors import BadRequest, NotFound, Unavailable, quoted
 from codedsmooth.service.metrics import BatchObserver, Metrics, ModelMetrics
 from codedsmooth.service.settings import ServeSettings
-from .files import REPOSITORY_FILE, RepositoryConfig, RepositoryError, check_aliases, check_default, is_model_dir, mismatched_alias, model_names, model_settings, named_as_alias, read_repository_config
+from codedsmooth.service.repository.files import REPOSITORY_FILE, RepositoryConfig, RepositoryError, check_aliases, check_default, is_model_dir, mismatched_alias, model_names, model_settings, named_as_alias, read_repository_config
 
 log = logging.getLogger("codedsmooth.repository")
 
@@ -54,7 +55,7 @@ class ServedModel:
     version: int
     path: Path
     settings: ServeSettings
-    key_limits: dict[str, float | int]  # rate_limit / quota per API key on this model, from its serving.json
+    key_limits: LimitOverride  # rate_limit / quota per API key on this model, from its serving.json
     checkpoint: Checkpoint
     engine: InferenceEngine
     metrics: ModelMetrics
@@ -116,7 +117,7 @@ class Repository:
         if self.root is None:
             path = self.settings.checkpoint or default_checkpoint_path()
             checkpoint = load_checkpoint(path, device=self.device)
-            model = self._build(checkpoint.name, Path(path), checkpoint, self.settings, {}, 1)
+            model = self._build(checkpoint.name, Path(path), checkpoint, self.settings, NO_OVERRIDE, 1)
             self.models[model.name] = model
             self.default = model.name
             return
