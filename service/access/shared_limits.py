@@ -13,7 +13,7 @@ local Ray it started). If its process dies, Ray restarts it (``max_restarts=-1``
 client may get up to one more quota per restart. While it is down or restarting, predict
 requests get 503 + ``Retry-After`` (never unlimited answers).
 
-This module imports ray (as ``.ray_serve`` does); nothing else in ``codedsmooth`` imports it.
+This module imports ray (as ``codedsmooth.service.ray.serve`` does); nothing else in ``codedsmooth`` imports it.
 """
 
 from __future__ import annotations

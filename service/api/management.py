@@ -10,7 +10,7 @@ it. Without it both answer 403, and so do they, with API keys, for a client whos
 file lacks ``manage=yes`` (the index is open to every client). The work is ``repository.Repository``'s.
 
 Where the load or unload runs is the app's ``model_control`` (``app.state``): by default this
-process's repository (:func:`apply`); under Ray Serve, every replica's (``ray_serve``
+process's repository (:func:`apply`); under Ray Serve, every replica's (``ray.serve``
 broadcasts :func:`apply` to each replica live at the call), so a load or unload reaches every
 replica, and the answer is an error if any replica's was.
 """

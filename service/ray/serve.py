@@ -34,7 +34,7 @@ warm-up at start, the lifecycle's drain at stop).
   = the drain timeout) and then run the same drain.
 - **API keys and limits.** Each replica checks keys against ``--api-keys-file`` (read and
   re-read by each replica: the path must hold the same file on every node), and all replicas
-  charge one set of per-client counters in a named Ray actor (``.shared_limits``), so
+  charge one set of per-client counters in a named Ray actor (``codedsmooth.service.access.shared_limits``), so
   ``--rate-limit`` and ``--quota`` hold for the deployment as a whole.
 - **A model repository** (``--model-repository``): every replica serves the whole repository,
   read from the same path (on a multi-node cluster the path must hold the same directory on
@@ -49,7 +49,7 @@ warm-up at start, the lifecycle's drain at stop).
   a local cluster) answers them ``503 + Retry-After`` with the JSON error body instead, so a client
   sees the same contract as on a draining server and may retry.
 
-This module and ``.shared_limits`` import ray; nothing else in ``codedsmooth`` imports it (``pip install -e '.[ray]'``).
+This module and ``codedsmooth.service.access.shared_limits`` import ray; nothing else in ``codedsmooth`` imports it (``pip install -e '.[ray]'``).
 """
 
 from __future__ import annotations
