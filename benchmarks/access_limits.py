@@ -31,9 +31,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _checkpoints import make_checkpoint  # noqa: E402
 
-from codedsmooth.service.keys import add_key  # noqa: E402
+from codedsmooth.service.access.keys import add_key  # noqa: E402
 from codedsmooth.service.launcher import LocalServer  # noqa: E402
-from codedsmooth.service.limits import Counters, Limits  # noqa: E402
+from codedsmooth.service.access.limits import Counters, Limits  # noqa: E402
 
 LIMITS = Limits(rate=1e9, burst=32, quota=10**12, window_s=86400.0)
 
@@ -83,7 +83,7 @@ def end_to_end(ckpt: Path, keys: Path, key: str, requests: int, rounds: int) -> 
 def charge_costs(calls: int) -> dict:
     import ray
 
-    from codedsmooth.service.shared_limits import start_limits_actor
+    from codedsmooth.service.access.shared_limits import start_limits_actor
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -131,7 +131,7 @@ def _settings_problem(error: dict, given: dict) -> str:
 def _run_serve(args) -> int:
     from pydantic import ValidationError
 
-    from codedsmooth.service.server import bind_public_socket, run_server
+    from codedsmooth.service.http.server import bind_public_socket, run_server
     from codedsmooth.service.settings import ServeSettings
 
     given = {k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None}
@@ -145,7 +145,7 @@ def _run_serve(args) -> int:
 
     resolve_device(settings.device)
     if settings.api_keys_file is not None:
-        from codedsmooth.service.keys import read_keys
+        from codedsmooth.service.access.keys import read_keys
 
         read_keys(settings.api_keys_file)  # a missing file or a bad line: one error naming the file and line, before anything starts  # --device cuda without CUDA: a clear error, not a failed start-up
     # A busy port fails now, in one line, not after the model has loaded (Ray Serve binds its own).
@@ -154,7 +154,7 @@ def _run_serve(args) -> int:
         from concurrent.futures import ThreadPoolExecutor
 
         from codedsmooth.models import load_checkpoint
-        from codedsmooth.service.repository import check_repository
+        from codedsmooth.service.repository.files import check_repository
 
         # Fail fast with the file and the problem, before serving. Not on the main thread: torch
         # kernels run there would slow the server's model thread (see codedsmooth.service.engine).
@@ -165,7 +165,7 @@ def _run_serve(args) -> int:
                 pool.submit(load_checkpoint, settings.checkpoint).result()
     if settings.replicas is not None:
         try:
-            from codedsmooth.service.ray_serve import run_ray_serve  # imports ray: only with --replicas
+            from codedsmooth.service.ray.serve import run_ray_serve  # imports ray: only with --replicas
         except ImportError as exc:
             raise ValueError(f"--replicas needs Ray Serve ({exc}): pip install -e '.[ray]'") from None
 
@@ -202,7 +202,7 @@ def _add_keys(sub) -> None:
 
 
 def _run_keys_add(args) -> int:
-    from codedsmooth.service.keys import add_key
+    from codedsmooth.service.access.keys import add_key
 
     key = add_key(args.file, args.name, rate=args.rate, quota=args.quota, manage=args.manage)
     print(key)

@@ -21,7 +21,7 @@ from codedsmooth.core.randomness import choices, gaussian
 from codedsmooth.models import Checkpoint
 from codedsmooth.service.client import CodedSmoothClient
 from codedsmooth.service.errors import ServiceError
-from codedsmooth.service.schemas import RciInfo
+from codedsmooth.service.api.schemas import RciInfo
 
 
 def spec_from_server(info: dict) -> CodingSpec:

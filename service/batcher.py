@@ -16,9 +16,9 @@ from typing import Callable
 
 import torch
 
-from .engine import BatchResult, InferenceEngine
-from .errors import DeadlineExceeded, Unavailable
-from .metrics import Metrics
+from codedsmooth.service.engine import BatchResult, InferenceEngine
+from codedsmooth.service.errors import DeadlineExceeded, Unavailable
+from codedsmooth.service.metrics import Metrics
 
 log = logging.getLogger("codedsmooth.batcher")
 

@@ -23,8 +23,8 @@ import os
 import httpx
 import numpy as np
 
-from .errors import UNREACHABLE, ServiceError
-from .protocol import PROTOCOLS, V2_INPUT, V2_INPUT_DATATYPE, V2_PROBABILITIES, Protocol
+from codedsmooth.service.errors import UNREACHABLE, ServiceError
+from codedsmooth.service.vocabulary import PROTOCOLS, V2_INPUT, V2_INPUT_DATATYPE, V2_PROBABILITIES, Protocol
 
 API_KEY_ENV = "CODEDSMOOTH_API_KEY"
 MAX_RATE_WAIT_S = 60  # longest Retry-After of a 429 the client waits out

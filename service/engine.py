@@ -28,7 +28,7 @@ from codedsmooth.core.randomness import gaussian
 from codedsmooth.core.spec import default_n_end
 from codedsmooth.models import Checkpoint
 
-from .settings import ServeSettings
+from codedsmooth.service.settings import ServeSettings
 
 log = logging.getLogger("codedsmooth.engine")
 
@@ -85,14 +85,6 @@ class InferenceEngine:
     @property
     def scope(self) -> str:
         return self.spec.scope
-
-    @property
-    def k(self) -> int:
-        return self.spec.k
-
-    @property
-    def n(self) -> int:
-        return self.spec.n
 
     def random_source(self):
         """OS CSPRNG unless a seed is set; a seeded source starts afresh for each coding unit."""

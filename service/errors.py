@@ -1,27 +1,16 @@
-"""Errors the service answers with, and the one place that maps any failure to an HTTP answer.
+"""Errors the service answers with (their status, message and headers), and how client values enter a message.
 
-Every error body is JSON ``{"error": "<what is wrong>"}``, in the service's own words, never a
-library's. A value the client sent is quoted in a message only through :func:`quoted` (cut to
+Pure on purpose (no FastAPI, no Starlette): the HTTP client raises these too. The mapping of any
+failure to an HTTP answer is ``codedsmooth.service.api.handlers``. Every error body is JSON
+``{"error": "<what is wrong>"}``, in the service's own words, never a library's. A value the client sent is quoted in a message only through :func:`quoted` (cut to
 ``QUOTE_CHARS``), and every message is cut to ``MAX_ERROR_CHARS`` as it is answered, so an error
-body stays small whatever the request held. Routes use :class:`ServiceRoute`, which
-turns exceptions into answers inside the route, so even an unexpected error never escapes to
-Starlette's outermost middleware (which re-raises it and resets the keep-alive connection).
+body stays small whatever the request held.
 """
 
 from __future__ import annotations
 
-import logging
 import reprlib
-from typing import Any, Callable, Coroutine
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
-
-log = logging.getLogger("codedsmooth.service")
+from typing import Any
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": counted, never sent (nobody is listening)
 UNREACHABLE = 0  # the client's status for a server that gave no answer (connection refused or reset)
@@ -144,53 +133,3 @@ class Unavailable(ServiceError):
 
 class DeadlineExceeded(ServiceError):
     status = 504
-
-
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": clip(message)}, status_code=status, headers=headers)
-
-
-def response_for(exc: BaseException, request: Request | None = None) -> Response:
-    """The answer to any exception raised while handling a request."""
-    if isinstance(exc, ServiceError):
-        return error_response(exc.status, exc.message, exc.headers)
-    if isinstance(exc, ClientDisconnect):
-        return error_response(CLIENT_CLOSED, "client disconnected")
-    if isinstance(exc, StarletteHTTPException):
-        message = str(exc.detail)
-        if exc.status_code == 404 and request is not None:  # no such route (paths are exact: no redirects)
-            path = request.url.path
-            hint = "; paths take no trailing slash" if path.endswith("/") and path != "/" else ""
-            message = f"no route {quoted(path)}{hint}"
-        return error_response(exc.status_code, message, getattr(exc, "headers", None))
-    if isinstance(exc, RequestValidationError):
-        parts = [f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors()[:3]]
-        return error_response(422, "; ".join(parts))
-    where = f" on {request.method} {request.url.path}" if request is not None else ""
-    log.error("unhandled error%s", where, exc_info=exc)
-    return error_response(500, "internal server error")
-
-
-class ServiceRoute(APIRoute):
-    """An APIRoute whose handler answers every exception itself (see the module docstring)."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def answer(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except Exception as exc:  # noqa: BLE001 - mapped to a status right here
-                return response_for(exc, request)
-
-        return answer
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Errors raised outside routes: unknown paths (404), wrong methods (405), anything else."""
-
-    async def handle(request: Request, exc: Exception) -> Response:
-        return response_for(exc, request)
-
-    for exc_class in (ServiceError, ClientDisconnect, StarletteHTTPException, RequestValidationError, Exception):
-        app.add_exception_handler(exc_class, handle)

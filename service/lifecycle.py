@@ -25,13 +25,12 @@ import numpy as np
 import torch
 from fastapi import Request
 
-from .access import CLIENT, Access
-from .connections import ConnectionSlots
-from .engine import InferenceEngine
-from .errors import ClientGone, DeadlineExceeded, Unavailable
-from .metrics import Metrics
-from .repository import Repository, ServedModel, end_model_threads
-from .settings import ServeSettings, cpu_quota
+from codedsmooth.service.access.control import CLIENT, Access
+from codedsmooth.service.engine import InferenceEngine
+from codedsmooth.service.errors import ClientGone, DeadlineExceeded, Unavailable
+from codedsmooth.service.metrics import Metrics
+from codedsmooth.service.repository.registry import Repository, ServedModel, end_model_threads
+from codedsmooth.service.settings import ServeSettings, cpu_quota
 
 log = logging.getLogger("codedsmooth.service")
 
@@ -58,7 +57,6 @@ class Lifecycle:
         self.engine_factory = engine_factory or InferenceEngine
         self.phase: Phase = "loading"
         self.in_flight = 0
-        self.connections = ConnectionSlots(settings.max_connections, self.metrics)  # filled by the server's protocol class
         self._no_requests: asyncio.Event | None = None  # set while in_flight == 0 (made on the loop)
         self._drain_task: asyncio.Task | None = None
         self._stop_now = asyncio.Event()  # set by stop_now(): the drain stops waiting for accepted work
@@ -123,9 +121,9 @@ class Lifecycle:
             self._no_requests.set()
         if model is not None:
             model.holders -= 1
-        label = self.metrics.model_label(model.name if model is not None else None)
-        self.metrics.requests.labels(endpoint, str(status), *label).inc()
-        self.metrics.latency.labels(endpoint, *label).observe(time.monotonic() - admission.arrival)
+        name = model.name if model is not None else None
+        self.metrics.count_request(endpoint, status, model=name)
+        self.metrics.observe_latency(endpoint, time.monotonic() - admission.arrival, model=name)
 
     def require_ready(self) -> None:
         if self.draining:

@@ -4,7 +4,7 @@ One uvicorn worker per device is the supported layout: the micro-batcher only
 batches what one process sees, and each worker would hold its own model copy,
 so several workers split batches and memory without adding compute. Hence no
 multiprocess mode; scale out with Ray Serve replicas (each with its own registry
-and listener, samples labelled ``replica``: see ``codedsmooth.service.ray_serve``)
+and listener, samples labelled ``replica``: see ``codedsmooth.service.ray.serve``)
 or more containers/devices instead.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -22,17 +23,16 @@ SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 SHARE_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.97, 1.0)
 
 
-# The metrics of one model's batcher and engine: with a model repository they carry a ``model`` label.
-PER_MODEL = ("queue_wait", "inference", "batch_size", "batch_requests", "queue_depth", "rci_groups", "rci_filler_share", "rci_checked", "rci_flips", "rci_residual")
-
 
 class Metrics:
     """All metric objects; the public port never serves them (see ``start_metrics_listener``).
 
-    ``by_model`` (a model repository): the request counters and the ``PER_MODEL`` metrics get a
+    ``by_model`` (a model repository): the request counters and the metrics of :class:`ModelMetrics` get a
     ``model`` label, whose values are the repository's model names ("" for requests that reached
     no model), so the label is bounded by the repository. Without it (one checkpoint) the names and
-    labels are exactly those of a single-model server.
+    labels are exactly those of a single-model server. The request counters have a label more in
+    one mode than in the other, so they are touched only through :meth:`count_request` and
+    :meth:`observe_latency`, which take the labels by name.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None, by_model: bool = False):
@@ -40,8 +40,8 @@ class Metrics:
         self.by_model = by_model
         r = self.registry
         m = ["model"] if by_model else []
-        self.requests = Counter("codedsmooth_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status", *m], registry=r)
-        self.latency = Histogram("codedsmooth_request_latency_seconds", "HTTP request latency", ["endpoint", *m], buckets=LATENCY_BUCKETS, registry=r)
+        self._requests = Counter("codedsmooth_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status", *m], registry=r)
+        self._latency = Histogram("codedsmooth_request_latency_seconds", "HTTP request latency", ["endpoint", *m], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram("codedsmooth_queue_wait_seconds", "time from arrival to the start of the request's device batch", m, buckets=LATENCY_BUCKETS, registry=r)
         self.inference = Histogram("codedsmooth_inference_seconds", "model time per device batch", m, buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("codedsmooth_batch_size", "items per device batch", m, buckets=SIZE_BUCKETS, registry=r)
@@ -67,26 +67,63 @@ class Metrics:
         self.rci_flips = Counter("codedsmooth_rci_label_flips_total", "checked items whose RCI label differs from the uncoded model's", m, registry=r)
         self.rci_residual = Gauge("codedsmooth_rci_decode_residual", "mean squared gap between RCI and uncoded logits in the last checked batch", m, registry=r)
 
-    def model_label(self, model: str | None) -> tuple[str, ...]:
-        """The trailing label values of a request counter for a request that reached ``model`` (None: no model)."""
-        return (model or "",) if self.by_model else ()
+    def _model(self, model: str | None) -> dict[str, str]:
+        return {"model": model or ""} if self.by_model else {}
+
+    def count_request(self, endpoint: str, status: int, model: str | None = None) -> None:
+        """Count one answered request; ``model``: the model it was routed to (None: it reached none)."""
+        self._requests.labels(endpoint=endpoint, status=str(status), **self._model(model)).inc()
+
+    def observe_latency(self, endpoint: str, seconds: float, model: str | None = None) -> None:
+        """Record one request's latency, labelled as :meth:`count_request` labels its count."""
+        self._latency.labels(endpoint=endpoint, **self._model(model)).observe(seconds)
+
+    def status_counts(self) -> dict[str, dict[str, int]]:
+        """Requests answered so far: {endpoint: {status: count}} (summed over models)."""
+        out: dict[str, dict[str, int]] = {}
+        for family in self._requests.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    by_status = out.setdefault(sample.labels["endpoint"], {})
+                    by_status[sample.labels["status"]] = by_status.get(sample.labels["status"], 0) + int(sample.value)
+        return out
 
     def for_model(self, name: str) -> "ModelMetrics":
         """The metrics one model's batcher and engine report to (labelled with ``name`` when ``by_model``)."""
-        return ModelMetrics(self, name)
+        return ModelMetrics.of(self, name)
 
 
+@dataclass(frozen=True)
 class ModelMetrics:
-    """One model's view of :class:`Metrics`: the ``PER_MODEL`` series of that model, the rest shared.
+    """One model's view of :class:`Metrics`: the series of its batcher and engine (labelled with its
+    name in a repository), and the shared ``rejected`` counter.
 
     The micro-batcher and :class:`BatchObserver` take it where they would take a ``Metrics``.
     """
 
-    def __init__(self, metrics: Metrics, name: str):
-        self.rejected = metrics.rejected
-        for attr in PER_MODEL:
-            metric = getattr(metrics, attr)
-            setattr(self, attr, metric.labels(name) if metrics.by_model else metric)
+    rejected: Counter
+    queue_wait: Histogram
+    inference: Histogram
+    batch_size: Histogram
+    batch_requests: Histogram
+    queue_depth: Gauge
+    rci_groups: Histogram
+    rci_filler_share: Histogram
+    rci_checked: Counter
+    rci_flips: Counter
+    rci_residual: Gauge
+
+    @classmethod
+    def of(cls, metrics: Metrics, name: str) -> "ModelMetrics":
+        def own(metric):
+            return metric.labels(model=name) if metrics.by_model else metric
+
+        m = metrics
+        return cls(
+            rejected=m.rejected, queue_wait=own(m.queue_wait), inference=own(m.inference), batch_size=own(m.batch_size),
+            batch_requests=own(m.batch_requests), queue_depth=own(m.queue_depth), rci_groups=own(m.rci_groups),
+            rci_filler_share=own(m.rci_filler_share), rci_checked=own(m.rci_checked), rci_flips=own(m.rci_flips), rci_residual=own(m.rci_residual),
+        )
 
 
 class BatchObserver:

@@ -67,7 +67,7 @@ class ServeSettings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: the CPU quota)")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long to finish in-flight requests before exiting")
     log_level: str = Field("info", description="uvicorn log level")
-    # Ray Serve (codedsmooth.service.ray_serve); only used with --replicas
+    # Ray Serve (codedsmooth.service.ray.serve); only used with --replicas
     replicas: int | None = Field(
         None, ge=1, description="serve on Ray Serve with this many replicas, one engine each (default: none, one process as without Ray); with --min/--max-replicas, the initial count"
     )

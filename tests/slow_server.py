@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from codedsmooth.service.engine import InferenceEngine
-from codedsmooth.service.server import run_server
+from codedsmooth.service.http.server import run_server
 from codedsmooth.service.settings import ServeSettings
 
 

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from helpers import LoggedServer, metric, running_server, wait_for_metric, wait_until
 
-from codedsmooth.service.keys import KeysFileError, add_key, read_keys
-from codedsmooth.service.limits import Counters, Limits
+from codedsmooth.service.access.keys import KeysFileError, add_key, read_keys
+from codedsmooth.service.access.limits import CounterKey, Counters, Limits
 
 QUOTA = 50
 BATCH = 8
@@ -303,17 +303,22 @@ def test_rate_limit_never_passes_its_bucket_and_keeps_near_its_rate(server, keys
 
 
 def test_a_keys_line_reads_back_as_it_is_written():
-    from codedsmooth.service.keys import DEFAULT, format_line, parse_line
+    from codedsmooth.service.access.keys import format_line, parse_line
+    from codedsmooth.service.access.overrides import INHERIT, NO_OVERRIDE, LimitOverride
 
     digest = "cd" * 32
-    line = f"batch {digest} rate=5 quota=none rate@erm=2.5 quota@coded=none quota@erm=7 manage=yes"
+    line = f"batch {digest} rate=5 quota=none rate@erm=2.5 quota@erm=7 quota@coded=none manage=yes"
     client = parse_line(line, "here")
     assert format_line(client) == line
+    # a model's options written apart are read as one override, written together in the order the models came
+    assert parse_line(f"batch {digest} rate=5 quota=none rate@erm=2.5 quota@coded=none quota@erm=7 manage=yes", "here") == client
     for rate in ("1234567", "0.1234567", "1e-07", "3.3333333333333335"):  # every digit of a rate survives the round trip
         again = parse_line(format_line(parse_line(f"b {digest} rate={rate} rate@erm={rate}", "here")), "there")
-        assert again.rate == float(rate) and again.on_model("erm", "rate") == float(rate)
-    assert (client.on_model("erm", "rate"), client.on_model("erm", "quota"), client.on_model("coded", "quota")) == (2.5, 7, None)
-    assert client.on_model("coded", "rate") == DEFAULT and client.on_model("other", "quota") == DEFAULT
+        assert again.limits.rate == float(rate) and again.on_model("erm").rate == float(rate)
+    assert client.limits == LimitOverride(rate=5.0, quota=None)
+    assert client.on_model("erm") == LimitOverride(rate=2.5, quota=7)
+    assert client.on_model("coded") == LimitOverride(rate=INHERIT, quota=None)
+    assert client.on_model("other") == NO_OVERRIDE
 
 
 def test_limits_arithmetic_against_its_definition():
@@ -326,7 +331,7 @@ def test_limits_arithmetic_against_its_definition():
         for _ in range(300):
             now += rng.expovariate(5.0)
             n = rng.randint(1, limits.burst)
-            d = c.charge("x", n, limits, now)
+            d = c.charge(CounterKey("x"), n, limits, now)
             if d.allowed:
                 passed.append((now, n))
                 continue
@@ -336,7 +341,7 @@ def test_limits_arithmetic_against_its_definition():
                 continue
             assert d.retry_after_s >= 1
             # the same request fits at now + Retry-After, and not one whole second earlier (unless that is now)
-            later = lambda dt: Counters.charge(_copy(c), "x", n, limits, now + dt).allowed  # noqa: E731
+            later = lambda dt: Counters.charge(_copy(c), CounterKey("x"), n, limits, now + dt).allowed  # noqa: E731
             assert later(d.retry_after_s), (trial, limits, n, d)
             if d.retry_after_s > 1:
                 assert not later(d.retry_after_s - 1), (trial, limits, n, d)
@@ -441,7 +446,7 @@ def test_the_attack_client_sends_its_key_from_the_argument_or_the_environment(se
 
 
 def test_without_keys_a_server_reachable_from_other_hosts_warns():
-    from codedsmooth.service.server import startup_warnings
+    from codedsmooth.service.http.server import startup_warnings
     from codedsmooth.service.settings import ServeSettings
 
     open_warning = "without --api-keys-file anyone who reaches it may query"
@@ -455,12 +460,12 @@ def test_without_keys_a_server_reachable_from_other_hosts_warns():
 
 
 def test_retry_after_stays_a_bounded_whole_number_for_extreme_limits():
-    from codedsmooth.service.limits import MAX_RETRY_AFTER_S
+    from codedsmooth.service.access.limits import MAX_RETRY_AFTER_S
 
     c = Counters()
     slow = Limits(rate=1e-300, burst=2, quota=None, window_s=60.0)
-    assert c.charge("x", 2, slow, 0.0).allowed
-    refused = c.charge("x", 1, slow, 1.0)
+    assert c.charge(CounterKey("x"), 2, slow, 0.0).allowed
+    refused = c.charge(CounterKey("x"), 1, slow, 1.0)
     assert not refused.allowed and 1 <= refused.retry_after_s <= MAX_RETRY_AFTER_S
 
 
@@ -510,3 +515,35 @@ def test_a_key_with_non_ascii_characters_matches_its_utf8_digest(tmp_path, tiny_
     with running_server(tiny_checkpoint, api_keys_file=path, rci=False) as srv, socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
         sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode() + b"\r\n\r\n")
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+def test_resolve_layers_each_override_over_what_it_inherits(tmp_path):
+    """Access.resolve: a line's rate=/quota= over the server's flags; its rate@MODEL=/quota@MODEL= over the model's
+    serving.json limits over none; INHERIT falls through a layer, None lifts the limit."""
+    from types import SimpleNamespace
+
+    from codedsmooth.service.access.control import Access
+    from codedsmooth.service.access.keys import add_key
+    from codedsmooth.service.access.overrides import NO_OVERRIDE, LimitOverride
+    from codedsmooth.service.metrics import Metrics
+    from codedsmooth.service.settings import ServeSettings
+
+    path = tmp_path / "keys"
+    keys = {name: add_key(path, name) for name in ("plain", "lifted")}
+    with path.open("a") as f:
+        f.write(f"own {'ab' * 32} quota=5 rate@m=none quota@m=3 rate@n=4\n")
+    settings = ServeSettings(api_keys_file=str(path), rate_limit=10.0, quota=100, max_batch_size=8)
+    access = Access(settings, Metrics(), lambda: ({"m", "n"}, set()))
+    table = access.keys.table
+    plain, own = table.find(keys["plain"]), next(c for c in table.clients.values() if c.name == "own")
+    m = SimpleNamespace(name="m", key_limits=LimitOverride(rate=2.0), settings=ServeSettings(max_batch_size=4))
+    n = SimpleNamespace(name="n", key_limits=NO_OVERRIDE, settings=ServeSettings(max_batch_size=4))
+
+    def limits(client, model=None):
+        return [(key, (lim.rate, lim.quota, lim.burst)) for key, lim in access.resolve(client, model)]
+
+    assert limits(plain) == [(CounterKey("plain"), (10.0, 100, 8))]
+    assert limits(plain, n) == [(CounterKey("plain"), (10.0, 100, 8))]  # no limit on n: no counters of its own
+    assert limits(plain, m) == [(CounterKey("plain"), (10.0, 100, 8)), (CounterKey("plain", "m"), (2.0, None, 4))]
+    assert limits(own, m) == [(CounterKey("own"), (10.0, 5, 8)), (CounterKey("own", "m"), (None, 3, 4))]
+    assert limits(own, n) == [(CounterKey("own"), (10.0, 5, 8)), (CounterKey("own", "n"), (4.0, None, 4))]

@@ -634,15 +634,16 @@ def test_every_docs_page_the_cli_help_names_exists():
 
 
 def test_the_keys_file_example_parses_as_the_server_reads_it():
-    from codedsmooth.service.keys import DEFAULT, parse_keys
+    from codedsmooth.service.access.keys import parse_keys
+    from codedsmooth.service.access.overrides import INHERIT, LimitOverride
 
     block = next(body for lang, body in FENCE.findall(text(ROOT / "docs" / "serving.md")) if "sha256 of the key" in body)
     table = parse_keys(block, "serving.md")
     clients = {c.name: c for c in table.clients.values()}
-    assert (clients["alice"].rate, clients["alice"].quota, clients["alice"].manage) == (DEFAULT, DEFAULT, False)
-    assert (clients["batch-job"].rate, clients["batch-job"].quota) == (200.0, None)
+    assert (clients["alice"].limits, clients["alice"].manage) == (LimitOverride(INHERIT, INHERIT), False)
+    assert clients["batch-job"].limits == LimitOverride(rate=200.0, quota=None)
     assert [name for name, c in clients.items() if c.manage] == ["ops"]
-    assert clients["ops"].per_model == (("erm", "quota", None),)
+    assert clients["ops"].per_model == (("erm", LimitOverride(quota=None)),)
 
 
 def test_the_attackers_quota_defaults_in_the_docs():

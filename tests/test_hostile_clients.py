@@ -1,5 +1,6 @@
 """Hostile clients against a real server: image bombs, v2 leniencies, 500s, slow and disconnecting
-clients (raw sockets), connection limits, the metrics port.
+clients (raw sockets), the metrics port; in both serving modes (one checkpoint, a repository of two),
+each with one server per module that must log no error or traceback.
 
 Every wait is on state (gauges and counters on the metrics port, the socket closing), never a sleep.
 The slow clients pace their own bytes, as a slow client does; the test never sleeps to wait for the server.
@@ -16,8 +17,9 @@ import zlib
 import httpx
 import numpy as np
 import pytest
-from helpers import metric, running_server, wait_for_metric
+from helpers import wait_for_metric, wait_until
 from PIL import Image
+from served import MODES, connect, metric_sum, no_500s, read_response, rss_mb, served
 
 GOOD_ITEM = np.full((1, 8, 8), 0.5).tolist()
 BODY_TIMEOUT_S = 2.0
@@ -53,56 +55,19 @@ def png(width=8, height=8, value=128) -> bytes:
     return buf.getvalue()
 
 
-def rss_mb(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint):
-    with running_server(tiny_checkpoint, body_timeout_s=BODY_TIMEOUT_S, header_timeout_s=HEADER_TIMEOUT_S, max_body_bytes=8 * 1024 * 1024) as srv:
+@pytest.fixture(scope="module", params=MODES)
+def server(request, tiny_checkpoint, tmp_path_factory):
+    settings = dict(body_timeout_s=BODY_TIMEOUT_S, header_timeout_s=HEADER_TIMEOUT_S, max_body_bytes=8 * 1024 * 1024)
+    with served(request.param, tiny_checkpoint, tmp_path_factory, **settings) as srv:
         srv.model = httpx.get(srv.url + "/v1/models").json()[0]["name"]
         yield srv
 
 
 def _status_count(srv, status: int, endpoint: str) -> float:
-    return metric(srv, "codedsmooth_requests_total", endpoint=endpoint, status=str(status))
-
-
-def _no_500s(srv) -> None:
-    from helpers import metric_samples
-
-    fives = {k: v for k, v in metric_samples(srv).items() if k[0] == "codedsmooth_requests_total" and dict(k[1]).get("status") == "500"}
-    assert not fives, fives
+    return metric_sum(srv, "codedsmooth_requests_total", endpoint=endpoint, status=str(status))
 
 
 # ---- raw HTTP over a socket ----------------------------------------------------
-
-
-def _connect(srv) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", srv.port), timeout=30)
-
-
-def _read_response(sock: socket.socket) -> tuple[int, dict, bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed before a response: {data!r}")
-        data += chunk
-    head, rest = data.split(b"\r\n\r\n", 1)
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
-    length = int(headers.get("content-length", "0"))
-    while len(rest) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        rest += chunk
-    return status, headers, rest[:length]
 
 
 def _raw_post(path: str, body: bytes, headers: dict[str, str]) -> bytes:
@@ -161,7 +126,7 @@ def test_broken_images_get_422_never_500(server):
         r = httpx.post(server.url + "/v1/predict/image", files=[("files", ("x.png", data, "image/png"))], timeout=30)
         assert r.status_code == 422, (name, r.status_code, r.text)
         assert "cannot be decoded" in r.json()["error"], name
-    _no_500s(server)
+    no_500s(server)
 
 
 def test_more_files_than_max_batch_size_get_413(server):
@@ -179,8 +144,8 @@ def test_items_per_request_are_capped_at_max_batch_size(server):
     r = httpx.post(server.url + "/v1/predict", json={"inputs": [GOOD_ITEM] * 32}, timeout=30)
     assert r.status_code == 200
     # no device batch ever held more than max batch size items
-    count = metric(server, "codedsmooth_batch_size_count")
-    assert count > 0 and metric(server, "codedsmooth_batch_size_bucket", le="32.0") == count
+    count = metric_sum(server, "codedsmooth_batch_size_count")
+    assert count > 0 and metric_sum(server, "codedsmooth_batch_size_bucket", le="32.0") == count
 
 
 # ---- v2 leniencies and 500s ------------------------------------------------------------
@@ -255,14 +220,14 @@ def test_binary_data_output_false_is_read_as_false(server):
 def test_a_refused_request_leaves_the_keep_alive_connection_usable(server):
     overflow = json.dumps({"inputs": [_v2_input(shape=(2**32, 2**32, 1, 1), data=[0.5])]}).encode()
     good = json.dumps({"inputs": [GOOD_ITEM]}).encode()
-    with _connect(server) as sock:
+    with connect(server) as sock:
         sock.sendall(_raw_post(f"/v2/models/{server.model}/infer", overflow, {"Content-Type": "application/json"}))
-        status, headers, _ = _read_response(sock)
+        status, headers, _ = read_response(sock)
         assert status == 422 and headers.get("connection", "").lower() != "close"
         sock.sendall(_raw_post("/v1/predict", good, {"Content-Type": "application/json"}))  # same connection
-        status, _, body = _read_response(sock)
+        status, _, body = read_response(sock)
         assert status == 200, body
-    _no_500s(server)
+    no_500s(server)
 
 
 # ---- slow and disconnecting clients (raw sockets) -----------------------------------------
@@ -270,7 +235,7 @@ def test_a_refused_request_leaves_the_keep_alive_connection_usable(server):
 
 def _slow_client(srv, results: list, index: int, declared: int, first: int, trickle: int, stop: threading.Event) -> None:
     """Declares ``declared`` bytes, sends ``first`` at once, then ``trickle`` bytes every 100 ms until answered."""
-    sock = _connect(srv)
+    sock = connect(srv)
     try:
         head = f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\n\r\n".encode()
         sock.sendall(head + b" " * first)
@@ -323,23 +288,23 @@ def test_slow_clients_get_408_within_the_body_timeout_and_in_flight_returns_to_0
     assert max(r[1] for r in results) < BODY_TIMEOUT_S + 2
     assert back_to_zero < 10  # within the 10 s request deadline
     assert _status_count(server, 408, "/v1/predict") - base_408 == clients
-    _no_500s(server)
+    no_500s(server)
 
 
 def test_clients_leaving_mid_upload_are_counted_499_not_500(server):
     clients = 16
     base = _status_count(server, 499, "/v1/predict")
     for _ in range(clients):
-        sock = _connect(server)
+        sock = connect(server)
         sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 8000000\r\n\r\n" + b" " * 100_000)
         sock.close()
-    wait_for_metric(server, "codedsmooth_requests_total", lambda v: v - base == clients, timeout=30, endpoint="/v1/predict", status="499")
+    wait_until(lambda: _status_count(server, 499, "/v1/predict") - base == clients, "every upload counted 499", 30)
     wait_for_metric(server, "codedsmooth_requests_in_flight", lambda v: v == 0, timeout=10)
-    _no_500s(server)
+    no_500s(server)
 
 
 def test_headers_that_never_finish_are_cut_off(server):
-    sock = _connect(server)
+    sock = connect(server)
     start = time.monotonic()
     sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n")
     sock.settimeout(0.1)
@@ -359,25 +324,6 @@ def test_headers_that_never_finish_are_cut_off(server):
     assert closed is not None and closed < HEADER_TIMEOUT_S + 2
 
 
-def test_connections_beyond_the_limit_get_503_with_retry_after(tiny_checkpoint):
-    with running_server(tiny_checkpoint, max_connections=4) as srv:
-        idle = [_connect(srv) for _ in range(4)]  # each with a request waiting for its body: no slot to give way
-        for s in idle:
-            s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
-        wait_for_metric(srv, "codedsmooth_requests_in_flight", lambda v: v == 4)
-        try:
-            r = httpx.post(srv.url + "/v1/predict", json={"inputs": [GOOD_ITEM]}, timeout=30)
-            assert r.status_code == 503 and r.headers.get("retry-after") and "connections" in r.json()["error"]
-        finally:
-            for s in idle:
-                s.close()
-        wait_for_metric(srv, "codedsmooth_requests_in_flight", lambda v: v == 0)
-        end = time.monotonic() + 30
-        while (r := httpx.post(srv.url + "/v1/predict", json={"inputs": [GOOD_ITEM]}, timeout=30)).status_code == 503:
-            assert time.monotonic() < end  # the server sees the idle connections close
-        assert r.status_code == 200
-
-
 # ---- metrics port --------------------------------------------------------------------------
 
 
@@ -387,11 +333,3 @@ def test_metrics_are_on_their_own_port_only(server):
     assert r.status_code == 200 and "codedsmooth_requests_total" in r.text
     doc = httpx.get(server.url + "/openapi.json").json()
     assert "/metrics" not in doc["paths"]
-
-
-def test_no_error_was_logged(server):
-    """Runs last in this module: nothing above made the server log an ERROR or a traceback."""
-    _no_500s(server)
-    server.terminate()
-    output = server.proc.stdout.read()
-    assert " ERROR " not in output and "Traceback" not in output, output[-3000:]

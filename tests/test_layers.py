@@ -45,7 +45,7 @@ def test_the_checkout_is_one_package_tree():
 def test_the_layer_contracts_hold():
     result = _lint_imports(ROOT)
     assert result.returncode == 0, f"lint-imports found a broken layer contract:\n{result.stdout}\n{result.stderr}"
-    assert "5 kept, 0 broken" in result.stdout, result.stdout
+    assert "7 kept, 0 broken" in result.stdout, result.stdout
 
 
 def test_a_service_module_importing_train_breaks_a_contract_and_names_the_chain(tmp_path):
@@ -57,3 +57,23 @@ def test_a_service_module_importing_train_breaks_a_contract_and_names_the_chain(
     assert result.returncode == 1, result.stdout + result.stderr
     assert "service never imports train or probe BROKEN" in result.stdout
     assert "codedsmooth.service.errors -> codedsmooth.train" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "module, line, contract, chain",
+    [
+        ("api/v1.py", "from codedsmooth.service.http import connections", "service rooms are layered BROKEN", "codedsmooth.service.api.v1 -> codedsmooth.service.http.connections"),
+        ("access/keys.py", "from codedsmooth.service.access import control", "no import circles inside service BROKEN", "- .keys -> .control"),
+    ],
+    ids=["api-imports-http", "circle-inside-access"],
+)
+def test_a_break_inside_service_is_caught(tmp_path, module, line, contract, chain):
+    """The contracts inside service/: an API module importing the connection layer, and a circle inside one room."""
+    tree = _package_tree(tmp_path)
+    path = tree / "codedsmooth" / "service" / module
+    path.write_text(path.read_text() + f"\n{line}  # noqa: E402,F401\n")
+    result = _lint_imports(tree)
+    print(result.stdout)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert contract in result.stdout and chain in result.stdout
+

@@ -15,7 +15,7 @@ pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip instal
 from helpers import wait_until  # noqa: E402
 from ray_helpers import RayServer, served  # noqa: E402
 
-from codedsmooth.service.keys import add_key  # noqa: E402
+from codedsmooth.service.access.keys import add_key  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

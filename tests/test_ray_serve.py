@@ -32,7 +32,7 @@ REPLICA_ACTOR = "SERVE_REPLICA::codedsmooth#CodedSmooth#"
 
 @pytest.fixture(scope="module")
 def ray_address():
-    from codedsmooth.service.ray_serve import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+    from codedsmooth.service.ray.serve import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 
     old = os.environ.get(PROXY_CALLBACK_ENV)
     os.environ[PROXY_CALLBACK_ENV] = PROXY_CALLBACK  # the cluster's proxy inherits it (see docs/scale-out.md: attaching to a cluster)
@@ -183,7 +183,7 @@ def test_killed_replica_is_replaced_and_clients_see_only_200_or_503(ray_server, 
 
 def test_deployment_options_from_settings():
     """Fixed replicas or an autoscaling range, resources per replica, Ray's graceful shutdown from the drain timeout."""
-    from codedsmooth.service.ray_serve import CodedSmoothReplica, deployment_options, replica_settings
+    from codedsmooth.service.ray.serve import CodedSmoothReplica, deployment_options, replica_settings
     from codedsmooth.service.settings import ServeSettings
 
     fixed = deployment_options(ServeSettings(replicas=3, num_cpus=2, num_gpus=0.5, drain_timeout_s=10, max_queue_size=64))

@@ -13,7 +13,7 @@ from codedsmooth.service.settings import ServeSettings
 def test_plain_server_and_app_never_import_ray():
     code = (
         "import sys, codedsmooth.service as s, codedsmooth.cli as cli\n"
-        "from codedsmooth.service.server import run_server\n"
+        "from codedsmooth.service.http.server import run_server\n"
         "app = s.create_app()\n"
         "cli.build_parser().parse_args(['serve', '--replicas', '2'])\n"
         "assert 'ray' not in sys.modules, [m for m in sys.modules if m.startswith('ray')][:5]\n"

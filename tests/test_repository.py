@@ -17,8 +17,9 @@ import pytest
 import torch
 from helpers import GOOD_ITEM, SLOW_SERVER, LoggedServer, ServerProcess, metric, running_server, wait_for_metric, wait_until
 
-from codedsmooth.service.keys import add_key
-from codedsmooth.service.repository import RepositoryError, model_settings
+from codedsmooth.service.access.keys import add_key
+from codedsmooth.service.access.overrides import INHERIT, NO_OVERRIDE, LimitOverride
+from codedsmooth.service.repository.files import RepositoryError, model_settings
 from codedsmooth.service.settings import ServeSettings
 from codedsmooth.train import TrainConfig, train
 
@@ -343,8 +344,15 @@ def test_model_settings_files_are_validated_with_the_file_named(tmp_path):
     base = ServeSettings()
     (tmp_path / "serving.json").write_text('{"max_batch_size": 8, "rci_scope": "batch"}')
     settings, limits = model_settings(base, tmp_path)
-    assert (settings.max_batch_size, settings.max_items_per_request, settings.rci_scope, limits) == (8, 8, "batch", {})
+    assert (settings.max_batch_size, settings.max_items_per_request, settings.rci_scope, limits) == (8, 8, "batch", NO_OVERRIDE)
     assert settings.max_delay_ms == base.max_delay_ms  # the server's flags are the defaults
+    keyed = ServeSettings(api_keys_file="keys", rate_limit=50.0, quota=1000)
+    (tmp_path / "serving.json").write_text('{"quota": 5, "rate_limit": null}')
+    settings, limits = model_settings(keyed, tmp_path)
+    assert limits == LimitOverride(rate=None, quota=5)  # null: no per-key rate on this model; unset: INHERIT
+    assert (settings.rate_limit, settings.quota) == (50.0, 1000)  # the server's stay the keys' overall limits
+    (tmp_path / "serving.json").write_text('{"quota": 5}')
+    assert model_settings(keyed, tmp_path)[1] == LimitOverride(rate=INHERIT, quota=5)
     for text, problem in (
         ('{"max_batch_sise": 8}', "unknown setting"),
         ('{"max_delay_ms": -1}', "max_delay_ms"),

@@ -10,16 +10,25 @@ from helpers import run_in_fresh_interpreter
 def test_importing_the_package_does_not_import_the_app():
     code = (
         "import sys, codedsmooth.service as s\n"
-        "heavy = [m for m in ('codedsmooth.service.app', 'fastapi', 'uvicorn', 'torch') if m in sys.modules]\n"
+        "heavy = [m for m in ('codedsmooth.service.http.app', 'fastapi', 'uvicorn', 'torch') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
-        "assert callable(s.create_app) and 'codedsmooth.service.app' in sys.modules\n"
+        "assert callable(s.create_app) and 'codedsmooth.service.http.app' in sys.modules\n"
+    )
+    run_in_fresh_interpreter(code)
+
+
+def test_the_http_client_imports_neither_fastapi_nor_starlette():
+    code = (
+        "import sys, codedsmooth.service.client\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in ('fastapi', 'starlette', 'uvicorn')]\n"
+        "assert not heavy, heavy\n"
     )
     run_in_fresh_interpreter(code)
 
 
 def test_each_protocol_router_is_usable_alone():
-    from codedsmooth.service import v1, v2
-    from codedsmooth.service.errors import install_error_handlers
+    from codedsmooth.service.api import v1, v2
+    from codedsmooth.service.api.handlers import install_error_handlers
     from codedsmooth.service.lifecycle import Lifecycle
     from codedsmooth.service.settings import ServeSettings
 
@@ -66,7 +75,7 @@ def test_rci_info_and_coding_spec_round_trip_through_json():
     import dataclasses
 
     from codedsmooth.core import CodingSpec, TrainedCoding
-    from codedsmooth.service.schemas import RciInfo
+    from codedsmooth.service.api.schemas import RciInfo
 
     specs = [CodingSpec.plain()]
     for points in ("chebyshev-gauss", "chebyshev-lobatto"):

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from helpers import GOOD_ITEM, ServerProcess, free_port, held_server, hold_and_queue, wait_for_metric
 
-from codedsmooth.service.server import startup_warnings
+from codedsmooth.service.http.server import startup_warnings
 from codedsmooth.service.settings import ServeSettings
 
 REQUESTS = 12

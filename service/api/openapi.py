@@ -15,8 +15,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from .access import OPEN_PATHS
-from .schemas import ErrorBody
+from codedsmooth.service.access.control import OPEN_PATHS
+from codedsmooth.service.api.schemas import ErrorBody
 
 _EXTRA_SCHEMAS: dict[str, Any] = {}
 

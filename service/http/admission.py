@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from .access import CLIENT
-from .connections import ADMITTED, ARRIVAL
-from .errors import CLIENT_CLOSED, PayloadTooLarge, RequestTimeout, ServiceError, error_response
-from .lifecycle import MODEL, Lifecycle
+from codedsmooth.service.access.control import CLIENT
+from codedsmooth.service.http.connections import ADMITTED, ARRIVAL
+from codedsmooth.service.errors import CLIENT_CLOSED, PayloadTooLarge, RequestTimeout, ServiceError
+from codedsmooth.service.api.handlers import error_response
+from codedsmooth.service.lifecycle import MODEL, Lifecycle
 
 
 CLOSE = {"Connection": "close"}  # uvicorn closes the connection after the answer, unread bytes and all

@@ -19,11 +19,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image, ImageOps
 
-from .errors import BadRequest, InvalidInput, PayloadTooLarge, ServiceError, ServiceRoute, quoted
-from .inputs import check_batch, check_count, parse_json, require_content_type, require_identity_encoding, to_float_array
-from .lifecycle import current_lifecycle
-from .openapi import INFER_ERRORS, errors, request_body, schema_ref
-from .schemas import HealthBody, ModelDetails, ModelInfo, Prediction, PredictRequest, PredictResponse
+from codedsmooth.service.errors import BadRequest, InvalidInput, PayloadTooLarge, ServiceError, quoted
+from codedsmooth.service.api.handlers import ServiceRoute
+from codedsmooth.service.api.inputs import check_batch, check_count, parse_json, require_content_type, require_identity_encoding, to_float_array
+from codedsmooth.service.lifecycle import current_lifecycle
+from codedsmooth.service.api.openapi import INFER_ERRORS, errors, request_body, schema_ref
+from codedsmooth.service.api.schemas import HealthBody, ModelDetails, ModelInfo, PredictRequest, PredictResponse, Prediction, RciInfo
 
 router = APIRouter(route_class=ServiceRoute)
 IMAGE_FORMATS = ("PNG", "JPEG")
@@ -151,7 +152,7 @@ def _model_info(lc, model) -> ModelInfo:
     details = None
     if lc.settings.expose_model_details:
         details = ModelDetails(method=ck.config.method, dataset=ck.config.dataset, test_accuracy=ck.config.test_accuracy, target_block=ck.target_block)
-    return ModelInfo(name=model.name, input_shape=list(ck.input_shape), classes=ck.classes, rci=model.rci_info, details=details)
+    return ModelInfo(name=model.name, input_shape=list(ck.input_shape), classes=ck.classes, rci=RciInfo.from_spec(model.engine.spec), details=details)
 
 
 @router.get("/v1/models", response_model=list[ModelInfo], responses=errors(503), tags=["v1"])
@@ -173,7 +174,7 @@ async def _predict(request: Request, name: str | None) -> Response:
     ck, max_items = model.checkpoint, model.settings.max_items_per_request
     x = tensor_from_predict_body(parse_json(raw, ck.input_shape, max_items), ck.input_shape, max_items, raw=raw)
     probs = await lc.infer(request, x, model)
-    return json_response(PredictResponse(model=model.name, predictions=_predictions(probs, ck.classes), rci=model.rci_info.summary()))
+    return json_response(PredictResponse(model=model.name, predictions=_predictions(probs, ck.classes), rci=RciInfo.from_spec(model.engine.spec).summary()))
 
 
 PREDICT_DOC = request_body({"application/json": schema_ref(PredictRequest)})
@@ -223,7 +224,7 @@ async def _predict_image(request: Request, name: str | None) -> Response:
     arr = await lc.decode(decode_images, images, ck.input_shape, lc.settings.max_image_pixels, ck.background)
     x = check_batch(arr, ck.input_shape, max_items, what="images")
     probs = await lc.infer(request, x, model)
-    return json_response(PredictResponse(model=model.name, predictions=_predictions(probs, ck.classes), rci=model.rci_info.summary()))
+    return json_response(PredictResponse(model=model.name, predictions=_predictions(probs, ck.classes), rci=RciInfo.from_spec(model.engine.spec).summary()))
 
 
 @router.post("/v1/predict/image", response_model=PredictResponse, responses=INFER_ERRORS, tags=["v1"], openapi_extra=IMAGE_DOC)

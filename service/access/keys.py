@@ -39,13 +39,14 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from codedsmooth.service.access.overrides import INHERIT, NO_OVERRIDE, LimitOverride
+
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 DIGEST = re.compile(r"[0-9a-fA-F]{64}")
 UNKNOWN = "unknown"  # the client name of a request with no key or an unknown one (a metric label, never a file's name)
 UNLIMITED = "none"
 MANAGE_VALUES = {"yes": True, "no": False}  # manage=... in the keys file
 KEY_BYTES = 32  # 256 bits of the OS CSPRNG per key
-DEFAULT = "default"  # a limit the file does not set: the server's flag applies
 
 
 class KeysFileError(ValueError):
@@ -54,19 +55,19 @@ class KeysFileError(ValueError):
 
 @dataclass(frozen=True)
 class Client:
-    """One line of the keys file. ``rate``/``quota``: ``DEFAULT`` (the server's flags), ``None`` (no limit) or a value;
-    ``manage``: may load and unload models; ``per_model``: its own limits on named models."""
+    """One line of the keys file. ``limits``: its ``rate=`` / ``quota=`` (``INHERIT``: the server's flags);
+    ``manage``: may load and unload models; ``per_model``: its ``rate@MODEL=`` / ``quota@MODEL=`` by model,
+    in the order the line names the models (``INHERIT``: the model's own per-key limit)."""
 
     name: str
     digest: bytes  # sha256 of the key
-    rate: float | None | str = DEFAULT
-    quota: int | None | str = DEFAULT
+    limits: LimitOverride = NO_OVERRIDE
     manage: bool = False
-    per_model: tuple[tuple[str, str, float | int | None], ...] = ()  # (model, "rate" | "quota", value) from rate@MODEL= / quota@MODEL=
+    per_model: tuple[tuple[str, LimitOverride], ...] = ()
 
-    def on_model(self, model: str, kind: str) -> float | int | None | str:
-        """This client's own ``kind`` ("rate" or "quota") on ``model``: a value, None (no limit) or ``DEFAULT`` (the model's)."""
-        return next((value for m, k, value in self.per_model if m == model and k == kind), DEFAULT)
+    def on_model(self, model: str) -> LimitOverride:
+        """This client's own limits on ``model`` (``NO_OVERRIDE`` when its line names none)."""
+        return next((limits for m, limits in self.per_model if m == model), NO_OVERRIDE)
 
 
 def digest_of(key: str) -> bytes:
@@ -98,7 +99,7 @@ class KeyTable:
 
     def model_overrides(self) -> list[tuple[str, str, str]]:
         """(client name, kind, model) of every per-model limit in the table, sorted."""
-        return sorted((c.name, kind, model) for c in self.clients.values() for model, kind, _ in c.per_model)
+        return sorted((c.name, kind, model) for c in self.clients.values() for model, limits in c.per_model for kind in _given(limits))
 
 
 def _limit(value: str, kind: type, where: str, what: str):
@@ -112,6 +113,11 @@ def _limit(value: str, kind: type, where: str, what: str):
         need = "a number > 0" if kind is float else "an integer >= 0"
         raise KeysFileError(f"{where}: {what} must be {need} or {UNLIMITED!r}, got {value[:40]!r}")
     return number
+
+
+def _given(limits: LimitOverride) -> dict[str, float | int | None]:
+    """The limits a line sets, by option name ("rate", "quota")."""
+    return {kind: value for kind, value in (("rate", limits.rate), ("quota", limits.quota)) if value is not INHERIT}
 
 
 def _manage(value: str, where: str) -> bool:
@@ -150,8 +156,11 @@ def parse_line(line: str, where: str) -> Client | None:
         if (kind, model) in given:
             raise KeysFileError(f"{where}: {key} given twice")
         given[kind, model] = _manage(value, where) if kind == "manage" else _limit(value, float if kind == "rate" else int, where, key)
-    per_model = tuple((model, kind, v) for (kind, model), v in given.items() if model)
-    return Client(name, bytes.fromhex(digest), given.get(("rate", ""), DEFAULT), given.get(("quota", ""), DEFAULT), given.get(("manage", ""), False), per_model)
+    def override(model: str) -> LimitOverride:
+        return LimitOverride(given.get(("rate", model), INHERIT), given.get(("quota", model), INHERIT))
+
+    models = dict.fromkeys(model for _, model in given if model)  # in the order the line names them
+    return Client(name, bytes.fromhex(digest), override(""), given.get(("manage", ""), False), tuple((m, override(m)) for m in models))
 
 
 def parse_keys(text: str, path: str) -> KeyTable:
@@ -186,12 +195,9 @@ def read_keys(path: str | os.PathLike) -> KeyTable:
 
 def format_line(client: Client) -> str:
     parts = [client.name, client.digest.hex()]
-    if client.rate != DEFAULT:
-        parts.append(f"rate={_written(client.rate)}")
-    if client.quota != DEFAULT:
-        parts.append(f"quota={_written(client.quota)}")
-    for model, kind, value in client.per_model:
-        parts.append(f"{kind}@{model}={_written(value)}")
+    parts += [f"{kind}={_written(value)}" for kind, value in _given(client.limits).items()]
+    for model, limits in client.per_model:
+        parts += [f"{kind}@{model}={_written(value)}" for kind, value in _given(limits).items()]
     if client.manage:
         parts.append("manage=yes")
     return " ".join(parts)
@@ -213,8 +219,10 @@ def add_key(path: str | os.PathLike, name: str, rate: str | None = None, quota: 
     """
     path = Path(path)
     check_name(name, "the new client")
-    rate_ = DEFAULT if rate is None else _limit(rate, float, "the new client", "rate")
-    quota_ = DEFAULT if quota is None else _limit(quota, int, "the new client", "quota")
+    limits = LimitOverride(
+        INHERIT if rate is None else _limit(rate, float, "the new client", "rate"),
+        INHERIT if quota is None else _limit(quota, int, "the new client", "quota"),
+    )
     existing = read_keys(path) if path.exists() else KeyTable()
     if name in existing.names:
         raise KeysFileError(f"{path}: client {name!r} already has a key (remove its line to replace it)")
@@ -222,7 +230,7 @@ def add_key(path: str | os.PathLike, name: str, rate: str | None = None, quota: 
     ends_cleanly = not path.exists() or path.stat().st_size == 0 or path.read_bytes().endswith(b"\n")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     with os.fdopen(fd, "a", encoding="utf-8") as f:
-        f.write(("" if ends_cleanly else "\n") + format_line(Client(name, digest_of(key), rate_, quota_, manage)) + "\n")
+        f.write(("" if ends_cleanly else "\n") + format_line(Client(name, digest_of(key), limits, manage)) + "\n")
     return key
 
 

@@ -21,12 +21,13 @@ from pydantic import ValidationError
 
 import codedsmooth
 
-from .errors import BadRequest, InvalidInput, NotFound, ServiceRoute, quoted
-from .inputs import check_batch, check_count, parse_json, require_identity_encoding, to_float_array, validation_message
-from .lifecycle import current_lifecycle
-from .protocol import V2_INDEX, V2_INPUT, V2_INPUT_DATATYPE, V2_OUTPUTS, V2_PROBABILITIES
-from .openapi import INFER_ERRORS, errors, request_body, schema_ref
-from .schemas import V2InferRequest, V2InferResponse, V2ModelMetadata, V2ServerMetadata, V2TensorMetadata
+from codedsmooth.service.errors import BadRequest, InvalidInput, NotFound, quoted
+from codedsmooth.service.api.handlers import ServiceRoute
+from codedsmooth.service.api.inputs import check_batch, check_count, parse_json, require_identity_encoding, to_float_array, validation_message
+from codedsmooth.service.lifecycle import current_lifecycle
+from codedsmooth.service.vocabulary import V2_INDEX, V2_INPUT, V2_INPUT_DATATYPE, V2_OUTPUTS, V2_PROBABILITIES
+from codedsmooth.service.api.openapi import INFER_ERRORS, errors, request_body, schema_ref
+from codedsmooth.service.api.schemas import RciInfo, V2InferRequest, V2InferResponse, V2ModelMetadata, V2ServerMetadata, V2TensorMetadata
 
 router = APIRouter(route_class=ServiceRoute, tags=["v2"])
 
@@ -155,7 +156,7 @@ def _metadata(request: Request, name: str, version: str = "") -> V2ModelMetadata
             V2TensorMetadata(name=V2_PROBABILITIES, datatype=V2_OUTPUTS[V2_PROBABILITIES], shape=[-1, len(ck.classes)]),
             V2TensorMetadata(name=V2_INDEX, datatype=V2_OUTPUTS[V2_INDEX], shape=[-1]),
         ],
-        parameters={"rci": model.rci_info},
+        parameters={"rci": RciInfo.from_spec(model.engine.spec)},
     )
 
 

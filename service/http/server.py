@@ -24,11 +24,11 @@ import threading
 
 import uvicorn
 
-from .app import create_app
-from .connections import protocol_class
-from .lifecycle import EngineFactory, Lifecycle
-from .metrics import start_metrics_listener
-from .settings import ServeSettings
+from codedsmooth.service.http.app import create_app
+from codedsmooth.service.http.connections import protocol_class
+from codedsmooth.service.lifecycle import EngineFactory, Lifecycle
+from codedsmooth.service.metrics import start_metrics_listener
+from codedsmooth.service.settings import ServeSettings
 
 log = logging.getLogger("codedsmooth.server")
 

@@ -1,7 +1,7 @@
 """Serving on Ray Serve: the same FastAPI app, one engine per replica, behind Ray Serve's HTTP proxy.
 
 ``codedsmooth serve --replicas N [--ray-address ADDR]`` runs :func:`run_ray_serve`. Each replica
-builds the app with :func:`codedsmooth.service.app.create_app` (lifecycle, engine, micro-batcher,
+builds the app with :func:`codedsmooth.service.http.app.create_app` (lifecycle, engine, micro-batcher,
 v1 and v2 routers, error mapping), so every route, status code and error body is the plain
 server's; Ray Serve's FastAPI ingress runs the app's lifespan in the replica (model load and
 warm-up at start, the lifecycle's drain at stop).
@@ -34,7 +34,7 @@ warm-up at start, the lifecycle's drain at stop).
   = the drain timeout) and then run the same drain.
 - **API keys and limits.** Each replica checks keys against ``--api-keys-file`` (read and
   re-read by each replica: the path must hold the same file on every node), and all replicas
-  charge one set of per-client counters in a named Ray actor (``.shared_limits``), so
+  charge one set of per-client counters in a named Ray actor (``codedsmooth.service.access.shared_limits``), so
   ``--rate-limit`` and ``--quota`` hold for the deployment as a whole.
 - **A model repository** (``--model-repository``): every replica serves the whole repository,
   read from the same path (on a multi-node cluster the path must hold the same directory on
@@ -49,7 +49,7 @@ warm-up at start, the lifecycle's drain at stop).
   a local cluster) answers them ``503 + Retry-After`` with the JSON error body instead, so a client
   sees the same contract as on a draining server and may retry.
 
-This module and ``.shared_limits`` import ray; nothing else in ``codedsmooth`` imports it (``pip install -e '.[ray]'``).
+This module and ``codedsmooth.service.access.shared_limits`` import ray; nothing else in ``codedsmooth`` imports it (``pip install -e '.[ray]'``).
 """
 
 from __future__ import annotations
@@ -63,13 +63,13 @@ import time
 
 from ray import serve
 
-from .settings import ServeSettings
+from codedsmooth.service.settings import ServeSettings
 
 log = logging.getLogger("codedsmooth.ray")
 
 APP_NAME = "codedsmooth"
 DEPLOYMENT_NAME = "CodedSmooth"
-PROXY_CALLBACK = "codedsmooth.service.ray_serve.proxy_middlewares"
+PROXY_CALLBACK = "codedsmooth.service.ray.serve.proxy_middlewares"
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 
 
@@ -96,8 +96,8 @@ class CodedSmoothReplica:
         self.metrics_address: str | None = None
 
     def __serve_build_asgi_app__(self):
-        from .app import create_app
-        from .metrics import Metrics, start_metrics_listener
+        from codedsmooth.service.http.app import create_app
+        from codedsmooth.service.metrics import Metrics, start_metrics_listener
 
         metrics = Metrics()
         s = self.settings
@@ -111,7 +111,7 @@ class CodedSmoothReplica:
         log.info("replica %s (rank %d on this node) starting", self.replica, self.local_rank)
         limiter = None
         if s.api_keys_file:
-            from .shared_limits import SharedLimiter
+            from codedsmooth.service.access.shared_limits import SharedLimiter
 
             limiter = SharedLimiter()
         app = create_app(s, metrics=metrics, limiter=limiter)  # the wrapper keeps it as ``self.app``
@@ -121,7 +121,7 @@ class CodedSmoothReplica:
 
     async def model_control(self, action: str, name: str) -> dict:
         """Load or unload ``name`` in this replica's repository (broadcast to every replica by :func:`broadcast_model_control`)."""
-        from .management import apply
+        from codedsmooth.service.api.management import apply
 
         return {**await apply(self.app.state.lifecycle, action, name), "replica": self.replica}
 
@@ -129,7 +129,7 @@ class CodedSmoothReplica:
         """Drain this replica's lifecycle: 503 to new requests, accepted ones finish (called on shutdown)."""
         lifecycle = self.app.state.lifecycle
         finished = await lifecycle.drain()
-        return {"replica": self.replica, "finished": finished, "answered": _status_counts(lifecycle.metrics)}
+        return {"replica": self.replica, "finished": finished, "answered": lifecycle.metrics.status_counts()}
 
     def info(self) -> dict:
         return {"replica": self.replica, "metrics": self.metrics_address, "phase": self.app.state.lifecycle.phase}
@@ -149,16 +149,6 @@ async def broadcast_model_control(request, action: str, name: str) -> list[dict]
     results = await handle.broadcast("model_control", action, name).results_async(return_exceptions=True)
     return [r if isinstance(r, dict) else {"error": {"status": 503, "message": f"a replica did not answer the {action} of {name!r}: {type(r).__name__}", "headers": {"Retry-After": "1"}}}
             for r in results]
-
-
-def _status_counts(metrics) -> dict[str, dict[str, int]]:
-    """Requests this replica answered: {endpoint: {status: count}}."""
-    out: dict[str, dict[str, int]] = {}
-    for family in metrics.requests.collect():
-        for sample in family.samples:
-            if sample.name.endswith("_total"):
-                out.setdefault(sample.labels["endpoint"], {})[sample.labels["status"]] = int(sample.value)
-    return out
 
 
 def _tag_log_records(replica: str) -> None:
@@ -289,12 +279,12 @@ def run_ray_serve(settings: ServeSettings) -> int:
     stop = threading.Event()  # handlers after ray.init, which installs its own
     signals = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        from .server import startup_warnings
+        from codedsmooth.service.http.server import startup_warnings
 
         for warning in startup_warnings(settings):
             log.warning("%s", warning)
         if settings.api_keys_file:
-            from .shared_limits import start_limits_actor
+            from codedsmooth.service.access.shared_limits import start_limits_actor
 
             limits_actor = start_limits_actor()  # before the replicas, which charge it; the handle keeps it alive (a non-detached actor ends with its last handle)
         handle = start_serve(settings)
@@ -314,7 +304,7 @@ def run_ray_serve(settings: ServeSettings) -> int:
         log.info("draining: replicas refuse new requests and finish accepted ones (at most %gs)", settings.drain_timeout_s)
         results = drain_replicas(handle, settings.drain_timeout_s + 5.0)
         log.info("drained %d replicas: %s", len(results), json.dumps([r if isinstance(r, dict) else repr(r) for r in results]))
-        limits_actor = None  # the shared counters end with the application
+        del limits_actor  # its last handle: the shared counters end with the application
     finally:
         if started_ray:
             serve.shutdown()

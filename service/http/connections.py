@@ -1,33 +1,8 @@
 """Client connections below the ASGI app: slots, header bounds and timeout, the protocol's own answers.
 
-:func:`protocol_class` extends uvicorn's httptools protocol (uvicorn[standard]; its h11 backend is
-not used: it bounds headers differently, by ``h11_max_incomplete_event_size`` alone):
-
-- **Slots.** At most ``max_connections`` connections hold a slot (:class:`ConnectionSlots`); a
-  connection keeps its slot until its socket closes, whatever happened on it. A new connection
-  takes a free slot if there is one; otherwise it waits without one, and when its request's
-  headers are complete it takes the slot of an idle connection (no request in the app: one that
-  has not sent complete headers yet, or a keep-alive connection between requests), which is
-  closed: the one idle the longest among those never answered, else the keep-alive connection
-  idle the longest. So sockets that send nothing (or headers without end) never displace
-  anyone, and a complete request is refused only when every slot has a request in the app:
-  the admission middleware then answers 503 + ``Retry-After`` (JSON) and the connection closes.
-  At ``2 * max_connections + 16`` open sockets, a new one makes room by closing the oldest socket
-  that has never been answered and has no request in the app; if there is none, the new one is
-  closed at once, unanswered.
-- **Header bounds.** A request's head (request line and header fields) may take at most
-  ``max_header_bytes`` bytes and ``max_headers`` fields; past either, the protocol answers 431
-  (JSON) and closes the connection, having buffered at most ``max_header_bytes`` of the head.
-- **Header timeout.** A connection must deliver a request's complete headers within
-  ``header_timeout_s`` of its opening or of the request's first byte; otherwise it is
-  closed (uvicorn itself only times out idle keep-alive connections).
-- **Arrival.** When the protocol read a request's first byte is handed to the admission
-  (``scope["state"][ARRIVAL]``), so deadlines count from there, not from when the event loop
-  got round to calling the app.
-- **The protocol's own answers** (malformed HTTP: 400; headers too large: 431) have the JSON
-  error body and ``Connection: close``. WebSocket is off (uvicorn ``ws="none"``): a request asking
-  for a protocol upgrade is answered as plain HTTP/1.1 by the app, and its connection closes
-  after the answer.
+The app cannot see a connection or a head before it is complete, so sockets that send nothing and
+heads without end must be bounded here, in uvicorn's httptools protocol (subclassed by
+:func:`protocol_class`). What it guarantees is described in docs/serving.md, "Connections".
 """
 
 from __future__ import annotations
@@ -128,7 +103,7 @@ def protocol_class(settings, lifecycle):
     import httptools
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    slots: ConnectionSlots = lifecycle.connections
+    slots = ConnectionSlots(settings.max_connections, lifecycle.metrics)
     metrics = lifecycle.metrics
     header_timeout_s = settings.header_timeout_s
     max_head = settings.max_header_bytes
@@ -232,7 +207,7 @@ def protocol_class(settings, lifecycle):
 
         def _refuse(self, status: int, message: str) -> None:
             log.info("answering %d and closing the connection: %s", status, message)
-            metrics.requests.labels("unmatched", str(status)).inc()
+            metrics.count_request("unmatched", status)
             if self.cycle is None or self.cycle.response_complete:  # no answer under way that this one would cut into
                 self.transport.write(error_bytes(status, message, self.server_state.default_headers))
             self.transport.close()

@@ -1,7 +1,7 @@
 """The FastAPI application: wires the lifecycle, the protocol routers, error mapping and the OpenAPI document.
 
 ``/metrics`` is not here: it is served on its own listener (``metrics_host:metrics_port``, see
-``codedsmooth.service.server``), never on the public port.
+``codedsmooth.service.http.server``), never on the public port.
 """
 
 from __future__ import annotations
@@ -12,18 +12,18 @@ from fastapi import FastAPI
 
 import codedsmooth
 
-from . import management, v1, v2
-from .errors import install_error_handlers
-from .admission import AdmissionMiddleware
-from .lifecycle import EngineFactory, Lifecycle
-from .metrics import Metrics
-from .openapi import install_openapi
-from .settings import ServeSettings
+from codedsmooth.service.api import management, v1, v2
+from codedsmooth.service.api.handlers import install_error_handlers
+from codedsmooth.service.http.admission import AdmissionMiddleware
+from codedsmooth.service.lifecycle import EngineFactory, Lifecycle
+from codedsmooth.service.metrics import Metrics
+from codedsmooth.service.api.openapi import install_openapi
+from codedsmooth.service.settings import ServeSettings
 
 
 def create_app(settings: ServeSettings | None = None, engine_factory: EngineFactory | None = None, metrics: Metrics | None = None, limiter=None) -> FastAPI:
     """``engine_factory(checkpoint, settings, device)`` replaces ``InferenceEngine`` (tests inject slowed doubles);
-    ``limiter`` holds the per-client counters (default: in this process; see ``.limits``)."""
+    ``limiter`` holds the per-client counters (default: in this process; see ``codedsmooth.service.access.limits``)."""
     lifecycle = Lifecycle(settings or ServeSettings(), metrics, engine_factory, limiter)
 
     @asynccontextmanager

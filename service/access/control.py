@@ -27,11 +27,11 @@ import math
 import time
 from typing import Callable, TypeVar
 
-from .errors import TooManyRequests, Unauthorized, Unavailable, quoted
-from .keys import DEFAULT, UNKNOWN, Client, KeysFile
-from .limits import Limits, LocalLimiter
-from .metrics import Metrics
-from .settings import ServeSettings
+from codedsmooth.service.errors import TooManyRequests, Unauthorized, Unavailable, quoted
+from codedsmooth.service.access.keys import UNKNOWN, Client, KeysFile
+from codedsmooth.service.access.limits import CounterKey, Limits, LocalLimiter
+from codedsmooth.service.metrics import Metrics
+from codedsmooth.service.settings import ServeSettings
 
 log = logging.getLogger("codedsmooth.access")
 T = TypeVar("T")
@@ -109,24 +109,22 @@ class Access:
         self.metrics.client_requests.labels(client.name).inc()
         return client
 
-    def limits(self, client: Client) -> Limits:
-        s = self.settings
-        rate = s.rate_limit if client.rate == DEFAULT else client.rate
-        quota = s.quota if client.quota == DEFAULT else client.quota
-        return Limits(rate=rate, burst=s.max_batch_size, quota=quota, window_s=s.quota_window_s)
+    def resolve(self, client: Client, model=None) -> list[tuple[CounterKey, Limits]]:
+        """The one place a request's effective limits are decided, each with the counters it is charged to.
 
-    def model_limits(self, model, client: Client) -> Limits | None:
-        """``client``'s limits on ``model``: its keys-file ``rate@MODEL`` / ``quota@MODEL`` where given, else the model's
-        own per-key limits (its serving.json's ``rate_limit`` / ``quota``); None when neither limits it."""
-        if model is None:
-            return None
-        own = getattr(model, "key_limits", None) or {}
-        rate, quota = client.on_model(model.name, "rate"), client.on_model(model.name, "quota")
-        rate = own.get("rate_limit") if rate == DEFAULT else rate
-        quota = own.get("quota") if quota == DEFAULT else quota
-        if rate is None and quota is None:
-            return None
-        return Limits(rate=rate, burst=model.settings.max_batch_size, quota=quota, window_s=self.settings.quota_window_s)
+        Overall: the client's line (``rate=`` / ``quota=``) over the server's ``--rate-limit`` / ``--quota``.
+        On ``model`` (a repository's, or None): the line's ``rate@MODEL=`` / ``quota@MODEL=`` over the
+        model's per-key limits from its serving.json, over none; charged only where that limits anything.
+        """
+        s = self.settings
+        rate, quota = client.limits.over(s.rate_limit, s.quota)
+        charges = [(CounterKey(client.name), Limits(rate=rate, burst=s.max_batch_size, quota=quota, window_s=s.quota_window_s))]
+        if model is not None:
+            rate, quota = client.on_model(model.name).over(*model.key_limits.over(None, None))
+            if rate is not None or quota is not None:
+                limits = Limits(rate=rate, burst=model.settings.max_batch_size, quota=quota, window_s=s.quota_window_s)
+                charges.append((CounterKey(client.name, model.name), limits))
+        return charges
 
     async def queue(self, client: Client, items: int, submit: Callable[[], T], model=None) -> T:
         """Charge ``items`` to ``client`` (and to its counters on ``model`` when the model or the client's line limits it there), then
@@ -135,11 +133,8 @@ class Access:
         Over a limit: ``TooManyRequests`` (logged, counted), nothing stays charged and ``submit`` is
         never called. When ``submit`` refuses (``Unavailable``: queue full, draining) the charges are given back.
         """
-        charges = [(client.name, self.limits(client))]
-        own = self.model_limits(model, client)
-        if own is not None:
-            charges.append((f"{client.name}@{model.name}", own))  # '@' is no character of a client name: its own counters
-        taken: list[tuple[str, Limits]] = []
+        charges = self.resolve(client, model)
+        taken: list[tuple[CounterKey, Limits]] = []
         for key, limits in charges:
             if not limits.any:
                 continue
@@ -147,7 +142,7 @@ class Access:
             if not decision.allowed:
                 for k, lim in taken:
                     await self.limiter.refund(k, items, lim)
-                on = f" on model {model.name!r}" if key != client.name else ""
+                on = f" on model {key.model!r}" if key.model is not None else ""
                 when = f"retry after {decision.retry_after_s} s" if decision.retry_after_s > 0 else "do not retry it"
                 self._log_refusal(client.name, f"{decision.reason}{on}; {when} (429)")
                 self.metrics.client_refused.labels(client.name, "429").inc()

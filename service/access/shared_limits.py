@@ -13,7 +13,7 @@ local Ray it started). If its process dies, Ray restarts it (``max_restarts=-1``
 client may get up to one more quota per restart. While it is down or restarting, predict
 requests get 503 + ``Retry-After`` (never unlimited answers).
 
-This module imports ray (as ``.ray_serve`` does); nothing else in ``codedsmooth`` imports it.
+This module imports ray (as ``codedsmooth.service.ray.serve`` does); nothing else in ``codedsmooth`` imports it.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import time
 
 import ray
 
-from .errors import Unavailable
-from .limits import Counters, Decision, Limits
+from codedsmooth.service.errors import Unavailable
+from codedsmooth.service.access.limits import CounterKey, Counters, Decision, Limits
 
 log = logging.getLogger("codedsmooth.ray")
 
@@ -40,10 +40,10 @@ class LimitsActor:
         self.counters = Counters()
         self.started = time.time()
 
-    def charge(self, client: str, items: int, limits: Limits) -> Decision:
+    def charge(self, client: CounterKey, items: int, limits: Limits) -> Decision:
         return self.counters.charge(client, items, limits, time.monotonic())
 
-    def refund(self, client: str, items: int, limits: Limits) -> None:
+    def refund(self, client: CounterKey, items: int, limits: Limits) -> None:
         self.counters.refund(client, items, limits, time.monotonic())
 
     def state(self) -> dict:
@@ -78,8 +78,8 @@ class SharedLimiter:
             self._actor = None  # look it up again next time
             raise Unavailable("per-client limits are unavailable; retry", retry_after_s=1) from None
 
-    async def charge(self, client: str, items: int, limits: Limits) -> Decision:
+    async def charge(self, client: CounterKey, items: int, limits: Limits) -> Decision:
         return await self._call("charge", client, items, limits)
 
-    async def refund(self, client: str, items: int, limits: Limits) -> None:
+    async def refund(self, client: CounterKey, items: int, limits: Limits) -> None:
         await self._call("refund", client, items, limits)

@@ -10,7 +10,7 @@ it. Without it both answer 403, and so do they, with API keys, for a client whos
 file lacks ``manage=yes`` (the index is open to every client). The work is ``repository.Repository``'s.
 
 Where the load or unload runs is the app's ``model_control`` (``app.state``): by default this
-process's repository (:func:`apply`); under Ray Serve, every replica's (``ray_serve``
+process's repository (:func:`apply`); under Ray Serve, every replica's (``ray.serve``
 broadcasts :func:`apply` to each replica live at the call), so a load or unload reaches every
 replica, and the answer is an error if any replica's was.
 """
@@ -20,13 +20,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from .access import CLIENT
-from .errors import Forbidden, InvalidInput, ServiceError, ServiceRoute
-from .inputs import parse_json
-from .lifecycle import current_lifecycle
-from .openapi import errors
-from .repository import UNLOADED
-from .schemas import V2RepositoryModel
+from codedsmooth.service.access.control import CLIENT
+from codedsmooth.service.errors import Forbidden, InvalidInput, ServiceError
+from codedsmooth.service.api.handlers import ServiceRoute
+from codedsmooth.service.api.inputs import parse_json
+from codedsmooth.service.lifecycle import current_lifecycle
+from codedsmooth.service.api.openapi import errors
+from codedsmooth.service.repository.registry import UNLOADED
+from codedsmooth.service.api.schemas import V2RepositoryModel
 
 router = APIRouter(route_class=ServiceRoute, tags=["v2 repository"])
 

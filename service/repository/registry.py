@@ -1,16 +1,5 @@
-"""The model repository: the models one server holds, each with its own settings, engine and micro-batcher.
-
-Layout of ``--model-repository DIR``::
-
-    DIR/
-      repository.json     optional: {"required": [names], "aliases": {"default": {"pgd-at": 0.9, "coded-at": 0.1}}}
-      pgd-at/             a checkpoint directory (model.safetensors, config.json), served as "pgd-at"
-        serving.json      optional: this model's serving settings (``MODEL_SETTINGS``), over the server's flags
-      coded-at/ ...
-
-Directories whose names start with "." are skipped (``save_checkpoint`` writes into such temporary
-directories); every other directory is a model, named by its directory. One ``--checkpoint`` is a
-repository of one model, named by its checkpoint's config, with the server's settings only.
+"""The registry of the models one server holds: each with its own settings, engine and micro-batcher;
+routing by name and alias; explicit load and unload. The files it loads from are read by ``.files``.
 
 Sharing the device and the model thread: by default (``--model-threads shared``) every model's
 micro-batcher hands its device batches to the server's one model thread (a single-worker executor,
@@ -31,55 +20,31 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from concurrent.futures import ThreadPoolExecutor
-import json
 import logging
-import math
 import random
-import re
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 
 from codedsmooth.models import Checkpoint, default_checkpoint_path, load_checkpoint, resolve_device
 
-from .batcher import MicroBatcher
-from .engine import InferenceEngine
-from .errors import BadRequest, NotFound, Unavailable, quoted
-from .metrics import BatchObserver, Metrics, ModelMetrics
-from .schemas import RciInfo
-from .settings import ServeSettings
+from codedsmooth.service.access.overrides import NO_OVERRIDE, LimitOverride
+from codedsmooth.service.batcher import MicroBatcher
+from codedsmooth.service.engine import InferenceEngine
+from codedsmooth.service.errors import BadRequest, NotFound, Unavailable, quoted
+from codedsmooth.service.metrics import BatchObserver, Metrics, ModelMetrics
+from codedsmooth.service.settings import ServeSettings
+from codedsmooth.service.repository.files import REPOSITORY_FILE, RepositoryConfig, RepositoryError, check_aliases, check_default, is_model_dir, mismatched_alias, model_names, model_settings, named_as_alias, read_repository_config
 
 log = logging.getLogger("codedsmooth.repository")
 
-REPOSITORY_FILE = "repository.json"
-MODEL_SETTINGS_FILE = "serving.json"
-# What a model's serving.json may set; the server's flags are the defaults. rate_limit and quota
-# there are per API key on this model, on top of the key's own limits (see access.Access.queue).
-MODEL_SETTINGS = (
-    "max_batch_size", "max_delay_ms", "max_queue_size", "max_items_per_request", "rci", "rci_scope", "rci_group_size", "coded_points",
-    "rci_decode_tolerance", "input_noise_sigma", "rate_limit", "quota",
-)
-KEY_LIMITS = ("rate_limit", "quota")
-MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-STATES = ("READY", "LOADING", "UNLOADING", "UNAVAILABLE")  # as Triton's repository index names them
 UNLOADED = "unloaded"  # the reason of an UNAVAILABLE model never loaded or unloaded
-
-
-class RepositoryError(ValueError):
-    """A repository, its repository.json or a model's serving.json that cannot be used; names the file."""
 
 
 class LoadFailed(BadRequest):
     """An explicit load refused: the checkpoint or its settings are broken (the message names the file)."""
-
-
-@dataclass(frozen=True)
-class RepositoryConfig:
-    required: tuple[str, ...] = ()
-    aliases: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -90,7 +55,7 @@ class ServedModel:
     version: int
     path: Path
     settings: ServeSettings
-    key_limits: dict[str, float | int]  # rate_limit / quota per API key on this model, from its serving.json
+    key_limits: LimitOverride  # rate_limit / quota per API key on this model, from its serving.json
     checkpoint: Checkpoint
     engine: InferenceEngine
     metrics: ModelMetrics
@@ -98,10 +63,6 @@ class ServedModel:
     own_thread: ThreadPoolExecutor | None = None  # --model-threads per-model: the thread its batches run on
     unloading: bool = False
     holders: int = 0  # requests that were routed to it and are not answered yet
-
-    @property
-    def rci_info(self) -> RciInfo:
-        return RciInfo.from_spec(self.engine.spec)
 
     @property
     def idle(self) -> bool:
@@ -121,144 +82,6 @@ class ServedModel:
         observer = BatchObserver(self.metrics, self.engine.scope)
         self.batcher = MicroBatcher(self.engine, self.metrics, executor, s.max_batch_size, s.max_delay_ms / 1000.0, s.max_queue_size, on_batch=observer)
         self.batcher.start()
-
-
-# ---- files ------------------------------------------------------------------------
-
-
-def _hidden(name: str) -> bool:
-    """A name starting with "." is no model ("." and ".." are no directories of the repository; save_checkpoint's temporary ones)."""
-    return name.startswith(".")
-
-
-def is_model_dir(root: Path, name: str) -> bool:
-    """Whether ``name`` (e.g. from a URL) names a model directory of ``root``: a valid name, not hidden, a directory."""
-    return MODEL_NAME.fullmatch(name) is not None and not _hidden(name) and (root / name).is_dir()
-
-
-def model_names(root: Path) -> list[str]:
-    """The models of a repository: its directories not starting with "."; ``RepositoryError`` for a bad root or name."""
-    if not root.is_dir():
-        raise RepositoryError(f"{root}: model repository not found (a directory of checkpoint directories)")
-    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
-    for name in names:
-        if not MODEL_NAME.fullmatch(name):
-            raise RepositoryError(f"{root / name}: a model's directory name must be 1-64 characters of A-Z a-z 0-9 _ . - (it is the model's name in URLs)")
-    if not names:
-        raise RepositoryError(f"{root}: no checkpoint directories in the model repository")
-    return names
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RepositoryError(f"{path}: not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise RepositoryError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    if not isinstance(data, dict):
-        raise RepositoryError(f"{path}: must hold a JSON object")
-    return data
-
-
-def read_repository_config(root: Path, names: list[str]) -> RepositoryConfig:
-    """``root/repository.json`` (absent: no aliases, nothing required), checked against the repository's ``names``."""
-    path = root / REPOSITORY_FILE
-    if not path.exists():
-        return RepositoryConfig()
-    data = _read_json(path)
-    unknown = sorted(set(data) - {"required", "aliases"})
-    if unknown:
-        raise RepositoryError(f"{path}: unknown key(s) {unknown}; it may hold \"required\" and \"aliases\"")
-    aliases = data.get("aliases", {})
-    if not isinstance(aliases, dict):
-        raise RepositoryError(f"{path}: \"aliases\" must map alias names to {{model: weight}} objects")
-    checked: dict[str, dict[str, float]] = {}
-    for alias, weights in aliases.items():
-        where = f"{path}: alias {alias!r}"
-        if not MODEL_NAME.fullmatch(alias):
-            raise RepositoryError(f"{where}: a name must be 1-64 characters of A-Z a-z 0-9 _ . -")
-        if alias in names:
-            raise _named_as_alias(path, alias)
-        if not isinstance(weights, dict) or not weights:
-            raise RepositoryError(f"{where}: must map model names to weights, e.g. {{\"pgd-at\": 0.9, \"coded-at\": 0.1}}")
-        for model, weight in weights.items():
-            if model not in names:
-                raise RepositoryError(f"{where}: {model!r} is no model of the repository ({', '.join(names)})")
-            if type(weight) not in (int, float) or not math.isfinite(weight) or weight <= 0:
-                raise RepositoryError(f"{where}: the weight of {model!r} must be a number > 0, got {weight!r}")
-        checked[alias] = {m: float(w) for m, w in weights.items()}
-    required = data.get("required", [])
-    if not isinstance(required, list) or not all(isinstance(n, str) for n in required):
-        raise RepositoryError(f"{path}: \"required\" must be a list of model names")
-    missing = [n for n in required if n not in names]
-    if missing:
-        raise RepositoryError(f"{path}: required model(s) {missing} are not in the repository ({', '.join(names)})")
-    return RepositoryConfig(tuple(required), checked)
-
-
-def _named_as_alias(path: Path, alias: str) -> RepositoryError:
-    return RepositoryError(f"{path}: alias {alias!r}: a model of the repository has this name")
-
-
-def model_settings(base: ServeSettings, model_dir: Path) -> tuple[ServeSettings, dict]:
-    """The settings a model is served with: ``model_dir/serving.json`` over ``base``; and its per-key limits.
-
-    Validated as the flags are (the same fields and bounds), each error naming the file.
-    """
-    path = model_dir / MODEL_SETTINGS_FILE
-    if not path.exists():
-        return base, {}
-    given = _read_json(path)
-    unknown = sorted(set(given) - set(MODEL_SETTINGS))
-    if unknown:
-        raise RepositoryError(f"{path}: unknown setting(s) {unknown}; a model may set {', '.join(MODEL_SETTINGS)}")
-    values = base.model_dump()
-    values.update(given)
-    if "max_batch_size" in given and "max_items_per_request" not in given:
-        values["max_items_per_request"] = min(base.max_items_per_request, given["max_batch_size"]) if isinstance(given["max_batch_size"], int) else None
-    if any(k in given for k in KEY_LIMITS):  # the model's own limits; the server's stay the keys' overall ones
-        values.update({k: given.get(k) for k in KEY_LIMITS})
-    try:
-        settings = ServeSettings(**values)
-    except ValidationError as exc:
-        problems = [f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()[:3]]
-        raise RepositoryError(f"{path}: {'; '.join(problems)}") from None
-    limits = {k: getattr(settings, k) for k in KEY_LIMITS if given.get(k) is not None}
-    if not limits:  # the model sets no limits of its own: the server's apply, once, as the key's overall limits
-        settings = settings.model_copy(update={k: getattr(base, k) for k in KEY_LIMITS})
-    return settings, limits
-
-
-def check_repository(settings: ServeSettings) -> list[str]:
-    """Everything start-up would refuse, without building engines: names, files, every checkpoint. Returns the names.
-
-    For the CLI, to fail before binding with the file and the problem (run it off the main thread:
-    loading checkpoints runs torch).
-    """
-    root = Path(settings.model_repository)
-    names = model_names(root)
-    config = read_repository_config(root, names)
-    checkpoints = {}
-    for name in names:
-        model_settings(settings, root / name)
-        checkpoints[name] = load_checkpoint(root / name)
-    _check_aliases(config, {n: c for n, c in checkpoints.items()}, root)
-    _check_default(settings.default_model, names, config)
-    return names
-
-
-def _check_aliases(config: RepositoryConfig, checkpoints: dict[str, Checkpoint], root: Path) -> None:
-    """An alias's models must take the same inputs and name the same classes (a client cannot tell which it gets)."""
-    for alias, weights in config.aliases.items():
-        loaded = [checkpoints[m] for m in weights if m in checkpoints]
-        if any(c.input_shape != loaded[0].input_shape or c.classes != loaded[0].classes for c in loaded[1:]):
-            raise RepositoryError(f"{root / REPOSITORY_FILE}: alias {alias!r}: its models differ in input shape or classes")
-
-
-def _check_default(default: str | None, names: list[str], config: RepositoryConfig) -> None:
-    if default is not None and default not in names and default not in config.aliases:
-        raise RepositoryError(f"--default-model {default!r} is neither a model nor an alias of the repository ({', '.join(names + sorted(config.aliases))})")
 
 
 # ---- the registry -----------------------------------------------------------------
@@ -294,7 +117,7 @@ class Repository:
         if self.root is None:
             path = self.settings.checkpoint or default_checkpoint_path()
             checkpoint = load_checkpoint(path, device=self.device)
-            model = self._build(checkpoint.name, Path(path), checkpoint, self.settings, {}, 1)
+            model = self._build(checkpoint.name, Path(path), checkpoint, self.settings, NO_OVERRIDE, 1)
             self.models[model.name] = model
             self.default = model.name
             return
@@ -302,15 +125,15 @@ class Repository:
         self.config = read_repository_config(self.root, names)
         for name in names:
             self.models[name] = self._load(name, 1)
-        _check_aliases(self.config, {n: m.checkpoint for n, m in self.models.items()}, self.root)
-        _check_default(self.default, names, self.config)
+        check_aliases(self.config, {n: m.checkpoint for n, m in self.models.items()}, self.root)
+        check_default(self.default, names, self.config)
         if self.default is None and len(names) == 1:
             self.default = names[0]
 
     def _load(self, name: str, version: int) -> ServedModel:
         path = self.root / name
         if name in self.config.aliases:  # a directory added after start with an alias's name: refused, as at start-up
-            raise _named_as_alias(self.root / REPOSITORY_FILE, name)
+            raise named_as_alias(self.root / REPOSITORY_FILE, name)
         settings, limits = model_settings(self.settings, path)
         checkpoint = load_checkpoint(path, device=self.device)
         return self._build(name, path, checkpoint, settings, limits, version)
@@ -432,8 +255,8 @@ class Repository:
                 raise LoadFailed(f"model {name!r} not loaded: {reason}") from None
             finally:
                 self.loading.discard(name)
-            others = [self.models[t].checkpoint for a in self.config.aliases.values() if name in a for t in a if t != name and t in self.models]
-            if any(c.input_shape != model.checkpoint.input_shape or c.classes != model.checkpoint.classes for c in others):
+            checkpoints = {**{t: m.checkpoint for t, m in self.models.items()}, name: model.checkpoint}
+            if mismatched_alias(self.config.aliases, checkpoints, naming=name) is not None:
                 raise LoadFailed(f"model {name!r} not loaded: {model.path} differs in input shape or classes from the other models of its alias")
             model.start(self.executor, own_thread=self.own_threads)
             self.loads[name] = version

@@ -21,7 +21,7 @@ import orjson
 import torch
 from pydantic import ValidationError
 
-from .errors import BadRequest, InvalidInput, PayloadTooLarge, UnsupportedMediaType, clip, quoted
+from codedsmooth.service.errors import BadRequest, InvalidInput, PayloadTooLarge, UnsupportedMediaType, clip, quoted
 
 RANGE_SLACK = 1e-6
 JSON_ENVELOPE_VALUES = 256  # JSON values around the tensors: keys, a v2 header's shape, outputs and parameters

@@ -6,7 +6,7 @@ per window of ``window_s`` seconds, the window starting at the client's first it
 previous one ended. A charge of ``n`` items is all or nothing: it is taken from both when both
 have room, and otherwise refused with the whole seconds until it would fit (at least 1). The
 counters of one server process are a :class:`LocalLimiter`; Ray Serve replicas share one
-``codedsmooth.service.shared_limits.SharedLimiter`` (the same counters in one Ray actor).
+``codedsmooth.service.access.shared_limits.SharedLimiter`` (the same counters in one Ray actor).
 """
 
 from __future__ import annotations
@@ -14,6 +14,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class CounterKey(NamedTuple):
+    """Whose counters a charge goes to: a client's overall ones (``model`` None), or its own on one model."""
+
+    client: str
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,20 +62,20 @@ class Counters:
     """Every client's token bucket ``[tokens, updated]`` and quota window ``[start, used]``."""
 
     def __init__(self):
-        self.buckets: dict[str, list[float]] = {}
-        self.windows: dict[str, list[float]] = {}
+        self.buckets: dict[CounterKey, list[float]] = {}
+        self.windows: dict[CounterKey, list[float]] = {}
 
-    def _tokens(self, client: str, limits: Limits, now: float) -> float:
+    def _tokens(self, client: CounterKey, limits: Limits, now: float) -> float:
         tokens, updated = self.buckets.get(client, (float(limits.burst), now))
         return min(float(limits.burst), tokens + max(0.0, now - updated) * limits.rate)
 
-    def _window(self, client: str, limits: Limits, now: float) -> tuple[float, float]:
+    def _window(self, client: CounterKey, limits: Limits, now: float) -> tuple[float, float]:
         start, used = self.windows.get(client, (now, 0.0))
         if now + EPSILON >= start + limits.window_s:
             return now, 0.0
         return start, used
 
-    def charge(self, client: str, items: int, limits: Limits, now: float) -> Decision:
+    def charge(self, client: CounterKey, items: int, limits: Limits, now: float) -> Decision:
         refusals: list[Decision] = []
         if limits.quota is not None:
             start, used = self._window(client, limits, now)
@@ -89,7 +97,7 @@ class Counters:
             self.buckets[client] = [max(0.0, tokens - items), now]
         return ALLOWED
 
-    def refund(self, client: str, items: int, limits: Limits, now: float) -> None:
+    def refund(self, client: CounterKey, items: int, limits: Limits, now: float) -> None:
         """Give back a charge whose request was refused before it was queued."""
         if limits.quota is not None and client in self.windows:
             self.windows[client][1] = max(0.0, self.windows[client][1] - items)
@@ -104,8 +112,8 @@ class LocalLimiter:
     def __init__(self):
         self.counters = Counters()
 
-    async def charge(self, client: str, items: int, limits: Limits) -> Decision:
+    async def charge(self, client: CounterKey, items: int, limits: Limits) -> Decision:
         return self.counters.charge(client, items, limits, time.monotonic())
 
-    async def refund(self, client: str, items: int, limits: Limits) -> None:
+    async def refund(self, client: CounterKey, items: int, limits: Limits) -> None:
         self.counters.refund(client, items, limits, time.monotonic())

@@ -1,0 +1,1 @@
+"""Serving on Ray Serve (``--replicas`` / ``--ray-address``)."""
