@@ -214,7 +214,7 @@ DIGEST_SHOWN = 8  # hex digits of a key's SHA-256 that keys list shows: tells li
 
 
 def _run_keys_list(args) -> int:
-    from codedsmooth.service.keys import format_line, read_keys
+    from codedsmooth.service.access.keys import format_line, read_keys
 
     table = read_keys(args.file)
     for client in table.clients.values():  # the file's order
@@ -229,7 +229,7 @@ def _run_keys_remove(args) -> int:
     import stat
     from pathlib import Path
 
-    from codedsmooth.service.keys import KeysFileError, parse_line, read_keys
+    from codedsmooth.service.access.keys import KeysFileError, parse_line, read_keys
 
     path = Path(args.file)
     if args.name not in read_keys(path).names:  # also refuses a missing or broken file, naming it

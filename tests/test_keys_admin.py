@@ -16,7 +16,7 @@ import pytest
 from helpers import LoggedServer, metric, wait_for_metric
 
 from codedsmooth.cli import main
-from codedsmooth.service.keys import add_key
+from codedsmooth.service.access.keys import add_key
 
 
 def keys(capsys, *args) -> subprocess.CompletedProcess:
