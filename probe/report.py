@@ -38,9 +38,9 @@ from .checks import paired_tests, sanity_checks
 from .render import render, write_figures
 from .samples import balanced_order, class_counts
 from .sizes import size_study
-from .stages import (Clock, clean_correct, cotenant_table, curve_stage, default_checkpoint_accuracy, ensure_checkpoint, eot_curve, n_sweep, outcome_data, outcome_from, rci_stage,
-                     summary, training_seconds, whitebox_stage)
-from .suite import Outcome, SuiteConfig, attacker_and_scorer, run_cascade, whitebox_attacks
+from .stages import (Clock, clean_correct, cotenant_table, curve_stage, default_checkpoint_accuracy, ensure_checkpoint, eot_curve, n_sweep, outcome_data, outcome_from,
+                     summary, training_seconds)
+from .suite import Outcome, SuiteConfig, attacker_and_scorer, rci_stage, run_cascade, whitebox_attacks, whitebox_stage
 from .weights import checkpoint_record, publish
 
 log = logging.getLogger("codedsmooth.report")

@@ -24,9 +24,9 @@ from codedsmooth.train.data import training_subset
 
 from .cache import StageCache
 from .samples import class_counts
-from .stages import ensure_checkpoint, outcome_data, outcome_from, plain_predictions, summary, training_seconds, whitebox_stage
+from .stages import ensure_checkpoint, outcome_data, outcome_from, plain_predictions, summary, training_seconds
 from .stats import mcnemar
-from .suite import SuiteConfig
+from .suite import SuiteConfig, whitebox_stage
 from .weights import checkpoint_record
 
 if TYPE_CHECKING:
