@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import logging
 from contextlib import ExitStack
-from typing import TYPE_CHECKING
 
 import torch
 
 from codedsmooth.models import Checkpoint
 
-from .cache import StageCache
-from .servers import BLACKBOX_SERVERS, one_query, query_attack, repository_server, served_function, target_name
+from ..cache import StageCache
+from ..servers import BLACKBOX_SERVERS, one_query, query_attack, repository_server, served_function, target_name
 from .stages import noise_calibration, transfer_source
-from .stats import sign_test, wilson
-from .suite import Scorer, SuiteConfig
+from ..stats import sign_test, wilson
+from ..suite import Scorer, SuiteConfig
+from .config import ReportConfig
 
-if TYPE_CHECKING:
-    from .report import ReportConfig
 
 log = logging.getLogger("codedsmooth.report")
 
