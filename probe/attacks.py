@@ -19,6 +19,7 @@ from codedsmooth.core import CodingSpec
 from codedsmooth.core.attacks import apgd, fgsm, pgd
 from codedsmooth.models import Checkpoint
 
+from .rays import rays_attack
 from .servers import query_attack
 from .suite import SuiteConfig, rci_stage, whitebox_stage
 from .targets import RCIModel
@@ -160,6 +161,17 @@ class Square(Attack):
         return res["x_adv"]
 
 
+class RayS(Attack):
+    """RayS (Chen & Gu 2020): label-only ray search over sign directions; a label is the majority of ``--score-queries`` answers."""
+
+    needs = "labels"
+    threats = ("blackbox",)
+    why = "it reads labels only"
+
+    def craft(self, x, y, eps):
+        return rays_attack(lambda z: self.target.predict_proba(z).argmax(1), x, y, eps, self.cfg.queries, votes=self.cfg.score_queries)[0]
+
+
 class Cotenant(Attack):
     """An attacker's request shares the victim's micro-batch and optimises its items to flip the victim's label."""
 
@@ -179,6 +191,7 @@ ATTACKS: dict[str, type[Attack]] = {
     "cascade": Cascade,
     "eot-pgd": EOTPGD,
     "square": Square,
+    "rays": RayS,
     "cotenant": Cotenant,
 }
 DEPRECATED = {"apgd": "cascade"}  # old name -> name; accepted with a warning for one release
