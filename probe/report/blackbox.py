@@ -20,12 +20,11 @@ from codedsmooth.models import Checkpoint
 
 from ..cache import StageCache
 from ..servers import BLACKBOX_SERVERS, one_query, query_attack, repository_server, served_function, target_name
-from .stages import noise_calibration, transfer_source
 from ..stats import sign_test, wilson
 from ..suite import Scorer, SuiteConfig
 from .config import ReportConfig
 from .results import BlackBoxRow
-
+from .stages import noise_calibration, transfer_source
 
 log = logging.getLogger("codedsmooth.report")
 

@@ -40,7 +40,8 @@ from .config import ReportConfig, stage_minutes
 from .paired import paired_tests
 from .render import render, write_figures
 from .sizes import size_study
-from .stages import Clock, clean_correct, cotenant_table, curve_stage, default_checkpoint_accuracy, eot_curve, n_sweep, outcome_data, outcome_from, summary
+from .stages import Clock, clean_correct, cotenant_table, curve_stage, default_checkpoint_accuracy, eot_curve, n_sweep
+from .stages import outcome_data, outcome_from, summary
 from .training import ensure_checkpoint, training_seconds
 
 log = logging.getLogger("codedsmooth.report")

@@ -23,13 +23,12 @@ from codedsmooth.train.data import training_subset
 
 from ..cache import StageCache
 from ..samples import class_counts
-from .stages import outcome_data, outcome_from, plain_predictions, summary
-from .training import ensure_checkpoint, training_seconds
 from ..stats import mcnemar
 from ..suite import SuiteConfig, whitebox_stage
 from ..weights import checkpoint_record
 from .config import ReportConfig
-
+from .stages import outcome_data, outcome_from, plain_predictions, summary
+from .training import ensure_checkpoint, training_seconds
 
 log = logging.getLogger("codedsmooth.report")
 
