@@ -86,8 +86,8 @@ def check_served_model(ck: Checkpoint, target: HttpTarget, x: torch.Tensor, give
 
 def attack_command(cfg: AttackConfig, args: TargetConfig) -> dict:
     cfg.validate()
-    if args.plot and cfg.attack == "cotenant":
-        raise ValueError("--plot draws accuracy against ε; the co-tenant probe has no ε (its flip rate is in the JSON report): drop --plot")
+    if args.plot and not cfg.attack_class.per_eps:
+        raise ValueError(f"--plot draws accuracy against ε; the {cfg.attack} attack has no ε (its results are in the JSON report): drop --plot")
     torch.manual_seed(cfg.seed)
     ck = load_checkpoint(args.checkpoint or default_checkpoint_path())
     x, y, pool = evaluation_data(ck, cfg.samples, args.data_dir)

@@ -165,3 +165,28 @@ def attacker_and_scorer(ck: Checkpoint, spec: CodingSpec, pool: torch.Tensor, dr
     attacker = RCIModel(ck, spec, pool, seed=1000 + seed) if spec.enabled else RCIModel(ck, spec)
     served = served_model(ck, spec, pool, seed) if spec.enabled else attacker
     return attacker, Scorer(served, draws)
+
+
+def whitebox_stage(suite: SuiteConfig, ck: Checkpoint, x, y, eps_list: list[float]) -> dict[str, Outcome]:
+    """No RCI: the white-box cascade at every ε (a larger ε starts from the smaller one's worst case)."""
+    plain_model, plain_scorer = attacker_and_scorer(ck, CodingSpec.plain(), None, 1, suite.seed)
+    current = plain_scorer.start(x, y)
+    out = {}
+    for eps in eps_list:
+        current = run_cascade(whitebox_attacks(plain_model, eps, suite), plain_scorer, x, y, current)
+        out[f"{eps:g}"] = current
+    return out
+
+
+def rci_stage(suite: SuiteConfig, ck: Checkpoint, spec: CodingSpec, x, y, pool, plain: dict[str, Outcome], eps_list: list[float], draws: int) -> dict[str, Outcome]:
+    """Through RCI (``spec``): the no-RCI worst case transferred, then EOT-APGD through the attacker's model of the server."""
+    attacker, scorer = attacker_and_scorer(ck, spec, pool, draws, suite.seed)
+    current = scorer.start(x, y)
+    out = {}
+    for eps in eps_list:
+        source = plain[f"{eps:g}"]
+        sub = Outcome(source.x_adv[: len(x)], source.correct[:, : len(x)])
+        attacks = [transfer_attack("transfer from no-RCI worst case", sub), *eot_attacks(attacker, eps, suite)]
+        current = run_cascade(attacks, scorer, x, y, current)
+        out[f"{eps:g}"] = current
+    return out

@@ -12,6 +12,7 @@ from helpers import metric_samples, running_server
 from codedsmooth.core.attacks import fgsm, pgd
 from codedsmooth.models import load_checkpoint
 from codedsmooth.probe.checks import CHECKS, failure_lines
+from codedsmooth.probe.attacks import ATTACKS
 from codedsmooth.probe.evaluate import AttackConfig, run_attack
 from codedsmooth.probe.runner import check_served_model, evaluation_data
 from codedsmooth.probe.servers import query_attack, repository_server, serve_options
@@ -63,7 +64,7 @@ def tiny(tiny_checkpoint):
     return ck, x, y, pool
 
 
-@pytest.mark.parametrize("attack,threat", [("fgsm", "transfer"), ("pgd", "transfer"), ("fgsm", "adaptive"), ("eot-pgd", "adaptive"), ("apgd", "adaptive")])
+@pytest.mark.parametrize("attack,threat", [("fgsm", "transfer"), ("pgd", "transfer"), ("fgsm", "adaptive"), ("eot-pgd", "adaptive"), ("cascade", "adaptive")])
 def test_each_gradient_attack_lowers_accuracy(tiny, attack, threat):
     ck, x, y, pool = tiny
     spec = ck.coding_spec()
@@ -164,6 +165,29 @@ def test_attack_cli_writes_report_and_plot(tiny_checkpoint, tmp_path):
 
 def _attack_cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "codedsmooth.cli", "attack", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_registry_decides_each_attack_and_threat_pair():
+    from codedsmooth.probe.attacks import ATTACKS, THREATS
+
+    for name, cls in ATTACKS.items():
+        for threat in THREATS:
+            cfg = AttackConfig(attack=name, threat=threat)
+            if threat in cls.threats:
+                cfg.validate()
+            else:
+                with pytest.raises(ValueError, match=f"attack '{name}' needs {cls.needs}"):
+                    cfg.validate()
+    with pytest.raises(ValueError, match="unknown attack 'nope'"):
+        AttackConfig(attack="nope").validate()
+
+
+def test_apgd_is_a_deprecated_name_of_cascade(tiny_checkpoint):
+    with pytest.warns(FutureWarning, match="'apgd' is deprecated.*use 'cascade'"):
+        cfg = AttackConfig(attack="apgd")
+    assert cfg.attack == "cascade" and cfg.attack_class is ATTACKS["cascade"]
+    cli = _attack_cli("--checkpoint", str(tiny_checkpoint), "--attack", "apgd", "--threat", "blackbox", "--samples", "10")
+    assert cli.returncode == 2 and "FutureWarning: attack 'apgd' is deprecated" in cli.stderr and "needs gradients" in cli.stderr
 
 
 def test_attack_cli_errors_are_one_line(tiny_checkpoint):

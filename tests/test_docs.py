@@ -677,7 +677,7 @@ def test_the_reports_seeds_budgets_and_weights_as_robustness_md_states_them(resu
 
 def test_size_study_as_robustness_md_states_it(results):
     """The study's headline in robustness.md, recomputed from the per-seed tests and rows in RESULTS.json."""
-    from codedsmooth.probe.sizes import collapsed
+    from codedsmooth.probe.report.sizes import collapsed
 
     st = results["sizes"]
     rob = flat(text(ROOT / "docs" / "robustness.md"))

@@ -111,7 +111,7 @@ def test_the_recorded_report_command_parses_back_to_the_same_config():
 
 
 def test_size_findings_claim_an_effect_only_when_every_seed_agrees():
-    from codedsmooth.probe.render import size_finding
+    from codedsmooth.probe.report.render import size_finding
 
     def tests(*pairs):
         return [{"seed": i, "diff": d, "p": p} for i, (d, p) in enumerate(pairs)]
@@ -125,8 +125,8 @@ def test_size_findings_claim_an_effect_only_when_every_seed_agrees():
 
 
 def test_size_study_names_collapsed_runs_and_says_which_tests_they_decide():
-    from codedsmooth.probe.render import _training_sizes_section
-    from codedsmooth.probe.sizes import size_tests
+    from codedsmooth.probe.report.render import _training_sizes_section
+    from codedsmooth.probe.report.sizes import size_tests
 
     def row(method, seed, correct, classes_predicted, worst=None):
         r = {"size": 100, "method": method, "seed": seed, "epochs": 40, "steps": 160, "sha256": "x", "training_seconds": 1.0,
@@ -145,3 +145,28 @@ def test_size_study_names_collapsed_runs_and_says_which_tests_they_decide():
     assert "pgd-at collapsed in seed 1 at 100: what those seeds' tests measure is a training failure of one side" in text
     rows[1]["clean"]["classes_predicted"] = 10  # the same accuracy without a collapse: no such note
     assert "collapsed" not in "\n".join(_training_sizes_section({"sizes": st})).lower()
+
+
+def test_results_md_re_renders_from_results_json_unchanged(tmp_path):
+    """The typed pipeline reads the results file as written: docs/RESULTS.md comes back byte for byte from docs/RESULTS.json."""
+    import shutil
+    from pathlib import Path
+
+    from codedsmooth.probe.report import ReportConfig, run_report
+
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    shutil.copy(docs / "RESULTS.json", tmp_path / "RESULTS.json")
+    out = run_report(ReportConfig(out=str(tmp_path / "RESULTS.md"), render_only=True), command="unused")
+    assert out.read_text() == (docs / "RESULTS.md").read_text()
+    assert {p.name for p in tmp_path.glob("*.png")} == {"RESULTS-eps.png", "RESULTS-eot.png", "RESULTS-examples.png"}
+
+
+def test_paired_tests_keep_method_and_setting_without_parsing_labels():
+    from codedsmooth.probe.report.results import PLAIN, PairedTest, SeedTest
+
+    rci = PairedTest("coded-at", "request", "coded-at", PLAIN, "0.1", (SeedTest(0, 0.1, 3, 1, 0.6),))
+    between = PairedTest("coded", PLAIN, "pgd-at", PLAIN, "0.3")
+    assert (rci.a, rci.b, rci.to_dict()["setting"]) == ("coded-at, RCI request", "coded-at, no RCI", "request")
+    assert (between.a, between.b, between.to_dict()["setting"]) == ("coded", "pgd-at", "no RCI")
+    for row in (rci, between):  # through the results file and back, with a method whose name holds a comma-free prefix of another
+        assert PairedTest.from_dict(row.to_dict(), ["coded", "coded-at", "pgd-at"]) == row

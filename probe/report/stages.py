@@ -1,5 +1,5 @@
-"""The report's stages, one function each: train (or reuse) a checkpoint; attack one model without RCI
-(white-box cascade) and through RCI in each scope (transfer + EOT); the ε-curve's extra points; the
+"""The report's stages on one model, one function each (training is in :mod:`.training`; the cascades without
+and through RCI in :mod:`..suite`): the ε-curve's extra points; the
 transfer attack's surrogate adversarials; the noise baseline's σ; the EOT convergence curve, the N
 sweep, the co-tenant probe and the shipped checkpoint's accuracy. Each returns data that
 :mod:`.report` caches per stage (:mod:`.cache`) and turns into the results file.
@@ -10,59 +10,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from codedsmooth.core import CodingSpec
 from codedsmooth.core.attacks import apgd
 from codedsmooth.models import Checkpoint, default_checkpoint_path, load_checkpoint
-from codedsmooth.train import TrainConfig, train
 
-from .cotenant import cotenant_report
-from .evaluate import AttackConfig
-from .stats import wilson
-from .suite import Outcome, Scorer, SuiteConfig, attacker_and_scorer, eot_attacks, run_cascade, served_model, transfer_attack, whitebox_attacks
-from .targets import InProcessTarget, RCIModel
-
-if TYPE_CHECKING:
-    from .report import ReportConfig
+from ..attacks import AttackConfig
+from ..cotenant import cotenant_report
+from ..stats import wilson
+from ..suite import Outcome, Scorer, SuiteConfig, attacker_and_scorer, eot_attacks, run_cascade, served_model, transfer_attack, whitebox_attacks
+from ..targets import InProcessTarget, RCIModel
+from .config import ReportConfig
 
 log = logging.getLogger("codedsmooth.report")
-
-
-def checkpoint_plan(cfg: ReportConfig, method: str, seed: int, n_train: int, size: int | None = None) -> tuple[Path, int, int | None]:
-    """(directory, epochs, training subset) of one of the report's models. A model trained on ``size`` of the
-    ``n_train`` training items gets about as many optimiser steps as one trained on all of them
-    (``epochs × n_train / size``, rounded up), so a smaller training set is not also a shorter training."""
-    if size is None or size >= n_train:
-        return Path(cfg.runs) / f"{method}-seed{seed}", cfg.epochs, None
-    return Path(cfg.runs) / "sizes" / f"{method}-n{size}-seed{seed}", math.ceil(cfg.epochs * n_train / size), size
-
-
-def ensure_checkpoint(cfg: ReportConfig, method: str, seed: int, data, size: int | None = None) -> Path:
-    """The model's directory, trained now unless a checkpoint of the same method, epochs, seed, width, data and training-set size is there."""
-    n_train = len(data.train_y)
-    path, epochs, subset = checkpoint_plan(cfg, method, seed, n_train, size)
-    if path.exists() and not cfg.retrain:
-        try:
-            ck = load_checkpoint(path)
-            t = ck.config.training
-            seen = getattr(t, "train_images", n_train)  # checkpoints written before the record trained on the whole split
-            if (t.method, t.epochs, t.seed, ck.config.arch_kwargs.get("width"), ck.config.dataset, seen) == (method, epochs, seed, cfg.width, cfg.data, subset or n_train):
-                log.info("reusing %s", path)
-                return path
-        except ValueError:
-            pass
-    log.info("training %s seed %d (%d epochs, %d training items)", method, seed, epochs, subset or n_train)
-    train(TrainConfig(data=cfg.data, method=method, epochs=epochs, seed=seed, width=cfg.width, out=str(path), max_steps=cfg.max_steps, train_size=subset), data=data)
-    return path
-
-
-def training_seconds(path: Path) -> float:
-    """Training time recorded in a checkpoint (the sum of its epochs), whether trained now or reused."""
-    return float(sum(h.get("seconds", 0.0) for h in load_checkpoint(path).config.history))
 
 
 class Clock:
@@ -101,31 +63,6 @@ def summary(out: Outcome) -> dict:
         "cascade": [[name, acc] for name, acc in out.log],
         "score": [round(float(s), 4) for s in out.score],
     }
-
-
-def whitebox_stage(suite: SuiteConfig, ck: Checkpoint, x, y, eps_list: list[float]) -> dict[str, Outcome]:
-    """No RCI: the white-box cascade at every ε (a larger ε starts from the smaller one's worst case)."""
-    plain_model, plain_scorer = attacker_and_scorer(ck, CodingSpec.plain(), None, 1, suite.seed)
-    current = plain_scorer.start(x, y)
-    out = {}
-    for eps in eps_list:
-        current = run_cascade(whitebox_attacks(plain_model, eps, suite), plain_scorer, x, y, current)
-        out[f"{eps:g}"] = current
-    return out
-
-
-def rci_stage(suite: SuiteConfig, ck: Checkpoint, spec: CodingSpec, x, y, pool, plain: dict[str, Outcome], eps_list: list[float], draws: int) -> dict[str, Outcome]:
-    """Through RCI (``spec``): the no-RCI worst case transferred, then EOT-APGD through the attacker's model of the server."""
-    attacker, scorer = attacker_and_scorer(ck, spec, pool, draws, suite.seed)
-    current = scorer.start(x, y)
-    out = {}
-    for eps in eps_list:
-        source = plain[f"{eps:g}"]
-        sub = Outcome(source.x_adv[: len(x)], source.correct[:, : len(x)])
-        attacks = [transfer_attack("transfer from no-RCI worst case", sub), *eot_attacks(attacker, eps, suite)]
-        current = run_cascade(attacks, scorer, x, y, current)
-        out[f"{eps:g}"] = current
-    return out
 
 
 def curve_stage(cfg: ReportConfig, suite: SuiteConfig, ck: Checkpoint, x, y, plain: dict[str, Outcome]) -> dict[str, Outcome]:

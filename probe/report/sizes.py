@@ -3,7 +3,7 @@ worst-case accuracy) when the training set is small.
 
 Every method is trained on nested class-stratified subsets of the training split
 (``train.data.training_subset``), with about as many optimiser steps at every size
-(:func:`.stages.checkpoint_plan`), for several seeds. Each model is scored without RCI on the whole
+(:func:`.training.checkpoint_plan`), for several seeds. Each model is scored without RCI on the whole
 test split (clean) and, if adversarially trained, by the white-box cascade at the report's largest ε
 on a class-stratified sample (worst case). A pair of methods is compared per size and seed by an
 exact McNemar test on the same images; :data:`PAIRS` says which pairs and on what.
@@ -12,7 +12,6 @@ exact McNemar test on the same images; :data:`PAIRS` says which pairs and on wha
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -22,15 +21,14 @@ from codedsmooth.models.config import ADVERSARIAL_METHODS
 from codedsmooth.train import as_float
 from codedsmooth.train.data import training_subset
 
-from .cache import StageCache
-from .samples import class_counts
-from .stages import ensure_checkpoint, outcome_data, outcome_from, plain_predictions, summary, training_seconds, whitebox_stage
-from .stats import mcnemar
-from .suite import SuiteConfig
-from .weights import checkpoint_record
-
-if TYPE_CHECKING:
-    from .report import ReportConfig
+from ..cache import StageCache
+from ..samples import class_counts
+from ..stats import mcnemar
+from ..suite import SuiteConfig, whitebox_stage
+from ..weights import checkpoint_record
+from .config import ReportConfig
+from .stages import outcome_data, outcome_from, plain_predictions, summary
+from .training import ensure_checkpoint, training_seconds
 
 log = logging.getLogger("codedsmooth.report")
 

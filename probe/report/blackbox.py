@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import logging
 from contextlib import ExitStack
-from typing import TYPE_CHECKING
 
 import torch
 
 from codedsmooth.models import Checkpoint
 
-from .cache import StageCache
-from .servers import BLACKBOX_SERVERS, one_query, query_attack, repository_server, served_function, target_name
+from ..cache import StageCache
+from ..servers import BLACKBOX_SERVERS, one_query, query_attack, repository_server, served_function, target_name
+from ..stats import sign_test, wilson
+from ..suite import Scorer, SuiteConfig
+from .config import ReportConfig
+from .results import BlackBoxRow
 from .stages import noise_calibration, transfer_source
-from .stats import sign_test, wilson
-from .suite import Scorer, SuiteConfig
-
-if TYPE_CHECKING:
-    from .report import ReportConfig
 
 log = logging.getLogger("codedsmooth.report")
 
@@ -40,19 +38,20 @@ def _quantile(q: torch.Tensor, p: float) -> float:
 
 
 def _row(method: str, model: str, attacker: str, budget: int, score_queries: int | None, setting: str, correct: torch.Tensor, queries: torch.Tensor, extra: dict) -> dict:
+    """One row of the section (a :class:`.results.BlackBoxRow`, as the results file holds it)."""
     score = correct.float().mean(0)
     n = len(score)
     acc = float(score.mean())
     ci = wilson(int(round(acc * n)), n)
     broken = score < 1
-    return {
-        "method": method, "model": model, "attacker": attacker, "budget": budget, "score_queries": score_queries, "server": setting,
-        "accuracy": acc, "interval": [ci.low, ci.high], "n": n, "draws": int(correct.shape[0]),
-        "majority": [bool(v) for v in (score > 0.5)], "score": [round(float(s), 4) for s in score],
-        "queries": [int(v) for v in queries], "queries_median": _quantile(queries, 0.5), "queries_p90": _quantile(queries, 0.9),
-        "queries_mean": float(queries.double().mean()), "queries_median_broken": _quantile(queries[broken], 0.5) if bool(broken.any()) else None,
-        **extra,
-    }
+    return BlackBoxRow(
+        method=method, model=model, attacker=attacker, budget=budget, score_queries=score_queries, server=setting,
+        accuracy=acc, interval=(ci.low, ci.high), n=n, draws=int(correct.shape[0]),
+        majority=[bool(v) for v in (score > 0.5)], score=[round(float(s), 4) for s in score],
+        queries=[int(v) for v in queries], queries_median=_quantile(queries, 0.5), queries_p90=_quantile(queries, 0.9),
+        queries_mean=float(queries.double().mean()), queries_median_broken=_quantile(queries[broken], 0.5) if bool(broken.any()) else None,
+        extra=extra,
+    ).to_dict()
 
 
 def blackbox_section(cfg: ReportConfig, suite: SuiteConfig, cache: StageCache, models: dict[str, Checkpoint], surrogates: dict[str, list[tuple[str, Checkpoint]]],

@@ -1,4 +1,5 @@
-"""docs/RESULTS.md and its figures from the report's results (a dict, as written to the JSON file).
+"""docs/RESULTS.md and its figures from the report's results (a dict, as written to the JSON file; the paired
+tests are read into :class:`.results.PairedTest` at that boundary, so no label is parsed back).
 
 Every sentence that draws a conclusion is decided by the numbers it cites (a paired test's
 p-values, a check's outcome), so a re-run with other numbers cannot leave a stale claim.
@@ -11,10 +12,12 @@ from pathlib import Path
 
 from codedsmooth.core import SCOPES
 
+from ..cost import attacker_cost, budgets_of
+from ..stats import wilson
 from .blackbox import REPOSITORY
-from .cost import attacker_cost, budgets_of
+from .config import READING_PAIRS
+from .results import PLAIN, PairedTest, SeedTest
 from .sizes import collapsed
-from .stats import wilson
 
 ALPHA = 0.05
 # A model is attacked without RCI ("plain") and through RCI in each scope.
@@ -122,9 +125,19 @@ def write_figures(results: dict, out: Path) -> dict[str, str]:
     return figures
 
 
-def _verdict(tests: list[dict]) -> str:
-    up = sum(1 for t in tests if t["p"] < ALPHA and t["diff"] > 0)
-    down = sum(1 for t in tests if t["p"] < ALPHA and t["diff"] < 0)
+def _p_diff(t: SeedTest | dict) -> tuple[float, float]:
+    return (t.p, t.diff) if isinstance(t, SeedTest) else (t["p"], t["diff"])
+
+
+def paired_of(r: dict) -> list[PairedTest]:
+    """The results' paired tests, typed (the methods are the results' models)."""
+    return [PairedTest.from_dict(d, list(_by_method(r))) for d in r["paired"]]
+
+
+def _verdict(tests) -> str:
+    pd = [_p_diff(t) for t in tests]
+    up = sum(1 for p, diff in pd if p < ALPHA and diff > 0)
+    down = sum(1 for p, diff in pd if p < ALPHA and diff < 0)
     n = len(tests)
     if up == n:
         return f"higher in all {n} seeds (p < {ALPHA})"
@@ -281,14 +294,14 @@ def _default_rci_section(r: dict, eps: list[str]) -> list[str]:
     m, seed = key.split("/seed")
     model = r["models"][key]["settings"]
     n = model["request"][eps[0]]["n"]
-    tests = {(row["eps"], row["setting"]): next(t for t in row["tests"] if t["seed"] == int(seed)) for row in r["paired"] if row["a"].startswith(f"{m}, RCI")}
+    tests = {(row.eps, row.setting): next(t for t in row.tests if t.seed == int(seed)) for row in paired_of(r) if row.rci_vs_plain and row.method == m}
     plain = {e: sum(model["plain"][e]["score"][:n]) / n for e in eps}
     L = ["", "## RCI on the served default", "",
          f"The served default checkpoint (`{d['name']}`) is the {m} seed {seed} model above. Worst-case accuracy (%) on the RCI sample (n = {n}; with RCI expected over {model['request'][eps[0]]['draws']} draws) under the white-box suite: "
          "no RCI, and through RCI with the adaptive EOT attacks; in brackets the exact McNemar p-value against no RCI on the same images.", "",
          *_table(["setting", *(f"ε = {e}" for e in eps)],
                  [["no RCI", *(_pct(plain[e]) for e in eps)],
-                  *([SETTING_NAMES[s], *(f"{_pct(model[s][e]['accuracy'])} (p = {tests[(e, s)]['p']:.2g})" if (e, s) in tests else _pct(model[s][e]["accuracy"]) for e in eps)] for s in SCOPES)])]
+                  *([SETTING_NAMES[s], *(f"{_pct(model[s][e]['accuracy'])} (p = {tests[(e, s)].p:.2g})" if (e, s) in tests else _pct(model[s][e]["accuracy"]) for e in eps)] for s in SCOPES)])]
     bb = [row for row in (r.get("blackbox") or {}).get("rows", []) if row["method"] == m]
     if bb:
         attackers = list(dict.fromkeys((row["attacker"], row["budget"]) for row in bb))
@@ -322,7 +335,7 @@ def size_finding(tests: list[dict]) -> str:
 
 
 def _collapsed_runs(st: dict) -> dict:
-    """{(size, method): [seeds]} of the study's models that predict fewer than half of the classes (``probe.sizes.collapsed``)."""
+    """{(size, method): [seeds]} of the study's models that predict fewer than half of the classes (``probe.report.sizes.collapsed``)."""
     classes = len(next(iter(st["subset_classes"].values())))
     out: dict = {}
     for x in st["rows"]:
@@ -539,6 +552,7 @@ def render(r: dict, figures: dict[str, str]) -> str:
     eps = [f"{e:g}" for e in cfg["eps"]]
     first = {m: runs[0] for m, runs in by_method.items()}
     sizes = _sizes(r)
+    coding = _coding(r)
     quick = r.get("quick", False)
     L = [
         "# Robustness results" + (" — smoke test, not results" if quick else ""),
@@ -554,8 +568,8 @@ def render(r: dict, figures: dict[str, str]) -> str:
         f"- **Models**: `small_cnn` width {cfg['width']}, {cfg['epochs']} epochs, training seeds {_seeds_text(r)} for {_methods_text(r)}."
         + (" The exact weights are published beside this file; see [Checkpoints](#checkpoints)." if r.get("checkpoints") else ""),
         "- **Settings**: *no RCI* (the plain model); *RCI, request scope* (the server's default: each image a one-item request "
-        "coded with 31 trusted filler items, N = 48, sparse decode); *RCI, batch scope* (the paper's setting: each image coded "
-        "with 31 other clients' clean images, N = 48). The attacker's differentiable model of RCI is the server's planner and "
+        f"coded with {coding['k'] - 1} trusted filler items, N = {coding['n']}, sparse decode); *RCI, batch scope* (the paper's setting: each image coded "
+        f"with {coding['k'] - 1} other clients' clean images, N = {coding['n']}). The attacker's differentiable model of RCI is the server's planner and "
         "apply (`probe.targets.RCIModel`), drawing its own randomness; results are scored on independent draws.",
         f"- **Attack suite** (L∞, pixels in [0, 1]), as a cascade: each attack runs on the images every earlier one left at least "
         "partly correct, and each image keeps its most harmful input (AutoAttack's scheme). A larger ε starts from the smaller "
@@ -617,16 +631,27 @@ def render(r: dict, figures: dict[str, str]) -> str:
     L += _cotenant_section(r)
     L += _sanity_section(r)
     L += _checkpoints_section(r)
+    gpu = (r.get("environment") or {}).get("gpu")
     L += [
         "",
         "## CIFAR-10",
         "",
-        "Not run: no GPU machine was lent to the session that produced this report, and CIFAR-10 cannot be downloaded here. "
+        ("Not run: no GPU machine was lent to the session that produced this report" if not gpu else f"Not run, although this run had a GPU ({gpu})")
+        + ", and CIFAR-10 cannot be downloaded here. "
         "The path (PreActResNet-18, `--data cifar10 --data-dir`, all four methods, RCI at layer4) is exercised by the tests on "
         "small synthetic CIFAR-shaped data.",
         "",
     ]
     return "\n".join(L)
+
+
+def _coding(r: dict) -> dict:
+    """K and N of RCI as the report's models were served: recorded by the run, or (results written before it recorded
+    them) the group size its checkpoints trained with and the final N of their coded schedule."""
+    if "coding" in r:
+        return r["coding"]
+    trained = [c["training"] for c in r["checkpoints"].values()]
+    return {"k": trained[0]["batch_size"], "n": next(t["n_schedule"]["n_end"] for t in trained if t.get("n_schedule"))}
 
 
 def _machine(r: dict) -> str:
@@ -654,7 +679,7 @@ def _paired_section(r: dict) -> list[str]:
     L = ["", "## Paired tests (exact McNemar, per seed)", "",
          "Δ = accuracy of A − accuracy of B on the same images (points); p = two-sided exact McNemar p-value.", "",
          *_table(["ε", "A", "B", "per seed: Δ (p)", "verdict for A vs B"],
-                 ([row["eps"], row["a"], row["b"], "; ".join(f"{100 * t['diff']:+.1f} ({t['p']:.2g})" for t in row["tests"]), _verdict(row["tests"])] for row in r["paired"]))]
+                 ([row.eps, row.a, row.b, "; ".join(f"{100 * t.diff:+.1f} ({t.p:.2g})" for t in row.tests), _verdict(row.tests)] for row in paired_of(r)))]
     L += ["", "## Reading", ""]
     if r.get("quick"):
         L += [f"*{QUICK_BANNER}*", ""]
@@ -665,10 +690,10 @@ def _paired_section(r: dict) -> list[str]:
 def _reading(r: dict) -> list[str]:
     """Claims, each only as strong as the paired tests it rests on."""
     out = []
-    rows = r["paired"]
-    by = {(x["eps"], x["a"], x["b"]): x["tests"] for x in rows}
+    rows = paired_of(r)
+    by = {(x.eps, x.method, x.vs_method): x.tests for x in rows if x.setting == x.vs_setting == PLAIN}
     eps = [f"{e:g}" for e in r["config"]["eps"]]
-    for a, b in (("coded", "erm"), ("coded", "mixup"), ("coded", "pgd-at"), ("pgd-at", "erm")):
+    for a, b in READING_PAIRS:
         verdicts = {e: _verdict(by[(e, a, b)]) for e in eps if (e, a, b) in by}
         if verdicts:
             out.append(f"- {a} vs {b} (no RCI, worst case): " + "; ".join(f"ε = {e}: {v}" for e, v in verdicts.items()) + ".")
@@ -691,10 +716,7 @@ def _reading(r: dict) -> list[str]:
                    + ". RCI's draws make the scores a query attack reads noisy; an attacker with the model differentiates through them. "
                    "A black-box number against RCI alone would overstate its robustness.")
     for scope in SCOPES:
-        parts = []
-        for key, tests in by.items():
-            if key[1].endswith(f"RCI {scope}"):
-                parts.append((key[1].split(",")[0], key[0], _verdict(tests)))
+        parts = [(x.method, x.eps, _verdict(x.tests)) for x in rows if x.rci_vs_plain and x.setting == scope]
         sig = [p for p in parts if not p[2].startswith("no significant")]
         if not sig:
             out.append(f"- RCI in {scope} scope against its own adaptive attacker changes no method's worst-case accuracy significantly "
