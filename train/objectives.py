@@ -27,6 +27,7 @@ class Objective(nn.Module):
     """ERM: cross-entropy on the clean batch. The base of every method."""
 
     uses_code: ClassVar[bool] = False  # trains the coded block (mu, the N schedule)
+    checks_collapse: ClassVar[bool] = False  # checked for catastrophic overfitting after every epoch (train.overfitting)
 
     def __init__(self, cfg: Any, model: nn.Module, trunk: nn.Module, coded: CodedSmoothing | None, at: dict | None,
                  generator: torch.Generator, at_generator: torch.Generator):

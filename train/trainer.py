@@ -37,6 +37,7 @@ from . import distributed
 from .data import DATASETS, DataSplit, as_float, load_dataset, training_subset
 from .environment import environment
 from .objectives import OBJECTIVES
+from .overfitting import CHECK_SIZE, CollapseGuard, held_out_batch
 from .resume import load_state, resume_dir, save_state
 
 log = logging.getLogger("codedsmooth.train")
@@ -117,6 +118,16 @@ class EpochStats:
     n: int | None
     test_accuracy: float
     seconds: float
+    check: dict | None = None  # methods with a collapse check: the held-out batch's PGD and FGSM accuracy
+    restored_epoch: int | None = None  # set where this epoch collapsed: the epoch whose weights were restored
+
+    def record(self) -> dict:
+        """The history entry; the two collapse-check fields only where they are set."""
+        entry = asdict(self)
+        for key in ("check", "restored_epoch"):
+            if entry[key] is None:
+                del entry[key]
+        return entry
 
 
 @dataclass
@@ -202,6 +213,10 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
     at = method.attack_settings(cfg, data.input_shape)
     at_gen = torch.Generator().manual_seed(cfg.seed + 2)
     objective = method(cfg, model, trunk, coded, at, gen, at_gen)
+    guard = None
+    if method.checks_collapse:  # every rank checks (same weights, same batch, same starts), so all stop together
+        check_x, check_y = held_out_batch(data.test_x, data.test_y, CHECK_SIZE, cfg.seed + 3)
+        guard = CollapseGuard(model, as_float(check_x).to(device), check_y.to(device), at, cfg.seed + 4)
     step_fn = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None) if ranks.distributed else objective
 
     history: list[EpochStats] = []
@@ -248,17 +263,31 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
         total, closs_total, seen = distributed.sum_over_ranks(ranks, [total, closs_total, float(seen)])
         acc = evaluate(model, data.test_x, data.test_y, device) if ranks.main else float("nan")
         stats = EpochStats(epoch + 1, total / max(1.0, seen), closs_total / max(1.0, seen), n_now, acc, seconds)
+        collapsed = False
+        if guard is not None:
+            check, collapsed = guard.after_epoch(epoch + 1)
+            stats.check = asdict(check)
+            if collapsed:
+                stats.restored_epoch = guard.restore()
+                if ranks.main:
+                    log.warning(
+                        "epoch %d: catastrophic overfitting: PGD accuracy %.3f on the held-out batch (best %.3f) while FGSM accuracy rose to %.3f; "
+                        "restored the weights of epoch %d and stopped", epoch + 1, check.pgd_accuracy, guard.best_pgd, check.fgsm_accuracy, stats.restored_epoch,
+                    )
         history.append(stats)
         if ranks.main:
             log.info(
                 "epoch %d/%d loss %.4f coded_loss %.4f N %s test_acc %.4f (%.2fs)",
                 stats.epoch, cfg.epochs, stats.loss, stats.coded_loss, n_now if n_now is not None else "-", acc, seconds,
             )
-            save_state(cfg.out, asdict(cfg), epoch + 1, [asdict(h) for h in history], model, opt, sched, {"gen": gen, "at_gen": at_gen})
+            save_state(cfg.out, asdict(cfg), epoch + 1, [h.record() for h in history], model, opt, sched, {"gen": gen, "at_gen": at_gen})
         distributed.barrier(ranks)
+        if collapsed:
+            break
 
     model.eval()
-    final_acc = history[-1].test_accuracy
+    restored = bool(history) and history[-1].restored_epoch is not None
+    final_acc = (evaluate(model, data.test_x, data.test_y, device) if ranks.main else float("nan")) if restored else history[-1].test_accuracy
     config = {
         "name": f"{data.name}-{arch}-{cfg.method}",
         "arch": arch,
@@ -287,7 +316,7 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
         "coding": asdict(coding),
         "dataset": data.name,
         "test_accuracy": final_acc,
-        "history": [asdict(h) for h in history],
+        "history": [h.record() for h in history],
     }
     path = Path(cfg.out)
     if ranks.main:  # other ranks never touch the output directory
