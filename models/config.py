@@ -24,10 +24,10 @@ from .architectures import ARCHITECTURES
 FORMAT_VERSION = 1
 # The training methods: the trainer, the CLI's choices and the report's tables all take them from here.
 # coded-at is coded-smoothing inside PGD adversarial training; trades is Zhang et al. (2019).
-Method = Literal["erm", "mixup", "coded", "pgd-at", "coded-at", "trades"]
+Method = Literal["erm", "mixup", "coded", "pgd-at", "coded-at", "trades", "fast-at", "coded-fast-at"]
 METHODS: tuple[Method, ...] = get_args(Method)
-CODED_METHODS: tuple[Method, ...] = ("coded", "coded-at")  # with the coded loss (mu, the N schedule)
-ADVERSARIAL_METHODS: tuple[Method, ...] = ("pgd-at", "coded-at", "trades")  # on examples made against the current weights (the at_* settings)
+CODED_METHODS: tuple[Method, ...] = ("coded", "coded-at", "coded-fast-at")  # with the coded loss (mu, the N schedule)
+ADVERSARIAL_METHODS: tuple[Method, ...] = ("pgd-at", "coded-at", "trades", "fast-at", "coded-fast-at")  # on examples made against the current weights (the at_* settings)
 MAX_CHANNELS = 64
 MAX_SIDE = 1024
 MAX_WIDTH = 512

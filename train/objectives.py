@@ -118,6 +118,21 @@ class Trades(PgdAt):
         return F.cross_entropy(logits, yb) + self.cfg.trades_beta * robust, xb.new_zeros(())
 
 
+class FastAt(PgdAt):
+    """Fast adversarial training (Wong, Rice and Kolter 2020): one FGSM step of 1.25 ε (``--at-step-size``) from a uniform random start, ε ramped up by ``--at-warmup``."""
+
+    checks_collapse = True
+
+    @classmethod
+    def attack_settings(cls, cfg: Any, input_shape: tuple[int, ...]) -> dict | None:
+        at = adversarial_training_settings(cfg, input_shape)
+        return {**at, "steps": 1, "step_size": cfg.at_step_size if cfg.at_step_size is not None else 1.25 * at["eps"]}
+
+
+class CodedFastAt(FastAt, Coded):
+    """coded-fast-at: the coded loss (of ``coded``) on fast-at's FGSM batch."""
+
+
 OBJECTIVES: dict[Method, type[Objective]] = {
     "erm": Objective,
     "mixup": Mixup,
@@ -125,4 +140,6 @@ OBJECTIVES: dict[Method, type[Objective]] = {
     "pgd-at": PgdAt,
     "coded-at": CodedAt,
     "trades": Trades,
+    "fast-at": FastAt,
+    "coded-fast-at": CodedFastAt,
 }
