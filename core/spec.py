@@ -24,20 +24,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Literal, get_args
+from typing import Any, Literal, cast, get_args
 
-from .points import (  # noqa: F401  (re-exported: the point vocabulary is part of the spec)
-    CODED_POINT_KINDS,
-    DATA_POINT_KINDS,
-    DEFAULT_CODED_POINTS,
-    DEFAULT_DATA_POINTS,
-    LEGACY_CODED_POINTS,
-    CodedPointKind,
-    DataPointKind,
-    check_code,
-    check_point_kinds,
-    fix_parity,
-    shares_a_point,
+import torch
+
+# re-exported (``X as X``): the point vocabulary is part of the spec
+from .points import (
+    CODED_POINT_KINDS as CODED_POINT_KINDS,
+    DATA_POINT_KINDS as DATA_POINT_KINDS,
+    DEFAULT_CODED_POINTS as DEFAULT_CODED_POINTS,
+    DEFAULT_DATA_POINTS as DEFAULT_DATA_POINTS,
+    LEGACY_CODED_POINTS as LEGACY_CODED_POINTS,
+    CodedPointKind as CodedPointKind,
+    DataPointKind as DataPointKind,
+    check_code as check_code,
+    check_point_kinds as check_point_kinds,
+    fix_parity as fix_parity,
+    shares_a_point as shares_a_point,
 )
 from .spline import SplineCode
 
@@ -100,7 +103,7 @@ class CodingSpec:
     coded_points: CodedPointKind = DEFAULT_CODED_POINTS
     decode_tolerance: float = 0.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_scope(self.scope)
         if self.k < 2:
             raise ValueError(f"group size K must be at least 2, got {self.k}")
@@ -127,7 +130,7 @@ class CodingSpec:
         scope = scope or DEFAULT_SCOPE
         tol = DEFAULT_DECODE_TOLERANCE if decode_tolerance is None else float(decode_tolerance)
         return CodingSpec(
-            enabled=bool(enabled), scope=scope, k=k, n=int(n), data_points=trained.data_points,
+            enabled=bool(enabled), scope=cast(Scope, scope), k=k, n=int(n), data_points=trained.data_points,
             coded_points=trained.coded_points, decode_tolerance=tol if scope == "request" else 0.0,
         )
 
@@ -137,16 +140,16 @@ class CodingSpec:
         return CodingSpec(enabled=False, scope=DEFAULT_SCOPE, k=2, n=2)
 
     def with_scope(self, scope: str) -> "CodingSpec":
-        return replace(self, scope=scope, decode_tolerance=self.decode_tolerance if scope == "request" else 0.0)
+        return replace(self, scope=cast(Scope, scope), decode_tolerance=self.decode_tolerance if scope == "request" else 0.0)
 
     @property
     def sparse(self) -> bool:
         return self.enabled and self.scope == "request" and self.decode_tolerance > 0
 
-    def code(self, device=None, dtype=None) -> SplineCode:
+    def code(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SplineCode:
         return SplineCode.from_spec(self, device=device, dtype=dtype)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def label(self) -> str:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Protocol
 
 import torch
 
@@ -115,7 +116,7 @@ def natural_spline_matrix(nodes: torch.Tensor, queries: torch.Tensor) -> torch.T
 
 
 @functools.lru_cache(maxsize=128)
-def _matrices(k: int, n: int, data_kind: str, coded_kind: str, device: str, dtype: torch.dtype):
+def _matrices(k: int, n: int, data_kind: str, coded_kind: str, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     alpha, beta = data_points(k, data_kind), chebyshev_points(n, coded_kind)
     enc = natural_spline_matrix(alpha, beta) if k >= 2 else torch.ones(n, 1, dtype=torch.float64)
     dec = natural_spline_matrix(beta, alpha) if n >= 2 else torch.ones(k, 1, dtype=torch.float64)
@@ -139,6 +140,19 @@ def _apply(matrix: torch.Tensor, x: torch.Tensor, batch_dims: int) -> torch.Tens
     return out.reshape(*lead, matrix.shape[0], *x.shape[batch_dims + 1 :])
 
 
+class _CodeSpec(Protocol):
+    """What :meth:`SplineCode.from_spec` reads of a spec (``core.spec.CodingSpec`` has it; spec imports this module, not the reverse)."""
+
+    @property
+    def k(self) -> int: ...
+    @property
+    def n(self) -> int: ...
+    @property
+    def data_points(self) -> str: ...
+    @property
+    def coded_points(self) -> str: ...
+
+
 class SplineCode:
     """Encoder/decoder pair of the natural cubic spline code for K data and N coded points.
 
@@ -150,7 +164,10 @@ class SplineCode:
     reproduces codes trained before.
     """
 
-    def __init__(self, k: int, n: int, device=None, dtype=None, data_kind: str = DEFAULT_DATA_POINTS, coded_kind: str = DEFAULT_CODED_POINTS):
+    def __init__(
+        self, k: int, n: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        data_kind: str = DEFAULT_DATA_POINTS, coded_kind: str = DEFAULT_CODED_POINTS,
+    ) -> None:
         if k < 1 or n < 1:
             raise ValueError(f"k and n must be positive, got k={k}, n={n}")
         if k >= 2 and n < 2:
@@ -163,7 +180,7 @@ class SplineCode:
         self.alpha, self.beta, self.E, self.D = _matrices(self.k, self.n, data_kind, coded_kind, str(self.device), self.dtype)
 
     @classmethod
-    def from_spec(cls, spec, device=None, dtype=None) -> "SplineCode":
+    def from_spec(cls, spec: _CodeSpec, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SplineCode:
         """The code of a coding spec (anything with ``k``, ``n``, ``data_points`` and ``coded_points``, e.g. ``core.spec.CodingSpec``)."""
         return cls(spec.k, spec.n, device=device, dtype=dtype, data_kind=spec.data_points, coded_kind=spec.coded_points)
 
