@@ -63,6 +63,8 @@ def _per_item_loss(name: str | ItemLoss, logits: torch.Tensor, y: torch.Tensor, 
     if name == "dlr":
         return dlr_loss(logits, y)
     if name == "dlr-targeted":
+        if target is None:
+            raise ValueError("the dlr-targeted loss needs target classes")
         return dlr_targeted_loss(logits, y, target)
     raise ValueError(f"unknown loss {name!r}; choose one of {list(LOSSES)}")
 
@@ -73,7 +75,8 @@ def _loss_and_grad(
     """(∇ₓ of the summed per-item loss, per-item loss, logits), each averaged over ``eot_samples`` calls."""
     x = x.detach().requires_grad_(True)
     grad = torch.zeros_like(x)
-    loss_sum = logits_sum = None
+    loss_sum: torch.Tensor | None = None
+    logits_sum: torch.Tensor | None = None
     with torch.enable_grad():  # attacks may be called from inside no_grad/eval code
         for _ in range(eot_samples):
             logits = model_fn(x)
@@ -82,6 +85,7 @@ def _loss_and_grad(
             grad += g
             loss_sum = per_item.detach() if loss_sum is None else loss_sum + per_item.detach()
             logits_sum = logits.detach() if logits_sum is None else logits_sum + logits.detach()
+    assert loss_sum is not None and logits_sum is not None, "eot_samples must be at least 1"
     return grad / eot_samples, loss_sum / eot_samples, logits_sum / eot_samples
 
 
@@ -189,7 +193,7 @@ def apgd(
     rho: float = 0.75,
     momentum: float = 0.75,
     target_classes: int = 9,
-    trace: list | None = None,
+    trace: list[ApgdTrace] | None = None,
 ) -> torch.Tensor:
     """L∞ Auto-PGD (Croce & Hein 2020) with the CE, DLR or targeted-DLR loss.
 
@@ -259,7 +263,10 @@ class ApgdTrace(NamedTuple):
     step_size: torch.Tensor  # the step size for the next iteration (after this iteration's check)
 
 
-def _apgd_run(model_fn, x, y, eps, steps, loss, generator, eot, rho, momentum, target, trace):
+def _apgd_run(
+    model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, loss: str, generator: torch.Generator | None,
+    eot: int, rho: float, momentum: float, target: torch.Tensor | None, trace: list[ApgdTrace] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n = len(x)
     view = (n,) + (1,) * (x.dim() - 1)
     step = torch.full(view, 2.0 * eps, device=x.device, dtype=x.dtype)

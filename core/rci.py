@@ -108,7 +108,7 @@ def plan_groups(sizes: Sequence[int], scope: str, k: int, filler_pool: int, sour
             start += size
     else:  # batch
         unit = source.unit()
-        members = list(permutations(unit, 1, total)[0].split(k))
+        members = list(torch.split(permutations(unit, 1, total)[0], k))
         units = [unit] * len(members)
     if filler_pool < 1 and any(len(m) < k for m in members):
         raise ValueError("padding a coding group needs a filler pool of at least one item")
@@ -159,7 +159,7 @@ def apply_plan(
     if width >= code.n:
         buckets.append((torch.arange(g, device=items.device), None))
     else:
-        for r in counts.unique().tolist():
+        for r in torch.unique(counts).tolist():
             members = (counts == r).nonzero().flatten()
             m = min(code.n, int(r) * width)
             if m >= code.n:
@@ -172,9 +172,9 @@ def apply_plan(
         e = enc.expand(len(members), -1, -1) if sel is None else enc[sel]  # (Gb, M, K)
         coded.append(torch.bmm(e, flat[members]))
     sizes = [c.shape[0] * c.shape[1] for c in coded]
-    out = block(torch.cat([c.reshape(-1, *items.shape[1:]) for c in coded]))
+    out: torch.Tensor = block(torch.cat([c.reshape(-1, *items.shape[1:]) for c in coded]))
     decoded = out.new_empty((g, k, *out.shape[1:]))
-    for (members, sel), part, size in zip(buckets, out.split(sizes), coded):
+    for (members, sel), part, size in zip(buckets, torch.split(out, sizes), coded):
         d = dec.expand(len(members), -1, -1) if sel is None else dec.t()[sel].transpose(1, 2)  # (Gb, K, M)
         res = torch.bmm(d, part.reshape(len(members), size.shape[1], -1))
         decoded = decoded.index_copy(0, members, res.reshape(len(members), k, *out.shape[1:]))

@@ -77,8 +77,8 @@ class CodedSmoothing(nn.Module):
         decoded = code.decode(self.block(code.encode(z)))
         return (decoded - out).pow(2).flatten(1).sum(1).mean()
 
-    def forward(self, z: torch.Tensor):
-        out = self.block(z)
+    def forward(self, z: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        out: torch.Tensor = self.block(z)
         if not self.training:
             return out
         return out, self.mu * self.coded_loss(z, out)

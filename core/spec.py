@@ -1,14 +1,13 @@
 """The coding spec: what RCI computes (on/off, scope, K, N, point kinds, sparse decode), in one typed value.
 
-This is the only place the coding vocabulary (scopes, point kinds) and the
-coding rules are written; ``SplineCode``, ``CodedSmoothing``, the trainer and
-the server ask this module:
-- the point kinds: data points ``equispaced``; coded points ``chebyshev-gauss``
-  (the default) or ``chebyshev-lobatto`` (legacy: checkpoints written before the
-  kinds were named used it);
-- odd K with odd N is refused with Gauss points (both point sets then hold 0,
-  see ``core.spline``), and every N this module chooses is made even there
-  (``fix_parity``);
+This is the one place the coding vocabulary and rules are read from; ``CodedSmoothing``,
+the trainer and the server ask this module:
+- the scopes (written here);
+- the point kinds and the parity rule, written in the leaf module ``core.points`` (which
+  ``core.spline`` imports too, so the spec can build its ``SplineCode`` without an import
+  circle) and re-exported here: data points ``equispaced``; coded points ``chebyshev-gauss``
+  (the default) or ``chebyshev-lobatto`` (legacy); odd K with odd N is refused with Gauss
+  points, and every N this module chooses is made even there (``fix_parity``);
 - N for a group of another size keeps the ratio N/K (``coded_points_for``).
 
 A spec is resolved once, from what the checkpoint was trained with plus what
@@ -25,18 +24,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Literal, get_args
+from typing import Any, Literal, cast, get_args
+
+import torch
+
+# re-exported (``X as X``): the point vocabulary is part of the spec
+from .points import (
+    CODED_POINT_KINDS as CODED_POINT_KINDS,
+    DATA_POINT_KINDS as DATA_POINT_KINDS,
+    DEFAULT_CODED_POINTS as DEFAULT_CODED_POINTS,
+    DEFAULT_DATA_POINTS as DEFAULT_DATA_POINTS,
+    LEGACY_CODED_POINTS as LEGACY_CODED_POINTS,
+    CodedPointKind as CodedPointKind,
+    DataPointKind as DataPointKind,
+    check_code as check_code,
+    check_point_kinds as check_point_kinds,
+    fix_parity as fix_parity,
+    shares_a_point as shares_a_point,
+)
+from .spline import SplineCode
 
 Scope = Literal["request", "batch"]
 SCOPES: tuple[Scope, ...] = get_args(Scope)
 DEFAULT_SCOPE: Scope = "request"
-DataPointKind = Literal["equispaced"]
-CodedPointKind = Literal["chebyshev-gauss", "chebyshev-lobatto"]
-DATA_POINT_KINDS: tuple[DataPointKind, ...] = get_args(DataPointKind)
-CODED_POINT_KINDS: tuple[CodedPointKind, ...] = get_args(CodedPointKind)
-DEFAULT_DATA_POINTS: DataPointKind = "equispaced"
-DEFAULT_CODED_POINTS: CodedPointKind = "chebyshev-gauss"
-LEGACY_CODED_POINTS: CodedPointKind = "chebyshev-lobatto"
 # N at the end of training (and so at serving) as a multiple of K: 1.5 K decodes
 # almost exactly while still coding every item with its neighbours.
 DEFAULT_N_RATIO = 1.5
@@ -50,29 +60,6 @@ DEFAULT_DECODE_TOLERANCE = 1e-2
 def check_scope(scope: str) -> None:
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
-
-
-def check_point_kinds(data_kind: str, coded_kind: str) -> None:
-    if data_kind not in DATA_POINT_KINDS:
-        raise ValueError(f"unknown data point kind {data_kind!r}; known: {list(DATA_POINT_KINDS)}")
-    if coded_kind not in CODED_POINT_KINDS:
-        raise ValueError(f"unknown coded point kind {coded_kind!r}; known: {list(CODED_POINT_KINDS)}")
-
-
-def shares_a_point(k: int, n: int, coded_kind: str = DEFAULT_CODED_POINTS) -> bool:
-    """Whether a data point coincides with an interior coded point: Gauss points with K and N both odd (both hold 0)."""
-    return coded_kind == "chebyshev-gauss" and k % 2 == 1 and n % 2 == 1
-
-
-def check_code(k: int, n: int, coded_kind: str = DEFAULT_CODED_POINTS) -> None:
-    """Refuse a K/N pair the spline code cannot code without an exact (uncoded) slot."""
-    if shares_a_point(k, n, coded_kind):
-        raise ValueError(f"K={k} and N={n} are both odd: equispaced and Gauss points then share 0, which codes that slot exactly; make N even")
-
-
-def fix_parity(k: int, n: int, coded_kind: str = DEFAULT_CODED_POINTS) -> int:
-    """``n``, raised by one where K and N would share a point (see :func:`shares_a_point`)."""
-    return n + 1 if shares_a_point(k, n, coded_kind) else n
 
 
 def coded_points_for(batch: int, k: int, n: int, coded_kind: str = DEFAULT_CODED_POINTS) -> int:
@@ -116,7 +103,7 @@ class CodingSpec:
     coded_points: CodedPointKind = DEFAULT_CODED_POINTS
     decode_tolerance: float = 0.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_scope(self.scope)
         if self.k < 2:
             raise ValueError(f"group size K must be at least 2, got {self.k}")
@@ -143,7 +130,7 @@ class CodingSpec:
         scope = scope or DEFAULT_SCOPE
         tol = DEFAULT_DECODE_TOLERANCE if decode_tolerance is None else float(decode_tolerance)
         return CodingSpec(
-            enabled=bool(enabled), scope=scope, k=k, n=int(n), data_points=trained.data_points,
+            enabled=bool(enabled), scope=cast(Scope, scope), k=k, n=int(n), data_points=trained.data_points,
             coded_points=trained.coded_points, decode_tolerance=tol if scope == "request" else 0.0,
         )
 
@@ -153,18 +140,16 @@ class CodingSpec:
         return CodingSpec(enabled=False, scope=DEFAULT_SCOPE, k=2, n=2)
 
     def with_scope(self, scope: str) -> "CodingSpec":
-        return replace(self, scope=scope, decode_tolerance=self.decode_tolerance if scope == "request" else 0.0)
+        return replace(self, scope=cast(Scope, scope), decode_tolerance=self.decode_tolerance if scope == "request" else 0.0)
 
     @property
     def sparse(self) -> bool:
         return self.enabled and self.scope == "request" and self.decode_tolerance > 0
 
-    def code(self, device=None, dtype=None):
-        from .spline import SplineCode
+    def code(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SplineCode:
+        return SplineCode.from_spec(self, device=device, dtype=dtype)
 
-        return SplineCode(self.k, self.n, device=device, dtype=dtype, data_kind=self.data_points, coded_kind=self.coded_points)
-
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def label(self) -> str:

@@ -8,7 +8,7 @@ outputs at ``beta`` and samples it at ``alpha``.
 
 Point kinds (named in a checkpoint's coding spec, so a model is served with the
 points it was trained with; the names, the default and the rules below are
-written in ``core.spec``):
+written in ``core.points``):
 - data points ``equispaced``: K equispaced points on [-1, 1], ends included;
 - coded points ``chebyshev-gauss`` (default): the N Chebyshev points of the first
   kind cos((2j+1)π/2N), strictly inside (-1, 1), clustered near the ends;
@@ -22,7 +22,7 @@ points share ±1 with the data points (slots 0 and K-1). Equispaced points are
 rational, and by Niven's theorem the only rational values of cos(rπ) are 0,
 ±1/2 and ±1; cos((2j+1)π/2N) is never ±1 or ±1/2, and is 0 only for odd N.
 So Gauss points meet the data points only when K and N are both odd (both sets
-then hold 0), a pair ``SplineCode`` refuses (``core.spec.check_code``). The decoder then extrapolates a
+then hold 0), a pair ``SplineCode`` refuses (``core.points.check_code``). The decoder then extrapolates a
 little (to ±1 from ±cos(π/2N)), which the natural end pieces handle.
 """
 
@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Protocol
 
 import torch
 
-from .spec import CODED_POINT_KINDS, DATA_POINT_KINDS, DEFAULT_CODED_POINTS, DEFAULT_DATA_POINTS, check_code
+from .points import CODED_POINT_KINDS, DATA_POINT_KINDS, DEFAULT_CODED_POINTS, DEFAULT_DATA_POINTS, check_code
 
 
 def data_points(k: int, kind: str = DEFAULT_DATA_POINTS) -> torch.Tensor:
@@ -115,7 +116,7 @@ def natural_spline_matrix(nodes: torch.Tensor, queries: torch.Tensor) -> torch.T
 
 
 @functools.lru_cache(maxsize=128)
-def _matrices(k: int, n: int, data_kind: str, coded_kind: str, device: str, dtype: torch.dtype):
+def _matrices(k: int, n: int, data_kind: str, coded_kind: str, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     alpha, beta = data_points(k, data_kind), chebyshev_points(n, coded_kind)
     enc = natural_spline_matrix(alpha, beta) if k >= 2 else torch.ones(n, 1, dtype=torch.float64)
     dec = natural_spline_matrix(beta, alpha) if n >= 2 else torch.ones(k, 1, dtype=torch.float64)
@@ -139,18 +140,34 @@ def _apply(matrix: torch.Tensor, x: torch.Tensor, batch_dims: int) -> torch.Tens
     return out.reshape(*lead, matrix.shape[0], *x.shape[batch_dims + 1 :])
 
 
+class _CodeSpec(Protocol):
+    """What :meth:`SplineCode.from_spec` reads of a spec (``core.spec.CodingSpec`` has it; spec imports this module, not the reverse)."""
+
+    @property
+    def k(self) -> int: ...
+    @property
+    def n(self) -> int: ...
+    @property
+    def data_points(self) -> str: ...
+    @property
+    def coded_points(self) -> str: ...
+
+
 class SplineCode:
     """Encoder/decoder pair of the natural cubic spline code for K data and N coded points.
 
     ``encode`` maps (…groups, K, *shape) → (…groups, N, *shape); ``decode`` maps
     (…groups, N, *shape) → (…groups, K, *shape). ``groups`` leading dims are
     optional (set ``group_dims``); the matrices are computed once per
-    (k, n, kinds, device, dtype). The point kinds default to ``core.spec``'s
+    (k, n, kinds, device, dtype). The point kinds default to ``core.points``'
     (Gauss coded points, see the module docstring); ``chebyshev-lobatto``
     reproduces codes trained before.
     """
 
-    def __init__(self, k: int, n: int, device=None, dtype=None, data_kind: str = DEFAULT_DATA_POINTS, coded_kind: str = DEFAULT_CODED_POINTS):
+    def __init__(
+        self, k: int, n: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        data_kind: str = DEFAULT_DATA_POINTS, coded_kind: str = DEFAULT_CODED_POINTS,
+    ) -> None:
         if k < 1 or n < 1:
             raise ValueError(f"k and n must be positive, got k={k}, n={n}")
         if k >= 2 and n < 2:
@@ -161,6 +178,11 @@ class SplineCode:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype if dtype is not None else torch.get_default_dtype()
         self.alpha, self.beta, self.E, self.D = _matrices(self.k, self.n, data_kind, coded_kind, str(self.device), self.dtype)
+
+    @classmethod
+    def from_spec(cls, spec: _CodeSpec, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SplineCode:
+        """The code of a coding spec (anything with ``k``, ``n``, ``data_points`` and ``coded_points``, e.g. ``core.spec.CodingSpec``)."""
+        return cls(spec.k, spec.n, device=device, dtype=dtype, data_kind=spec.data_points, coded_kind=spec.coded_points)
 
     def encode(self, x: torch.Tensor, group_dims: int = 0) -> torch.Tensor:
         return _apply(self.E.to(x.device), x, group_dims)

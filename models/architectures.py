@@ -7,7 +7,8 @@ logits included), the part that coded-smoothing wraps and RCI codes.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -17,12 +18,15 @@ from torch import nn
 class Normalize(nn.Module):
     """Per-channel (x - mean) / std, so models take raw pixels in [0, 1]."""
 
-    def __init__(self, mean, std):
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
 
@@ -31,11 +35,11 @@ class StagedModel(nn.Module):
 
     default_target: str = ""
 
-    def __init__(self, stages: dict[str, nn.Module]):
+    def __init__(self, stages: dict[str, nn.Module]) -> None:
         super().__init__()
         self.stages = nn.ModuleDict(stages)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         for stage in self.stages.values():
             x = stage(x)
         return x
@@ -62,7 +66,10 @@ class SmallCNN(StagedModel):
 
     default_target = "head"
 
-    def __init__(self, in_channels=1, num_classes=10, image_size=8, width=32, mean=(0.0,), std=(1.0,)):
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 10, image_size: int = 8, width: int = 32,
+        mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
+    ) -> None:
         pooled = image_size // 2
         super().__init__(
             {
@@ -82,22 +89,22 @@ class SmallCNN(StagedModel):
 class PreActBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_planes, planes, stride=1):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.shortcut = None
+        self.shortcut: nn.Conv2d | None = None
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
         shortcut = self.shortcut(out) if self.shortcut is not None else x
         out = self.conv1(out)
         out = self.conv2(F.relu(self.bn2(out)))
-        return out + shortcut
+        return cast(torch.Tensor, out + shortcut)  # a Module call is typed Any
 
 
 class PreActResNet18(StagedModel):
@@ -105,7 +112,10 @@ class PreActResNet18(StagedModel):
 
     default_target = "layer4"
 
-    def __init__(self, in_channels=3, num_classes=10, width=64, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
+    def __init__(
+        self, in_channels: int = 3, num_classes: int = 10, width: int = 64,
+        mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0),
+    ) -> None:
         widths = [width, 2 * width, 4 * width, 8 * width]
         stages: dict[str, nn.Module] = {
             "normalize": Normalize(mean, std),
@@ -127,7 +137,7 @@ ARCHITECTURES: dict[str, Callable[..., StagedModel]] = {
 }
 
 
-def build_model(name: str, **kwargs) -> StagedModel:
+def build_model(name: str, **kwargs: Any) -> StagedModel:
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[name](**kwargs)

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -94,7 +95,7 @@ def border_background(images: torch.Tensor) -> tuple[float, ...]:
     return tuple(round(float(v) * 255) / 255 for v in median)
 
 
-def save_checkpoint(out_dir, model: StagedModel, config: dict, filler: torch.Tensor) -> Path:
+def save_checkpoint(out_dir: str | os.PathLike[str], model: StagedModel, config: dict[str, Any], filler: torch.Tensor) -> Path:
     """Write ``out_dir`` atomically (temp dir + rename); replaces an existing checkpoint.
 
     ``config`` without a ``background`` gets the one of the filler's data (``border_background``).
@@ -132,7 +133,7 @@ def _apply_umask(directory: Path) -> None:
         os.chmod(f, 0o666 & ~mask)
 
 
-def _resolve(path) -> tuple[Path, Path]:
+def _resolve(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     p = Path(path)
     if p.is_file():
         if p.suffix in PICKLE_SUFFIXES:
@@ -203,7 +204,7 @@ def _check_filler(weights_path: Path, filler: torch.Tensor | None, config: Check
     return filler
 
 
-def load_checkpoint(path, device="cpu") -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Checkpoint:
     """Load and validate a checkpoint directory (or its ``model.safetensors``); model in eval mode.
 
     Order matters: the config is validated, then the model is built on the meta

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator, model_validator
 
-from codedsmooth.core import CODED_POINT_KINDS, DATA_POINT_KINDS, TrainedCoding
+from codedsmooth.core import CODED_POINT_KINDS, DATA_POINT_KINDS, CodedPointKind, DataPointKind, TrainedCoding
 from codedsmooth.core.spec import DEFAULT_DATA_POINTS, LEGACY_CODED_POINTS
 
 from .architectures import ARCHITECTURES
@@ -24,10 +24,10 @@ from .architectures import ARCHITECTURES
 FORMAT_VERSION = 1
 # The training methods: the trainer, the CLI's choices and the report's tables all take them from here.
 # coded-at is coded-smoothing inside PGD adversarial training; trades is Zhang et al. (2019).
-Method = Literal["erm", "mixup", "coded", "pgd-at", "coded-at", "trades"]
+Method = Literal["erm", "mixup", "coded", "pgd-at", "coded-at", "trades", "fast-at", "coded-fast-at"]
 METHODS: tuple[Method, ...] = get_args(Method)
-CODED_METHODS: tuple[Method, ...] = ("coded", "coded-at")  # with the coded loss (mu, the N schedule)
-ADVERSARIAL_METHODS: tuple[Method, ...] = ("pgd-at", "coded-at", "trades")  # on examples made against the current weights (the at_* settings)
+CODED_METHODS: tuple[Method, ...] = ("coded", "coded-at", "coded-fast-at")  # with the coded loss (mu, the N schedule)
+ADVERSARIAL_METHODS: tuple[Method, ...] = ("pgd-at", "coded-at", "trades", "fast-at", "coded-fast-at")  # on examples made against the current weights (the at_* settings)
 MAX_CHANNELS = 64
 MAX_SIDE = 1024
 MAX_WIDTH = 512
@@ -55,7 +55,7 @@ class CodingConfig(_Strict):
     coded_points: StrictStr = LEGACY_CODED_POINTS
 
     @model_validator(mode="after")
-    def _consistent(self):
+    def _consistent(self) -> CodingConfig:
         if self.n < self.k:
             raise ValueError(f"n={self.n} must be >= k={self.k}")
         if self.data_points not in DATA_POINT_KINDS:
@@ -65,7 +65,8 @@ class CodingConfig(_Strict):
         return self
 
     def trained(self) -> TrainedCoding:
-        return TrainedCoding(self.k, self.n, self.target_block, self.data_points, self.coded_points)
+        # the kinds were checked against the vocabulary by _consistent
+        return TrainedCoding(self.k, self.n, self.target_block, cast(DataPointKind, self.data_points), cast(CodedPointKind, self.coded_points))
 
 
 class Normalization(_Strict):
@@ -95,7 +96,7 @@ class CheckpointConfig(BaseModel):
 
     @field_validator("input_shape")
     @classmethod
-    def _shape(cls, shape):
+    def _shape(cls, shape: list[int]) -> list[int]:
         c, h, w = shape
         if not (1 <= c <= MAX_CHANNELS and 1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
             raise ValueError(f"must be [C, H, W] with 1 <= C <= {MAX_CHANNELS} and 1 <= H, W <= {MAX_SIDE}, got {shape}")
@@ -103,20 +104,20 @@ class CheckpointConfig(BaseModel):
 
     @field_validator("classes")
     @classmethod
-    def _classes(cls, classes):
+    def _classes(cls, classes: list[str]) -> list[str]:
         if any(not c for c in classes) or len(set(classes)) != len(classes):
             raise ValueError("class names must be non-empty and distinct")
         return classes
 
     @field_validator("test_accuracy")
     @classmethod
-    def _accuracy(cls, value):
+    def _accuracy(cls, value: float | None) -> float | None:
         if value is not None and not 0.0 <= value <= 1.0:
             raise ValueError(f"must be in [0, 1], got {value}")
         return value
 
     @model_validator(mode="after")
-    def _architecture(self):
+    def _architecture(self) -> CheckpointConfig:
         """arch_kwargs must build the architecture named, for this input shape and these classes, at a sane size."""
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.arch!r}; known: {sorted(ARCHITECTURES)}")
@@ -149,7 +150,7 @@ class CheckpointConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _background(self):
+    def _background(self) -> CheckpointConfig:
         if self.background is not None:
             c = self.input_shape[0]
             if len(self.background) != c or not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in self.background):

@@ -9,7 +9,8 @@ import torch
 from helpers import write_idx
 
 from codedsmooth.train import load_dataset
-from codedsmooth.train.data import IDX_FILES, IdxError, read_idx
+from codedsmooth.train import data as data_module
+from codedsmooth.train.data import FASHION_MNIST_ENV, FASHION_MNIST_SYSTEM_DIR, IDX_FILES, IdxError, read_idx
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])
@@ -86,8 +87,8 @@ def test_idx_data_sets_also_read_torchvisions_layout(tmp_path):
 
 
 def test_idx_data_set_errors_name_the_problem(tmp_path):
-    with pytest.raises(ValueError, match="data set fashion-mnist needs data_dir"):
-        load_dataset("fashion-mnist")
+    with pytest.raises(ValueError, match="data set mnist needs data_dir|data_dir .* is not a directory"):
+        load_dataset("mnist", tmp_path / "none")
     _write_fake_mnist(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(ValueError, match=r"missing t10k-labels-idx1-ubyte\[\.gz\]"):
@@ -161,3 +162,45 @@ def test_training_subset_is_stratified_nested_and_leaves_the_test_split():
     assert training_subset(data, len(data.train_y)) is data
     with pytest.raises(ValueError, match="train_size"):
         training_subset(data, len(data.train_y) + 1)
+
+
+def test_fashion_mnist_is_searched_in_data_dir_then_the_env_variable_then_the_package_folder(tmp_path, monkeypatch):
+    given, env, system = (tmp_path / d for d in ("given", "env", "system"))
+    for root, n_train in ((given, 10), (env, 20), (system, 30)):
+        root.mkdir()
+        _write_fake_mnist(root, n_train=n_train)
+    monkeypatch.setattr(data_module, "FASHION_MNIST_SYSTEM_DIR", system)
+    monkeypatch.delenv(FASHION_MNIST_ENV, raising=False)
+    assert len(load_dataset("fashion-mnist").train_x) == 30
+    monkeypatch.setenv(FASHION_MNIST_ENV, str(env))
+    assert len(load_dataset("fashion-mnist").train_x) == 20
+    assert len(load_dataset("fashion-mnist", given).train_x) == 10
+    # the first place given is used: an empty one is an error naming the package and --data-dir, not a fall-back
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv(FASHION_MNIST_ENV, str(empty))
+    with pytest.raises(ValueError, match=r"missing train-images-idx3-ubyte\[\.gz\] in .*empty \(\$CODEDSMOOTH_FASHION_MNIST_DIR\); install the files with `apt-get install -y dataset-fashion-mnist` or point --data-dir"):
+        load_dataset("fashion-mnist")
+    monkeypatch.delenv(FASHION_MNIST_ENV)
+    monkeypatch.setattr(data_module, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "not-installed")
+    with pytest.raises(ValueError, match=r"no folder .*not-installed \(the default folder\); install the files with `apt-get install -y dataset-fashion-mnist`"):
+        load_dataset("fashion-mnist")
+
+
+def test_cli_without_fashion_mnist_says_how_to_get_it_in_one_line(tmp_path, monkeypatch, capsys):
+    from codedsmooth.cli import main
+
+    monkeypatch.setenv(FASHION_MNIST_ENV, str(tmp_path))
+    assert main(["train", "--data", "fashion-mnist", "--epochs", "1", "--out", str(tmp_path / "ck")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "apt-get install -y dataset-fashion-mnist" in err and "--data-dir" in err and "Traceback" not in err
+    assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.skipif(not FASHION_MNIST_SYSTEM_DIR.is_dir(), reason="Fashion-MNIST is not installed: apt-get install -y dataset-fashion-mnist")
+def test_fashion_mnist_from_the_debian_package_without_data_dir(monkeypatch):
+    monkeypatch.delenv(FASHION_MNIST_ENV, raising=False)
+    data = load_dataset("fashion-mnist")
+    assert data.train_x.shape == (60000, 1, 28, 28) and data.test_x.shape == (10000, 1, 28, 28)
+    assert torch.bincount(data.train_y).tolist() == [6000] * 10 and torch.bincount(data.test_y).tolist() == [1000] * 10
+    assert data.classes[0] == "T-shirt/top" and data.train_x.dtype == torch.uint8

@@ -114,3 +114,14 @@ def test_adversarial_training_defaults_follow_the_data_and_bn_stats_stay_frozen_
     assert torch.equal(bn.running_mean, torch.zeros(3)) and int(bn.num_batches_tracked) == 0 and bn.momentum == 0.1
     bn(torch.randn(8, 3, 4, 4) + 5)
     assert float(bn.running_mean.min()) > 0.3
+
+
+def test_every_method_is_one_registered_objective_that_agrees_with_the_method_vocabulary():
+    from codedsmooth.models import METHODS
+    from codedsmooth.models.config import ADVERSARIAL_METHODS, CODED_METHODS
+    from codedsmooth.train.objectives import OBJECTIVES
+
+    assert set(OBJECTIVES) == set(METHODS)
+    assert {m for m, o in OBJECTIVES.items() if o.uses_code} == set(CODED_METHODS)
+    cfg = TrainConfig()
+    assert {m for m, o in OBJECTIVES.items() if o.attack_settings(cfg, (1, 28, 28)) is not None} == set(ADVERSARIAL_METHODS)

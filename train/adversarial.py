@@ -32,15 +32,15 @@ TRADES_START_STD = 0.001  # the TRADES reference code's start: x + 0.001·N(0, 1
 def adversarial_training_settings(cfg, input_shape: tuple[int, ...]) -> dict:
     """The training attack's ε, steps and step size from a ``TrainConfig``'s ``at_*`` fields, the ``None`` ones resolved by data shape.
 
-    pgd-at and coded-at maximise cross-entropy from a uniform start in the ball; trades the KL
-    divergence from the clean probabilities, from a Gaussian start."""
+    These are pgd-at's and coded-at's: cross-entropy maximised from a uniform start in the ball;
+    a method attacking otherwise (trades: the KL divergence from a Gaussian start) overrides the
+    start and the loss in its objective's ``attack_settings``."""
     mnist_like = tuple(input_shape) == (1, 28, 28)
     eps = cfg.at_eps if cfg.at_eps is not None else (0.3 if mnist_like else 8 / 255)
     step_size = cfg.at_step_size if cfg.at_step_size is not None else pgd_step_size(eps, cfg.at_steps)
-    trades = cfg.method == "trades"
     return {
         "eps": eps, "steps": cfg.at_steps, "step_size": step_size, "warmup": cfg.at_warmup,
-        "random_start": f"normal(0, {TRADES_START_STD})" if trades else True, "loss": "kl" if trades else "ce", "attack_mode": "train",
+        "random_start": True, "loss": "ce", "attack_mode": "train",
     }
 
 

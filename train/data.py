@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import gzip
+import os
 import pickle
 from pathlib import Path
 
@@ -24,6 +25,10 @@ IDX_FILES = {
     "test_x": "t10k-images-idx3-ubyte",
     "test_y": "t10k-labels-idx1-ubyte",
 }
+# Where --data fashion-mnist looks without --data-dir: the env variable, then the Debian package's folder.
+FASHION_MNIST_ENV = "CODEDSMOOTH_FASHION_MNIST_DIR"
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_INSTALL = "apt-get install -y dataset-fashion-mnist"
 # IDX type codes (third byte of the magic number) → big-endian numpy dtype
 _IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
@@ -136,20 +141,52 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
 
-def _find_idx(root: Path, stem: str, name: str) -> Path:
+def fashion_mnist_dir(data_dir: str | Path | None = None) -> tuple[Path, str]:
+    """Where Fashion-MNIST is read from, and how that folder was chosen.
+
+    The order: ``data_dir`` (``--data-dir``), then the env variable ``CODEDSMOOTH_FASHION_MNIST_DIR``,
+    then ``/usr/share/datasets/fashion-mnist``, where Debian's ``dataset-fashion-mnist`` package puts
+    the four IDX files; the first one given is used, so a wrong explicit folder is an error, not a
+    silent fall-back to another copy."""
+    if data_dir is not None:
+        return Path(data_dir), "--data-dir"
+    env = os.environ.get(FASHION_MNIST_ENV)
+    if env:
+        return Path(env), f"${FASHION_MNIST_ENV}"
+    return FASHION_MNIST_SYSTEM_DIR, "the default folder"
+
+
+def _fashion_mnist_missing(how: str, what: str) -> ValueError:
+    return ValueError(
+        f"data set fashion-mnist: {what} ({how}); install the files with `{FASHION_MNIST_INSTALL}` "
+        f"or point --data-dir (or ${FASHION_MNIST_ENV}) at a folder holding the four IDX files"
+    )
+
+
+def _find_idx(root: Path, stem: str, name: str, how: str = "--data-dir") -> Path:
     """``stem`` or ``stem.gz`` directly in ``root`` or in torchvision's ``<Name>/raw`` layout."""
     sub = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[name]
     for folder in (root, root / sub / "raw"):
         for candidate in (folder / stem, folder / f"{stem}.gz"):
             if candidate.is_file():
                 return candidate
+    if name == "fashion-mnist":
+        raise _fashion_mnist_missing(how, f"missing {stem}[.gz] in {root}")
     raise ValueError(f"data set {name}: missing {stem}[.gz] in {root} (the standard IDX files; nothing is downloaded)")
 
 
 def load_idx_split(name: str, data_dir) -> DataSplit:
-    """MNIST or Fashion-MNIST from the four standard IDX files (60,000 train + 10,000 test)."""
-    root = _require_dir(data_dir, name)
-    arrays = {key: read_idx(_find_idx(root, stem, name)) for key, stem in IDX_FILES.items()}
+    """MNIST or Fashion-MNIST from the four standard IDX files (60,000 train + 10,000 test).
+
+    Fashion-MNIST without ``data_dir`` is looked for where :func:`fashion_mnist_dir` says."""
+    how = "--data-dir"
+    if name == "fashion-mnist":
+        root, how = fashion_mnist_dir(data_dir)
+        if not root.is_dir():
+            raise _fashion_mnist_missing(how, f"no folder {root}")
+    else:
+        root = _require_dir(data_dir, name)
+    arrays = {key: read_idx(_find_idx(root, stem, name, how)) for key, stem in IDX_FILES.items()}
     for split in ("train", "test"):
         x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
         if x.ndim != 3 or x.dtype != np.uint8:

@@ -8,8 +8,9 @@ block's smoothness along splines through K training items) does not need it; a s
 micro-batch is coded the same way, one device's batch at a time. Rank 0 alone evaluates, logs
 and writes the checkpoint (atomically) and the state to resume from (after every epoch).
 
-``pgd-at`` (Madry et al. 2018) trains on examples made by ``train.adversarial``, with
-cross-entropy on them; ``coded-at`` adds ``mu`` × the coded loss of the same adversarial batch
+Each method is one ``Objective`` class of ``train.objectives``, looked up in its ``OBJECTIVES``
+registry; the loop here is the same for all. ``pgd-at`` (Madry et al. 2018) trains on examples
+made by ``train.adversarial``, with cross-entropy on them; ``coded-at`` adds ``mu`` × the coded loss of the same adversarial batch
 (the block, N schedule and coding of ``coded``); ``trades`` (Zhang et al. 2019) trains on
 CE(f(x), y) + β · KL(f(x) ‖ f(x')) with x' from ``train.adversarial``'s KL attack. The state to
 resume from is written and read by ``train.resume``.
@@ -25,20 +26,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from codedsmooth.core import CodedSmoothing, NSchedule, TrainedCoding, coded_points_for, default_n_end
 from codedsmooth.models import METHODS, Method, build_model, default_arch_for, save_checkpoint
-from codedsmooth.models.config import ADVERSARIAL_METHODS, CODED_METHODS
 
 from . import distributed
-from .adversarial import adversarial_training_settings, kl_per_item, pgd_examples, trades_examples
 from .data import DATASETS, DataSplit, as_float, load_dataset, training_subset
 from .environment import environment
+from .objectives import OBJECTIVES
+from .overfitting import CHECK_SIZE, CollapseGuard, held_out_batch
 from .resume import load_state, resume_dir, save_state
 
 log = logging.getLogger("codedsmooth.train")
@@ -53,7 +52,7 @@ class TrainConfig:
     image_size: int = field(default=32, metadata={"help": "imagefolder: resize images to this square size"})
     arch: str | None = field(default=None, metadata={"help": "small_cnn or preact_resnet18 (default: small_cnn below 32×32, else preact_resnet18)"})
     width: int | None = field(default=None, metadata={"help": "channel width of the architecture (default: its own)"})
-    method: Method = field(default="coded", metadata={"help": "training method; pgd-at is Madry et al.'s PGD adversarial training, coded-at adds the coded loss on its adversarial batch, trades is Zhang et al.'s TRADES", "choices": METHODS})
+    method: Method = field(default="coded", metadata={"help": "training method; pgd-at is Madry et al.'s PGD adversarial training, coded-at adds the coded loss on its adversarial batch, trades is Zhang et al.'s TRADES, fast-at is Wong et al.'s FGSM training from a random start (coded-fast-at with the coded loss)", "choices": METHODS})
     epochs: int = field(default=30, metadata={"help": "epochs"})
     batch_size: int = field(default=32, metadata={"help": "batch size = K, the number of data points per code"})
     lr: float = field(default=0.05, metadata={"help": "peak learning rate of the one-cycle SGD schedule"})
@@ -63,10 +62,10 @@ class TrainConfig:
     n_end: int | None = field(default=None, metadata={"help": "coded, coded-at: coded points N in the last epoch (default: ceil(1.5 K), even for odd K)"})
     target_block: str | None = field(default=None, metadata={"help": "stage where the coded block starts (default: head for small_cnn, layer4 for preact_resnet18)"})
     mixup_alpha: float = field(default=1.0, metadata={"help": "mixup: Beta(alpha, alpha)"})
-    at_eps: float | None = field(default=None, metadata={"help": "pgd-at, coded-at, trades: L∞ radius (default: 0.3 on 28×28 grey data, else 8/255)"})
-    at_steps: int = field(default=10, metadata={"help": "pgd-at, coded-at, trades: PGD steps per training batch"})
-    at_step_size: float | None = field(default=None, metadata={"help": "pgd-at, coded-at, trades: PGD step size (default: 2.5 · eps / steps, Madry et al.)"})
-    at_warmup: float = field(default=0.3, metadata={"help": "pgd-at, coded-at, trades: share of the training steps over which eps ramps up linearly from 0 (0: Madry et al.'s constant eps)"})
+    at_eps: float | None = field(default=None, metadata={"help": "pgd-at, coded-at, trades, fast-at, coded-fast-at: L∞ radius (default: 0.3 on 28×28 grey data, else 8/255)"})
+    at_steps: int = field(default=10, metadata={"help": "pgd-at, coded-at, trades: PGD steps per training batch (fast-at: always one)"})
+    at_step_size: float | None = field(default=None, metadata={"help": "pgd-at, coded-at, trades: PGD step size (default: 2.5 · eps / steps, Madry et al.); fast-at, coded-fast-at: the FGSM step (default: 1.25 · eps, Wong et al.)"})
+    at_warmup: float = field(default=0.3, metadata={"help": "pgd-at, coded-at, trades, fast-at, coded-fast-at: share of the training steps over which eps ramps up linearly from 0 (0: Madry et al.'s constant eps)"})
     trades_beta: float = field(default=6.0, metadata={"help": "trades: weight β of the KL term (Zhang et al.'s MNIST and CIFAR setting)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda or cuda:N (default: cuda when available, else cpu)"})
@@ -119,6 +118,16 @@ class EpochStats:
     n: int | None
     test_accuracy: float
     seconds: float
+    check: dict | None = None  # methods with a collapse check: the held-out batch's PGD and FGSM accuracy
+    restored_epoch: int | None = None  # set where this epoch collapsed: the epoch whose weights were restored
+
+    def record(self) -> dict:
+        """The history entry; the two collapse-check fields only where they are set."""
+        entry = asdict(self)
+        for key in ("check", "restored_epoch"):
+            if entry[key] is None:
+                del entry[key]
+        return entry
 
 
 @dataclass
@@ -166,38 +175,6 @@ def _filler_pool(data: DataSplit, size: int, generator: torch.Generator) -> torc
     return as_float(data.train_x[chosen])
 
 
-class _Objective(nn.Module):
-    """One batch's training loss, as a module: DDP synchronises gradients of what runs through its forward."""
-
-    def __init__(self, model, trunk, coded, beta, at, generator, at_generator, trades_beta=None):
-        super().__init__()
-        self.model, self.trunk, self.coded = model, trunk, coded
-        self.beta, self.at, self.gen, self.at_gen = beta, at, generator, at_generator
-        self.trades_beta = trades_beta
-
-    def forward(self, xb, yb, progress: float):
-        """(loss, coded loss) of one batch; ``progress`` is the fraction of training done (the ε warm-up)."""
-        zero = xb.new_zeros(())
-        if self.beta is not None:
-            lam = float(self.beta.sample())
-            perm = torch.randperm(len(xb), generator=self.gen).to(xb.device)
-            logits = self.model(lam * xb + (1 - lam) * xb[perm])
-            return lam * F.cross_entropy(logits, yb) + (1 - lam) * F.cross_entropy(logits, yb[perm]), zero
-        if self.trades_beta is not None:  # CE(f(x), y) + β · mean KL(f(x) ‖ f(x')), the gradient through both
-            x_adv = trades_examples(self.model, xb, yb, self.at, self.at_gen, progress)
-            logits = self.model(xb)
-            robust = kl_per_item(F.softmax(logits, dim=1), self.model(x_adv)).mean()
-            return F.cross_entropy(logits, yb) + self.trades_beta * robust, zero
-        if self.at is not None and self.coded is None:
-            return F.cross_entropy(self.model(pgd_examples(self.model, xb, yb, self.at, self.at_gen, progress)), yb), zero
-        if self.at is not None:  # coded-at: the coded loss of the adversarial batch
-            xb = pgd_examples(self.model, xb, yb, self.at, self.at_gen, progress)
-        if self.coded is not None:
-            logits, closs = self.coded(self.trunk(xb))
-            return F.cross_entropy(logits, yb) + closs, closs
-        return F.cross_entropy(self.model(xb), yb), zero
-
-
 def train(cfg: TrainConfig, data: DataSplit | None = None) -> TrainResult:
     """Train one model and write its checkpoint to ``cfg.out`` (under torchrun: DDP, rank 0 writes)."""
     cfg.validate()
@@ -224,7 +201,8 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
     k = cfg.batch_size
     schedule = NSchedule(n_start=cfg.n_start or k, n_end=cfg.n_end or default_n_end(k), epochs=cfg.epochs)
     coding = TrainedCoding(k=k, n=coded_points_for(k, k, schedule.n_end), target_block=target)  # the point kinds: core.spec's defaults
-    coded = CodedSmoothing(block, k=k, n=schedule(0), mu=cfg.mu, data_kind=coding.data_points, coded_kind=coding.coded_points) if cfg.method in CODED_METHODS else None
+    method = OBJECTIVES[cfg.method]
+    coded = CodedSmoothing(block, k=k, n=schedule(0), mu=cfg.mu, data_kind=coding.data_points, coded_kind=coding.coded_points) if method.uses_code else None
 
     # Each rank takes every world-th item of one seeded permutation per epoch, so the ranks'
     # s-th batches together are the s-th batch of P·K items a single process would take.
@@ -232,10 +210,13 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(sampler) / k)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
-    beta = torch.distributions.Beta(cfg.mixup_alpha, cfg.mixup_alpha) if cfg.method == "mixup" else None
-    at = adversarial_training_settings(cfg, data.input_shape) if cfg.method in ADVERSARIAL_METHODS else None
+    at = method.attack_settings(cfg, data.input_shape)
     at_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    objective = _Objective(model, trunk, coded, beta, at, gen, at_gen, cfg.trades_beta if cfg.method == "trades" else None)
+    objective = method(cfg, model, trunk, coded, at, gen, at_gen)
+    guard = None
+    if method.checks_collapse:  # every rank checks (same weights, same batch, same starts), so all stop together
+        check_x, check_y = held_out_batch(data.test_x, data.test_y, CHECK_SIZE, cfg.seed + 3)
+        guard = CollapseGuard(model, as_float(check_x).to(device), check_y.to(device), at, cfg.seed + 4)
     step_fn = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None) if ranks.distributed else objective
 
     history: list[EpochStats] = []
@@ -282,17 +263,31 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
         total, closs_total, seen = distributed.sum_over_ranks(ranks, [total, closs_total, float(seen)])
         acc = evaluate(model, data.test_x, data.test_y, device) if ranks.main else float("nan")
         stats = EpochStats(epoch + 1, total / max(1.0, seen), closs_total / max(1.0, seen), n_now, acc, seconds)
+        collapsed = False
+        if guard is not None:
+            check, collapsed = guard.after_epoch(epoch + 1)
+            stats.check = asdict(check)
+            if collapsed:
+                stats.restored_epoch = guard.restore()
+                if ranks.main:
+                    log.warning(
+                        "epoch %d: catastrophic overfitting: PGD accuracy %.3f on the held-out batch (best %.3f) while FGSM accuracy rose to %.3f; "
+                        "restored the weights of epoch %d and stopped", epoch + 1, check.pgd_accuracy, guard.best_pgd, check.fgsm_accuracy, stats.restored_epoch,
+                    )
         history.append(stats)
         if ranks.main:
             log.info(
                 "epoch %d/%d loss %.4f coded_loss %.4f N %s test_acc %.4f (%.2fs)",
                 stats.epoch, cfg.epochs, stats.loss, stats.coded_loss, n_now if n_now is not None else "-", acc, seconds,
             )
-            save_state(cfg.out, asdict(cfg), epoch + 1, [asdict(h) for h in history], model, opt, sched, {"gen": gen, "at_gen": at_gen})
+            save_state(cfg.out, asdict(cfg), epoch + 1, [h.record() for h in history], model, opt, sched, {"gen": gen, "at_gen": at_gen})
         distributed.barrier(ranks)
+        if collapsed:
+            break
 
     model.eval()
-    final_acc = history[-1].test_accuracy
+    restored = bool(history) and history[-1].restored_epoch is not None
+    final_acc = (evaluate(model, data.test_x, data.test_y, device) if ranks.main else float("nan")) if restored else history[-1].test_accuracy
     config = {
         "name": f"{data.name}-{arch}-{cfg.method}",
         "arch": arch,
@@ -308,11 +303,12 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
             "weight_decay": cfg.weight_decay,
             "seed": cfg.seed,
             "train_images": len(data.train_y),  # of the data set's training split (train_size: a stratified subset)
-            "mu": cfg.mu if cfg.method in CODED_METHODS else None,
-            "n_schedule": asdict(schedule) if cfg.method in CODED_METHODS else None,
-            "mixup_alpha": cfg.mixup_alpha if cfg.method == "mixup" else None,
+            "mu": cfg.mu if method.uses_code else None,
+            "n_schedule": asdict(schedule) if method.uses_code else None,
+            "mixup_alpha": None,
             "adversarial_training": at,
-            "trades_beta": cfg.trades_beta if cfg.method == "trades" else None,
+            "trades_beta": None,
+            **objective.recorded(),
             "device": str(device),
             "processes": ranks.world,
             "environment": environment(),  # retraining gives the same weights only in the same one
@@ -320,7 +316,7 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
         "coding": asdict(coding),
         "dataset": data.name,
         "test_accuracy": final_acc,
-        "history": [asdict(h) for h in history],
+        "history": [h.record() for h in history],
     }
     path = Path(cfg.out)
     if ranks.main:  # other ranks never touch the output directory
