@@ -3,7 +3,18 @@
 from .randomness import RandomSource, SeededRandomSource, SystemRandomSource
 from .rci import CodingPlan, apply_plan, hoist_affine_prefix, identity_permutations, plan_groups, sparse_width
 from .smoothing import MIN_CODED_BATCH, CodedSmoothing, NSchedule
-from .spec import CODED_POINT_KINDS, DATA_POINT_KINDS, SCOPES, CodedPointKind, CodingSpec, DataPointKind, Scope, TrainedCoding, coded_points_for, default_n_end
+from .spec import (
+    CODED_POINT_KINDS,
+    DATA_POINT_KINDS,
+    SCOPES,
+    CodedPointKind,
+    CodingSpec,
+    DataPointKind,
+    Scope,
+    TrainedCoding,
+    coded_points_for,
+    default_n_end,
+)
 from .spline import SplineCode, chebyshev_points, data_points, natural_spline_matrix, unit_rows
 
 __all__ = [

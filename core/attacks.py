@@ -16,7 +16,8 @@ attacks").
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, NamedTuple, get_args
+from collections.abc import Callable
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F

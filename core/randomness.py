@@ -23,7 +23,7 @@ class RandomSource(Protocol):
     def keys(self, *shape: int) -> torch.Tensor:
         """Independent uniform 64-bit integer keys of ``shape`` (int64, on the CPU)."""
 
-    def unit(self) -> "RandomSource":
+    def unit(self) -> RandomSource:
         """The source for one coding unit (a request in request scope, the micro-batch in batch scope)."""
 
 
@@ -40,7 +40,7 @@ class SystemRandomSource:
         count = int(np.prod(shape)) if shape else 1
         return _as_keys(np.frombuffer(os.urandom(8 * count), dtype=np.uint64), shape)
 
-    def unit(self) -> "SystemRandomSource":
+    def unit(self) -> SystemRandomSource:
         return self
 
 
@@ -62,7 +62,7 @@ class SeededRandomSource:
     def keys(self, *shape: int) -> torch.Tensor:
         return _as_keys(self._rng.integers(0, 2**64, size=shape, dtype=np.uint64, endpoint=False), shape)
 
-    def unit(self) -> "SeededRandomSource":
+    def unit(self) -> SeededRandomSource:
         return SeededRandomSource(self.seed) if self.per_unit else self
 
 

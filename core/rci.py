@@ -24,9 +24,9 @@ not reveal the permutation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -80,7 +80,7 @@ class CodingPlan:
         return 1.0 - self.n_items / max(1, self.rows.numel())
 
     @staticmethod
-    def concat(plans: Sequence["CodingPlan"]) -> "CodingPlan":
+    def concat(plans: Sequence[CodingPlan]) -> CodingPlan:
         """One plan over the items of several plans, in order (their groups stay apart)."""
         total = sum(p.n_items for p in plans)
         rows, offset = [], 0

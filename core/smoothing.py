@@ -40,7 +40,7 @@ class NSchedule:
         return int(round(self.n_start + frac * (self.n_end - self.n_start)))
 
     @staticmethod
-    def default(k: int, epochs: int) -> "NSchedule":
+    def default(k: int, epochs: int) -> NSchedule:
         return NSchedule(n_start=k, n_end=default_n_end(k), epochs=epochs)
 
 

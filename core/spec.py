@@ -122,7 +122,7 @@ class CodingSpec:
         k: int | None = None,
         n: int | None = None,
         decode_tolerance: float | None = None,
-    ) -> "CodingSpec":
+    ) -> CodingSpec:
         """The spec in force for a checkpoint trained with ``trained`` and the given overrides (None: default)."""
         k = int(k or trained.k)
         if n is None:
@@ -135,11 +135,11 @@ class CodingSpec:
         )
 
     @staticmethod
-    def plain() -> "CodingSpec":
+    def plain() -> CodingSpec:
         """RCI off: the model's own function."""
         return CodingSpec(enabled=False, scope=DEFAULT_SCOPE, k=2, n=2)
 
-    def with_scope(self, scope: str) -> "CodingSpec":
+    def with_scope(self, scope: str) -> CodingSpec:
         return replace(self, scope=cast(Scope, scope), decode_tolerance=self.decode_tolerance if scope == "request" else 0.0)
 
     @property

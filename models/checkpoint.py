@@ -13,14 +13,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-
 from torch import nn
 
 from codedsmooth.core import CodingSpec, TrainedCoding, hoist_affine_prefix

@@ -24,6 +24,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -206,7 +207,8 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
 
     # Each rank takes every world-th item of one seeded permutation per epoch, so the ranks'
     # s-th batches together are the s-th batch of P·K items a single process would take.
-    sampler = DistributedSampler(range(len(data.train_x)), num_replicas=ranks.world, rank=ranks.rank, shuffle=True, seed=cfg.seed)
+    indices: Any = range(len(data.train_x))  # the sampler only takes len() of its data set
+    sampler: DistributedSampler[int] = DistributedSampler(indices, num_replicas=ranks.world, rank=ranks.rank, shuffle=True, seed=cfg.seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(sampler) / k)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
@@ -214,7 +216,7 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
     at_gen = torch.Generator().manual_seed(cfg.seed + 2)
     objective = method(cfg, model, trunk, coded, at, gen, at_gen)
     guard = None
-    if method.checks_collapse:  # every rank checks (same weights, same batch, same starts), so all stop together
+    if method.checks_collapse and at is not None:  # every rank checks (same weights, same batch, same starts), so all stop together
         check_x, check_y = held_out_batch(data.test_x, data.test_y, CHECK_SIZE, cfg.seed + 3)
         guard = CollapseGuard(model, as_float(check_x).to(device), check_y.to(device), at, cfg.seed + 4)
     step_fn = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None) if ranks.distributed else objective
@@ -233,12 +235,12 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
             break
         model.train()
         n_now = schedule(epoch) if coded is not None else None
-        if coded is not None:
+        if coded is not None and n_now is not None:
             coded.set_coded_points(n_now)
         sampler.set_epoch(epoch)
         order = torch.tensor(list(iter(sampler)), dtype=torch.int64)
         total = closs_total = 0.0
-        seen = 0
+        seen = 0.0
         start = time.perf_counter()
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if show_bar is None else not show_bar)
         for step in bar:
