@@ -14,6 +14,7 @@ import os
 import random
 import stat
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,7 @@ def keys(tmp_path_factory):
         "carol": add_key(path, "carol", quota="none"),  # unlimited: protocols and auth
         "dave": add_key(path, "dave", quota="none"),  # removed from the file while the server runs
         "erin": add_key(path, "erin", rate=str(RATE), quota="none"),  # the rate limit
+        "heidi": add_key(path, "heidi", quota="1"),  # the client's used-up quota
     }
     return path, out
 
@@ -386,8 +388,8 @@ def test_a_removed_key_is_refused_without_a_restart_and_a_broken_file_keeps_the_
         # a broken line: the last good table stays in force (dave still answered), an error is logged and counted
         path.write_text(original + "frank not-a-digest\n")
         wait_for_metric(server, "codedsmooth_api_keys_reloads_total", lambda v: v == errors + 1, 30, result="error")
-        server.wait_line(f"{path}, line 6: expected the SHA-256 of the key as 64 hex digits after the name (keys are never stored in clear); keeping the last good table (5 clients)")
-        assert post(k["dave"]).status_code == 200 and metric(server, "codedsmooth_api_keys_clients") == 5
+        server.wait_line(f"{path}, line 7: expected the SHA-256 of the key as 64 hex digits after the name (keys are never stored in clear); keeping the last good table (6 clients)")
+        assert post(k["dave"]).status_code == 200 and metric(server, "codedsmooth_api_keys_clients") == 6
         # dave's line removed (replaced by a rename, as editors do): refused from the reload on, the others answered
         t0 = time.monotonic()
         tmp = path.with_suffix(".new")
@@ -395,7 +397,7 @@ def test_a_removed_key_is_refused_without_a_restart_and_a_broken_file_keeps_the_
         os.replace(tmp, path)
         wait_for_metric(server, "codedsmooth_api_keys_reloads_total", lambda v: v == ok + 1, 30, result="ok")
         print(f"removed key refused after a reload {time.monotonic() - t0:.2f}s after the edit")
-        assert metric(server, "codedsmooth_api_keys_clients") == 4
+        assert metric(server, "codedsmooth_api_keys_clients") == 5
         r = post(k["dave"])
         assert r.status_code == 401 and r.json() == {"error": "unknown API key"}
         assert post(k["carol"]).status_code == 200
@@ -410,7 +412,7 @@ def test_a_removed_key_is_refused_without_a_restart_and_a_broken_file_keeps_the_
 # ---- the client -------------------------------------------------------------------------------
 
 
-def test_the_attack_client_sends_its_key_from_the_argument_or_the_environment(server, keys, digits, monkeypatch):
+def test_the_attack_client_sends_its_key_from_the_argument_or_the_environment(server, keys, digits, monkeypatch, tiny_checkpoint):
     from codedsmooth.probe.targets import HttpTarget
     from codedsmooth.service.client import API_KEY_ENV, CodedSmoothClient
     from codedsmooth.service.errors import ServiceError
@@ -428,18 +430,20 @@ def test_the_attack_client_sends_its_key_from_the_argument_or_the_environment(se
     with CodedSmoothClient(server.url, protocol="v1") as client:
         assert client.predict(digits.test_x[:2].numpy()).shape == (2, 10)
     # a used-up quota (Retry-After of hours) is raised at once, not waited out
-    with CodedSmoothClient(server.url, api_key=k["alice"]) as client:
-        if metric(server, "codedsmooth_client_items_total", client="alice") < QUOTA:
-            pytest.skip("needs the quota test's used-up key")
+    with CodedSmoothClient(server.url, api_key=k["heidi"]) as client:
+        assert client.predict(digits.test_x[:1].numpy()).shape == (1, 10)  # heidi's quota: one item
         t0 = time.monotonic()
         with pytest.raises(ServiceError, match="HTTP 429"):
             client.predict(digits.test_x[:1].numpy())
         assert time.monotonic() - t0 < 10
-    # the CLI's --api-key reaches the target
-    from codedsmooth.cli import build_parser
-
-    args = build_parser().parse_args(["attack", "--url", server.url, "--api-key", "k1"])
-    assert args.api_key == "k1"
+    # the CLI's --api-key reaches the server (the environment holds no key here): the attack's queries are counted for that key's client
+    monkeypatch.delenv(API_KEY_ENV)
+    before = metric(server, "codedsmooth_client_items_total", client="carol")
+    attack = [sys.executable, "-m", "codedsmooth", "attack", "--checkpoint", str(tiny_checkpoint), "--url", server.url, "--attack", "fgsm",
+              "--threat", "transfer", "--eps", "0.1", "--samples", "10", "--api-key", k["carol"]]
+    keyed = subprocess.run(attack, capture_output=True, text=True, timeout=300)
+    assert keyed.returncode == 0, keyed.stderr[-3000:]
+    assert metric(server, "codedsmooth_client_items_total", client="carol") - before >= 10
 
 
 # ---- safe defaults ------------------------------------------------------------------------------

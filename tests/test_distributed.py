@@ -36,7 +36,7 @@ def _weights(path):
 
 
 def test_two_process_gloo_run_writes_a_checkpoint_that_loads_and_serves(tmp_path, digits):
-    out, proc = _train(["--method", "coded", "--epochs", "2", "--nproc", "2", "--batch-size", "16"], tmp_path, "ddp")
+    out, proc = _train(["--method", "coded", "--epochs", "2", "--nproc", "2", "--batch-size", "16", "--train-size", "320"], tmp_path, "ddp")
     assert json.loads(proc.stdout.strip().splitlines()[-1])["checkpoint"] == str(out)  # printed once, by rank 0
     assert len(proc.stdout.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # no resume state or temp dirs left behind
@@ -71,8 +71,9 @@ def test_same_seed_same_run_on_two_ranks(tmp_path):
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
-    args = CLI + ["--method", "mixup", "--epochs", "12", "--seed", "4"]
-    full, _ = _train(["--method", "mixup", "--epochs", "12", "--seed", "4"], tmp_path, "full")
+    small = ["--train-size", "320"]  # epochs of 10 steps: what is saved and resumed does not depend on their length
+    args = CLI + ["--method", "mixup", "--epochs", "12", "--seed", "4", *small]
+    full, _ = _train(["--method", "mixup", "--epochs", "12", "--seed", "4", *small], tmp_path, "full")
     out = tmp_path / "cut"
     proc = subprocess.Popen(args + ["--out", str(out)], stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     for line in proc.stderr:  # wait until epoch 3 is logged: the state after epoch 2 is on disk by then
@@ -84,7 +85,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     assert not out.exists() and saved  # (two only if the kill came between a rename and the clean-up)
     done = json.loads(saved[-1].read_text())["epoch"]
     assert 2 <= done < 12  # epoch 3 was logged, so the state after epoch 2 was on disk; maybe that after 3
-    resumed, proc = _train(["--method", "mixup", "--epochs", "12", "--seed", "4", "--resume"], tmp_path, "cut")
+    resumed, proc = _train(["--method", "mixup", "--epochs", "12", "--seed", "4", *small, "--resume"], tmp_path, "cut")
     assert f"resuming after epoch {done} of 12" in proc.stderr
     for key, value in _weights(full).items():
         torch.testing.assert_close(_weights(resumed)[key], value, rtol=0, atol=1e-6)
@@ -145,7 +146,7 @@ def _busy_env():
 
 def test_a_rank_killed_on_a_busy_host_resumes_from_the_last_saved_epoch(tmp_path):
     out = tmp_path / "busy"
-    cmd = CLI + ["--method", "mixup", "--epochs", "20", "--batch-size", "16", "--nproc", "2", "--seed", "2", "--out", str(out)]
+    cmd = CLI + ["--method", "mixup", "--epochs", "20", "--batch-size", "16", "--nproc", "2", "--seed", "2", "--train-size", "320", "--out", str(out)]
     with cpu_contention():
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_busy_env())
         seen = []

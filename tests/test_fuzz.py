@@ -1,7 +1,8 @@
 """Property-based fuzz of every request body against a real server: JSON, v2 header + binary, multipart.
 
 Fixed example budget, derandomized (the same examples every run). The property: the server never
-answers 500 (nor closes the connection), whatever the body; the metrics port confirms 0 × 500 at the end.
+answers 500 (nor closes the connection), whatever the body; after each kind of body, the metrics port
+confirms 0 × 500 (each test checks its own, so they pass in any order).
 """
 
 import json
@@ -60,12 +61,34 @@ def _check(kind: str, r: httpx.Response) -> None:
         assert not any(p in message for p in LIBRARY_PHRASES), (kind, message)  # the service's words, not a library's
 
 
-@BUDGET
-@given(body=predict_bodies, raw=st.one_of(st.none(), st.binary(max_size=200)), content_type=st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain", None]))
-def test_fuzz_v1_json(server, body, raw, content_type):
-    data = raw if raw is not None else json.dumps(body, allow_nan=True).encode()
-    headers = {"content-type": content_type} if content_type else {}
-    _check("v1 json", server.client.post("/v1/predict", content=data, headers=headers))
+def _statuses(server) -> Counter:
+    statuses: Counter = Counter()
+    for (name, labels), value in metric_samples(server).items():
+        if name == "codedsmooth_requests_total":
+            statuses[dict(labels)["status"]] += value
+    return statuses
+
+
+def _fuzz(server, kind: str, examples) -> None:
+    """Run the hypothesis test ``examples``; then the server's own count agrees: 0 × 500, and the budget ran."""
+    before = sum(v for (k, _), v in SEEN.items() if k == kind)
+    examples()
+    statuses = _statuses(server)
+    ran = sum(v for (k, _), v in SEEN.items() if k == kind) - before
+    print(f"fuzz {kind}: {ran} examples, by status: {dict(sorted((st, n) for (k, st), n in SEEN.items() if k == kind))}; server counted {dict(statuses)}")
+    assert statuses.get("500", 0) == 0
+    assert ran >= 200  # the budget ran (hypothesis may stop a strategy early once it is exhausted)
+
+
+def test_fuzz_v1_json(server):
+    @BUDGET
+    @given(body=predict_bodies, raw=st.one_of(st.none(), st.binary(max_size=200)), content_type=st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain", None]))
+    def examples(body, raw, content_type):
+        data = raw if raw is not None else json.dumps(body, allow_nan=True).encode()
+        headers = {"content-type": content_type} if content_type else {}
+        _check("v1 json", server.client.post("/v1/predict", content=data, headers=headers))
+
+    _fuzz(server, "v1 json", examples)
 
 
 v2_inputs = st.fixed_dictionaries(
@@ -96,22 +119,25 @@ v2_headers = st.fixed_dictionaries(
 )
 
 
-@BUDGET
-@given(
-    header=v2_headers,
-    binary=st.one_of(st.just(b""), st.just(np.full(64, 0.5, dtype=np.float32).tobytes()), st.binary(max_size=300)),
-    length=st.one_of(st.none(), st.just("exact"), st.text(alphabet="0123456789_+-x", min_size=1, max_size=6), st.integers(-10, 10**6).map(str)),
-    model=st.sampled_from(["{model}", "nope", "{model}/versions/1", "{model}/versions/2"]),
-)
-def test_fuzz_v2_header_and_binary(server, header, binary, length, model):
-    head = json.dumps(header, allow_nan=True).encode()
-    headers = {"content-type": "application/octet-stream" if length else "application/json"}
-    if length == "exact":
-        headers["inference-header-content-length"] = str(len(head))
-    elif length is not None:
-        headers["inference-header-content-length"] = length
-    path = "/v2/models/" + model.format(model=server.model) + "/infer"
-    _check("v2", server.client.post(path, content=head + (binary if length else b""), headers=headers))
+def test_fuzz_v2_header_and_binary(server):
+    @BUDGET
+    @given(
+        header=v2_headers,
+        binary=st.one_of(st.just(b""), st.just(np.full(64, 0.5, dtype=np.float32).tobytes()), st.binary(max_size=300)),
+        length=st.one_of(st.none(), st.just("exact"), st.text(alphabet="0123456789_+-x", min_size=1, max_size=6), st.integers(-10, 10**6).map(str)),
+        model=st.sampled_from(["{model}", "nope", "{model}/versions/1", "{model}/versions/2"]),
+    )
+    def examples(header, binary, length, model):
+        head = json.dumps(header, allow_nan=True).encode()
+        headers = {"content-type": "application/octet-stream" if length else "application/json"}
+        if length == "exact":
+            headers["inference-header-content-length"] = str(len(head))
+        elif length is not None:
+            headers["inference-header-content-length"] = length
+        path = "/v2/models/" + model.format(model=server.model) + "/infer"
+        _check("v2", server.client.post(path, content=head + (binary if length else b""), headers=headers))
+
+    _fuzz(server, "v2", examples)
 
 
 def _png(value: int) -> bytes:
@@ -135,24 +161,14 @@ files_strategy = st.lists(
 )
 
 
-@BUDGET
-@given(files=files_strategy, garbage=st.one_of(st.none(), st.binary(max_size=300)), boundary=st.sampled_from(["", "; boundary=abc", "; boundary=", "; boundary=\"x\""]))
-def test_fuzz_multipart(server, files, garbage, boundary):
-    if garbage is None and files:
-        r = server.client.post("/v1/predict/image", files=[(field, (name, data, ctype)) for field, name, data, ctype in files])
-    else:
-        r = server.client.post("/v1/predict/image", content=garbage or b"", headers={"content-type": "multipart/form-data" + boundary})
-    _check("multipart", r)
+def test_fuzz_multipart(server):
+    @BUDGET
+    @given(files=files_strategy, garbage=st.one_of(st.none(), st.binary(max_size=300)), boundary=st.sampled_from(["", "; boundary=abc", "; boundary=", "; boundary=\"x\""]))
+    def examples(files, garbage, boundary):
+        if garbage is None and files:
+            r = server.client.post("/v1/predict/image", files=[(field, (name, data, ctype)) for field, name, data, ctype in files])
+        else:
+            r = server.client.post("/v1/predict/image", content=garbage or b"", headers={"content-type": "multipart/form-data" + boundary})
+        _check("multipart", r)
 
-
-def test_fuzz_found_no_500(server):
-    """Runs after the fuzz tests of this module: the server's own count agrees, 0 × 500."""
-    samples = metric_samples(server)
-    statuses = Counter()
-    for (name, labels), value in samples.items():
-        if name == "codedsmooth_requests_total":
-            statuses[dict(labels)["status"]] += value
-    total = sum(SEEN.values())
-    print(f"fuzz: {total} examples, by kind and status: {dict(sorted(SEEN.items(), key=str))}; server counted {dict(statuses)}")
-    assert statuses.get("500", 0) == 0
-    assert total >= 3 * 200  # the budget ran (hypothesis may stop a strategy early once it is exhausted)
+    _fuzz(server, "multipart", examples)

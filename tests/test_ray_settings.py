@@ -1,12 +1,15 @@
 """Ray Serve options without Ray: settings validation, CLI flags and env vars, and that nothing imports ray unless asked."""
 
 
+import sys
+import types
+
 import pytest
 from pydantic import ValidationError
 
 from helpers import run_in_fresh_interpreter
 
-from codedsmooth.cli import build_parser
+from codedsmooth.cli import main
 from codedsmooth.service.settings import ServeSettings
 
 
@@ -21,15 +24,30 @@ def test_plain_server_and_app_never_import_ray():
     run_in_fresh_interpreter(code)
 
 
+RAY_LAUNCHER = "codedsmooth.service.ray_serve"  # the module ``codedsmooth serve --replicas`` starts Ray Serve from
+
+
+def _serve_settings(monkeypatch, argv: list[str]) -> ServeSettings:
+    """The settings ``codedsmooth serve ARGV`` hands to Ray Serve's launcher (recorded in its place: no Ray is started)."""
+    handed = []
+    launcher = types.ModuleType(RAY_LAUNCHER)
+    launcher.run_ray_serve = lambda settings: handed.append(settings) or 0
+    monkeypatch.setitem(sys.modules, RAY_LAUNCHER, launcher)
+    assert main(["serve", *argv]) == 0
+    (settings,) = handed
+    return settings
+
+
 def test_ray_options_are_flags_and_env_vars(monkeypatch):
-    args = build_parser().parse_args(["serve", "--replicas", "3", "--min-replicas", "1", "--max-replicas", "5", "--target-ongoing-requests", "8",
+    s = _serve_settings(monkeypatch, ["--replicas", "3", "--min-replicas", "1", "--max-replicas", "5", "--target-ongoing-requests", "8",
                                       "--num-cpus", "2", "--num-gpus", "0.5", "--ray-address", "auto"])
-    assert (args.replicas, args.min_replicas, args.max_replicas, args.target_ongoing_requests) == (3, 1, 5, 8.0)
-    assert (args.num_cpus, args.num_gpus, args.ray_address) == (2.0, 0.5, "auto")
+    assert (s.replicas, s.min_replicas, s.max_replicas, s.target_ongoing_requests) == (3, 1, 5, 8.0) and s.autoscaling
+    assert (s.num_cpus, s.num_gpus, s.ray_address) == (2.0, 0.5, "auto")
     monkeypatch.setenv("CODEDSMOOTH_REPLICAS", "2")
     monkeypatch.setenv("CODEDSMOOTH_RAY_ADDRESS", "10.0.0.5:6379")
-    s = ServeSettings()
+    s = _serve_settings(monkeypatch, [])
     assert s.replicas == 2 and s.ray_address == "10.0.0.5:6379" and not s.autoscaling
+    assert _serve_settings(monkeypatch, ["--replicas", "4"]).replicas == 4  # the flag wins over the env var
 
 
 def test_ray_options_are_validated():

@@ -155,7 +155,7 @@ def test_oversize_body_refused_before_reading(server):
 
 @pytest.mark.slow
 def test_overload_answers_every_request_with_200_or_503(tiny_checkpoint):
-    total, concurrency = 2000, 256
+    total, concurrency = 768, 256  # three waves of 256 concurrent requests at a queue of 64
     # A long deadline: this test is about queue-full answers, not about how slow a shared CI machine is.
     with running_server(tiny_checkpoint, max_queue_size=64, max_batch_size=32, max_delay_ms=2, timeout_ms=60000) as srv:
 
@@ -181,7 +181,7 @@ def test_overload_answers_every_request_with_200_or_503(tiny_checkpoint):
         assert len(results) == total
         assert set(codes) <= {200, 503}, Counter(codes)
         assert all(ra is not None for c, ra in results if c == 503)
-        assert codes.count(200) > 0
+        assert codes.count(200) > 0 and codes.count(503) > 0  # some answered, some refused: it was overloaded, or this proves nothing
         assert httpx.get(srv.url + "/health/ready").status_code == 200
         assert httpx.post(srv.url + "/v1/predict", json={"inputs": [GOOD_ITEM]}).status_code == 200
         print(f"overload: {codes.count(200)} x 200, {codes.count(503)} x 503 in {elapsed:.1f}s")
