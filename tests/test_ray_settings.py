@@ -24,7 +24,7 @@ def test_plain_server_and_app_never_import_ray():
     run_in_fresh_interpreter(code)
 
 
-RAY_LAUNCHER = "codedsmooth.service.ray_serve"  # the module ``codedsmooth serve --replicas`` starts Ray Serve from
+RAY_LAUNCHER = "codedsmooth.service.ray.serve"  # the module ``codedsmooth serve --replicas`` starts Ray Serve from
 
 
 def _serve_settings(monkeypatch, argv: list[str]) -> ServeSettings:
