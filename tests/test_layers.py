@@ -62,15 +62,16 @@ def test_a_service_module_importing_train_breaks_a_contract_and_names_the_chain(
 @pytest.mark.parametrize(
     "module, line, contract, chain",
     [
-        ("api/v1.py", "from codedsmooth.service.http import connections", "service rooms are layered BROKEN", "codedsmooth.service.api.v1 -> codedsmooth.service.http.connections"),
-        ("access/keys.py", "from codedsmooth.service.access import control", "no import circles inside service BROKEN", "- .keys -> .control"),
+        ("service/api/v1.py", "from codedsmooth.service.http import connections", "service rooms are layered BROKEN", "codedsmooth.service.api.v1 -> codedsmooth.service.http.connections"),
+        ("service/access/keys.py", "from codedsmooth.service.access import control", "no import circles inside any package BROKEN", "- .keys -> .control"),
+        ("core/spline.py", "from codedsmooth.core import spec", "no import circles inside any package BROKEN", "- .spline -> .spec"),
     ],
-    ids=["api-imports-http", "circle-inside-access"],
+    ids=["api-imports-http", "circle-inside-access", "circle-inside-core"],
 )
-def test_a_break_inside_service_is_caught(tmp_path, module, line, contract, chain):
-    """The contracts inside service/: an API module importing the connection layer, and a circle inside one room."""
+def test_a_break_inside_a_package_is_caught(tmp_path, module, line, contract, chain):
+    """Contracts inside the packages: an API module importing the connection layer, and a circle inside one package."""
     tree = _package_tree(tmp_path)
-    path = tree / "codedsmooth" / "service" / module
+    path = tree / "codedsmooth" / module
     path.write_text(path.read_text() + f"\n{line}  # noqa: E402,F401\n")
     result = _lint_imports(tree)
     print(result.stdout)
