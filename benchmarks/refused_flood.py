@@ -4,7 +4,7 @@ Reruns the red team's flood (issue 29, finding 1): one server (small CNN, RCI of
 ``flood`` has ``quota=1`` and uses its item first; ``victim`` is unlimited. Then:
 
 1. alone: ``victim`` sends ``--requests`` one-image uploads (a 28x28 PNG) one at a time; median latency;
-2. flood: ``--connections`` clients of ``flood`` send 32 x 2048x2048 PNG uploads (one multipart
+2. flood: ``--connections`` clients of ``flood`` (processes of their own) send 32 x 2048x2048 PNG uploads (one multipart
    body of about 130 kB, solid images) as fast as they are answered, while ``victim`` sends its
    ``--requests`` again; the victim's median latency, and the flood's answers: statuses and the
    median latency of its 429s.
@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -56,16 +56,22 @@ def victim_latencies(url: str, key: str, path: str, n: int) -> list[float]:
     return out
 
 
-def flood(url: str, key: str, path: str, body_files: list, stop: threading.Event, answers: list) -> None:
-    """Send the flood's uploads until ``stop``; append (status or an error's name, seconds) for each."""
+def flood(url: str, key: str, path: str, images: int, side: int, stop, answers) -> None:
+    """Send the flood's uploads until ``stop``; put (status or an error's name, seconds) for each on ``answers``.
+
+    Runs in a process of its own, so the flooder's own Python work (building 32-file multipart
+    bodies) does not share the victim's interpreter lock: what the victim sees is the server.
+    """
+    big = png(side)
+    body = [("files", (f"{i}.png", big, "image/png")) for i in range(images)]
     with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {key}"}) as c:
         while not stop.is_set():
             t = time.perf_counter()
             try:
-                status: int | str = c.post(path, files=body_files).status_code
+                status: int | str = c.post(path, files=body).status_code
             except httpx.HTTPError as exc:  # the server may close a refused upload's connection early
                 status = type(exc).__name__
-            answers.append((status, time.perf_counter() - t))
+            answers.put((status, time.perf_counter() - t))
 
 
 def main() -> None:
@@ -77,7 +83,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     big = png(args.side)
-    body_files = [("files", (f"{i}.png", big, "image/png")) for i in range(args.images)]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(Path(tmp) / "ckpt", arch="small_cnn", width=8, k=8)
         keys = Path(tmp) / "keys.txt"
@@ -91,14 +96,22 @@ def main() -> None:
             assert r.status_code == 200, r.text  # the flood key's one item: its quota is used up from here on
             victim_latencies(server.url, victim_key, path, 5)  # warm-up
             alone = victim_latencies(server.url, victim_key, path, args.requests)
-            stop, answers = threading.Event(), []
-            threads = [threading.Thread(target=flood, args=(server.url, flood_key, path, body_files, stop, answers)) for _ in range(args.connections)]
-            for t in threads:
-                t.start()
+            ctx = multiprocessing.get_context("spawn")
+            stop, queue = ctx.Event(), ctx.Queue()
+            procs = [ctx.Process(target=flood, args=(server.url, flood_key, path, args.images, args.side, stop, queue)) for _ in range(args.connections)]
+            for p in procs:
+                p.start()
+            queue_first = queue.get(timeout=300)  # the flood is under way
             during = victim_latencies(server.url, victim_key, path, args.requests)
             stop.set()
-            for t in threads:
-                t.join()
+            answers = [queue_first]
+            while any(p.is_alive() for p in procs) or not queue.empty():
+                try:
+                    answers.append(queue.get(timeout=1))
+                except Exception:  # noqa: BLE001 - queue.Empty: the flooders are finishing
+                    pass
+            for p in procs:
+                p.join()
         finally:
             server.terminate()
     statuses: dict[str, int] = {}
