@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from fastapi import Request
 
-from codedsmooth.service.access.control import CLIENT, Access
+from codedsmooth.service.access.control import CLIENT, HELD, Access
 from codedsmooth.service.engine import InferenceEngine
 from codedsmooth.service.errors import ClientGone, DeadlineExceeded, Unavailable
 from codedsmooth.service.metrics import Metrics
@@ -163,7 +163,7 @@ class Lifecycle:
             return model.batcher.submit(x, admission.arrival, admission.deadline)
 
         client = state.get(CLIENT)  # set by the admission when keys are required
-        fut = submit() if client is None else await self.access.queue(client, len(x), submit, model)
+        fut = submit() if client is None else await self.access.queue(client, len(x), submit, model, state.get(HELD))  # settles the admission's hold
         watcher = asyncio.ensure_future(_wait_disconnect(request))
         try:
             done, _ = await asyncio.wait(

@@ -4,7 +4,8 @@
 bucket of ``burst`` items refilled at ``rate`` items per second, and a quota of ``quota`` items
 per window of ``window_s`` seconds, the window starting at the client's first item after the
 previous one ended. A charge of ``n`` items is all or nothing: it is taken from both when both
-have room, and otherwise refused with the whole seconds until it would fit (at least 1). The
+have room, and otherwise refused with the whole seconds until it would fit (at least 1), or with
+none (0) when it never can: more items than the whole quota, or than the bucket's burst. The
 counters of one server process are a :class:`LocalLimiter`; Ray Serve replicas share one
 ``codedsmooth.service.access.shared_limits.SharedLimiter`` (the same counters in one Ray actor).
 """
@@ -86,6 +87,8 @@ class Counters:
                 left = int(limits.quota - used)
                 refusals.append(Decision(False, _whole_seconds(start + limits.window_s - now), f"quota of {limits.quota} items per {limits.window_s:g} s used ({left} left, {items} asked)"))
         if limits.rate is not None:
+            if items > limits.burst:  # never fits the bucket: no Retry-After (waiting would only loop), whatever the other limits say
+                return Decision(False, 0, f"a request of {items} items can never fit the rate limit's burst of {limits.burst} items; send at most {limits.burst} items per request")
             tokens = self._tokens(client, limits, now)
             if tokens + EPSILON < items:
                 refusals.append(Decision(False, _whole_seconds((items - tokens) / limits.rate), f"rate limit of {limits.rate:g} items/s (burst {limits.burst}) reached"))

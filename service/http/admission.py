@@ -6,22 +6,32 @@ in flight) and releases it with the status actually sent, whatever happened on t
 arrival is when the server's protocol read the request's first byte (``connections.ARRIVAL``),
 and whether the request's connection holds one of the ``--max-connections`` slots is the
 protocol's word too (``connections.ADMITTED``). With ``--api-keys-file`` the request's API key is
-checked here, before its body is read (``access.Access.authenticate``).
+checked here, and a predict request's client is charged one item (``access.Access.hold``), both
+from the request line and headers, before its body is read: a refused client costs no read, parse
+or decode. Refusals of the request's input (400, 403, 408, 413, 415, 422) are counted in
+``codedsmooth_rejected_total`` and logged through a rate-limited, aggregated ``RefusalLog``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 
-from codedsmooth.service.access.control import CLIENT
+from codedsmooth.service.access.control import CLIENT, HELD, charges_items
+from codedsmooth.service.access.refusals import RefusalLog
 from codedsmooth.service.http.connections import ADMITTED, ARRIVAL
-from codedsmooth.service.errors import CLIENT_CLOSED, PayloadTooLarge, RequestTimeout, ServiceError
+from codedsmooth.service.errors import CLIENT_CLOSED, PayloadTooLarge, RequestTimeout, ServiceError, quoted
 from codedsmooth.service.api.handlers import error_response
 from codedsmooth.service.lifecycle import MODEL, Lifecycle
 
 
 CLOSE = {"Connection": "close"}  # uvicorn closes the connection after the answer, unread bytes and all
+log = logging.getLogger("codedsmooth.service")
+# Answers that refuse a request's input or its client's rights, by the reason they are counted under in
+# codedsmooth_rejected_total (401 and 429 are access control's: codedsmooth_client_refused_total).
+REFUSALS = {400: "bad_request", 403: "forbidden", 408: "body_timeout", 413: "too_large", 415: "media_type", 422: "invalid_input"}
 
 
 class AdmissionMiddleware:
@@ -33,15 +43,19 @@ class AdmissionMiddleware:
     - answers a request on a connection without a slot 503 + ``Retry-After``, ``Connection: close``;
     - with API keys required, answers a request on any but the open paths without a known key 401
       + ``WWW-Authenticate`` before reading its body, and keeps its client in ``scope["state"][CLIENT]``;
+      on a predict route, holds one item of the client's limits (``scope["state"][HELD]``) or answers
+      429 before reading the body, and gives the hold back if no charge took it over;
     - a body that has not fully arrived by the body deadline gets 408 and the connection closes;
     - counts the request in flight and records its status (499 when the client left first) and,
-      with a model repository, the model it was routed to; lets go of that model.
+      with a model repository, the model it was routed to; lets go of that model;
+    - counts and logs (rate-limited, aggregated) the answers of ``REFUSALS``.
     """
 
     def __init__(self, app, lifecycle: Lifecycle):
         self.app = app
         self.lifecycle = lifecycle
         self.max_bytes = lifecycle.settings.max_body_bytes
+        self.refusals = RefusalLog(log, logging.INFO)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -51,14 +65,17 @@ class AdmissionMiddleware:
         admission = lc.admit(state.get(ARRIVAL))
         state["admission"] = admission
         status: int | None = None
+        answer = b""  # the first bytes of a refusal's body (its JSON error), for the log
         disconnected = False
         body_done = False
         seen = 0
 
         async def recording_send(message):
-            nonlocal status
+            nonlocal status, answer
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif status in REFUSALS and not answer:
+                answer = message.get("body", b"")[:600]
             await send(message)
 
         async def guarded_receive():
@@ -92,7 +109,9 @@ class AdmissionMiddleware:
             if access is not None and not access.is_open(scope["path"]):
                 try:
                     # keys are hashed as UTF-8 text (keys.py): read the header's bytes as UTF-8, not latin-1
-                    state[CLIENT] = access.authenticate(_headers(scope, b"authorization", "utf-8"), scope["method"], scope["path"])
+                    client = state[CLIENT] = access.authenticate(_headers(scope, b"authorization", "utf-8"), scope["method"], scope["path"])
+                    if charges_items(scope["method"], scope["path"]):
+                        state[HELD] = await access.hold(client)  # 429 here for a client without room for one item
                 except ServiceError as exc:
                     # a refused request's body is never read: close the connection rather than drain it
                     headers = {**exc.headers, **CLOSE} if _has_body(scope) else exc.headers
@@ -107,10 +126,35 @@ class AdmissionMiddleware:
                     )
             await self.app(scope, guarded_receive, recording_send)
         finally:
+            held = state.get(HELD)
+            if held is not None and not held.settled and lc.access is not None:
+                await lc.access.release(held)  # answered before its items were charged: a bad body, an unknown model
             if disconnected and (status is None or status >= 500):
                 status = CLIENT_CLOSED
             route = scope.get("route")
             lc.release(admission, getattr(route, "path", None) or "unmatched", status or 500, state.get(MODEL))
+            if status in REFUSALS:
+                self._refused(scope, status, answer)
+
+    def _refused(self, scope, status: int, answer: bytes) -> None:
+        """Count a refusal of the request's input and log it, one line per (client or peer, status) per interval."""
+        self.lifecycle.metrics.rejected.labels(REFUSALS[status]).inc()
+        client = scope["state"].get(CLIENT)
+        peer = scope.get("client")
+        who = f"client {client.name}" if client is not None else f"peer {peer[0] if peer else 'unknown'}"
+
+        def detail() -> str:
+            return f"{scope['method']} {quoted(scope['path'])}: {_error_text(answer)} ({status})"
+
+        self.refusals.refused(who, str(status), detail)
+
+
+def _error_text(body: bytes) -> str:
+    """The message of a JSON error body (as ``api.handlers.error_response`` writes it), or what it starts with."""
+    try:
+        return str(json.loads(body)["error"])
+    except (ValueError, KeyError, TypeError):
+        return body[:200].decode("utf-8", "replace")
 
 
 def _headers(scope, name: bytes, encoding: str = "latin-1") -> list[str]:

@@ -11,6 +11,8 @@ import json
 import logging
 import time
 
+from codedsmooth.service.access.refusals import RefusalLog
+
 log = logging.getLogger("codedsmooth.server")
 
 ARRIVAL = "codedsmooth.arrival"  # scope["state"] key: time.monotonic() when the request's first byte was read
@@ -108,6 +110,7 @@ def protocol_class(settings, lifecycle):
     header_timeout_s = settings.header_timeout_s
     max_head = settings.max_header_bytes
     max_fields = settings.max_headers
+    refusals = RefusalLog(log, logging.INFO)  # one line per (peer, status) per interval, counted in codedsmooth_requests_total
 
     class BoundedHttpProtocol(HttpToolsProtocol):
         _header_timer = None
@@ -206,7 +209,8 @@ def protocol_class(settings, lifecycle):
                     self._refuse(400, "invalid HTTP request")
 
         def _refuse(self, status: int, message: str) -> None:
-            log.info("answering %d and closing the connection: %s", status, message)
+            peer = self.client[0] if self.client else "unknown"
+            refusals.refused(f"peer {peer}", str(status), f"{message} ({status}); the connection was closed")
             metrics.count_request("unmatched", status)
             if self.cycle is None or self.cycle.response_complete:  # no answer under way that this one would cut into
                 self.transport.write(error_bytes(status, message, self.server_state.default_headers))
