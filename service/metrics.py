@@ -59,7 +59,7 @@ class Metrics:
         self.client_refused = Counter(
             "codedsmooth_client_refused_total", "requests refused by access control: 401 (client unknown: no key or an unknown one), 429 (over a limit)", ["client", "status"], registry=r
         )
-        self.keys_reloads = Counter("codedsmooth_api_keys_reloads_total", "keys file reloads after a change: ok, or error (the last good table stays)", ["result"], registry=r)
+        self.keys_reloads = Counter("codedsmooth_api_keys_reloads_total", "keys file reloads after a change: ok, empty (loaded; every request refused), or error (the last good table stays)", ["result"], registry=r)
         self.keys_clients = Gauge("codedsmooth_api_keys_clients", "clients in the keys table in force", registry=r)
         self.rci_groups = Histogram("codedsmooth_rci_coding_groups", "coding groups per device batch", m, buckets=SIZE_BUCKETS, registry=r)
         self.rci_filler_share = Histogram("codedsmooth_rci_filler_share", "share of coded slots filled with trusted filler", m, buckets=SHARE_BUCKETS, registry=r)
