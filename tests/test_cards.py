@@ -224,3 +224,13 @@ def test_a_serving_json_with_a_bad_output_names_the_file(tiny_checkpoint, tmp_pa
     (tmp_path / "m" / "serving.json").write_text(json.dumps({"output": "logits"}))
     with pytest.raises(RepositoryError, match=r"serving\.json: output"):
         model_settings(ServeSettings(), tmp_path / "m")
+
+
+def test_the_output_setting_comes_from_its_env_var(monkeypatch):
+    from codedsmooth.service.settings import ServeSettings
+
+    monkeypatch.setenv("CODEDSMOOTH_OUTPUT", "labels")
+    assert ServeSettings().output == "labels"
+    monkeypatch.setenv("CODEDSMOOTH_OUTPUT", "logits")
+    with pytest.raises(ValueError, match="output"):
+        ServeSettings()
