@@ -25,6 +25,7 @@ from torch import nn
 from codedsmooth.core import CodingSpec, TrainedCoding, hoist_affine_prefix
 
 from .architectures import StagedModel, build_model
+from .card import CARD_FILE, CardError, RobustnessCard, read_card
 from .config import FORMAT_VERSION, CheckpointConfig
 
 WEIGHTS_FILE = "model.safetensors"
@@ -44,6 +45,7 @@ class Checkpoint:
     config: CheckpointConfig
     model: StagedModel
     filler: torch.Tensor  # (m, *input_shape) trusted clean inputs, float32 in [0, 1]
+    card: RobustnessCard | None = None  # robustness.json beside config.json, validated at load (None: there is none)
 
     @property
     def name(self) -> str:
@@ -212,6 +214,10 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     """
     weights_path, config_path = _resolve(path)
     config = read_config(config_path)
+    try:
+        card = read_card(config_path.parent / CARD_FILE)
+    except CardError as exc:
+        raise CheckpointError(str(exc)) from None
     header = _header_shapes(weights_path)
     try:
         with torch.device("meta"):
@@ -251,7 +257,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     if probe.shape != (1, len(config.classes)):
         raise CheckpointError(f"{config_path}: model outputs {tuple(probe.shape[1:])} values but {len(config.classes)} classes are named")
     model.to(device)
-    return Checkpoint(Path(path), config, model, filler.to(device))
+    return Checkpoint(Path(path), config, model, filler.to(device), card)
 
 
 def default_checkpoint_path() -> Path:

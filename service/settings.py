@@ -82,6 +82,9 @@ class ServeSettings(BaseSettings):
     expose_model_details: bool = Field(
         False, description="GET /v1/models also shows how the model was made (training method, data set, test accuracy, target block); off: name, input shape, classes and the RCI spec only"
     )
+    output: Literal["scores", "labels"] = Field(
+        "scores", description="what answers carry: scores (v1 probabilities, v2 probabilities and index) or labels (only the top-1 label: v1 label and index, v2 label and index tensors; no probabilities or logits), the usual first mitigation against score-based attacks (docs/serving.md, Label-only answers)"
+    )
 
     @model_validator(mode="after")
     def _items_fit_a_batch(self):

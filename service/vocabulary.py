@@ -17,3 +17,7 @@ V2_INPUT_DATATYPE = "FP32"
 V2_PROBABILITIES = "probabilities"
 V2_INDEX = "index"
 V2_OUTPUTS: dict[str, str] = {V2_PROBABILITIES: "FP32", V2_INDEX: "INT64"}
+
+# ``--output labels``: only the top-1 label, as the class name (BYTES) and its index; no probabilities.
+V2_LABEL = "label"
+V2_LABEL_OUTPUTS: dict[str, str] = {V2_LABEL: "BYTES", V2_INDEX: "INT64"}

@@ -147,3 +147,24 @@ def write_idx(path, array: np.ndarray) -> None:
 
 
 __all__ = ["GOOD_ITEM", "SLOW_SERVER", "held_server", "hold_and_queue", "ServerProcess", "running_server", "free_port", "metric_samples", "metric", "wait_for_metric", "wait_until", "run_in_fresh_interpreter", "correct_per_image", "worst_case", "write_idx"]
+
+
+def write_card(checkpoint_dir, name: str, accuracy: float = 0.5) -> dict:
+    """Write a small valid robustness card into ``checkpoint_dir`` (its ``robustness.json``); returns it as JSON."""
+    import json
+
+    from codedsmooth.models.card import CARD_FILE, RobustnessCard
+
+    card = RobustnessCard.model_validate({
+        "source": "audit", "model": {"name": name, "url": "http://127.0.0.1:1"}, "dataset": "digits", "eps": [0.1, 0.3],
+        "samples": {"s": [3, 1, 4]},
+        "measurements": [
+            {"attack": "square", "threat": "score-based", "setting": "RCI off", "eps": 0.3, "sample": "s", "n": 3, "robust_accuracy": accuracy,
+             "interval": [0.1, 0.9], "queries_per_broken": {"median": 12, "p90": 40}, "queries": 300, "rate_limited": 2},
+            {"attack": "decision", "threat": "decision-based", "setting": "RCI off", "eps": 0.3, "sample": "s", "n": 3, "robust_accuracy": accuracy + 0.1, "interval": [0.2, 0.95]},
+            {"attack": "square", "threat": "score-based", "setting": "RCI off", "eps": 0.1, "sample": "s", "n": 3, "robust_accuracy": 1.0, "interval": [0.4, 1.0]},
+        ],
+        "rate_limited": 2, "command": "codedsmooth audit --url http://127.0.0.1:1", "date": "2026-12-01",
+    })
+    (Path(checkpoint_dir) / CARD_FILE).write_text(card.to_json())
+    return json.loads(card.to_json())

@@ -163,7 +163,8 @@ def test_broken_multipart_is_400(server):
 def test_models_shows_what_a_client_needs_and_the_rci_spec(server, tiny_checkpoint):
     ck = load_checkpoint(tiny_checkpoint)
     (info,) = server.client.get("/v1/models").json()
-    assert set(info) == {"name", "input_shape", "classes", "rci"}
+    assert set(info) == {"name", "input_shape", "classes", "rci", "output", "card"}  # output and card: issue 31 (labels only, robustness cards)
+    assert info["output"] == "scores" and info["card"] == {"available": False, "note": f"model {ck.name!r} has no robustness card"}
     assert info["name"] == ck.name and info["input_shape"] == list(ck.input_shape) and info["classes"] == ck.classes
     assert set(info["rci"]) == set(RciInfo.model_fields)  # the whole spec: the attack client builds its model from it
     spec = resolve_spec(ck, ServeSettings())

@@ -18,7 +18,7 @@ import httpx
 import jsonschema
 import numpy as np
 import pytest
-from helpers import ServerProcess, running_server, wait_for_metric
+from helpers import ServerProcess, running_server, wait_for_metric, write_card
 from PIL import Image
 
 GOOD_ITEM = np.full((1, 8, 8), 0.5).tolist()
@@ -50,6 +50,8 @@ def cases(model: str) -> list[tuple[str, str, str, dict, int]]:
         ("get", "/health/live", "/health/live", {}, 200),
         ("get", "/health/ready", "/health/ready", {}, 200),
         ("get", "/v1/models", "/v1/models", {}, 200),
+        ("get", "/v1/models/{name}/card", f"/v1/models/{m}/card", {}, 200),
+        ("get", "/v1/models/{name}/card", "/v1/models/nope/card", {}, 404),
         ("post", "/v1/predict", "/v1/predict", {"json": {"inputs": [GOOD_ITEM]}}, 200),
         ("post", "/v1/predict", "/v1/predict", {"content": b"{nope", "headers": {"content-type": "application/json"}}, 400),
         ("post", "/v1/predict", "/v1/predict", {"json": {"inputs": [GOOD_ITEM] * 33}}, 413),
@@ -112,8 +114,13 @@ def check_against_document(doc: dict, method: str, path: str, status: int, conte
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint):
-    with running_server(tiny_checkpoint, body_timeout_s=1) as srv:
+def server(tiny_checkpoint, tmp_path_factory):
+    import shutil
+
+    carded = tmp_path_factory.mktemp("carded") / "tiny"
+    shutil.copytree(tiny_checkpoint, carded)
+    write_card(carded, "tiny")  # GET /v1/models/{name}/card answers 200 with it
+    with running_server(carded, body_timeout_s=1) as srv:
         srv.model = httpx.get(srv.url + "/v1/models").json()[0]["name"]
         srv.doc = httpx.get(srv.url + "/openapi.json").json()
         yield srv

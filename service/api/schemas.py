@@ -7,6 +7,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 from codedsmooth.core.spec import CodingSpec, Scope
+from codedsmooth.models.card import RobustnessCard, WorstCase
+
+Output = Literal["scores", "labels"]
 
 
 class ErrorBody(BaseModel):
@@ -60,7 +63,7 @@ class RciInfo(RciSummary):
 class Prediction(BaseModel):
     label: str
     index: int
-    probabilities: list[float]
+    probabilities: list[float] | None = Field(None, description="class probabilities by index; absent when the server answers labels only (--output labels)")
 
 
 class PredictResponse(BaseModel):
@@ -78,6 +81,27 @@ class ModelDetails(BaseModel):
     target_block: str = Field(..., description="the block RCI codes through")
 
 
+class CardSummary(BaseModel):
+    """What ``GET /v1/models`` says of a model's robustness card: its worst case at each ε, or that it has none."""
+
+    available: bool = Field(..., description="whether the model has a robustness card (robustness.json in its checkpoint directory)")
+    note: str | None = Field(None, description="when there is no card: saying so")
+    href: str | None = Field(None, description="where the whole card is: GET /v1/models/{name}/card")
+    source: Literal["report", "audit"] | None = Field(None, description="what measured it: report (with the weights) or audit (query-only)")
+    date: str | None = Field(None, description="when it was measured")
+    worst_case: list[WorstCase] | None = Field(None, description="at each ε, the lowest robust accuracy of the card, with its 95 % Wilson interval, images, attack and setting")
+
+    @staticmethod
+    def of(name: str, card: RobustnessCard | None) -> "CardSummary":
+        if card is None:
+            return CardSummary(available=False, note=no_card(name))
+        return CardSummary(available=True, href=f"/v1/models/{name}/card", source=card.source, date=card.date, worst_case=card.worst_cases())
+
+
+def no_card(name: str) -> str:
+    return f"model {name!r} has no robustness card"
+
+
 class ModelInfo(BaseModel):
     """What a client needs to call the model; training details only when the operator opts in."""
 
@@ -86,6 +110,8 @@ class ModelInfo(BaseModel):
     classes: list[str] = Field(..., description="labels, by output index")
     rci: RciInfo
     details: ModelDetails | None = Field(None, description="only with --expose-model-details")
+    output: Output = Field(..., description="what answers carry: scores (probabilities) or labels (the top-1 label only)")
+    card: CardSummary = Field(..., description="the robustness card's worst case at each ε, or a note that there is none")
 
 
 class HealthBody(BaseModel):
@@ -106,13 +132,20 @@ class V2TensorMetadata(BaseModel):
     shape: list[int]
 
 
+class V2ModelParameters(BaseModel):
+    """The protocol's extension point: the coding spec in force and the model's robustness card."""
+
+    rci: RciInfo = Field(..., description="the coding spec in force")
+    card: RobustnessCard | None = Field(..., description="the robustness card (as GET /v1/models/{name}/card); null when the model has none")
+
+
 class V2ModelMetadata(BaseModel):
     name: str
     versions: list[str]
     platform: str
     inputs: list[V2TensorMetadata]
     outputs: list[V2TensorMetadata]
-    parameters: dict[str, RciInfo] = Field(default_factory=dict, description="the coding spec in force, under 'rci'")
+    parameters: V2ModelParameters
 
 
 class V2InferInput(BaseModel):

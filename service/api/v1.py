@@ -19,20 +19,21 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image, ImageOps
 
-from codedsmooth.service.errors import BadRequest, InvalidInput, PayloadTooLarge, ServiceError, quoted
+from codedsmooth.service.errors import BadRequest, InvalidInput, NotFound, PayloadTooLarge, ServiceError, quoted
 from codedsmooth.service.api.handlers import ServiceRoute
 from codedsmooth.service.api.inputs import check_batch, check_count, parse_json, require_content_type, require_identity_encoding, to_float_array
 from codedsmooth.service.lifecycle import current_lifecycle
 from codedsmooth.service.api.openapi import INFER_ERRORS, errors, request_body, schema_ref
-from codedsmooth.service.api.schemas import HealthBody, ModelDetails, ModelInfo, PredictRequest, PredictResponse, Prediction, RciInfo
+from codedsmooth.service.api.schemas import CardSummary, HealthBody, ModelDetails, ModelInfo, PredictRequest, PredictResponse, Prediction, RciInfo, no_card
+from codedsmooth.models.card import RobustnessCard
 
 router = APIRouter(route_class=ServiceRoute)
 IMAGE_FORMATS = ("PNG", "JPEG")
 
 
 def json_response(body) -> Response:
-    """Serialise a response model once (FastAPI would validate and encode it again)."""
-    return Response(body.model_dump_json(), media_type="application/json")
+    """Serialise a response model once (FastAPI would validate and encode it again); absent fields (None) are left out."""
+    return Response(body.model_dump_json(exclude_none=True), media_type="application/json")
 
 
 # ---- codec ------------------------------------------------------------------
@@ -116,8 +117,11 @@ def _multipart_problem(message: str, max_items: int) -> ServiceError:
     return BadRequest("body is not valid multipart/form-data")
 
 
-def _predictions(probs: np.ndarray, classes: list[str]) -> list[Prediction]:
+def _predictions(probs: np.ndarray, classes: list[str], output: str = "scores") -> list[Prediction]:
+    """One prediction per item; with ``output == "labels"`` the top-1 label and its index only (no probabilities)."""
     idx = probs.argmax(1).tolist()
+    if output == "labels":
+        return [Prediction(label=classes[i], index=i) for i in idx]
     return [Prediction(label=classes[i], index=i, probabilities=p) for i, p in zip(idx, probs.tolist())]
 
 
@@ -152,16 +156,29 @@ def _model_info(lc, model) -> ModelInfo:
     details = None
     if lc.settings.expose_model_details:
         details = ModelDetails(method=ck.config.method, dataset=ck.config.dataset, test_accuracy=ck.config.test_accuracy, target_block=ck.target_block)
-    return ModelInfo(name=model.name, input_shape=list(ck.input_shape), classes=ck.classes, rci=RciInfo.from_spec(model.engine.spec), details=details)
+    return ModelInfo(
+        name=model.name, input_shape=list(ck.input_shape), classes=ck.classes, rci=RciInfo.from_spec(model.engine.spec), details=details,
+        output=model.settings.output, card=CardSummary.of(model.name, ck.card),
+    )
 
 
 @router.get("/v1/models", response_model=list[ModelInfo], responses=errors(503), tags=["v1"])
 async def models(request: Request):
-    """The served models: name, input shape, classes and the RCI coding spec (training details with --expose-model-details)."""
+    """The served models: name, input shape, classes, the RCI coding spec, what answers carry and the robustness card's worst cases (training details with --expose-model-details)."""
     lc = current_lifecycle(request)
     lc.require_ready()
     infos = [_model_info(lc, m).model_dump_json(exclude_none=True) for m in lc.repository.serving()]
     return Response(f"[{','.join(infos)}]", media_type="application/json")
+
+
+@router.get("/v1/models/{name}/card", response_model=RobustnessCard, responses=errors(404, 503), tags=["v1"])
+async def model_card(name: str, request: Request):
+    """The robustness card of the model or alias `name` (robustness.json in its checkpoint directory, schema docs/card.schema.json); 404 when it has none."""
+    model = current_lifecycle(request).describe_model(name)
+    card = model.checkpoint.card
+    if card is None:
+        raise NotFound(no_card(model.name))
+    return Response(card.model_dump_json(), media_type="application/json")
 
 
 async def _predict(request: Request, name: str | None) -> Response:
@@ -174,7 +191,7 @@ async def _predict(request: Request, name: str | None) -> Response:
     ck, max_items = model.checkpoint, model.settings.max_items_per_request
     x = tensor_from_predict_body(parse_json(raw, ck.input_shape, max_items), ck.input_shape, max_items, raw=raw)
     probs = await lc.infer(request, x, model)
-    return json_response(PredictResponse(model=model.name, predictions=_predictions(probs, ck.classes), rci=RciInfo.from_spec(model.engine.spec).summary()))
+    return json_response(PredictResponse(model=model.name, predictions=_predictions(probs, ck.classes, model.settings.output), rci=RciInfo.from_spec(model.engine.spec).summary()))
 
 
 PREDICT_DOC = request_body({"application/json": schema_ref(PredictRequest)})
@@ -224,7 +241,7 @@ async def _predict_image(request: Request, name: str | None) -> Response:
     arr = await lc.decode(decode_images, images, ck.input_shape, lc.settings.max_image_pixels, ck.background)
     x = check_batch(arr, ck.input_shape, max_items, what="images")
     probs = await lc.infer(request, x, model)
-    return json_response(PredictResponse(model=model.name, predictions=_predictions(probs, ck.classes), rci=RciInfo.from_spec(model.engine.spec).summary()))
+    return json_response(PredictResponse(model=model.name, predictions=_predictions(probs, ck.classes, model.settings.output), rci=RciInfo.from_spec(model.engine.spec).summary()))
 
 
 @router.post("/v1/predict/image", response_model=PredictResponse, responses=INFER_ERRORS, tags=["v1"], openapi_extra=IMAGE_DOC)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 from typing import Any
 
 import numpy as np
@@ -25,9 +26,9 @@ from codedsmooth.service.errors import BadRequest, InvalidInput, NotFound, quote
 from codedsmooth.service.api.handlers import ServiceRoute
 from codedsmooth.service.api.inputs import check_batch, check_count, parse_json, require_identity_encoding, to_float_array, validation_message
 from codedsmooth.service.lifecycle import current_lifecycle
-from codedsmooth.service.vocabulary import V2_INDEX, V2_INPUT, V2_INPUT_DATATYPE, V2_OUTPUTS, V2_PROBABILITIES
+from codedsmooth.service.vocabulary import V2_INDEX, V2_INPUT, V2_INPUT_DATATYPE, V2_LABEL, V2_LABEL_OUTPUTS, V2_OUTPUTS, V2_PROBABILITIES
 from codedsmooth.service.api.openapi import INFER_ERRORS, errors, request_body, schema_ref
-from codedsmooth.service.api.schemas import RciInfo, V2InferRequest, V2InferResponse, V2ModelMetadata, V2ServerMetadata, V2TensorMetadata
+from codedsmooth.service.api.schemas import RciInfo, V2InferRequest, V2InferResponse, V2ModelMetadata, V2ModelParameters, V2ServerMetadata, V2TensorMetadata
 
 router = APIRouter(route_class=ServiceRoute, tags=["v2"])
 
@@ -92,21 +93,37 @@ def tensor_from_request(req: V2InferRequest, binary: bytes, input_shape, max_ite
     return check_batch(arr.reshape(shape), input_shape, max_items, what=f"input {inp.name!r}")
 
 
-def encode_response(req: V2InferRequest, model_name: str, probs: np.ndarray, version: int = 1) -> Response:
-    wanted = [o.name for o in req.outputs] if req.outputs else list(V2_OUTPUTS)
+def model_outputs(output: str) -> dict[str, str]:
+    """The model's output tensors (name -> datatype) when it answers ``output`` (scores, or labels only)."""
+    return V2_LABEL_OUTPUTS if output == "labels" else V2_OUTPUTS
+
+
+def _bytes_tensor(labels: list[str]) -> bytes:
+    """A BYTES tensor in the binary data extension: each element as its 4-byte little-endian length, then its bytes."""
+    return b"".join(struct.pack("<I", len(b)) + b for b in (label.encode() for label in labels))
+
+
+def encode_response(req: V2InferRequest, model_name: str, probs: np.ndarray, version: int = 1, classes: list[str] | None = None, output: str = "scores") -> Response:
+    """The answer's tensors: probabilities and index, or (``output == "labels"``) the top-1 label (class name) and index only."""
+    available = model_outputs(output)
+    wanted = [o.name for o in req.outputs] if req.outputs else list(available)
     binary_default = _flag(req.parameters, "binary_data_output", False, "request")
     binary_wanted = {o.name: _flag(o.parameters, "binary_data", binary_default, f"output {quoted(o.name)}") for o in (req.outputs or [])}
-    arrays = {V2_PROBABILITIES: probs.astype(np.float32), V2_INDEX: probs.argmax(1).astype(np.int64)}
+    index = probs.argmax(1).astype(np.int64)
     outputs, chunks = [], []
     for out_name in wanted:
-        arr = arrays[out_name]
-        entry: dict[str, Any] = {"name": out_name, "datatype": V2_OUTPUTS[out_name], "shape": list(arr.shape)}
+        entry: dict[str, Any] = {"name": out_name, "datatype": available[out_name], "shape": [len(probs)] if out_name != V2_PROBABILITIES else list(probs.shape)}
+        if out_name == V2_LABEL:
+            labels = [(classes or [])[i] for i in index.tolist()]
+            data, values = _bytes_tensor(labels), labels
+        else:
+            arr = probs.astype(np.float32) if out_name == V2_PROBABILITIES else index
+            data, values = arr.tobytes(), arr.reshape(-1).tolist()
         if binary_wanted.get(out_name, binary_default):
-            data = arr.tobytes()
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
-            entry["data"] = arr.reshape(-1).tolist()
+            entry["data"] = values
         outputs.append(entry)
     body = V2InferResponse(model_name=model_name, model_version=str(version), id=req.id, outputs=outputs).model_dump(exclude_none=True)
     head = json.dumps(body).encode()
@@ -115,11 +132,12 @@ def encode_response(req: V2InferRequest, model_name: str, probs: np.ndarray, ver
     return Response(head + b"".join(chunks), media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(len(head))})
 
 
-def _check_request(req: V2InferRequest) -> None:
+def _check_request(req: V2InferRequest, output: str = "scores") -> None:
     """Everything about the outputs that can be refused before compute."""
-    unknown = [o.name for o in (req.outputs or []) if o.name not in V2_OUTPUTS]
+    available = model_outputs(output)
+    unknown = [o.name for o in (req.outputs or []) if o.name not in available]
     if unknown:
-        raise InvalidInput(f"unknown output(s) {quoted(unknown)}; this model has {list(V2_OUTPUTS)}")
+        raise InvalidInput(f"unknown output(s) {quoted(unknown)}; this model has {list(available)}")
     default = _flag(req.parameters, "binary_data_output", False, "request")
     for o in req.outputs or []:
         _flag(o.parameters, "binary_data", default, f"output {quoted(o.name)}")
@@ -153,10 +171,10 @@ def _metadata(request: Request, name: str, version: str = "") -> V2ModelMetadata
         platform="pytorch",
         inputs=[V2TensorMetadata(name=V2_INPUT, datatype=V2_INPUT_DATATYPE, shape=[-1, *ck.input_shape])],
         outputs=[
-            V2TensorMetadata(name=V2_PROBABILITIES, datatype=V2_OUTPUTS[V2_PROBABILITIES], shape=[-1, len(ck.classes)]),
-            V2TensorMetadata(name=V2_INDEX, datatype=V2_OUTPUTS[V2_INDEX], shape=[-1]),
+            V2TensorMetadata(name=out, datatype=datatype, shape=[-1, len(ck.classes)] if out == V2_PROBABILITIES else [-1])
+            for out, datatype in model_outputs(model.settings.output).items()
         ],
-        parameters={"rci": RciInfo.from_spec(model.engine.spec)},
+        parameters=V2ModelParameters(rci=RciInfo.from_spec(model.engine.spec), card=ck.card),
     )
 
 
@@ -220,9 +238,9 @@ async def _infer(name: str, request: Request, version: str = "") -> Response:
     except ValidationError as exc:
         raise InvalidInput(validation_message(exc)) from None
     x = tensor_from_request(req, binary, ck.input_shape, max_items)
-    _check_request(req)
+    _check_request(req, model.settings.output)
     probs = await lc.infer(request, x, model)
-    return encode_response(req, model.name, probs, model.version)
+    return encode_response(req, model.name, probs, model.version, ck.classes, model.settings.output)
 
 
 @router.post("/v2/models/{name}/infer", response_model=V2InferResponse, responses=INFER_RESPONSES, openapi_extra=INFER_DOC)

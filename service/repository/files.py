@@ -36,7 +36,7 @@ MODEL_SETTINGS_FILE = "serving.json"
 # there are per API key on this model, on top of the key's own limits (see access.Access.queue).
 MODEL_SETTINGS = (
     "max_batch_size", "max_delay_ms", "max_queue_size", "max_items_per_request", "rci", "rci_scope", "rci_group_size", "coded_points",
-    "rci_decode_tolerance", "input_noise_sigma", "rate_limit", "quota",
+    "rci_decode_tolerance", "input_noise_sigma", "rate_limit", "quota", "output",
 )
 MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
