@@ -622,3 +622,11 @@ def test_persistent_counters_keep_each_keys_window_in_sqlite(tmp_path):
     assert reopened.charge(CounterKey("a"), 7, limits, time.monotonic()).allowed
     assert abs(reopened.windows[CounterKey("a")][0] - now) < 1.0  # the window's start survives, in this process's clock
     reopened.store.close()
+
+
+def test_a_quota_state_that_cannot_be_written_is_one_cli_error(tmp_path, capsys):
+    keys = tmp_path / "keys.txt"
+    add_key(keys, "dave", quota="5")
+    where = tmp_path / "no-such-dir" / "q.sqlite"
+    r = cli(capsys, "serve", "--api-keys-file", str(keys), "--quota-state", str(where), "--port", "0")
+    assert r.returncode == 2 and f"{where}: cannot keep the quota counters there" in r.stderr and "--quota-state none" in r.stderr, r.stderr

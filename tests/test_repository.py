@@ -220,7 +220,7 @@ def test_explicit_load_unload_and_reload_under_load(tmp_path, tiny_checkpoint, e
         shutil.copytree(erm_checkpoint, root / "broken")
         (root / "broken" / "config.json").write_text("{not json")
         r = httpx.post(url + "/v2/repository/models/broken/load")
-        assert r.status_code == 400 and str(root / "broken" / "config.json") in r.json()["error"]
+        assert r.status_code == 400 and "broken/config.json: not valid JSON" in r.json()["error"] and str(root) not in r.text  # no server paths
         index = {e["name"]: e for e in httpx.post(url + "/v2/repository/index").json()}
         assert index["broken"]["state"] == "UNAVAILABLE" and "config.json" in index["broken"]["reason"]
         assert httpx.post(url + "/v2/repository/models/elsewhere/load").status_code == 404
@@ -428,7 +428,7 @@ def test_explicit_load_refuses_a_directory_named_as_an_alias(tmp_path, tiny_chec
     with running_server(None, model_repository=root, model_control="explicit", rci=False) as server:
         shutil.copytree(tiny_checkpoint, root / "ab")  # would shadow the alias: refused, as at start-up
         r = httpx.post(server.url + "/v2/repository/models/ab/load")
-        assert r.status_code == 400 and str(root / "repository.json") in r.json()["error"] and "alias 'ab'" in r.json()["error"], r.text
+        assert r.status_code == 400 and "repository.json: alias" in r.json()["error"] and str(root) not in r.text and "alias 'ab'" in r.json()["error"], r.text
         names = {httpx.post(server.url + "/v1/models/ab/predict", json={"inputs": digits.test_x[:1].tolist()}).json()["model"] for _ in range(20)}
         assert names <= {"coded", "erm"} and names, names  # the alias still routes to its models
 

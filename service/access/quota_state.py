@@ -141,6 +141,19 @@ def open_counters(quota_state: str | None, api_keys_file: str | None, flush_s: f
     return counters
 
 
+def check_quota_state(quota_state: str | None, api_keys_file: str | None) -> None:
+    """For the CLI, before anything starts: the quota state file can be opened (and made); ``ValueError`` names it."""
+    path = quota_state_path(quota_state, api_keys_file)
+    if path is None:
+        return
+    try:
+        with sqlite3.connect(str(path)) as db:
+            db.execute(_SCHEMA)
+        db.close()
+    except sqlite3.Error as exc:
+        raise ValueError(f"{path}: cannot keep the quota counters there ({exc}); give --quota-state PATH, or --quota-state none") from None
+
+
 def close_counters(counters: Counters) -> None:
     if isinstance(counters, PersistentCounters):
         counters.store.close()

@@ -169,6 +169,7 @@ def check_repository(settings: ServeSettings) -> list[str]:
     config = read_repository_config(root, names)
     checkpoints = {}
     for name in names:
+        check_model_files(root, name, settings.allow_external_symlinks)
         model_settings(settings, root / name)
         checkpoints[name] = load_checkpoint(root / name)
     check_aliases(config, checkpoints, root)
