@@ -148,6 +148,9 @@ def _run_serve(args) -> int:
         from codedsmooth.service.access.keys import read_keys
 
         read_keys(settings.api_keys_file)  # a missing file or a bad line: one error naming the file and line, before anything starts  # --device cuda without CUDA: a clear error, not a failed start-up
+        from codedsmooth.service.access.quota_state import check_quota_state
+
+        check_quota_state(settings.quota_state, settings.api_keys_file)  # where the quota counters are kept can be written
     # A busy port fails now, in one line, not after the model has loaded (Ray Serve binds its own).
     listener = bind_public_socket(settings.host, settings.port) if settings.replicas is None else None
     if settings.checkpoint is not None or settings.model_repository is not None:

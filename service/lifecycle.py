@@ -26,6 +26,8 @@ import torch
 from fastapi import Request
 
 from codedsmooth.service.access.control import CLIENT, HELD, Access
+from codedsmooth.service.access.limits import LocalLimiter
+from codedsmooth.service.access.quota_state import close_counters, open_counters
 from codedsmooth.service.engine import InferenceEngine
 from codedsmooth.service.errors import ClientGone, DeadlineExceeded, Unavailable
 from codedsmooth.service.metrics import Metrics
@@ -63,6 +65,9 @@ class Lifecycle:
         self.model_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codedsmooth-model")
         self.decode_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codedsmooth-decode")
         self.repository = Repository(settings, self.metrics, self.engine_factory, self.model_executor)
+        self._own_limiter: LocalLimiter | None = None  # this process's counters (quota windows kept in SQLite unless --quota-state none)
+        if settings.api_keys_file and limiter is None:
+            limiter = self._own_limiter = LocalLimiter(open_counters(settings.quota_state, settings.api_keys_file, settings.quota_flush_ms / 1000.0))
         self.access = Access(settings, self.metrics, self.repository.known_names, limiter) if settings.api_keys_file else None  # None: open to anyone
 
     # ---- loading -----------------------------------------------------------
@@ -236,6 +241,8 @@ class Lifecycle:
         self.model_executor.shutdown(wait=False, cancel_futures=True)
         end_model_threads(self.repository.models.values())
         self.decode_executor.shutdown(wait=False, cancel_futures=True)
+        if self._own_limiter is not None:
+            close_counters(self._own_limiter.counters)  # the last quota charges are written before exit
 
 
 def current_lifecycle(request: Request) -> Lifecycle:

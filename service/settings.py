@@ -86,6 +86,19 @@ class ServeSettings(BaseSettings):
         "scores", description="what answers carry: scores (v1 probabilities, v2 probabilities and index) or labels (only the top-1 label: v1 label and index, v2 label and index tensors; no probabilities or logits), the usual first mitigation against score-based attacks (docs/serving.md, Label-only answers)"
     )
 
+    load_timeout_s: float = Field(
+        120.0, gt=0, allow_inf_nan=False, description="with --model-control explicit: a load (or reload) of a model not done in this many seconds is reported failed (504) and the model stays unloaded; loads run on a thread of their own, so serving never waits for one"
+    )
+    allow_external_symlinks: bool = Field(
+        False, description="with --model-repository: follow symlinks in the repository that lead outside it (default: refused with 400 naming the file)"
+    )
+    quota_state: str | None = Field(
+        None, description="SQLite file keeping the quota counters across restarts, or none to keep them in memory only (default: the keys file's name plus .quota.sqlite, beside it)"
+    )
+    quota_flush_ms: float = Field(
+        200.0, gt=0, le=60000, allow_inf_nan=False, description="how often the quota counters are written to --quota-state; a crash loses at most the items charged in this interval"
+    )
+
     @model_validator(mode="after")
     def _items_fit_a_batch(self):
         if self.max_items_per_request is None:
@@ -119,7 +132,7 @@ class ServeSettings(BaseSettings):
     def autoscaling(self) -> bool:
         return self.replicas is not None and self.max_replicas is not None
 
-    @field_validator("checkpoint", "ray_address", "api_keys_file", "model_repository", "default_model")
+    @field_validator("checkpoint", "ray_address", "api_keys_file", "model_repository", "default_model", "quota_state")
     @classmethod
     def _checkpoint(cls, value):
         return value or None  # an empty env var (as compose passes through) means the default

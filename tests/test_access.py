@@ -551,3 +551,86 @@ def test_resolve_layers_each_override_over_what_it_inherits(tmp_path):
     assert limits(plain, m) == [(CounterKey("plain"), (10.0, 100, 8)), (CounterKey("plain", "m"), (2.0, None, 4))]
     assert limits(own, m) == [(CounterKey("own"), (10.0, 5, 8)), (CounterKey("own", "m"), (None, 3, 4))]
     assert limits(own, n) == [(CounterKey("own"), (10.0, 5, 8)), (CounterKey("own", "n"), (4.0, None, 4))]
+
+
+# ---- quotas survive a restart (issue 29, item 3) ------------------------------------------------------------------
+
+
+def _used(db_path) -> float | None:
+    """Items used in the kept quota windows (None: nothing written yet); read as an outside reader would."""
+    import sqlite3
+
+    if not db_path.exists():
+        return None
+    try:
+        with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as db:
+            return db.execute("SELECT sum(used) FROM quota_windows").fetchone()[0]
+    except sqlite3.Error:  # the schema not written yet
+        return None
+
+
+@pytest.mark.parametrize("stop", ["kill -9", "SIGTERM"])
+def test_a_quota_used_up_before_a_restart_stays_used_up_after_it(tmp_path, tiny_checkpoint, digits, stop):
+    import signal
+
+    from helpers import ServerProcess
+
+    keys = tmp_path / "keys.txt"
+    dave = {"Authorization": f"Bearer {add_key(keys, 'dave', quota='5')}"}
+    x = {"inputs": digits.test_x[:1].tolist()}
+    state = tmp_path / "keys.txt.quota.sqlite"  # the default place: beside the keys file
+    server = ServerProcess(tiny_checkpoint, api_keys_file=keys, rci=False)
+    try:
+        server.wait_ready()
+        assert [httpx.post(server.url + "/v1/predict", json=x, headers=dave).status_code for _ in range(5)] == [200] * 5
+        if stop == "kill -9":  # within the documented bound: once the writer has written the 5 (--quota-flush-ms)
+            wait_until(lambda: _used(state) == 5, "the 5 items written to the quota state", 10)
+            server.proc.send_signal(signal.SIGKILL)
+            server.proc.wait(30)
+        else:
+            assert server.terminate() == 0
+            assert _used(state) == 5  # a graceful stop writes what is left
+    finally:
+        server.terminate()
+    again = ServerProcess(tiny_checkpoint, api_keys_file=keys, rci=False)
+    try:
+        again.wait_ready()
+        r = httpx.post(again.url + "/v1/predict", json=x, headers=dave)
+        assert r.status_code == 429 and "quota of 5 items per 86400 s used (0 left, 1 asked)" in r.json()["error"], r.text
+    finally:
+        again.terminate()
+    fresh = ServerProcess(tiny_checkpoint, api_keys_file=keys, rci=False, quota_state="none")  # in memory: today's fresh quota
+    try:
+        fresh.wait_ready()
+        assert httpx.post(fresh.url + "/v1/predict", json=x, headers=dave).status_code == 200
+    finally:
+        fresh.terminate()
+
+
+def test_persistent_counters_keep_each_keys_window_in_sqlite(tmp_path):
+    from codedsmooth.service.access.quota_state import PersistentCounters, QuotaStore, quota_state_path
+
+    assert quota_state_path(None, "/k/keys.txt") == __import__("pathlib").Path("/k/keys.txt.quota.sqlite")
+    assert quota_state_path("none", "/k/keys.txt") is None and quota_state_path(None, None) is None
+    limits = Limits(rate=None, burst=8, quota=10, window_s=60.0)
+    store = QuotaStore(tmp_path / "q.sqlite", flush_s=3600.0)  # written only on close
+    counters = PersistentCounters(store)
+    now = time.monotonic()
+    for key, items in ((CounterKey("a"), 4), (CounterKey("a", "erm"), 7), (CounterKey("b"), 10)):
+        assert counters.charge(key, items, limits, now).allowed
+    counters.refund(CounterKey("a"), 1, limits, now)
+    store.close()
+    reopened = PersistentCounters(QuotaStore(tmp_path / "q.sqlite", flush_s=3600.0))
+    assert {k: v[1] for k, v in reopened.windows.items()} == {CounterKey("a"): 3, CounterKey("a", "erm"): 7, CounterKey("b"): 10}
+    assert not reopened.charge(CounterKey("b"), 1, limits, time.monotonic()).allowed
+    assert reopened.charge(CounterKey("a"), 7, limits, time.monotonic()).allowed
+    assert abs(reopened.windows[CounterKey("a")][0] - now) < 1.0  # the window's start survives, in this process's clock
+    reopened.store.close()
+
+
+def test_a_quota_state_that_cannot_be_written_is_one_cli_error(tmp_path, capsys):
+    keys = tmp_path / "keys.txt"
+    add_key(keys, "dave", quota="5")
+    where = tmp_path / "no-such-dir" / "q.sqlite"
+    r = cli(capsys, "serve", "--api-keys-file", str(keys), "--quota-state", str(where), "--port", "0")
+    assert r.returncode == 2 and f"{where}: cannot keep the quota counters there" in r.stderr and "--quota-state none" in r.stderr, r.stderr

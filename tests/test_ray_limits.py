@@ -5,6 +5,7 @@ Synchronised on state: the replicas' metrics and the answers; never on sleeps.
 """
 
 import asyncio
+import sqlite3
 import time
 
 import httpx
@@ -63,5 +64,16 @@ def test_two_replicas_hold_one_quota_per_key(tiny_checkpoint, digits, tmp_path):
         assert sum(_per_replica(s, "codedsmooth_client_items_total", client="alice") for s in replicas.values()) == QUOTA
         # the second key is still answered
         assert [r.status_code for r in asyncio.run(burst(bob, 4))] == [200] * 4
+        # the actor keeps the quota windows in SQLite beside the keys file, as one server does
+        state = keys.with_name(keys.name + ".quota.sqlite")
+
+        def kept() -> dict:
+            try:
+                with sqlite3.connect(state) as db:
+                    return dict(db.execute("SELECT client, used FROM quota_windows WHERE model = ''").fetchall())
+            except sqlite3.Error:  # not created yet
+                return {}
+
+        wait_until(lambda: kept() == {"alice": QUOTA, "bob": 4}, "the shared quota windows written to SQLite", 30, interval=0.05)
     finally:
         server.terminate(60)

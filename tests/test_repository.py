@@ -7,9 +7,14 @@ Synchronised on state (queue-depth gauges, answers), never on sleeps.
 
 import asyncio
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -19,7 +24,7 @@ from helpers import GOOD_ITEM, SLOW_SERVER, LoggedServer, ServerProcess, metric,
 
 from codedsmooth.service.access.keys import add_key
 from codedsmooth.service.access.overrides import INHERIT, NO_OVERRIDE, LimitOverride
-from codedsmooth.service.repository.files import RepositoryError, model_settings
+from codedsmooth.service.repository.files import RepositoryError, check_model_files, model_settings
 from codedsmooth.service.settings import ServeSettings
 from codedsmooth.train import TrainConfig, train
 
@@ -215,7 +220,7 @@ def test_explicit_load_unload_and_reload_under_load(tmp_path, tiny_checkpoint, e
         shutil.copytree(erm_checkpoint, root / "broken")
         (root / "broken" / "config.json").write_text("{not json")
         r = httpx.post(url + "/v2/repository/models/broken/load")
-        assert r.status_code == 400 and str(root / "broken" / "config.json") in r.json()["error"]
+        assert r.status_code == 400 and "broken/config.json: not valid JSON" in r.json()["error"] and str(root) not in r.text  # no server paths
         index = {e["name"]: e for e in httpx.post(url + "/v2/repository/index").json()}
         assert index["broken"]["state"] == "UNAVAILABLE" and "config.json" in index["broken"]["reason"]
         assert httpx.post(url + "/v2/repository/models/elsewhere/load").status_code == 404
@@ -423,7 +428,7 @@ def test_explicit_load_refuses_a_directory_named_as_an_alias(tmp_path, tiny_chec
     with running_server(None, model_repository=root, model_control="explicit", rci=False) as server:
         shutil.copytree(tiny_checkpoint, root / "ab")  # would shadow the alias: refused, as at start-up
         r = httpx.post(server.url + "/v2/repository/models/ab/load")
-        assert r.status_code == 400 and str(root / "repository.json") in r.json()["error"] and "alias 'ab'" in r.json()["error"], r.text
+        assert r.status_code == 400 and "repository.json: alias" in r.json()["error"] and str(root) not in r.text and "alias 'ab'" in r.json()["error"], r.text
         names = {httpx.post(server.url + "/v1/models/ab/predict", json={"inputs": digits.test_x[:1].tolist()}).json()["model"] for _ in range(20)}
         assert names <= {"coded", "erm"} and names, names  # the alias still routes to its models
 
@@ -477,3 +482,133 @@ def test_with_a_thread_per_model_a_held_batch_holds_only_its_own_model(tmp_path,
         assert first == "erm"
     finally:
         server.terminate()
+
+
+# ---- loads never stall serving; clients see no server paths (issue 29, items 2 and 5) ----------------------------
+
+SLOW_LOAD_SERVER = [sys.executable, str(Path(__file__).with_name("slow_load_server.py"))]
+
+
+async def _answers_while(url: str, name: str, x, metrics_url: str, busy) -> list[tuple[str, int, float]]:
+    """Requests to ``name``, /health/live and /metrics, one after another, until ``busy()`` is false: (what, status, seconds)."""
+    seen = []
+    async with httpx.AsyncClient(timeout=10) as client:
+        while busy() or not seen:
+            for what, call in (("predict", client.post(f"{url}/v1/models/{name}/predict", json=x)), ("live", client.get(url + "/health/live")),
+                               ("metrics", client.get(metrics_url + "/metrics"))):
+                t0 = time.monotonic()
+                r = await call
+                seen.append((what, r.status_code, time.monotonic() - t0))
+    return seen
+
+
+def _load_in_background(url: str, name: str) -> tuple[threading.Thread, list]:
+    answer: list = []
+    thread = threading.Thread(target=lambda: answer.append(httpx.post(f"{url}/v2/repository/models/{name}/load", timeout=60)), daemon=True)
+    thread.start()
+    return thread, answer
+
+
+def test_a_fifo_in_a_model_directory_is_refused_at_once_while_another_model_answers(tmp_path, tiny_checkpoint, erm_checkpoint, digits):
+    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint)
+    x = {"inputs": digits.test_x[:1].tolist()}
+    with running_server(None, model_repository=root, model_control="explicit", rci=False) as server:
+        shutil.copytree(erm_checkpoint, root / "piped")
+        (root / "piped" / "model.safetensors").unlink()
+        os.mkfifo(root / "piped" / "model.safetensors")  # opening it would block until a writer comes
+        assert httpx.post(f"{server.url}/v1/models/coded/predict", json=x).status_code == 200  # a first request, as before any load
+        thread, answer = _load_in_background(server.url, "piped")
+        seen = asyncio.run(_answers_while(server.url, "coded", x, server.metrics_url, thread.is_alive))
+        thread.join()
+        r = answer[0]
+        assert r.status_code == 400 and "piped/model.safetensors: a FIFO; only regular files are loaded" in r.json()["error"], r.text
+        assert r.elapsed.total_seconds() < 5
+        assert all(status == 200 for _, status, _ in seen), seen
+        print(f"\nduring a FIFO load: {len(seen)} answers of another model, /health/live and /metrics, slowest {max(s for *_, s in seen) * 1000:.0f} ms")
+        assert max(s for *_, s in seen) < 1.0
+        index = {e["name"]: e for e in httpx.post(server.url + "/v2/repository/index").json()}
+        assert index["piped"]["state"] == "UNAVAILABLE" and "FIFO" in index["piped"]["reason"]
+
+
+def test_a_stuck_load_fails_at_its_timeout_while_the_shared_model_thread_serves(tmp_path, tiny_checkpoint, erm_checkpoint, digits, monkeypatch):
+    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    monkeypatch.setenv("SLOW_LOAD_MODEL", "stuck")
+    monkeypatch.setenv("SLOW_LOAD_GATE", str(gate))
+    x = {"inputs": digits.test_x[:1].tolist()}
+    server = ServerProcess(None, program=SLOW_LOAD_SERVER, model_repository=root, model_control="explicit", rci=False, load_timeout_s=3)
+    try:
+        server.wait_ready()
+        shutil.copytree(erm_checkpoint, root / "stuck")
+        thread, answer = _load_in_background(server.url, "stuck")
+        wait_until(lambda: (gate / "entered").exists(), "the load to be held")
+        seen = asyncio.run(_answers_while(server.url, "coded", x, server.metrics_url, thread.is_alive))
+        thread.join()
+        r = answer[0]
+        assert r.status_code == 504 and "stuck: the load did not finish within 3 s (--load-timeout-s)" in r.json()["error"], r.text
+        assert str(root) not in r.text
+        assert all(status == 200 for _, status, _ in seen), seen
+        print(f"\nduring a stuck load (3 s timeout): {len(seen)} answers, slowest {max(s for *_, s in seen) * 1000:.0f} ms")
+        assert max(s for *_, s in seen) < 1.0
+        index = {e["name"]: e for e in httpx.post(server.url + "/v2/repository/index").json()}
+        assert index["stuck"]["state"] == "UNAVAILABLE" and "did not finish" in index["stuck"]["reason"]
+        (gate / "open").touch()  # the abandoned load ends; its result is dropped
+        r = httpx.post(f"{server.url}/v2/repository/models/coded/load", timeout=60)
+        assert r.status_code == 200 and r.json()["state"] == "READY", r.text
+    finally:
+        (gate / "open").touch()
+        server.terminate()
+
+
+def test_a_failed_loads_reason_shows_server_paths_only_to_management_clients(tmp_path, tiny_checkpoint, erm_checkpoint, digits):
+    keys = tmp_path / "keys.txt"
+    reader, ops = add_key(keys, "reader"), add_key(keys, "ops", manage=True)
+    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint)
+    as_reader, as_ops = {"Authorization": f"Bearer {reader}"}, {"Authorization": f"Bearer {ops}"}
+    server = LoggedServer(None, model_repository=root, model_control="explicit", api_keys_file=keys, rci=False, log_level="info")
+    try:
+        server.wait_ready()
+        shutil.copytree(erm_checkpoint, root / "broken")
+        config = json.loads((root / "broken" / "config.json").read_text())
+        config["format_version"] = None
+        (root / "broken" / "config.json").write_text(json.dumps(config))
+        r = httpx.post(f"{server.url}/v2/repository/models/broken/load", headers=as_ops)
+        assert r.status_code == 400 and "broken/config.json: format_version None, expected 1" in r.json()["error"], r.text
+        full = str(root / "broken" / "config.json")
+        assert full not in r.text
+        assert full in server.wait_line("load of broken refused")  # the operator's log has the path
+        for headers in (as_reader, as_ops):
+            r = httpx.post(f"{server.url}/v1/models/broken/predict", json={"inputs": digits.test_x[:1].tolist()}, headers=headers)
+            assert r.status_code == 404 and "broken/config.json: format_version None" in r.json()["error"] and str(root) not in r.text, r.text
+        reasons = {who: {e["name"]: e.get("reason") for e in httpx.post(server.url + "/v2/repository/index", headers=h).json()}["broken"]
+                   for who, h in (("reader", as_reader), ("ops", as_ops))}
+        assert reasons["reader"] == "broken/config.json: format_version None, expected 1", reasons
+        assert reasons["ops"] == f"{full}: format_version None, expected 1", reasons
+    finally:
+        server.terminate()
+
+
+def test_model_files_are_regular_and_inside_the_repository(tmp_path, tiny_checkpoint):
+    root = tmp_path / "repo"
+    root.mkdir()
+    shutil.copytree(tiny_checkpoint, root / "ok")
+    check_model_files(root, "ok")
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(tiny_checkpoint, outside)
+    (root / "linked").mkdir()
+    (root / "linked" / "config.json").symlink_to(outside / "config.json")
+    (root / "linked" / "model.safetensors").symlink_to(outside / "model.safetensors")
+    with pytest.raises(RepositoryError, match="linked/config.json: a symlink that leads outside the model repository"):
+        check_model_files(root, "linked")
+    check_model_files(root, "linked", allow_external=True)
+    (root / "whole").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(RepositoryError, match="whole: a symlink that leads outside"):
+        check_model_files(root, "whole")
+    (root / "inner").mkdir()
+    (root / "inner" / "config.json").symlink_to(root / "ok" / "config.json")  # inside: allowed
+    check_model_files(root, "inner")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(root / "ok" / "sock"))
+        with pytest.raises(RepositoryError, match="ok/sock: a socket; only regular files are loaded"):
+            check_model_files(root, "ok")

@@ -6,7 +6,8 @@ per window of ``window_s`` seconds, the window starting at the client's first it
 previous one ended. A charge of ``n`` items is all or nothing: it is taken from both when both
 have room, and otherwise refused with the whole seconds until it would fit (at least 1), or with
 none (0) when it never can: more items than the whole quota, or than the bucket's burst. The
-counters of one server process are a :class:`LocalLimiter`; Ray Serve replicas share one
+counters of one server process are a :class:`LocalLimiter` (its quota windows kept in SQLite by
+``.quota_state`` unless ``--quota-state none``); Ray Serve replicas share one
 ``codedsmooth.service.access.shared_limits.SharedLimiter`` (the same counters in one Ray actor).
 """
 
@@ -110,10 +111,11 @@ class Counters:
 
 
 class LocalLimiter:
-    """The counters of one server process (its event loop is their only user)."""
+    """The counters of one server process (its event loop is their only user); ``counters``: e.g. kept in SQLite
+    (``.quota_state``), default in memory."""
 
-    def __init__(self):
-        self.counters = Counters()
+    def __init__(self, counters: Counters | None = None):
+        self.counters = counters or Counters()
 
     async def charge(self, client: CounterKey, items: int, limits: Limits) -> Decision:
         return self.counters.charge(client, items, limits, time.monotonic())

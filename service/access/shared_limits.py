@@ -8,10 +8,13 @@ nothing across replicas) on one clock (``time.monotonic`` of its process).
 
 Its life: the actor belongs to the ``serve`` command's driver, which holds its handle while
 serving (a non-detached actor ends with its last handle), so it ends with the command (or with a
-local Ray it started). If its process dies, Ray restarts it (``max_restarts=-1``) with
-**empty counters**: every client's bucket is full again and its quota window starts afresh, so a
-client may get up to one more quota per restart. While it is down or restarting, predict
-requests get 503 + ``Retry-After`` (never unlimited answers).
+local Ray it started). Its quota windows are kept in SQLite as a single server's are
+(``.quota_state``: beside the keys file unless ``--quota-state``; written every
+``--quota-flush-ms``, and on the driver's graceful stop), so a new ``serve`` and a restart of the
+actor by Ray (``max_restarts=-1``, when its process dies) start from them, losing at most the last
+flush interval's charges; rate buckets start full. With ``--quota-state none`` a restart starts
+every client's quota window afresh. While it is down or restarting, predict requests get 503 +
+``Retry-After`` (never unlimited answers).
 
 This module imports ray (as ``codedsmooth.service.ray.serve`` does); nothing else in ``codedsmooth`` imports it.
 """
@@ -20,11 +23,13 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import ray
 
 from codedsmooth.service.errors import Unavailable
-from codedsmooth.service.access.limits import CounterKey, Counters, Decision, Limits
+from codedsmooth.service.access.limits import CounterKey, Decision, Limits
+from codedsmooth.service.access.quota_state import NONE, close_counters, open_counters
 
 log = logging.getLogger("codedsmooth.ray")
 
@@ -36,8 +41,9 @@ NAMESPACE = "codedsmooth"
 class LimitsActor:
     """The shared counters: one charge at a time."""
 
-    def __init__(self):
-        self.counters = Counters()
+    def __init__(self, quota_state: str | None = None, api_keys_file: str | None = None, flush_s: float = 0.2):
+        """``quota_state`` / ``api_keys_file``: where the quota windows are kept (absolute paths; the driver's settings)."""
+        self.counters = open_counters(quota_state, api_keys_file, flush_s)
         self.started = time.time()
 
     def charge(self, client: CounterKey, items: int, limits: Limits) -> Decision:
@@ -46,14 +52,19 @@ class LimitsActor:
     def refund(self, client: CounterKey, items: int, limits: Limits) -> None:
         self.counters.refund(client, items, limits, time.monotonic())
 
+    def close(self) -> None:
+        """Write the quota windows not yet written (the driver's graceful stop)."""
+        close_counters(self.counters)
+
     def state(self) -> dict:
         """Started when (epoch seconds) and how many clients it counts (a restart shows as a later start)."""
         return {"started": self.started, "clients": len(set(self.counters.buckets) | set(self.counters.windows))}
 
 
-def start_limits_actor():
+def start_limits_actor(quota_state: str | None = None, api_keys_file: str | None = None, flush_s: float = 0.2):
     """The shared counters' actor (created by the driver before the replicas; reused if it exists)."""
-    actor = LimitsActor.options(name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True).remote()
+    absolute = [str(Path(p).resolve()) if p and p != NONE else p for p in (quota_state, api_keys_file)]
+    actor = LimitsActor.options(name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True).remote(*absolute, flush_s)
     ray.get(actor.state.remote())
     log.info("per-client limits shared by all replicas in actor %s/%s", NAMESPACE, ACTOR_NAME)
     return actor

@@ -7,7 +7,9 @@ reloads, as a new version swapped in without a failed request) the checkpoint di
 of the repository, validated as at start-up (a broken one: 400 naming the file, the other models
 keep serving), and ``…/unload`` stops routing to it, lets its accepted requests finish, then frees
 it. Without it both answer 403, and so do they, with API keys, for a client whose line in the keys
-file lacks ``manage=yes`` (the index is open to every client). The work is ``repository.Repository``'s.
+file lacks ``manage=yes`` (the index is open to every client; a failed load's reason carries the
+server's paths only for ``manage=yes`` clients, for the others and without API keys it names files
+relative to the repository). The work is ``repository.Repository``'s.
 
 Where the load or unload runs is the app's ``model_control`` (``app.state``): by default this
 process's repository (:func:`apply`); under Ray Serve, every replica's (``ray.serve``
@@ -42,7 +44,8 @@ async def index(request: Request):
     ready = body.get("ready", False) if isinstance(body, dict) else None
     if not isinstance(ready, bool):
         raise InvalidInput('body must be empty or {"ready": true|false}')
-    entries = lc.repository.index()
+    client = request.scope["state"].get(CLIENT)
+    entries = lc.repository.index(paths=client is not None and client.manage)  # server paths for management clients only
     return JSONResponse([e for e in entries if e["state"] == "READY"] if ready else entries)
 
 

@@ -286,7 +286,7 @@ def run_ray_serve(settings: ServeSettings) -> int:
         if settings.api_keys_file:
             from codedsmooth.service.access.shared_limits import start_limits_actor
 
-            limits_actor = start_limits_actor()  # before the replicas, which charge it; the handle keeps it alive (a non-detached actor ends with its last handle)
+            limits_actor = start_limits_actor(settings.quota_state, settings.api_keys_file, settings.quota_flush_ms / 1000.0)  # before the replicas, which charge it; the handle keeps it alive (a non-detached actor ends with its last handle)
         handle = start_serve(settings)
         # A first call through the handle makes its router learn the replicas, so that the
         # broadcast on shutdown reaches every replica at once.
@@ -304,6 +304,8 @@ def run_ray_serve(settings: ServeSettings) -> int:
         log.info("draining: replicas refuse new requests and finish accepted ones (at most %gs)", settings.drain_timeout_s)
         results = drain_replicas(handle, settings.drain_timeout_s + 5.0)
         log.info("drained %d replicas: %s", len(results), json.dumps([r if isinstance(r, dict) else repr(r) for r in results]))
+        if limits_actor is not None:
+            ray.get(limits_actor.close.remote(), timeout=30)  # the quota windows not yet written
         del limits_actor  # its last handle: the shared counters end with the application
     finally:
         if started_ray:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,6 +169,7 @@ def check_repository(settings: ServeSettings) -> list[str]:
     config = read_repository_config(root, names)
     checkpoints = {}
     for name in names:
+        check_model_files(root, name, settings.allow_external_symlinks)
         model_settings(settings, root / name)
         checkpoints[name] = load_checkpoint(root / name)
     check_aliases(config, checkpoints, root)
@@ -196,3 +199,70 @@ def check_aliases(config: RepositoryConfig, checkpoints: dict[str, Checkpoint], 
 def check_default(default: str | None, names: list[str], config: RepositoryConfig) -> None:
     if default is not None and default not in names and default not in config.aliases:
         raise RepositoryError(f"--default-model {default!r} is neither a model nor an alias of the repository ({', '.join(names + sorted(config.aliases))})")
+
+
+# ---- what a load may open --------------------------------------------------------
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+_READ = ("config.json", "model.safetensors")  # what load_checkpoint opens
+
+
+def _kind(mode: int) -> str:
+    return next((what for test, what in _KINDS if test(mode)), "not a regular file")
+
+
+def _inside(path: Path, root: Path, allow_external: bool) -> None:
+    """Refuse a symlink (``path`` or a directory above it, below ``root``) that leads outside the repository."""
+    if allow_external or not path.is_symlink():
+        return
+    target = Path(os.path.realpath(path))
+    if not target.is_relative_to(Path(os.path.realpath(root))):
+        raise RepositoryError(f"{path}: a symlink that leads outside the model repository; refused (--allow-external-symlinks allows it)")
+
+
+def check_model_files(root: Path, name: str, allow_external: bool = False) -> None:
+    """Before a model's files are opened: each entry of its directory is a regular file or a directory, and none is a
+    symlink out of the repository; ``RepositoryError`` names the file.
+
+    Why: opening a FIFO (or a device) blocks, and the load with it; a symlink out of the repository would let whoever
+    writes the repository make the server read any file it can. ``stat`` never blocks on a FIFO; the files a load reads
+    are also opened here with ``O_NONBLOCK`` and checked by ``fstat`` (a file swapped between the two is caught; one
+    swapped after this check is caught only by the load's timeout).
+    """
+    model_dir = root / name
+    _inside(model_dir, root, allow_external)
+    for entry in sorted(model_dir.iterdir()):
+        _inside(entry, root, allow_external)
+        try:
+            mode = entry.stat().st_mode
+        except OSError as exc:
+            raise RepositoryError(f"{entry}: cannot read it ({exc.strerror or exc})") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise RepositoryError(f"{entry}: {_kind(mode)}; only regular files are loaded")
+    for file in _READ:
+        path = model_dir / file
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+        except FileNotFoundError:
+            continue  # the load names what is missing
+        except OSError as exc:
+            raise RepositoryError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+        try:
+            mode = os.fstat(fd).st_mode
+        finally:
+            os.close(fd)
+        if not stat.S_ISREG(mode):
+            raise RepositoryError(f"{path}: {_kind(mode)}; only regular files are loaded")
+
+
+_ABSOLUTE = re.compile(r"(?<![\w.~-])/(?:[^\s:'\",;()/]+/)*([^\s:'\",;()/]+)")
+
+
+def public_reason(reason: str, root: Path | None) -> str:
+    """``reason`` as a client may see it: paths under the repository relative to it, any other absolute path its file
+    name only (the server's layout is the operator's; the log and management clients see the full reason)."""
+    if root is not None:
+        for base in {str(Path(os.path.realpath(root))), str(root.absolute()), str(root)}:
+            reason = reason.replace(base.rstrip("/") + "/", "")
+    return _ABSOLUTE.sub(r"\1", reason)
+

@@ -9,7 +9,15 @@ round, never the thread, and only its own queue (``max_queue_size`` of its own) 
 answers 503. With ``--model-threads per-model`` each model runs its batches on a thread of its own
 (started with the model, ended when it is unloaded): a batch of one model never waits for
 another's, and they compete only for the cores (on CPU with ``--threads 1`` each model's torch work
-stays on its own thread). Loading a model (start-up, explicit load) runs on the shared thread.
+stays on its own thread). Loading at start-up runs on the shared thread (nothing is served yet); an
+explicit load or reload runs on a loader thread of its own, never on the event loop or a model
+thread, so every loaded model, health and metrics answer as usual however slow or stuck the load
+is; past ``--load-timeout-s`` it is reported failed (504) and its thread abandoned (a daemon, its
+result dropped). Before any file of a model is opened, ``files.check_model_files`` refuses FIFOs,
+devices, sockets and symlinks out of the repository (400 naming the file).
+
+A failed load's reason names its file: in full in the log and, for management clients, on the
+index; every other client sees it without server paths (``files.public_reason``).
 
 Aliases route a request to one of several models with the weights given; the draw is Python's
 ``random`` seeded from the OS at start (an A/B split, not a defence), among the alias's models that
@@ -22,7 +30,8 @@ import asyncio
 import gc
 import logging
 import random
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +42,10 @@ from codedsmooth.models import Checkpoint, default_checkpoint_path, load_checkpo
 from codedsmooth.service.access.overrides import NO_OVERRIDE, LimitOverride
 from codedsmooth.service.batcher import MicroBatcher
 from codedsmooth.service.engine import InferenceEngine
-from codedsmooth.service.errors import BadRequest, NotFound, Unavailable, quoted
+from codedsmooth.service.errors import BadRequest, DeadlineExceeded, NotFound, Unavailable, quoted
 from codedsmooth.service.metrics import BatchObserver, Metrics, ModelMetrics
 from codedsmooth.service.settings import ServeSettings
-from codedsmooth.service.repository.files import REPOSITORY_FILE, RepositoryConfig, RepositoryError, check_aliases, check_default, is_model_dir, mismatched_alias, model_names, model_settings, named_as_alias, read_repository_config
+from codedsmooth.service.repository.files import REPOSITORY_FILE, RepositoryConfig, RepositoryError, check_aliases, check_default, check_model_files, is_model_dir, mismatched_alias, model_names, model_settings, named_as_alias, public_reason, read_repository_config
 
 log = logging.getLogger("codedsmooth.repository")
 
@@ -45,6 +54,26 @@ UNLOADED = "unloaded"  # the reason of an UNAVAILABLE model never loaded or unlo
 
 class LoadFailed(BadRequest):
     """An explicit load refused: the checkpoint or its settings are broken (the message names the file)."""
+
+
+class LoadTimedOut(DeadlineExceeded):
+    """An explicit load not done within ``--load-timeout-s`` (its thread is abandoned; the model stays as it was)."""
+
+
+def _on_loader_thread(fn, *args) -> Future:
+    """Run ``fn(*args)`` on a new daemon thread (a stuck load never holds a pool's worker, nor the exit)."""
+    future: Future = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting load as it is
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=f"codedsmooth-load-{args[0] if args else ''}", daemon=True).start()
+    return future
 
 
 @dataclass(eq=False)
@@ -134,6 +163,7 @@ class Repository:
         path = self.root / name
         if name in self.config.aliases:  # a directory added after start with an alias's name: refused, as at start-up
             raise named_as_alias(self.root / REPOSITORY_FILE, name)
+        check_model_files(self.root, name, self.settings.allow_external_symlinks)
         settings, limits = model_settings(self.settings, path)
         checkpoint = load_checkpoint(path, device=self.device)
         return self._build(name, path, checkpoint, settings, limits, version)
@@ -197,7 +227,7 @@ class Repository:
         if name in self.loading:
             return Unavailable(f"model {name!r} is loading", retry_after_s=2)
         if self.root is not None and is_model_dir(self.root, name):
-            why = f" (its last load failed: {self.failed[name]})" if name in self.failed else ""
+            why = f" (its last load failed: {public_reason(self.failed[name], self.root)})" if name in self.failed else ""
             return NotFound(f"model {name!r} is not loaded{why}")
         return NotFound(f"unknown model {quoted(name)}; this server serves {', '.join(repr(n) for n in self.names())}")
 
@@ -216,8 +246,9 @@ class Repository:
 
     # ---- index, load, unload ----------------------------------------------------
 
-    def index(self) -> list[dict]:
-        """Every model of the repository with its state (Triton's repository index)."""
+    def index(self, paths: bool = False) -> list[dict]:
+        """Every model of the repository with its state (Triton's repository index); ``paths``: failed loads' reasons with
+        the server's paths (for management clients), else without."""
         names = set(self.models) | self.loading | set(self.failed)
         if self.root is not None and self.root.is_dir():
             names |= {p.name for p in self.root.iterdir() if is_model_dir(self.root, p.name)}
@@ -230,7 +261,8 @@ class Repository:
             elif name in self.loading:
                 entry["state"] = "LOADING"
             else:
-                entry.update(state="UNAVAILABLE", reason=self.failed.get(name, UNLOADED))
+                reason = self.failed.get(name, UNLOADED)
+                entry.update(state="UNAVAILABLE", reason=reason if paths else public_reason(reason, self.root))
             out.append(entry)
         return out
 
@@ -247,17 +279,23 @@ class Repository:
             version = self.loads.get(name, 0) + 1
             self.loading.add(name)
             try:
-                model = await asyncio.get_running_loop().run_in_executor(self.executor, self._load, name, version)
+                loading = asyncio.wrap_future(_on_loader_thread(self._load, name, version))
+                model = await asyncio.wait_for(loading, self.settings.load_timeout_s)
+            except asyncio.TimeoutError:
+                reason = f"{self.root / name}: the load did not finish within {self.settings.load_timeout_s:g} s (--load-timeout-s)"
+                self.failed[name] = reason
+                log.error("load of %s failed: %s; its thread is abandoned", name, reason)
+                raise LoadTimedOut(f"model {name!r} not loaded: {public_reason(reason, self.root)}") from None
             except Exception as exc:  # noqa: BLE001 - any failure to load is the checkpoint's; the others keep serving
                 reason = str(exc) if isinstance(exc, ValueError) else f"{self.root / name}: {type(exc).__name__}: {exc}"
                 self.failed[name] = reason
                 log.error("load of %s refused: %s", name, reason)
-                raise LoadFailed(f"model {name!r} not loaded: {reason}") from None
+                raise LoadFailed(f"model {name!r} not loaded: {public_reason(reason, self.root)}") from None
             finally:
                 self.loading.discard(name)
             checkpoints = {**{t: m.checkpoint for t, m in self.models.items()}, name: model.checkpoint}
             if mismatched_alias(self.config.aliases, checkpoints, naming=name) is not None:
-                raise LoadFailed(f"model {name!r} not loaded: {model.path} differs in input shape or classes from the other models of its alias")
+                raise LoadFailed(f"model {name!r} not loaded: it differs in input shape or classes from the other models of its alias")
             model.start(self.executor, own_thread=self.own_threads)
             self.loads[name] = version
             self.failed.pop(name, None)
