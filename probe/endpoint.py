@@ -15,10 +15,7 @@ Every item sent is one query, counted before it is sent and refused past ``max_q
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import os
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,6 +150,7 @@ class Endpoint:
         self.meta = self._metadata()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._http: httpx.AsyncClient | None = None
+        self._scores_seen: bool | None = None  # what the last answer held: scores (True) or a label (False)
 
     # -- the attacks' interface (as probe.targets' targets) --
     @property
@@ -303,7 +301,7 @@ class Endpoint:
 
     @property
     def returns_scores(self) -> bool:
-        return getattr(self, "_scores_seen", None) is not False and self.options.output != "label"
+        return self._scores_seen is not False and self.options.output != "label"
 
     def _reorder(self, scores: np.ndarray) -> np.ndarray:
         order = self.options.class_order
@@ -389,11 +387,3 @@ class Endpoint:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def observed_rate(traffic: Traffic, seconds: float) -> float:
-    """Queries per second over the audit's wall time (the endpoint's limits included)."""
-    return traffic.queries / seconds if seconds > 0 else math.nan
-
-
-def now() -> float:
-    return time.time()

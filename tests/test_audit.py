@@ -91,9 +91,9 @@ def test_the_cli_reports_a_mismatch_as_an_error_not_a_traceback(plain_server, tm
 
 def test_429_with_retry_after_is_waited_out_counted_and_reported(tiny_checkpoint, tmp_path):
     keys = tmp_path / "keys.txt"
-    key = add_key(keys, "auditor", rate="40", quota="none")
+    key = add_key(keys, "auditor", rate="100", quota="none")
     with running_server(tiny_checkpoint, rci=False, max_delay_ms=1, api_keys_file=str(keys), max_batch_size=4) as server:
-        card = audit_command(AuditConfig(url=server.url, api_key=key, card=str(tmp_path / "card.json"), attack=["decision"], **SMALL))
+        card = audit_command(AuditConfig(url=server.url, api_key=key, card=str(tmp_path / "card.json"), attack=["decision"], **{**SMALL, "images": 4}))
         refused = sum(v for (name, labels), v in metric_samples(server).items() if name == "codedsmooth_requests_total" and dict(labels).get("status") == "429")
     validated(tmp_path / "card.json")
     assert card.traffic.status_429 > 0 and card.traffic.status_429 == refused  # every 429 the server sent was met and counted
@@ -122,7 +122,7 @@ def test_rays_over_http_breaks_a_plain_model_at_eps_0_3(digits, tmp_path):
     train(TrainConfig(method="erm", epochs=3, width=8, batch_size=16, out=str(tmp_path / "erm"), progress=False, seed=0), data=digits)
     with running_server(tmp_path / "erm", rci=False, max_delay_ms=1) as server:
         card = audit_command(AuditConfig(url=server.url, card=str(tmp_path / "card.json"), attack=["decision"], output="label",
-                                         **{**SMALL, "images": 10, "budget": 400}))
+                                         **{**SMALL, "images": 10, "budget": 200}))
     rays = card.attacks[0]
     assert card.endpoint.returns == "labels" and card.clean_accuracy.successes >= 8
     assert rays.status == "complete" and rays.robust_accuracy is not None and rays.robust_accuracy.successes <= 1

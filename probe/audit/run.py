@@ -19,7 +19,16 @@ from typing import Any
 import torch
 
 from ..attacks import ATTACKS
-from ..endpoint import LAYOUTS, OUTPUT_KINDS, PROTOCOLS, Endpoint, EndpointOptions, EndpointRefused, QueryCapReached, Traffic
+from ..endpoint import (
+    LAYOUTS,
+    OUTPUT_KINDS,
+    PROTOCOLS,
+    Endpoint,
+    EndpointOptions,
+    EndpointRefused,
+    QueryCapReached,
+    Traffic,
+)
 from ..samples import balanced_order
 from .card import AttackResult, AuditCard, EndpointInfo, Interval, Queries, RequestShape, Sample
 from .card import Traffic as TrafficCard
