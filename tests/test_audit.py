@@ -44,9 +44,15 @@ def test_the_published_schema_is_the_card_models():
 
 
 @pytest.mark.parametrize("rci", [False, True])
-def test_audit_writes_a_valid_card_and_its_clean_accuracy_is_the_checkpoints(tiny_checkpoint, digits, tmp_path, rci):
-    with running_server(tiny_checkpoint, rci=rci, max_delay_ms=1) as server:
-        card = audit_command(AuditConfig(url=server.url, card=str(tmp_path / "card.json"), **SMALL), "codedsmooth audit (test)")
+def test_audit_writes_a_valid_card_and_its_clean_accuracy_is_the_checkpoints(tiny_checkpoint, digits, tmp_path, rci, request):
+    def run(server):
+        return audit_command(AuditConfig(url=server.url, card=str(tmp_path / "card.json"), **SMALL), "codedsmooth audit (test)")
+
+    if rci:
+        with running_server(tiny_checkpoint, rci=True, max_delay_ms=1) as server:
+            card = run(server)
+    else:
+        card = run(request.getfixturevalue("plain_server"))
     written = validated(tmp_path / "card.json")
     assert written == card and (tmp_path / "card.md").read_text().startswith("# Robustness audit")
     idx = balanced_order(digits.test_y, 0)[:6]
@@ -91,9 +97,9 @@ def test_the_cli_reports_a_mismatch_as_an_error_not_a_traceback(plain_server, tm
 
 def test_429_with_retry_after_is_waited_out_counted_and_reported(tiny_checkpoint, tmp_path):
     keys = tmp_path / "keys.txt"
-    key = add_key(keys, "auditor", rate="100", quota="none")
+    key = add_key(keys, "auditor", rate="10", quota="none")  # a bucket of 4 items: the 8 concurrent clean queries meet 429s
     with running_server(tiny_checkpoint, rci=False, max_delay_ms=1, api_keys_file=str(keys), max_batch_size=4) as server:
-        card = audit_command(AuditConfig(url=server.url, api_key=key, card=str(tmp_path / "card.json"), attack=["decision"], **{**SMALL, "images": 4}))
+        card = audit_command(AuditConfig(url=server.url, api_key=key, card=str(tmp_path / "card.json"), attack=["decision"], **{**SMALL, "images": 4, "budget": 20}))
         refused = sum(v for (name, labels), v in metric_samples(server).items() if name == "codedsmooth_requests_total" and dict(labels).get("status") == "429")
     validated(tmp_path / "card.json")
     assert card.traffic.status_429 > 0 and card.traffic.status_429 == refused  # every 429 the server sent was met and counted
