@@ -1,4 +1,4 @@
-"""The ``codedsmooth`` command line: train, serve, keys, attack, bench, report."""
+"""The ``codedsmooth`` command line: train, serve, keys, attack, audit, bench, report."""
 
 from __future__ import annotations
 
@@ -285,6 +285,35 @@ def _run_attack(args) -> int:
     return 0
 
 
+def _add_audit(sub) -> None:
+    from codedsmooth.probe.audit import AuditConfig
+
+    p = sub.add_parser("audit", allow_abbrev=False, help="audit any prediction endpoint (Open Inference Protocol v2, or this server's v1) with query-only attacks, no weights; write a robustness card")
+    _add_config_options(p, AuditConfig)
+    p.set_defaults(func=_run_audit)
+
+
+def _redacted(argv: list[str]) -> list[str]:
+    """``argv`` without the value of ``--api-key`` (the card records the command)."""
+    out, hide = [], False
+    for a in argv:
+        out.append("***" if hide else ("--api-key=***" if a.startswith("--api-key=") else a))
+        hide = a == "--api-key"
+    return out
+
+
+def _run_audit(args) -> int:
+    from codedsmooth.probe.audit import AuditConfig, audit_command
+
+    cfg = _config_from_args(AuditConfig, args)
+    card = audit_command(cfg, shlex.join(["codedsmooth", "audit", *_redacted(args.argv[args.argv.index("audit") + 1 :])]))
+    summary = {"card": cfg.card, "clean_accuracy": card.clean_accuracy.value,
+               "attacks": {a.name: (a.robust_accuracy.value if a.robust_accuracy else a.status) for a in card.attacks},
+               "queries": card.traffic.queries, "status_429": card.traffic.status_429, "status_503": card.traffic.status_503}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _add_report(sub) -> None:
     from codedsmooth.probe.report import ReportConfig
 
@@ -354,7 +383,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codedsmooth", description=__doc__, allow_abbrev=False)
     parser.add_argument("--log-level", default=None, help="logging level: debug, info, warning, error (default: info)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, add in (("train", _add_train), ("serve", _add_serve), ("keys", _add_keys), ("attack", _add_attack), ("report", _add_report), ("bench", _add_bench)):
+    for name, add in (("train", _add_train), ("serve", _add_serve), ("keys", _add_keys), ("attack", _add_attack), ("audit", _add_audit), ("report", _add_report), ("bench", _add_bench)):
         if only in (None, name):
             add(sub)
     return parser

@@ -19,7 +19,7 @@ from codedsmooth.core import CodingSpec
 from codedsmooth.core.attacks import apgd, fgsm, pgd
 from codedsmooth.models import Checkpoint
 
-from .rays import rays_attack
+from .rays import confirmed_rays, rays_attack
 from .servers import query_attack
 from .suite import SuiteConfig, rci_stage, whitebox_stage
 from .targets import RCIModel
@@ -145,6 +145,15 @@ class Cascade(GradientAttack):
         return apgd(model_fn, x, y, eps, steps=self.cfg.steps, loss="ce", eot=eot, generator=self.generator())
 
 
+@dataclass
+class QueryOutcome:
+    """A query-only attack's result per image: the adversarial input, the queries it cost, and whether its break was confirmed."""
+
+    x_adv: torch.Tensor
+    queries: torch.Tensor
+    broken: torch.Tensor
+
+
 class Square(Attack):
     """The adaptive Square on probabilities only (robust statistic over repeated queries, re-queried incumbent,
     confirmed breaks, every query counted)."""
@@ -152,6 +161,13 @@ class Square(Attack):
     needs = "queries"
     threats = ("blackbox",)
     why = "it is the black-box attack"
+    access: ClassVar[str] = "scores"
+
+    @staticmethod
+    def query_only(target, x: torch.Tensor, y: torch.Tensor, eps: float, budget: int, votes: int, confirm: int, seed: int) -> QueryOutcome:
+        """The attack as ``codedsmooth audit`` runs it on any endpoint: ``votes`` queries per candidate."""
+        res = query_attack(target, x, y, eps, budget, votes, confirm, seed)
+        return QueryOutcome(res["x_adv"], res["queries"], res["broken"])
 
     def craft(self, x, y, eps):
         cfg = self.cfg
@@ -167,6 +183,13 @@ class RayS(Attack):
     needs = "labels"
     threats = ("blackbox",)
     why = "it reads labels only"
+    access: ClassVar[str] = "labels"
+
+    @staticmethod
+    def query_only(target, x: torch.Tensor, y: torch.Tensor, eps: float, budget: int, votes: int, confirm: int, seed: int) -> QueryOutcome:
+        """The attack as ``codedsmooth audit`` runs it: labels only (majority of ``votes``), then ``confirm`` fresh queries."""
+        x_adv, used, broken = confirmed_rays(lambda z: target.predict_proba(z).argmax(1), x, y, eps, budget, votes=votes, confirm=confirm)
+        return QueryOutcome(x_adv, used, broken)
 
     def craft(self, x, y, eps):
         return rays_attack(lambda z: self.target.predict_proba(z).argmax(1), x, y, eps, self.cfg.queries, votes=self.cfg.score_queries)[0]

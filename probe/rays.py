@@ -72,3 +72,24 @@ def rays_attack(predict_label: LabelFn, x: torch.Tensor, y: torch.Tensor, eps: f
     r = best.clamp(max=eps)
     x_adv = (flat + r[:, None] * d).clamp(0.0, 1.0).view(n, *shape).to(x.dtype)
     return x_adv, used, best
+
+
+@torch.no_grad()
+def confirmed_rays(predict_label: LabelFn, x: torch.Tensor, y: torch.Tensor, eps: float, queries: int, votes: int = 1,
+                   confirm: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RayS within ``queries - confirm`` queries per image, then a final confirmation: an image whose boundary lies
+    within ``eps`` counts as broken only if ``confirm`` fresh queries of its adversarial input all miss the label
+    (stopped at the first that does not). Returns (x_adv, queries used per image, broken per image)."""
+    if queries <= confirm + votes:
+        raise ValueError(f"a budget of {queries} queries leaves nothing to search with after {confirm} confirmations")
+    x_adv, used, best = rays_attack(predict_label, x, y, eps, queries - confirm, votes=votes)
+    pending = (best <= eps).nonzero().flatten()
+    for _ in range(confirm):
+        if not len(pending):
+            break
+        wrong = predict_label(x_adv[pending]).cpu() != y[pending]
+        used[pending] += 1
+        pending = pending[wrong]
+    broken = torch.zeros(len(x), dtype=torch.bool)
+    broken[pending] = True
+    return x_adv, used, broken
