@@ -307,9 +307,7 @@ def _non_default_flags(cfg, defaults) -> list[str]:
 
 
 def _run_report(args) -> int:
-    from codedsmooth.probe.report import ReportConfig, run_report
-
-    from codedsmooth.probe.report import QUICK_NOTE
+    from codedsmooth.probe.report import QUICK_NOTE, ReportConfig, run_report
 
     cfg = _config_from_args(ReportConfig, args)
     command = shlex.join(["codedsmooth", "report", *_non_default_flags(cfg, ReportConfig())])  # what to type to run it again

@@ -4,7 +4,7 @@ and whether it passed; the report's own checks are in :mod:`.report.checks`."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

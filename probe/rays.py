@@ -11,7 +11,7 @@ counts against the per-image budget.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -15,8 +15,8 @@ the mean score, and its spread the standard deviation over draws.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -71,7 +71,7 @@ class Outcome:
         """(n,) bool: correct in more than half of the draws (the binary outcome paired tests use)."""
         return self.score > 0.5
 
-    def copy(self) -> "Outcome":
+    def copy(self) -> Outcome:
         return Outcome(self.x_adv.clone(), self.correct.clone(), list(self.log))
 
     def merge(self, idx: torch.Tensor, x_new: torch.Tensor, correct_new: torch.Tensor) -> None:

@@ -5,7 +5,6 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-
 from helpers import write_idx
 
 from codedsmooth.train import load_dataset

@@ -2,9 +2,8 @@
 
 
 import pytest
-from pydantic import ValidationError
-
 from helpers import run_in_fresh_interpreter
+from pydantic import ValidationError
 
 from codedsmooth.cli import build_parser
 from codedsmooth.service.settings import ServeSettings

@@ -84,7 +84,7 @@ class ReportConfig:
     quick: bool = field(default=False, metadata={"help": "smoke test at CI size: one seed, one epoch, a few images and small attack budgets (overrides the budgets above); its output says it is not a result"})
     retrain: bool = field(default=False, metadata={"help": "train again even when checkpoints exist"})
 
-    def resolved(self) -> "ReportConfig":
+    def resolved(self) -> ReportConfig:
         if not self.quick:
             return self
         return dataclasses.replace(

@@ -25,11 +25,12 @@ import asyncio
 import logging
 import math
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
-from codedsmooth.service.errors import TooManyRequests, Unauthorized, Unavailable, quoted
 from codedsmooth.service.access.keys import UNKNOWN, Client, KeysFile
 from codedsmooth.service.access.limits import CounterKey, Limits, LocalLimiter
+from codedsmooth.service.errors import TooManyRequests, Unauthorized, Unavailable, quoted
 from codedsmooth.service.metrics import Metrics
 from codedsmooth.service.settings import ServeSettings
 

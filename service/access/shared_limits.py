@@ -23,8 +23,8 @@ import time
 
 import ray
 
-from codedsmooth.service.errors import Unavailable
 from codedsmooth.service.access.limits import CounterKey, Counters, Decision, Limits
+from codedsmooth.service.errors import Unavailable
 
 log = logging.getLogger("codedsmooth.ray")
 

@@ -40,7 +40,7 @@ class RciInfo(RciSummary):
     decode_tolerance: float = Field(..., description="request scope: decoder weights below this are skipped (0: full decode)")
 
     @staticmethod
-    def from_spec(spec: CodingSpec) -> "RciInfo":
+    def from_spec(spec: CodingSpec) -> RciInfo:
         return RciInfo(
             enabled=spec.enabled, scope=spec.scope, group_size=spec.k, coded_points=spec.n, data_point_kind=spec.data_points,
             coded_point_kind=spec.coded_points, decode_tolerance=spec.decode_tolerance,

@@ -19,12 +19,27 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image, ImageOps
 
-from codedsmooth.service.errors import BadRequest, InvalidInput, PayloadTooLarge, ServiceError, quoted
 from codedsmooth.service.api.handlers import ServiceRoute
-from codedsmooth.service.api.inputs import check_batch, check_count, parse_json, require_content_type, require_identity_encoding, to_float_array
-from codedsmooth.service.lifecycle import current_lifecycle
+from codedsmooth.service.api.inputs import (
+    check_batch,
+    check_count,
+    parse_json,
+    require_content_type,
+    require_identity_encoding,
+    to_float_array,
+)
 from codedsmooth.service.api.openapi import INFER_ERRORS, errors, request_body, schema_ref
-from codedsmooth.service.api.schemas import HealthBody, ModelDetails, ModelInfo, PredictRequest, PredictResponse, Prediction, RciInfo
+from codedsmooth.service.api.schemas import (
+    HealthBody,
+    ModelDetails,
+    ModelInfo,
+    Prediction,
+    PredictRequest,
+    PredictResponse,
+    RciInfo,
+)
+from codedsmooth.service.errors import BadRequest, InvalidInput, PayloadTooLarge, ServiceError, quoted
+from codedsmooth.service.lifecycle import current_lifecycle
 
 router = APIRouter(route_class=ServiceRoute)
 IMAGE_FORMATS = ("PNG", "JPEG")

@@ -20,14 +20,27 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 import codedsmooth
-
-from codedsmooth.service.errors import BadRequest, InvalidInput, NotFound, quoted
 from codedsmooth.service.api.handlers import ServiceRoute
-from codedsmooth.service.api.inputs import check_batch, check_count, parse_json, require_identity_encoding, to_float_array, validation_message
+from codedsmooth.service.api.inputs import (
+    check_batch,
+    check_count,
+    parse_json,
+    require_identity_encoding,
+    to_float_array,
+    validation_message,
+)
+from codedsmooth.service.api.openapi import INFER_ERRORS, errors, request_body, schema_ref
+from codedsmooth.service.api.schemas import (
+    RciInfo,
+    V2InferRequest,
+    V2InferResponse,
+    V2ModelMetadata,
+    V2ServerMetadata,
+    V2TensorMetadata,
+)
+from codedsmooth.service.errors import BadRequest, InvalidInput, NotFound, quoted
 from codedsmooth.service.lifecycle import current_lifecycle
 from codedsmooth.service.vocabulary import V2_INDEX, V2_INPUT, V2_INPUT_DATATYPE, V2_OUTPUTS, V2_PROBABILITIES
-from codedsmooth.service.api.openapi import INFER_ERRORS, errors, request_body, schema_ref
-from codedsmooth.service.api.schemas import RciInfo, V2InferRequest, V2InferResponse, V2ModelMetadata, V2ServerMetadata, V2TensorMetadata
 
 router = APIRouter(route_class=ServiceRoute, tags=["v2"])
 

@@ -15,11 +15,10 @@ import asyncio
 import time
 
 from codedsmooth.service.access.control import CLIENT
-from codedsmooth.service.http.connections import ADMITTED, ARRIVAL
-from codedsmooth.service.errors import CLIENT_CLOSED, PayloadTooLarge, RequestTimeout, ServiceError
 from codedsmooth.service.api.handlers import error_response
+from codedsmooth.service.errors import CLIENT_CLOSED, PayloadTooLarge, RequestTimeout, ServiceError
+from codedsmooth.service.http.connections import ADMITTED, ARRIVAL
 from codedsmooth.service.lifecycle import MODEL, Lifecycle
-
 
 CLOSE = {"Connection": "close"}  # uvicorn closes the connection after the answer, unread bytes and all
 

@@ -26,7 +26,6 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from codedsmooth.models import Checkpoint, load_checkpoint
-
 from codedsmooth.service.access.overrides import INHERIT, NO_OVERRIDE, LimitOverride
 from codedsmooth.service.settings import ServeSettings
 

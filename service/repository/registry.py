@@ -29,14 +29,25 @@ from pathlib import Path
 import torch
 
 from codedsmooth.models import Checkpoint, default_checkpoint_path, load_checkpoint, resolve_device
-
 from codedsmooth.service.access.overrides import NO_OVERRIDE, LimitOverride
 from codedsmooth.service.batcher import MicroBatcher
 from codedsmooth.service.engine import InferenceEngine
 from codedsmooth.service.errors import BadRequest, NotFound, Unavailable, quoted
 from codedsmooth.service.metrics import BatchObserver, Metrics, ModelMetrics
+from codedsmooth.service.repository.files import (
+    REPOSITORY_FILE,
+    RepositoryConfig,
+    RepositoryError,
+    check_aliases,
+    check_default,
+    is_model_dir,
+    mismatched_alias,
+    model_names,
+    model_settings,
+    named_as_alias,
+    read_repository_config,
+)
 from codedsmooth.service.settings import ServeSettings
-from codedsmooth.service.repository.files import REPOSITORY_FILE, RepositoryConfig, RepositoryError, check_aliases, check_default, is_model_dir, mismatched_alias, model_names, model_settings, named_as_alias, read_repository_config
 
 log = logging.getLogger("codedsmooth.repository")
 
