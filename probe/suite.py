@@ -155,12 +155,12 @@ def transfer_attack(name: str, source: Outcome) -> tuple[str, Attack]:
     return name, lambda x, y, idx: source.x_adv[idx]
 
 
-def served_model(ck: Checkpoint, spec: CodingSpec, pool: torch.Tensor, seed: int, noise_sigma: float = 0.0) -> RCIModel:
+def served_model(ck: Checkpoint, spec: CodingSpec, pool: torch.Tensor | None, seed: int, noise_sigma: float = 0.0) -> RCIModel:
     """The served function (RCI per ``spec``, input noise of ``noise_sigma``) with the evaluator's own randomness."""
     return RCIModel(ck, spec, pool, seed=2000 + seed, noise_sigma=noise_sigma)
 
 
-def attacker_and_scorer(ck: Checkpoint, spec: CodingSpec, pool: torch.Tensor, draws: int, seed: int) -> tuple[RCIModel, Scorer]:
+def attacker_and_scorer(ck: Checkpoint, spec: CodingSpec, pool: torch.Tensor | None, draws: int, seed: int) -> tuple[RCIModel, Scorer]:
     """The attacker's differentiable model and the served function it is scored on, with independent randomness."""
     attacker = RCIModel(ck, spec, pool, seed=1000 + seed) if spec.enabled else RCIModel(ck, spec)
     served = served_model(ck, spec, pool, seed) if spec.enabled else attacker

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 
-from codedsmooth.core.spec import CodingSpec, Scope
+from codedsmooth.core.spec import CodedPointKind, CodingSpec, DataPointKind, Scope
 
 
 class ErrorBody(BaseModel):
@@ -49,8 +49,9 @@ class RciInfo(RciSummary):
     def to_spec(self) -> CodingSpec:
         """The spec a server reports (validated as any spec: a client refuses a code it cannot build)."""
         return CodingSpec(
-            enabled=self.enabled, scope=self.scope, k=self.group_size, n=self.coded_points, data_points=self.data_point_kind,
-            coded_points=self.coded_point_kind, decode_tolerance=self.decode_tolerance,
+            enabled=self.enabled, scope=self.scope, k=self.group_size, n=self.coded_points,
+            data_points=cast(DataPointKind, self.data_point_kind),  # a string off the wire: CodingSpec checks it
+            coded_points=cast(CodedPointKind, self.coded_point_kind), decode_tolerance=self.decode_tolerance,
         )
 
     def summary(self) -> RciSummary:
