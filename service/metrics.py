@@ -133,7 +133,7 @@ class BatchObserver:
     counted, is known here and nowhere in the batcher.
     """
 
-    def __init__(self, metrics: Metrics, scope: str, log_every_s: float = 60.0):
+    def __init__(self, metrics: Metrics | ModelMetrics, scope: str, log_every_s: float = 60.0):
         self.metrics = metrics
         self.scope = scope
         self.log_every_s = log_every_s

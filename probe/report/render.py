@@ -519,7 +519,7 @@ def _blackbox_reading(r: dict) -> list[str]:
             ps = {s: paired.get((m, label, 1, None, s)) for s in ("request", "noise")}
             if rows["plain"] is None:
                 continue
-            verdicts = [f"{b['servers'][s]} {_difference(r, rows['plain'], p['p'])}" for s in ("request", "noise") if (r := rows.get(s)) and (p := ps.get(s))]
+            verdicts = [f"{b['servers'][s]} {_difference(row_s, rows['plain'], paired_s['p'])}" for s in ("request", "noise") if (row_s := rows.get(s)) and (paired_s := ps.get(s))]
             out.append(f"- {m}, {label} (one query per image): plain {_pct(rows['plain']['accuracy'])} %; " + "; ".join(verdicts) + ".")
     return out or ["No black-box rows."]
 

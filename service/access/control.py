@@ -51,6 +51,7 @@ class Access:
         """``known_models``: the server's (models, aliases) now, against which the keys file's per-model limits are checked."""
         self.settings = settings
         self.metrics = metrics
+        assert settings.api_keys_file is not None  # made only where keys are required
         self.keys = KeysFile(settings.api_keys_file)
         self.limiter = limiter or LocalLimiter()
         self._refusals: dict[str, list] = {}  # client name -> [when last logged, refusals since]
@@ -89,7 +90,7 @@ class Access:
 
     def authenticate(self, authorization: list[str], method: str, path: str) -> Client:
         """The client a request's ``Authorization`` header values name; ``Unauthorized`` (logged, counted) otherwise."""
-        client, problem = None, None
+        client, problem = None, ""
         if not authorization:
             problem = "no API key: send the header Authorization: Bearer <key>"
         elif len(authorization) > 1:

@@ -32,7 +32,7 @@ ACTOR_NAME = "codedsmooth-limits"
 NAMESPACE = "codedsmooth"
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=1)
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=1)  # type: ignore[call-overload]  # ray's stubs lack the actor options
 class LimitsActor:
     """The shared counters: one charge at a time."""
 

@@ -225,6 +225,7 @@ async def _infer(name: str, request: Request, version: str = "") -> Response:
     model = lc.use_model(request, name)
     _check_version(version, model)
     ck, max_items = model.checkpoint, model.settings.max_items_per_request
+    assert max_items is not None  # validated settings have it (max_batch_size by default)
     require_identity_encoding(request.headers.get("content-encoding"))
     raw = await request.body()
     header, binary = split_body(raw, request.headers.get("inference-header-content-length"), ck.input_shape, max_items)
