@@ -16,7 +16,6 @@ Usage: python benchmarks/access_limits.py [--requests 300] [--rounds 5] [--rate 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import sys
@@ -32,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _checkpoints import make_checkpoint  # noqa: E402
 
 from codedsmooth.service.access.keys import add_key  # noqa: E402
-from codedsmooth.service.launcher import LocalServer  # noqa: E402
 from codedsmooth.service.access.limits import Counters, Limits  # noqa: E402
+from codedsmooth.service.launcher import LocalServer  # noqa: E402
 
 LIMITS = Limits(rate=1e9, burst=32, quota=10**12, window_s=86400.0)
 
@@ -67,7 +66,7 @@ def end_to_end(ckpt: Path, keys: Path, key: str, requests: int, rounds: int) -> 
         body, headers = v2_request((1, 28, 28))
         clients = {k: httpx.Client(base_url=s.url, timeout=60, headers=auth if k != "open" else {}) for k, s in servers.items()}
         times: dict[str, list[float]] = {k: [] for k in servers}
-        for k, c in clients.items():  # warm-up
+        for c in clients.values():  # warm-up
             latencies(c, f"/v2/models/{name}/infer", body, headers, 30)
         for _ in range(rounds):
             for k, c in clients.items():
@@ -94,14 +93,14 @@ def charge_costs(calls: int) -> dict:
             async def run(self, actor, calls: int) -> dict:
                 local = Counters()
                 t_local = []
-                for i in range(calls):
+                for _ in range(calls):
                     t = time.perf_counter()
                     local.charge("alice", 1, LIMITS, time.monotonic())
                     t_local.append(time.perf_counter() - t)
                 for _ in range(20):
                     await actor.charge.remote("alice", 1, LIMITS)
                 t_actor = []
-                for i in range(calls):
+                for _ in range(calls):
                     t = time.perf_counter()
                     await actor.charge.remote("alice", 1, LIMITS)
                     t_actor.append(time.perf_counter() - t)

@@ -61,7 +61,7 @@ def read_answer(sock: socket.socket, timeout: float = 10.0) -> tuple[int | str, 
             if not chunk:
                 return "closed", "", data
             data += chunk
-    except socket.timeout:
+    except TimeoutError:
         return "timeout", "", data
     except OSError:
         return "reset", "", data
@@ -112,7 +112,7 @@ def websocket_attack(checkpoint: Path, args) -> None:
     with local_server(checkpoint, threads=1, max_connections=8) as srv:
         before = rss_mb(srv.proc.pid)
         answers = Counter()
-        for i in range(args.upgrades):
+        for _ in range(args.upgrades):
             with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
                 sock.sendall(
                     b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

@@ -49,9 +49,9 @@ def main() -> None:
         source = SystemRandomSource()
         codes = {n: SplineCode(k, n, device=device) for n in (k, default_n_end(k))}
         with torch.inference_mode():
-            fns = {"plain": lambda: model(x)}
+            fns = {"plain": lambda model=model, x=x: model(x)}
             for n, code in codes.items():
-                fns[f"rci N={n}"] = lambda code=code: _rci(block, trunk(x), code, source)
+                fns[f"rci N={n}"] = lambda code=code, block=block, trunk=trunk, x=x, source=source: _rci(block, trunk(x), code, source)
             med = interleaved_medians(fns, rounds=args.rounds, sync=sync)
         base = med["plain"]
         parts = [f"plain {base * 1e3:.2f} ms"]

@@ -33,7 +33,6 @@ from codedsmooth.models import build_model, resolve_device  # noqa: E402
 from codedsmooth.service.launcher import local_server  # noqa: E402
 from codedsmooth.service.settings import cpu_quota  # noqa: E402
 
-
 JSON_REQUEST = ("/v1/predict", {"content-type": "application/json"})
 
 

@@ -9,6 +9,10 @@ import logging
 import shlex
 import sys
 import typing
+from typing import Any
+
+if typing.TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 
 def _config_from_args(config_cls, args):
@@ -28,7 +32,7 @@ def _add_config_options(p: argparse.ArgumentParser, config_cls, skip: tuple[str,
         flag = "--" + f.name.replace("_", "-")
         shown = " ".join(map(str, default)) if isinstance(default, list) else ("none" if default is None else default)
         helptext = f.metadata["help"]
-        kw = {"default": default, "help": helptext if "(default:" in helptext else f"{helptext} (default: {shown})"}
+        kw: dict[str, Any] = {"default": default, "help": helptext if "(default:" in helptext else f"{helptext} (default: {shown})"}
         annotation = str(f.type)
         if "choices" in f.metadata:
             kw["choices"] = list(f.metadata["choices"])
@@ -99,7 +103,8 @@ def _add_serve(sub) -> None:
         flag = "--" + name.replace("_", "-")
         env = f"CODEDSMOOTH_{name.upper()}"
         default = "none" if field.default is None else field.default
-        helptext = f"{field.description} (env {env})" if "(default:" in field.description else f"{field.description} (env {env}; default: {default})"
+        description = field.description or ""
+        helptext = f"{description} (env {env})" if "(default:" in description else f"{description} (env {env}; default: {default})"
         annotation = str(field.annotation)
         literal = next((a for a in (field.annotation, *getattr(field.annotation, "__args__", ())) if typing.get_origin(a) is typing.Literal), None)
         if field.annotation is bool:
@@ -112,7 +117,7 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=_run_serve)
 
 
-def _settings_problem(error: dict, given: dict) -> str:
+def _settings_problem(error: ErrorDetails, given: dict) -> str:
     """One settings error, named where the value came from: the flag, or else the ``CODEDSMOOTH_*`` env var."""
     import os
 
@@ -339,9 +344,7 @@ def _non_default_flags(cfg, defaults) -> list[str]:
 
 
 def _run_report(args) -> int:
-    from codedsmooth.probe.report import ReportConfig, run_report
-
-    from codedsmooth.probe.report import QUICK_NOTE
+    from codedsmooth.probe.report import QUICK_NOTE, ReportConfig, run_report
 
     cfg = _config_from_args(ReportConfig, args)
     command = shlex.join(["codedsmooth", "report", *_non_default_flags(cfg, ReportConfig())])  # what to type to run it again

@@ -26,7 +26,7 @@ from .targets import RCIModel
 
 Need = Literal["gradients", "queries", "labels", "batch-mates"]
 THREATS = ("transfer", "adaptive", "blackbox")
-GRADIENT_THREATS = ("transfer", "adaptive")
+GRADIENT_THREATS: tuple[str, ...] = ("transfer", "adaptive")
 
 
 class Attack:
@@ -53,6 +53,10 @@ class Attack:
             raise ValueError(f"attack {name!r} needs {cls.needs}: use threat {' or '.join(repr(t) for t in cls.threats)}" + (f" ({cls.why})" if cls.why else ""))
 
     def craft(self, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+        """The whole report of an attack without an ε-ball (``per_eps`` False)."""
         raise NotImplementedError
 
     def fixed_craft(self, model_fn, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor | None:

@@ -18,7 +18,7 @@ import pickle
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Protocol
 
 import torch
 
@@ -36,6 +36,12 @@ def digest(material: Any) -> str:
 
     text = json.dumps({"version": STAGE_VERSION, "material": material}, sort_keys=True, default=default)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Stage(Protocol):
+    """A stage's work, called with no arguments (a lambda that binds its loop variables as defaults is one)."""
+
+    def __call__(self) -> Any: ...
 
 
 class StageCache:
@@ -56,7 +62,7 @@ class StageCache:
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
         return self.root / f"{safe}-{digest(key)}.pt"
 
-    def run(self, name: str, key: Any, fn: Callable[[], Any]) -> Any:
+    def run(self, name: str, key: Any, fn: Stage) -> Any:
         path = self.path(name, key)
         if path is not None and path.exists():
             try:

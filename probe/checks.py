@@ -4,7 +4,7 @@ and whether it passed; the report's own checks are in :mod:`.report.checks`."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -13,15 +13,24 @@ from codedsmooth.core import CodingSpec
 from .targets import RCIModel
 
 LARGE_EPS = 0.5
+
+
+def _reference(r: float | None) -> float:
+    """The reference a comparing check needs (a check called without one is a bug in the caller)."""
+    if r is None:
+        raise ValueError("this check compares the measured value with a reference; none was given")
+    return r
+
+
 # name: (what it checks, tolerance, passes(measured, reference, tolerance)). Accuracies are shares in [0, 1].
 CHECKS: dict[str, tuple[str, float, Callable[[float, float | None, float], bool]]] = {
     "identity permutation": ("attacking RCI with every draw fixed (identity permutation, fixed companions) reaches the no-RCI accuracy: the attack can break the coded model when nothing is random",
-                             0.05, lambda m, r, t: m <= r + t),
-    "iterative ≤ one step": ("the iterative attack is at least as strong as one FGSM step", 0.03, lambda m, r, t: m <= r + t),
+                             0.05, lambda m, r, t: m <= _reference(r) + t),
+    "iterative ≤ one step": ("the iterative attack is at least as strong as one FGSM step", 0.03, lambda m, r, t: m <= _reference(r) + t),
     "large eps": (f"at ε = {LARGE_EPS} (where a human no longer sees the digit) the attack drives accuracy to about 0", 0.10, lambda m, r, t: m <= t),
-    "black-box ≤ white-box": ("a query or transfer attack does not find more than the white-box worst case on the same images", 0.0, lambda m, r, t: m >= r - t),
-    "transfer ≤ white-box": ("adversarials of another seed's model do less harm than the model's own white-box ones", 0.0, lambda m, r, t: m >= r - t),
-    "more steps and restarts no longer help": ("doubling every attack's steps and restarts lowers the worst case by at most the tolerance (the suite has converged)", 0.01, lambda m, r, t: r - m <= t),
+    "black-box ≤ white-box": ("a query or transfer attack does not find more than the white-box worst case on the same images", 0.0, lambda m, r, t: m >= _reference(r) - t),
+    "transfer ≤ white-box": ("adversarials of another seed's model do less harm than the model's own white-box ones", 0.0, lambda m, r, t: m >= _reference(r) - t),
+    "more steps and restarts no longer help": ("doubling every attack's steps and restarts lowers the worst case by at most the tolerance (the suite has converged)", 0.01, lambda m, r, t: _reference(r) - m <= t),
     "ε-curve reaches ~0": ("the ε-curve reaches about 0 at its largest ε", 0.02, lambda m, r, t: m <= t),
 }
 

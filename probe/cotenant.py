@@ -48,7 +48,7 @@ def craft_cotenants(ck: Checkpoint, spec: CodingSpec, x_victim, y_victim, clean_
     for _ in range(steps):
         item.requires_grad_(True)
         mates = item.unsqueeze(1).expand(m, need, *item.shape[1:])
-        loss = sum(F.cross_entropy(_victim_logits(model, x_victim, mates, source), y_victim, reduction="sum") for _ in range(eot))
+        loss = sum((F.cross_entropy(_victim_logits(model, x_victim, mates, source), y_victim, reduction="sum") for _ in range(eot)), torch.zeros(()))
         (grad,) = torch.autograd.grad(loss, item)
         item = (item.detach() + step * grad.sign()).clamp(0.0, 1.0)
     return item.unsqueeze(1).expand(m, need, *item.shape[1:]).contiguous()
@@ -77,8 +77,8 @@ def _flips_over_http(target: HttpTarget, x, adv_mates) -> dict:
     for i in range(len(xs)):
         answers = asyncio.run(client.predict_requests_async([xs[i : i + 1], adv_mates[i].numpy().astype(np.float32)]))
         together.append(int(answers[0].argmax(1)[0]))
-    together = np.array(together)
-    return {"flip_rate": float((alone != together).mean()), "victim_labels_alone": alone.tolist(), "victim_labels_with_attacker": together.tolist()}
+    labels = np.array(together)
+    return {"flip_rate": float((alone != labels).mean()), "victim_labels_alone": alone.tolist(), "victim_labels_with_attacker": labels.tolist()}
 
 
 def cotenant_report(cfg, ck: Checkpoint, spec: CodingSpec, target, x, y, clean_pool) -> dict:

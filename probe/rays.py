@@ -11,7 +11,7 @@ counts against the per-image budget.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -30,7 +30,7 @@ def rays_attack(predict_label: LabelFn, x: torch.Tensor, y: torch.Tensor, eps: f
     def wrong(idx: torch.Tensor, d: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """Misclassified in a majority of ``votes`` queries at ``x + r d``."""
         z = (flat[idx] + r[:, None] * d).clamp(0.0, 1.0).view(-1, *shape)
-        count = sum((predict_label(z).cpu() != y[idx]).long() for _ in range(votes))
+        count = sum(((predict_label(z).cpu() != y[idx]).long() for _ in range(votes)), torch.zeros(len(idx), dtype=torch.long))
         used[idx] += votes
         return count * 2 > votes
 

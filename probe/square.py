@@ -12,8 +12,8 @@ gradient attacks (FGSM, PGD, APGD) are in ``codedsmooth.core.attacks``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

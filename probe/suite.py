@@ -15,8 +15,8 @@ the mean score, and its spread the standard deviation over draws.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -71,7 +71,7 @@ class Outcome:
         """(n,) bool: correct in more than half of the draws (the binary outcome paired tests use)."""
         return self.score > 0.5
 
-    def copy(self) -> "Outcome":
+    def copy(self) -> Outcome:
         return Outcome(self.x_adv.clone(), self.correct.clone(), list(self.log))
 
     def merge(self, idx: torch.Tensor, x_new: torch.Tensor, correct_new: torch.Tensor) -> None:
@@ -155,12 +155,12 @@ def transfer_attack(name: str, source: Outcome) -> tuple[str, Attack]:
     return name, lambda x, y, idx: source.x_adv[idx]
 
 
-def served_model(ck: Checkpoint, spec: CodingSpec, pool: torch.Tensor, seed: int, noise_sigma: float = 0.0) -> RCIModel:
+def served_model(ck: Checkpoint, spec: CodingSpec, pool: torch.Tensor | None, seed: int, noise_sigma: float = 0.0) -> RCIModel:
     """The served function (RCI per ``spec``, input noise of ``noise_sigma``) with the evaluator's own randomness."""
     return RCIModel(ck, spec, pool, seed=2000 + seed, noise_sigma=noise_sigma)
 
 
-def attacker_and_scorer(ck: Checkpoint, spec: CodingSpec, pool: torch.Tensor, draws: int, seed: int) -> tuple[RCIModel, Scorer]:
+def attacker_and_scorer(ck: Checkpoint, spec: CodingSpec, pool: torch.Tensor | None, draws: int, seed: int) -> tuple[RCIModel, Scorer]:
     """The attacker's differentiable model and the served function it is scored on, with independent randomness."""
     attacker = RCIModel(ck, spec, pool, seed=1000 + seed) if spec.enabled else RCIModel(ck, spec)
     served = served_model(ck, spec, pool, seed) if spec.enabled else attacker

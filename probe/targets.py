@@ -19,9 +19,9 @@ import torch
 from codedsmooth.core import CodingPlan, CodingSpec, SeededRandomSource, apply_plan, identity_permutations, plan_groups
 from codedsmooth.core.randomness import choices, gaussian
 from codedsmooth.models import Checkpoint
+from codedsmooth.service.api.schemas import RciInfo
 from codedsmooth.service.client import CodedSmoothClient
 from codedsmooth.service.errors import ServiceError
-from codedsmooth.service.api.schemas import RciInfo
 
 
 def spec_from_server(info: dict) -> CodingSpec:

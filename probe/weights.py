@@ -13,7 +13,6 @@ import hashlib
 import shutil
 from pathlib import Path
 
-
 FILES = ("config.json", "model.safetensors")
 
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from codedsmooth.service.engine import BatchResult, InferenceEngine
 from codedsmooth.service.errors import DeadlineExceeded, Unavailable
-from codedsmooth.service.metrics import Metrics
+from codedsmooth.service.metrics import Metrics, ModelMetrics
 
 log = logging.getLogger("codedsmooth.batcher")
 
@@ -47,7 +47,7 @@ class MicroBatcher:
     def __init__(
         self,
         engine: InferenceEngine,
-        metrics: Metrics,
+        metrics: Metrics | ModelMetrics,
         executor: ThreadPoolExecutor,
         max_batch_size: int,
         max_delay_s: float,

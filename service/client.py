@@ -139,7 +139,7 @@ class CodedSmoothClient:
             self._loop.close()
         self._loop, self._http = None, None
 
-    def __enter__(self) -> "CodedSmoothClient":
+    def __enter__(self) -> CodedSmoothClient:
         return self
 
     def __exit__(self, *exc) -> None:

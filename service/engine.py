@@ -27,7 +27,6 @@ from codedsmooth.core import CodingSpec, SeededRandomSource, SystemRandomSource,
 from codedsmooth.core.randomness import gaussian
 from codedsmooth.core.spec import default_n_end
 from codedsmooth.models import Checkpoint
-
 from codedsmooth.service.settings import ServeSettings
 
 log = logging.getLogger("codedsmooth.engine")

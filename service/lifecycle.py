@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -164,11 +165,18 @@ class Lifecycle:
         state = request.scope["state"]
         admission: Admission = state["admission"]
 
+        batcher = model.batcher
+        assert batcher is not None  # started with its model
+
         def submit() -> asyncio.Future:
-            return model.batcher.submit(x, admission.arrival, admission.deadline)
+            return batcher.submit(x, admission.arrival, admission.deadline)
 
         client = state.get(CLIENT)  # set by the admission when keys are required
-        fut = submit() if client is None else await self.access.queue(client, len(x), submit, model, state.get(HELD))  # settles the admission's hold
+        if client is None:
+            fut = submit()
+        else:
+            assert self.access is not None  # a client is set only where keys are required
+            fut = await self.access.queue(client, len(x), submit, model, state.get(HELD))  # settles the admission's hold
         watcher = asyncio.ensure_future(_wait_disconnect(request))
         try:
             done, _ = await asyncio.wait(
@@ -224,8 +232,9 @@ class Lifecycle:
                     log.warning("drain timeout of %gs passed: answered %d accepted requests with 503", self.settings.drain_timeout_s, failed)
         # Let the handlers write their answers; a client still sending its body is not waited for.
         try:
-            await asyncio.wait_for(self._no_requests.wait(), timeout=max(0.05, min(0.5, end + 0.5 - time.monotonic())))
-        except (asyncio.TimeoutError, AttributeError):
+            if self._no_requests is not None:  # None: never started, no handler to wait for
+                await asyncio.wait_for(self._no_requests.wait(), timeout=max(0.05, min(0.5, end + 0.5 - time.monotonic())))
+        except asyncio.TimeoutError:
             pass
         log.info("drained in %.2fs (%s, %d still in flight); stopping", time.monotonic() - start, "complete" if finished else "timed out", self.in_flight)
         return finished

@@ -88,7 +88,7 @@ class Metrics:
                     by_status[sample.labels["status"]] = by_status.get(sample.labels["status"], 0) + int(sample.value)
         return out
 
-    def for_model(self, name: str) -> "ModelMetrics":
+    def for_model(self, name: str) -> ModelMetrics:
         """The metrics one model's batcher and engine report to (labelled with ``name`` when ``by_model``)."""
         return ModelMetrics.of(self, name)
 
@@ -114,7 +114,7 @@ class ModelMetrics:
     rci_residual: Gauge
 
     @classmethod
-    def of(cls, metrics: Metrics, name: str) -> "ModelMetrics":
+    def of(cls, metrics: Metrics, name: str) -> ModelMetrics:
         def own(metric):
             return metric.labels(model=name) if metrics.by_model else metric
 
@@ -133,7 +133,7 @@ class BatchObserver:
     counted, is known here and nowhere in the batcher.
     """
 
-    def __init__(self, metrics: Metrics, scope: str, log_every_s: float = 60.0):
+    def __init__(self, metrics: Metrics | ModelMetrics, scope: str, log_every_s: float = 60.0):
         self.metrics = metrics
         self.scope = scope
         self.log_every_s = log_every_s

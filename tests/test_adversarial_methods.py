@@ -17,8 +17,8 @@ from codedsmooth.core import SplineCode
 from codedsmooth.core.attacks import pgd
 from codedsmooth.core.spec import DEFAULT_CODED_POINTS, DEFAULT_DATA_POINTS
 from codedsmooth.models import build_model, load_checkpoint
-from codedsmooth.service.settings import ServeSettings
 from codedsmooth.service.engine import InferenceEngine
+from codedsmooth.service.settings import ServeSettings
 from codedsmooth.train import TrainConfig, as_float, train
 from codedsmooth.train.trainer import _arch_kwargs
 

@@ -20,11 +20,10 @@ pytest.importorskip("art", reason="the ART check needs the dev extra (adversaria
 
 from art.attacks.evasion import FastGradientMethod, ProjectedGradientDescent, SquareAttack  # noqa: E402
 from art.estimators.classification import PyTorchClassifier  # noqa: E402
-
 from helpers import correct_per_image  # noqa: E402
 
-from codedsmooth.models import load_checkpoint  # noqa: E402
 from codedsmooth.core.attacks import fgsm, pgd  # noqa: E402
+from codedsmooth.models import load_checkpoint  # noqa: E402
 from codedsmooth.probe.square import square_attack  # noqa: E402
 from codedsmooth.train import TrainConfig, train  # noqa: E402
 

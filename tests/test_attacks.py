@@ -11,8 +11,8 @@ from helpers import metric_samples, running_server
 
 from codedsmooth.core.attacks import fgsm, pgd
 from codedsmooth.models import load_checkpoint
-from codedsmooth.probe.checks import CHECKS, failure_lines
 from codedsmooth.probe.attacks import ATTACKS
+from codedsmooth.probe.checks import CHECKS, failure_lines
 from codedsmooth.probe.evaluate import AttackConfig, run_attack
 from codedsmooth.probe.runner import check_served_model, evaluation_data
 from codedsmooth.probe.servers import query_attack, repository_server, serve_options

@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import correct_per_image, worst_case
 
 from codedsmooth.core.attacks import apgd, apgd_checkpoints, dlr_loss, pgd

@@ -17,9 +17,9 @@ from helpers import ServerProcess, running_server
 
 from codedsmooth.cli import build_parser, main
 from codedsmooth.models import load_checkpoint
+from codedsmooth.service.api.schemas import RciInfo
 from codedsmooth.service.engine import InferenceEngine, resolve_spec
 from codedsmooth.service.errors import MAX_ERROR_CHARS
-from codedsmooth.service.api.schemas import RciInfo
 from codedsmooth.service.settings import ServeSettings
 
 GOOD_ITEM = np.full((1, 8, 8), 0.5).tolist()

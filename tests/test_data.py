@@ -5,11 +5,9 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-
 from helpers import write_idx
 
-from codedsmooth.train import load_dataset
-from codedsmooth.train import data as data_module
+from codedsmooth.train import data as data_module, load_dataset
 from codedsmooth.train.data import FASHION_MNIST_ENV, FASHION_MNIST_SYSTEM_DIR, IDX_FILES, IdxError, read_idx
 
 

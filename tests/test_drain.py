@@ -11,6 +11,7 @@ import time
 import httpx
 from helpers import GOOD_ITEM, held_server, hold_and_queue, wait_for_metric
 
+
 def _drain_scenario(tiny_checkpoint, tmp_path, monkeypatch, drain_timeout_s: float, open_gate: bool, slow_batch_s: float, requests: int = 12):
     """Hold the first batch on the model thread, queue the rest, SIGTERM, then (maybe) release the model."""
     srv = held_server(tiny_checkpoint, tmp_path, monkeypatch, drain_timeout_s, slow_batch_s)

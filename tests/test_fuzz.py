@@ -12,8 +12,7 @@ import httpx
 import numpy as np
 import pytest
 from helpers import metric_samples, running_server
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from codedsmooth.service.errors import MAX_ERROR_CHARS
 

@@ -8,7 +8,6 @@ The slow clients pace their own bytes, as a slow client does; the test never sle
 
 import io
 import json
-import socket
 import struct
 import threading
 import time
@@ -249,7 +248,7 @@ def _slow_client(srv, results: list, index: int, declared: int, first: int, tric
                 else:
                     results[index] = ("closed", time.monotonic() - start)
                 return
-            except socket.timeout:
+            except TimeoutError:
                 if trickle:
                     try:
                         sock.sendall(b" " * trickle)
@@ -314,7 +313,7 @@ def test_headers_that_never_finish_are_cut_off(server):
             if sock.recv(1024) == b"":
                 closed = time.monotonic() - start
                 break
-        except socket.timeout:
+        except TimeoutError:
             sock.sendall(b"X")  # a slowloris: one header byte at a time, never the end of the headers
         except OSError:
             closed = time.monotonic() - start

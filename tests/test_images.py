@@ -17,8 +17,8 @@ from PIL import Image
 
 from codedsmooth.models import CheckpointError, default_checkpoint_path, load_checkpoint
 from codedsmooth.models.checkpoint import CONFIG_FILE, border_background
-from codedsmooth.service.errors import InvalidInput
 from codedsmooth.service.api.v1 import decode_images
+from codedsmooth.service.errors import InvalidInput
 from codedsmooth.train.data import load_embedded_mnist_split
 
 ORIENTATION = 0x0112

@@ -98,7 +98,9 @@ def keyed_server(tiny_checkpoint, tmp_path_factory):
 
 def test_a_running_server_refuses_a_removed_client_from_its_next_reload(keyed_server, digits, capsys):
     srv, path, k = keyed_server
-    post = lambda key: httpx.post(srv.url + "/v1/predict", json={"inputs": digits.test_x[:1].tolist()}, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+    def post(key):
+        return httpx.post(srv.url + "/v1/predict", json={"inputs": digits.test_x[:1].tolist()}, headers={"Authorization": f"Bearer {key}"}, timeout=30)
     assert post(k["alice"]).status_code == 200 and post(k["bob"]).status_code == 200
     reloads = metric(srv, "codedsmooth_api_keys_reloads_total", result="ok")
     r = keys(capsys, "remove", "bob", "--file", str(path))

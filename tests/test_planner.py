@@ -187,7 +187,7 @@ def test_apply_is_differentiable_in_items_and_companions():
     for scope in ("request", "batch"):
         plan = plan_groups([1, 2], scope, 4, 6, SeededRandomSource(0))
         for tol in (0.0, 1e-2):
-            assert torch.autograd.gradcheck(lambda a, b: apply_plan(_block(), a, b, plan, code, tol), (items, filler))
+            assert torch.autograd.gradcheck(lambda a, b, plan=plan, tol=tol: apply_plan(_block(), a, b, plan, code, tol), (items, filler))
 
 
 class CountingBlock(torch.nn.Module):

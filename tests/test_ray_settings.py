@@ -5,9 +5,8 @@ import sys
 import types
 
 import pytest
-from pydantic import ValidationError
-
 from helpers import run_in_fresh_interpreter
+from pydantic import ValidationError
 
 from codedsmooth.cli import main
 from codedsmooth.service.settings import ServeSettings

@@ -10,7 +10,6 @@ from collections import Counter
 
 import pytest
 import torch
-
 from helpers import correct_per_image, worst_case
 
 from codedsmooth.core import CodingSpec
@@ -142,7 +141,7 @@ def test_quick_report_end_to_end(tmp_path):
     assert all(worst_plain <= x["accuracy"] + 1e-6 for x in b["rows"] if x["server"] == "plain")
     full = r["full_split"]["rows"]["pgd-at/seed0"]
     assert full["n"] == r["full_split"]["n"] == len(test_y)
-    for key, c in r["checkpoints"].items():  # published weights are the files whose hashes are recorded
+    for c in r["checkpoints"].values():  # published weights are the files whose hashes are recorded
         for name, rec in c["files"].items():
             assert hashlib.sha256((tmp_path / c["published"] / name).read_bytes()).hexdigest() == rec["sha256"]
     assert r["environment"]["torch"] == torch.__version__

@@ -19,8 +19,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
-from helpers import GOOD_ITEM, SLOW_SERVER, LoggedServer, ServerProcess, metric, running_server, wait_for_metric, wait_until
+from helpers import (
+    GOOD_ITEM,
+    SLOW_SERVER,
+    LoggedServer,
+    ServerProcess,
+    metric,
+    running_server,
+    wait_for_metric,
+    wait_until,
+)
 
 from codedsmooth.service.access.keys import add_key
 from codedsmooth.service.access.overrides import INHERIT, NO_OVERRIDE, LimitOverride

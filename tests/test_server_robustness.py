@@ -2,11 +2,11 @@
 
 import asyncio
 import base64
-from collections import Counter
 import io
 import json
 import signal
 import time
+from collections import Counter
 
 import httpx
 import numpy as np

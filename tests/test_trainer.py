@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 
 from codedsmooth.models import load_checkpoint

@@ -30,8 +30,7 @@ from ..endpoint import (
     Traffic,
 )
 from ..samples import balanced_order
-from .card import AttackResult, AuditCard, EndpointInfo, Interval, Queries, RequestShape, Sample
-from .card import Traffic as TrafficCard
+from .card import AttackResult, AuditCard, EndpointInfo, Interval, Queries, RequestShape, Sample, Traffic as TrafficCard
 from .state import AuditState
 
 AUDIT_ATTACKS = {"square": "square", "decision": "rays"}  # the audit's name -> the registry's (probe.attacks.ATTACKS)

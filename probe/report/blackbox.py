@@ -12,6 +12,7 @@ served function, like the rest of the report, and each row keeps its per-image s
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import ExitStack
 
 import torch
@@ -22,6 +23,7 @@ from ..cache import StageCache
 from ..servers import BLACKBOX_SERVERS, one_query, query_attack, repository_server, served_function, target_name
 from ..stats import sign_test, wilson
 from ..suite import Scorer, SuiteConfig
+from ..targets import HttpTarget
 from .config import ReportConfig
 from .results import BlackBoxRow
 from .stages import noise_calibration, transfer_source
@@ -67,7 +69,7 @@ def blackbox_section(cfg: ReportConfig, suite: SuiteConfig, cache: StageCache, m
         noise[method] = cache.run(f"noise calibration/{method}", {"checkpoint": sha[method], "grid": cfg.noise_grid, "draws": cfg.calibration_draws, "seed": suite.seed},
                                   lambda ck=ck: noise_calibration(cfg, ck, x_all, y_all, pool, suite.seed))
     with ExitStack() as stack:
-        server = []  # the repository server, started when the first stage that is not cached needs it
+        server: list[Callable[[str], HttpTarget]] = []  # the repository server, started when the first stage that is not cached needs it
 
         def target(method, setting):
             if not server:
@@ -91,7 +93,8 @@ def _attack_model(cfg: ReportConfig, suite: SuiteConfig, cache: StageCache, meth
     """Every attack over HTTP on one method's model in each setting; ``target(setting)`` is its HTTP target."""
     eps = cfg.eps[-1]
     mkey = {**key, "checkpoint": sha[method]}
-    rows, merges = [], {}
+    rows: list[dict] = []
+    merges: dict[tuple[str, str], list] = {}
     sources = {}
     for label, sck in surrogates:
         sources[label] = cache.run(f"transfer source/{method}/{label}", {**key, "surrogate": sha[label], "eps": eps, "steps": suite.apgd_steps, "seed": suite.seed},

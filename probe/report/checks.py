@@ -19,10 +19,11 @@ def sanity_checks(cfg: ReportConfig, suite: SuiteConfig, outcomes: dict, cks: di
     last_eps = f"{cfg.eps[-1]:g}"
     first = {m: cfg.seeds_of(m)[0] for m in cfg.methods}
     # 1. black-box never beats white-box (the largest budget, and each transfer source; the white-box worst case before they joined it)
-    for row in (blackbox or {}).get("rows", []):
+    bb = blackbox or {}
+    for row in bb.get("rows", []):
         if row["server"] in ("plain", "request") and (row["budget"] == max(cfg.budgets_of(row["method"])) and row["score_queries"] == cfg.score_queries or row["attacker"].startswith("transfer")):
             attacker = row["attacker"] if row["attacker"].startswith("transfer") else f"{row['attacker']} ({row['budget']} q)"
-            checks.append(check("black-box ≤ white-box", row["accuracy"], row["whitebox_accuracy"], model=f"{row['method']} seed {first[row['method']]}", setting=row["server"], eps=blackbox["eps"],
+            checks.append(check("black-box ≤ white-box", row["accuracy"], row["whitebox_accuracy"], model=f"{row['method']} seed {first[row['method']]}", setting=row["server"], eps=bb["eps"],
                                 numbers=f"{attacker} {100 * row['accuracy']:.1f} % vs white-box {100 * row['whitebox_accuracy']:.1f} % (n = {row['n']})"))
     # 2. transferred examples are weaker than white-box ones (the next seed's adversarials on this seed's model)
     for m in cfg.methods:
@@ -58,10 +59,10 @@ def sanity_checks(cfg: ReportConfig, suite: SuiteConfig, outcomes: dict, cks: di
     # 5. identity permutation: RCI with every draw fixed is a deterministic model that white-box APGD breaks like the plain one
     if "coded" in cfg.methods:
         ck = cks[("coded", first["coded"])]
-        eps = cfg.eps[0]
+        first_eps = cfg.eps[0]
         def craft(model_fn, x, y, e):
             return apgd(model_fn, x, y, e, steps=suite.apgd_steps, generator=torch.Generator().manual_seed(suite.seed))
 
-        checks.append(identity_permutation(ck, ck.coding_spec(scope="request"), pool, xs["rci"], ys["rci"], eps, craft, seed=5,
+        checks.append(identity_permutation(ck, ck.coding_spec(scope="request"), pool, xs["rci"], ys["rci"], first_eps, craft, seed=5,
                                            model=f"coded seed {first['coded']}", setting="request, every draw fixed"))
     return checks

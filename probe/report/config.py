@@ -8,6 +8,7 @@ the text can import it without an import circle.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from codedsmooth.models import METHODS, Method
@@ -20,7 +21,7 @@ from ..suite import SuiteConfig
 DEFAULT_METHODS: tuple[Method, ...] = tuple(m for m in METHODS if m in ("erm", "mixup", "coded", "pgd-at"))
 
 
-def method_pairs(methods: list[str]) -> list[tuple[str, str]]:
+def method_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
     """(A, B) of the methods tested against each other without RCI: coded and pgd-at each against every other method
     compared (pgd-at not again against coded)."""
     return [(a, b) for a in ("coded", "pgd-at") for b in methods if a in methods and a != b and not (a == "pgd-at" and b == "coded")]
@@ -84,7 +85,7 @@ class ReportConfig:
     quick: bool = field(default=False, metadata={"help": "smoke test at CI size: one seed, one epoch, a few images and small attack budgets (overrides the budgets above); its output says it is not a result"})
     retrain: bool = field(default=False, metadata={"help": "train again even when checkpoints exist"})
 
-    def resolved(self) -> "ReportConfig":
+    def resolved(self) -> ReportConfig:
         if not self.quick:
             return self
         return dataclasses.replace(

@@ -18,9 +18,10 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -40,8 +41,18 @@ from .config import ReportConfig, stage_minutes
 from .paired import paired_tests
 from .render import render, write_figures
 from .sizes import size_study
-from .stages import Clock, clean_correct, cotenant_table, curve_stage, default_checkpoint_accuracy, eot_curve, n_sweep
-from .stages import outcome_data, outcome_from, summary
+from .stages import (
+    Clock,
+    clean_correct,
+    cotenant_table,
+    curve_stage,
+    default_checkpoint_accuracy,
+    eot_curve,
+    n_sweep,
+    outcome_data,
+    outcome_from,
+    summary,
+)
 from .training import ensure_checkpoint, training_seconds
 
 log = logging.getLogger("codedsmooth.report")
@@ -135,14 +146,14 @@ def attack_models(run: Run) -> None:
         m, s = key
         ck, name = run.cks[key], f"{m}-seed{s}"
         base = {"checkpoint": run.sha[f"{m}/seed{s}"], "sample": run.samples["white-box"], **run.budgets}
-        plain = cache.run(f"white-box/{name}", base, lambda: {e: outcome_data(o) for e, o in whitebox_stage(suite, ck, xs["white-box"], ys["white-box"], cfg.eps).items()})
+        plain = cache.run(f"white-box/{name}", base, lambda ck=ck: {e: outcome_data(o) for e, o in whitebox_stage(suite, ck, xs["white-box"], ys["white-box"], cfg.eps).items()})
         o = {"plain": {e: outcome_from(v) for e, v in plain.items()}}
         for scope in SCOPES:
             rkey = {**base, "scope": scope, "rci_sample": run.samples["rci"], **run.eot_budget}
-            r = cache.run(f"rci-{scope}/{name}", rkey, lambda scope=scope: {e: outcome_data(v) for e, v in rci_stage(suite, ck, ck.coding_spec(scope=scope), xs["rci"], ys["rci"], pool, o["plain"], cfg.eps, cfg.draws).items()})
+            r = cache.run(f"rci-{scope}/{name}", rkey, lambda scope=scope, ck=ck, o=o: {e: outcome_data(v) for e, v in rci_stage(suite, ck, ck.coding_spec(scope=scope), xs["rci"], ys["rci"], pool, o["plain"], cfg.eps, cfg.draws).items()})
             o[scope] = {e: outcome_from(v) for e, v in r.items()}
         if s == cfg.seeds_of(m)[0]:
-            c = cache.run(f"curve/{name}", {**base, "curve_eps": cfg.curve_eps}, lambda: {e: outcome_data(v) for e, v in curve_stage(cfg, suite, ck, xs["white-box"], ys["white-box"], o["plain"]).items()})
+            c = cache.run(f"curve/{name}", {**base, "curve_eps": cfg.curve_eps}, lambda ck=ck, o=o: {e: outcome_data(v) for e, v in curve_stage(cfg, suite, ck, xs["white-box"], ys["white-box"], o["plain"]).items()})
             o["curve"] = {e: outcome_from(v) for e, v in c.items()}
         run.outcomes[key] = o
         run.stage_keys[f"{m}/seed{s}"] = digest(base)

@@ -21,7 +21,7 @@ from .sizes import collapsed
 
 ALPHA = 0.05
 # A model is attacked without RCI ("plain") and through RCI in each scope.
-SETTING_NAMES = {"plain": "no RCI", **{scope: f"RCI, {scope} scope" for scope in SCOPES}}
+SETTING_NAMES: dict[str, str] = {"plain": "no RCI", **{scope: f"RCI, {scope} scope" for scope in SCOPES}}
 
 
 def _pct(v: float | None, digits: int = 1) -> str:
@@ -519,7 +519,7 @@ def _blackbox_reading(r: dict) -> list[str]:
             ps = {s: paired.get((m, label, 1, None, s)) for s in ("request", "noise")}
             if rows["plain"] is None:
                 continue
-            verdicts = [f"{b['servers'][s]} {_difference(rows[s], rows['plain'], ps[s]['p'])}" for s in ("request", "noise") if rows.get(s) and ps.get(s)]
+            verdicts = [f"{b['servers'][s]} {_difference(row_s, rows['plain'], paired_s['p'])}" for s in ("request", "noise") if (row_s := rows.get(s)) and (paired_s := ps.get(s))]
             out.append(f"- {m}, {label} (one query per image): plain {_pct(rows['plain']['accuracy'])} %; " + "; ".join(verdicts) + ".")
     return out or ["No black-box rows."]
 

@@ -66,8 +66,8 @@ def size_study(cfg: ReportConfig, suite: SuiteConfig, cache: StageCache, data, o
         record = checkpoint_record(path)
         predictions = plain_predictions(ck, x_all)
         clean = predictions == y_all
-        t = ck.config.training  # ensure_checkpoint checked it against the study's plan
-        row = {"size": size, "method": m, "seed": seed, "epochs": t.epochs, "steps": t.epochs * -(-size // t.batch_size),
+        t = ck.config.training.model_dump()  # ensure_checkpoint checked it against the study's plan
+        row = {"size": size, "method": m, "seed": seed, "epochs": t["epochs"], "steps": t["epochs"] * -(-size // t["batch_size"]),
                "sha256": record["model.safetensors"]["sha256"], "training_seconds": training_seconds(path),
                "clean": {"correct": int(clean.sum()), "n": len(clean), "per_image": bits(clean), "classes_predicted": len(predictions.unique())}}
         if m in ADVERSARIAL_METHODS:

@@ -20,7 +20,17 @@ from codedsmooth.models import Checkpoint, default_checkpoint_path, load_checkpo
 from ..attacks import AttackConfig
 from ..cotenant import cotenant_report
 from ..stats import wilson
-from ..suite import Outcome, Scorer, SuiteConfig, attacker_and_scorer, eot_attacks, run_cascade, served_model, transfer_attack, whitebox_attacks
+from ..suite import (
+    Outcome,
+    Scorer,
+    SuiteConfig,
+    attacker_and_scorer,
+    eot_attacks,
+    run_cascade,
+    served_model,
+    transfer_attack,
+    whitebox_attacks,
+)
 from ..targets import InProcessTarget, RCIModel
 from .config import ReportConfig
 

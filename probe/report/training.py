@@ -6,7 +6,7 @@ import logging
 import math
 from pathlib import Path
 
-from codedsmooth.models import load_checkpoint
+from codedsmooth.models import Method, load_checkpoint
 from codedsmooth.train import TrainConfig, train
 
 from .config import ReportConfig
@@ -23,7 +23,7 @@ def checkpoint_plan(cfg: ReportConfig, method: str, seed: int, n_train: int, siz
     return Path(cfg.runs) / "sizes" / f"{method}-n{size}-seed{seed}", math.ceil(cfg.epochs * n_train / size), size
 
 
-def ensure_checkpoint(cfg: ReportConfig, method: str, seed: int, data, size: int | None = None) -> Path:
+def ensure_checkpoint(cfg: ReportConfig, method: Method, seed: int, data, size: int | None = None) -> Path:
     """The model's directory, trained now unless a checkpoint of the same method, epochs, seed, width, data and training-set size is there."""
     n_train = len(data.train_y)
     path, epochs, subset = checkpoint_plan(cfg, method, seed, n_train, size)
@@ -31,8 +31,9 @@ def ensure_checkpoint(cfg: ReportConfig, method: str, seed: int, data, size: int
         try:
             ck = load_checkpoint(path)
             t = ck.config.training
+            hp = t.model_dump()  # the hyper-parameters as the trainer recorded them
             seen = getattr(t, "train_images", n_train)  # checkpoints written before the record trained on the whole split
-            if (t.method, t.epochs, t.seed, ck.config.arch_kwargs.get("width"), ck.config.dataset, seen) == (method, epochs, seed, cfg.width, cfg.data, subset or n_train):
+            if (t.method, hp["epochs"], hp["seed"], ck.config.arch_kwargs.get("width"), ck.config.dataset, seen) == (method, epochs, seed, cfg.width, cfg.data, subset or n_train):
                 log.info("reusing %s", path)
                 return path
         except ValueError:

@@ -33,13 +33,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
 
-from codedsmooth.service.errors import TooManyRequests, Unauthorized, Unavailable, quoted
 from codedsmooth.service.access.keys import UNKNOWN, Client, KeysFile
 from codedsmooth.service.access.limits import CounterKey, Limits, LocalLimiter
 from codedsmooth.service.access.refusals import RefusalLog
+from codedsmooth.service.errors import TooManyRequests, Unauthorized, Unavailable, quoted
 from codedsmooth.service.metrics import Metrics
 from codedsmooth.service.settings import ServeSettings
 
@@ -81,6 +82,7 @@ class Access:
         """``known_models``: the server's (models, aliases) now, against which the keys file's per-model limits are checked."""
         self.settings = settings
         self.metrics = metrics
+        assert settings.api_keys_file is not None  # made only where keys are required
         self.keys = KeysFile(settings.api_keys_file)
         self.limiter = limiter or LocalLimiter()
         self.refusals = RefusalLog(log)  # every refusal is counted in the metrics; the log is bounded
@@ -112,7 +114,7 @@ class Access:
 
     def authenticate(self, authorization: list[str], method: str, path: str) -> Client:
         """The client a request's ``Authorization`` header values name; ``Unauthorized`` (logged, counted) otherwise."""
-        client, problem = None, None
+        client, problem = None, ""
         if not self.keys.table.clients:
             problem = NO_KEYS
         elif not authorization:

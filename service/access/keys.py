@@ -38,8 +38,9 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
-from codedsmooth.service.access.overrides import INHERIT, NO_OVERRIDE, LimitOverride
+from codedsmooth.service.access.overrides import INHERIT, NO_OVERRIDE, Inherit, LimitOverride
 
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 DIGEST = re.compile(r"[0-9a-fA-F]{64}")
@@ -156,11 +157,11 @@ def parse_line(line: str, where: str) -> Client | None:
         if (kind, model) in given:
             raise KeysFileError(f"{where}: {key} given twice")
         given[kind, model] = _manage(value, where) if kind == "manage" else _limit(value, float if kind == "rate" else int, where, key)
-    def override(model: str) -> LimitOverride:
-        return LimitOverride(given.get(("rate", model), INHERIT), given.get(("quota", model), INHERIT))
+    def override(model: str) -> LimitOverride:  # the kind decides the type: rate is _limit(float), quota _limit(int)
+        return LimitOverride(cast("float | None | Inherit", given.get(("rate", model), INHERIT)), cast("int | None | Inherit", given.get(("quota", model), INHERIT)))
 
     models = dict.fromkeys(model for _, model in given if model)  # in the order the line names them
-    return Client(name, bytes.fromhex(digest), override(""), given.get(("manage", ""), False), tuple((m, override(m)) for m in models))
+    return Client(name, bytes.fromhex(digest), override(""), bool(given.get(("manage", ""), False)), tuple((m, override(m)) for m in models))
 
 
 def parse_keys(text: str, path: str) -> KeyTable:
@@ -250,9 +251,9 @@ class KeysFile:
         self.interval_s = interval_s
         self._stamp = self._stat()  # before reading: a change while reading is seen at the next poll
         self.table = read_keys(self.path)
-        self._failed_stamp = None  # the version that failed last (reported once, not on every poll)
+        self._failed_stamp: tuple[int, int, int] | str | None = None  # the version that failed last (reported once, not on every poll)
 
-    def _stat(self):
+    def _stat(self) -> tuple[int, int, int] | None:
         try:
             st = os.stat(self.path)
         except OSError:

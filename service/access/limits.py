@@ -63,11 +63,12 @@ def _whole_seconds(seconds: float) -> int:
 class Counters:
     """Every client's token bucket ``[tokens, updated]`` and quota window ``[start, used]``."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.buckets: dict[CounterKey, list[float]] = {}
         self.windows: dict[CounterKey, list[float]] = {}
 
     def _tokens(self, client: CounterKey, limits: Limits, now: float) -> float:
+        assert limits.rate is not None  # called for a rate-limited client only
         tokens, updated = self.buckets.get(client, (float(limits.burst), now))
         return min(float(limits.burst), tokens + max(0.0, now - updated) * limits.rate)
 

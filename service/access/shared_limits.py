@@ -27,9 +27,9 @@ from pathlib import Path
 
 import ray
 
-from codedsmooth.service.errors import Unavailable
 from codedsmooth.service.access.limits import CounterKey, Decision, Limits
 from codedsmooth.service.access.quota_state import NONE, close_counters, open_counters
+from codedsmooth.service.errors import Unavailable
 
 log = logging.getLogger("codedsmooth.ray")
 
@@ -37,7 +37,7 @@ ACTOR_NAME = "codedsmooth-limits"
 NAMESPACE = "codedsmooth"
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=1)
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=1)  # type: ignore[call-overload]  # ray's stubs lack the actor options
 class LimitsActor:
     """The shared counters: one charge at a time."""
 

@@ -23,13 +23,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from codedsmooth.service.access.control import CLIENT
-from codedsmooth.service.errors import Forbidden, InvalidInput, ServiceError
 from codedsmooth.service.api.handlers import ServiceRoute
 from codedsmooth.service.api.inputs import parse_json
-from codedsmooth.service.lifecycle import current_lifecycle
 from codedsmooth.service.api.openapi import errors
-from codedsmooth.service.repository.registry import UNLOADED
 from codedsmooth.service.api.schemas import V2RepositoryModel
+from codedsmooth.service.errors import Forbidden, InvalidInput, ServiceError
+from codedsmooth.service.lifecycle import current_lifecycle
+from codedsmooth.service.repository.registry import UNLOADED
 
 router = APIRouter(route_class=ServiceRoute, tags=["v2 repository"])
 

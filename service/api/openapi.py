@@ -70,7 +70,7 @@ def install_openapi(app: FastAPI, keys_required: bool = False) -> None:
             app.openapi_schema = doc
         return app.openapi_schema
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to replace the schema
 
 
 def _drop_validation_errors(doc: dict) -> None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 
-from codedsmooth.core.spec import CodingSpec, Scope
+from codedsmooth.core.spec import CodedPointKind, CodingSpec, DataPointKind, Scope
 from codedsmooth.models.card import RobustnessCard, WorstCase
 
 Output = Literal["scores", "labels"]
@@ -43,7 +43,7 @@ class RciInfo(RciSummary):
     decode_tolerance: float = Field(..., description="request scope: decoder weights below this are skipped (0: full decode)")
 
     @staticmethod
-    def from_spec(spec: CodingSpec) -> "RciInfo":
+    def from_spec(spec: CodingSpec) -> RciInfo:
         return RciInfo(
             enabled=spec.enabled, scope=spec.scope, group_size=spec.k, coded_points=spec.n, data_point_kind=spec.data_points,
             coded_point_kind=spec.coded_points, decode_tolerance=spec.decode_tolerance,
@@ -52,8 +52,9 @@ class RciInfo(RciSummary):
     def to_spec(self) -> CodingSpec:
         """The spec a server reports (validated as any spec: a client refuses a code it cannot build)."""
         return CodingSpec(
-            enabled=self.enabled, scope=self.scope, k=self.group_size, n=self.coded_points, data_points=self.data_point_kind,
-            coded_points=self.coded_point_kind, decode_tolerance=self.decode_tolerance,
+            enabled=self.enabled, scope=self.scope, k=self.group_size, n=self.coded_points,
+            data_points=cast(DataPointKind, self.data_point_kind),  # a string off the wire: CodingSpec checks it
+            coded_points=cast(CodedPointKind, self.coded_point_kind), decode_tolerance=self.decode_tolerance,
         )
 
     def summary(self) -> RciSummary:
@@ -92,7 +93,7 @@ class CardSummary(BaseModel):
     worst_case: list[WorstCase] | None = Field(None, description="at each ε, the lowest robust accuracy of the card, with its 95 % Wilson interval, images, attack and setting")
 
     @staticmethod
-    def of(name: str, card: RobustnessCard | None) -> "CardSummary":
+    def of(name: str, card: RobustnessCard | None) -> CardSummary:
         if card is None:
             return CardSummary(available=False, note=no_card(name))
         return CardSummary(available=True, href=f"/v1/models/{name}/card", source=card.source, date=card.date, worst_case=card.worst_cases())

@@ -18,14 +18,32 @@ import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image, ImageOps
+from starlette.datastructures import UploadFile
 
-from codedsmooth.service.errors import BadRequest, InvalidInput, NotFound, PayloadTooLarge, ServiceError, quoted
-from codedsmooth.service.api.handlers import ServiceRoute
-from codedsmooth.service.api.inputs import check_batch, check_count, parse_json, require_content_type, require_identity_encoding, to_float_array
-from codedsmooth.service.lifecycle import current_lifecycle
-from codedsmooth.service.api.openapi import INFER_ERRORS, errors, request_body, schema_ref
-from codedsmooth.service.api.schemas import CardSummary, HealthBody, ModelDetails, ModelInfo, PredictRequest, PredictResponse, Prediction, RciInfo, no_card
 from codedsmooth.models.card import RobustnessCard
+from codedsmooth.service.api.handlers import ServiceRoute
+from codedsmooth.service.api.inputs import (
+    check_batch,
+    check_count,
+    parse_json,
+    require_content_type,
+    require_identity_encoding,
+    to_float_array,
+)
+from codedsmooth.service.api.openapi import INFER_ERRORS, errors, request_body, schema_ref
+from codedsmooth.service.api.schemas import (
+    CardSummary,
+    HealthBody,
+    ModelDetails,
+    ModelInfo,
+    Prediction,
+    PredictRequest,
+    PredictResponse,
+    RciInfo,
+    no_card,
+)
+from codedsmooth.service.errors import BadRequest, InvalidInput, NotFound, PayloadTooLarge, ServiceError, quoted
+from codedsmooth.service.lifecycle import current_lifecycle
 
 router = APIRouter(route_class=ServiceRoute)
 IMAGE_FORMATS = ("PNG", "JPEG")
@@ -71,9 +89,9 @@ def decode_images(images: list[tuple[str, bytes]], input_shape, max_pixels: int,
                 if img.format == "JPEG":
                     side = max(width, height)  # the EXIF orientation may swap width and height
                     img.draft(mode, (side, side))  # decode at a reduced scale where JPEG allows it
-                img = _opaque(ImageOps.exif_transpose(img), background)
-                img = img.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
-                arr = np.asarray(img, dtype=np.float32) / 255.0
+                pixels = _opaque(ImageOps.exif_transpose(img), background)
+                pixels = pixels.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
+                arr = np.asarray(pixels, dtype=np.float32) / 255.0
         except ServiceError:
             raise
         except Image.DecompressionBombError:
@@ -189,6 +207,7 @@ async def _predict(request: Request, name: str | None) -> Response:
     model = lc.use_model(request, name)
     raw = await request.body()
     ck, max_items = model.checkpoint, model.settings.max_items_per_request
+    assert max_items is not None  # validated settings have it (max_batch_size by default)
     x = tensor_from_predict_body(parse_json(raw, ck.input_shape, max_items), ck.input_shape, max_items, raw=raw)
     probs = await lc.infer(request, x, model)
     return json_response(PredictResponse(model=model.name, predictions=_predictions(probs, ck.classes, model.settings.output), rci=RciInfo.from_spec(model.engine.spec).summary()))
@@ -224,6 +243,7 @@ async def _predict_image(request: Request, name: str | None) -> Response:
     require_identity_encoding(request.headers.get("content-encoding"))
     model = lc.use_model(request, name)
     ck, max_items = model.checkpoint, model.settings.max_items_per_request
+    assert max_items is not None  # validated settings have it (max_batch_size by default)
     try:
         form = await request.form(max_files=max_items, max_fields=16)
     except ServiceError:
@@ -231,7 +251,7 @@ async def _predict_image(request: Request, name: str | None) -> Response:
     except Exception as exc:  # noqa: BLE001 - malformed multipart
         raise _multipart_problem(str(getattr(exc, "detail", exc)), max_items) from None
     try:
-        uploads = [f for f in form.getlist("files") + form.getlist("file") if hasattr(f, "read")]
+        uploads = [f for f in form.getlist("files") + form.getlist("file") if isinstance(f, UploadFile)]
         if not uploads:
             raise InvalidInput('send at least one image in a multipart field named "files"')
         check_count(len(uploads), max_items, "images")

@@ -21,14 +21,35 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 import codedsmooth
-
-from codedsmooth.service.errors import BadRequest, InvalidInput, NotFound, quoted
 from codedsmooth.service.api.handlers import ServiceRoute
-from codedsmooth.service.api.inputs import check_batch, check_count, parse_json, require_identity_encoding, to_float_array, validation_message
-from codedsmooth.service.lifecycle import current_lifecycle
-from codedsmooth.service.vocabulary import V2_INDEX, V2_INPUT, V2_INPUT_DATATYPE, V2_LABEL, V2_LABEL_OUTPUTS, V2_OUTPUTS, V2_PROBABILITIES
+from codedsmooth.service.api.inputs import (
+    check_batch,
+    check_count,
+    parse_json,
+    require_identity_encoding,
+    to_float_array,
+    validation_message,
+)
 from codedsmooth.service.api.openapi import INFER_ERRORS, errors, request_body, schema_ref
-from codedsmooth.service.api.schemas import RciInfo, V2InferRequest, V2InferResponse, V2ModelMetadata, V2ModelParameters, V2ServerMetadata, V2TensorMetadata
+from codedsmooth.service.api.schemas import (
+    RciInfo,
+    V2InferRequest,
+    V2InferResponse,
+    V2ModelMetadata,
+    V2ModelParameters,
+    V2ServerMetadata,
+    V2TensorMetadata,
+)
+from codedsmooth.service.errors import BadRequest, InvalidInput, NotFound, quoted
+from codedsmooth.service.lifecycle import current_lifecycle
+from codedsmooth.service.vocabulary import (
+    V2_INPUT,
+    V2_INPUT_DATATYPE,
+    V2_LABEL,
+    V2_LABEL_OUTPUTS,
+    V2_OUTPUTS,
+    V2_PROBABILITIES,
+)
 
 router = APIRouter(route_class=ServiceRoute, tags=["v2"])
 
@@ -230,6 +251,7 @@ async def _infer(name: str, request: Request, version: str = "") -> Response:
     model = lc.use_model(request, name)
     _check_version(version, model)
     ck, max_items = model.checkpoint, model.settings.max_items_per_request
+    assert max_items is not None  # validated settings have it (max_batch_size by default)
     require_identity_encoding(request.headers.get("content-encoding"))
     raw = await request.body()
     header, binary = split_body(raw, request.headers.get("inference-header-content-length"), ck.input_shape, max_items)

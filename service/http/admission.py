@@ -21,11 +21,10 @@ import time
 
 from codedsmooth.service.access.control import CLIENT, HELD, charges_items
 from codedsmooth.service.access.refusals import RefusalLog
-from codedsmooth.service.http.connections import ADMITTED, ARRIVAL
-from codedsmooth.service.errors import CLIENT_CLOSED, PayloadTooLarge, RequestTimeout, ServiceError, quoted
 from codedsmooth.service.api.handlers import error_response
+from codedsmooth.service.errors import CLIENT_CLOSED, PayloadTooLarge, RequestTimeout, ServiceError, quoted
+from codedsmooth.service.http.connections import ADMITTED, ARRIVAL
 from codedsmooth.service.lifecycle import MODEL, Lifecycle
-
 
 CLOSE = {"Connection": "close"}  # uvicorn closes the connection after the answer, unread bytes and all
 log = logging.getLogger("codedsmooth.service")

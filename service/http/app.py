@@ -11,13 +11,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 import codedsmooth
-
 from codedsmooth.service.api import management, v1, v2
 from codedsmooth.service.api.handlers import install_error_handlers
+from codedsmooth.service.api.openapi import install_openapi
 from codedsmooth.service.http.admission import AdmissionMiddleware
 from codedsmooth.service.lifecycle import EngineFactory, Lifecycle
 from codedsmooth.service.metrics import Metrics
-from codedsmooth.service.api.openapi import install_openapi
 from codedsmooth.service.settings import ServeSettings
 
 

@@ -102,8 +102,8 @@ def uvicorn_config(app, settings: ServeSettings) -> uvicorn.Config:
         http=protocol_class(settings, lifecycle),  # connection slots, header bounds and timeout: see .connections
         ws="none",  # no WebSocket routes: an upgrade request is answered as HTTP/1.1
         server_header=False,
-        timeout_keep_alive=settings.keep_alive_s,
-        timeout_graceful_shutdown=AFTER_DRAIN_GRACE_S,  # type: ignore[arg-type] - uvicorn accepts a float
+        timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]  # uvicorn accepts a float (its stubs say int)
+        timeout_graceful_shutdown=AFTER_DRAIN_GRACE_S,  # type: ignore[arg-type]  # uvicorn accepts a float
         access_log=False,
     )
 

@@ -60,10 +60,14 @@ import os
 import signal
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from ray import serve
 
 from codedsmooth.service.settings import ServeSettings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 log = logging.getLogger("codedsmooth.ray")
 
@@ -82,6 +86,8 @@ def replica_settings(settings: ServeSettings) -> ServeSettings:
 @serve.ingress()  # the app is built in the replica by __serve_build_asgi_app__
 class CodedSmoothReplica:
     """One replica: one lifecycle, engine and micro-batcher, and its own metrics listener."""
+
+    app: FastAPI  # set by serve.ingress's wrapper, from __serve_build_asgi_app__
 
     def __init__(self, settings: dict):
         # Every field is given, so the replica's own CODEDSMOOTH_* env vars do not change anything.
@@ -188,7 +194,8 @@ def deployment_options(settings: ServeSettings) -> dict:
 def build_app(settings: ServeSettings):
     """The Ray Serve application (``serve.run(build_app(settings), name=APP_NAME)``)."""
     s = replica_settings(settings)
-    return serve.deployment(CodedSmoothReplica).options(**deployment_options(s)).bind(json.loads(s.model_dump_json()))
+    deployment = serve.deployment(CodedSmoothReplica)  # a Deployment: ray's stubs type only the decorator-factory call
+    return deployment.options(**deployment_options(s)).bind(json.loads(s.model_dump_json()))  # type: ignore[attr-defined]
 
 
 # ---- the HTTP proxy side -------------------------------------------------------------------

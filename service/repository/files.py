@@ -28,7 +28,6 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from codedsmooth.models import Checkpoint, load_checkpoint
-
 from codedsmooth.service.access.overrides import INHERIT, NO_OVERRIDE, LimitOverride
 from codedsmooth.service.settings import ServeSettings
 
@@ -145,6 +144,7 @@ def model_settings(base: ServeSettings, model_dir: Path) -> tuple[ServeSettings,
     values = base.model_dump()
     values.update(given)
     if "max_batch_size" in given and "max_items_per_request" not in given:
+        assert base.max_items_per_request is not None  # validated settings have it (max_batch_size by default)
         values["max_items_per_request"] = min(base.max_items_per_request, given["max_batch_size"]) if isinstance(given["max_batch_size"], int) else None
     try:
         checked = ServeSettings(**values)
@@ -164,6 +164,8 @@ def check_repository(settings: ServeSettings) -> list[str]:
     For the CLI, to fail before binding with the file and the problem (run it off the main thread:
     loading checkpoints runs torch).
     """
+    if settings.model_repository is None:
+        raise ValueError("no model repository to check")
     root = Path(settings.model_repository)
     names = model_names(root)
     config = read_repository_config(root, names)

@@ -38,14 +38,27 @@ from pathlib import Path
 import torch
 
 from codedsmooth.models import Checkpoint, default_checkpoint_path, load_checkpoint, resolve_device
-
 from codedsmooth.service.access.overrides import NO_OVERRIDE, LimitOverride
 from codedsmooth.service.batcher import MicroBatcher
 from codedsmooth.service.engine import InferenceEngine
 from codedsmooth.service.errors import BadRequest, DeadlineExceeded, NotFound, Unavailable, quoted
 from codedsmooth.service.metrics import BatchObserver, Metrics, ModelMetrics
+from codedsmooth.service.repository.files import (
+    REPOSITORY_FILE,
+    RepositoryConfig,
+    RepositoryError,
+    check_aliases,
+    check_default,
+    check_model_files,
+    is_model_dir,
+    mismatched_alias,
+    model_names,
+    model_settings,
+    named_as_alias,
+    public_reason,
+    read_repository_config,
+)
 from codedsmooth.service.settings import ServeSettings
-from codedsmooth.service.repository.files import REPOSITORY_FILE, RepositoryConfig, RepositoryError, check_aliases, check_default, check_model_files, is_model_dir, mismatched_alias, model_names, model_settings, named_as_alias, public_reason, read_repository_config
 
 log = logging.getLogger("codedsmooth.repository")
 
@@ -160,6 +173,7 @@ class Repository:
             self.default = names[0]
 
     def _load(self, name: str, version: int) -> ServedModel:
+        assert self.root is not None  # loading by name: a repository server only
         path = self.root / name
         if name in self.config.aliases:  # a directory added after start with an alias's name: refused, as at start-up
             raise named_as_alias(self.root / REPOSITORY_FILE, name)
@@ -223,7 +237,7 @@ class Repository:
             raise NotFound(f"no default model; use POST /v1/models/{{name}}/predict with one of {', '.join(self.names())}, or start the server with --default-model")
         return self.resolve(self.default)
 
-    def _not_found(self, name: str) -> NotFound:
+    def _not_found(self, name: str) -> NotFound | Unavailable:
         if name in self.loading:
             return Unavailable(f"model {name!r} is loading", retry_after_s=2)
         if self.root is not None and is_model_dir(self.root, name):
@@ -266,14 +280,16 @@ class Repository:
             out.append(entry)
         return out
 
-    def _model_dir(self, name: str) -> None:
+    def _model_dir(self, name: str) -> Path:
         if self.root is None or not is_model_dir(self.root, name):
             where = "" if self.root is None else f"; no directory {quoted(name)} in the model repository"
             raise NotFound(f"unknown model {quoted(name)}{where}")
+        return self.root
 
     async def load(self, name: str) -> ServedModel:
         """Load (or reload: a new version swapped in, the old one drained) ``name`` from the repository."""
-        self._model_dir(name)
+        root = self._model_dir(name)
+        assert self._lock is not None  # made by start()
         async with self._lock:
             old = self.models.get(name)
             version = self.loads.get(name, 0) + 1
@@ -287,7 +303,7 @@ class Repository:
                 log.error("load of %s failed: %s; its thread is abandoned", name, reason)
                 raise LoadTimedOut(f"model {name!r} not loaded: {public_reason(reason, self.root)}") from None
             except Exception as exc:  # noqa: BLE001 - any failure to load is the checkpoint's; the others keep serving
-                reason = str(exc) if isinstance(exc, ValueError) else f"{self.root / name}: {type(exc).__name__}: {exc}"
+                reason = str(exc) if isinstance(exc, ValueError) else f"{root / name}: {type(exc).__name__}: {exc}"
                 self.failed[name] = reason
                 log.error("load of %s refused: %s", name, reason)
                 raise LoadFailed(f"model {name!r} not loaded: {public_reason(reason, self.root)}") from None
@@ -308,6 +324,7 @@ class Repository:
 
     async def unload(self, name: str) -> ServedModel:
         """Stop routing to ``name``, let its accepted requests finish, then free it."""
+        assert self._lock is not None  # made by start()
         async with self._lock:
             model = self._serving(name)
             if model is None:
