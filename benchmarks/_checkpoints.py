@@ -14,7 +14,9 @@ SHAPES = {"preact_resnet18": (3, 32, 32), "small_cnn": (1, 28, 28)}
 TARGETS = {"preact_resnet18": "layer4", "small_cnn": "head"}
 
 
-def make_checkpoint(out: Path, arch: str = "preact_resnet18", width: int = 64, k: int = 32, n: int | None = None) -> Path:
+def make_checkpoint(
+    out: Path, arch: str = "preact_resnet18", width: int = 64, k: int = 32, n: int | None = None
+) -> Path:
     torch.manual_seed(0)
     c, h, _ = SHAPES[arch]
     kwargs = {"in_channels": c, "num_classes": 10, "width": width, "mean": [0.5] * c, "std": [0.25] * c}

@@ -7,7 +7,9 @@ import time
 from collections.abc import Callable
 
 
-def median_seconds(fn: Callable[[], object], repeats: int = 20, warmup: int = 3, sync: Callable[[], None] | None = None) -> float:
+def median_seconds(
+    fn: Callable[[], object], repeats: int = 20, warmup: int = 3, sync: Callable[[], None] | None = None
+) -> float:
     """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
@@ -23,7 +25,9 @@ def median_seconds(fn: Callable[[], object], repeats: int = 20, warmup: int = 3,
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int = 15, warmup: int = 2, sync=None) -> dict[str, float]:
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], rounds: int = 15, warmup: int = 2, sync=None
+) -> dict[str, float]:
     """Medians of several functions timed in alternation, so drift hits all of them alike."""
     for fn in fns.values():
         for _ in range(warmup):

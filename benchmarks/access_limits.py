@@ -39,9 +39,23 @@ LIMITS = Limits(rate=1e9, burst=32, quota=10**12, window_s=86400.0)
 
 def v2_request(shape) -> tuple[bytes, dict]:
     x = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
-    head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}],
-                       "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()
-    return head + x.tobytes(), {"inference-header-content-length": str(len(head)), "content-type": "application/octet-stream"}
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    return head + x.tobytes(), {
+        "inference-header-content-length": str(len(head)),
+        "content-type": "application/octet-stream",
+    }
 
 
 def latencies(client: httpx.Client, path: str, body: bytes, headers: dict, n: int) -> list[float]:
@@ -57,14 +71,19 @@ def latencies(client: httpx.Client, path: str, body: bytes, headers: dict, n: in
 
 def end_to_end(ckpt: Path, keys: Path, key: str, requests: int, rounds: int) -> dict:
     common = dict(threads=1, rci=False, max_delay_ms=0, log_level="warning")
-    servers = {"open": LocalServer(ckpt, **common), "keys+limits": LocalServer(ckpt, api_keys_file=keys, rate_limit=1e9, quota=10**12, **common)}
+    servers = {
+        "open": LocalServer(ckpt, **common),
+        "keys+limits": LocalServer(ckpt, api_keys_file=keys, rate_limit=1e9, quota=10**12, **common),
+    }
     try:
         for s in servers.values():
             s.wait_ready(300)
         auth = {"Authorization": f"Bearer {key}"}
         name = httpx.get(servers["open"].url + "/v1/models").json()[0]["name"]
         body, headers = v2_request((1, 28, 28))
-        clients = {k: httpx.Client(base_url=s.url, timeout=60, headers=auth if k != "open" else {}) for k, s in servers.items()}
+        clients = {
+            k: httpx.Client(base_url=s.url, timeout=60, headers=auth if k != "open" else {}) for k, s in servers.items()
+        }
         times: dict[str, list[float]] = {k: [] for k in servers}
         for c in clients.values():  # warm-up
             latencies(c, f"/v2/models/{name}/infer", body, headers, 30)
@@ -104,7 +123,11 @@ def charge_costs(calls: int) -> dict:
                     t = time.perf_counter()
                     await actor.charge.remote("alice", 1, LIMITS)
                     t_actor.append(time.perf_counter() - t)
-                return {"in-process": statistics.median(t_local), "ray actor": statistics.median(t_actor), "ray actor p99": float(np.percentile(t_actor, 99))}
+                return {
+                    "in-process": statistics.median(t_local),
+                    "ray actor": statistics.median(t_actor),
+                    "ray actor p99": float(np.percentile(t_actor, 99)),
+                }
 
         probe = Probe.remote()
         return ray.get(probe.run.remote(actor, calls))
@@ -113,7 +136,9 @@ def charge_costs(calls: int) -> dict:
 
 
 def rate_holds(ckpt: Path, keys: Path, key: str, seconds: float, burst: int, rate: float) -> dict:
-    server = LocalServer(ckpt, api_keys_file=keys, threads=1, rci=False, max_delay_ms=0, max_batch_size=burst, log_level="error")
+    server = LocalServer(
+        ckpt, api_keys_file=keys, threads=1, rci=False, max_delay_ms=0, max_batch_size=burst, log_level="error"
+    )
     try:
         server.wait_ready(300)
         name = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).json()[0]["name"]
@@ -139,19 +164,29 @@ def rate_holds(ckpt: Path, keys: Path, key: str, seconds: float, burst: int, rat
             t.join()
         elapsed = time.monotonic() - start
         measured = (answered[0] - burst) / elapsed
-        return {"answered": answered[0], "refused": refused[0], "seconds": round(elapsed, 2), "items_per_s_past_burst": round(measured, 2), "ratio_to_rate": round(measured / rate, 3)}
+        return {
+            "answered": answered[0],
+            "refused": refused[0],
+            "seconds": round(elapsed, 2),
+            "items_per_s_past_burst": round(measured, 2),
+            "ratio_to_rate": round(measured / rate, 3),
+        }
     finally:
         server.terminate()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--requests", type=int, default=300, help="requests per server per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calls", type=int, default=2000, help="charges timed per variant")
     ap.add_argument("--rate", type=float, default=50.0, help="items/s of the rate check's key")
     ap.add_argument("--seconds", type=float, default=10.0, help="length of the rate check")
-    ap.add_argument("--ray", action=argparse.BooleanOptionalAction, default=True, help="also time the shared counters' Ray actor")
+    ap.add_argument(
+        "--ray", action=argparse.BooleanOptionalAction, default=True, help="also time the shared counters' Ray actor"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(Path(tmp) / "ckpt", arch="small_cnn", width=8, k=8)
@@ -159,18 +194,26 @@ def main() -> None:
         key = add_key(keys, "bench")
         rated = add_key(keys, "rated", rate=f"{args.rate:g}", quota="none")
         e2e = end_to_end(ckpt, keys, key, args.requests, args.rounds)
-        print(f"end to end, one process, one-item v2 binary requests one at a time ({args.rounds} x {args.requests} per server, alternating):")
-        print(f"  median latency open {e2e['open'] * 1e3:.3f} ms, with keys + limits {e2e['keys+limits'] * 1e3:.3f} ms: "
-              f"ratio {e2e['keys+limits'] / e2e['open']:.3f}, added {(e2e['keys+limits'] - e2e['open']) * 1e6:+.0f} us")
+        print(
+            f"end to end, one process, one-item v2 binary requests one at a time ({args.rounds} x {args.requests} per server, alternating):"
+        )
+        print(
+            f"  median latency open {e2e['open'] * 1e3:.3f} ms, with keys + limits {e2e['keys+limits'] * 1e3:.3f} ms: "
+            f"ratio {e2e['keys+limits'] / e2e['open']:.3f}, added {(e2e['keys+limits'] - e2e['open']) * 1e6:+.0f} us"
+        )
         if args.ray:
             costs = charge_costs(args.calls)
-            print(f"one charge, timed in an async Ray actor ({args.calls} calls, median): in-process {costs['in-process'] * 1e6:.1f} us, "
-                  f"shared Ray actor {costs['ray actor'] * 1e6:.0f} us (p99 {costs['ray actor p99'] * 1e6:.0f} us): "
-                  f"ratio {costs['ray actor'] / costs['in-process']:.0f}x; the actor adds {costs['ray actor'] / e2e['open']:.2f} x the open server's median latency")
+            print(
+                f"one charge, timed in an async Ray actor ({args.calls} calls, median): in-process {costs['in-process'] * 1e6:.1f} us, "
+                f"shared Ray actor {costs['ray actor'] * 1e6:.0f} us (p99 {costs['ray actor p99'] * 1e6:.0f} us): "
+                f"ratio {costs['ray actor'] / costs['in-process']:.0f}x; the actor adds {costs['ray actor'] / e2e['open']:.2f} x the open server's median latency"
+            )
         burst = 8
         r = rate_holds(ckpt, keys, rated, args.seconds, burst, args.rate)
-        print(f"rate limit {args.rate:g} items/s, burst {burst}, 4 clients for {r['seconds']} s: {r['answered']} answered, {r['refused']} x 429; "
-              f"{r['items_per_s_past_burst']} items/s past the burst = {r['ratio_to_rate']:.3f} x the limit (goal: within 10 %)")
+        print(
+            f"rate limit {args.rate:g} items/s, burst {burst}, 4 clients for {r['seconds']} s: {r['answered']} answered, {r['refused']} x 429; "
+            f"{r['items_per_s_past_burst']} items/s past the burst = {r['ratio_to_rate']:.3f} x the limit (goal: within 10 %)"
+        )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,24 @@ import tempfile
 
 
 def run(nproc: int, args, out: str) -> float:
-    cmd = [sys.executable, "-m", "codedsmooth.cli", "train", "--data", args.data, "--method", args.method, "--epochs", str(args.epochs),
-           "--width", str(args.width), "--nproc", str(nproc), "--out", out]
+    cmd = [
+        sys.executable,
+        "-m",
+        "codedsmooth.cli",
+        "train",
+        "--data",
+        args.data,
+        "--method",
+        args.method,
+        "--epochs",
+        str(args.epochs),
+        "--width",
+        str(args.width),
+        "--nproc",
+        str(nproc),
+        "--out",
+        out,
+    ]
     if args.device:
         cmd += ["--device", args.device]
     threads = max(1, (os.cpu_count() or 1) // nproc)
@@ -42,8 +58,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         one = run(1, args, f"{tmp}/one")
         many = run(args.nproc, args, f"{tmp}/many")
-    print(f"{args.data} {args.method} width {args.width}, {os.cpu_count()} CPUs: epoch 1 process {one:.2f} s, "
-          f"{args.nproc} processes {many:.2f} s, ratio {many / one:.2f} (ideal {1 / args.nproc:.2f})")
+    print(
+        f"{args.data} {args.method} width {args.width}, {os.cpu_count()} CPUs: epoch 1 process {one:.2f} s, "
+        f"{args.nproc} processes {many:.2f} s, ratio {many / one:.2f} (ideal {1 / args.nproc:.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -35,13 +35,28 @@ def attacks(model: str, input_shape: list[int]) -> dict[str, tuple[str, bytes]]:
     v2 = f"/v2/models/{model}/infer"
 
     def v2_body(name="input", datatype="FP32", data=None) -> bytes:
-        inp = {"name": name, "shape": [1, *input_shape], "datatype": datatype, "data": data if data is not None else [0.5] * numbers}
+        inp = {
+            "name": name,
+            "shape": [1, *input_shape],
+            "datatype": datatype,
+            "data": data if data is not None else [0.5] * numbers,
+        }
         return json.dumps({"inputs": [inp]}).encode()
 
     return {
         "v1: 1M tiny items": ("/v1/predict", b'{"inputs":[' + b",".join([b"[[[0]]]"] * 1_000_000) + b"]}"),
-        "v1: 600k unknown keys": ("/v1/predict", b'{"inputs":[' + item + b"]," + b",".join(b'"k%06d":0' % i for i in range(600_000)) + b"}"),
-        "v2: 4M numbers in data": (v2, b'{"inputs":[{"name":"input","shape":' + shape + b',"datatype":"FP32","data":[' + b",".join([b"0"] * 4_000_000) + b"]}]}"),
+        "v1: 600k unknown keys": (
+            "/v1/predict",
+            b'{"inputs":[' + item + b"]," + b",".join(b'"k%06d":0' % i for i in range(600_000)) + b"}",
+        ),
+        "v2: 4M numbers in data": (
+            v2,
+            b'{"inputs":[{"name":"input","shape":'
+            + shape
+            + b',"datatype":"FP32","data":['
+            + b",".join([b"0"] * 4_000_000)
+            + b"]}]}",
+        ),
         "v2: 7 MB input name": (v2, v2_body(name="A" * 7_000_000)),
         "v2: 7 MB datatype": (v2, v2_body(datatype="B" * 7_000_000)),
     }
@@ -72,7 +87,14 @@ class HealthProber(threading.Thread):
         self.join()
         lat = sorted(self.latencies)
         p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000  # noqa: E731
-        return {"probes": len(lat), "p50_ms": p(0.5), "p99_ms": p(0.99), "max_ms": lat[-1] * 1000, "over_2s": sum(t > HEALTH_TIMEOUT_S for t in lat), "failed": self.failures}
+        return {
+            "probes": len(lat),
+            "p50_ms": p(0.5),
+            "p99_ms": p(0.99),
+            "max_ms": lat[-1] * 1000,
+            "over_2s": sum(t > HEALTH_TIMEOUT_S for t in lat),
+            "failed": self.failures,
+        }
 
 
 def run_phase(url: str, path: str | None, body: bytes | None, seconds: float) -> dict:
@@ -94,14 +116,20 @@ def run_phase(url: str, path: str | None, body: bytes | None, seconds: float) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
-    ap.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the embedded default checkpoint)")
-    ap.add_argument("--seconds", type=float, default=6.0, help="how long each attack body is sent, back to back (default: 6)")
+    ap.add_argument(
+        "--checkpoint", default=None, help="checkpoint directory (default: the embedded default checkpoint)"
+    )
+    ap.add_argument(
+        "--seconds", type=float, default=6.0, help="how long each attack body is sent, back to back (default: 6)"
+    )
     args = ap.parse_args()
     with local_server(args.checkpoint, threads=2) as srv:
         info = httpx.get(srv.url + "/v1/models").json()[0]
         bodies = attacks(info["name"], info["input_shape"])
         idle = run_phase(srv.url, None, None, args.seconds)["health"]
-        print(f"idle: health p50 {idle['p50_ms']:.1f} ms, p99 {idle['p99_ms']:.1f} ms, max {idle['max_ms']:.1f} ms ({idle['probes']} probes)")
+        print(
+            f"idle: health p50 {idle['p50_ms']:.1f} ms, p99 {idle['p99_ms']:.1f} ms, max {idle['max_ms']:.1f} ms ({idle['probes']} probes)"
+        )
         header = f"{'attack':24} {'body':>8} {'status':>8} {'sent':>5} {'answer med':>10} {'answer max':>10} {'error body':>11} {'health p50':>10} {'p99':>9} {'max':>9} {'>2 s':>6} {'p99/idle':>8}"
         print(header)
         for name, (path, body) in bodies.items():

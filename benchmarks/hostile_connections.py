@@ -127,8 +127,10 @@ def websocket_attack(checkpoint: Path, args) -> None:
                 health[httpx.get(srv.url + "/health/live", timeout=10).status_code] += 1
             except httpx.HTTPError as exc:
                 health[type(exc).__name__] += 1
-        print(f"websocket: {args.upgrades} upgrades on closed connections (--max-connections 8) answered {dict(answers)}; "
-              f"then /health/live x20: {dict(health)}; RSS {before:.0f} -> {rss_mb(srv.proc.pid):.0f} MB")
+        print(
+            f"websocket: {args.upgrades} upgrades on closed connections (--max-connections 8) answered {dict(answers)}; "
+            f"then /health/live x20: {dict(health)}; RSS {before:.0f} -> {rss_mb(srv.proc.pid):.0f} MB"
+        )
 
 
 def ray_proxy_pid() -> int | None:
@@ -176,8 +178,10 @@ def header_attack(checkpoint: Path, args) -> None:
             seconds = time.monotonic() - start
             sock.close()
         after = rss_mb(pid)
-        print(f"headers (one endless header block): {sent / 1e6:.1f} MB sent in {seconds:.1f} s, outcome: {outcome}; "
-              f"server RSS {before:.0f} -> peak {peak:.0f} -> after {after:.0f} MB; {probe.summary()}")
+        print(
+            f"headers (one endless header block): {sent / 1e6:.1f} MB sent in {seconds:.1f} s, outcome: {outcome}; "
+            f"server RSS {before:.0f} -> peak {peak:.0f} -> after {after:.0f} MB; {probe.summary()}"
+        )
         for name, head in (
             ("10,000 headers", b"".join(b"X-H%d: v\r\n" % i for i in range(10_000))),
             ("one 1 MiB header value", b"X-Big: " + b"a" * (1 << 20) + b"\r\n"),
@@ -230,8 +234,10 @@ def idle_attack(checkpoint: Path, args) -> None:
         stop.set()
         thread.join()
         kept.close()
-        print(f"idle (--max-connections {limit}, {limit} silent sockets, reopened when closed: {reopened[0]} reopens in {args.seconds:.0f} s): "
-              f"keep-alive client before {first}, during {dict(keep_alive)}; fresh clients {dict(fresh)}")
+        print(
+            f"idle (--max-connections {limit}, {limit} silent sockets, reopened when closed: {reopened[0]} reopens in {args.seconds:.0f} s): "
+            f"keep-alive client before {first}, during {dict(keep_alive)}; fresh clients {dict(fresh)}"
+        )
 
 
 def deadline_attack(checkpoint: Path, args) -> None:
@@ -250,7 +256,11 @@ def deadline_attack(checkpoint: Path, args) -> None:
                     while time.monotonic() < end:
                         start = time.monotonic()
                         try:
-                            status = (await client.post("/v1/predict", content=body, headers={"content-type": "application/json"})).status_code
+                            status = (
+                                await client.post(
+                                    "/v1/predict", content=body, headers={"content-type": "application/json"}
+                                )
+                            ).status_code
                         except httpx.HTTPError as exc:
                             status = type(exc).__name__
                         latencies.setdefault(status, []).append(time.monotonic() - start)
@@ -262,8 +272,13 @@ def deadline_attack(checkpoint: Path, args) -> None:
         for status, lat in sorted(latencies.items(), key=lambda kv: str(kv[0])):
             lat.sort()
             p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))]
-            parts.append(f"{status}: {len(lat)} (client-observed median {statistics.median(lat) * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms, max {lat[-1] * 1e3:.0f} ms)")
-        print(f"deadline (--timeout-ms {timeout_ms}, {args.concurrency} clients x 32 items, {args.seconds:.0f} s): " + "; ".join(parts))
+            parts.append(
+                f"{status}: {len(lat)} (client-observed median {statistics.median(lat) * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms, max {lat[-1] * 1e3:.0f} ms)"
+            )
+        print(
+            f"deadline (--timeout-ms {timeout_ms}, {args.concurrency} clients x 32 items, {args.seconds:.0f} s): "
+            + "; ".join(parts)
+        )
 
 
 ATTACKS = {"websocket": websocket_attack, "headers": header_attack, "idle": idle_attack, "deadline": deadline_attack}
@@ -276,7 +291,11 @@ def main() -> None:
     p.add_argument("--upgrades", type=int, default=20, help="WebSocket upgrade requests")
     p.add_argument("--header-timeout", type=float, default=10.0, help="--header-timeout-s of the idle attack's server")
     p.add_argument("--concurrency", type=int, default=128, help="clients of the deadline attack")
-    p.add_argument("--ray", action="store_true", help="headers attack against serve --replicas 1 (Ray Serve's proxy holds the connection)")
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="headers attack against serve --replicas 1 (Ray Serve's proxy holds the connection)",
+    )
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = make_checkpoint(Path(tmp) / "cnn", arch="small_cnn", width=32, k=8)

@@ -53,7 +53,12 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--gpus-per-replica", type=float, default=None, help="GPUs each replica reserves (default: 0 on cpu; on cuda 1 for one replica, 1/R each for R replicas)")
+    ap.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        default=None,
+        help="GPUs each replica reserves (default: 0 on cpu; on cuda 1 for one replica, 1/R each for R replicas)",
+    )
     args = ap.parse_args()
 
     cpus = cpu_quota()
@@ -62,14 +67,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(Path(tmp) / "ck", width=args.width, k=args.max_batch)
         body = json.dumps({"inputs": torch.rand(1, 3, 32, 32).tolist()}).encode()
-        common = dict(rci=False, max_batch_size=args.max_batch, max_delay_ms=5, max_queue_size=1024, device=args.device, log_level="warning")
+        common = dict(
+            rci=False,
+            max_batch_size=args.max_batch,
+            max_delay_ms=5,
+            max_queue_size=1024,
+            device=args.device,
+            log_level="warning",
+        )
         gpus = args.gpus_per_replica if args.gpus_per_replica is not None else (0.0 if args.device == "cpu" else None)
         c, s, w = args.concurrency, args.seconds, args.warmup
         configs = {
             "plain server": dict(threads=cpus),
             f"plain, {per} thread(s)": dict(threads=per),
             "ray, 1 replica": dict(replicas=1, num_cpus=cpus, threads=cpus, num_gpus=1.0 if gpus is None else gpus),
-            f"ray, {R} replicas": dict(replicas=R, num_cpus=per, threads=per, num_gpus=1.0 / R if gpus is None else gpus),
+            f"ray, {R} replicas": dict(
+                replicas=R, num_cpus=per, threads=per, num_gpus=1.0 / R if gpus is None else gpus
+            ),
         }
         # Rounds in alternation, so drift in what else the machine runs hits every configuration alike.
         results: dict[str, list[dict]] = {name: [] for name in configs}
@@ -78,15 +92,23 @@ def main() -> None:
                 results[name].append(measure(ckpt, body, c, s, w, **extra, **common))
     runs = {name: _median(rs) for name, rs in results.items()}
     plain, one, many = runs["plain server"], runs["ray, 1 replica"], runs[f"ray, {R} replicas"]
-    print(f"{cpus} CPUs, device {args.device}; PreActResNet-18 width {args.width}, 32x32, one-item JSON requests, concurrency {c}, max batch {args.max_batch}, RCI off; median of {args.rounds} alternating rounds")
+    print(
+        f"{cpus} CPUs, device {args.device}; PreActResNet-18 width {args.width}, 32x32, one-item JSON requests, concurrency {c}, max batch {args.max_batch}, RCI off; median of {args.rounds} alternating rounds"
+    )
     for name, r in runs.items():
         each = ", ".join(f"{x['throughput']:.1f}" for x in results[name])
-        print(f"  {name:20s} {r['throughput']:8.1f} items/s (rounds: {each})  p50 {r['p50'] * 1e3:7.1f} ms  p99 {r['p99'] * 1e3:7.1f} ms  ready after {r['start_s']:5.1f} s")
+        print(
+            f"  {name:20s} {r['throughput']:8.1f} items/s (rounds: {each})  p50 {r['p50'] * 1e3:7.1f} ms  p99 {r['p99'] * 1e3:7.1f} ms  ready after {r['start_s']:5.1f} s"
+        )
     print(f"{R} replicas / 1 replica: {many['throughput'] / one['throughput']:.2f}x")
     print(f"{R} replicas / plain server: {many['throughput'] / plain['throughput']:.2f}x")
     print(f"1 replica / plain server: {one['throughput'] / plain['throughput']:.2f}x (Ray's proxy hop, same threads)")
-    print(f"{R} replicas / plain server with {per} thread(s): {many['throughput'] / runs[f'plain, {per} thread(s)']['throughput']:.2f}x (the same threads per process)")
-    print(f"plain server with {per} thread(s) / plain server: {runs[f'plain, {per} thread(s)']['throughput'] / plain['throughput']:.2f}x (threads alone, no Ray)")
+    print(
+        f"{R} replicas / plain server with {per} thread(s): {many['throughput'] / runs[f'plain, {per} thread(s)']['throughput']:.2f}x (the same threads per process)"
+    )
+    print(
+        f"plain server with {per} thread(s) / plain server: {runs[f'plain, {per} thread(s)']['throughput'] / plain['throughput']:.2f}x (threads alone, no Ray)"
+    )
 
 
 def _median(rs: list[dict]) -> dict:

@@ -51,7 +51,9 @@ def main() -> None:
         with torch.inference_mode():
             fns = {"plain": lambda model=model, x=x: model(x)}
             for n, code in codes.items():
-                fns[f"rci N={n}"] = lambda code=code, block=block, trunk=trunk, x=x, source=source: _rci(block, trunk(x), code, source)
+                fns[f"rci N={n}"] = lambda code=code, block=block, trunk=trunk, x=x, source=source: _rci(
+                    block, trunk(x), code, source
+                )
             med = interleaved_medians(fns, rounds=args.rounds, sync=sync)
         base = med["plain"]
         parts = [f"plain {base * 1e3:.2f} ms"]

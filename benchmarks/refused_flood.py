@@ -75,7 +75,9 @@ def flood(url: str, key: str, path: str, images: int, side: int, stop, answers) 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--requests", type=int, default=40, help="victim requests per phase")
     ap.add_argument("--connections", type=int, default=3, help="flooding clients")
     ap.add_argument("--images", type=int, default=32, help="images per flood request")
@@ -92,13 +94,20 @@ def main() -> None:
         try:
             server.wait_ready(300)
             path = "/v1/predict/image"
-            r = httpx.post(server.url + path, files=[("files", ("one.png", png(28), "image/png"))], headers={"Authorization": f"Bearer {flood_key}"})
+            r = httpx.post(
+                server.url + path,
+                files=[("files", ("one.png", png(28), "image/png"))],
+                headers={"Authorization": f"Bearer {flood_key}"},
+            )
             assert r.status_code == 200, r.text  # the flood key's one item: its quota is used up from here on
             victim_latencies(server.url, victim_key, path, 5)  # warm-up
             alone = victim_latencies(server.url, victim_key, path, args.requests)
             ctx = multiprocessing.get_context("spawn")
             stop, queue = ctx.Event(), ctx.Queue()
-            procs = [ctx.Process(target=flood, args=(server.url, flood_key, path, args.images, args.side, stop, queue)) for _ in range(args.connections)]
+            procs = [
+                ctx.Process(target=flood, args=(server.url, flood_key, path, args.images, args.side, stop, queue))
+                for _ in range(args.connections)
+            ]
             for p in procs:
                 p.start()
             queue_first = queue.get(timeout=300)  # the flood is under way
@@ -119,7 +128,12 @@ def main() -> None:
         statuses[str(status)] = statuses.get(str(status), 0) + 1
     refused = [s for status, s in answers if status == 429]
     result = {
-        "flood": {"connections": args.connections, "images": args.images, "side": args.side, "body_bytes": len(big) * args.images},
+        "flood": {
+            "connections": args.connections,
+            "images": args.images,
+            "side": args.side,
+            "body_bytes": len(big) * args.images,
+        },
         "victim_median_ms_alone": round(statistics.median(alone) * 1e3, 2),
         "victim_median_ms_during_flood": round(statistics.median(during) * 1e3, 2),
         "flood_answers": statuses,
@@ -127,10 +141,14 @@ def main() -> None:
         "flood_429_max_ms": round(max(refused) * 1e3, 2) if refused else None,
         "victim_requests": args.requests,
     }
-    print(f"flood: {args.connections} connections of a key with a used-up quota, {args.images} x {args.side}x{args.side} PNG per request "
-          f"({result['flood']['body_bytes']:,} bytes); answers {statuses}")
-    print(f"victim one-image latency, median of {args.requests}: alone {result['victim_median_ms_alone']} ms, "
-          f"during the flood {result['victim_median_ms_during_flood']} ms ({statistics.median(during) / statistics.median(alone):.2f}x)")
+    print(
+        f"flood: {args.connections} connections of a key with a used-up quota, {args.images} x {args.side}x{args.side} PNG per request "
+        f"({result['flood']['body_bytes']:,} bytes); answers {statuses}"
+    )
+    print(
+        f"victim one-image latency, median of {args.requests}: alone {result['victim_median_ms_alone']} ms, "
+        f"during the flood {result['victim_median_ms_during_flood']} ms ({statistics.median(during) / statistics.median(alone):.2f}x)"
+    )
     print(f"flood's 429s: median {result['flood_429_median_ms']} ms, max {result['flood_429_max_ms']} ms")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -93,7 +93,11 @@ class Flood:
         self._answered, self._failed = ctx.Value("l", 0), ctx.Value("l", 0)
         self._started, self._stop = ctx.Event(), ctx.Event()
         payload = json.dumps(body(items)).encode()
-        self._process = ctx.Process(target=_flood, args=(url, clients, payload, self._answered, self._failed, self._started, self._stop), daemon=True)
+        self._process = ctx.Process(
+            target=_flood,
+            args=(url, clients, payload, self._answered, self._failed, self._started, self._stop),
+            daemon=True,
+        )
 
     @property
     def answered(self) -> int:
@@ -143,8 +147,18 @@ def main() -> None:
     ap.add_argument("--flooders", type=int, default=16, help="concurrent clients flooding model a")
     ap.add_argument("--flood-items", type=int, default=8, help="items per flood request")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of each server")
-    ap.add_argument("--a-max-batch-size", type=int, default=None, help="model a's max_batch_size in its serving.json (default: the server's, 32): a smaller one bounds how long b waits")
-    ap.add_argument("--model-threads", choices=["shared", "per-model"], default="shared", help="serve --model-threads of the repository server")
+    ap.add_argument(
+        "--a-max-batch-size",
+        type=int,
+        default=None,
+        help="model a's max_batch_size in its serving.json (default: the server's, 32): a smaller one bounds how long b waits",
+    )
+    ap.add_argument(
+        "--model-threads",
+        choices=["shared", "per-model"],
+        default="shared",
+        help="serve --model-threads of the repository server",
+    )
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,34 +173,56 @@ def main() -> None:
         try:
             for server in (repo, single, other):
                 server.wait_ready()
-            with httpx.Client(base_url=repo.url, timeout=60) as client, httpx.Client(base_url=single.url, timeout=60) as direct:
+            with (
+                httpx.Client(base_url=repo.url, timeout=60) as client,
+                httpx.Client(base_url=single.url, timeout=60) as direct,
+            ):
                 latencies(client, "/v1/models/b/predict", 20)  # warm the connection and the allocator
                 latencies(direct, "/v1/predict", 20)
                 alone, single_ms = [], []
                 for _ in range(10):  # in alternating blocks, so drift hits both alike
                     alone += latencies(client, "/v1/models/b/predict", args.requests // 10)
                     single_ms += latencies(direct, "/v1/predict", args.requests // 10)
-                flooded, a_rate, a_failed = flooded_latencies(client, "/v1/models/b/predict", args.requests, repo.url + "/v1/models/a/predict", args)
-                separate, sep_rate, sep_failed = flooded_latencies(direct, "/v1/predict", args.requests, other.url + "/v1/predict", args)
-                alone_again = latencies(client, "/v1/models/b/predict", args.requests)  # drift check: alone after the floods
+                flooded, a_rate, a_failed = flooded_latencies(
+                    client, "/v1/models/b/predict", args.requests, repo.url + "/v1/models/a/predict", args
+                )
+                separate, sep_rate, sep_failed = flooded_latencies(
+                    direct, "/v1/predict", args.requests, other.url + "/v1/predict", args
+                )
+                alone_again = latencies(
+                    client, "/v1/models/b/predict", args.requests
+                )  # drift check: alone after the floods
             a_batch = model_seconds_per_batch(repo.metrics_url, "a")
         finally:
             for server in (repo, single, other):
                 server.terminate()
 
-    med = {k: 1000 * statistics.median(v) for k, v in (("alone", alone + alone_again), ("flood", flooded), ("single", single_ms), ("separate", separate))}
+    med = {
+        k: 1000 * statistics.median(v)
+        for k, v in (("alone", alone + alone_again), ("flood", flooded), ("single", single_ms), ("separate", separate))
+    }
     p95 = {k: 1000 * float(np.percentile(v, 95)) for k, v in (("flood", flooded), ("separate", separate))}
-    print(f"model b, one item per request, median over {args.requests} requests per phase ({args.threads} torch threads, model threads {args.model_threads}):")
+    print(
+        f"model b, one item per request, median over {args.requests} requests per phase ({args.threads} torch threads, model threads {args.model_threads}):"
+    )
     print(f"  alone (repository server)        {med['alone']:8.2f} ms")
-    print(f"  during a flood on model a        {med['flood']:8.2f} ms  (p95 {p95['flood']:.2f} ms; model a answered {a_rate:.0f} items/s, {a_failed} refused)")
+    print(
+        f"  during a flood on model a        {med['flood']:8.2f} ms  (p95 {p95['flood']:.2f} ms; model a answered {a_rate:.0f} items/s, {a_failed} refused)"
+    )
     print(f"  single-checkpoint server of b    {med['single']:8.2f} ms")
     print("  the same, a flooded on a server of its own on this machine")
-    print(f"                                   {med['separate']:8.2f} ms  (p95 {p95['separate']:.2f} ms; a answered {sep_rate:.0f} items/s, {sep_failed} refused)")
+    print(
+        f"                                   {med['separate']:8.2f} ms  (p95 {p95['separate']:.2f} ms; a answered {sep_rate:.0f} items/s, {sep_failed} refused)"
+    )
     print(f"  one device batch of model a      {1000 * a_batch:8.2f} ms  (the most b should wait for a: one batch)")
     print(f"ratio flood / alone:               {med['flood'] / med['alone']:.2f}")
-    print(f"ratio separate servers: flood / alone {med['separate'] / med['single']:.2f}  (what the machine's shared cores cost b without a repository)")
+    print(
+        f"ratio separate servers: flood / alone {med['separate'] / med['single']:.2f}  (what the machine's shared cores cost b without a repository)"
+    )
     print(f"ratio repository / separate servers under the flood: {med['flood'] / med['separate']:.2f}")
-    print(f"ratio repository / single server:  {med['alone'] / med['single']:.3f}  (added latency per request {med['alone'] - med['single']:+.2f} ms)")
+    print(
+        f"ratio repository / single server:  {med['alone'] / med['single']:.3f}  (added latency per request {med['alone'] - med['single']:+.2f} ms)"
+    )
 
 
 if __name__ == "__main__":

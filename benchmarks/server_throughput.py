@@ -39,10 +39,19 @@ JSON_REQUEST = ("/v1/predict", {"content-type": "application/json"})
 def v2_binary_request(model: str, x: torch.Tensor) -> tuple[tuple[str, dict], bytes]:
     """An Open Inference Protocol v2 request with the binary tensor extension (what tritonclient sends)."""
     data = x.numpy().astype("float32").tobytes()
-    head = json.dumps({
-        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": len(data)}}],
-        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
-    }).encode()
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(data)},
+                }
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
     headers = {"content-type": "application/octet-stream", "inference-header-content-length": str(len(head))}
     return (f"/v2/models/{model}/infer", headers), head + data
 
@@ -85,15 +94,31 @@ def drive_wrk(url: str, body: bytes, concurrency: int, seconds: float, warmup: f
         for key, value in request[1].items():
             f.write(f'wrk.headers["{key}"] = "{value}"\n')
         f.write('wrk.body = "' + "".join(f"\\{b}" for b in body) + '"\n')  # decimal escapes: binary-safe
-        f.write('done = function(summary, latency, requests)\n'
-                '  io.write(string.format("RESULT %d %d %d %d %d\\n", summary.requests, summary.errors.status,'
-                ' latency:percentile(50), latency:percentile(99), summary.duration))\nend\n')
+        f.write(
+            "done = function(summary, latency, requests)\n"
+            '  io.write(string.format("RESULT %d %d %d %d %d\\n", summary.requests, summary.errors.status,'
+            " latency:percentile(50), latency:percentile(99), summary.duration))\nend\n"
+        )
         script = f.name
     target = url + request[0]
-    subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, int(warmup))}s", "-s", script, target], capture_output=True, check=True)
-    out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{int(seconds)}s", "-s", script, target], capture_output=True, text=True, check=True).stdout
+    subprocess.run(
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, int(warmup))}s", "-s", script, target],
+        capture_output=True,
+        check=True,
+    )
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{int(seconds)}s", "-s", script, target],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     requests, non2xx, p50, p99, duration_us = map(int, out.split("RESULT")[1].split())
-    return {"throughput": (requests - non2xx) / (duration_us / 1e6), "p50": p50 / 1e6, "p99": p99 / 1e6, "codes": {"2xx": requests - non2xx, "other": non2xx}}
+    return {
+        "throughput": (requests - non2xx) / (duration_us / 1e6),
+        "p50": p50 / 1e6,
+        "p99": p99 / 1e6,
+        "codes": {"2xx": requests - non2xx, "other": non2xx},
+    }
 
 
 def load(url: str, body, concurrency, seconds, warmup, request=JSON_REQUEST) -> dict:
@@ -139,27 +164,95 @@ def main() -> None:
         c, s, w = args.concurrency, args.seconds, args.warmup
         runs = {
             "off b32": measure(ckpt, body, c, s, w, rci=False, max_batch_size=mb, max_delay_ms=5, **common),
-            "off b32 v2 binary": measure(ckpt, v2_body, c, s, w, request=v2_request, rci=False, max_batch_size=mb, max_delay_ms=5, **common),
+            "off b32 v2 binary": measure(
+                ckpt, v2_body, c, s, w, request=v2_request, rci=False, max_batch_size=mb, max_delay_ms=5, **common
+            ),
             "off b1": measure(ckpt, body, c, s, w, rci=False, max_batch_size=1, max_delay_ms=0, **common),
-            "batch N=K": measure(ckpt, body, c, s, w, rci=True, rci_scope="batch", coded_points=mb, max_batch_size=mb, max_delay_ms=5, **common),
-            "batch N=1.5K": measure(ckpt, body, c, s, w, rci=True, rci_scope="batch", coded_points=math.ceil(1.5 * mb), max_batch_size=mb, max_delay_ms=5, **common),
-            f"request K={args.request_k} N=K": measure(ckpt, body, c, s, w, rci=True, rci_scope="request", rci_group_size=args.request_k, coded_points=args.request_k, max_batch_size=mb, max_delay_ms=5, **common),
-            f"request K={mb} N=K": measure(ckpt, body, c, s, w, rci=True, rci_scope="request", rci_group_size=mb, coded_points=mb, max_batch_size=mb, max_delay_ms=5, **common),
+            "batch N=K": measure(
+                ckpt,
+                body,
+                c,
+                s,
+                w,
+                rci=True,
+                rci_scope="batch",
+                coded_points=mb,
+                max_batch_size=mb,
+                max_delay_ms=5,
+                **common,
+            ),
+            "batch N=1.5K": measure(
+                ckpt,
+                body,
+                c,
+                s,
+                w,
+                rci=True,
+                rci_scope="batch",
+                coded_points=math.ceil(1.5 * mb),
+                max_batch_size=mb,
+                max_delay_ms=5,
+                **common,
+            ),
+            f"request K={args.request_k} N=K": measure(
+                ckpt,
+                body,
+                c,
+                s,
+                w,
+                rci=True,
+                rci_scope="request",
+                rci_group_size=args.request_k,
+                coded_points=args.request_k,
+                max_batch_size=mb,
+                max_delay_ms=5,
+                **common,
+            ),
+            f"request K={mb} N=K": measure(
+                ckpt,
+                body,
+                c,
+                s,
+                w,
+                rci=True,
+                rci_scope="request",
+                rci_group_size=mb,
+                coded_points=mb,
+                max_batch_size=mb,
+                max_delay_ms=5,
+                **common,
+            ),
             "light load": measure(ckpt, body, 1, s, w, rci=False, max_batch_size=mb, max_delay_ms=5, **common),
         }
     off = runs["off b32"]["throughput"]
-    print(f"device={device} threads={threads} PreActResNet-18 width {args.width}, 32x32, one-item requests, concurrency {c}, max batch {mb}")
-    print(f"in-process forward: batch {mb} {inproc_b:.1f} items/s, batch 1 {inproc_1:.1f} items/s (batching gain {inproc_b / inproc_1:.2f}x)")
+    print(
+        f"device={device} threads={threads} PreActResNet-18 width {args.width}, 32x32, one-item requests, concurrency {c}, max batch {mb}"
+    )
+    print(
+        f"in-process forward: batch {mb} {inproc_b:.1f} items/s, batch 1 {inproc_1:.1f} items/s (batching gain {inproc_b / inproc_1:.2f}x)"
+    )
     for name, r in runs.items():
-        print(f"  {name:22s} {r['throughput']:8.1f} items/s  p50 {r['p50'] * 1e3:7.1f} ms  p99 {r['p99'] * 1e3:7.1f} ms  codes {r['codes']}")
+        print(
+            f"  {name:22s} {r['throughput']:8.1f} items/s  p50 {r['p50'] * 1e3:7.1f} ms  p99 {r['p99'] * 1e3:7.1f} ms  codes {r['codes']}"
+        )
     server_gain = off / runs["off b1"]["throughput"]
-    print(f"server saturation / in-process batched forward: {off / inproc_b:.3f} JSON, {runs['off b32 v2 binary']['throughput'] / inproc_b:.3f} v2 binary (goal >= 0.85)")
-    print(f"server batching gain {server_gain:.2f}x / in-process gain {inproc_b / inproc_1:.2f}x = {server_gain / (inproc_b / inproc_1):.3f} (goal >= 0.9)")
+    print(
+        f"server saturation / in-process batched forward: {off / inproc_b:.3f} JSON, {runs['off b32 v2 binary']['throughput'] / inproc_b:.3f} v2 binary (goal >= 0.85)"
+    )
+    print(
+        f"server batching gain {server_gain:.2f}x / in-process gain {inproc_b / inproc_1:.2f}x = {server_gain / (inproc_b / inproc_1):.3f} (goal >= 0.9)"
+    )
     light = runs["light load"]
     budget = 0.005 + t_1
-    print(f"light load p50 {light['p50'] * 1e3:.1f} ms, p99 {light['p99'] * 1e3:.1f} ms vs max delay + one forward {budget * 1e3:.1f} ms (p50 ratio {light['p50'] / budget:.2f})")
-    print(f"RCI batch scope N=K / off: {runs['batch N=K']['throughput'] / off:.3f} (goal >= 0.9); N=1.5K: {runs['batch N=1.5K']['throughput'] / off:.3f}")
-    print(f"RCI request scope K={args.request_k} N=K / off: {runs[f'request K={args.request_k} N=K']['throughput'] / off:.3f} (goal >= 0.5); K={mb}: {runs[f'request K={mb} N=K']['throughput'] / off:.3f}")
+    print(
+        f"light load p50 {light['p50'] * 1e3:.1f} ms, p99 {light['p99'] * 1e3:.1f} ms vs max delay + one forward {budget * 1e3:.1f} ms (p50 ratio {light['p50'] / budget:.2f})"
+    )
+    print(
+        f"RCI batch scope N=K / off: {runs['batch N=K']['throughput'] / off:.3f} (goal >= 0.9); N=1.5K: {runs['batch N=1.5K']['throughput'] / off:.3f}"
+    )
+    print(
+        f"RCI request scope K={args.request_k} N=K / off: {runs[f'request K={args.request_k} N=K']['throughput'] / off:.3f} (goal >= 0.5); K={mb}: {runs[f'request K={mb} N=K']['throughput'] / off:.3f}"
+    )
 
 
 if __name__ == "__main__":

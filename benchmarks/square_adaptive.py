@@ -34,7 +34,10 @@ DEFAULT_CHECKPOINT = "codedsmooth/default_checkpoint"
 def stratified(y: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
     """``per_class`` random indices of every class of ``y``, drawn with ``seed``, in class order."""
     g = torch.Generator().manual_seed(seed)
-    picks = [idx[torch.randperm(len(idx), generator=g)[:per_class]] for idx in (torch.nonzero(y == c).flatten() for c in y.unique())]
+    picks = [
+        idx[torch.randperm(len(idx), generator=g)[:per_class]]
+        for idx in (torch.nonzero(y == c).flatten() for c in y.unique())
+    ]
     return torch.cat(picks)
 
 
@@ -83,10 +86,14 @@ def main() -> None:
         ("no RCI: reference", plain_probs, None),
         ("no RCI: m=2 max", plain_probs, {"score_queries": 2, "statistic": "max"}),
     ]
-    print(f"{ck.name}, RCI request scope, "
-          f"{len(y)} images ({args.per_class} per class, seed {args.seed}), ε = {args.eps}, re-query on, confirm 4")
+    print(
+        f"{ck.name}, RCI request scope, "
+        f"{len(y)} images ({args.per_class} per class, seed {args.seed}), ε = {args.eps}, re-query on, confirm 4"
+    )
     print(f"clean: fresh {fresh_accuracy(x):.3f}, plain {plain_accuracy(x):.3f}")
-    print(f"{'attack':<20} {'budget':>6} {'claimed':>8} {'fresh':>6} {'plain':>6} {'q median':>8} {'q p90':>6} {'s':>5}")
+    print(
+        f"{'attack':<20} {'budget':>6} {'claimed':>8} {'fresh':>6} {'plain':>6} {'q median':>8} {'q p90':>6} {'s':>5}"
+    )
     for budget in args.budgets:
         for name, score_fn, kw in attacks:
             started = time.monotonic()
@@ -99,8 +106,11 @@ def main() -> None:
                 x_adv, used, claimed = res.x_adv, res.queries, 1 - float(res.broken.float().mean())
             seconds = time.monotonic() - started
             q = used.float()
-            print(f"{name:<20} {budget:>6} {claimed:>8.3f} {fresh_accuracy(x_adv):>6.3f} {plain_accuracy(x_adv):>6.3f} "
-                  f"{q.median():>8.0f} {q.quantile(0.9):>6.0f} {seconds:>5.0f}", flush=True)
+            print(
+                f"{name:<20} {budget:>6} {claimed:>8.3f} {fresh_accuracy(x_adv):>6.3f} {plain_accuracy(x_adv):>6.3f} "
+                f"{q.median():>8.0f} {q.quantile(0.9):>6.0f} {seconds:>5.0f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

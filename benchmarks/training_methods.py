@@ -27,15 +27,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for method in results:
-                cfg = TrainConfig(method=method, epochs=args.epochs, batch_size=args.k, seed=seed, device=args.device, out=f"{tmp}/{method}-{seed}", progress=False)
+                cfg = TrainConfig(
+                    method=method,
+                    epochs=args.epochs,
+                    batch_size=args.k,
+                    seed=seed,
+                    device=args.device,
+                    out=f"{tmp}/{method}-{seed}",
+                    progress=False,
+                )
                 results[method].append(train(cfg, data=data))
-    print(f"digits, small_cnn, {args.epochs} epochs, K={args.k}, N {args.k}->{int(1.5 * args.k + 0.999)}, seeds {args.seeds}")
+    print(
+        f"digits, small_cnn, {args.epochs} epochs, K={args.k}, N {args.k}->{int(1.5 * args.k + 0.999)}, seeds {args.seeds}"
+    )
     erm_time = statistics.mean(r.mean_epoch_seconds for r in results["erm"])
     for method, runs in results.items():
         accs = [r.test_accuracy for r in runs]
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         t = statistics.mean(r.mean_epoch_seconds for r in runs)
-        print(f"{method:6s} test acc {statistics.mean(accs) * 100:.2f} ± {sd * 100:.2f} %  epoch {t:.3f} s  time ratio vs erm {t / erm_time:.3f}")
+        print(
+            f"{method:6s} test acc {statistics.mean(accs) * 100:.2f} ± {sd * 100:.2f} %  epoch {t:.3f} s  time ratio vs erm {t / erm_time:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ from codedsmooth.train.objectives import OBJECTIVES
 from codedsmooth.train.trainer import _arch_kwargs
 
 
-def images_per_second(data, method: str, batch: int, steps: int, warmup: int, channels_last: bool, seed: int = 0) -> float:
+def images_per_second(
+    data, method: str, batch: int, steps: int, warmup: int, channels_last: bool, seed: int = 0
+) -> float:
     """Images/s over ``steps`` optimiser steps of ``method`` at batch size ``batch`` (the first ``warmup`` steps untimed)."""
     cfg = TrainConfig(method=method, batch_size=batch, seed=seed)
     arch = default_arch_for(data.input_shape)
@@ -62,10 +64,16 @@ def images_per_second(data, method: str, batch: int, steps: int, warmup: int, ch
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    ap.add_argument("--data", default="fashion-mnist", help="data set (default: fashion-mnist, found as codedsmooth train finds it)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    ap.add_argument(
+        "--data", default="fashion-mnist", help="data set (default: fashion-mnist, found as codedsmooth train finds it)"
+    )
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--methods", nargs="+", default=["erm", "mixup", "coded", "pgd-at", "fast-at", "coded-fast-at"], choices=METHODS)
+    ap.add_argument(
+        "--methods", nargs="+", default=["erm", "mixup", "coded", "pgd-at", "fast-at", "coded-fast-at"], choices=METHODS
+    )
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--steps", type=int, default=20, help="timed optimiser steps per cell")
@@ -81,16 +89,33 @@ def main() -> None:
         for batch in args.batch_sizes:
             for method in methods:
                 ips = images_per_second(data, method, batch, args.steps, args.warmup, args.channels_last)
-                cells.append({"method": method, "batch_size": batch, "threads": threads, "images_per_second": ips, "epoch_seconds": len(data.train_x) / ips})
-                print(f"{method:14s} batch {batch:4d} threads {threads}  {ips:9.1f} images/s  epoch of {len(data.train_x):,} ≈ {len(data.train_x) / ips:8.1f} s", flush=True)
+                cells.append(
+                    {
+                        "method": method,
+                        "batch_size": batch,
+                        "threads": threads,
+                        "images_per_second": ips,
+                        "epoch_seconds": len(data.train_x) / ips,
+                    }
+                )
+                print(
+                    f"{method:14s} batch {batch:4d} threads {threads}  {ips:9.1f} images/s  epoch of {len(data.train_x):,} ≈ {len(data.train_x) / ips:8.1f} s",
+                    flush=True,
+                )
                 _write(args, data, cells)
     ratios = _ratios(cells, min(args.batch_sizes))
-    print(f"\n{args.data}: {len(data.train_x):,} training images; {args.steps} timed steps per cell; channels_last {args.channels_last}")
-    print("time per image against erm at the same batch size and threads (erm images/s ÷ method images/s), and the other ratios:")
+    print(
+        f"\n{args.data}: {len(data.train_x):,} training images; {args.steps} timed steps per cell; channels_last {args.channels_last}"
+    )
+    print(
+        "time per image against erm at the same batch size and threads (erm images/s ÷ method images/s), and the other ratios:"
+    )
     for r in ratios:
         extra = "".join(f"  {k} ×{v:.2f}" for k, v in r.items() if k.startswith("vs_") and k != "vs_erm")
         if r["method"] != "erm" or extra:
-            print(f"  {r['method']:14s} batch {r['batch_size']:4d} threads {r['threads']}: {1 / r['vs_erm']:.2f}× erm's time{extra}")
+            print(
+                f"  {r['method']:14s} batch {r['batch_size']:4d} threads {r['threads']}: {1 / r['vs_erm']:.2f}× erm's time{extra}"
+            )
     _write(args, data, cells)
 
 
@@ -115,12 +140,21 @@ def _write(args: argparse.Namespace, data, cells: list[dict]) -> None:
     if not args.out:
         return
     result = {
-        "data": args.data, "train_images": len(data.train_x), "steps": args.steps, "warmup": args.warmup, "channels_last": args.channels_last,
-        "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
-        "cells": cells, "ratios": _ratios(cells, min(args.batch_sizes)),
+        "data": args.data,
+        "train_images": len(data.train_x),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "channels_last": args.channels_last,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "cells": cells,
+        "ratios": _ratios(cells, min(args.batch_sizes)),
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
+
 
 if __name__ == "__main__":
     main()

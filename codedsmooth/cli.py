@@ -32,7 +32,10 @@ def _add_config_options(p: argparse.ArgumentParser, config_cls, skip: tuple[str,
         flag = "--" + f.name.replace("_", "-")
         shown = " ".join(map(str, default)) if isinstance(default, list) else ("none" if default is None else default)
         helptext = f.metadata["help"]
-        kw: dict[str, Any] = {"default": default, "help": helptext if "(default:" in helptext else f"{helptext} (default: {shown})"}
+        kw: dict[str, Any] = {
+            "default": default,
+            "help": helptext if "(default:" in helptext else f"{helptext} (default: {shown})",
+        }
         annotation = str(f.type)
         if "choices" in f.metadata:
             kw["choices"] = list(f.metadata["choices"])
@@ -48,7 +51,9 @@ def _add_config_options(p: argparse.ArgumentParser, config_cls, skip: tuple[str,
 def _add_train(sub) -> None:
     from codedsmooth.train.trainer import TrainConfig
 
-    p = sub.add_parser("train", allow_abbrev=False, help="train a classifier by one of the methods of --method and write a checkpoint")
+    p = sub.add_parser(
+        "train", allow_abbrev=False, help="train a classifier by one of the methods of --method and write a checkpoint"
+    )
     _add_config_options(p, TrainConfig)
     p.set_defaults(func=_run_train)
 
@@ -75,16 +80,32 @@ def _run_train(args) -> int:
     cfg = _config_from_args(TrainConfig, args)
     cfg.validate()
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: start it
-        code = distributed.launch(cfg.nproc, _without_option(args.argv, "--nproc"), saved_epoch=lambda: last_saved_epoch(cfg.out))
+        code = distributed.launch(
+            cfg.nproc, _without_option(args.argv, "--nproc"), saved_epoch=lambda: last_saved_epoch(cfg.out)
+        )
         if code != 0:
             done = last_saved_epoch(cfg.out)
-            how = (f"epochs 1-{done} of {cfg.epochs} are saved in {resume_dir(cfg.out)}: run the same command with --resume to continue from there"
-                   if done else "no epoch had finished: run the same command again")
-            print(f"codedsmooth train: error: training on {cfg.nproc} processes failed (exit code {code}; the failing rank's error is above); {how}", file=sys.stderr)
+            how = (
+                f"epochs 1-{done} of {cfg.epochs} are saved in {resume_dir(cfg.out)}: run the same command with --resume to continue from there"
+                if done
+                else "no epoch had finished: run the same command again"
+            )
+            print(
+                f"codedsmooth train: error: training on {cfg.nproc} processes failed (exit code {code}; the failing rank's error is above); {how}",
+                file=sys.stderr,
+            )
         return code
     result = train(cfg)
     if distributed.from_environment().main:
-        print(json.dumps({"checkpoint": str(result.checkpoint), "test_accuracy": result.test_accuracy, "mean_epoch_seconds": round(result.mean_epoch_seconds, 4)}))
+        print(
+            json.dumps(
+                {
+                    "checkpoint": str(result.checkpoint),
+                    "test_accuracy": result.test_accuracy,
+                    "mean_epoch_seconds": round(result.mean_epoch_seconds, 4),
+                }
+            )
+        )
     return 0
 
 
@@ -104,9 +125,20 @@ def _add_serve(sub) -> None:
         env = f"CODEDSMOOTH_{name.upper()}"
         default = "none" if field.default is None else field.default
         description = field.description or ""
-        helptext = f"{description} (env {env})" if "(default:" in description else f"{description} (env {env}; default: {default})"
+        helptext = (
+            f"{description} (env {env})"
+            if "(default:" in description
+            else f"{description} (env {env}; default: {default})"
+        )
         annotation = str(field.annotation)
-        literal = next((a for a in (field.annotation, *getattr(field.annotation, "__args__", ())) if typing.get_origin(a) is typing.Literal), None)
+        literal = next(
+            (
+                a
+                for a in (field.annotation, *getattr(field.annotation, "__args__", ()))
+                if typing.get_origin(a) is typing.Literal
+            ),
+            None,
+        )
         if field.annotation is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
         elif literal is not None:
@@ -152,10 +184,14 @@ def _run_serve(args) -> int:
     if settings.api_keys_file is not None:
         from codedsmooth.service.access.keys import read_keys
 
-        read_keys(settings.api_keys_file)  # a missing file or a bad line: one error naming the file and line, before anything starts  # --device cuda without CUDA: a clear error, not a failed start-up
+        read_keys(
+            settings.api_keys_file
+        )  # a missing file or a bad line: one error naming the file and line, before anything starts  # --device cuda without CUDA: a clear error, not a failed start-up
         from codedsmooth.service.access.quota_state import check_quota_state
 
-        check_quota_state(settings.quota_state, settings.api_keys_file)  # where the quota counters are kept can be written
+        check_quota_state(
+            settings.quota_state, settings.api_keys_file
+        )  # where the quota counters are kept can be written
     # A busy port fails now, in one line, not after the model has loaded (Ray Serve binds its own).
     listener = bind_public_socket(settings.host, settings.port) if settings.replicas is None else None
     if settings.checkpoint is not None or settings.model_repository is not None:
@@ -185,23 +221,41 @@ def _add_keys(sub) -> None:
     p = sub.add_parser("keys", allow_abbrev=False, help="manage the API keys file of serve --api-keys-file")
     actions = p.add_subparsers(dest="keys_command", required=True)
     add = actions.add_parser(
-        "add", allow_abbrev=False, help="make a key for a new client: print it once, append its SHA-256 to the file",
+        "add",
+        allow_abbrev=False,
+        help="make a key for a new client: print it once, append its SHA-256 to the file",
         description="Prints the new key on stdout, once: it is stored nowhere (the file keeps its SHA-256). A running server picks the new line up within a second or two.",
     )
     add.add_argument("name", help="the client's name (1-64 characters of A-Z a-z 0-9 _ . -), in logs and metric labels")
     add.add_argument("--file", required=True, help="the keys file (created with mode 0600 when missing)")
-    add.add_argument("--rate", default=None, help="items per second for this client instead of serve --rate-limit ('none': no rate limit)")
-    add.add_argument("--quota", default=None, help="items per quota window for this client instead of serve --quota ('none': no quota)")
-    add.add_argument("--manage", action="store_true", help="this client may load and unload models (serve --model-control explicit); others get 403 there")
+    add.add_argument(
+        "--rate",
+        default=None,
+        help="items per second for this client instead of serve --rate-limit ('none': no rate limit)",
+    )
+    add.add_argument(
+        "--quota",
+        default=None,
+        help="items per quota window for this client instead of serve --quota ('none': no quota)",
+    )
+    add.add_argument(
+        "--manage",
+        action="store_true",
+        help="this client may load and unload models (serve --model-control explicit); others get 403 there",
+    )
     add.set_defaults(func=_run_keys_add)
     show = actions.add_parser(
-        "list", allow_abbrev=False, help="list the clients of the file: name, the first 8 hex digits of the key's SHA-256, options",
+        "list",
+        allow_abbrev=False,
+        help="list the clients of the file: name, the first 8 hex digits of the key's SHA-256, options",
         description="One client a line, in the file's order. The digest is cut to a short prefix (enough to tell two lines apart, never the whole hash).",
     )
     show.add_argument("--file", required=True, help="the keys file")
     show.set_defaults(func=_run_keys_list)
     remove = actions.add_parser(
-        "remove", allow_abbrev=False, help="remove a client's line from the file; a running server refuses its key from its next reload",
+        "remove",
+        allow_abbrev=False,
+        help="remove a client's line from the file; a running server refuses its key from its next reload",
         description="Rewrites the file without the client's line (comments and other lines kept, mode kept) by an atomic rename; a running server reloads it within a second or two.",
     )
     remove.add_argument("name", help="the client's name, as keys list shows it")
@@ -243,7 +297,11 @@ def _run_keys_remove(args) -> int:
     if args.name not in read_keys(path).names:  # also refuses a missing or broken file, naming it
         raise KeysFileError(f"{path}: no client {args.name!r} (codedsmooth keys list --file {path} shows the clients)")
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for n, line in enumerate(lines, 1) if getattr(parse_line(line, f"{path}, line {n}"), "name", None) != args.name]
+    kept = [
+        line
+        for n, line in enumerate(lines, 1)
+        if getattr(parse_line(line, f"{path}, line {n}"), "name", None) != args.name
+    ]
     # a new file renamed over the old one: a server never reads half a file, and sees a new inode
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IMODE(path.stat().st_mode))
@@ -253,7 +311,10 @@ def _run_keys_remove(args) -> int:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"removed client {args.name!r} from {path}; a running server refuses its key from its next reload", file=sys.stderr)
+    print(
+        f"removed client {args.name!r} from {path}; a running server refuses its key from its next reload",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -261,7 +322,11 @@ def _add_attack(sub) -> None:
     from codedsmooth.probe.evaluate import AttackConfig
     from codedsmooth.probe.runner import TargetConfig
 
-    p = sub.add_parser("attack", allow_abbrev=False, help="attack a checkpoint in-process or a running server, with a JSON report and a plot")
+    p = sub.add_parser(
+        "attack",
+        allow_abbrev=False,
+        help="attack a checkpoint in-process or a running server, with a JSON report and a plot",
+    )
     _add_config_options(p, TargetConfig)
     _add_config_options(p, AttackConfig)
     p.set_defaults(func=_run_attack)
@@ -279,11 +344,20 @@ def _run_attack(args) -> int:
         raise ConnectionError(str(exc)) from None
     copy = report.get("attacker_copy")
     if copy and args.checkpoint is None:
-        print(f"codedsmooth attack: warning: no --checkpoint, so the attacker's copy of the model is the embedded default checkpoint ({copy['name']}); "
-              f"checked against the server: same name and classes, {100 * copy['agreement']:.0f} % agreement on {copy['items']} clean items", file=sys.stderr)
-    summary = {k: report[k] for k in ("target", "clean_accuracy", "draws", "robust_accuracy", "queries_per_image", "cotenant") if k in report}
+        print(
+            f"codedsmooth attack: warning: no --checkpoint, so the attacker's copy of the model is the embedded default checkpoint ({copy['name']}); "
+            f"checked against the server: same name and classes, {100 * copy['agreement']:.0f} % agreement on {copy['items']} clean items",
+            file=sys.stderr,
+        )
+    summary = {
+        k: report[k]
+        for k in ("target", "clean_accuracy", "draws", "robust_accuracy", "queries_per_image", "cotenant")
+        if k in report
+    }
     if "sanity" in report:
-        summary["sanity"] = [{"name": c["name"], "eps": c["eps"], "passed": c["passed"], "numbers": c["value"]} for c in report["sanity"]]
+        summary["sanity"] = [
+            {"name": c["name"], "eps": c["eps"], "passed": c["passed"], "numbers": c["value"]} for c in report["sanity"]
+        ]
     print(json.dumps(summary, indent=2))
     for line in failure_lines(report.get("sanity", [])):
         print(f"codedsmooth attack: {line}", file=sys.stderr)
@@ -293,7 +367,11 @@ def _run_attack(args) -> int:
 def _add_audit(sub) -> None:
     from codedsmooth.probe.audit import AuditConfig
 
-    p = sub.add_parser("audit", allow_abbrev=False, help="audit any prediction endpoint (Open Inference Protocol v2, or this server's v1) with query-only attacks, no weights; write a robustness card")
+    p = sub.add_parser(
+        "audit",
+        allow_abbrev=False,
+        help="audit any prediction endpoint (Open Inference Protocol v2, or this server's v1) with query-only attacks, no weights; write a robustness card",
+    )
     _add_config_options(p, AuditConfig)
     p.set_defaults(func=_run_audit)
 
@@ -311,10 +389,17 @@ def _run_audit(args) -> int:
     from codedsmooth.probe.audit import AuditConfig, audit_command
 
     cfg = _config_from_args(AuditConfig, args)
-    card = audit_command(cfg, shlex.join(["codedsmooth", "audit", *_redacted(args.argv[args.argv.index("audit") + 1 :])]))
-    summary = {"card": cfg.card, "clean_accuracy": card.clean_accuracy.value,
-               "attacks": {a.name: (a.robust_accuracy.value if a.robust_accuracy else a.status) for a in card.attacks},
-               "queries": card.traffic.queries, "status_429": card.traffic.status_429, "status_503": card.traffic.status_503}
+    card = audit_command(
+        cfg, shlex.join(["codedsmooth", "audit", *_redacted(args.argv[args.argv.index("audit") + 1 :])])
+    )
+    summary = {
+        "card": cfg.card,
+        "clean_accuracy": card.clean_accuracy.value,
+        "attacks": {a.name: (a.robust_accuracy.value if a.robust_accuracy else a.status) for a in card.attacks},
+        "queries": card.traffic.queries,
+        "status_429": card.traffic.status_429,
+        "status_503": card.traffic.status_503,
+    }
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -322,7 +407,11 @@ def _run_audit(args) -> int:
 def _add_report(sub) -> None:
     from codedsmooth.probe.report import ReportConfig
 
-    p = sub.add_parser("report", allow_abbrev=False, help="train (or reuse) erm, mixup, coded and pgd-at on MNIST over several seeds, attack them plain and through RCI, write docs/RESULTS.md")
+    p = sub.add_parser(
+        "report",
+        allow_abbrev=False,
+        help="train (or reuse) erm, mixup, coded and pgd-at on MNIST over several seeds, attack them plain and through RCI, write docs/RESULTS.md",
+    )
     _add_config_options(p, ReportConfig)
     p.set_defaults(func=_run_report)
 
@@ -347,7 +436,9 @@ def _run_report(args) -> int:
     from codedsmooth.probe.report import QUICK_NOTE, ReportConfig, run_report
 
     cfg = _config_from_args(ReportConfig, args)
-    command = shlex.join(["codedsmooth", "report", *_non_default_flags(cfg, ReportConfig())])  # what to type to run it again
+    command = shlex.join(
+        ["codedsmooth", "report", *_non_default_flags(cfg, ReportConfig())]
+    )  # what to type to run it again
     out = run_report(cfg, command)
     if cfg.quick:
         print(f"codedsmooth report: {QUICK_NOTE}", file=sys.stderr)
@@ -355,12 +446,24 @@ def _run_report(args) -> int:
     return 0
 
 
-BENCHMARKS = {"rci": "rci_forward.py", "training": "training_methods.py", "server": "server_throughput.py", "sparse": "sparse_decode.py", "ddp": "ddp_training.py", "access": "access_limits.py", "repository": "repository_flood.py"}
+BENCHMARKS = {
+    "rci": "rci_forward.py",
+    "training": "training_methods.py",
+    "server": "server_throughput.py",
+    "sparse": "sparse_decode.py",
+    "ddp": "ddp_training.py",
+    "access": "access_limits.py",
+    "repository": "repository_flood.py",
+}
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", allow_abbrev=False, help="run a benchmark from benchmarks/ (needs the source checkout)",
-                       description="rci: RCI vs plain forward; training: erm/mixup/coded accuracy and epoch time; server: server vs in-process throughput, latency, RCI scopes; sparse: sparse decode error and speed; ddp: epoch time on several processes; access: what API keys and limits add per request (in-process and Ray actor) and whether the rate holds; repository: one model's latency while another model of the repository is flooded. Options after the name go to the script (try: bench server --help).")
+    p = sub.add_parser(
+        "bench",
+        allow_abbrev=False,
+        help="run a benchmark from benchmarks/ (needs the source checkout)",
+        description="rci: RCI vs plain forward; training: erm/mixup/coded accuracy and epoch time; server: server vs in-process throughput, latency, RCI scopes; sparse: sparse decode error and speed; ddp: epoch time on several processes; access: what API keys and limits add per request (in-process and Ray actor) and whether the rate holds; repository: one model's latency while another model of the repository is flooded. Options after the name go to the script (try: bench server --help).",
+    )
     p.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="options for the script")
     p.set_defaults(func=_run_bench)
@@ -386,7 +489,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codedsmooth", description=__doc__, allow_abbrev=False)
     parser.add_argument("--log-level", default=None, help="logging level: debug, info, warning, error (default: info)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, add in (("train", _add_train), ("serve", _add_serve), ("keys", _add_keys), ("attack", _add_attack), ("audit", _add_audit), ("report", _add_report), ("bench", _add_bench)):
+    for name, add in (
+        ("train", _add_train),
+        ("serve", _add_serve),
+        ("keys", _add_keys),
+        ("attack", _add_attack),
+        ("audit", _add_audit),
+        ("report", _add_report),
+        ("bench", _add_bench),
+    ):
         if only in (None, name):
             add(sub)
     return parser
@@ -405,7 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(only=_light_subcommand(args_given))
     args = parser.parse_args(argv)
     args.argv = args_given
-    logging.basicConfig(level=(args.log_level or "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=(args.log_level or "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise for the attack client
     try:
         return args.func(args)

@@ -56,7 +56,9 @@ def dlr_targeted_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tenso
     return -(z_y - z_t) / (z_sorted[:, -1] - 0.5 * (z_sorted[:, -3] + z_sorted[:, -4]) + 1e-12)
 
 
-def _per_item_loss(name: str | ItemLoss, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+def _per_item_loss(
+    name: str | ItemLoss, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
+) -> torch.Tensor:
     if callable(name):
         return name(logits, y)
     if name == "ce":
@@ -71,7 +73,12 @@ def _per_item_loss(name: str | ItemLoss, logits: torch.Tensor, y: torch.Tensor, 
 
 
 def _loss_and_grad(
-    model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, loss: str | ItemLoss, eot_samples: int, target: torch.Tensor | None = None
+    model_fn: ModelFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: str | ItemLoss,
+    eot_samples: int,
+    target: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(∇ₓ of the summed per-item loss, per-item loss, logits), each averaged over ``eot_samples`` calls."""
     x = x.detach().requires_grad_(True)
@@ -90,7 +97,9 @@ def _loss_and_grad(
     return grad / eot_samples, loss_sum / eot_samples, logits_sum / eot_samples
 
 
-def input_gradient(model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, eot_samples: int = 1, loss: str = "ce") -> torch.Tensor:
+def input_gradient(
+    model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, eot_samples: int = 1, loss: str = "ce"
+) -> torch.Tensor:
     """∇ₓ of the summed loss (cross-entropy by default), averaged over ``eot_samples`` calls of ``model_fn``."""
     return _loss_and_grad(model_fn, x, y, loss, eot_samples)[0]
 
@@ -100,7 +109,11 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor) -> 
 
 
 def _uniform_start(x: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
-    noise = torch.rand(x.shape, generator=generator, device="cpu", dtype=torch.float64).to(device=x.device, dtype=x.dtype) * 2 - 1
+    noise = (
+        torch.rand(x.shape, generator=generator, device="cpu", dtype=torch.float64).to(device=x.device, dtype=x.dtype)
+        * 2
+        - 1
+    )
     return project(x + eps * noise, x, eps)
 
 
@@ -119,8 +132,12 @@ def pgd_step_size(eps: float, steps: int) -> float:
 
 
 def _keep_better(
-    best_x: torch.Tensor, best_loss: torch.Tensor, best_fooled: torch.Tensor,
-    x_new: torch.Tensor, loss_new: torch.Tensor, fooled_new: torch.Tensor,
+    best_x: torch.Tensor,
+    best_loss: torch.Tensor,
+    best_fooled: torch.Tensor,
+    x_new: torch.Tensor,
+    loss_new: torch.Tensor,
+    fooled_new: torch.Tensor,
 ) -> None:
     """In place, per item: a misclassified point beats a classified one; otherwise the higher loss wins."""
     take = (fooled_new & ~best_fooled) | ((fooled_new == best_fooled) & (loss_new > best_loss))
@@ -167,11 +184,19 @@ def pgd(
     best_fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     x_adv = x.clone()
     for _ in range(restarts):
-        x_adv = start.detach().clone() if start is not None else _uniform_start(x, eps, generator) if random_start else x.clone()
+        x_adv = (
+            start.detach().clone()
+            if start is not None
+            else _uniform_start(x, eps, generator)
+            if random_start
+            else x.clone()
+        )
         for _ in range(steps + (1 if keep_best else 0)):
             grad, item_loss, logits = _loss_and_grad(model_fn, x_adv, y, loss, eot_samples)
             if keep_best:  # the point whose loss was just measured
-                _keep_better(best_x, best_loss, best_fooled, x_adv, item_loss.to(best_loss.dtype), logits.argmax(1) != y)
+                _keep_better(
+                    best_x, best_loss, best_fooled, x_adv, item_loss.to(best_loss.dtype), logits.argmax(1) != y
+                )
             x_adv = project(x_adv + step_size * grad.sign(), x, eps)
         # with keep_best the loop measured every iterate: steps + 1 points, the last step's result unused
     return (best_x if keep_best else x_adv).detach()
@@ -235,8 +260,18 @@ def apgd(
                 return best_x.detach()
             idx = todo.nonzero().flatten()
             run_x, run_loss, run_fooled = _apgd_run(
-                model_fn, x[idx], y[idx], eps, steps, loss, generator, eot, rho, momentum,
-                None if target is None else target[idx], trace,
+                model_fn,
+                x[idx],
+                y[idx],
+                eps,
+                steps,
+                loss,
+                generator,
+                eot,
+                rho,
+                momentum,
+                None if target is None else target[idx],
+                trace,
             )
             sub_x, sub_loss, sub_fooled = best_x[idx], best_loss[idx], best_fooled[idx]
             _keep_better(sub_x, sub_loss, sub_fooled, run_x, run_loss.to(sub_loss.dtype), run_fooled)
@@ -265,8 +300,18 @@ class ApgdTrace(NamedTuple):
 
 
 def _apgd_run(
-    model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, loss: str, generator: torch.Generator | None,
-    eot: int, rho: float, momentum: float, target: torch.Tensor | None, trace: list[ApgdTrace] | None,
+    model_fn: ModelFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    steps: int,
+    loss: str,
+    generator: torch.Generator | None,
+    eot: int,
+    rho: float,
+    momentum: float,
+    target: torch.Tensor | None,
+    trace: list[ApgdTrace] | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n = len(x)
     view = (n,) + (1,) * (x.dim() - 1)

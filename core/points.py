@@ -33,7 +33,9 @@ def shares_a_point(k: int, n: int, coded_kind: str = DEFAULT_CODED_POINTS) -> bo
 def check_code(k: int, n: int, coded_kind: str = DEFAULT_CODED_POINTS) -> None:
     """Refuse a K/N pair the spline code cannot code without an exact (uncoded) slot."""
     if shares_a_point(k, n, coded_kind):
-        raise ValueError(f"K={k} and N={n} are both odd: equispaced and Gauss points then share 0, which codes that slot exactly; make N even")
+        raise ValueError(
+            f"K={k} and N={n} are both odd: equispaced and Gauss points then share 0, which codes that slot exactly; make N even"
+        )
 
 
 def fix_parity(k: int, n: int, coded_kind: str = DEFAULT_CODED_POINTS) -> int:

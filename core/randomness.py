@@ -57,7 +57,9 @@ class SeededRandomSource:
     def __init__(self, seed: int, per_unit: bool = False):
         self.seed = int(seed)
         self.per_unit = per_unit
-        self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(abs(self.seed), spawn_key=(int(self.seed < 0),))))
+        self._rng = np.random.Generator(
+            np.random.PCG64(np.random.SeedSequence(abs(self.seed), spawn_key=(int(self.seed < 0),)))
+        )
 
     def keys(self, *shape: int) -> torch.Tensor:
         return _as_keys(self._rng.integers(0, 2**64, size=shape, dtype=np.uint64, endpoint=False), shape)

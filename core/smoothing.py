@@ -54,7 +54,15 @@ class CodedSmoothing(nn.Module):
     penalty would be meaningless.
     """
 
-    def __init__(self, block: nn.Module, k: int, n: int | None = None, mu: float = 1.0, data_kind: str = DEFAULT_DATA_POINTS, coded_kind: str = DEFAULT_CODED_POINTS):
+    def __init__(
+        self,
+        block: nn.Module,
+        k: int,
+        n: int | None = None,
+        mu: float = 1.0,
+        data_kind: str = DEFAULT_DATA_POINTS,
+        coded_kind: str = DEFAULT_CODED_POINTS,
+    ):
         super().__init__()
         self.block = block
         self.k = int(k)
@@ -73,7 +81,9 @@ class CodedSmoothing(nn.Module):
             return out.new_zeros(())
         self.last_skip_reason = None
         n = coded_points_for(batch, self.k, self.n, self.coded_kind)
-        code = SplineCode(batch, n, device=z.device, dtype=z.dtype, data_kind=self.data_kind, coded_kind=self.coded_kind)
+        code = SplineCode(
+            batch, n, device=z.device, dtype=z.dtype, data_kind=self.data_kind, coded_kind=self.coded_kind
+        )
         decoded = code.decode(self.block(code.encode(z)))
         return (decoded - out).pow(2).flatten(1).sum(1).mean()
 

@@ -130,8 +130,13 @@ class CodingSpec:
         scope = scope or DEFAULT_SCOPE
         tol = DEFAULT_DECODE_TOLERANCE if decode_tolerance is None else float(decode_tolerance)
         return CodingSpec(
-            enabled=bool(enabled), scope=cast(Scope, scope), k=k, n=int(n), data_points=trained.data_points,
-            coded_points=trained.coded_points, decode_tolerance=tol if scope == "request" else 0.0,
+            enabled=bool(enabled),
+            scope=cast(Scope, scope),
+            k=k,
+            n=int(n),
+            data_points=trained.data_points,
+            coded_points=trained.coded_points,
+            decode_tolerance=tol if scope == "request" else 0.0,
         )
 
     @staticmethod
@@ -140,7 +145,9 @@ class CodingSpec:
         return CodingSpec(enabled=False, scope=DEFAULT_SCOPE, k=2, n=2)
 
     def with_scope(self, scope: str) -> CodingSpec:
-        return replace(self, scope=cast(Scope, scope), decode_tolerance=self.decode_tolerance if scope == "request" else 0.0)
+        return replace(
+            self, scope=cast(Scope, scope), decode_tolerance=self.decode_tolerance if scope == "request" else 0.0
+        )
 
     @property
     def sparse(self) -> bool:

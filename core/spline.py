@@ -116,7 +116,9 @@ def natural_spline_matrix(nodes: torch.Tensor, queries: torch.Tensor) -> torch.T
 
 
 @functools.lru_cache(maxsize=128)
-def _matrices(k: int, n: int, data_kind: str, coded_kind: str, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _matrices(
+    k: int, n: int, data_kind: str, coded_kind: str, device: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     alpha, beta = data_points(k, data_kind), chebyshev_points(n, coded_kind)
     enc = natural_spline_matrix(alpha, beta) if k >= 2 else torch.ones(n, 1, dtype=torch.float64)
     dec = natural_spline_matrix(beta, alpha) if n >= 2 else torch.ones(k, 1, dtype=torch.float64)
@@ -165,8 +167,13 @@ class SplineCode:
     """
 
     def __init__(
-        self, k: int, n: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-        data_kind: str = DEFAULT_DATA_POINTS, coded_kind: str = DEFAULT_CODED_POINTS,
+        self,
+        k: int,
+        n: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        data_kind: str = DEFAULT_DATA_POINTS,
+        coded_kind: str = DEFAULT_CODED_POINTS,
     ) -> None:
         if k < 1 or n < 1:
             raise ValueError(f"k and n must be positive, got k={k}, n={n}")
@@ -177,10 +184,14 @@ class SplineCode:
         self.data_kind, self.coded_kind = data_kind, coded_kind
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype if dtype is not None else torch.get_default_dtype()
-        self.alpha, self.beta, self.E, self.D = _matrices(self.k, self.n, data_kind, coded_kind, str(self.device), self.dtype)
+        self.alpha, self.beta, self.E, self.D = _matrices(
+            self.k, self.n, data_kind, coded_kind, str(self.device), self.dtype
+        )
 
     @classmethod
-    def from_spec(cls, spec: _CodeSpec, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SplineCode:
+    def from_spec(
+        cls, spec: _CodeSpec, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> SplineCode:
         """The code of a coding spec (anything with ``k``, ``n``, ``data_points`` and ``coded_points``, e.g. ``core.spec.CodingSpec``)."""
         return cls(spec.k, spec.n, device=device, dtype=dtype, data_kind=spec.data_points, coded_kind=spec.coded_points)
 

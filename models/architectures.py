@@ -67,8 +67,13 @@ class SmallCNN(StagedModel):
     default_target = "head"
 
     def __init__(
-        self, in_channels: int = 1, num_classes: int = 10, image_size: int = 8, width: int = 32,
-        mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        image_size: int = 8,
+        width: int = 32,
+        mean: Sequence[float] = (0.0,),
+        std: Sequence[float] = (1.0,),
     ) -> None:
         pooled = image_size // 2
         super().__init__(
@@ -113,8 +118,12 @@ class PreActResNet18(StagedModel):
     default_target = "layer4"
 
     def __init__(
-        self, in_channels: int = 3, num_classes: int = 10, width: int = 64,
-        mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0),
+        self,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        width: int = 64,
+        mean: Sequence[float] = (0.0, 0.0, 0.0),
+        std: Sequence[float] = (1.0, 1.0, 1.0),
     ) -> None:
         widths = [width, 2 * width, 4 * width, 8 * width]
         stages: dict[str, nn.Module] = {
@@ -126,7 +135,11 @@ class PreActResNet18(StagedModel):
             stages[f"layer{i}"] = nn.Sequential(PreActBlock(in_planes, planes, stride), PreActBlock(planes, planes, 1))
             in_planes = planes
         stages["head"] = nn.Sequential(
-            nn.BatchNorm2d(in_planes), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_planes, num_classes)
+            nn.BatchNorm2d(in_planes),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(in_planes, num_classes),
         )
         super().__init__(stages)
 

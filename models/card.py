@@ -46,13 +46,19 @@ class Queries(_Strict):
 class Measurement(_Strict):
     """One attack (or the per-image worst case of several) at one ε under one serving setting."""
 
-    attack: str = Field(..., description="what attacked: one attack, or 'worst case of: …' listing the attacks taken per image")
-    threat: Literal["white-box", "score-based", "decision-based", "transfer"] = Field(..., description="what the attacker could see or hold")
+    attack: str = Field(
+        ..., description="what attacked: one attack, or 'worst case of: …' listing the attacks taken per image"
+    )
+    threat: Literal["white-box", "score-based", "decision-based", "transfer"] = Field(
+        ..., description="what the attacker could see or hold"
+    )
     setting: str = Field(..., description="how the model was served, e.g. 'RCI off' or 'RCI request scope'")
     eps: float = Field(..., gt=0, description="L∞ radius in [0, 1] pixel units")
     sample: str = Field(..., description="the key of the images attacked in the card's samples")
     n: int = Field(..., ge=1, description="images attacked")
-    robust_accuracy: float = Field(..., ge=0, le=1, description="accuracy under attack (expected over the server's random draws where randomized)")
+    robust_accuracy: float = Field(
+        ..., ge=0, le=1, description="accuracy under attack (expected over the server's random draws where randomized)"
+    )
     interval: tuple[float, float] = Field(..., description="95 % Wilson interval of robust_accuracy")
     draws: int = Field(1, ge=1, description="random draws each image was scored over (1: deterministic)")
     queries_per_broken: Queries | None = Field(None, description="queries per broken image (query attacks)")
@@ -82,15 +88,22 @@ class RobustnessCard(_Strict):
     """A model's robustness card (``robustness.json``): every number with its interval, images and command."""
 
     card_version: Literal[1] = Field(1, description="this schema's version")
-    source: Source = Field(..., description="report: white-box and query attacks with the weights; audit: query-only, no weights")
+    source: Source = Field(
+        ..., description="report: white-box and query attacks with the weights; audit: query-only, no weights"
+    )
     model: Endpoint
     dataset: str = Field(..., description="the data set the images come from")
     eps: list[float] = Field(..., min_length=1, description="the ε values measured")
-    samples: dict[str, list[int]] = Field(..., description="the images attacked, by index into the data set's test split, under a key each measurement names")
+    samples: dict[str, list[int]] = Field(
+        ...,
+        description="the images attacked, by index into the data set's test split, under a key each measurement names",
+    )
     measurements: list[Measurement] = Field(..., min_length=1)
     clean_accuracy: float | None = Field(None, ge=0, le=1, description="accuracy without attack, where measured")
     rate_limited: int = Field(0, ge=0, description="429 / 503 answers met in all")
-    output: Literal["scores", "labels"] = Field("scores", description="what the endpoint answered: scores, or only its top-1 label")
+    output: Literal["scores", "labels"] = Field(
+        "scores", description="what the endpoint answered: scores, or only its top-1 label"
+    )
     notes: list[str] = Field(default_factory=list, description="what the numbers do and do not cover")
     command: str = Field(..., description="the command that measured it")
     date: str = Field(..., pattern=r"^\d{4}-\d{2}-\d{2}", description="when (ISO 8601 date)")
@@ -99,9 +112,13 @@ class RobustnessCard(_Strict):
     def _consistent(self) -> RobustnessCard:
         for m in self.measurements:
             if m.sample not in self.samples:
-                raise ValueError(f"measurement {m.attack!r} at eps {m.eps:g} names sample {m.sample!r}, which is not in samples ({', '.join(self.samples)})")
+                raise ValueError(
+                    f"measurement {m.attack!r} at eps {m.eps:g} names sample {m.sample!r}, which is not in samples ({', '.join(self.samples)})"
+                )
             if m.eps not in self.eps:
-                raise ValueError(f"measurement {m.attack!r} at eps {m.eps:g}: eps not in the card's eps list {self.eps}")
+                raise ValueError(
+                    f"measurement {m.attack!r} at eps {m.eps:g}: eps not in the card's eps list {self.eps}"
+                )
         return self
 
     def worst_cases(self) -> list[WorstCase]:
@@ -112,7 +129,16 @@ class RobustnessCard(_Strict):
             if not rows:
                 continue
             worst = min(rows, key=lambda m: (m.robust_accuracy, m.interval[1] - m.interval[0]))
-            out.append(WorstCase(eps=eps, robust_accuracy=worst.robust_accuracy, interval=worst.interval, n=worst.n, attack=worst.attack, setting=worst.setting))
+            out.append(
+                WorstCase(
+                    eps=eps,
+                    robust_accuracy=worst.robust_accuracy,
+                    interval=worst.interval,
+                    n=worst.n,
+                    attack=worst.attack,
+                    setting=worst.setting,
+                )
+            )
         return out
 
     def to_json(self) -> str:

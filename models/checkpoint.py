@@ -82,9 +82,18 @@ class Checkpoint:
     def trained_coding(self) -> TrainedCoding:
         return self.config.coding.trained()
 
-    def coding_spec(self, enabled: bool = True, scope: str | None = None, k: int | None = None, n: int | None = None, decode_tolerance: float | None = None) -> CodingSpec:
+    def coding_spec(
+        self,
+        enabled: bool = True,
+        scope: str | None = None,
+        k: int | None = None,
+        n: int | None = None,
+        decode_tolerance: float | None = None,
+    ) -> CodingSpec:
         """The spec a server resolves for this checkpoint and these overrides (None: the default)."""
-        return CodingSpec.resolve(self.trained_coding, enabled=enabled, scope=scope, k=k, n=n, decode_tolerance=decode_tolerance)
+        return CodingSpec.resolve(
+            self.trained_coding, enabled=enabled, scope=scope, k=k, n=n, decode_tolerance=decode_tolerance
+        )
 
 
 def border_background(images: torch.Tensor) -> tuple[float, ...]:
@@ -96,7 +105,9 @@ def border_background(images: torch.Tensor) -> tuple[float, ...]:
     return tuple(round(float(v) * 255) / 255 for v in median)
 
 
-def save_checkpoint(out_dir: str | os.PathLike[str], model: StagedModel, config: dict[str, Any], filler: torch.Tensor) -> Path:
+def save_checkpoint(
+    out_dir: str | os.PathLike[str], model: StagedModel, config: dict[str, Any], filler: torch.Tensor
+) -> Path:
     """Write ``out_dir`` atomically (temp dir + rename); replaces an existing checkpoint.
 
     ``config`` without a ``background`` gets the one of the filler's data (``border_background``).
@@ -140,7 +151,9 @@ def _resolve(path: str | os.PathLike[str]) -> tuple[Path, Path]:
         if p.suffix in PICKLE_SUFFIXES:
             raise CheckpointError(f"{p}: pickle checkpoints are refused; use {WEIGHTS_FILE} (safetensors)")
         if p.suffix == ".json":
-            raise CheckpointError(f"{p}: this is a JSON file, not the weights; give the checkpoint directory ({p.parent}), which holds {WEIGHTS_FILE} and {CONFIG_FILE}")
+            raise CheckpointError(
+                f"{p}: this is a JSON file, not the weights; give the checkpoint directory ({p.parent}), which holds {WEIGHTS_FILE} and {CONFIG_FILE}"
+            )
         return p, p.parent / CONFIG_FILE
     if not p.exists():
         raise CheckpointError(f"{p}: checkpoint not found")
@@ -194,14 +207,20 @@ def _check_filler(weights_path: Path, filler: torch.Tensor | None, config: Check
     if filler is None:
         raise CheckpointError(f"{weights_path}: trusted filler pool {FILLER_KEY!r} missing")
     if tuple(filler.shape[1:]) != tuple(config.input_shape) or filler.shape[0] < 1:
-        raise CheckpointError(f"{weights_path}: filler pool shape {tuple(filler.shape)} does not match input_shape {config.input_shape}")
+        raise CheckpointError(
+            f"{weights_path}: filler pool shape {tuple(filler.shape)} does not match input_shape {config.input_shape}"
+        )
     if not filler.is_floating_point():
-        raise CheckpointError(f"{weights_path}: filler pool has dtype {filler.dtype}; expected floating point pixels in [0, 1]")
+        raise CheckpointError(
+            f"{weights_path}: filler pool has dtype {filler.dtype}; expected floating point pixels in [0, 1]"
+        )
     filler = filler.float()
     if not bool(torch.isfinite(filler).all()):
         raise CheckpointError(f"{weights_path}: filler pool holds NaN or Inf")
     if float(filler.min()) < 0.0 or float(filler.max()) > 1.0:
-        raise CheckpointError(f"{weights_path}: filler pool values span [{float(filler.min()):g}, {float(filler.max()):g}]; inputs are pixels in [0, 1]")
+        raise CheckpointError(
+            f"{weights_path}: filler pool values span [{float(filler.min()):g}, {float(filler.max()):g}]; inputs are pixels in [0, 1]"
+        )
     return filler
 
 
@@ -225,11 +244,13 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     except (TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{config_path}: cannot build {config.arch!r} from arch_kwargs: {exc}") from None
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    stored = {k[len(MODEL_PREFIX):]: shape for k, (shape, _) in header.items() if k.startswith(MODEL_PREFIX)}
+    stored = {k[len(MODEL_PREFIX) :]: shape for k, (shape, _) in header.items() if k.startswith(MODEL_PREFIX)}
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{weights_path}: tensors do not match {config.arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(
+            f"{weights_path}: tensors do not match {config.arch}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for key, shape in expected.items():
         if stored[key] != shape:
             raise CheckpointError(f"{weights_path}: tensor {key!r} has shape {stored[key]}, expected {shape}")
@@ -242,7 +263,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights_path}: not a readable safetensors file ({exc}); pickle is refused") from None
     model = build_model(config.arch, **config.arch_kwargs)
-    state = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    state = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
     bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
     if bad:
         raise CheckpointError(f"{weights_path}: tensors {bad[:5]} hold NaN or Inf")
@@ -253,9 +274,13 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         with torch.no_grad():
             probe = model(filler[:1])
     except RuntimeError as exc:
-        raise CheckpointError(f"{config_path}: {config.arch} cannot run on input_shape {config.input_shape}: {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"{config_path}: {config.arch} cannot run on input_shape {config.input_shape}: {str(exc).splitlines()[0]}"
+        ) from None
     if probe.shape != (1, len(config.classes)):
-        raise CheckpointError(f"{config_path}: model outputs {tuple(probe.shape[1:])} values but {len(config.classes)} classes are named")
+        raise CheckpointError(
+            f"{config_path}: model outputs {tuple(probe.shape[1:])} values but {len(config.classes)} classes are named"
+        )
     model.to(device)
     return Checkpoint(Path(path), config, model, filler.to(device), card)
 

@@ -27,7 +27,13 @@ FORMAT_VERSION = 1
 Method = Literal["erm", "mixup", "coded", "pgd-at", "coded-at", "trades", "fast-at", "coded-fast-at"]
 METHODS: tuple[Method, ...] = get_args(Method)
 CODED_METHODS: tuple[Method, ...] = ("coded", "coded-at", "coded-fast-at")  # with the coded loss (mu, the N schedule)
-ADVERSARIAL_METHODS: tuple[Method, ...] = ("pgd-at", "coded-at", "trades", "fast-at", "coded-fast-at")  # on examples made against the current weights (the at_* settings)
+ADVERSARIAL_METHODS: tuple[Method, ...] = (
+    "pgd-at",
+    "coded-at",
+    "trades",
+    "fast-at",
+    "coded-fast-at",
+)  # on examples made against the current weights (the at_* settings)
 MAX_CHANNELS = 64
 MAX_SIDE = 1024
 MAX_WIDTH = 512
@@ -66,7 +72,13 @@ class CodingConfig(_Strict):
 
     def trained(self) -> TrainedCoding:
         # the kinds were checked against the vocabulary by _consistent
-        return TrainedCoding(self.k, self.n, self.target_block, cast(DataPointKind, self.data_points), cast(CodedPointKind, self.coded_points))
+        return TrainedCoding(
+            self.k,
+            self.n,
+            self.target_block,
+            cast(DataPointKind, self.data_points),
+            cast(CodedPointKind, self.coded_points),
+        )
 
 
 class Normalization(_Strict):
@@ -99,7 +111,9 @@ class CheckpointConfig(BaseModel):
     def _shape(cls, shape: list[int]) -> list[int]:
         c, h, w = shape
         if not (1 <= c <= MAX_CHANNELS and 1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
-            raise ValueError(f"must be [C, H, W] with 1 <= C <= {MAX_CHANNELS} and 1 <= H, W <= {MAX_SIDE}, got {shape}")
+            raise ValueError(
+                f"must be [C, H, W] with 1 <= C <= {MAX_CHANNELS} and 1 <= H, W <= {MAX_SIDE}, got {shape}"
+            )
         return shape
 
     @field_validator("classes")
@@ -143,7 +157,11 @@ class CheckpointConfig(BaseModel):
             values = kw.get(key, params[key].default if key in params else None)
             if values is None:
                 continue
-            if not (isinstance(values, (list, tuple)) and len(values) == c and all(type(v) in (int, float) and math.isfinite(v) for v in values)):
+            if not (
+                isinstance(values, (list, tuple))
+                and len(values) == c
+                and all(type(v) in (int, float) and math.isfinite(v) for v in values)
+            ):
                 raise ValueError(f"arch_kwargs.{key} must list {c} finite numbers, got {values!r}")
             if key == "std" and min(values) <= 0:
                 raise ValueError(f"arch_kwargs.std must be positive, got {values}")
@@ -154,7 +172,9 @@ class CheckpointConfig(BaseModel):
         if self.background is not None:
             c = self.input_shape[0]
             if len(self.background) != c or not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in self.background):
-                raise ValueError(f"background must list {c} pixel values in [0, 1] (one per channel), got {self.background}")
+                raise ValueError(
+                    f"background must list {c} pixel values in [0, 1] (one per channel), got {self.background}"
+                )
         return self
 
     @property

@@ -50,7 +50,10 @@ class Attack:
     @classmethod
     def check_threat(cls, name: str, threat: str) -> None:
         if threat not in cls.threats:
-            raise ValueError(f"attack {name!r} needs {cls.needs}: use threat {' or '.join(repr(t) for t in cls.threats)}" + (f" ({cls.why})" if cls.why else ""))
+            raise ValueError(
+                f"attack {name!r} needs {cls.needs}: use threat {' or '.join(repr(t) for t in cls.threats)}"
+                + (f" ({cls.why})" if cls.why else "")
+            )
 
     def craft(self, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
         raise NotImplementedError
@@ -139,7 +142,14 @@ class Cascade(GradientAttack):
 
     def craft(self, x, y, eps):
         cfg = self.cfg
-        suite = SuiteConfig(apgd_steps=cfg.steps, pgd_steps=cfg.steps, pgd_restarts=cfg.restarts, eot_draws=cfg.eot_samples, eot_steps=cfg.steps, seed=cfg.seed)
+        suite = SuiteConfig(
+            apgd_steps=cfg.steps,
+            pgd_steps=cfg.steps,
+            pgd_restarts=cfg.restarts,
+            eot_draws=cfg.eot_samples,
+            eot_steps=cfg.steps,
+            seed=cfg.seed,
+        )
         plain = whitebox_stage(suite, self.ck, x, y, [eps])
         if self.threat != "adaptive" or not self.spec.enabled:
             return plain[f"{eps:g}"].x_adv
@@ -168,7 +178,9 @@ class Square(Attack):
     access: ClassVar[str] = "scores"
 
     @staticmethod
-    def query_only(target, x: torch.Tensor, y: torch.Tensor, eps: float, budget: int, votes: int, confirm: int, seed: int) -> QueryOutcome:
+    def query_only(
+        target, x: torch.Tensor, y: torch.Tensor, eps: float, budget: int, votes: int, confirm: int, seed: int
+    ) -> QueryOutcome:
         """The attack as ``codedsmooth audit`` runs it on any endpoint: ``votes`` queries per candidate."""
         res = query_attack(target, x, y, eps, budget, votes, confirm, seed)
         return QueryOutcome(res["x_adv"], res["queries"], res["broken"])
@@ -177,7 +189,11 @@ class Square(Attack):
         cfg = self.cfg
         res = query_attack(self.target, x, y, eps, cfg.queries, cfg.score_queries, cfg.confirm, cfg.seed)
         q = res["queries"].double()
-        self.extras.setdefault("queries_per_image", {})[f"{eps:g}"] = {"median": float(q.median()), "p90": float(torch.quantile(q, 0.9)), "confirmed_broken": int(res["broken"].sum())}
+        self.extras.setdefault("queries_per_image", {})[f"{eps:g}"] = {
+            "median": float(q.median()),
+            "p90": float(torch.quantile(q, 0.9)),
+            "confirmed_broken": int(res["broken"].sum()),
+        }
         return res["x_adv"]
 
 
@@ -190,13 +206,19 @@ class RayS(Attack):
     access: ClassVar[str] = "labels"
 
     @staticmethod
-    def query_only(target, x: torch.Tensor, y: torch.Tensor, eps: float, budget: int, votes: int, confirm: int, seed: int) -> QueryOutcome:
+    def query_only(
+        target, x: torch.Tensor, y: torch.Tensor, eps: float, budget: int, votes: int, confirm: int, seed: int
+    ) -> QueryOutcome:
         """The attack as ``codedsmooth audit`` runs it: labels only (majority of ``votes``), then ``confirm`` fresh queries."""
-        x_adv, used, broken = confirmed_rays(lambda z: target.predict_proba(z).argmax(1), x, y, eps, budget, votes=votes, confirm=confirm)
+        x_adv, used, broken = confirmed_rays(
+            lambda z: target.predict_proba(z).argmax(1), x, y, eps, budget, votes=votes, confirm=confirm
+        )
         return QueryOutcome(x_adv, used, broken)
 
     def craft(self, x, y, eps):
-        return rays_attack(lambda z: self.target.predict_proba(z).argmax(1), x, y, eps, self.cfg.queries, votes=self.cfg.score_queries)[0]
+        return rays_attack(
+            lambda z: self.target.predict_proba(z).argmax(1), x, y, eps, self.cfg.queries, votes=self.cfg.score_queries
+        )[0]
 
 
 class Cotenant(Attack):
@@ -228,7 +250,11 @@ def attack_name(name: str) -> str:
     """The registry's name for ``name``: a deprecated alias is accepted with a warning."""
     if name in DEPRECATED:
         new = DEPRECATED[name]
-        warnings.warn(f"attack {name!r} is deprecated and will be removed in the next release: use {new!r} (the same attack)", FutureWarning, stacklevel=3)
+        warnings.warn(
+            f"attack {name!r} is deprecated and will be removed in the next release: use {new!r} (the same attack)",
+            FutureWarning,
+            stacklevel=3,
+        )
         return new
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; known: {list(ATTACKS)}")
@@ -236,27 +262,54 @@ def attack_name(name: str) -> str:
 
 
 def _threat_help() -> str:
-    return ("transfer: gradients of the model without RCI; adaptive: gradients through RCI (EOT for eot-pgd and fgsm; cascade: the report's RCI cascade); "
-            "blackbox: queries only. " + "; ".join(f"{n}: {', '.join(c.threats)}" for n, c in ATTACKS.items()))
+    return (
+        "transfer: gradients of the model without RCI; adaptive: gradients through RCI (EOT for eot-pgd and fgsm; cascade: the report's RCI cascade); "
+        "blackbox: queries only. " + "; ".join(f"{n}: {', '.join(c.threats)}" for n, c in ATTACKS.items())
+    )
 
 
 @dataclass
 class AttackConfig:
     """One attack run; ``codedsmooth attack`` takes its options and defaults from these fields."""
 
-    attack: str = field(default="pgd", metadata={"help": "attack (apgd: deprecated name of cascade)", "choices": (*ATTACKS, *DEPRECATED)})
+    attack: str = field(
+        default="pgd",
+        metadata={"help": "attack (apgd: deprecated name of cascade)", "choices": (*ATTACKS, *DEPRECATED)},
+    )
     threat: str = field(default="adaptive", metadata={"help": _threat_help(), "choices": THREATS})
-    eps: list[float] = field(default_factory=lambda: [0.1], metadata={"help": "L∞ radius in pixel units [0, 1]; several values for a sweep"})
+    eps: list[float] = field(
+        default_factory=lambda: [0.1], metadata={"help": "L∞ radius in pixel units [0, 1]; several values for a sweep"}
+    )
     steps: int = field(default=20, metadata={"help": "PGD and APGD steps; co-tenant optimisation steps"})
-    restarts: int = field(default=1, metadata={"help": "cascade: random restarts of the PGD-CE step of the report's cascade"})
+    restarts: int = field(
+        default=1, metadata={"help": "cascade: random restarts of the PGD-CE step of the report's cascade"}
+    )
     eot_samples: int = field(default=8, metadata={"help": "RCI draws averaged per gradient in EOT"})
     samples: int = field(default=200, metadata={"help": "test items attacked"})
     queries: int = field(default=1000, metadata={"help": "black-box: query budget per item (every query counts)"})
-    score_queries: int = field(default=2, metadata={"help": "black-box: queries per candidate; the attack keeps their maximum margin (robust to one-sided noise)"})
-    confirm: int = field(default=4, metadata={"help": "black-box: fresh queries that must all misclassify before an item counts as broken"})
-    draws: int = field(default=32, metadata={"help": "a randomized target (RCI, input noise) is scored on this many draws per item: expected accuracy"})
+    score_queries: int = field(
+        default=2,
+        metadata={
+            "help": "black-box: queries per candidate; the attack keeps their maximum margin (robust to one-sided noise)"
+        },
+    )
+    confirm: int = field(
+        default=4,
+        metadata={"help": "black-box: fresh queries that must all misclassify before an item counts as broken"},
+    )
+    draws: int = field(
+        default=32,
+        metadata={
+            "help": "a randomized target (RCI, input noise) is scored on this many draws per item: expected accuracy"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "random seed"})
-    sanity: bool = field(default=True, metadata={"help": "run the sanity checks (identity permutation, iterative <= one step, large eps; thresholds shared with the report)"})
+    sanity: bool = field(
+        default=True,
+        metadata={
+            "help": "run the sanity checks (identity permutation, iterative <= one step, large eps; thresholds shared with the report)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.attack in DEPRECATED:
@@ -273,7 +326,16 @@ class AttackConfig:
         cls.check_threat(self.attack, self.threat)
         if any(e < 0 or e > 1 for e in self.eps):
             raise ValueError(f"eps values must lie in [0, 1] (pixels are in [0, 1]), got {self.eps}")
-        counts = {"samples": self.samples, "steps": self.steps, "restarts": self.restarts, "eot_samples": self.eot_samples, "queries": self.queries, "score_queries": self.score_queries, "confirm": self.confirm, "draws": self.draws}
+        counts = {
+            "samples": self.samples,
+            "steps": self.steps,
+            "restarts": self.restarts,
+            "eot_samples": self.eot_samples,
+            "queries": self.queries,
+            "score_queries": self.score_queries,
+            "confirm": self.confirm,
+            "draws": self.draws,
+        }
         bad = {k: v for k, v in counts.items() if v < 1}
         if bad:
             raise ValueError(f"these must be positive: {bad}")

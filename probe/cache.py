@@ -29,9 +29,14 @@ STAGE_VERSION = 1
 
 def digest(material: Any) -> str:
     """A short stable hash of JSON-able ``material`` (tensors are hashed by their bytes)."""
+
     def default(o):
         if isinstance(o, torch.Tensor):
-            return hashlib.sha256(o.detach().cpu().contiguous().numpy().tobytes()).hexdigest() + str(tuple(o.shape)) + str(o.dtype)
+            return (
+                hashlib.sha256(o.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+                + str(tuple(o.shape))
+                + str(o.dtype)
+            )
         return str(o)
 
     text = json.dumps({"version": STAGE_VERSION, "material": material}, sort_keys=True, default=default)
@@ -71,7 +76,14 @@ class StageCache:
                 self.reused.append(name)
                 log.info("stage %s: reused %s", name, path.name)
                 return stored["result"]
-            except (OSError, RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # a damaged file: run the stage again
+            except (
+                OSError,
+                RuntimeError,
+                KeyError,
+                EOFError,
+                ValueError,
+                pickle.UnpicklingError,
+            ) as exc:  # a damaged file: run the stage again
                 log.warning("stage %s: cannot read %s (%s); running it again", name, path, exc)
         started = time.monotonic()
         result = fn()

@@ -35,8 +35,15 @@ def _interval(values: list[float]) -> tuple[float, float]:
 def _white_box(row: dict[str, Any], setting: str, eps: str) -> Measurement:
     steps = [name for name, _ in row["cascade"] if name != "start"]
     return Measurement(
-        attack="worst case per image of: " + ", ".join(steps), threat="white-box", setting=SETTINGS[setting], eps=float(eps),
-        sample=WHITE_BOX_SAMPLE[setting], n=row["n"], robust_accuracy=row["accuracy"], interval=_interval(row["interval"]), draws=row["draws"],
+        attack="worst case per image of: " + ", ".join(steps),
+        threat="white-box",
+        setting=SETTINGS[setting],
+        eps=float(eps),
+        sample=WHITE_BOX_SAMPLE[setting],
+        n=row["n"],
+        robust_accuracy=row["accuracy"],
+        interval=_interval(row["interval"]),
+        draws=row["draws"],
     )
 
 
@@ -44,19 +51,39 @@ def _black_box(row: dict[str, Any], eps: float) -> Measurement:
     queries = np.asarray(row["queries"], dtype=np.float64)
     broken = np.asarray(row["score"]) < 1  # as the report counts a broken image: wrong on some draw
     square = row["budget"] > 1
-    per_broken = Queries(median=float(np.quantile(queries[broken], 0.5)), p90=float(np.quantile(queries[broken], 0.9))) if square and broken.any() else None
+    per_broken = (
+        Queries(median=float(np.quantile(queries[broken], 0.5)), p90=float(np.quantile(queries[broken], 0.9)))
+        if square and broken.any()
+        else None
+    )
     attack = f"{row['attacker']}, {row['budget']:,} queries over HTTP" if square else f"{row['attacker']}, over HTTP"
     return Measurement(
-        attack=attack, threat="score-based" if square else "transfer", setting=SETTINGS[row["server"]], eps=eps, sample="black-box", n=row["n"],
-        robust_accuracy=row["accuracy"], interval=_interval(row["interval"]), draws=row["draws"], queries_per_broken=per_broken, queries=int(queries.sum()),
+        attack=attack,
+        threat="score-based" if square else "transfer",
+        setting=SETTINGS[row["server"]],
+        eps=eps,
+        sample="black-box",
+        n=row["n"],
+        robust_accuracy=row["accuracy"],
+        interval=_interval(row["interval"]),
+        draws=row["draws"],
+        queries_per_broken=per_broken,
+        queries=int(queries.sum()),
     )
 
 
 def _full_split(row: dict[str, Any], eps: float, n: int) -> Measurement:
     steps = [name for name, _ in row["rest_cascade"] if name != "start"]
     return Measurement(
-        attack="worst case per image of: " + ", ".join(steps), threat="white-box", setting=SETTINGS["plain"], eps=eps, sample="test split",
-        n=n, robust_accuracy=row["accuracy"], interval=_interval(row["interval"]), draws=row["draws"],
+        attack="worst case per image of: " + ", ".join(steps),
+        threat="white-box",
+        setting=SETTINGS["plain"],
+        eps=eps,
+        sample="test split",
+        n=n,
+        robust_accuracy=row["accuracy"],
+        interval=_interval(row["interval"]),
+        draws=row["draws"],
     )
 
 
@@ -89,18 +116,39 @@ def report_card(results: dict[str, Any], date: str, key: str | None = None) -> R
     if default["same_as"] == key:
         notes.append(f"the embedded default checkpoint is this model (SHA-256 {default['sha256']})")
     return RobustnessCard(
-        source="report", model=Endpoint(name=name, sha256=sha), dataset=results["config"]["data"], eps=sorted({m.eps for m in rows}),
-        samples=samples, measurements=rows, clean_accuracy=model["clean_full"]["correct"] / model["clean_full"]["n"], rate_limited=0,
-        notes=notes, command=results["command"], date=date,
+        source="report",
+        model=Endpoint(name=name, sha256=sha),
+        dataset=results["config"]["data"],
+        eps=sorted({m.eps for m in rows}),
+        samples=samples,
+        measurements=rows,
+        clean_accuracy=model["clean_full"]["correct"] / model["clean_full"]["n"],
+        rate_limited=0,
+        notes=notes,
+        command=results["command"],
+        date=date,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m codedsmooth.probe.cards", description="Write the embedded default checkpoint's robustness card from the report, and the card's JSON Schema.")
+    parser = argparse.ArgumentParser(
+        prog="python -m codedsmooth.probe.cards",
+        description="Write the embedded default checkpoint's robustness card from the report, and the card's JSON Schema.",
+    )
     parser.add_argument("--results", default=str(RESULTS_FILE), help="the report's results (default: %(default)s)")
-    parser.add_argument("--out", default=str(default_checkpoint_path() / CARD_FILE), help="where to write the card (default: the embedded default checkpoint's)")
-    parser.add_argument("--date", default=datetime.date.today().isoformat(), help="the date the report's numbers were measured (default: today)")
-    parser.add_argument("--schema", default=str(SCHEMA_FILE), help="where to write the card's JSON Schema (default: %(default)s)")
+    parser.add_argument(
+        "--out",
+        default=str(default_checkpoint_path() / CARD_FILE),
+        help="where to write the card (default: the embedded default checkpoint's)",
+    )
+    parser.add_argument(
+        "--date",
+        default=datetime.date.today().isoformat(),
+        help="the date the report's numbers were measured (default: today)",
+    )
+    parser.add_argument(
+        "--schema", default=str(SCHEMA_FILE), help="where to write the card's JSON Schema (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     try:
         results = json.loads(Path(args.results).read_text(encoding="utf-8"))

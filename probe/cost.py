@@ -21,15 +21,26 @@ def attacker_cost(blackbox: dict, quota: int, keys: list[int]) -> list[dict]:
     """One row per (method, server) at the method's largest budget, with the main queries per candidate."""
     rows = []
     for r in blackbox["rows"]:
-        if r["attacker"].startswith("transfer") or r["score_queries"] != blackbox["score_queries"] or r["budget"] != max(budgets_of(blackbox, r["method"])):
+        if (
+            r["attacker"].startswith("transfer")
+            or r["score_queries"] != blackbox["score_queries"]
+            or r["budget"] != max(budgets_of(blackbox, r["method"]))
+        ):
             continue
         broken = int(r["confirmed_broken"])
         sent = int(r["queries_sent"])
         per_broken = sent / broken if broken else None
-        rows.append({
-            "method": r["method"], "server": r["server"], "budget": r["budget"], "images": r["n"], "broken": broken, "queries_sent": sent,
-            "queries_per_broken": per_broken,
-            "broken_per_window_per_key": quota / per_broken if per_broken else 0.0,
-            "windows_for_sample": {k: math.ceil(sent / (k * quota)) if quota else None for k in keys},
-        })
+        rows.append(
+            {
+                "method": r["method"],
+                "server": r["server"],
+                "budget": r["budget"],
+                "images": r["n"],
+                "broken": broken,
+                "queries_sent": sent,
+                "queries_per_broken": per_broken,
+                "broken_per_window_per_key": quota / per_broken if per_broken else 0.0,
+                "windows_for_sample": {k: math.ceil(sent / (k * quota)) if quota else None for k in keys},
+            }
+        )
     return rows

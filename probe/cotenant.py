@@ -32,7 +32,9 @@ def _victim_logits(model: RCIModel, x_victim: torch.Tensor, x_other: torch.Tenso
     return model.in_micro_batches(z, others_z, [b], source)
 
 
-def craft_cotenants(ck: Checkpoint, spec: CodingSpec, x_victim, y_victim, clean_pool, steps: int, eot: int, seed: int) -> torch.Tensor:
+def craft_cotenants(
+    ck: Checkpoint, spec: CodingSpec, x_victim, y_victim, clean_pool, steps: int, eot: int, seed: int
+) -> torch.Tensor:
     """(M, K-1, *shape) attacker items for M victims, optimised in the batch-scope model.
 
     The attacker sends K-1 copies of one optimised image: whatever the shuffle and
@@ -48,7 +50,13 @@ def craft_cotenants(ck: Checkpoint, spec: CodingSpec, x_victim, y_victim, clean_
     for _ in range(steps):
         item.requires_grad_(True)
         mates = item.unsqueeze(1).expand(m, need, *item.shape[1:])
-        loss = sum((F.cross_entropy(_victim_logits(model, x_victim, mates, source), y_victim, reduction="sum") for _ in range(eot)), torch.zeros(()))
+        loss = sum(
+            (
+                F.cross_entropy(_victim_logits(model, x_victim, mates, source), y_victim, reduction="sum")
+                for _ in range(eot)
+            ),
+            torch.zeros(()),
+        )
         (grad,) = torch.autograd.grad(loss, item)
         item = (item.detach() + step * grad.sign()).clamp(0.0, 1.0)
     return item.unsqueeze(1).expand(m, need, *item.shape[1:]).contiguous()
@@ -65,20 +73,30 @@ def _flips_in_process(ck, spec, x, y, clean_mates, adv_mates, seed, repeats=5) -
         flips.append(float((clean != attacked).float().mean()))
         acc_clean.append(float((clean == y).float().mean()))
         acc_adv.append(float((attacked == y).float().mean()))
-    return {"flip_rate": float(np.mean(flips)), "victim_accuracy_clean_mates": float(np.mean(acc_clean)), "victim_accuracy_attacked": float(np.mean(acc_adv))}
+    return {
+        "flip_rate": float(np.mean(flips)),
+        "victim_accuracy_clean_mates": float(np.mean(acc_clean)),
+        "victim_accuracy_attacked": float(np.mean(acc_adv)),
+    }
 
 
 def _flips_over_http(target: HttpTarget, x, adv_mates) -> dict:
     """Victim alone vs victim sent concurrently with its attacker's request, for each victim."""
     client = target.client
     xs = x.numpy().astype(np.float32)
-    alone = np.concatenate(asyncio.run(client.predict_requests_async([xs[i : i + 1] for i in range(len(xs))]))).argmax(1)
+    alone = np.concatenate(asyncio.run(client.predict_requests_async([xs[i : i + 1] for i in range(len(xs))]))).argmax(
+        1
+    )
     together = []
     for i in range(len(xs)):
         answers = asyncio.run(client.predict_requests_async([xs[i : i + 1], adv_mates[i].numpy().astype(np.float32)]))
         together.append(int(answers[0].argmax(1)[0]))
     labels = np.array(together)
-    return {"flip_rate": float((alone != labels).mean()), "victim_labels_alone": alone.tolist(), "victim_labels_with_attacker": labels.tolist()}
+    return {
+        "flip_rate": float((alone != labels).mean()),
+        "victim_labels_alone": alone.tolist(),
+        "victim_labels_with_attacker": labels.tolist(),
+    }
 
 
 def cotenant_report(cfg, ck: Checkpoint, spec: CodingSpec, target, x, y, clean_pool) -> dict:
@@ -89,6 +107,8 @@ def cotenant_report(cfg, ck: Checkpoint, spec: CodingSpec, target, x, y, clean_p
     if isinstance(target, HttpTarget):
         result["cotenant"].update(_flips_over_http(target, x, adv))
     else:
-        idx = torch.randint(0, len(clean_pool), (len(x), spec.k - 1), generator=torch.Generator().manual_seed(cfg.seed + 7))
+        idx = torch.randint(
+            0, len(clean_pool), (len(x), spec.k - 1), generator=torch.Generator().manual_seed(cfg.seed + 7)
+        )
         result["cotenant"].update(_flips_in_process(ck, spec, x, y, clean_pool[idx].float(), adv, cfg.seed))
     return result

@@ -29,7 +29,15 @@ LAYOUTS = ("auto", "NCHW", "NHWC", "flat")
 OUTPUT_KINDS = ("auto", "logits", "probabilities", "label")
 PROTOCOLS = ("auto", "v2", "v1")
 FLOAT_TYPES = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
-INT_TYPES = {"UINT8": np.uint8, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "UINT16": np.uint16, "UINT32": np.uint32}
+INT_TYPES = {
+    "UINT8": np.uint8,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+}
 
 
 class QueryCapReached(RuntimeError):
@@ -69,7 +77,9 @@ class EndpointOptions:
         if self.pixel_scale <= 0:
             raise ValueError(f"pixel scale must be positive, got {self.pixel_scale}")
         if self.class_order is not None and sorted(self.class_order) != list(range(len(self.class_order))):
-            raise ValueError(f"class order must be a permutation of 0..{len(self.class_order) - 1}, got {self.class_order}")
+            raise ValueError(
+                f"class order must be a permutation of 0..{len(self.class_order) - 1}, got {self.class_order}"
+            )
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be positive, got {self.concurrency}")
 
@@ -84,11 +94,21 @@ class Traffic:
     waited_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"queries": self.queries, "requests": self.requests, "status": {str(k): v for k, v in self.status.items()}, "waited_s": self.waited_s}
+        return {
+            "queries": self.queries,
+            "requests": self.requests,
+            "status": {str(k): v for k, v in self.status.items()},
+            "waited_s": self.waited_s,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Traffic:
-        return cls(int(d["queries"]), int(d["requests"]), Counter({int(k): int(v) for k, v in d["status"].items()}), float(d["waited_s"]))
+        return cls(
+            int(d["queries"]),
+            int(d["requests"]),
+            Counter({int(k): int(v) for k, v in d["status"].items()}),
+            float(d["waited_s"]),
+        )
 
 
 @dataclass
@@ -168,7 +188,9 @@ class Endpoint:
         items = x.detach().cpu().float().numpy()
         cap = self.options.max_queries
         if cap is not None and self.traffic.queries + len(items) > cap:
-            raise QueryCapReached(f"the next {len(items)} queries would pass the cap of {cap} (--max-queries); {self.traffic.queries} sent")
+            raise QueryCapReached(
+                f"the next {len(items)} queries would pass the cap of {cap} (--max-queries); {self.traffic.queries} sent"
+            )
         self.traffic.queries += len(items)
         answers = self._run([items[i : i + 1] for i in range(len(items))])
         return torch.from_numpy(np.concatenate(answers)).float()
@@ -200,7 +222,10 @@ class Endpoint:
         info = next((m for m in v1 or [] if m.get("name") == model), None)
         protocol = o.protocol
         if protocol == "v1" and info is None:
-            raise ValueError(f"{self.url} serves no model {model!r} on GET /v1/models" + (f"; it serves {[m['name'] for m in v1]}" if v1 else ""))
+            raise ValueError(
+                f"{self.url} serves no model {model!r} on GET /v1/models"
+                + (f"; it serves {[m['name'] for m in v1]}" if v1 else "")
+            )
         if protocol in ("auto", "v2"):
             r = self._get(f"/v2/models/{model}")
             if r.status_code == 200:
@@ -210,15 +235,32 @@ class Endpoint:
                 if shape and shape[0] == -1:
                     shape = shape[1:]
                 versions = m.get("versions") or []
-                return Metadata("v2", model, str(versions[-1]) if versions else None, inp.get("name", "input"), inp.get("datatype", "FP32"),
-                                shape, list(m.get("outputs") or []), dict(m.get("parameters") or {}), list(info["classes"]) if info else None)
+                return Metadata(
+                    "v2",
+                    model,
+                    str(versions[-1]) if versions else None,
+                    inp.get("name", "input"),
+                    inp.get("datatype", "FP32"),
+                    shape,
+                    list(m.get("outputs") or []),
+                    dict(m.get("parameters") or {}),
+                    list(info["classes"]) if info else None,
+                )
             if protocol == "v2" or info is None:
                 _raise_for(r, f"GET {self.url}/v2/models/{model}")
                 raise ValueError(f"GET {self.url}/v2/models/{model}: HTTP {r.status_code}")
         assert info is not None
-        return Metadata("v1", model, str(info.get("version")) if info.get("version") is not None else None, "inputs", "FP32",
-                        [int(s) for s in info["input_shape"]], [], {k: v for k, v in info.items() if k in ("rci", "card", "checkpoint_sha256")},
-                        list(info.get("classes") or []) or None)
+        return Metadata(
+            "v1",
+            model,
+            str(info.get("version")) if info.get("version") is not None else None,
+            "inputs",
+            "FP32",
+            [int(s) for s in info["input_shape"]],
+            [],
+            {k: v for k, v in info.items() if k in ("rci", "card", "checkpoint_sha256")},
+            list(info.get("classes") or []) or None,
+        )
 
     @property
     def n_classes(self) -> int | None:
@@ -265,7 +307,16 @@ class Endpoint:
         if self.meta.protocol == "v1":
             path = f"/v1/models/{self.meta.name}/predict" if self.options.model else "/v1/predict"
             return path, {"json": {"inputs": data.tolist()}}
-        body: dict[str, Any] = {"inputs": [{"name": self.meta.input_name, "shape": list(data.shape), "datatype": dtype, "data": data.flatten().tolist()}]}
+        body: dict[str, Any] = {
+            "inputs": [
+                {
+                    "name": self.meta.input_name,
+                    "shape": list(data.shape),
+                    "datatype": dtype,
+                    "data": data.flatten().tolist(),
+                }
+            ]
+        }
         if self.options.output_name:
             body["outputs"] = [{"name": self.options.output_name}]
         return f"/v2/models/{self.meta.name}/infer", {"json": body}
@@ -283,7 +334,11 @@ class Endpoint:
             outputs = [o for o in outputs if o.get("name") == self.options.output_name]
             if not outputs:
                 raise EndpointRefused(f"the endpoint's answer has no output {self.options.output_name!r}")
-        scores = [o for o in outputs if o.get("datatype") in FLOAT_TYPES and len(o.get("shape", [])) >= 2 and int(o["shape"][-1]) > 1]
+        scores = [
+            o
+            for o in outputs
+            if o.get("datatype") in FLOAT_TYPES and len(o.get("shape", [])) >= 2 and int(o["shape"][-1]) > 1
+        ]
         if scores and kind != "label":
             o = scores[0]
             return self._scores(np.asarray(o["data"], dtype=np.float64).reshape(n, -1), kind)
@@ -345,7 +400,9 @@ class Endpoint:
                 if wait is None:
                     wait = min(2.0, 0.1 * (attempt + 1))
                 if wait > o.max_wait_s:
-                    raise ConnectionError(f"{self.url} answered {r.status_code} with Retry-After {wait:g} s, longer than {o.max_wait_s:g} s (a spent quota?)")
+                    raise ConnectionError(
+                        f"{self.url} answered {r.status_code} with Retry-After {wait:g} s, longer than {o.max_wait_s:g} s (a spent quota?)"
+                    )
                 if attempt < o.retries:
                     self.traffic.waited_s += wait
                     await asyncio.sleep(wait)
@@ -360,8 +417,12 @@ class Endpoint:
             self._http = None
         if self._http is None:
             n = self.options.concurrency
-            self._http = httpx.AsyncClient(base_url=self.url, timeout=self.options.timeout_s, headers=self.headers,
-                                           limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))
+            self._http = httpx.AsyncClient(
+                base_url=self.url,
+                timeout=self.options.timeout_s,
+                headers=self.headers,
+                limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+            )
         http = self._http
         sem = asyncio.Semaphore(self.options.concurrency)
 
@@ -386,4 +447,3 @@ class Endpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-

@@ -19,8 +19,15 @@ LabelFn = Callable[[torch.Tensor], torch.Tensor]  # inputs -> predicted labels
 
 
 @torch.no_grad()
-def rays_attack(predict_label: LabelFn, x: torch.Tensor, y: torch.Tensor, eps: float, queries: int, votes: int = 1,
-                tol: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rays_attack(
+    predict_label: LabelFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    queries: int,
+    votes: int = 1,
+    tol: float = 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (x_adv within ``eps`` of ``x``, queries used per image, boundary radius found per image; inf: none found)."""
     n, shape = len(x), x.shape[1:]
     flat = x.flatten(1).float()
@@ -30,7 +37,9 @@ def rays_attack(predict_label: LabelFn, x: torch.Tensor, y: torch.Tensor, eps: f
     def wrong(idx: torch.Tensor, d: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """Misclassified in a majority of ``votes`` queries at ``x + r d``."""
         z = (flat[idx] + r[:, None] * d).clamp(0.0, 1.0).view(-1, *shape)
-        count = sum(((predict_label(z).cpu() != y[idx]).long() for _ in range(votes)), torch.zeros(len(idx), dtype=torch.long))
+        count = sum(
+            ((predict_label(z).cpu() != y[idx]).long() for _ in range(votes)), torch.zeros(len(idx), dtype=torch.long)
+        )
         used[idx] += votes
         return count * 2 > votes
 
@@ -67,7 +76,9 @@ def rays_attack(predict_label: LabelFn, x: torch.Tensor, y: torch.Tensor, eps: f
             d[idx] = candidate[better]
             best[idx] = search(idx, candidate[better], radius[better])
         block += 1
-        if block * size >= dim:  # every block of this size tried: halve the blocks (back to the whole input below one pixel)
+        if (
+            block * size >= dim
+        ):  # every block of this size tried: halve the blocks (back to the whole input below one pixel)
             stage, block = (stage + 1 if size > 1 else 0), 0
     r = best.clamp(max=eps)
     x_adv = (flat + r[:, None] * d).clamp(0.0, 1.0).view(n, *shape).to(x.dtype)
@@ -75,8 +86,9 @@ def rays_attack(predict_label: LabelFn, x: torch.Tensor, y: torch.Tensor, eps: f
 
 
 @torch.no_grad()
-def confirmed_rays(predict_label: LabelFn, x: torch.Tensor, y: torch.Tensor, eps: float, queries: int, votes: int = 1,
-                   confirm: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def confirmed_rays(
+    predict_label: LabelFn, x: torch.Tensor, y: torch.Tensor, eps: float, queries: int, votes: int = 1, confirm: int = 4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RayS within ``queries - confirm`` queries per image, then a final confirmation: an image whose boundary lies
     within ``eps`` counts as broken only if ``confirm`` fresh queries of its adversarial input all miss the label
     (stopped at the first that does not). Returns (x_adv, queries used per image, broken per image)."""

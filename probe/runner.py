@@ -33,7 +33,15 @@ def evaluation_data(ck: Checkpoint, samples: int, data_dir=None, seed: int = SAM
     return x, y, pool
 
 
-def make_target(ck: Checkpoint, url: str | None, spec: CodingSpec, clean_pool, seed: int, api_key: str | None = None, model: str | None = None):
+def make_target(
+    ck: Checkpoint,
+    url: str | None,
+    spec: CodingSpec,
+    clean_pool,
+    seed: int,
+    api_key: str | None = None,
+    model: str | None = None,
+):
     if url:
         return HttpTarget(url, api_key=api_key, model=model)
     return InProcessTarget(RCIModel(ck, spec, clean_pool, seed=seed + 100))
@@ -43,15 +51,41 @@ def make_target(ck: Checkpoint, url: str | None, spec: CodingSpec, clean_pool, s
 class TargetConfig:
     """What ``codedsmooth attack`` attacks and where the report goes."""
 
-    checkpoint: str | None = field(default=None, metadata={"help": "the attacker's copy of the model; the in-process target when url is not given (default: the embedded checkpoint; with --url it must be the served model, which is checked)"})
-    url: str | None = field(default=None, metadata={"help": "attack a running server at this URL instead of an in-process target"})
-    model: str | None = field(default=None, metadata={"help": "with --url: the model of a repository server (serve --model-repository) to attack, by its name there; the served answers must agree with --checkpoint's (default: the server's first model, whose name must be the checkpoint's)"})
-    api_key: str | None = field(default=None, metadata={"help": "API key for --url, sent as Authorization: Bearer (default: env CODEDSMOOTH_API_KEY, which keeps it out of shell history)"})
-    data_dir: str | None = field(default=None, metadata={"help": "local files of the checkpoint's data set when it does not ship with a package"})
+    checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "the attacker's copy of the model; the in-process target when url is not given (default: the embedded checkpoint; with --url it must be the served model, which is checked)"
+        },
+    )
+    url: str | None = field(
+        default=None, metadata={"help": "attack a running server at this URL instead of an in-process target"}
+    )
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "with --url: the model of a repository server (serve --model-repository) to attack, by its name there; the served answers must agree with --checkpoint's (default: the server's first model, whose name must be the checkpoint's)"
+        },
+    )
+    api_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "API key for --url, sent as Authorization: Bearer (default: env CODEDSMOOTH_API_KEY, which keeps it out of shell history)"
+        },
+    )
+    data_dir: str | None = field(
+        default=None, metadata={"help": "local files of the checkpoint's data set when it does not ship with a package"}
+    )
     rci: bool = field(default=True, metadata={"help": "in-process target: RCI on/off"})
-    rci_scope: Scope | None = field(default=None, metadata={"help": "in-process target: coding scope (default: the served default, request)", "choices": SCOPES})
-    rci_group_size: int | None = field(default=None, metadata={"help": "in-process target: K (default: the checkpoint's)"})
-    coded_points: int | None = field(default=None, metadata={"help": "in-process target: N (default: the checkpoint's final N)"})
+    rci_scope: Scope | None = field(
+        default=None,
+        metadata={"help": "in-process target: coding scope (default: the served default, request)", "choices": SCOPES},
+    )
+    rci_group_size: int | None = field(
+        default=None, metadata={"help": "in-process target: K (default: the checkpoint's)"}
+    )
+    coded_points: int | None = field(
+        default=None, metadata={"help": "in-process target: N (default: the checkpoint's final N)"}
+    )
     report: str | None = field(default=None, metadata={"help": "write the JSON report here"})
     plot: str | None = field(default=None, metadata={"help": "write a PNG plot of accuracy vs eps here"})
 
@@ -70,7 +104,9 @@ def check_served_model(ck: Checkpoint, target: HttpTarget, x: torch.Tensor, give
     info = target.info
     source = "--checkpoint" if given else "the embedded default checkpoint (no --checkpoint given)"
     if not named and info["name"] != ck.name:
-        raise ValueError(f"the server serves {info['name']!r} but the attacker's copy, {source}, is {ck.name!r}: pass --checkpoint with the served model")
+        raise ValueError(
+            f"the server serves {info['name']!r} but the attacker's copy, {source}, is {ck.name!r}: pass --checkpoint with the served model"
+        )
     if list(info.get("classes", ck.config.classes)) != list(ck.config.classes):
         raise ValueError(f"the server's classes {info['classes']} differ from those of the attacker's copy ({source})")
     items = x[:AGREEMENT_ITEMS]
@@ -79,15 +115,19 @@ def check_served_model(ck: Checkpoint, target: HttpTarget, x: torch.Tensor, give
     served = target.predict_proba(items).argmax(1)
     agreement = float((mine == served).float().mean())
     if agreement < AGREEMENT:
-        raise ValueError(f"the server's answers agree with the attacker's copy ({source}) on only {100 * agreement:.0f} % of {len(items)} clean items: "
-                         "it serves other weights under the same name; pass --checkpoint with the served weights")
+        raise ValueError(
+            f"the server's answers agree with the attacker's copy ({source}) on only {100 * agreement:.0f} % of {len(items)} clean items: "
+            "it serves other weights under the same name; pass --checkpoint with the served weights"
+        )
     return {"copy": source, "name": ck.name, "served_as": info["name"], "agreement": agreement, "items": len(items)}
 
 
 def attack_command(cfg: AttackConfig, args: TargetConfig) -> dict:
     cfg.validate()
     if args.plot and not cfg.attack_class.per_eps:
-        raise ValueError(f"--plot draws accuracy against ε; the {cfg.attack} attack has no ε (its results are in the JSON report): drop --plot")
+        raise ValueError(
+            f"--plot draws accuracy against ε; the {cfg.attack} attack has no ε (its results are in the JSON report): drop --plot"
+        )
     torch.manual_seed(cfg.seed)
     ck = load_checkpoint(args.checkpoint or default_checkpoint_path())
     x, y, pool = evaluation_data(ck, cfg.samples, args.data_dir)
@@ -95,7 +135,11 @@ def attack_command(cfg: AttackConfig, args: TargetConfig) -> dict:
     if args.model and not args.url:
         raise ValueError("--model names a model of the server at --url: give --url too")
     target = make_target(ck, args.url, spec, pool, cfg.seed, args.api_key, args.model)
-    identity = check_served_model(ck, target, x, args.checkpoint is not None, named=args.model is not None) if args.url else None
+    identity = (
+        check_served_model(ck, target, x, args.checkpoint is not None, named=args.model is not None)
+        if args.url
+        else None
+    )
     report = run_attack(cfg, ck, target, x, y, pool)
     if identity:
         report["attacker_copy"] = identity

@@ -30,7 +30,9 @@ def balanced_order(labels: torch.Tensor, seed: int = SAMPLE_SEED) -> torch.Tenso
         idx = (labels == c).nonzero().flatten()
         per_class.append(idx[torch.randperm(len(idx), generator=gen)])
     depth = min(len(p) for p in per_class)
-    balanced = torch.stack([p[:depth] for p in per_class], 1).flatten()  # rank 0 of every class, rank 1 of every class, ...
+    balanced = torch.stack(
+        [p[:depth] for p in per_class], 1
+    ).flatten()  # rank 0 of every class, rank 1 of every class, ...
     rest = [p[depth:] for p in per_class]
     return torch.cat([balanced, *rest])
 
@@ -41,7 +43,9 @@ def balanced_sample(labels: torch.Tensor, per_class: int, seed: int = SAMPLE_SEE
     classes = len(set(labels.tolist()))
     smallest = min(Counter(labels.tolist()).values())
     if not 1 <= per_class <= smallest:
-        raise ValueError(f"per_class must be in [1, {smallest}] (the smallest class of the test split), got {per_class}")
+        raise ValueError(
+            f"per_class must be in [1, {smallest}] (the smallest class of the test split), got {per_class}"
+        )
     return balanced_order(labels, seed)[: per_class * classes]
 
 

@@ -78,13 +78,19 @@ def repository_server(targets: dict[str, tuple[Checkpoint, str, float]]):
             (folder / "serving.json").write_text(json.dumps(model_settings(setting, sigma)))
         live: dict[str, HttpTarget] = {}
         with local_server(None, capture_output=True, model_repository=str(root), **SERVER_OPTIONS) as server:
+
             def target(name: str) -> HttpTarget:
                 if name not in live:
                     _, setting, _ = targets[name]
-                    live[name] = HttpTarget(server.url, items_per_request=1 if setting == "request" else ITEMS_PER_REQUEST, model=name)
+                    live[name] = HttpTarget(
+                        server.url, items_per_request=1 if setting == "request" else ITEMS_PER_REQUEST, model=name
+                    )
                     if live[name].spec.enabled != (setting == "request"):
-                        raise ValueError(f"{name}: the server reports RCI {'on' if live[name].spec.enabled else 'off'}, expected the {setting} setting")
+                        raise ValueError(
+                            f"{name}: the server reports RCI {'on' if live[name].spec.enabled else 'off'}, expected the {setting} setting"
+                        )
                 return live[name]
+
             try:
                 yield target
             finally:
@@ -92,7 +98,9 @@ def repository_server(targets: dict[str, tuple[Checkpoint, str, float]]):
                     t.close()
 
 
-def query_attack(target, x: torch.Tensor, y: torch.Tensor, eps: float, budget: int, score_queries: int, confirm: int, seed: int) -> dict:
+def query_attack(
+    target, x: torch.Tensor, y: torch.Tensor, eps: float, budget: int, score_queries: int, confirm: int, seed: int
+) -> dict:
     """The adaptive Square (robust statistic over ``score_queries`` queries per candidate, re-queried
     incumbent, breaks confirmed by ``confirm`` fresh queries, every query counted) within ``budget``
     queries per image. Returns the adversarial inputs, the queries each image used and whether its
@@ -100,10 +108,22 @@ def query_attack(target, x: torch.Tensor, y: torch.Tensor, eps: float, budget: i
     from .square import adaptive_square_attack
 
     before, started = target.queries, time.monotonic()
-    res = adaptive_square_attack(target.predict_proba, x, y, eps, budget, score_queries=score_queries, confirm=confirm, generator=torch.Generator().manual_seed(seed))
+    res = adaptive_square_attack(
+        target.predict_proba,
+        x,
+        y,
+        eps,
+        budget,
+        score_queries=score_queries,
+        confirm=confirm,
+        generator=torch.Generator().manual_seed(seed),
+    )
     return {
-        "x_adv": res.x_adv.detach().clone(), "queries": res.queries.long().clone(), "broken": res.broken.bool().clone(),
-        "queries_sent": target.queries - before, "seconds": time.monotonic() - started,
+        "x_adv": res.x_adv.detach().clone(),
+        "queries": res.queries.long().clone(),
+        "broken": res.broken.bool().clone(),
+        "queries_sent": target.queries - before,
+        "seconds": time.monotonic() - started,
     }
 
 
@@ -111,4 +131,8 @@ def one_query(target, x_adv: torch.Tensor, y: torch.Tensor) -> dict:
     """The transfer attack's single query per image: what the server answered."""
     started = time.monotonic()
     answers = target.predict_proba(x_adv).argmax(1)
-    return {"served_correct": (answers == y).clone(), "queries": torch.ones(len(y), dtype=torch.long), "seconds": time.monotonic() - started}
+    return {
+        "served_correct": (answers == y).clone(),
+        "queries": torch.ones(len(y), dtype=torch.long),
+        "seconds": time.monotonic() - started,
+    }

@@ -53,7 +53,15 @@ class _Windows:
     """The reference's candidates: vertical ±ε stripes to start, then one random square window
     per image set to a random ±ε per channel, its side from the schedule (one generator for all draws)."""
 
-    def __init__(self, x: torch.Tensor, eps: float, p_init: float | None, generator: torch.Generator | None, redraw: bool, reference_windows: bool):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        eps: float,
+        p_init: float | None,
+        generator: torch.Generator | None,
+        redraw: bool,
+        reference_windows: bool,
+    ):
         self.x, self.eps = x, eps
         self.p_init = square_p_init(x.shape) if p_init is None else p_init
         self.gen = generator or torch.Generator().manual_seed(0)
@@ -83,8 +91,12 @@ class _Windows:
         redo = torch.ones(len(active), dtype=torch.bool, device=self.x.device)
         for _ in range(100 if self.redraw else 1):  # the reference redraws until the window changes the image
             m = int(redo.sum())
-            r = torch.randint(0, max(1, h - side) if self.reference_windows else h - side + 1, (m,), generator=gen).to(self.x.device)
-            s = torch.randint(0, max(1, w - side) if self.reference_windows else w - side + 1, (m,), generator=gen).to(self.x.device)
+            r = torch.randint(0, max(1, h - side) if self.reference_windows else h - side + 1, (m,), generator=gen).to(
+                self.x.device
+            )
+            s = torch.randint(0, max(1, w - side) if self.reference_windows else w - side + 1, (m,), generator=gen).to(
+                self.x.device
+            )
             in_rows = (rows[None] >= r[:, None]) & (rows[None] < r[:, None] + side)
             in_cols = (cols[None] >= s[:, None]) & (cols[None] < s[:, None] + side)
             mask = (in_rows[:, None, :, None] & in_cols[:, None, None, :]).expand(m, c, h, w)
@@ -305,7 +317,17 @@ def adaptive_square_attack(
 def _square_fraction(p_init: float, step: int, total: int) -> float:
     """The reference's piecewise-constant schedule of the square's area, over ``total`` iterations."""
     progress = int(step * 10000 / max(total, 1))
-    for bound, factor in ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128), (8000, 256)):
+    for bound, factor in (
+        (10, 1),
+        (50, 2),
+        (200, 4),
+        (500, 8),
+        (1000, 16),
+        (2000, 32),
+        (4000, 64),
+        (6000, 128),
+        (8000, 256),
+    ):
         if progress <= bound:
             return p_init / factor
     return p_init / 512

@@ -56,7 +56,9 @@ class Paired:
 def mcnemar(correct_a: torch.Tensor, correct_b: torch.Tensor) -> Paired:
     """Exact McNemar test on the same images scored by two models (or settings)."""
     if correct_a.shape != correct_b.shape:
-        raise ValueError(f"outcomes must cover the same images, got {tuple(correct_a.shape)} and {tuple(correct_b.shape)}")
+        raise ValueError(
+            f"outcomes must cover the same images, got {tuple(correct_a.shape)} and {tuple(correct_b.shape)}"
+        )
     a, b = correct_a.bool(), correct_b.bool()
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
     discordant = only_a + only_b

@@ -26,7 +26,9 @@ from codedsmooth.models import Checkpoint
 
 from .targets import RCIModel
 
-Attack = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, y, indices into the image set) -> x_adv
+Attack = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
+]  # (x, y, indices into the image set) -> x_adv
 
 
 @torch.no_grad()
@@ -98,7 +100,9 @@ class Scorer:
         return out
 
 
-def run_cascade(attacks: list[tuple[str, Attack]], scorer: Scorer, x: torch.Tensor, y: torch.Tensor, start: Outcome, progress=None) -> Outcome:
+def run_cascade(
+    attacks: list[tuple[str, Attack]], scorer: Scorer, x: torch.Tensor, y: torch.Tensor, start: Outcome, progress=None
+) -> Outcome:
     """Each attack on the images still alive; per image the worst result is kept."""
     out = start.copy()
     out.log = [("start", start.accuracy)]
@@ -127,17 +131,29 @@ class SuiteConfig:
 
 def whitebox_attacks(model_fn, eps: float, cfg: SuiteConfig) -> list[tuple[str, Attack]]:
     """APGD-CE, APGD-DLR and PGD-CE with restarts, on a deterministic model."""
+
     def gen():
         return torch.Generator().manual_seed(cfg.seed)
 
     return [
-        (f"APGD-CE {cfg.apgd_steps}", lambda x, y, idx: apgd(model_fn, x, y, eps, steps=cfg.apgd_steps, loss="ce", generator=gen())),
-        (f"APGD-DLR {cfg.apgd_steps}", lambda x, y, idx: apgd(model_fn, x, y, eps, steps=cfg.apgd_steps, loss="dlr", generator=gen())),
-        (f"PGD-CE {cfg.pgd_steps}×{cfg.pgd_restarts}", lambda x, y, idx: pgd(model_fn, x, y, eps, steps=cfg.pgd_steps, restarts=cfg.pgd_restarts, generator=gen())),
+        (
+            f"APGD-CE {cfg.apgd_steps}",
+            lambda x, y, idx: apgd(model_fn, x, y, eps, steps=cfg.apgd_steps, loss="ce", generator=gen()),
+        ),
+        (
+            f"APGD-DLR {cfg.apgd_steps}",
+            lambda x, y, idx: apgd(model_fn, x, y, eps, steps=cfg.apgd_steps, loss="dlr", generator=gen()),
+        ),
+        (
+            f"PGD-CE {cfg.pgd_steps}×{cfg.pgd_restarts}",
+            lambda x, y, idx: pgd(model_fn, x, y, eps, steps=cfg.pgd_steps, restarts=cfg.pgd_restarts, generator=gen()),
+        ),
     ]
 
 
-def eot_attacks(model_fn, eps: float, cfg: SuiteConfig, draws: int | None = None, steps: int | None = None) -> list[tuple[str, Attack]]:
+def eot_attacks(
+    model_fn, eps: float, cfg: SuiteConfig, draws: int | None = None, steps: int | None = None
+) -> list[tuple[str, Attack]]:
     """APGD-CE and APGD-DLR with gradients, losses and logits averaged over draws of RCI (EOT)."""
     draws, steps = draws or cfg.eot_draws, steps or cfg.eot_steps
 
@@ -145,8 +161,14 @@ def eot_attacks(model_fn, eps: float, cfg: SuiteConfig, draws: int | None = None
         return torch.Generator().manual_seed(cfg.seed + 7)
 
     return [
-        (f"EOT-APGD-CE {steps}×{draws}", lambda x, y, idx: apgd(model_fn, x, y, eps, steps=steps, loss="ce", eot=draws, generator=gen())),
-        (f"EOT-APGD-DLR {steps}×{draws}", lambda x, y, idx: apgd(model_fn, x, y, eps, steps=steps, loss="dlr", eot=draws, generator=gen())),
+        (
+            f"EOT-APGD-CE {steps}×{draws}",
+            lambda x, y, idx: apgd(model_fn, x, y, eps, steps=steps, loss="ce", eot=draws, generator=gen()),
+        ),
+        (
+            f"EOT-APGD-DLR {steps}×{draws}",
+            lambda x, y, idx: apgd(model_fn, x, y, eps, steps=steps, loss="dlr", eot=draws, generator=gen()),
+        ),
     ]
 
 
@@ -155,12 +177,16 @@ def transfer_attack(name: str, source: Outcome) -> tuple[str, Attack]:
     return name, lambda x, y, idx: source.x_adv[idx]
 
 
-def served_model(ck: Checkpoint, spec: CodingSpec, pool: torch.Tensor | None, seed: int, noise_sigma: float = 0.0) -> RCIModel:
+def served_model(
+    ck: Checkpoint, spec: CodingSpec, pool: torch.Tensor | None, seed: int, noise_sigma: float = 0.0
+) -> RCIModel:
     """The served function (RCI per ``spec``, input noise of ``noise_sigma``) with the evaluator's own randomness."""
     return RCIModel(ck, spec, pool, seed=2000 + seed, noise_sigma=noise_sigma)
 
 
-def attacker_and_scorer(ck: Checkpoint, spec: CodingSpec, pool: torch.Tensor | None, draws: int, seed: int) -> tuple[RCIModel, Scorer]:
+def attacker_and_scorer(
+    ck: Checkpoint, spec: CodingSpec, pool: torch.Tensor | None, draws: int, seed: int
+) -> tuple[RCIModel, Scorer]:
     """The attacker's differentiable model and the served function it is scored on, with independent randomness."""
     attacker = RCIModel(ck, spec, pool, seed=1000 + seed) if spec.enabled else RCIModel(ck, spec)
     served = served_model(ck, spec, pool, seed) if spec.enabled else attacker
@@ -178,7 +204,17 @@ def whitebox_stage(suite: SuiteConfig, ck: Checkpoint, x, y, eps_list: list[floa
     return out
 
 
-def rci_stage(suite: SuiteConfig, ck: Checkpoint, spec: CodingSpec, x, y, pool, plain: dict[str, Outcome], eps_list: list[float], draws: int) -> dict[str, Outcome]:
+def rci_stage(
+    suite: SuiteConfig,
+    ck: Checkpoint,
+    spec: CodingSpec,
+    x,
+    y,
+    pool,
+    plain: dict[str, Outcome],
+    eps_list: list[float],
+    draws: int,
+) -> dict[str, Outcome]:
     """Through RCI (``spec``): the no-RCI worst case transferred, then EOT-APGD through the attacker's model of the server."""
     attacker, scorer = attacker_and_scorer(ck, spec, pool, draws, suite.seed)
     current = scorer.start(x, y)

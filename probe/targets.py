@@ -41,7 +41,16 @@ class RCIModel:
     without RCI, drawn here from the model's own seeded source.
     """
 
-    def __init__(self, ck: Checkpoint, spec: CodingSpec, clean_pool: torch.Tensor | None = None, seed: int = 0, deterministic: bool = False, batch_mates: int | None = None, noise_sigma: float = 0.0):
+    def __init__(
+        self,
+        ck: Checkpoint,
+        spec: CodingSpec,
+        clean_pool: torch.Tensor | None = None,
+        seed: int = 0,
+        deterministic: bool = False,
+        batch_mates: int | None = None,
+        noise_sigma: float = 0.0,
+    ):
         self.model = ck.model.eval()
         self.spec = spec
         self.noise_sigma = float(noise_sigma)
@@ -62,7 +71,11 @@ class RCIModel:
         return SeededRandomSource(self.seed) if self.deterministic else self.source
 
     def _fix(self, plan: CodingPlan) -> CodingPlan:
-        return CodingPlan(plan.rows, identity_permutations(plan.groups, plan.k), plan.n_items) if self.deterministic else plan
+        return (
+            CodingPlan(plan.rows, identity_permutations(plan.groups, plan.k), plan.n_items)
+            if self.deterministic
+            else plan
+        )
 
     def serve(self, z: torch.Tensor, sizes: list[int], source) -> torch.Tensor:
         """Logits for one micro-batch of requests of ``sizes`` items (trunk outputs ``z``), as the server computes them."""
@@ -76,9 +89,14 @@ class RCIModel:
         items; every micro-batch is planned as the server plans one, in the spec's scope.
         """
         m, b = others_z.shape[0], others_z.shape[1]
-        plans = [self._fix(plan_groups([1, *other_sizes], self.spec.scope, self.spec.k, self.filler_z.shape[0], source)) for _ in range(m)]
+        plans = [
+            self._fix(plan_groups([1, *other_sizes], self.spec.scope, self.spec.k, self.filler_z.shape[0], source))
+            for _ in range(m)
+        ]
         items = torch.cat([torch.cat([z[i : i + 1], others_z[i]]) for i in range(m)])
-        out = apply_plan(self.block, items, self.filler_z, CodingPlan.concat(plans), self.code, self.spec.decode_tolerance)
+        out = apply_plan(
+            self.block, items, self.filler_z, CodingPlan.concat(plans), self.code, self.spec.decode_tolerance
+        )
         return out[:: 1 + b]
 
     @property
@@ -137,7 +155,14 @@ class HttpTarget:
     ``model``: one model of a repository server (``serve --model-repository``), by name.
     """
 
-    def __init__(self, url: str, concurrency: int = 8, items_per_request: int = 1, api_key: str | None = None, model: str | None = None):
+    def __init__(
+        self,
+        url: str,
+        concurrency: int = 8,
+        items_per_request: int = 1,
+        api_key: str | None = None,
+        model: str | None = None,
+    ):
         self.client = CodedSmoothClient(url, concurrency=concurrency, api_key=api_key, model=model)
         try:
             models = self.client.models()
@@ -165,7 +190,9 @@ class HttpTarget:
         if self.items_per_request == 1:
             return torch.from_numpy(self.client.predict_each(items))
         step = self.items_per_request
-        return torch.from_numpy(np.concatenate([self.client.predict(items[i : i + step]) for i in range(0, len(items), step)]))
+        return torch.from_numpy(
+            np.concatenate([self.client.predict(items[i : i + step]) for i in range(0, len(items), step)])
+        )
 
     def close(self) -> None:
         self.client.close()

@@ -67,7 +67,9 @@ class MicroBatcher:
         self._held: Work | None = None  # a request that did not fit the last batch
         self._running: list[Work] = []  # the batch on the model thread now
         self.waiting = 0  # accepted requests not yet sent to the model: queued, held, or being gathered into a batch
-        self.model_running = False  # true while engine.run executes on the model thread (even if the loop gave up waiting)
+        self.model_running = (
+            False  # true while engine.run executes on the model thread (even if the loop gave up waiting)
+        )
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -141,7 +143,9 @@ class MicroBatcher:
                     continue
                 self._running = batch
                 start = time.perf_counter()
-                result: BatchResult = await loop.run_in_executor(self.executor, self._run_engine, [w.inputs for w in batch])
+                result: BatchResult = await loop.run_in_executor(
+                    self.executor, self._run_engine, [w.inputs for w in batch]
+                )
                 if self.on_batch is not None:
                     self.on_batch(result, time.perf_counter() - start, len(batch))
                 for work, probs in zip(batch, result.probabilities):

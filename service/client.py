@@ -30,10 +30,17 @@ API_KEY_ENV = "CODEDSMOOTH_API_KEY"
 MAX_RATE_WAIT_S = 60  # longest Retry-After of a 429 the client waits out
 
 
-
 class CodedSmoothClient:
-    def __init__(self, url: str, timeout: float = 60.0, concurrency: int = 8, retries: int = 20, protocol: Protocol = "v2", api_key: str | None = None,
-                 model: str | None = None):
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 60.0,
+        concurrency: int = 8,
+        retries: int = 20,
+        protocol: Protocol = "v2",
+        api_key: str | None = None,
+        model: str | None = None,
+    ):
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
         self.url = url.rstrip("/")
@@ -43,7 +50,9 @@ class CodedSmoothClient:
         self.protocol = protocol
         key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._model = model  # a repository server's model by name (default: the server's first model; v1: its default route)
+        self._model = (
+            model  # a repository server's model by name (default: the server's first model; v1: its default route)
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._http: httpx.AsyncClient | None = None
 
@@ -55,14 +64,25 @@ class CodedSmoothClient:
     def _encode(self, items: np.ndarray) -> tuple[str, dict]:
         """(path, httpx request arguments) of one predict request."""
         if self.protocol == "v1":
-            return (f"/v1/models/{self._model}/predict" if self._model else "/v1/predict"), {"json": {"inputs": items.tolist()}}
+            return (f"/v1/models/{self._model}/predict" if self._model else "/v1/predict"), {
+                "json": {"inputs": items.tolist()}
+            }
         if self._model is None:
             self._model = self.models()[0]["name"]
         data = np.ascontiguousarray(items, dtype="<f4").tobytes()
-        head = json.dumps({
-            "inputs": [{"name": V2_INPUT, "shape": list(items.shape), "datatype": V2_INPUT_DATATYPE, "parameters": {"binary_data_size": len(data)}}],
-            "outputs": [{"name": V2_PROBABILITIES, "parameters": {"binary_data": True}}],
-        }).encode()
+        head = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": V2_INPUT,
+                        "shape": list(items.shape),
+                        "datatype": V2_INPUT_DATATYPE,
+                        "parameters": {"binary_data_size": len(data)},
+                    }
+                ],
+                "outputs": [{"name": V2_PROBABILITIES, "parameters": {"binary_data": True}}],
+            }
+        ).encode()
         headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
         return f"/v2/models/{self._model}/infer", {"content": head + data, "headers": headers}
 
@@ -83,14 +103,20 @@ class CodedSmoothClient:
                 # a pooled connection closed under us (keep-alive expiry, server restart): a predict is
                 # safe to send again
                 if attempt == self.retries:
-                    raise ServiceError(f"{self.url}: {type(exc).__name__} after {self.retries} retries", status=UNREACHABLE) from exc
+                    raise ServiceError(
+                        f"{self.url}: {type(exc).__name__} after {self.retries} retries", status=UNREACHABLE
+                    ) from exc
                 await asyncio.sleep(min(2.0, 0.05 * (attempt + 1)))
                 continue
-            if r.status_code in (503, 504) and attempt < self.retries:  # queue full or the deadline passed in a busy server: back off
+            if (
+                r.status_code in (503, 504) and attempt < self.retries
+            ):  # queue full or the deadline passed in a busy server: back off
                 await asyncio.sleep(min(2.0, float(r.headers.get("retry-after", "0.1")) * 0.1 * (attempt + 1)))
                 continue
             wait = _retry_after(r)
-            if r.status_code == 429 and wait is not None and wait <= MAX_RATE_WAIT_S and attempt < self.retries:  # over a rate limit: wait as told
+            if (
+                r.status_code == 429 and wait is not None and wait <= MAX_RATE_WAIT_S and attempt < self.retries
+            ):  # over a rate limit: wait as told
                 await asyncio.sleep(wait)
                 continue
             _raise_for(r)

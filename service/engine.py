@@ -35,7 +35,11 @@ log = logging.getLogger("codedsmooth.engine")
 def resolve_spec(checkpoint: Checkpoint, settings: ServeSettings) -> CodingSpec:
     """The coding spec in force: the checkpoint's trained code plus the operator's overrides."""
     return checkpoint.coding_spec(
-        enabled=settings.rci, scope=settings.rci_scope, k=settings.rci_group_size, n=settings.coded_points, decode_tolerance=settings.rci_decode_tolerance,
+        enabled=settings.rci,
+        scope=settings.rci_scope,
+        k=settings.rci_group_size,
+        n=settings.coded_points,
+        decode_tolerance=settings.rci_decode_tolerance,
     )
 
 
@@ -68,12 +72,17 @@ class InferenceEngine:
             self.filler_z = self.trunk(checkpoint.filler.to(device))
         self.noise_sigma = float(settings.input_noise_sigma)
         if settings.rci_seed is not None and (self.spec.enabled or self.noise_sigma > 0):
-            log.warning("rci_seed is set: RCI draws and input noise are reproducible, so clients can predict them; for tests and reproduction only")
+            log.warning(
+                "rci_seed is set: RCI draws and input noise are reproducible, so clients can predict them; for tests and reproduction only"
+            )
         exact_n = default_n_end(self.spec.k)
         if self.spec.enabled and self.spec.scope == "batch" and self.spec.n < exact_n:
             log.warning(
                 "RCI in batch scope with N = %d coded points, below 1.5 K = %d: the decode is inexact, so other clients' items in a "
-                "micro-batch change a request's labels; use --coded-points %d or more, or --rci-scope request", self.spec.n, exact_n, exact_n,
+                "micro-batch change a request's labels; use --coded-points %d or more, or --rci-scope request",
+                self.spec.n,
+                exact_n,
+                exact_n,
             )
         self._check_rng = random.Random()  # which batches are also run uncoded: a statistic, not a secret
 

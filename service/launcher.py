@@ -25,13 +25,27 @@ class LocalServer:
     The public API is at ``url``; Prometheus metrics at ``metrics_url`` (its own port on 127.0.0.1).
     """
 
-    def __init__(self, checkpoint=None, log_level: str = "warning", capture_output: bool = True, program: list[str] | None = None, **settings):
+    def __init__(
+        self,
+        checkpoint=None,
+        log_level: str = "warning",
+        capture_output: bool = True,
+        program: list[str] | None = None,
+        **settings,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_port = settings.pop("metrics_port", None) or free_port()
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
         # ``program``: another entry point taking the same arguments (tests run servers with engine doubles)
-        args = [*(program or [sys.executable, "-m", "codedsmooth.cli"]), "--log-level", log_level, "serve", "--port", str(self.port)]
+        args = [
+            *(program or [sys.executable, "-m", "codedsmooth.cli"]),
+            "--log-level",
+            log_level,
+            "serve",
+            "--port",
+            str(self.port),
+        ]
         args += ["--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port)]
         if checkpoint is not None:
             args += ["--checkpoint", str(checkpoint)]
@@ -45,7 +59,9 @@ class LocalServer:
                 args += [flag, str(value)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("CODEDSMOOTH_")}
         out = subprocess.PIPE if capture_output else None
-        self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT if capture_output else None, text=True, env=env)
+        self.proc = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT if capture_output else None, text=True, env=env
+        )
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         end = time.monotonic() + timeout

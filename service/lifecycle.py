@@ -52,7 +52,13 @@ class Admission:
 
 
 class Lifecycle:
-    def __init__(self, settings: ServeSettings, metrics: Metrics | None = None, engine_factory: EngineFactory | None = None, limiter=None):
+    def __init__(
+        self,
+        settings: ServeSettings,
+        metrics: Metrics | None = None,
+        engine_factory: EngineFactory | None = None,
+        limiter=None,
+    ):
         """``limiter``: where the per-client counters live (default: in this process; Ray Serve replicas share one)."""
         self.settings = settings
         self.metrics = metrics or Metrics(by_model=settings.model_repository is not None)
@@ -66,10 +72,16 @@ class Lifecycle:
         self.model_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codedsmooth-model")
         self.decode_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codedsmooth-decode")
         self.repository = Repository(settings, self.metrics, self.engine_factory, self.model_executor)
-        self._own_limiter: LocalLimiter | None = None  # this process's counters (quota windows kept in SQLite unless --quota-state none)
+        self._own_limiter: LocalLimiter | None = (
+            None  # this process's counters (quota windows kept in SQLite unless --quota-state none)
+        )
         if settings.api_keys_file and limiter is None:
-            limiter = self._own_limiter = LocalLimiter(open_counters(settings.quota_state, settings.api_keys_file, settings.quota_flush_ms / 1000.0))
-        self.access = Access(settings, self.metrics, self.repository.known_names, limiter) if settings.api_keys_file else None  # None: open to anyone
+            limiter = self._own_limiter = LocalLimiter(
+                open_counters(settings.quota_state, settings.api_keys_file, settings.quota_flush_ms / 1000.0)
+            )
+        self.access = (
+            Access(settings, self.metrics, self.repository.known_names, limiter) if settings.api_keys_file else None
+        )  # None: open to anyone
 
     # ---- loading -----------------------------------------------------------
 
@@ -85,7 +97,9 @@ class Lifecycle:
         self.repository.start()
         if self.access is not None:
             self.access.check_overrides()  # the models are loaded now
-            self._watch_task = asyncio.get_running_loop().create_task(self.access.watch(), name="codedsmooth-keys-watch")
+            self._watch_task = asyncio.get_running_loop().create_task(
+                self.access.watch(), name="codedsmooth-keys-watch"
+            )
         if self.phase == "loading":  # a drain may have begun while loading
             self.phase = "ready"
         self.update_ready()
@@ -117,7 +131,9 @@ class Lifecycle:
         self.metrics.in_flight.inc()
         if self._no_requests is not None:
             self._no_requests.clear()
-        return Admission(arrival=now, deadline=deadline, body_deadline=min(deadline, now + self.settings.body_timeout_s))
+        return Admission(
+            arrival=now, deadline=deadline, body_deadline=min(deadline, now + self.settings.body_timeout_s)
+        )
 
     def release(self, admission: Admission, endpoint: str, status: int, model: ServedModel | None = None) -> None:
         """The request is answered: count it (by the model it was routed to, with a repository) and let go of its model."""
@@ -176,11 +192,15 @@ class Lifecycle:
             fut = submit()
         else:
             assert self.access is not None  # a client is set only where keys are required
-            fut = await self.access.queue(client, len(x), submit, model, state.get(HELD))  # settles the admission's hold
+            fut = await self.access.queue(
+                client, len(x), submit, model, state.get(HELD)
+            )  # settles the admission's hold
         watcher = asyncio.ensure_future(_wait_disconnect(request))
         try:
             done, _ = await asyncio.wait(
-                {fut, watcher}, timeout=max(0.0, admission.deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+                {fut, watcher},
+                timeout=max(0.0, admission.deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
             )
             if fut in done:
                 return fut.result()
@@ -229,14 +249,25 @@ class Lifecycle:
                 if self._stop_now.is_set():
                     log.warning("stopping now: answered %d accepted requests with 503", failed)
                 else:
-                    log.warning("drain timeout of %gs passed: answered %d accepted requests with 503", self.settings.drain_timeout_s, failed)
+                    log.warning(
+                        "drain timeout of %gs passed: answered %d accepted requests with 503",
+                        self.settings.drain_timeout_s,
+                        failed,
+                    )
         # Let the handlers write their answers; a client still sending its body is not waited for.
         try:
             if self._no_requests is not None:  # None: never started, no handler to wait for
-                await asyncio.wait_for(self._no_requests.wait(), timeout=max(0.05, min(0.5, end + 0.5 - time.monotonic())))
+                await asyncio.wait_for(
+                    self._no_requests.wait(), timeout=max(0.05, min(0.5, end + 0.5 - time.monotonic()))
+                )
         except asyncio.TimeoutError:
             pass
-        log.info("drained in %.2fs (%s, %d still in flight); stopping", time.monotonic() - start, "complete" if finished else "timed out", self.in_flight)
+        log.info(
+            "drained in %.2fs (%s, %d still in flight); stopping",
+            time.monotonic() - start,
+            "complete" if finished else "timed out",
+            self.in_flight,
+        )
         return finished
 
     async def stop(self) -> None:

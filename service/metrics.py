@@ -23,7 +23,6 @@ SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 SHARE_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.97, 1.0)
 
 
-
 class Metrics:
     """All metric objects; the public port never serves them (see ``start_metrics_listener``).
 
@@ -40,32 +39,103 @@ class Metrics:
         self.by_model = by_model
         r = self.registry
         m = ["model"] if by_model else []
-        self._requests = Counter("codedsmooth_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status", *m], registry=r)
-        self._latency = Histogram("codedsmooth_request_latency_seconds", "HTTP request latency", ["endpoint", *m], buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("codedsmooth_queue_wait_seconds", "time from arrival to the start of the request's device batch", m, buckets=LATENCY_BUCKETS, registry=r)
-        self.inference = Histogram("codedsmooth_inference_seconds", "model time per device batch", m, buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("codedsmooth_batch_size", "items per device batch", m, buckets=SIZE_BUCKETS, registry=r)
-        self.batch_requests = Histogram("codedsmooth_batch_requests", "requests per device batch", m, buckets=SIZE_BUCKETS, registry=r)
-        self.in_flight = Gauge("codedsmooth_requests_in_flight", "HTTP requests being handled", registry=r)
-        self.queue_depth = Gauge("codedsmooth_queue_depth", "accepted requests waiting for the model (queued or gathered into the next batch)", m, registry=r)
-        self.connections = Gauge("codedsmooth_open_connections", "open client connections on the public port", registry=r)
-        self.connections_evicted = Counter("codedsmooth_idle_connections_closed_total", "connections without a request in the app closed to admit a new one at --max-connections", registry=r)
-        self.rejected = Counter("codedsmooth_rejected_total", "requests refused or dropped before compute", ["reason"], registry=r)
-        self.ready = Gauge("codedsmooth_model_ready", "1 when the model is loaded and warm (a repository: every required model)", registry=r)
-        self.model_loaded = Gauge("codedsmooth_model_loaded", "1 while a model is loaded and serving, by model name", ["model"], registry=r)
-        # access control (with --api-keys-file); client labels come from the keys file, plus "unknown"
-        self.client_requests = Counter("codedsmooth_client_requests_total", "requests with a known API key, by client", ["client"], registry=r)
-        self.client_items = Counter("codedsmooth_client_items_total", "items charged to a client's limits", ["client"], registry=r)
-        self.client_refused = Counter(
-            "codedsmooth_client_refused_total", "requests refused by access control: 401 (client unknown: no key or an unknown one), 429 (over a limit)", ["client", "status"], registry=r
+        self._requests = Counter(
+            "codedsmooth_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status", *m], registry=r
         )
-        self.keys_reloads = Counter("codedsmooth_api_keys_reloads_total", "keys file reloads after a change: ok, empty (loaded; every request refused), or error (the last good table stays)", ["result"], registry=r)
+        self._latency = Histogram(
+            "codedsmooth_request_latency_seconds",
+            "HTTP request latency",
+            ["endpoint", *m],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "codedsmooth_queue_wait_seconds",
+            "time from arrival to the start of the request's device batch",
+            m,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference = Histogram(
+            "codedsmooth_inference_seconds", "model time per device batch", m, buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "codedsmooth_batch_size", "items per device batch", m, buckets=SIZE_BUCKETS, registry=r
+        )
+        self.batch_requests = Histogram(
+            "codedsmooth_batch_requests", "requests per device batch", m, buckets=SIZE_BUCKETS, registry=r
+        )
+        self.in_flight = Gauge("codedsmooth_requests_in_flight", "HTTP requests being handled", registry=r)
+        self.queue_depth = Gauge(
+            "codedsmooth_queue_depth",
+            "accepted requests waiting for the model (queued or gathered into the next batch)",
+            m,
+            registry=r,
+        )
+        self.connections = Gauge(
+            "codedsmooth_open_connections", "open client connections on the public port", registry=r
+        )
+        self.connections_evicted = Counter(
+            "codedsmooth_idle_connections_closed_total",
+            "connections without a request in the app closed to admit a new one at --max-connections",
+            registry=r,
+        )
+        self.rejected = Counter(
+            "codedsmooth_rejected_total", "requests refused or dropped before compute", ["reason"], registry=r
+        )
+        self.ready = Gauge(
+            "codedsmooth_model_ready",
+            "1 when the model is loaded and warm (a repository: every required model)",
+            registry=r,
+        )
+        self.model_loaded = Gauge(
+            "codedsmooth_model_loaded", "1 while a model is loaded and serving, by model name", ["model"], registry=r
+        )
+        # access control (with --api-keys-file); client labels come from the keys file, plus "unknown"
+        self.client_requests = Counter(
+            "codedsmooth_client_requests_total", "requests with a known API key, by client", ["client"], registry=r
+        )
+        self.client_items = Counter(
+            "codedsmooth_client_items_total", "items charged to a client's limits", ["client"], registry=r
+        )
+        self.client_refused = Counter(
+            "codedsmooth_client_refused_total",
+            "requests refused by access control: 401 (client unknown: no key or an unknown one), 429 (over a limit)",
+            ["client", "status"],
+            registry=r,
+        )
+        self.keys_reloads = Counter(
+            "codedsmooth_api_keys_reloads_total",
+            "keys file reloads after a change: ok, empty (loaded; every request refused), or error (the last good table stays)",
+            ["result"],
+            registry=r,
+        )
         self.keys_clients = Gauge("codedsmooth_api_keys_clients", "clients in the keys table in force", registry=r)
-        self.rci_groups = Histogram("codedsmooth_rci_coding_groups", "coding groups per device batch", m, buckets=SIZE_BUCKETS, registry=r)
-        self.rci_filler_share = Histogram("codedsmooth_rci_filler_share", "share of coded slots filled with trusted filler", m, buckets=SHARE_BUCKETS, registry=r)
-        self.rci_checked = Counter("codedsmooth_rci_checked_items_total", "items also run without RCI to measure its effect", m, registry=r)
-        self.rci_flips = Counter("codedsmooth_rci_label_flips_total", "checked items whose RCI label differs from the uncoded model's", m, registry=r)
-        self.rci_residual = Gauge("codedsmooth_rci_decode_residual", "mean squared gap between RCI and uncoded logits in the last checked batch", m, registry=r)
+        self.rci_groups = Histogram(
+            "codedsmooth_rci_coding_groups", "coding groups per device batch", m, buckets=SIZE_BUCKETS, registry=r
+        )
+        self.rci_filler_share = Histogram(
+            "codedsmooth_rci_filler_share",
+            "share of coded slots filled with trusted filler",
+            m,
+            buckets=SHARE_BUCKETS,
+            registry=r,
+        )
+        self.rci_checked = Counter(
+            "codedsmooth_rci_checked_items_total", "items also run without RCI to measure its effect", m, registry=r
+        )
+        self.rci_flips = Counter(
+            "codedsmooth_rci_label_flips_total",
+            "checked items whose RCI label differs from the uncoded model's",
+            m,
+            registry=r,
+        )
+        self.rci_residual = Gauge(
+            "codedsmooth_rci_decode_residual",
+            "mean squared gap between RCI and uncoded logits in the last checked batch",
+            m,
+            registry=r,
+        )
 
     def _model(self, model: str | None) -> dict[str, str]:
         return {"model": model or ""} if self.by_model else {}
@@ -120,9 +190,17 @@ class ModelMetrics:
 
         m = metrics
         return cls(
-            rejected=m.rejected, queue_wait=own(m.queue_wait), inference=own(m.inference), batch_size=own(m.batch_size),
-            batch_requests=own(m.batch_requests), queue_depth=own(m.queue_depth), rci_groups=own(m.rci_groups),
-            rci_filler_share=own(m.rci_filler_share), rci_checked=own(m.rci_checked), rci_flips=own(m.rci_flips), rci_residual=own(m.rci_residual),
+            rejected=m.rejected,
+            queue_wait=own(m.queue_wait),
+            inference=own(m.inference),
+            batch_size=own(m.batch_size),
+            batch_requests=own(m.batch_requests),
+            queue_depth=own(m.queue_depth),
+            rci_groups=own(m.rci_groups),
+            rci_filler_share=own(m.rci_filler_share),
+            rci_checked=own(m.rci_checked),
+            rci_flips=own(m.rci_flips),
+            rci_residual=own(m.rci_residual),
         )
 
 
@@ -161,7 +239,13 @@ class BatchObserver:
         now = time.monotonic()
         if now - self._flips[2] >= self.log_every_s:
             f, c = self._flips[0], self._flips[1]
-            log.info("rci %s scope: %d of %d checked items changed label vs the uncoded model (%.2f%%)", self.scope, f, c, 100.0 * f / c)
+            log.info(
+                "rci %s scope: %d of %d checked items changed label vs the uncoded model (%.2f%%)",
+                self.scope,
+                f,
+                c,
+                100.0 * f / c,
+            )
             self._flips = [0, 0, now]
 
 

@@ -13,7 +13,9 @@ def digits():
 def tiny_checkpoint(tmp_path_factory, digits):
     """A small coded-smoothing CNN on digits, trained in a few seconds."""
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    cfg = TrainConfig(method="coded", epochs=4, width=8, batch_size=16, out=str(out), progress=False, seed=0, filler_size=32)
+    cfg = TrainConfig(
+        method="coded", epochs=4, width=8, batch_size=16, out=str(out), progress=False, seed=0, filler_size=32
+    )
     train(cfg, data=digits)
     return out
 

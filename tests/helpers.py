@@ -78,10 +78,14 @@ class LoggedServer(ServerProcess):
     def __init__(self, checkpoint, **settings):
         super().__init__(checkpoint, **settings)
         self.lines: list[str] = []
-        threading.Thread(target=lambda: self.lines.extend(line.rstrip("\n") for line in self.proc.stdout), daemon=True).start()
+        threading.Thread(
+            target=lambda: self.lines.extend(line.rstrip("\n") for line in self.proc.stdout), daemon=True
+        ).start()
 
     def wait_line(self, text: str) -> str:
-        return wait_until(lambda: next((line for line in self.lines if text in line), None), f"a log line with {text!r}", 30)
+        return wait_until(
+            lambda: next((line for line in self.lines if text in line), None), f"a log line with {text!r}", 30
+        )
 
 
 def running_server(checkpoint, **settings):
@@ -92,18 +96,28 @@ GOOD_ITEM = np.full((1, 8, 8), 0.5).tolist()  # one valid item for the 8x8 digit
 SLOW_SERVER = [sys.executable, str(Path(__file__).with_name("slow_server.py"))]  # serve with an engine held at a gate
 
 
-def held_server(checkpoint, gate: Path, monkeypatch, drain_timeout_s: float, slow_batch_s: float = 0.0) -> ServerProcess:
+def held_server(
+    checkpoint, gate: Path, monkeypatch, drain_timeout_s: float, slow_batch_s: float = 0.0
+) -> ServerProcess:
     """A server (not started) whose engine holds its first batch until ``gate/open`` exists (tests/slow_server.py)."""
     monkeypatch.setenv("SLOW_ENGINE_GATE", str(gate))
     monkeypatch.setenv("SLOW_BATCH_S", str(slow_batch_s))
     return ServerProcess(
-        checkpoint, program=SLOW_SERVER, log_level="info", drain_timeout_s=drain_timeout_s,
-        max_batch_size=4, max_delay_ms=0, max_queue_size=64, timeout_ms=60000, rci=False,
+        checkpoint,
+        program=SLOW_SERVER,
+        log_level="info",
+        drain_timeout_s=drain_timeout_s,
+        max_batch_size=4,
+        max_delay_ms=0,
+        max_queue_size=64,
+        timeout_ms=60000,
+        rci=False,
     )
 
 
 async def hold_and_queue(client, server, gate: Path, requests: int) -> list:
     """Post one request and wait until the model thread holds it, then ``requests - 1`` more, queued behind it; their futures."""
+
     def post():
         return asyncio.ensure_future(client.post("/v1/predict", json={"inputs": [GOOD_ITEM]}))
 
@@ -117,7 +131,10 @@ async def hold_and_queue(client, server, gate: Path, requests: int) -> list:
 @torch.no_grad()
 def correct_per_image(predict_fn, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Boolean per image: ``predict_fn`` (logits or probabilities) puts its top score on the label."""
-    out = [predict_fn(x[i : i + batch_size]).argmax(1).cpu() == y[i : i + batch_size].cpu() for i in range(0, len(x), batch_size)]
+    out = [
+        predict_fn(x[i : i + batch_size]).argmax(1).cpu() == y[i : i + batch_size].cpu()
+        for i in range(0, len(x), batch_size)
+    ]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 
 
@@ -132,7 +149,14 @@ def worst_case(robust) -> torch.Tensor:
 
 
 # The IDX format's type codes (third byte of the magic number), as LeCun's MNIST page lists them.
-IDX_TYPE_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B, np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D, np.dtype(np.float64): 0x0E}
+IDX_TYPE_CODES = {
+    np.dtype(np.uint8): 0x08,
+    np.dtype(np.int8): 0x09,
+    np.dtype(np.int16): 0x0B,
+    np.dtype(np.int32): 0x0C,
+    np.dtype(np.float32): 0x0D,
+    np.dtype(np.float64): 0x0E,
+}
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -146,7 +170,23 @@ def write_idx(path, array: np.ndarray) -> None:
     Path(path).write_bytes(gzip.compress(body) if str(path).endswith(".gz") else body)
 
 
-__all__ = ["GOOD_ITEM", "SLOW_SERVER", "held_server", "hold_and_queue", "ServerProcess", "running_server", "free_port", "metric_samples", "metric", "wait_for_metric", "wait_until", "run_in_fresh_interpreter", "correct_per_image", "worst_case", "write_idx"]
+__all__ = [
+    "GOOD_ITEM",
+    "SLOW_SERVER",
+    "held_server",
+    "hold_and_queue",
+    "ServerProcess",
+    "running_server",
+    "free_port",
+    "metric_samples",
+    "metric",
+    "wait_for_metric",
+    "wait_until",
+    "run_in_fresh_interpreter",
+    "correct_per_image",
+    "worst_case",
+    "write_idx",
+]
 
 
 def write_card(checkpoint_dir, name: str, accuracy: float = 0.5) -> dict:
@@ -155,16 +195,52 @@ def write_card(checkpoint_dir, name: str, accuracy: float = 0.5) -> dict:
 
     from codedsmooth.models.card import CARD_FILE, RobustnessCard
 
-    card = RobustnessCard.model_validate({
-        "source": "audit", "model": {"name": name, "url": "http://127.0.0.1:1"}, "dataset": "digits", "eps": [0.1, 0.3],
-        "samples": {"s": [3, 1, 4]},
-        "measurements": [
-            {"attack": "square", "threat": "score-based", "setting": "RCI off", "eps": 0.3, "sample": "s", "n": 3, "robust_accuracy": accuracy,
-             "interval": [0.1, 0.9], "queries_per_broken": {"median": 12, "p90": 40}, "queries": 300, "rate_limited": 2},
-            {"attack": "decision", "threat": "decision-based", "setting": "RCI off", "eps": 0.3, "sample": "s", "n": 3, "robust_accuracy": accuracy + 0.1, "interval": [0.2, 0.95]},
-            {"attack": "square", "threat": "score-based", "setting": "RCI off", "eps": 0.1, "sample": "s", "n": 3, "robust_accuracy": 1.0, "interval": [0.4, 1.0]},
-        ],
-        "rate_limited": 2, "command": "codedsmooth audit --url http://127.0.0.1:1", "date": "2026-12-01",
-    })
+    card = RobustnessCard.model_validate(
+        {
+            "source": "audit",
+            "model": {"name": name, "url": "http://127.0.0.1:1"},
+            "dataset": "digits",
+            "eps": [0.1, 0.3],
+            "samples": {"s": [3, 1, 4]},
+            "measurements": [
+                {
+                    "attack": "square",
+                    "threat": "score-based",
+                    "setting": "RCI off",
+                    "eps": 0.3,
+                    "sample": "s",
+                    "n": 3,
+                    "robust_accuracy": accuracy,
+                    "interval": [0.1, 0.9],
+                    "queries_per_broken": {"median": 12, "p90": 40},
+                    "queries": 300,
+                    "rate_limited": 2,
+                },
+                {
+                    "attack": "decision",
+                    "threat": "decision-based",
+                    "setting": "RCI off",
+                    "eps": 0.3,
+                    "sample": "s",
+                    "n": 3,
+                    "robust_accuracy": accuracy + 0.1,
+                    "interval": [0.2, 0.95],
+                },
+                {
+                    "attack": "square",
+                    "threat": "score-based",
+                    "setting": "RCI off",
+                    "eps": 0.1,
+                    "sample": "s",
+                    "n": 3,
+                    "robust_accuracy": 1.0,
+                    "interval": [0.4, 1.0],
+                },
+            ],
+            "rate_limited": 2,
+            "command": "codedsmooth audit --url http://127.0.0.1:1",
+            "date": "2026-12-01",
+        }
+    )
     (Path(checkpoint_dir) / CARD_FILE).write_text(card.to_json())
     return json.loads(card.to_json())

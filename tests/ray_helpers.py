@@ -80,7 +80,13 @@ class RayServer(LocalServer):
 
 def served(samples: dict, endpoint: str, status: str = "200") -> float:
     """Requests the samples of one replica count for ``endpoint`` and ``status``."""
-    return sum(v for (name, labels), v in samples.items() if name == "codedsmooth_requests_total" and dict(labels).get("endpoint") == endpoint and dict(labels).get("status") == status)
+    return sum(
+        v
+        for (name, labels), v in samples.items()
+        if name == "codedsmooth_requests_total"
+        and dict(labels).get("endpoint") == endpoint
+        and dict(labels).get("status") == status
+    )
 
 
 def outcome(send) -> tuple[int | str, httpx.Response | None]:

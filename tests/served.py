@@ -44,7 +44,11 @@ def served(mode: str, checkpoint, tmp_path_factory, **settings):
 
 
 def no_500s(srv) -> None:
-    fives = {k: v for k, v in metric_samples(srv).items() if k[0] == "codedsmooth_requests_total" and dict(k[1]).get("status") == "500"}
+    fives = {
+        k: v
+        for k, v in metric_samples(srv).items()
+        if k[0] == "codedsmooth_requests_total" and dict(k[1]).get("status") == "500"
+    }
     assert not fives, fives
 
 

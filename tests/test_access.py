@@ -49,7 +49,9 @@ def keys(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, keys):
     path, _ = keys
-    srv = LoggedServer(tiny_checkpoint, api_keys_file=path, quota=QUOTA, max_batch_size=BATCH, rci=False, max_delay_ms=1)
+    srv = LoggedServer(
+        tiny_checkpoint, api_keys_file=path, quota=QUOTA, max_batch_size=BATCH, rci=False, max_delay_ms=1
+    )
     try:
         srv.wait_ready()
         srv.model = None
@@ -83,7 +85,18 @@ def _png() -> bytes:
 def routes(model: str, digits) -> list[tuple[str, str, dict]]:
     """Every route that needs a key, with a body it would answer 200."""
     x = digits.test_x[:2].numpy()
-    head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ]
+        }
+    ).encode()
     return [
         ("GET", "/v1/models", {}),
         ("POST", "/v1/predict", {"json": {"inputs": x.tolist()}}),
@@ -91,8 +104,22 @@ def routes(model: str, digits) -> list[tuple[str, str, dict]]:
         ("GET", "/v2", {}),
         ("GET", f"/v2/models/{model}", {}),
         ("GET", f"/v2/models/{model}/ready", {}),
-        ("POST", f"/v2/models/{model}/infer", {"json": {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}]}}),
-        ("POST", f"/v2/models/{model}/infer", {"content": head + x.tobytes(), "headers": {"inference-header-content-length": str(len(head))}}),
+        (
+            "POST",
+            f"/v2/models/{model}/infer",
+            {
+                "json": {
+                    "inputs": [
+                        {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}
+                    ]
+                }
+            },
+        ),
+        (
+            "POST",
+            f"/v2/models/{model}/infer",
+            {"content": head + x.tobytes(), "headers": {"inference-header-content-length": str(len(head))}},
+        ),
     ]
 
 
@@ -170,7 +197,13 @@ def test_no_key_or_a_wrong_key_gets_401_with_www_authenticate_on_every_route(ser
     with httpx.Client(base_url=server.url, timeout=30) as client:
         for method, path, kwargs in routes(model, digits) + [("GET", "/no/such/path", {})]:
             extra = kwargs.pop("headers", {})
-            for headers in ({}, auth("not-a-key"), auth(k["carol"] + "x"), {"Authorization": f"Basic {k['carol']}"}, {"Authorization": "Bearer"}):
+            for headers in (
+                {},
+                auth("not-a-key"),
+                auth(k["carol"] + "x"),
+                {"Authorization": f"Basic {k['carol']}"},
+                {"Authorization": "Bearer"},
+            ):
                 r = client.request(method, path, headers={**extra, **headers}, **kwargs)
                 assert r.status_code == 401, (method, path, headers, r.status_code, r.text[:200])
                 assert r.headers["www-authenticate"].startswith('Bearer realm="codedsmooth"')
@@ -190,10 +223,17 @@ def test_health_and_the_api_description_stay_open(server):
         for path in ("/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready", "/docs", "/openapi.json"):
             assert client.get(path).status_code == 200, path
         doc = client.get("/openapi.json").json()
-    assert doc["components"]["securitySchemes"]["apiKey"] == {"type": "http", "scheme": "bearer", "description": doc["components"]["securitySchemes"]["apiKey"]["description"]}
+    assert doc["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": doc["components"]["securitySchemes"]["apiKey"]["description"],
+    }
     assert doc["paths"]["/v1/predict"]["post"]["security"] == [{"apiKey": []}]
     assert {"401", "429"} <= set(doc["paths"]["/v2/models/{name}/infer"]["post"]["responses"])
-    assert "401" in doc["paths"]["/v1/models"]["get"]["responses"] and "429" not in doc["paths"]["/v1/models"]["get"]["responses"]
+    assert (
+        "401" in doc["paths"]["/v1/models"]["get"]["responses"]
+        and "429" not in doc["paths"]["/v1/models"]["get"]["responses"]
+    )
     assert "security" not in doc["paths"]["/health/ready"]["get"]
 
 
@@ -228,7 +268,12 @@ def test_tritonclient_passes_the_key_as_a_header(server, keys, tiny_checkpoint, 
             inp = httpclient.InferInput("input", list(x.shape), "FP32")
             inp.set_data_from_numpy(x, binary_data=binary)
             # a fresh dict per call: tritonclient writes Inference-Header-Content-Length into the one it is given
-            result = triton.infer(ck.name, [inp], outputs=[httpclient.InferRequestedOutput("probabilities", binary_data=binary)], headers=auth(k["carol"]))
+            result = triton.infer(
+                ck.name,
+                [inp],
+                outputs=[httpclient.InferRequestedOutput("probabilities", binary_data=binary)],
+                headers=auth(k["carol"]),
+            )
             assert result.as_numpy("probabilities").shape == (4, len(ck.classes))
         with pytest.raises(InferenceServerException, match="unknown API key"):
             triton.infer(ck.name, [inp], headers=auth("wrong"))
@@ -247,8 +292,14 @@ def test_quota_of_50_items_answers_exactly_50_of_80_one_item_requests(server, ke
     def one(i):
         # v1 and v2 alike: the same charge
         if i % 2:
-            return httpx.post(server.url + "/v1/predict", json={"inputs": item(digits, i % 10)}, headers=auth(k["alice"]), timeout=30)
-        body = {"inputs": [{"name": "input", "shape": [1, *x.shape[1:]], "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
+            return httpx.post(
+                server.url + "/v1/predict", json={"inputs": item(digits, i % 10)}, headers=auth(k["alice"]), timeout=30
+            )
+        body = {
+            "inputs": [
+                {"name": "input", "shape": [1, *x.shape[1:]], "datatype": "FP32", "data": x.reshape(-1).tolist()}
+            ]
+        }
         return httpx.post(f"{server.url}/v2/models/{model}/infer", json=body, headers=auth(k["alice"]), timeout=30)
 
     with ThreadPoolExecutor(8) as pool:
@@ -263,7 +314,9 @@ def test_quota_of_50_items_answers_exactly_50_of_80_one_item_requests(server, ke
     assert metric(server, "codedsmooth_client_items_total", client="alice") == QUOTA
     assert metric(server, "codedsmooth_client_refused_total", client="alice", status="429") == 30
     # a second key is still answered; a request of several items is charged several
-    r = httpx.post(server.url + "/v1/predict", json={"inputs": digits.test_x[:3].tolist()}, headers=auth(k["bob"]), timeout=30)
+    r = httpx.post(
+        server.url + "/v1/predict", json={"inputs": digits.test_x[:3].tolist()}, headers=auth(k["bob"]), timeout=30
+    )
     assert r.status_code == 200
     assert metric(server, "codedsmooth_client_items_total", client="bob") == 3
     # metadata uses no items and is still answered for the exhausted key
@@ -292,13 +345,17 @@ def test_rate_limit_never_passes_its_bucket_and_keeps_near_its_rate(server, keys
     start = time.monotonic()
     for t in threads:
         t.start()
-    wait_until(lambda: time.monotonic() - start >= 3.0 and len(refused) > 0, "3 s of load past the rate", 60, interval=0.05)
+    wait_until(
+        lambda: time.monotonic() - start >= 3.0 and len(refused) > 0, "3 s of load past the rate", 60, interval=0.05
+    )
     stop.set()
     for t in threads:
         t.join(30)
     elapsed = time.monotonic() - start
-    print(f"rate limit {RATE:g}/s, burst {BATCH}: {len(answered)} answered, {len(refused)} refused in {elapsed:.2f}s "
-          f"({(len(answered) - BATCH) / elapsed:.1f} items/s past the burst)")
+    print(
+        f"rate limit {RATE:g}/s, burst {BATCH}: {len(answered)} answered, {len(refused)} refused in {elapsed:.2f}s "
+        f"({(len(answered) - BATCH) / elapsed:.1f} items/s past the burst)"
+    )
     assert set(refused) == {429} and retry_afters == {"1"}
     assert len(answered) <= BATCH + RATE * elapsed + 1e-6
     assert len(answered) >= 0.5 * RATE * elapsed
@@ -313,8 +370,16 @@ def test_a_keys_line_reads_back_as_it_is_written():
     client = parse_line(line, "here")
     assert format_line(client) == line
     # a model's options written apart are read as one override, written together in the order the models came
-    assert parse_line(f"batch {digest} rate=5 quota=none rate@erm=2.5 quota@coded=none quota@erm=7 manage=yes", "here") == client
-    for rate in ("1234567", "0.1234567", "1e-07", "3.3333333333333335"):  # every digit of a rate survives the round trip
+    assert (
+        parse_line(f"batch {digest} rate=5 quota=none rate@erm=2.5 quota@coded=none quota@erm=7 manage=yes", "here")
+        == client
+    )
+    for rate in (
+        "1234567",
+        "0.1234567",
+        "1e-07",
+        "3.3333333333333335",
+    ):  # every digit of a rate survives the round trip
         again = parse_line(format_line(parse_line(f"b {digest} rate={rate} rate@erm={rate}", "here")), "there")
         assert again.limits.rate == float(rate) and again.on_model("erm").rate == float(rate)
     assert client.limits == LimitOverride(rate=5.0, quota=None)
@@ -328,7 +393,12 @@ def test_limits_arithmetic_against_its_definition():
     refusal's Retry-After is when that request would fit, and no earlier whole second; a quota window passes at most Q."""
     rng = random.Random(0)
     for trial in range(60):
-        limits = Limits(rate=rng.choice([None, 0.5, 3.0, 20.0]), burst=rng.choice([1, 4, 8]), quota=rng.choice([None, 0, 5, 40]), window_s=rng.choice([10.0, 60.0]))
+        limits = Limits(
+            rate=rng.choice([None, 0.5, 3.0, 20.0]),
+            burst=rng.choice([1, 4, 8]),
+            quota=rng.choice([None, 0, 5, 40]),
+            window_s=rng.choice([10.0, 60.0]),
+        )
         c, now, passed = Counters(), 0.0, []
         for _ in range(300):
             now += rng.expovariate(5.0)
@@ -343,7 +413,9 @@ def test_limits_arithmetic_against_its_definition():
                 continue
             assert d.retry_after_s >= 1
             # the same request fits at now + Retry-After, and not one whole second earlier (unless that is now)
-            later = lambda dt, c=c, n=n, limits=limits, now=now: Counters.charge(_copy(c), CounterKey("x"), n, limits, now + dt).allowed  # noqa: E731
+            later = lambda dt, c=c, n=n, limits=limits, now=now: (
+                Counters.charge(_copy(c), CounterKey("x"), n, limits, now + dt).allowed
+            )  # noqa: E731
             assert later(d.retry_after_s), (trial, limits, n, d)
             if d.retry_after_s > 1:
                 assert not later(d.retry_after_s - 1), (trial, limits, n, d)
@@ -354,7 +426,9 @@ def test_limits_arithmetic_against_its_definition():
                     assert sum(m for _, m in passed[i : j + 1]) <= limits.burst + limits.rate * span + 1e-5
         if limits.quota is not None:
             starts = [t for t, _ in passed]
-            for t0 in starts:  # a window starts at a passed charge; what passed in [t0, t0 + W) fits Q, or spans two windows
+            for (
+                t0
+            ) in starts:  # a window starts at a passed charge; what passed in [t0, t0 + W) fits Q, or spans two windows
                 inside = sum(m for t, m in passed if t0 <= t < t0 + limits.window_s)
                 assert inside <= 2 * limits.quota
             # from the first charge, windows are back to back: each holds at most Q
@@ -388,7 +462,9 @@ def test_a_removed_key_is_refused_without_a_restart_and_a_broken_file_keeps_the_
         # a broken line: the last good table stays in force (dave still answered), an error is logged and counted
         path.write_text(original + "frank not-a-digest\n")
         wait_for_metric(server, "codedsmooth_api_keys_reloads_total", lambda v: v == errors + 1, 30, result="error")
-        server.wait_line(f"{path}, line 7: expected the SHA-256 of the key as 64 hex digits after the name (keys are never stored in clear); keeping the last good table (6 clients)")
+        server.wait_line(
+            f"{path}, line 7: expected the SHA-256 of the key as 64 hex digits after the name (keys are never stored in clear); keeping the last good table (6 clients)"
+        )
         assert post(k["dave"]).status_code == 200 and metric(server, "codedsmooth_api_keys_clients") == 6
         # dave's line removed (replaced by a rename, as editors do): refused from the reload on, the others answered
         t0 = time.monotonic()
@@ -412,7 +488,9 @@ def test_a_removed_key_is_refused_without_a_restart_and_a_broken_file_keeps_the_
 # ---- the client -------------------------------------------------------------------------------
 
 
-def test_the_attack_client_sends_its_key_from_the_argument_or_the_environment(server, keys, digits, monkeypatch, tiny_checkpoint):
+def test_the_attack_client_sends_its_key_from_the_argument_or_the_environment(
+    server, keys, digits, monkeypatch, tiny_checkpoint
+):
     from codedsmooth.probe.targets import HttpTarget
     from codedsmooth.service.client import API_KEY_ENV, CodedSmoothClient
     from codedsmooth.service.errors import ServiceError
@@ -439,8 +517,26 @@ def test_the_attack_client_sends_its_key_from_the_argument_or_the_environment(se
     # the CLI's --api-key reaches the server (the environment holds no key here): the attack's queries are counted for that key's client
     monkeypatch.delenv(API_KEY_ENV)
     before = metric(server, "codedsmooth_client_items_total", client="carol")
-    attack = [sys.executable, "-m", "codedsmooth", "attack", "--checkpoint", str(tiny_checkpoint), "--url", server.url, "--attack", "fgsm",
-              "--threat", "transfer", "--eps", "0.1", "--samples", "10", "--api-key", k["carol"]]
+    attack = [
+        sys.executable,
+        "-m",
+        "codedsmooth",
+        "attack",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--url",
+        server.url,
+        "--attack",
+        "fgsm",
+        "--threat",
+        "transfer",
+        "--eps",
+        "0.1",
+        "--samples",
+        "10",
+        "--api-key",
+        k["carol"],
+    ]
     keyed = subprocess.run(attack, capture_output=True, text=True, timeout=300)
     assert keyed.returncode == 0, keyed.stderr[-3000:]
     assert metric(server, "codedsmooth_client_items_total", client="carol") - before >= 10
@@ -488,7 +584,9 @@ def test_a_refused_request_with_a_body_closes_its_connection_unread(server):
     import socket
 
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n")
+        sock.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n"
+        )
         head = b""
         while b"\r\n\r\n" not in head:
             chunk = sock.recv(65536)
@@ -516,7 +614,10 @@ def test_a_key_with_non_ascii_characters_matches_its_utf8_digest(tmp_path, tiny_
     path.chmod(0o600)
     import socket
 
-    with running_server(tiny_checkpoint, api_keys_file=path, rci=False) as srv, socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+    with (
+        running_server(tiny_checkpoint, api_keys_file=path, rci=False) as srv,
+        socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock,
+    ):
         sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode() + b"\r\n\r\n")
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
 
@@ -596,10 +697,14 @@ def test_a_quota_used_up_before_a_restart_stays_used_up_after_it(tmp_path, tiny_
     try:
         again.wait_ready()
         r = httpx.post(again.url + "/v1/predict", json=x, headers=dave)
-        assert r.status_code == 429 and "quota of 5 items per 86400 s used (0 left, 1 asked)" in r.json()["error"], r.text
+        assert r.status_code == 429 and "quota of 5 items per 86400 s used (0 left, 1 asked)" in r.json()["error"], (
+            r.text
+        )
     finally:
         again.terminate()
-    fresh = ServerProcess(tiny_checkpoint, api_keys_file=keys, rci=False, quota_state="none")  # in memory: today's fresh quota
+    fresh = ServerProcess(
+        tiny_checkpoint, api_keys_file=keys, rci=False, quota_state="none"
+    )  # in memory: today's fresh quota
     try:
         fresh.wait_ready()
         assert httpx.post(fresh.url + "/v1/predict", json=x, headers=dave).status_code == 200
@@ -621,7 +726,11 @@ def test_persistent_counters_keep_each_keys_window_in_sqlite(tmp_path):
     counters.refund(CounterKey("a"), 1, limits, now)
     store.close()
     reopened = PersistentCounters(QuotaStore(tmp_path / "q.sqlite", flush_s=3600.0))
-    assert {k: v[1] for k, v in reopened.windows.items()} == {CounterKey("a"): 3, CounterKey("a", "erm"): 7, CounterKey("b"): 10}
+    assert {k: v[1] for k, v in reopened.windows.items()} == {
+        CounterKey("a"): 3,
+        CounterKey("a", "erm"): 7,
+        CounterKey("b"): 10,
+    }
     assert not reopened.charge(CounterKey("b"), 1, limits, time.monotonic()).allowed
     assert reopened.charge(CounterKey("a"), 7, limits, time.monotonic()).allowed
     assert abs(reopened.windows[CounterKey("a")][0] - now) < 1.0  # the window's start survives, in this process's clock
@@ -633,4 +742,8 @@ def test_a_quota_state_that_cannot_be_written_is_one_cli_error(tmp_path, capsys)
     add_key(keys, "dave", quota="5")
     where = tmp_path / "no-such-dir" / "q.sqlite"
     r = cli(capsys, "serve", "--api-keys-file", str(keys), "--quota-state", str(where), "--port", "0")
-    assert r.returncode == 2 and f"{where}: cannot keep the quota counters there" in r.stderr and "--quota-state none" in r.stderr, r.stderr
+    assert (
+        r.returncode == 2
+        and f"{where}: cannot keep the quota counters there" in r.stderr
+        and "--quota-state none" in r.stderr
+    ), r.stderr

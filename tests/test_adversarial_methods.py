@@ -84,9 +84,24 @@ def _hand_loss(method, model, x, y):
 @pytest.mark.parametrize("method", ["coded-at", "trades"])
 def test_one_training_step_matches_a_hand_made_step(method, digits, tmp_path):
     cfg = TrainConfig(
-        method=method, epochs=1, max_steps=1, width=4, batch_size=K, n_start=N, n_end=N, mu=MU, trades_beta=2.5,
-        at_eps=EPS, at_steps=STEPS, at_step_size=STEP_SIZE, at_warmup=0.0, lr=LR, weight_decay=WD, seed=SEED,
-        out=str(tmp_path / method), progress=False,
+        method=method,
+        epochs=1,
+        max_steps=1,
+        width=4,
+        batch_size=K,
+        n_start=N,
+        n_end=N,
+        mu=MU,
+        trades_beta=2.5,
+        at_eps=EPS,
+        at_steps=STEPS,
+        at_step_size=STEP_SIZE,
+        at_warmup=0.0,
+        lr=LR,
+        weight_decay=WD,
+        seed=SEED,
+        out=str(tmp_path / method),
+        progress=False,
     )
     res = train(cfg, data=digits)
     after = load_checkpoint(res.checkpoint).model.state_dict()
@@ -128,7 +143,9 @@ def test_pgd_with_a_per_item_loss_and_a_given_start_is_the_reference_loop():
     # a callable cross-entropy is the named one
     gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     named = pgd(model, x, y, 0.2, steps=4, generator=gen())
-    called = pgd(model, x, y, 0.2, steps=4, generator=gen(), loss=lambda logits, t: F.cross_entropy(logits, t, reduction="none"))
+    called = pgd(
+        model, x, y, 0.2, steps=4, generator=gen(), loss=lambda logits, t: F.cross_entropy(logits, t, reduction="none")
+    )
     assert torch.equal(named, called)
 
 
@@ -136,7 +153,20 @@ def test_pgd_with_a_per_item_loss_and_a_given_start_is_the_reference_loop():
 def adversarial_checkpoints(digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("adv")
     return {
-        m: train(TrainConfig(method=m, epochs=2, width=8, batch_size=32, at_eps=0.1, at_steps=2, seed=0, out=str(out / m), progress=False), data=digits)
+        m: train(
+            TrainConfig(
+                method=m,
+                epochs=2,
+                width=8,
+                batch_size=32,
+                at_eps=0.1,
+                at_steps=2,
+                seed=0,
+                out=str(out / m),
+                progress=False,
+            ),
+            data=digits,
+        )
         for m in ("coded-at", "trades")
     }
 
@@ -152,7 +182,9 @@ def test_checkpoint_records_the_method_and_its_settings_and_serves(method, adver
     assert (at["eps"], at["steps"], at["warmup"], at["attack_mode"]) == (0.1, 2, 0.3, "train")
     assert at["step_size"] == pytest.approx(2.5 * 0.1 / 2)
     if method == "coded-at":
-        assert t["mu"] == 1.0 and t["n_schedule"] == {"n_start": 32, "n_end": 48, "epochs": 2} and t["trades_beta"] is None
+        assert (
+            t["mu"] == 1.0 and t["n_schedule"] == {"n_start": 32, "n_end": 48, "epochs": 2} and t["trades_beta"] is None
+        )
         assert (at["loss"], at["random_start"]) == ("ce", True)
         assert all(h["coded_loss"] > 0 for h in ck.config.history)
     else:
@@ -169,7 +201,23 @@ def test_checkpoint_records_the_method_and_its_settings_and_serves(method, adver
 
 def test_cli_takes_the_new_methods_and_trades_beta(tmp_path, capsys):
     out = tmp_path / "trades"
-    argv = ["train", "--data", "digits", "--method", "trades", "--trades-beta", "2.5", "--epochs", "1", "--max-steps", "3", "--width", "4", "--at-steps", "2"]
+    argv = [
+        "train",
+        "--data",
+        "digits",
+        "--method",
+        "trades",
+        "--trades-beta",
+        "2.5",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "3",
+        "--width",
+        "4",
+        "--at-steps",
+        "2",
+    ]
     assert main(argv + ["--out", str(out)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["checkpoint"] == str(out)
     training = json.loads((out / "config.json").read_text())["training"]

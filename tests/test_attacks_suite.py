@@ -74,7 +74,9 @@ def test_apgd_best_loss_never_decreases_and_stays_in_the_ball():
         assert float((adv - x).abs().max()) <= 0.1 + 1e-6
         assert float(adv.min()) >= 0 and float(adv.max()) <= 1
         plain_pgd = pgd(net, x, y, 0.1, steps=40, generator=torch.Generator().manual_seed(0))
-        assert float(correct_per_image(net, adv, y).float().mean()) <= float(correct_per_image(net, plain_pgd, y).float().mean())
+        assert float(correct_per_image(net, adv, y).float().mean()) <= float(
+            correct_per_image(net, plain_pgd, y).float().mean()
+        )
 
 
 def _papers_checkpoints(steps: int) -> list[int]:
@@ -100,7 +102,9 @@ def test_apgd_halves_its_step_size_at_the_checkpoints_of_the_paper(steps):
     apgd(constant, x, y, 0.1, steps=steps, loss="ce", generator=torch.Generator().manual_seed(0), trace=trace)
     sizes = torch.stack([t.step_size for t in trace])  # (steps, images)
     assert len(trace) == steps
-    halved_after = [i + 1 for i in range(steps) if bool((sizes[i] < (sizes[i - 1] if i else torch.full((3,), 0.2))).all())]
+    halved_after = [
+        i + 1 for i in range(steps) if bool((sizes[i] < (sizes[i - 1] if i else torch.full((3,), 0.2))).all())
+    ]
     assert halved_after == apgd_checkpoints(steps)
     if steps == 100:  # at 100 steps the reference code's integer arithmetic is the paper's p_j exactly
         assert halved_after == _papers_checkpoints(100)
@@ -145,7 +149,9 @@ def test_pgd_with_restarts_is_at_least_as_strong_as_one_restart_per_image():
     with torch.no_grad():
         l1 = F.cross_entropy(net(one), y, reduction="none")
         l5 = F.cross_entropy(net(five), y, reduction="none")
-    assert bool((l5[robust_five] >= l1[robust_five] - 1e-5).all())  # unfooled images: at least the loss of the first restart
+    assert bool(
+        (l5[robust_five] >= l1[robust_five] - 1e-5).all()
+    )  # unfooled images: at least the loss of the first restart
     # keep_best never does worse than the last iterate
     last = pgd(net, x, y, eps, steps=30, generator=torch.Generator().manual_seed(0))
     assert not bool((robust_one & ~correct_per_image(net, last, y)).any())
@@ -164,7 +170,9 @@ def test_square_stays_in_the_ball_and_within_its_budget(scores):
             out = net(batch)
         return out.softmax(1) if scores == "probs" else out
 
-    adv, used = square_attack(score_fn, x, y, eps=0.1, queries=300, scores=scores, generator=torch.Generator().manual_seed(0))
+    adv, used = square_attack(
+        score_fn, x, y, eps=0.1, queries=300, scores=scores, generator=torch.Generator().manual_seed(0)
+    )
     assert int(used.max()) <= 300 and int(used.min()) >= 1
     assert float((adv - x).abs().max()) <= 0.1 + 1e-6 and float(adv.min()) >= 0 and float(adv.max()) <= 1
     fooled = ~correct_per_image(net, adv, y)

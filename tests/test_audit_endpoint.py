@@ -20,7 +20,11 @@ def test_metadata_of_both_protocols(server, tiny_checkpoint):
     ck = load_checkpoint(tiny_checkpoint)
     with Endpoint(EndpointOptions(server.url)) as v2, Endpoint(EndpointOptions(server.url, protocol="v1")) as v1:
         for e in (v2, v1):
-            assert e.meta.name == ck.name and e.meta.shape == list(ck.input_shape) and e.n_classes == len(ck.config.classes)
+            assert (
+                e.meta.name == ck.name
+                and e.meta.shape == list(ck.input_shape)
+                and e.n_classes == len(ck.config.classes)
+            )
         assert (v2.meta.protocol, v2.meta.input_name, v2.meta.datatype, v2.meta.version) == ("v2", "input", "FP32", "1")
         assert v1.meta.protocol == "v1"
 
@@ -49,7 +53,9 @@ def test_layouts_scale_class_order_and_output_kinds(server):
     logits = rng.normal(size=(2, 10))
     order = [3, 0, 1, 2, 4, 5, 6, 7, 8, 9]  # output j is the data set's class order[j]
     with Endpoint(EndpointOptions(server.url, output="logits", class_order=order)) as e:
-        got = e.decode({"outputs": [{"name": "logits", "datatype": "FP32", "shape": [2, 10], "data": logits.ravel().tolist()}]}, 2)
+        got = e.decode(
+            {"outputs": [{"name": "logits", "datatype": "FP32", "shape": [2, 10], "data": logits.ravel().tolist()}]}, 2
+        )
         soft = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
         for j, c in enumerate(order):
             np.testing.assert_allclose(got[:, c], soft[:, j], rtol=1e-5)

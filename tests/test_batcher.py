@@ -36,7 +36,9 @@ def engine(tiny_checkpoint):
 
 def _run(engine, coro_fn, **kw):
     async def main():
-        batcher = MicroBatcher(engine, Metrics(), ThreadPoolExecutor(1), kw.get("max_batch", 8), kw.get("delay", 0.05), kw.get("queue", 16))
+        batcher = MicroBatcher(
+            engine, Metrics(), ThreadPoolExecutor(1), kw.get("max_batch", 8), kw.get("delay", 0.05), kw.get("queue", 16)
+        )
         batcher.start()
         try:
             return await coro_fn(batcher)

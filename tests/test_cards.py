@@ -35,7 +35,14 @@ def test_the_default_checkpoint_ships_the_card_generated_from_the_report():
     model = results["models"][results["default_checkpoint"]["same_as"]]
     for setting, label in (("plain", "RCI off"), ("request", "RCI on, request scope (served default)")):
         for eps, row in model["settings"][setting].items():
-            (m,) = [m for m in committed["measurements"] if m["setting"] == label and m["eps"] == float(eps) and m["threat"] == "white-box" and m["sample"] != "test split"]
+            (m,) = [
+                m
+                for m in committed["measurements"]
+                if m["setting"] == label
+                and m["eps"] == float(eps)
+                and m["threat"] == "white-box"
+                and m["sample"] != "test split"
+            ]
             assert (m["robust_accuracy"], m["interval"], m["n"]) == (row["accuracy"], row["interval"], row["n"])
     assert committed["model"]["sha256"] == results["default_checkpoint"]["sha256"]
     assert any(m["threat"] == "score-based" and m["queries_per_broken"] for m in committed["measurements"])
@@ -55,7 +62,10 @@ def carded(tiny_checkpoint, tmp_path_factory):
     return out, write_card(out, "tiny", accuracy=0.25)
 
 
-@pytest.mark.parametrize("text, problem", [("{nope", "not valid JSON"), ('{"source": "audit"}', "not a valid robustness card"), ("[]", "JSON object")])
+@pytest.mark.parametrize(
+    "text, problem",
+    [("{nope", "not valid JSON"), ('{"source": "audit"}', "not a valid robustness card"), ("[]", "JSON object")],
+)
 def test_a_broken_card_is_a_load_error_naming_the_file(carded, tmp_path, text, problem):
     broken = tmp_path / "broken"
     shutil.copytree(carded[0], broken)
@@ -82,10 +92,27 @@ def test_a_model_with_a_card_shows_it_on_every_route_and_one_without_says_so(car
         assert r.status_code == 200 and r.json() == card
         jsonschema.validate(r.json(), SCHEMA)
         assert info["card"] == {
-            "available": True, "href": f"/v1/models/{name}/card", "source": "audit", "date": "2026-12-01",
+            "available": True,
+            "href": f"/v1/models/{name}/card",
+            "source": "audit",
+            "date": "2026-12-01",
             "worst_case": [
-                {"eps": 0.1, "robust_accuracy": 1.0, "interval": [0.4, 1.0], "n": 3, "attack": "square", "setting": "RCI off"},
-                {"eps": 0.3, "robust_accuracy": 0.25, "interval": [0.1, 0.9], "n": 3, "attack": "square", "setting": "RCI off"},
+                {
+                    "eps": 0.1,
+                    "robust_accuracy": 1.0,
+                    "interval": [0.4, 1.0],
+                    "n": 3,
+                    "attack": "square",
+                    "setting": "RCI off",
+                },
+                {
+                    "eps": 0.3,
+                    "robust_accuracy": 0.25,
+                    "interval": [0.1, 0.9],
+                    "n": 3,
+                    "attack": "square",
+                    "setting": "RCI off",
+                },
             ],
         }
         meta = httpx.get(f"{server.url}/v2/models/{name}").json()
@@ -133,7 +160,9 @@ def _v1(url, name, x):
 
 def _v2(url, name, x, outputs=None, binary=False):
     data = x.numpy().astype(np.float32)
-    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": data.reshape(-1).tolist()}]}
+    body = {
+        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": data.reshape(-1).tolist()}]
+    }
     if outputs is not None:
         body["outputs"] = [{"name": o, "parameters": {"binary_data": binary}} for o in outputs]
     return httpx.post(f"{url}/v2/models/{name}/infer", json=body, timeout=30)
@@ -147,7 +176,9 @@ def _triton(url, name, x, outputs):
         meta = client.get_model_metadata(name)
         inp = httpclient.InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x.numpy(), binary_data=True)
-        result = client.infer(name, [inp], outputs=[httpclient.InferRequestedOutput(o, binary_data=True) for o in outputs])
+        result = client.infer(
+            name, [inp], outputs=[httpclient.InferRequestedOutput(o, binary_data=True) for o in outputs]
+        )
         return meta, {o: result.as_numpy(o) for o in outputs}
     finally:
         client.close()
@@ -163,7 +194,12 @@ def check_labels_only(url, name, classes, expected, x):
     assert r.status_code == 200, r.text
     outs = {o["name"]: o for o in r.json()["outputs"]}
     assert set(outs) == {"label", "index"}
-    assert outs["label"] == {"name": "label", "datatype": "BYTES", "shape": [len(x)], "data": [classes[i] for i in expected]}
+    assert outs["label"] == {
+        "name": "label",
+        "datatype": "BYTES",
+        "shape": [len(x)],
+        "data": [classes[i] for i in expected],
+    }
     assert outs["index"]["data"] == expected
     r = _v2(url, name, x, outputs=["probabilities"])
     assert r.status_code == 422 and "unknown output(s) ['probabilities']" in r.json()["error"]
@@ -198,7 +234,9 @@ def test_output_labels_answers_only_the_top_label_on_every_protocol(tiny_checkpo
         assert labels == [info["classes"][i] for i in expected]
 
 
-def test_a_repository_serves_one_model_labels_and_one_scores_with_and_without_a_card(tiny_checkpoint, carded, tmp_path, digits):
+def test_a_repository_serves_one_model_labels_and_one_scores_with_and_without_a_card(
+    tiny_checkpoint, carded, tmp_path, digits
+):
     repo = tmp_path / "repo"
     shutil.copytree(tiny_checkpoint, repo / "labels")
     shutil.copytree(carded[0], repo / "scores")

@@ -164,7 +164,13 @@ BROKEN = [
     ("scaled filler", "model.safetensors", "inputs are pixels in \\[0, 1\\]", None, _filler(lambda f: f * 1e6)),
     ("integer filler", "model.safetensors", "dtype", None, _filler(lambda f: (f * 255).to(torch.uint8))),
     ("filler shape", "model.safetensors", "filler pool shape", None, _filler(lambda f: f[:, :, :4].contiguous())),
-    ("NaN weights", "model.safetensors", "NaN or Inf", None, lambda t: t.__setitem__("model.stages.head.1.weight", t["model.stages.head.1.weight"] * float("nan"))),
+    (
+        "NaN weights",
+        "model.safetensors",
+        "NaN or Inf",
+        None,
+        lambda t: t.__setitem__("model.stages.head.1.weight", t["model.stages.head.1.weight"] * float("nan")),
+    ),
 ]
 
 

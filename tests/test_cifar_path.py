@@ -68,8 +68,22 @@ def test_four_methods_train_on_cifar_shapes_and_rci_attacks_run_at_layer4(tmp_pa
     pool = as_float(data.train_x[:32])
     for method in ("erm", "mixup", "coded", "pgd-at"):
         out = tmp_path / method
-        train(TrainConfig(data="cifar10", data_dir=str(tmp_path), method=method, width=4, batch_size=8, epochs=1, max_steps=2,
-                          at_steps=2, filler_size=16, out=str(out), progress=False), data=data)
+        train(
+            TrainConfig(
+                data="cifar10",
+                data_dir=str(tmp_path),
+                method=method,
+                width=4,
+                batch_size=8,
+                epochs=1,
+                max_steps=2,
+                at_steps=2,
+                filler_size=16,
+                out=str(out),
+                progress=False,
+            ),
+            data=data,
+        )
         ck = load_checkpoint(out)
         assert ck.config.arch == "preact_resnet18" and ck.target_block == "layer4" and ck.input_shape == (3, 32, 32)
         if method == "pgd-at":

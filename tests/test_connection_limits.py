@@ -21,16 +21,21 @@ MAX_HEADERS = 40
 TIMEOUT_MS = 1500
 HEADER_TIMEOUT_S = 5
 ITEM = [[[0.5] * 8] * 8]
-WEBSOCKET = (
-    "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-)
+WEBSOCKET = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
 
 
 @pytest.fixture(scope="module", params=MODES)
 def server(request, tiny_checkpoint, tmp_path_factory):
     with served(
-        request.param, tiny_checkpoint, tmp_path_factory, max_connections=LIMIT, max_header_bytes=MAX_HEADER_BYTES, max_headers=MAX_HEADERS,
-        timeout_ms=TIMEOUT_MS, header_timeout_s=HEADER_TIMEOUT_S, max_body_bytes=1024 * 1024,
+        request.param,
+        tiny_checkpoint,
+        tmp_path_factory,
+        max_connections=LIMIT,
+        max_header_bytes=MAX_HEADER_BYTES,
+        max_headers=MAX_HEADERS,
+        timeout_ms=TIMEOUT_MS,
+        header_timeout_s=HEADER_TIMEOUT_S,
+        max_body_bytes=1024 * 1024,
     ) as srv:
         yield srv
 
@@ -87,7 +92,9 @@ def test_answers_do_not_name_the_server_software(server):
 
 def test_a_head_over_the_byte_limit_gets_431_before_it_ends(server):
     line = b"X-Pad: " + b"a" * 1000 + b"\r\n"  # fewer fields than the limit: the bytes run out first
-    head = b"GET /health/live HTTP/1.1\r\nHost: x\r\n" + line * (MAX_HEADER_BYTES // len(line) + 1)  # no blank line: unfinished
+    head = b"GET /health/live HTTP/1.1\r\nHost: x\r\n" + line * (
+        MAX_HEADER_BYTES // len(line) + 1
+    )  # no blank line: unfinished
     with _connect(server) as sock:
         sock.sendall(head)
         status, headers, body = read_response(sock)
@@ -113,7 +120,9 @@ def test_an_endless_header_block_is_cut_off_with_memory_flat(server):
                 except OSError:  # closed by the server: its answer is in the receive buffer
                     answer = read_response(sock)
     grown = rss_mb(pid) - before
-    print(f"endless headers: answered {answer[0] if answer else None} after {sent / 1e6:.1f} MB sent (socket buffers included); RSS +{grown:.0f} MB")
+    print(
+        f"endless headers: answered {answer[0] if answer else None} after {sent / 1e6:.1f} MB sent (socket buffers included); RSS +{grown:.0f} MB"
+    )
     assert answer is not None and answer[0] == 431, sent
     assert grown < 30
 
@@ -204,7 +213,9 @@ def test_a_new_connection_gets_503_when_every_slot_has_a_request_in_the_app(serv
     try:
         for _ in range(LIMIT):  # requests waiting for their bodies: in the app, their connections are not idle
             s = _connect(server)
-            s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+            s.sendall(
+                b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+            )
             busy.append(s)
         wait_for_metric(server, "codedsmooth_requests_in_flight", lambda v: v == LIMIT)
         r = httpx.get(server.url + "/health/live", timeout=10)
@@ -226,10 +237,15 @@ def test_a_413_closes_the_connection_and_the_rest_is_not_read(server, framing):
     limit = 1024 * 1024
     with _connect(server) as sock:
         if framing == "content-length":
-            sock.sendall(f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {8 * limit}\r\n\r\n".encode() + b" " * 1000)
+            sock.sendall(
+                f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {8 * limit}\r\n\r\n".encode()
+                + b" " * 1000
+            )
         else:
             chunk = b" " * 65536
-            sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+            sock.sendall(
+                b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
             for _ in range(limit // len(chunk) + 2):
                 sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
         status, headers, body = read_response(sock)
@@ -249,7 +265,9 @@ def test_the_deadline_counts_from_the_requests_first_byte(server):
         first_byte = time.monotonic()
         # The server's own clock: a request begun after this one's first byte, whose body never comes, is answered 408 once
         # its deadline has passed; by then this request's earlier deadline has passed too.
-        clock.sendall(f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        clock.sendall(
+            f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        )
         clock_status, _, _ = read_response(clock)
         paused = time.monotonic() - first_byte
         assert clock_status == 408, clock_status

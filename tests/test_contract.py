@@ -26,7 +26,13 @@ GOOD_ITEM = np.full((1, 8, 8), 0.5).tolist()
 JSON = {"content-type": "application/json"}
 MILLION_TINY_ITEMS = b'{"inputs":[' + b",".join([b"[[[0]]]"] * 1_000_000) + b"]}"  # 8 MB: the red team's body
 SHORT_ERROR_BYTES = MAX_ERROR_CHARS + 100  # the JSON around a message cut to MAX_ERROR_CHARS
-LIBRARY_PHRASES = ("maximum number of dimension", "inhomogeneous", "unexpected character", "char ", "setting an array element")
+LIBRARY_PHRASES = (
+    "maximum number of dimension",
+    "inhomogeneous",
+    "unexpected character",
+    "char ",
+    "setting an array element",
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +45,11 @@ def server(tiny_checkpoint):
 
 
 def _v2(name="input", datatype="FP32", shape=(1, 1, 8, 8), data=None) -> dict:
-    return {"inputs": [{"name": name, "shape": list(shape), "datatype": datatype, "data": [0.5] * 64 if data is None else data}]}
+    return {
+        "inputs": [
+            {"name": name, "shape": list(shape), "datatype": datatype, "data": [0.5] * 64 if data is None else data}
+        ]
+    }
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -70,8 +80,14 @@ def test_a_million_tiny_items_are_refused_before_python_objects_are_built(server
         assert r.status_code == 413, r.text
         assert "JSON values" in r.json()["error"] and "at most 32 items" in r.json()["error"]
     grew = _peak_rss_mb(pid) - before
-    assert grew < 80, f"peak RSS grew {grew:.0f} MB answering an 8 MB body"  # the body itself and its copies, no objects
-    v2 = b'{"inputs":[{"name":"input","shape":[1,1,8,8],"datatype":"FP32","data":[' + b",".join([b"0"] * 3_000_000) + b"]}]}"
+    assert grew < 80, (
+        f"peak RSS grew {grew:.0f} MB answering an 8 MB body"
+    )  # the body itself and its copies, no objects
+    v2 = (
+        b'{"inputs":[{"name":"input","shape":[1,1,8,8],"datatype":"FP32","data":['
+        + b",".join([b"0"] * 3_000_000)
+        + b"]}]}"
+    )
     r = server.client.post(f"/v2/models/{server.model}/infer", content=v2, headers=JSON)
     assert r.status_code == 413 and "JSON values" in r.json()["error"]
     assert _peak_rss_mb(pid) - before < 80
@@ -99,7 +115,10 @@ def test_error_bodies_stay_short_whatever_the_request_held(server):
         assert 400 <= r.status_code < 500, (name, r.status_code)
         assert len(r.content) < SHORT_ERROR_BYTES, (name, len(r.content))
         assert "..." in r.json()["error"], (name, r.json())
-    assert answers["200 unknown keys"].status_code == 422 and "200 unknown field(s)" in answers["200 unknown keys"].json()["error"]
+    assert (
+        answers["200 unknown keys"].status_code == 422
+        and "200 unknown field(s)" in answers["200 unknown keys"].json()["error"]
+    )
     assert "7,000,000 characters" in answers["7 MB input name"].json()["error"]
 
 
@@ -107,13 +126,33 @@ def test_error_texts_say_what_is_wrong_in_the_services_words(server):
     c = server.client
     deep = "[" * 70 + "0.5" + "]" * 70
     answers = {
-        "deeper than numpy": (c.post("/v1/predict", content='{"inputs": ' + deep + "}", headers=JSON), 422, "nested too deeply"),
-        "v2 data deeper than numpy": (c.post(f"/v2/models/{server.model}/infer", content=json.dumps(_v2(data=json.loads(deep)), allow_nan=True), headers=JSON), 422, "nested too deeply"),
+        "deeper than numpy": (
+            c.post("/v1/predict", content='{"inputs": ' + deep + "}", headers=JSON),
+            422,
+            "nested too deeply",
+        ),
+        "v2 data deeper than numpy": (
+            c.post(
+                f"/v2/models/{server.model}/infer",
+                content=json.dumps(_v2(data=json.loads(deep)), allow_nan=True),
+                headers=JSON,
+            ),
+            422,
+            "nested too deeply",
+        ),
         "ragged": (c.post("/v1/predict", json={"inputs": [[[[0.5] * 8] * 7 + [[0.5] * 3]]]}), 422, "ragged"),
-        "not JSON": (c.post("/v1/predict", content=b'{"inputs": [1,, 2]}', headers=JSON), 400, "line 1, column 15"),  # the second comma
+        "not JSON": (
+            c.post("/v1/predict", content=b'{"inputs": [1,, 2]}', headers=JSON),
+            400,
+            "line 1, column 15",
+        ),  # the second comma
         "cut short": (c.post("/v1/predict", content=b'{"inputs": [1', headers=JSON), 400, "ends too early"),
         "not UTF-8": (c.post("/v1/predict", content=b'{"inputs": "\xff\xfe"}', headers=JSON), 400, "UTF-8"),
-        "over 1024 levels": (c.post("/v1/predict", content=b"[" * 1100 + b"]" * 1100, headers=JSON), 400, "nested too deeply"),
+        "over 1024 levels": (
+            c.post("/v1/predict", content=b"[" * 1100 + b"]" * 1100, headers=JSON),
+            400,
+            "nested too deeply",
+        ),
     }
     for name, (r, status, words) in answers.items():
         assert r.status_code == status, (name, r.status_code, r.text)
@@ -126,8 +165,15 @@ def test_error_texts_say_what_is_wrong_in_the_services_words(server):
 
 
 def test_a_trailing_slash_is_a_404_json_never_a_redirect_to_the_clients_host(server):
-    for method, path in (("GET", "/v1/models/"), ("POST", "/v1/predict/"), ("GET", "/health/live/"), ("GET", f"/v2/models/{server.model}/")):
-        r = server.client.request(method, path, headers={"host": "evil.example"}, json={"inputs": [GOOD_ITEM]} if method == "POST" else None)
+    for method, path in (
+        ("GET", "/v1/models/"),
+        ("POST", "/v1/predict/"),
+        ("GET", "/health/live/"),
+        ("GET", f"/v2/models/{server.model}/"),
+    ):
+        r = server.client.request(
+            method, path, headers={"host": "evil.example"}, json={"inputs": [GOOD_ITEM]} if method == "POST" else None
+        )
         assert r.status_code == 404, (path, r.status_code, r.headers)
         assert "location" not in r.headers
         assert r.headers["content-type"] == "application/json" and "trailing slash" in r.json()["error"]
@@ -148,8 +194,14 @@ def test_v1_refuses_compressed_bodies_with_415(server):
 def test_broken_multipart_is_400(server):
     bodies = {
         "no boundary": ("multipart/form-data", b"--abc\r\n"),
-        "part without a name": ("multipart/form-data; boundary=abc", b'--abc\r\nContent-Disposition: form-data\r\n\r\nx\r\n--abc--\r\n'),
-        "header line without a colon": ("multipart/form-data; boundary=abc", b"--abc\r\nno colon here\r\n\r\nx\r\n--abc--\r\n"),
+        "part without a name": (
+            "multipart/form-data; boundary=abc",
+            b"--abc\r\nContent-Disposition: form-data\r\n\r\nx\r\n--abc--\r\n",
+        ),
+        "header line without a colon": (
+            "multipart/form-data; boundary=abc",
+            b"--abc\r\nno colon here\r\n\r\nx\r\n--abc--\r\n",
+        ),
     }
     for name, (ctype, body) in bodies.items():
         r = server.client.post("/v1/predict/image", content=body, headers={"content-type": ctype})
@@ -163,8 +215,18 @@ def test_broken_multipart_is_400(server):
 def test_models_shows_what_a_client_needs_and_the_rci_spec(server, tiny_checkpoint):
     ck = load_checkpoint(tiny_checkpoint)
     (info,) = server.client.get("/v1/models").json()
-    assert set(info) == {"name", "input_shape", "classes", "rci", "output", "card"}  # output and card: issue 31 (labels only, robustness cards)
-    assert info["output"] == "scores" and info["card"] == {"available": False, "note": f"model {ck.name!r} has no robustness card"}
+    assert set(info) == {
+        "name",
+        "input_shape",
+        "classes",
+        "rci",
+        "output",
+        "card",
+    }  # output and card: issue 31 (labels only, robustness cards)
+    assert info["output"] == "scores" and info["card"] == {
+        "available": False,
+        "note": f"model {ck.name!r} has no robustness card",
+    }
     assert info["name"] == ck.name and info["input_shape"] == list(ck.input_shape) and info["classes"] == ck.classes
     assert set(info["rci"]) == set(RciInfo.model_fields)  # the whole spec: the attack client builds its model from it
     spec = resolve_spec(ck, ServeSettings())
@@ -180,7 +242,12 @@ def test_model_details_are_opt_in_and_batch_scope_below_exact_decode_warns(tiny_
     try:
         srv.wait_ready()
         (info,) = httpx.get(srv.url + "/v1/models").json()
-        details = {"method": ck.config.method, "dataset": ck.config.dataset, "test_accuracy": ck.config.test_accuracy, "target_block": ck.target_block}
+        details = {
+            "method": ck.config.method,
+            "dataset": ck.config.dataset,
+            "test_accuracy": ck.config.test_accuracy,
+            "target_block": ck.target_block,
+        }
         assert info["details"] == {k: v for k, v in details.items() if v is not None}
         assert info["rci"]["scope"] == "batch" and info["rci"]["coded_points"] == k
     finally:
@@ -203,10 +270,20 @@ def test_no_warning_where_batch_scope_decodes_exactly_or_requests_are_coded_alon
 # ---- the CLI ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv", [["train", "--epoch", "1"], ["serve", "--max-batch", "4"], ["attack", "--sample", "3"], ["--log-lev", "debug", "serve"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--epoch", "1"],
+        ["serve", "--max-batch", "4"],
+        ["attack", "--sample", "3"],
+        ["--log-lev", "debug", "serve"],
+    ],
+)
 def test_cli_refuses_abbreviated_options(argv, capsys):
     with pytest.raises(SystemExit) as exc:
-        build_parser().parse_args(argv)  # parse only: an accepted abbreviation must not start a server or a training run
+        build_parser().parse_args(
+            argv
+        )  # parse only: an accepted abbreviation must not start a server or a training run
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "unrecognized arguments" in err or "invalid choice: 'debug'" in err, err

@@ -15,7 +15,9 @@ from codedsmooth.train.data import FASHION_MNIST_ENV, FASHION_MNIST_SYSTEM_DIR, 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32, np.float32, np.float64])
 def test_idx_round_trip(tmp_path, suffix, dtype):
     rng = np.random.default_rng(0)
-    arr = (rng.normal(0, 50, (3, 5, 4)) if np.dtype(dtype).kind == "f" else rng.integers(0, 120, (3, 5, 4))).astype(dtype)
+    arr = (rng.normal(0, 50, (3, 5, 4)) if np.dtype(dtype).kind == "f" else rng.integers(0, 120, (3, 5, 4))).astype(
+        dtype
+    )
     path = tmp_path / f"a-idx3{suffix}"
     write_idx(path, arr)
     raw = path.read_bytes()
@@ -149,7 +151,9 @@ def test_training_subset_is_stratified_nested_and_leaves_the_test_split():
     picked = {}
     for size in (500, 1000, 1234):
         sub = training_subset(data, size)
-        assert len(sub.train_y) == size and torch.equal(sub.test_x, data.test_x) and torch.equal(sub.test_y, data.test_y)
+        assert (
+            len(sub.train_y) == size and torch.equal(sub.test_x, data.test_x) and torch.equal(sub.test_y, data.test_y)
+        )
         counts = Counter(sub.train_y.tolist())
         # each class's count is its share of size, rounded by at most one
         assert all(abs(counts[c] - size * full[c] / len(data.train_y)) < 1 for c in full), counts
@@ -177,11 +181,17 @@ def test_fashion_mnist_is_searched_in_data_dir_then_the_env_variable_then_the_pa
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setenv(FASHION_MNIST_ENV, str(empty))
-    with pytest.raises(ValueError, match=r"missing train-images-idx3-ubyte\[\.gz\] in .*empty \(\$CODEDSMOOTH_FASHION_MNIST_DIR\); install the files with `apt-get install -y dataset-fashion-mnist` or point --data-dir"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing train-images-idx3-ubyte\[\.gz\] in .*empty \(\$CODEDSMOOTH_FASHION_MNIST_DIR\); install the files with `apt-get install -y dataset-fashion-mnist` or point --data-dir",
+    ):
         load_dataset("fashion-mnist")
     monkeypatch.delenv(FASHION_MNIST_ENV)
     monkeypatch.setattr(data_module, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "not-installed")
-    with pytest.raises(ValueError, match=r"no folder .*not-installed \(the default folder\); install the files with `apt-get install -y dataset-fashion-mnist`"):
+    with pytest.raises(
+        ValueError,
+        match=r"no folder .*not-installed \(the default folder\); install the files with `apt-get install -y dataset-fashion-mnist`",
+    ):
         load_dataset("fashion-mnist")
 
 
@@ -191,11 +201,19 @@ def test_cli_without_fashion_mnist_says_how_to_get_it_in_one_line(tmp_path, monk
     monkeypatch.setenv(FASHION_MNIST_ENV, str(tmp_path))
     assert main(["train", "--data", "fashion-mnist", "--epochs", "1", "--out", str(tmp_path / "ck")]) != 0
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "apt-get install -y dataset-fashion-mnist" in err and "--data-dir" in err and "Traceback" not in err
+    assert (
+        len(err.splitlines()) == 1
+        and "apt-get install -y dataset-fashion-mnist" in err
+        and "--data-dir" in err
+        and "Traceback" not in err
+    )
     assert not (tmp_path / "ck").exists()
 
 
-@pytest.mark.skipif(not FASHION_MNIST_SYSTEM_DIR.is_dir(), reason="Fashion-MNIST is not installed: apt-get install -y dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not FASHION_MNIST_SYSTEM_DIR.is_dir(),
+    reason="Fashion-MNIST is not installed: apt-get install -y dataset-fashion-mnist",
+)
 def test_fashion_mnist_from_the_debian_package_without_data_dir(monkeypatch):
     monkeypatch.delenv(FASHION_MNIST_ENV, raising=False)
     data = load_dataset("fashion-mnist")

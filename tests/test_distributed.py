@@ -24,8 +24,23 @@ def _train(args, tmp_path, name, torchrun=None):
     out = tmp_path / name
     cmd = CLI + args + ["--out", str(out)]
     if torchrun:  # torchrun started by hand, as a user may
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}", "-m", "codedsmooth", "train",
-               "--data", "digits", "--width", "4", *args, "--out", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={torchrun}",
+            "-m",
+            "codedsmooth",
+            "train",
+            "--data",
+            "digits",
+            "--width",
+            "4",
+            *args,
+            "--out",
+            str(out),
+        ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-6000:]
     return out, proc
@@ -36,7 +51,11 @@ def _weights(path):
 
 
 def test_two_process_gloo_run_writes_a_checkpoint_that_loads_and_serves(tmp_path, digits):
-    out, proc = _train(["--method", "coded", "--epochs", "2", "--nproc", "2", "--batch-size", "16", "--train-size", "320"], tmp_path, "ddp")
+    out, proc = _train(
+        ["--method", "coded", "--epochs", "2", "--nproc", "2", "--batch-size", "16", "--train-size", "320"],
+        tmp_path,
+        "ddp",
+    )
     assert json.loads(proc.stdout.strip().splitlines()[-1])["checkpoint"] == str(out)  # printed once, by rank 0
     assert len(proc.stdout.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # no resume state or temp dirs left behind
@@ -50,8 +69,15 @@ def test_two_process_gloo_run_writes_a_checkpoint_that_loads_and_serves(tmp_path
 
 
 def test_one_erm_step_on_two_ranks_of_half_k_equals_one_rank_of_k(tmp_path):
-    one, _ = _train(["--method", "erm", "--epochs", "1", "--batch-size", "32", "--max-steps", "1", "--seed", "3"], tmp_path, "one")
-    two, _ = _train(["--method", "erm", "--epochs", "1", "--batch-size", "16", "--max-steps", "1", "--seed", "3"], tmp_path, "two", torchrun=2)
+    one, _ = _train(
+        ["--method", "erm", "--epochs", "1", "--batch-size", "32", "--max-steps", "1", "--seed", "3"], tmp_path, "one"
+    )
+    two, _ = _train(
+        ["--method", "erm", "--epochs", "1", "--batch-size", "16", "--max-steps", "1", "--seed", "3"],
+        tmp_path,
+        "two",
+        torchrun=2,
+    )
     a, b = _weights(one), _weights(two)
     assert a.keys() == b.keys()
     for key in a:
@@ -63,7 +89,20 @@ def test_one_erm_step_on_two_ranks_of_half_k_equals_one_rank_of_k(tmp_path):
 
 
 def test_same_seed_same_run_on_two_ranks(tmp_path):
-    args = ["--method", "mixup", "--epochs", "1", "--batch-size", "16", "--nproc", "2", "--max-steps", "5", "--seed", "1"]
+    args = [
+        "--method",
+        "mixup",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--nproc",
+        "2",
+        "--max-steps",
+        "5",
+        "--seed",
+        "1",
+    ]
     first, _ = _train(args, tmp_path, "a")
     second, _ = _train(args, tmp_path, "b")
     for key, value in _weights(first).items():
@@ -75,7 +114,9 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     args = CLI + ["--method", "mixup", "--epochs", "12", "--seed", "4", *small]
     full, _ = _train(["--method", "mixup", "--epochs", "12", "--seed", "4", *small], tmp_path, "full")
     out = tmp_path / "cut"
-    proc = subprocess.Popen(args + ["--out", str(out)], stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        args + ["--out", str(out)], stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     for line in proc.stderr:  # wait until epoch 3 is logged: the state after epoch 2 is on disk by then
         if "epoch 3/12" in line:
             proc.kill()
@@ -91,7 +132,12 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
         torch.testing.assert_close(_weights(resumed)[key], value, rtol=0, atol=1e-6)
     history = load_checkpoint(resumed).config.history
     assert [h["epoch"] for h in history] == list(range(1, 13))
-    bad = subprocess.run(CLI + ["--method", "erm", "--epochs", "12", "--resume", "--out", str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        CLI + ["--method", "erm", "--epochs", "12", "--resume", "--out", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "nothing to resume" in bad.stderr
 
 
@@ -146,7 +192,22 @@ def _busy_env():
 
 def test_a_rank_killed_on_a_busy_host_resumes_from_the_last_saved_epoch(tmp_path):
     out = tmp_path / "busy"
-    cmd = CLI + ["--method", "mixup", "--epochs", "20", "--batch-size", "16", "--nproc", "2", "--seed", "2", "--train-size", "320", "--out", str(out)]
+    cmd = CLI + [
+        "--method",
+        "mixup",
+        "--epochs",
+        "20",
+        "--batch-size",
+        "16",
+        "--nproc",
+        "2",
+        "--seed",
+        "2",
+        "--train-size",
+        "320",
+        "--out",
+        str(out),
+    ]
     with cpu_contention():
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_busy_env())
         seen = []
@@ -176,5 +237,8 @@ def test_a_run_that_dies_before_any_epoch_says_how_to_go_on(tmp_path):
         _, stderr = proc.communicate(timeout=300)
     assert proc.returncode != 0
     last = stderr.strip().splitlines()[-1]
-    assert last == f"codedsmooth train: error: training on 2 processes failed (exit code {proc.returncode}; the failing rank's error is above); no epoch had finished: run the same command again"
+    assert (
+        last
+        == f"codedsmooth train: error: training on 2 processes failed (exit code {proc.returncode}; the failing rank's error is above); no epoch had finished: run the same command again"
+    )
     assert "a rank failed" not in stderr  # no progress, so no second run

@@ -44,7 +44,9 @@ RENDERED = {"rci-costs"}  # generated blocks, each checked by a test below
 GENERATED = re.compile(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", re.DOTALL)
 UNCHECKED = re.compile(r"<!-- unchecked:(.*?)-->.*?<!-- /unchecked -->", re.DOTALL)
 CHECKED_BY = re.compile(r"<!-- checked-by: (\w+) -->.*?<!-- /checked-by -->", re.DOTALL)
-NUMBER = re.compile(r"(?<![\w.])(\d[\d,]*(?:\.\d+)?(?:e-?\d+)?)(?![\w]|\.\d)(\s?(?:%|×(?!\s?\d)))?")  # "28×28", "60 × 200": sizes and counts, not ratios
+NUMBER = re.compile(
+    r"(?<![\w.])(\d[\d,]*(?:\.\d+)?(?:e-?\d+)?)(?![\w]|\.\d)(\s?(?:%|×(?!\s?\d)))?"
+)  # "28×28", "60 × 200": sizes and counts, not ratios
 THRESHOLD = re.compile(r"(?:[≥≤<>]|at least|at most|more than|less than)\s?~?$")
 VERSION = re.compile(r"(?:\b[A-Z][\w-]*(?: Serve)? |HTTP/|arXiv )$")
 
@@ -84,7 +86,12 @@ def claims(markdown: str) -> list[tuple[str, str, str]]:
         before, after = body[max(0, m.start() - 12) : m.start()], body[m.end() : m.end() + 8]
         if "." not in token and not unit:
             continue
-        if THRESHOLD.search(before) or VERSION.search(before) or re.match(r"(?:K\b|·)", after) or re.match(r"\s?(?:Wilson|confidence|goal)", after):
+        if (
+            THRESHOLD.search(before)
+            or VERSION.search(before)
+            or re.match(r"(?:K\b|·)", after)
+            or re.match(r"\s?(?:Wilson|confidence|goal)", after)
+        ):
             continue
         if unit == "%" and re.search(r"%\s*(Wilson|confidence)", body[m.start() : m.end() + 14]):
             continue
@@ -154,12 +161,19 @@ def matches(token: str, unit: str, values: list[tuple[str, float]]) -> bool:
 
 
 def unverified(page: Path, values: list[tuple[str, float]]) -> list[str]:
-    return [f"{page.relative_to(ROOT)}: {token}{unit!s} in “…{ctx}…”" for token, unit, ctx in claims(page.read_text(encoding="utf-8")) if not matches(token, unit, values)]
+    return [
+        f"{page.relative_to(ROOT)}: {token}{unit!s} in “…{ctx}…”"
+        for token, unit, ctx in claims(page.read_text(encoding="utf-8"))
+        if not matches(token, unit, values)
+    ]
 
 
 def test_every_numeric_claim_is_generated_or_matched_against_its_source(source_values):
     bad = [line for page in PAGES for line in unverified(page, source_values)]
-    assert not bad, "numbers in the docs that no source gives (fix them, or mark the region <!-- unchecked: why -->):\n" + "\n".join(bad)
+    assert not bad, (
+        "numbers in the docs that no source gives (fix them, or mark the region <!-- unchecked: why -->):\n"
+        + "\n".join(bad)
+    )
 
 
 def test_the_matcher_reads_the_docs_and_catches_a_wrong_number(source_values):
@@ -186,28 +200,48 @@ def test_readme_cost_table_is_the_rendered_one():
     results = json.loads((ROOT / RESULTS).read_text(encoding="utf-8"))
     bench = json.loads((ROOT / BENCH).read_text(encoding="utf-8"))
     assert readme_block(README.read_text(encoding="utf-8")) == render_costs(results, bench), (
-        "README's RCI cost table is stale: run `python -m codedsmooth.probe.costs --write`")
+        "README's RCI cost table is stale: run `python -m codedsmooth.probe.costs --write`"
+    )
 
 
 def test_cost_table_command_writes_the_block(tmp_path):
     """The documented command, run as a user runs it, rewrites a README's block from the two JSON files."""
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n<!-- rci-costs:begin -->\nold\n<!-- rci-costs:end -->\n\nrest\n", encoding="utf-8")
-    args = [sys.executable, "-m", "codedsmooth.probe.costs", "--write", "--readme", str(readme),
-            "--results", str(ROOT / RESULTS), "--bench", str(ROOT / BENCH)]
+    args = [
+        sys.executable,
+        "-m",
+        "codedsmooth.probe.costs",
+        "--write",
+        "--readme",
+        str(readme),
+        "--results",
+        str(ROOT / RESULTS),
+        "--bench",
+        str(ROOT / BENCH),
+    ]
     subprocess.run(args, check=True, cwd=ROOT, timeout=120)
     results = json.loads((ROOT / RESULTS).read_text(encoding="utf-8"))
     bench = json.loads((ROOT / BENCH).read_text(encoding="utf-8"))
     written = readme.read_text(encoding="utf-8")
     assert written.startswith("# x\n\n") and written.endswith("\n\nrest\n") and "old" not in written
     assert readme_block(written) == render_costs(results, bench, str(ROOT / RESULTS), str(ROOT / BENCH))
-    bad = subprocess.run([*args[:-1], str(tmp_path / "missing.json")], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [*args[:-1], str(tmp_path / "missing.json")], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode == 2 and "missing.json" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_results_md_is_the_rendering_of_results_json(tmp_path):
     """docs/RESULTS.md is generated whole: `codedsmooth report --render-only` on a copy of RESULTS.json writes the same text."""
     shutil.copy(ROOT / RESULTS, tmp_path / "RESULTS.json")
-    subprocess.run([sys.executable, "-m", "codedsmooth", "report", "--render-only", "--out", str(tmp_path / "RESULTS.md")],
-                   check=True, cwd=ROOT, timeout=300, capture_output=True)
-    assert (tmp_path / "RESULTS.md").read_text(encoding="utf-8") == (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8")
+    subprocess.run(
+        [sys.executable, "-m", "codedsmooth", "report", "--render-only", "--out", str(tmp_path / "RESULTS.md")],
+        check=True,
+        cwd=ROOT,
+        timeout=300,
+        capture_output=True,
+    )
+    assert (tmp_path / "RESULTS.md").read_text(encoding="utf-8") == (ROOT / "docs" / "RESULTS.md").read_text(
+        encoding="utf-8"
+    )

@@ -52,8 +52,18 @@ def _ensure_base_image() -> None:
     if not shutil.which("debootstrap") or os.geteuid() != 0:
         pytest.skip(f"base image {BASE} missing and debootstrap (as root) unavailable to make it")
     with tempfile.TemporaryDirectory() as root:
-        subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,python3-pip,ca-certificates", "bookworm", root],
-                       check=True, capture_output=True, timeout=1200)
+        subprocess.run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                "--include=python3,python3-venv,python3-pip,ca-certificates",
+                "bookworm",
+                root,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=1200,
+        )
         tar = subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE)
         subprocess.run([DOCKER, "import", "-", BASE], stdin=tar.stdout, check=True, capture_output=True, timeout=600)
         tar.wait()
@@ -63,7 +73,11 @@ def _ensure_wheelhouse() -> None:
     wh = ROOT / "wheelhouse"
     if any(wh.glob("torch-*.whl")) and any(wh.glob("torchvision-*.whl")):
         return
-    subprocess.run(["python3", "-m", "pip", "download", "-q", "-d", str(wh), "torch==2.14.1", "torchvision==0.29.1"], check=True, timeout=1800)
+    subprocess.run(
+        ["python3", "-m", "pip", "download", "-q", "-d", str(wh), "torch==2.14.1", "torchvision==0.29.1"],
+        check=True,
+        timeout=1800,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +87,19 @@ def image():
         pytest.skip(problem)
     _ensure_base_image()
     _ensure_wheelhouse()
-    args = ["build", "--network", "host", "-f", "docker/Dockerfile", "--build-arg", f"BASE_IMAGE={BASE}", "--build-arg", "WHEELHOUSE=wheelhouse", "-t", IMAGE]
+    args = [
+        "build",
+        "--network",
+        "host",
+        "-f",
+        "docker/Dockerfile",
+        "--build-arg",
+        f"BASE_IMAGE={BASE}",
+        "--build-arg",
+        "WHEELHOUSE=wheelhouse",
+        "-t",
+        IMAGE,
+    ]
     cafile = ssl.get_default_verify_paths().openssl_cafile
     if cafile and Path(cafile).exists():
         args += ["--secret", f"id=ca,src={cafile}"]
@@ -114,7 +140,13 @@ class Container:
 
 @pytest.fixture()
 def container(image):
-    c = Container(image, CODEDSMOOTH_RCI="false", CODEDSMOOTH_MAX_DELAY_MS="300", CODEDSMOOTH_MAX_BATCH_SIZE="256", CODEDSMOOTH_MAX_QUEUE_SIZE="512")
+    c = Container(
+        image,
+        CODEDSMOOTH_RCI="false",
+        CODEDSMOOTH_MAX_DELAY_MS="300",
+        CODEDSMOOTH_MAX_BATCH_SIZE="256",
+        CODEDSMOOTH_MAX_QUEUE_SIZE="512",
+    )
     try:
         print(f"docker run to ready: {c.wait_ready():.2f}s")
         yield c
@@ -131,10 +163,14 @@ def test_container_serves_what_the_checkpoint_computes(container):
     assert r.status_code == 200, r.text
     got = np.array([p["probabilities"] for p in r.json()["predictions"]], dtype=np.float32)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
-    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.flatten().tolist()}],
-            "outputs": [{"name": "probabilities"}]}
+    body = {
+        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.flatten().tolist()}],
+        "outputs": [{"name": "probabilities"}],
+    }
     v2 = httpx.post(f"{container.url}/v2/models/{ck.name}/infer", json=body, timeout=30).json()
-    np.testing.assert_allclose(np.array(v2["outputs"][0]["data"], dtype=np.float32).reshape(expected.shape), expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        np.array(v2["outputs"][0]["data"], dtype=np.float32).reshape(expected.shape), expected, rtol=0, atol=1e-6
+    )
     status = _docker("exec", container.name, "cat", "/proc/1/status").stdout
     uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
     assert uid != "0"
@@ -144,7 +180,11 @@ def test_container_serves_what_the_checkpoint_computes(container):
 def _requests_seen(container) -> float:
     """Requests the server has admitted: answered (any status) plus in flight, from its metrics port."""
     samples = metric_samples(container)
-    done = sum(v for (name, labels), v in samples.items() if name == "codedsmooth_requests_total" and dict(labels).get("endpoint") == "/v1/predict")
+    done = sum(
+        v
+        for (name, labels), v in samples.items()
+        if name == "codedsmooth_requests_total" and dict(labels).get("endpoint") == "/v1/predict"
+    )
     return done + samples.get(("codedsmooth_requests_in_flight", ()), 0.0)
 
 
@@ -181,17 +221,30 @@ def test_prometheus_scrapes_the_container(container, tmp_path):
     config = (ROOT / "docker" / "prometheus.yml").read_text()
     assert "codedsmooth:9464" in config  # the metrics port, not the public one
     assert httpx.get(container.url + "/metrics").status_code == 404
-    config = config.replace("codedsmooth:9464", f"127.0.0.1:{container.metrics_port}").replace("scrape_interval: 5s", "scrape_interval: 1s")
+    config = config.replace("codedsmooth:9464", f"127.0.0.1:{container.metrics_port}").replace(
+        "scrape_interval: 5s", "scrape_interval: 1s"
+    )
     (tmp_path / "prometheus.yml").write_text(config)
     port = free_port()
-    proc = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         value, end = 0.0, time.monotonic() + 60
         while time.monotonic() < end and value <= 0:
             time.sleep(1)
             try:
-                data = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": 'sum(codedsmooth_requests_total{endpoint="/v1/predict"})'}).json()
+                data = httpx.get(
+                    f"http://127.0.0.1:{port}/api/v1/query",
+                    params={"query": 'sum(codedsmooth_requests_total{endpoint="/v1/predict"})'},
+                ).json()
                 result = data["data"]["result"]
                 value = float(result[0]["value"][1]) if result else 0.0
             except (httpx.HTTPError, KeyError, ValueError):

@@ -94,7 +94,9 @@ def test_every_relative_link_and_anchor_resolves():
             dest = (page.parent / file_part).resolve() if file_part else page
             assert dest.exists(), f"{page.relative_to(ROOT)}: link {target!r}: {dest} does not exist"
             if anchor:
-                assert anchor in anchors(dest), f"{page.relative_to(ROOT)}: link {target!r}: no heading with anchor #{anchor} in {dest.name}"
+                assert anchor in anchors(dest), (
+                    f"{page.relative_to(ROOT)}: link {target!r}: no heading with anchor #{anchor} in {dest.name}"
+                )
             checked += 1
     assert checked >= 30, f"only {checked} links found: the link check is not reading the docs"
 
@@ -179,7 +181,9 @@ def parse(args: list[str]) -> argparse.Namespace | None:
 
 
 def test_shell_command_splitting():
-    calls = shell_commands("A=1 codedsmooth serve --no-rci & curl -s x | cut -c1 # comment\ntorchrun -m codedsmooth train --out r > log")
+    calls = shell_commands(
+        "A=1 codedsmooth serve --no-rci & curl -s x | cut -c1 # comment\ntorchrun -m codedsmooth train --out r > log"
+    )
     assert [cli_arguments(c) for c in calls] == [["serve", "--no-rci"], None, None, ["train", "--out", "r"]]
     assert cli_arguments(["docker", "run", "--rm", "codedsmooth"]) is None
 
@@ -214,7 +218,9 @@ def test_inline_codedsmooth_spans_name_real_subcommands_and_flags():
             sub, rest = subs[tokens[0]], tokens[1:]
             nested = next((a for a in sub._actions if isinstance(a, argparse._SubParsersAction)), None)
             if nested is not None:  # `codedsmooth keys add …`
-                assert rest and rest[0] in nested.choices, f"{page.name}: `{span}`: {tokens[0]} needs one of {sorted(nested.choices)}"
+                assert rest and rest[0] in nested.choices, (
+                    f"{page.name}: `{span}`: {tokens[0]} needs one of {sorted(nested.choices)}"
+                )
                 sub, rest = nested.choices[rest[0]], rest[1:]
             known = {s for a in sub._actions for s in a.option_strings}
             for flag in (t for t in rest if t.startswith("--")):
@@ -244,7 +250,9 @@ def test_the_two_commands_are_what_ci_runs():
     main, tests = blocks
     ci_lines = [line.strip() for line in text(ROOT / ".ci" / "run").splitlines()]
     assert tests in ci_lines, f".ci/run does not run the README's test command verbatim:\n{tests}"
-    assert main == tests.replace("-e '.[dev]'", "-e .").replace(".venv/bin/python -m pytest", ".venv/bin/codedsmooth serve")
+    assert main == tests.replace("-e '.[dev]'", "-e .").replace(
+        ".venv/bin/python -m pytest", ".venv/bin/codedsmooth serve"
+    )
 
 
 def test_readme_links_every_docs_page():
@@ -277,7 +285,9 @@ def test_serving_options_table_lists_exactly_the_serve_options_with_their_defaul
         defaults = [d.strip() for d in row[1].split(" / ")]
         for i, flag in enumerate(flags):
             documented[flag] = defaults[i] if len(defaults) == len(flags) else row[1]
-    assert set(documented) == set(options), f"missing: {set(options) - set(documented)}; not options: {set(documented) - set(options)}"
+    assert set(documented) == set(options), (
+        f"missing: {set(options) - set(documented)}; not options: {set(documented) - set(options)}"
+    )
     compared = 0
     for flag, cell in documented.items():
         shown = re.search(r"default: ([^)]+)\)\s*$", options[flag].help or "")
@@ -294,17 +304,29 @@ def test_documented_env_vars_are_serve_settings_or_the_clients_key():
     from codedsmooth.train.data import FASHION_MNIST_ENV
 
     serve_flags = {s for a in serve_parser()._actions for s in a.option_strings}
-    others = {API_KEY_ENV.removeprefix("CODEDSMOOTH_"), FASHION_MNIST_ENV.removeprefix("CODEDSMOOTH_")}  # the client's key, the data set's folder
+    others = {
+        API_KEY_ENV.removeprefix("CODEDSMOOTH_"),
+        FASHION_MNIST_ENV.removeprefix("CODEDSMOOTH_"),
+    }  # the client's key, the data set's folder
     for page in PAGES:
         for name in set(re.findall(r"CODEDSMOOTH_([A-Z][A-Z_]*)", text(page))) - others:
-            assert "--" + name.lower().replace("_", "-") in serve_flags, f"{page.name}: CODEDSMOOTH_{name} is no serve setting"
+            assert "--" + name.lower().replace("_", "-") in serve_flags, (
+                f"{page.name}: CODEDSMOOTH_{name} is no serve setting"
+            )
 
 
 def test_metrics_table_matches_the_metrics_the_service_registers():
-    source = "".join(p.read_text() for d in __import__("codedsmooth.service", fromlist=["x"]).__path__ for p in Path(d).rglob("*.py"))
+    source = "".join(
+        p.read_text() for d in __import__("codedsmooth.service", fromlist=["x"]).__path__ for p in Path(d).rglob("*.py")
+    )
     registered = set(re.findall(r"[\"'](codedsmooth_[a-z_]+)[\"']", source))
-    documented = {re.match(r"`(codedsmooth_[a-z_]+)", row[0]).group(1) for row in table_rows(section(ROOT / "docs" / "serving.md", "Metrics"))}
-    assert registered and documented == registered, f"undocumented: {registered - documented}; not registered: {documented - registered}"
+    documented = {
+        re.match(r"`(codedsmooth_[a-z_]+)", row[0]).group(1)
+        for row in table_rows(section(ROOT / "docs" / "serving.md", "Metrics"))
+    }
+    assert registered and documented == registered, (
+        f"undocumented: {registered - documented}; not registered: {documented - registered}"
+    )
 
 
 # --- facts about the data ------------------------------------------------------------------------
@@ -337,14 +359,19 @@ def test_embedded_mnist_counts_in_the_docs(mnist):
     assert f"into {n_train:,} training and {n_test:,} test images ({test_per_class} per class)" in page
     assert tuple(mnist.input_shape) == (1, 28, 28)
     assert f"the {n_train:,} embedded MNIST training digits" in page
-    assert f"test accuracy {100 * json.loads((default_checkpoint_path() / 'config.json').read_text())['test_accuracy']:.2f} % on the {n_test:,}-image MNIST test split" in page
+    assert (
+        f"test accuracy {100 * json.loads((default_checkpoint_path() / 'config.json').read_text())['test_accuracy']:.2f} % on the {n_test:,}-image MNIST test split"
+        in page
+    )
 
 
 def test_digits_counts_in_the_docs():
     d = load_dataset("digits")
     n, n_test = len(d.train_y) + len(d.test_y), len(d.test_y)
     page = flat(text(ROOT / "docs" / "training.md"))
-    assert f"scikit-learn's {n:,} {d.input_shape[1]}×{d.input_shape[2]} digits, split 75/25 ({n_test} test images)" in page
+    assert (
+        f"scikit-learn's {n:,} {d.input_shape[1]}×{d.input_shape[2]} digits, split 75/25 ({n_test} test images)" in page
+    )
     assert f"on the {n_test}-image digits test split" in page
 
 
@@ -364,8 +391,13 @@ def test_which_images_are_attacked_is_generated_from_the_data(mnist):
             phrase = f"the first {n} test images are {classes_phrase(mnist.test_y[:n])}"
             assert phrase in page, f"robustness.md should say: {phrase}"
     defaults = ReportConfig()
-    per_class = {"white-box": defaults.images_per_class, "rci": defaults.rci_per_class, "black-box": defaults.blackbox_per_class,
-                 "eot-curve": defaults.curve_per_class, "cotenant": defaults.cotenant_per_class}
+    per_class = {
+        "white-box": defaults.images_per_class,
+        "rci": defaults.rci_per_class,
+        "black-box": defaults.blackbox_per_class,
+        "eot-curve": defaults.curve_per_class,
+        "cotenant": defaults.cotenant_per_class,
+    }
     for name, k in per_class.items():  # what the report draws, as its defaults say
         assert f"*{name}* sample ({k} per class" in page, f"robustness.md should describe the {name} sample"
     assert classes_phrase(mnist.test_y) == f"{', '.join(NUMBER_WORDS[:-1])} and nines, 100 each"
@@ -376,7 +408,9 @@ def test_input_convention_white_digit_on_black(mnist):
     x = mnist.test_x.float() / 255
     frame = x.clone()
     frame[..., 3:-3, 3:-3] = float("nan")
-    assert float(frame.nanmean()) < 0.01 and float(x.mean()) < 0.2 and float(x.amax()) == 1.0  # dark background, light ink
+    assert (
+        float(frame.nanmean()) < 0.01 and float(x.mean()) < 0.2 and float(x.amax()) == 1.0
+    )  # dark background, light ink
     assert "a **white digit on a black background**" in flat(text(README))
     assert "[1, 28, 28]" in text(README) and "pixels in [0, 1]" in flat(text(README))
 
@@ -389,14 +423,28 @@ def test_default_checkpoint_facts_match_its_config():
     assert f"`{config['name']}`" in text(README)
     assert f'client.infer("{config["name"]}"' in text(README)
     block = code_blocks(ROOT / "docs" / "training.md", "bash")
-    cmd = next(args for b in block for c in shell_commands(b) if (args := cli_arguments(c)) and "codedsmooth/default_checkpoint" in args)
+    cmd = next(
+        args
+        for b in block
+        for c in shell_commands(b)
+        if (args := cli_arguments(c)) and "codedsmooth/default_checkpoint" in args
+    )
     args = parse(cmd)
     t = config["training"]
-    assert (args.method, args.epochs, args.seed, args.batch_size, args.lr) == (t["method"], t["epochs"], t["seed"], t["batch_size"], t["lr"])
+    assert (args.method, args.epochs, args.seed, args.batch_size, args.lr) == (
+        t["method"],
+        t["epochs"],
+        t["seed"],
+        t["batch_size"],
+        t["lr"],
+    )
     assert (args.width, args.data) == (config["arch_kwargs"]["width"], config["dataset"])
     coding = config["coding"]
     page = flat(text(ROOT / "docs" / "training.md"))
-    assert f"served with RCI at K = {coding['k']}, N = {coding['n']} on Gauss coded points" in page and coding["coded_points"] == "chebyshev-gauss"
+    assert (
+        f"served with RCI at K = {coding['k']}, N = {coding['n']} on Gauss coded points" in page
+        and coding["coded_points"] == "chebyshev-gauss"
+    )
     at = t["adversarial_training"]
     assert f"PGD adversarial training (ε = {at['eps']:g}, {at['steps']} steps)" in page
     assert f"in {sum(h['seconds'] for h in config['history']) / 60:.0f} min of recorded training time" in page
@@ -415,7 +463,11 @@ def pct(v: float) -> str:
 
 
 def worst(results, method, setting, eps, sd=False) -> str:
-    accs = [100 * m["settings"][setting][eps]["accuracy"] for key, m in results["models"].items() if key.startswith(method + "/")]
+    accs = [
+        100 * m["settings"][setting][eps]["accuracy"]
+        for key, m in results["models"].items()
+        if key.startswith(method + "/")
+    ]
     mean = f"{statistics.mean(accs):.1f}"
     return f"{mean} ± {statistics.stdev(accs):.1f}" if sd else mean
 
@@ -456,10 +508,20 @@ def test_default_checkpoint_numbers_in_the_docs(results):
     for page in (readme, rob):
         assert f"{pct(row['accuracy'])} % [{pct(row['interval'][0])}, {pct(row['interval'][1])}]" in page
         assert f"{100 * d['plain']:.2f} % " in page and f"{100 * d['rci']:.2f} % served with RCI" in page
-    assert f"at ε = {big} it keeps {pct(curve[big]['accuracy'])} %" in readme and f"at ε = {big} it keeps {pct(curve[big]['accuracy'])} % on the white-box sample" in rob
-    assert f"(`{d['name']}`) is the report's {method} seed {seed} model" in rob and f"checkpoint (`{d['name']}`) is adversarially trained" in readme
-    assert f"({100 * d['rci']:.2f} % expected against {100 * d['plain']:.2f} % on the default checkpoint" in flat(text(ROOT / "docs" / "rci.md"))
-    assert f"({100 * d['rci']:.2f} % expected over {d['draws']} draws with RCI" in flat(text(ROOT / "docs" / "training.md"))
+    assert (
+        f"at ε = {big} it keeps {pct(curve[big]['accuracy'])} %" in readme
+        and f"at ε = {big} it keeps {pct(curve[big]['accuracy'])} % on the white-box sample" in rob
+    )
+    assert (
+        f"(`{d['name']}`) is the report's {method} seed {seed} model" in rob
+        and f"checkpoint (`{d['name']}`) is adversarially trained" in readme
+    )
+    assert f"({100 * d['rci']:.2f} % expected against {100 * d['plain']:.2f} % on the default checkpoint" in flat(
+        text(ROOT / "docs" / "rci.md")
+    )
+    assert f"({100 * d['rci']:.2f} % expected over {d['draws']} draws with RCI" in flat(
+        text(ROOT / "docs" / "training.md")
+    )
 
 
 def test_rci_cost_and_benefit_on_the_default(results):
@@ -471,10 +533,14 @@ def test_rci_cost_and_benefit_on_the_default(results):
     rob = flat(text(ROOT / "docs" / "robustness.md"))
     n = st["request"]["0.3"]["n"]
     plain_same_images = sum(st["plain"]["0.3"]["score"][:n]) / n  # the RCI sample is the first n of the white-box one
-    assert (f"on the {n} images of the RCI sample is {pct(plain_same_images)} % without RCI, {pct(st['request']['0.3']['accuracy'])} % with RCI in request scope and "
-            f"{pct(st['batch']['0.3']['accuracy'])} % in batch scope against the EOT suite (no McNemar test of {method} with RCI against without is "
-            f"significant, {len(tests)} tests") in rob
-    assert "[cost/benefit table](../README.md#what-rci-costs-and-buys)" in rob  # the throughput cost is the README's generated table, not a figure of its own
+    assert (
+        f"on the {n} images of the RCI sample is {pct(plain_same_images)} % without RCI, {pct(st['request']['0.3']['accuracy'])} % with RCI in request scope and "
+        f"{pct(st['batch']['0.3']['accuracy'])} % in batch scope against the EOT suite (no McNemar test of {method} with RCI against without is "
+        f"significant, {len(tests)} tests"
+    ) in rob
+    assert (
+        "[cost/benefit table](../README.md#what-rci-costs-and-buys)" in rob
+    )  # the throughput cost is the README's generated table, not a figure of its own
 
 
 def test_robustness_findings_match_results_json(results):
@@ -483,26 +549,47 @@ def test_robustness_findings_match_results_json(results):
     others = {w(m, "plain", "0.3") for m in ("erm", "mixup", "coded")}
     assert len(others) == 1
     other = others.pop()
-    assert f"pgd-at keeps {w('pgd-at', 'plain', '0.3')} % without RCI (mean over seeds); erm, mixup and coded keep {other} %" in rob
+    assert (
+        f"pgd-at keeps {w('pgd-at', 'plain', '0.3')} % without RCI (mean over seeds); erm, mixup and coded keep {other} %"
+        in rob
+    )
     assert f"erm, mixup and coded-smoothing models keep {other} % at ε = 0.3" in readme
-    assert f"at ε = 0.1 coded keeps {w('coded', 'plain', '0.1', sd=True)} % against ERM's {w('erm', 'plain', '0.1', sd=True)} % (mixup: {w('mixup', 'plain', '0.1')} %)" in rob
-    seeds = " / ".join(f"{100 * m['settings']['plain']['0.1']['accuracy']:.1f}" for k, m in results["models"].items() if k.startswith("coded/"))
+    assert (
+        f"at ε = 0.1 coded keeps {w('coded', 'plain', '0.1', sd=True)} % against ERM's {w('erm', 'plain', '0.1', sd=True)} % (mixup: {w('mixup', 'plain', '0.1')} %)"
+        in rob
+    )
+    seeds = " / ".join(
+        f"{100 * m['settings']['plain']['0.1']['accuracy']:.1f}"
+        for k, m in results["models"].items()
+        if k.startswith("coded/")
+    )
     assert f"The coded seeds spread widely: {seeds} % at ε = 0.1" in rob
     for eps in ("0.1", "0.2"):  # "less robust than ERM, lower in every seed at ε = 0.1 and 0.2"
-        tests = next(q["tests"] for q in results["paired"] if (q["a"], q["b"], q["eps"], q["setting"]) == ("coded", "erm", eps, "no RCI"))
+        tests = next(
+            q["tests"]
+            for q in results["paired"]
+            if (q["a"], q["b"], q["eps"], q["setting"]) == ("coded", "erm", eps, "no RCI")
+        )
         assert all(t["p"] < 0.05 and t["diff"] < 0 for t in tests), eps
     assert "makes the model less robust than ERM on this data, lower in every seed at ε = 0.1 and 0.2" in rob
     n_coded = sum(k.startswith("coded/") for k in results["models"])
-    assert f"({n_coded} seeds for coded," in rob and f"Coded models are trained and attacked with {n_coded} seeds" in rob
+    assert (
+        f"({n_coded} seeds for coded," in rob and f"Coded models are trained and attacked with {n_coded} seeds" in rob
+    )
 
 
 def test_rci_finding_matches_the_paired_tests(results):
     rob = flat(text(ROOT / "docs" / "robustness.md"))
-    for scope, phrase in (("request", "in request scope, {k} are significant at p < 0.05"), ("batch", "in batch scope {k} of {n}")):
+    for scope, phrase in (
+        ("request", "in request scope, {k} are significant at p < 0.05"),
+        ("batch", "in batch scope {k} of {n}"),
+    ):
         tests = [t for q in results["paired"] if q["setting"] == scope for t in q["tests"]]
         k = sum(t["p"] < 0.05 for t in tests)
         assert phrase.format(k=k, n=len(tests)) in rob, scope
-        assert k <= len(tests) // 10, f"{scope}: {k} of {len(tests)} significant; the claim 'RCI does not make a model more robust' needs rereading"
+        assert k <= len(tests) // 10, (
+            f"{scope}: {k} of {len(tests)} significant; the claim 'RCI does not make a model more robust' needs rereading"
+        )
         assert all(t["diff"] <= 0 for t in tests if t["p"] < 0.05), f"{scope}: RCI significantly better somewhere"
     tests = [t for q in results["paired"] if q["setting"] == "request" for t in q["tests"]]
     assert f"Of {len(tests)} method × ε × seed McNemar tests" in rob
@@ -514,28 +601,44 @@ def test_blackbox_findings_match_results_json(results):
     index = {(x["method"], x["attacker"], x["budget"], x["score_queries"], x["server"]): x for x in b["rows"]}
     top = max(b["budgets_by_method"]["erm"])
     erm = {s: index[("erm", "adaptive Square", top, b["score_queries"], s)] for s in b["servers"]}
-    assert (f"leaves {pct(erm['plain']['accuracy'])} % against the plain server, {pct(erm['request']['accuracy'])} % against RCI and "
-            f"{pct(erm['noise']['accuracy'])} % against input noise") in rob
-    assert f"median queries per image {erm['plain']['queries_median']:,.0f}, {erm['request']['queries_median']:,.0f} and {erm['noise']['queries_median']:,.0f}" in rob
-    assert f"the white-box attack through RCI leaves {pct(erm['request']['whitebox_accuracy'])} % on the same images" in rob
+    assert (
+        f"leaves {pct(erm['plain']['accuracy'])} % against the plain server, {pct(erm['request']['accuracy'])} % against RCI and "
+        f"{pct(erm['noise']['accuracy'])} % against input noise"
+    ) in rob
+    assert (
+        f"median queries per image {erm['plain']['queries_median']:,.0f}, {erm['request']['queries_median']:,.0f} and {erm['noise']['queries_median']:,.0f}"
+        in rob
+    )
+    assert (
+        f"the white-box attack through RCI leaves {pct(erm['request']['whitebox_accuracy'])} % on the same images"
+        in rob
+    )
     method = results["default_checkpoint"]["same_as"].split("/seed")[0]
     t = max(b["budgets_by_method"][method])
     row = {s: index[(method, "adaptive Square", t, b["score_queries"], s)] for s in b["servers"]}
-    assert f"three servers leave {pct(row['plain']['accuracy'])}, {pct(row['request']['accuracy'])} and {pct(row['noise']['accuracy'])} %" in rob
+    assert (
+        f"three servers leave {pct(row['plain']['accuracy'])}, {pct(row['request']['accuracy'])} and {pct(row['noise']['accuracy'])} %"
+        in rob
+    )
     paired = {(p["method"], p["attacker"], p["budget"], p["score_queries"], p["server"]): p for p in b["paired"]}
     ps = {s: paired[(method, "adaptive Square", t, b["score_queries"], s)] for s in ("request", "noise")}
     assert all(p["p"] >= 0.05 for p in ps.values())  # "on the default it changes nothing measurable"
-    assert (f"({pct(row['plain']['accuracy'])} / {pct(row['request']['accuracy'])} / {pct(row['noise']['accuracy'])} % on plain / RCI / noise servers, "
-            f"sign tests p = {ps['request']['p']:.2g} and {ps['noise']['p']:.2g})") in flat(text(README))
+    assert (
+        f"({pct(row['plain']['accuracy'])} / {pct(row['request']['accuracy'])} / {pct(row['noise']['accuracy'])} % on plain / RCI / noise servers, "
+        f"sign tests p = {ps['request']['p']:.2g} and {ps['noise']['p']:.2g})"
+    ) in flat(text(README))
     assert f"p = {ps['request']['p']:.2g} for RCI, {ps['noise']['p']:.2g} for noise" in rob
     for m in b["budgets_by_method"]:  # "lowers a query attacker's success on the non-robust models"
         if m != method:
             for s in ("request", "noise"):
                 p = paired[(m, "adaptive Square", max(b["budgets_by_method"][m]), b["score_queries"], s)]
                 assert p["p"] < 0.05 and p["diff"] > 0, (m, s)
-    wins = [m for m in b["budgets_by_method"]
-            if index[(m, "adaptive Square", max(b["budgets_by_method"][m]), b["score_queries"], "noise")]["accuracy"]
-            >= index[(m, "adaptive Square", max(b["budgets_by_method"][m]), b["score_queries"], "request")]["accuracy"]]
+    wins = [
+        m
+        for m in b["budgets_by_method"]
+        if index[(m, "adaptive Square", max(b["budgets_by_method"][m]), b["score_queries"], "noise")]["accuracy"]
+        >= index[(m, "adaptive Square", max(b["budgets_by_method"][m]), b["score_queries"], "request")]["accuracy"]
+    ]
     assert f"for {len(wins)} of {len(b['budgets_by_method'])} methods" in rob
 
 
@@ -545,18 +648,30 @@ def test_cotenant_numbers_match_results_json(results):
     default = next(v for v in c.values() if v["scope"] == "batch" and v["n"] != v["k"])
     assert all(v["flip_rate"] == 0 for v in c.values() if v["scope"] == "request")
     for page in (README, ROOT / "docs" / "serving.md", ROOT / "docs" / "robustness.md"):
-        assert f"flipped {pct(equal['flip_rate'])} % of a victim" in flat(text(page)) or f"flipped {pct(equal['flip_rate'])} % of the victims" in flat(text(page)), page.name
+        assert f"flipped {pct(equal['flip_rate'])} % of a victim" in flat(
+            text(page)
+        ) or f"flipped {pct(equal['flip_rate'])} % of the victims" in flat(text(page)), page.name
     for page in (ROOT / "docs" / "serving.md", ROOT / "docs" / "robustness.md"):
-        assert f"1.5K) {pct(default['flip_rate'])} %" in flat(text(page)) or f"at N = 1.5K {pct(default['flip_rate'])} %" in flat(text(page)), page.name
+        assert f"1.5K) {pct(default['flip_rate'])} %" in flat(
+            text(page)
+        ) or f"at N = 1.5K {pct(default['flip_rate'])} %" in flat(text(page)), page.name
 
 
 def test_report_run_time_and_sample_sizes_in_the_docs(results):
     rob = flat(text(ROOT / "docs" / "robustness.md"))
     compute = sum(results["stages"].values()) / 60
-    assert f"add up to {compute:.0f} min of compute at one torch thread each; run as two parts side by side on 2 CPU cores, that is about {compute / 2:.0f} min" in rob
-    assert f"({len(results['training_seconds'])} models, {sum(results['training_seconds'].values()) / 60:.0f} min of training through the CLI as recorded" in rob
+    assert (
+        f"add up to {compute:.0f} min of compute at one torch thread each; run as two parts side by side on 2 CPU cores, that is about {compute / 2:.0f} min"
+        in rob
+    )
+    assert (
+        f"({len(results['training_seconds'])} models, {sum(results['training_seconds'].values()) / 60:.0f} min of training through the CLI as recorded"
+        in rob
+    )
     n = {k: len(v) for k, v in results["samples"].items()}
-    assert f"attacked {n['white-box']} per model without RCI, {n['rci']} through RCI and {n['black-box']} over HTTP" in rob
+    assert (
+        f"attacked {n['white-box']} per model without RCI, {n['rci']} through RCI and {n['black-box']} over HTTP" in rob
+    )
 
 
 # --- the client examples, run against a real server ----------------------------------------------
@@ -569,7 +684,12 @@ def test_readme_client_examples_work_against_a_real_server(tmp_path, mnist):
         pytest.skip("curl is not installed: the README's curl examples cannot run")
     part = section(README, "Predict from a client")
     tour = section(README, "A ten-minute tour")
-    make_png = next(line for block in code_blocks_of(tour, "bash") for line in block.splitlines() if line.startswith("python") and "digit.png" in line)
+    make_png = next(
+        line
+        for block in code_blocks_of(tour, "bash")
+        for line in block.splitlines()
+        if line.startswith("python") and "digit.png" in line
+    )
     index = int(re.search(r"test_x\[(\d+), 0\]", make_png).group(1))
     label = mnist.classes[int(mnist.test_y[index])]
     assert f'"label":"{label}"' in tour
@@ -585,7 +705,9 @@ def test_readme_client_examples_work_against_a_real_server(tmp_path, mnist):
             if block[0] != "bash":
                 continue
             for line in block[1].strip().splitlines():
-                out = subprocess.run(swap(line), shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+                out = subprocess.run(
+                    swap(line), shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+                )
                 assert out.returncode == 0, out.stderr
                 body = json.loads(out.stdout)
                 if isinstance(body, list):  # /v1/models
@@ -630,7 +752,12 @@ def test_every_docs_page_the_cli_help_names_exists():
                 for sub in action.choices.values():
                     yield from parsers(sub)
 
-    named = {(p.prog, m) for p in parsers(build_parser()) for a in p._actions for m in re.findall(r"docs/[\w.-]+\.md", a.help or "")}
+    named = {
+        (p.prog, m)
+        for p in parsers(build_parser())
+        for a in p._actions
+        for m in re.findall(r"docs/[\w.-]+\.md", a.help or "")
+    }
     missing = [(prog, page) for prog, page in named if not (ROOT / page).is_file()]
     assert not missing, f"--help names docs pages that do not exist: {missing}"
 
@@ -639,7 +766,9 @@ def test_the_keys_file_example_parses_as_the_server_reads_it():
     from codedsmooth.service.access.keys import parse_keys
     from codedsmooth.service.access.overrides import INHERIT, LimitOverride
 
-    block = next(body for lang, body in FENCE.findall(text(ROOT / "docs" / "serving.md")) if "sha256 of the key" in body)
+    block = next(
+        body for lang, body in FENCE.findall(text(ROOT / "docs" / "serving.md")) if "sha256 of the key" in body
+    )
     table = parse_keys(block, "serving.md")
     clients = {c.name: c for c in table.clients.values()}
     assert (clients["alice"].limits, clients["alice"].manage) == (LimitOverride(INHERIT, INHERIT), False)
@@ -666,13 +795,21 @@ def test_the_reports_seeds_budgets_and_weights_as_robustness_md_states_them(resu
         seeds.setdefault(method, []).append(seed)
     assert seeds["erm"] == seeds["mixup"] == seeds["pgd-at"]
     others = seeds["erm"]
-    assert f"erm, mixup and pgd-at with seeds {', '.join(others[:-1])} and {others[-1]} and coded with seeds {seeds['coded'][0]} to {seeds['coded'][-1]}" in rob
+    assert (
+        f"erm, mixup and pgd-at with seeds {', '.join(others[:-1])} and {others[-1]} and coded with seeds {seeds['coded'][0]} to {seeds['coded'][-1]}"
+        in rob
+    )
     assert seeds["coded"] == [str(s) for s in range(int(seeds["coded"][0]), int(seeds["coded"][-1]) + 1)]
     assert f"the other methods with {len(others)}" in rob
     b = results["blackbox"]
     assert f"with {' and '.join(f'{q:,}' for q in b['budgets'])} queries per image" in rob
-    assert all(q == [1000] for m, q in b["budgets_by_method"].items() if m == "pgd-at") and "against adversarially trained models 1,000" in rob
-    assert results["full_split"]["n"] == 1000 and set(results["full_split"]["rows"]) == {k for k in results["models"] if k.startswith("pgd-at/")}
+    assert (
+        all(q == [1000] for m, q in b["budgets_by_method"].items() if m == "pgd-at")
+        and "against adversarially trained models 1,000" in rob
+    )
+    assert results["full_split"]["n"] == 1000 and set(results["full_split"]["rows"]) == {
+        k for k in results["models"] if k.startswith("pgd-at/")
+    }
     sizes = [ck["files"]["model.safetensors"]["bytes"] / 1e6 for ck in results["checkpoints"].values()]
     assert "about 1.8 MB per model" in rob and all(1.75 <= s < 1.85 for s in sizes), sizes
 
@@ -692,18 +829,28 @@ def test_size_study_as_robustness_md_states_it(results):
     erm = {n: tests[(n, "coded", "erm", "clean")] for n in (500, 1000, 4000)}
     assert all(sig(ts) < len(ts) for ts in erm.values())  # "no size passes the report's rule"
     mean = {n: 100 * sum(t["diff"] for t in ts) / len(ts) for n, ts in erm.items()}
-    assert (f"coded − erm is {mean[500]:+.1f} points at 500 (significant in {sig(erm[500])} of 3 seeds), {mean[1000]:+.1f} at 1,000 ({sig(erm[1000])} of 3) and "
-            f"{mean[4000]:+.1f} at 4,000 ({sig(erm[4000])} of 3)").replace("+", "") in rob.replace("+", "")
+    assert (
+        f"coded − erm is {mean[500]:+.1f} points at 500 (significant in {sig(erm[500])} of 3 seeds), {mean[1000]:+.1f} at 1,000 ({sig(erm[1000])} of 3) and "
+        f"{mean[4000]:+.1f} at 4,000 ({sig(erm[4000])} of 3)"
+    ).replace("+", "") in rob.replace("+", "")
     small = [r for r in st["rows"] if r["size"] < st["n_train"]]
     failed = {m: sum(collapsed(r, classes) for r in small if r["method"] == m) for m in ("pgd-at", "coded-at")}
     runs = {m: sum(1 for r in small if r["method"] == m) for m in failed}
     assert f"pgd-at collapsed to a single predicted class in {failed['pgd-at']} of its {runs['pgd-at']} runs" in rob
-    assert failed["coded-at"] == 0 and f"coded-at in none of its {sum(1 for r in st['rows'] if r['method'] == 'coded-at')} runs" in rob
+    assert (
+        failed["coded-at"] == 0
+        and f"coded-at in none of its {sum(1 for r in st['rows'] if r['method'] == 'coded-at')} runs" in rob
+    )
     seed0 = {n: next(t for t in tests[(n, "coded-at", "pgd-at", "worst")] if t["seed"] == 0) for n in (500, 1000)}
     assert all(not collapsed(r, classes) for r in small if r["method"] == "pgd-at" and r["seed"] == 0)
     assert f"{100 * seed0[500]['diff']:.1f} points at 500, {100 * seed0[1000]['diff']:.1f} at 1,000" in rob
-    big = {m: [r["worst"]["accuracy"] for r in st["rows"] if r["size"] == st["n_train"] and r["method"] == m] for m in ("coded-at", "pgd-at")}
+    big = {
+        m: [r["worst"]["accuracy"] for r in st["rows"] if r["size"] == st["n_train"] and r["method"] == m]
+        for m in ("coded-at", "pgd-at")
+    }
     sd = lambda v: statistics.stdev(v)  # noqa: E731
-    assert (f"coded-at keeps {pct(statistics.mean(big['coded-at']))} ± {100 * sd(big['coded-at']):.1f} % worst case against pgd-at's "
-            f"{pct(statistics.mean(big['pgd-at']))} ± {100 * sd(big['pgd-at']):.1f} % on the study's {len(st['sample'])} images, significant in "
-            f"{sig(tests[(st['n_train'], 'coded-at', 'pgd-at', 'worst')])} of 3 seeds") in rob
+    assert (
+        f"coded-at keeps {pct(statistics.mean(big['coded-at']))} ± {100 * sd(big['coded-at']):.1f} % worst case against pgd-at's "
+        f"{pct(statistics.mean(big['pgd-at']))} ± {100 * sd(big['pgd-at']):.1f} % on the study's {len(st['sample'])} images, significant in "
+        f"{sig(tests[(st['n_train'], 'coded-at', 'pgd-at', 'worst')])} of 3 seeds"
+    ) in rob

@@ -54,7 +54,17 @@ def test_fast_at_trains_on_one_fgsm_step_of_1_25_eps_from_a_random_start(digits)
 def test_fast_at_and_coded_fast_at_train_end_to_end_with_a_check_every_epoch(digits, tmp_path):
     for method in ("fast-at", "coded-fast-at"):
         assert build_parser().parse_args(["train", "--method", method]).method == method
-        cfg = TrainConfig(method=method, epochs=2, width=8, batch_size=16, at_eps=EPS, train_size=400, out=str(tmp_path / method), progress=False, seed=0)
+        cfg = TrainConfig(
+            method=method,
+            epochs=2,
+            width=8,
+            batch_size=16,
+            at_eps=EPS,
+            train_size=400,
+            out=str(tmp_path / method),
+            progress=False,
+            seed=0,
+        )
         result = train(cfg, data=digits)
         config = json.loads((result.checkpoint / "config.json").read_text())
         at = config["training"]["adversarial_training"]
@@ -62,10 +72,23 @@ def test_fast_at_and_coded_fast_at_train_end_to_end_with_a_check_every_epoch(dig
         assert (config["training"]["mu"] is not None) == (method == "coded-fast-at")
         assert len(config["history"]) == 2 and all("restored_epoch" not in h for h in config["history"])
         for h in config["history"]:
-            assert 0 <= h["check"]["pgd_accuracy"] <= h["check"]["fgsm_accuracy"] + 0.05 and h["check"]["fgsm_accuracy"] <= 1
+            assert (
+                0 <= h["check"]["pgd_accuracy"] <= h["check"]["fgsm_accuracy"] + 0.05
+                and h["check"]["fgsm_accuracy"] <= 1
+            )
         ck = load_checkpoint(result.checkpoint)
-        assert ck.config.method == method and result.test_accuracy > 0.15  # chance: 0.1 (2 epochs of 400 images at ε = 0.2)
-    erm = json.loads((train(TrainConfig(method="erm", epochs=1, width=8, train_size=400, out=str(tmp_path / "erm"), progress=False), data=digits).checkpoint / "config.json").read_text())
+        assert (
+            ck.config.method == method and result.test_accuracy > 0.15
+        )  # chance: 0.1 (2 epochs of 400 images at ε = 0.2)
+    erm = json.loads(
+        (
+            train(
+                TrainConfig(method="erm", epochs=1, width=8, train_size=400, out=str(tmp_path / "erm"), progress=False),
+                data=digits,
+            ).checkpoint
+            / "config.json"
+        ).read_text()
+    )
     assert "check" not in erm["history"][0]  # only methods that ask for it are checked
 
 
@@ -81,21 +104,34 @@ class _HugeStepsLater(FastAt):
 
 def test_a_forced_collapse_is_detected_and_the_last_good_weights_restored(digits, tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(OBJECTIVES, "fast-at", _HugeStepsLater)
-    cfg = TrainConfig(method="fast-at", epochs=10, at_eps=EPS, at_warmup=0.0, out=str(tmp_path / "co"), progress=False, seed=0)
+    cfg = TrainConfig(
+        method="fast-at", epochs=10, at_eps=EPS, at_warmup=0.0, out=str(tmp_path / "co"), progress=False, seed=0
+    )
     with caplog.at_level(logging.WARNING, logger="codedsmooth.train"):
         result = train(cfg, data=digits)
     history = json.loads((result.checkpoint / "config.json").read_text())["history"]
     collapsed = [h for h in history if "restored_epoch" in h]
-    assert len(collapsed) == 1 and collapsed[0] is history[-1] and len(history) < cfg.epochs, [h.get("check") for h in history]
+    assert len(collapsed) == 1 and collapsed[0] is history[-1] and len(history) < cfg.epochs, [
+        h.get("check") for h in history
+    ]
     last, good = history[-1], history[history[-1]["restored_epoch"] - 1]
     best = max(h["check"]["pgd_accuracy"] for h in history)
-    assert last["check"]["pgd_accuracy"] < best - 0.2 and last["check"]["fgsm_accuracy"] > history[-2]["check"]["fgsm_accuracy"]
+    assert (
+        last["check"]["pgd_accuracy"] < best - 0.2
+        and last["check"]["fgsm_accuracy"] > history[-2]["check"]["fgsm_accuracy"]
+    )
     assert good["check"]["pgd_accuracy"] >= best - 0.2
-    assert any("catastrophic overfitting" in r.message and f"restored the weights of epoch {good['epoch']}" in r.message for r in caplog.records)
+    assert any(
+        "catastrophic overfitting" in r.message and f"restored the weights of epoch {good['epoch']}" in r.message
+        for r in caplog.records
+    )
     # the checkpoint holds the good epoch's weights: the same check on the loaded model reads what that epoch read
     model = load_checkpoint(result.checkpoint).model
     x, y = held_out_batch(digits.test_x, digits.test_y, CHECK_SIZE, cfg.seed + 3)
     at = FastAt.attack_settings(cfg, digits.input_shape)
     check = CollapseGuard(model, as_float(x), y, at, cfg.seed + 4).measure()
-    assert abs(check.pgd_accuracy - good["check"]["pgd_accuracy"]) < 1e-6 and abs(check.fgsm_accuracy - good["check"]["fgsm_accuracy"]) < 1e-6
+    assert (
+        abs(check.pgd_accuracy - good["check"]["pgd_accuracy"]) < 1e-6
+        and abs(check.fgsm_accuracy - good["check"]["fgsm_accuracy"]) < 1e-6
+    )
     assert abs(result.test_accuracy - good["test_accuracy"]) < 1e-9

@@ -16,12 +16,31 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from codedsmooth.service.errors import MAX_ERROR_CHARS
 
-BUDGET = settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
+BUDGET = settings(
+    max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None
+)
 SEEN: Counter = Counter()  # (body kind, status) -> count
 
-json_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8)
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=40)
-numbers = st.floats(-2, 2) | st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e300]) | st.integers(-3, 3) | st.booleans() | st.none() | st.just("0.5")
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=40,
+)
+numbers = (
+    st.floats(-2, 2)
+    | st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e300])
+    | st.integers(-3, 3)
+    | st.booleans()
+    | st.none()
+    | st.just("0.5")
+)
 dims = st.integers(-3, 10) | st.sampled_from([2**32, 2**63, 2**64, 2**70, 1.0, True, False, "8", None])
 
 
@@ -33,7 +52,13 @@ def nested(leaf, depth):
 
 predict_bodies = st.one_of(
     json_values,
-    st.fixed_dictionaries({"inputs": st.one_of(json_values, nested(numbers, 4), st.lists(st.just(np.full((1, 8, 8), 0.5).tolist()), max_size=40))}),
+    st.fixed_dictionaries(
+        {
+            "inputs": st.one_of(
+                json_values, nested(numbers, 4), st.lists(st.just(np.full((1, 8, 8), 0.5).tolist()), max_size=40)
+            )
+        }
+    ),
     st.fixed_dictionaries({"inputs": nested(numbers, 3)}, optional={"extra": json_values}),
 )
 
@@ -74,14 +99,20 @@ def _fuzz(server, kind: str, examples) -> None:
     examples()
     statuses = _statuses(server)
     ran = sum(v for (k, _), v in SEEN.items() if k == kind) - before
-    print(f"fuzz {kind}: {ran} examples, by status: {dict(sorted((st, n) for (k, st), n in SEEN.items() if k == kind))}; server counted {dict(statuses)}")
+    print(
+        f"fuzz {kind}: {ran} examples, by status: {dict(sorted((st, n) for (k, st), n in SEEN.items() if k == kind))}; server counted {dict(statuses)}"
+    )
     assert statuses.get("500", 0) == 0
     assert ran >= 200  # the budget ran (hypothesis may stop a strategy early once it is exhausted)
 
 
 def test_fuzz_v1_json(server):
     @BUDGET
-    @given(body=predict_bodies, raw=st.one_of(st.none(), st.binary(max_size=200)), content_type=st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain", None]))
+    @given(
+        body=predict_bodies,
+        raw=st.one_of(st.none(), st.binary(max_size=200)),
+        content_type=st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain", None]),
+    )
     def examples(body, raw, content_type):
         data = raw if raw is not None else json.dumps(body, allow_nan=True).encode()
         headers = {"content-type": content_type} if content_type else {}
@@ -98,18 +129,26 @@ v2_inputs = st.fixed_dictionaries(
     },
     optional={
         "data": st.one_of(st.just([0.5] * 64), st.lists(numbers, max_size=70), nested(numbers, 3), json_values),
-        "parameters": st.fixed_dictionaries({}, optional={"binary_data_size": st.integers(-5, 600) | st.booleans() | st.text(max_size=3) | st.just(256)}),
+        "parameters": st.fixed_dictionaries(
+            {}, optional={"binary_data_size": st.integers(-5, 600) | st.booleans() | st.text(max_size=3) | st.just(256)}
+        ),
     },
 )
 v2_headers = st.fixed_dictionaries(
     {"inputs": st.lists(v2_inputs, max_size=3) | json_values},
     optional={
         "id": st.text(max_size=5) | st.integers(),
-        "parameters": st.fixed_dictionaries({}, optional={"binary_data_output": st.booleans() | st.sampled_from(["false", "true", 0, 1, None])}),
+        "parameters": st.fixed_dictionaries(
+            {}, optional={"binary_data_output": st.booleans() | st.sampled_from(["false", "true", 0, 1, None])}
+        ),
         "outputs": st.lists(
             st.fixed_dictionaries(
                 {"name": st.sampled_from(["probabilities", "index", "logits"]) | st.integers()},
-                optional={"parameters": st.fixed_dictionaries({}, optional={"binary_data": st.booleans() | st.sampled_from(["no", 1, None])})},
+                optional={
+                    "parameters": st.fixed_dictionaries(
+                        {}, optional={"binary_data": st.booleans() | st.sampled_from(["no", 1, None])}
+                    )
+                },
             ),
             max_size=3,
         )
@@ -123,7 +162,12 @@ def test_fuzz_v2_header_and_binary(server):
     @given(
         header=v2_headers,
         binary=st.one_of(st.just(b""), st.just(np.full(64, 0.5, dtype=np.float32).tobytes()), st.binary(max_size=300)),
-        length=st.one_of(st.none(), st.just("exact"), st.text(alphabet="0123456789_+-x", min_size=1, max_size=6), st.integers(-10, 10**6).map(str)),
+        length=st.one_of(
+            st.none(),
+            st.just("exact"),
+            st.text(alphabet="0123456789_+-x", min_size=1, max_size=6),
+            st.integers(-10, 10**6).map(str),
+        ),
         model=st.sampled_from(["{model}", "nope", "{model}/versions/1", "{model}/versions/2"]),
     )
     def examples(header, binary, length, model):
@@ -153,7 +197,11 @@ files_strategy = st.lists(
     st.tuples(
         st.sampled_from(["files", "file", "picture", ""]),
         st.text(max_size=10),
-        st.one_of(st.binary(max_size=300), st.integers(0, 255).map(_png), st.integers(0, 255).map(lambda v: _png(v)[: 20 + v % 40])),
+        st.one_of(
+            st.binary(max_size=300),
+            st.integers(0, 255).map(_png),
+            st.integers(0, 255).map(lambda v: _png(v)[: 20 + v % 40]),
+        ),
         st.sampled_from(["image/png", "image/jpeg", "application/octet-stream", "text/plain"]),
     ),
     max_size=5,
@@ -162,12 +210,20 @@ files_strategy = st.lists(
 
 def test_fuzz_multipart(server):
     @BUDGET
-    @given(files=files_strategy, garbage=st.one_of(st.none(), st.binary(max_size=300)), boundary=st.sampled_from(["", "; boundary=abc", "; boundary=", "; boundary=\"x\""]))
+    @given(
+        files=files_strategy,
+        garbage=st.one_of(st.none(), st.binary(max_size=300)),
+        boundary=st.sampled_from(["", "; boundary=abc", "; boundary=", '; boundary="x"']),
+    )
     def examples(files, garbage, boundary):
         if garbage is None and files:
-            r = server.client.post("/v1/predict/image", files=[(field, (name, data, ctype)) for field, name, data, ctype in files])
+            r = server.client.post(
+                "/v1/predict/image", files=[(field, (name, data, ctype)) for field, name, data, ctype in files]
+            )
         else:
-            r = server.client.post("/v1/predict/image", content=garbage or b"", headers={"content-type": "multipart/form-data" + boundary})
+            r = server.client.post(
+                "/v1/predict/image", content=garbage or b"", headers={"content-type": "multipart/form-data" + boundary}
+            )
         _check("multipart", r)
 
     _fuzz(server, "multipart", examples)

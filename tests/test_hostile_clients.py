@@ -37,15 +37,25 @@ def png_bomb(width: int, height: int) -> bytes:
     for start in range(0, height, step):
         parts.append(comp.compress(row * min(step, height - start)))
     parts.append(comp.flush())
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + _chunk(b"IDAT", b"".join(parts)) + _chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + _chunk(b"IDAT", b"".join(parts))
+        + _chunk(b"IEND", b"")
+    )
 
 
 def png_raising_syntax_error() -> bytes:
     """A PNG whose header is fine but whose second data chunk has an invalid type: Pillow raises SyntaxError on load."""
     z = zlib.compress(b"".join(b"\0" + bytes(range(64)) for _ in range(64)))
     half = len(z) // 2
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0))
-            + _chunk(b"IDAT", z[:half]) + _chunk(b"I\x00AT", z[half:]) + _chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0))
+        + _chunk(b"IDAT", z[:half])
+        + _chunk(b"I\x00AT", z[half:])
+        + _chunk(b"IEND", b"")
+    )
 
 
 def png(width=8, height=8, value=128) -> bytes:
@@ -70,7 +80,12 @@ def _status_count(srv, status: int, endpoint: str) -> float:
 
 
 def _raw_post(path: str, body: bytes, headers: dict[str, str]) -> bytes:
-    lines = [f"POST {path} HTTP/1.1", "Host: test", f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
+    lines = [
+        f"POST {path} HTTP/1.1",
+        "Host: test",
+        f"Content-Length: {len(body)}",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
@@ -100,7 +115,9 @@ def test_image_bombs_are_refused_from_the_header_before_decoding(server):
             peak = max(peak, rss_mb(server.proc.pid))
     sender.join()
     r = result["response"]
-    print(f"8 bombs of 13000x13000: {r.status_code} in {result['seconds']:.2f}s; /health/live max {max(live_latencies) * 1e3:.0f} ms; RSS {before:.0f} -> peak {peak:.0f} MB")
+    print(
+        f"8 bombs of 13000x13000: {r.status_code} in {result['seconds']:.2f}s; /health/live max {max(live_latencies) * 1e3:.0f} ms; RSS {before:.0f} -> peak {peak:.0f} MB"
+    )
     assert r.status_code == 413, r.text
     assert "pixels" in r.json()["error"]
     assert peak - before < 60  # decoding one of them alone would take 169 MB
@@ -166,7 +183,11 @@ def _binary_request(trailing: bytes = b"", size_delta: int = 0, header_length: s
 
 V2_REFUSED = [
     ("binary_data_output as string", 422, {"inputs": [_v2_input()], "parameters": {"binary_data_output": "false"}}),
-    ("binary_data output param as string", 422, {"inputs": [_v2_input()], "outputs": [{"name": "index", "parameters": {"binary_data": "no"}}]}),
+    (
+        "binary_data output param as string",
+        422,
+        {"inputs": [_v2_input()], "outputs": [{"name": "index", "parameters": {"binary_data": "no"}}]},
+    ),
     ("wrong input name", 422, {"inputs": [_v2_input(name="images")]}),
     ("boolean in shape", 422, {"inputs": [_v2_input(shape=(True, 1, 8, 8), data=[0.5] * 64)]}),
     ("float in shape", 422, {"inputs": [_v2_input(shape=(1.0, 1, 8, 8), data=[0.5] * 64)]}),
@@ -205,7 +226,11 @@ def test_v2_binary_framing_is_exact(server, name, kwargs):
 
 def test_binary_bytes_without_any_binary_input_are_refused(server):
     head = json.dumps({"inputs": [_v2_input()]}).encode()
-    r = httpx.post(f"{server.url}/v2/models/{server.model}/infer", content=head + b"junk", headers={"inference-header-content-length": str(len(head))})
+    r = httpx.post(
+        f"{server.url}/v2/models/{server.model}/infer",
+        content=head + b"junk",
+        headers={"inference-header-content-length": str(len(head))},
+    )
     assert r.status_code == 400 and "binary_data_size" in r.json()["error"]
 
 
@@ -232,7 +257,9 @@ def test_a_refused_request_leaves_the_keep_alive_connection_usable(server):
 # ---- slow and disconnecting clients (raw sockets) -----------------------------------------
 
 
-def _slow_client(srv, results: list, index: int, declared: int, first: int, trickle: int, stop: threading.Event) -> None:
+def _slow_client(
+    srv, results: list, index: int, declared: int, first: int, trickle: int, stop: threading.Event
+) -> None:
     """Declares ``declared`` bytes, sends ``first`` at once, then ``trickle`` bytes every 100 ms until answered."""
     sock = connect(srv)
     try:
@@ -268,7 +295,10 @@ def test_slow_clients_get_408_within_the_body_timeout_and_in_flight_returns_to_0
     stop = threading.Event()
     base_408 = _status_count(server, 408, "/v1/predict")
     baseline = rss_mb(server.proc.pid)
-    threads = [threading.Thread(target=_slow_client, args=(server, results, i, 8_000_000, 1_000_000, 1024, stop)) for i in range(clients)]
+    threads = [
+        threading.Thread(target=_slow_client, args=(server, results, i, 8_000_000, 1_000_000, 1024, stop))
+        for i in range(clients)
+    ]
     start = time.monotonic()
     for t in threads:
         t.start()
@@ -281,8 +311,10 @@ def test_slow_clients_get_408_within_the_body_timeout_and_in_flight_returns_to_0
         t.join()
     wait_for_metric(server, "codedsmooth_requests_in_flight", lambda v: v == 0, timeout=10)
     back_to_zero = time.monotonic() - start
-    print(f"16 slow clients: answers {sorted(set(r[0] for r in results))}, last after {max(r[1] for r in results):.2f}s; "
-          f"in-flight 0 after {back_to_zero:.2f}s; server RSS {baseline:.0f} -> peak {peak:.0f} MB (+{peak - baseline:.0f})")
+    print(
+        f"16 slow clients: answers {sorted(set(r[0] for r in results))}, last after {max(r[1] for r in results):.2f}s; "
+        f"in-flight 0 after {back_to_zero:.2f}s; server RSS {baseline:.0f} -> peak {peak:.0f} MB (+{peak - baseline:.0f})"
+    )
     assert [r[0] for r in results] == [408] * clients
     assert max(r[1] for r in results) < BODY_TIMEOUT_S + 2
     assert back_to_zero < 10  # within the 10 s request deadline
@@ -295,7 +327,10 @@ def test_clients_leaving_mid_upload_are_counted_499_not_500(server):
     base = _status_count(server, 499, "/v1/predict")
     for _ in range(clients):
         sock = connect(server)
-        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 8000000\r\n\r\n" + b" " * 100_000)
+        sock.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 8000000\r\n\r\n"
+            + b" " * 100_000
+        )
         sock.close()
     wait_until(lambda: _status_count(server, 499, "/v1/predict") - base == clients, "every upload counted 499", 30)
     wait_for_metric(server, "codedsmooth_requests_in_flight", lambda v: v == 0, timeout=10)

@@ -108,7 +108,11 @@ def test_transparency_is_composited_onto_the_background(mnist_digits, background
 def test_broken_files_are_described_in_the_services_words(mnist_digits):
     png = encode(upright(mnist_digits[0]))
     jpg = encode(upright(mnist_digits[0]), "JPEG")
-    for name, data, problem in [("t.png", png[: len(png) - 30], "truncated"), ("t.jpg", jpg[: len(jpg) // 2], "truncated"), ("x.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "")]:
+    for name, data, problem in [
+        ("t.png", png[: len(png) - 30], "truncated"),
+        ("t.jpg", jpg[: len(jpg) // 2], "truncated"),
+        ("x.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, ""),
+    ]:
         with pytest.raises(InvalidInput) as err:
             decode_images([(name, data)], (1, 28, 28), MAX_PIXELS)
         text = str(err.value)
@@ -143,13 +147,22 @@ def test_background_comes_from_the_checkpoint(tmp_path, tiny_checkpoint):
 
 def test_served_labels_follow_exif_orientation_and_transparency(server, mnist_digits):
     labels, probs = served(server, [(f"{i}.png", encode(upright(a))) for i, a in enumerate(mnist_digits)])
-    confident = [i for i in range(len(labels)) if probs[i].max() > 0.8]  # leave borderline digits out of the JPEG comparison
+    confident = [
+        i for i in range(len(labels)) if probs[i].max() > 0.8
+    ]  # leave borderline digits out of the JPEG comparison
     assert len(confident) >= 10
     cases = {
-        "png, orientation 8": [(f"{i}.png", encode(stored_for_orientation(a, 8), orientation=8)) for i, a in enumerate(mnist_digits)],
-        "png, orientation 6": [(f"{i}.png", encode(stored_for_orientation(a, 6), orientation=6)) for i, a in enumerate(mnist_digits)],
+        "png, orientation 8": [
+            (f"{i}.png", encode(stored_for_orientation(a, 8), orientation=8)) for i, a in enumerate(mnist_digits)
+        ],
+        "png, orientation 6": [
+            (f"{i}.png", encode(stored_for_orientation(a, 6), orientation=6)) for i, a in enumerate(mnist_digits)
+        ],
         "png, transparent": [(f"{i}.png", encode(transparent_white(a))) for i, a in enumerate(mnist_digits)],
-        "jpeg, orientation 8": [(f"{i}.jpg", encode(stored_for_orientation(a, 8), "JPEG", orientation=8)) for i, a in enumerate(mnist_digits)],
+        "jpeg, orientation 8": [
+            (f"{i}.jpg", encode(stored_for_orientation(a, 8), "JPEG", orientation=8))
+            for i, a in enumerate(mnist_digits)
+        ],
     }
     for case, blobs in cases.items():
         got, _ = served(server, blobs)
@@ -163,6 +176,10 @@ def test_served_labels_follow_exif_orientation_and_transparency(server, mnist_di
 
 def test_broken_image_gets_the_services_words_over_http(server, mnist_digits):
     png = encode(upright(mnist_digits[0]))
-    r = httpx.post(server.url + "/v1/predict/image", files=[("files", ("cut.png", png[: len(png) - 30], "image/png"))], timeout=30)
+    r = httpx.post(
+        server.url + "/v1/predict/image", files=[("files", ("cut.png", png[: len(png) - 30], "image/png"))], timeout=30
+    )
     assert r.status_code == 422
-    assert r.json()["error"] == "image 'cut.png' cannot be decoded (the file is truncated); only PNG and JPEG are accepted"
+    assert (
+        r.json()["error"] == "image 'cut.png' cannot be decoded (the file is truncated); only PNG and JPEG are accepted"
+    )

@@ -36,14 +36,22 @@ def added(capsys, path, name, *options) -> str:
 def test_keys_add_puts_only_the_key_on_stdout(tmp_path, capsys):
     r = keys(capsys, "add", "alice", "--file", str(tmp_path / "keys.txt"))
     assert r.returncode == 0, r.stderr
-    assert len(r.stdout.splitlines()) == 1 and len(r.stdout.strip()) == 43  # what $(…) captures: the key and nothing else
+    assert (
+        len(r.stdout.splitlines()) == 1 and len(r.stdout.strip()) == 43
+    )  # what $(…) captures: the key and nothing else
     assert "alice" in r.stderr and r.stdout.strip() not in r.stderr
-    assert (tmp_path / "keys.txt").read_text().split() == ["alice", hashlib.sha256(r.stdout.strip().encode()).hexdigest()]
+    assert (tmp_path / "keys.txt").read_text().split() == [
+        "alice",
+        hashlib.sha256(r.stdout.strip().encode()).hexdigest(),
+    ]
 
 
 def test_keys_list_shows_names_and_options_never_a_whole_digest(tmp_path, capsys):
     path = tmp_path / "keys.txt"
-    k = {name: added(capsys, path, name, *opts) for name, opts in [("alice", ()), ("batch-job", ("--rate", "200", "--quota", "none")), ("ops", ("--manage",))]}
+    k = {
+        name: added(capsys, path, name, *opts)
+        for name, opts in [("alice", ()), ("batch-job", ("--rate", "200", "--quota", "none")), ("ops", ("--manage",))]
+    }
     r = keys(capsys, "list", "--file", str(path))
     assert r.returncode == 0, r.stderr
     rows = [line.split() for line in r.stdout.splitlines()]
@@ -61,7 +69,10 @@ def test_keys_remove_refuses_an_unknown_name_or_a_missing_file_and_changes_nothi
     before = path.read_text()
     r = keys(capsys, "remove", "bob", "--file", str(path))
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.strip() == f"codedsmooth keys: error: {path}: no client 'bob' (codedsmooth keys list --file {path} shows the clients)"
+    assert (
+        r.stderr.strip()
+        == f"codedsmooth keys: error: {path}: no client 'bob' (codedsmooth keys list --file {path} shows the clients)"
+    )
     assert path.read_text() == before
     r = keys(capsys, "remove", "alice", "--file", str(tmp_path / "missing.txt"))
     assert r.returncode == 2 and "missing.txt does not exist" in r.stderr and "Traceback" not in r.stderr
@@ -100,7 +111,13 @@ def test_a_running_server_refuses_a_removed_client_from_its_next_reload(keyed_se
     srv, path, k = keyed_server
 
     def post(key):
-        return httpx.post(srv.url + "/v1/predict", json={"inputs": digits.test_x[:1].tolist()}, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        return httpx.post(
+            srv.url + "/v1/predict",
+            json={"inputs": digits.test_x[:1].tolist()},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+
     assert post(k["alice"]).status_code == 200 and post(k["bob"]).status_code == 200
     reloads = metric(srv, "codedsmooth_api_keys_reloads_total", result="ok")
     r = keys(capsys, "remove", "bob", "--file", str(path))

@@ -23,16 +23,34 @@ SUBPACKAGES = ("core", "models", "train", "service", "probe")
 
 def _package_tree(dest: Path) -> Path:
     """A copy of the package as one folder (the subpackages' symlinks followed): codedsmooth/{cli.py, …, core/, …}."""
-    shutil.copytree(ROOT / "codedsmooth", dest / "codedsmooth", ignore=shutil.ignore_patterns("__pycache__", "default_checkpoint"))
+    shutil.copytree(
+        ROOT / "codedsmooth", dest / "codedsmooth", ignore=shutil.ignore_patterns("__pycache__", "default_checkpoint")
+    )
     return dest
 
 
 def _lint_imports(tree: Path) -> subprocess.CompletedProcess:
     script = Path(sys.executable).parent / "lint-imports"
-    command = [str(script)] if script.exists() else [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    command = (
+        [str(script)]
+        if script.exists()
+        else [
+            sys.executable,
+            "-c",
+            "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())",
+        ]
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
     return subprocess.run(
-        [*command, "--config", str(PYPROJECT), "--no-cache"], cwd=tree, env=env, capture_output=True, text=True, timeout=300,
+        [*command, "--config", str(PYPROJECT), "--no-cache"],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -62,9 +80,24 @@ def test_a_service_module_importing_train_breaks_a_contract_and_names_the_chain(
 @pytest.mark.parametrize(
     "module, line, contract, chain",
     [
-        ("service/api/v1.py", "from codedsmooth.service.http import connections", "service rooms are layered BROKEN", "codedsmooth.service.api.v1 -> codedsmooth.service.http.connections"),
-        ("service/access/keys.py", "from codedsmooth.service.access import control", "no import circles inside any package BROKEN", "- .keys -> .control"),
-        ("core/spline.py", "from codedsmooth.core import spec", "no import circles inside any package BROKEN", "- .spline -> .spec"),
+        (
+            "service/api/v1.py",
+            "from codedsmooth.service.http import connections",
+            "service rooms are layered BROKEN",
+            "codedsmooth.service.api.v1 -> codedsmooth.service.http.connections",
+        ),
+        (
+            "service/access/keys.py",
+            "from codedsmooth.service.access import control",
+            "no import circles inside any package BROKEN",
+            "- .keys -> .control",
+        ),
+        (
+            "core/spline.py",
+            "from codedsmooth.core import spec",
+            "no import circles inside any package BROKEN",
+            "- .spline -> .spec",
+        ),
     ],
     ids=["api-imports-http", "circle-inside-access", "circle-inside-core"],
 )
@@ -77,4 +110,3 @@ def test_a_break_inside_a_package_is_caught(tmp_path, module, line, contract, ch
     print(result.stdout)
     assert result.returncode == 1, result.stdout + result.stderr
     assert contract in result.stdout and chain in result.stdout
-

@@ -12,7 +12,10 @@ def test_preact_resnet18_has_the_standard_parameter_count():
     assert sum(p.numel() for p in model.parameters()) == 11_171_146 + 2 * 512
 
 
-@pytest.mark.parametrize("name,shape,kwargs", [("small_cnn", (1, 8, 8), {"image_size": 8, "in_channels": 1}), ("preact_resnet18", (3, 32, 32), {"width": 8})])
+@pytest.mark.parametrize(
+    "name,shape,kwargs",
+    [("small_cnn", (1, 8, 8), {"image_size": 8, "in_channels": 1}), ("preact_resnet18", (3, 32, 32), {"width": 8})],
+)
 def test_split_composes_to_the_full_model(name, shape, kwargs):
     model = build_model(name, num_classes=10, **kwargs).eval()
     x = torch.rand(4, *shape)

@@ -29,7 +29,9 @@ def test_gaussian_draws_are_standard_normal():
 def test_engine_adds_the_noise_it_draws_before_the_model(tiny_checkpoint, digits):
     ck = load_checkpoint(tiny_checkpoint)
     sigma = 0.3
-    engine = InferenceEngine(ck, ServeSettings(rci=False, input_noise_sigma=sigma, rci_seed=7, rci_check_rate=0), torch.device("cpu"))
+    engine = InferenceEngine(
+        ck, ServeSettings(rci=False, input_noise_sigma=sigma, rci_seed=7, rci_check_rate=0), torch.device("cpu")
+    )
     requests = [as_float(digits.test_x[:1]), as_float(digits.test_x[1:4])]
     served = engine.run(requests).probabilities
     for x, probs in zip(requests, served):  # a seeded source restarts for every request
@@ -45,8 +47,18 @@ def test_engine_adds_the_noise_it_draws_before_the_model(tiny_checkpoint, digits
 def test_server_draws_fresh_noise_for_every_request(tiny_checkpoint, digits):
     item = {"inputs": digits.test_x[:1].tolist()}
     with running_server(tiny_checkpoint, rci=False, input_noise_sigma=0.2, max_delay_ms=1) as server:
-        answers = {tuple(httpx.post(server.url + "/v1/predict", json=item, timeout=30).json()["predictions"][0]["probabilities"]) for _ in range(5)}
+        answers = {
+            tuple(
+                httpx.post(server.url + "/v1/predict", json=item, timeout=30).json()["predictions"][0]["probabilities"]
+            )
+            for _ in range(5)
+        }
     assert len(answers) == 5
     with running_server(tiny_checkpoint, rci=False, max_delay_ms=1) as server:
-        answers = {tuple(httpx.post(server.url + "/v1/predict", json=item, timeout=30).json()["predictions"][0]["probabilities"]) for _ in range(3)}
+        answers = {
+            tuple(
+                httpx.post(server.url + "/v1/predict", json=item, timeout=30).json()["predictions"][0]["probabilities"]
+            )
+            for _ in range(3)
+        }
     assert len(answers) == 1

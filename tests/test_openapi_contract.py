@@ -37,9 +37,18 @@ def _v2(name="input", shape=(1, 1, 8, 8)):
 
 def _v2_binary():
     payload = np.full(64, 0.5, dtype=np.float32).tobytes()
-    head = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "parameters": {"binary_data_size": 256}}],
-                       "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()
-    return {"content": head + payload, "headers": {"inference-header-content-length": str(len(head)), "content-type": "application/octet-stream"}}
+    head = json.dumps(
+        {
+            "inputs": [
+                {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "parameters": {"binary_data_size": 256}}
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    return {
+        "content": head + payload,
+        "headers": {"inference-header-content-length": str(len(head)), "content-type": "application/octet-stream"},
+    }
 
 
 def cases(model: str) -> list[tuple[str, str, str, dict, int]]:
@@ -53,17 +62,53 @@ def cases(model: str) -> list[tuple[str, str, str, dict, int]]:
         ("get", "/v1/models/{name}/card", f"/v1/models/{m}/card", {}, 200),
         ("get", "/v1/models/{name}/card", "/v1/models/nope/card", {}, 404),
         ("post", "/v1/predict", "/v1/predict", {"json": {"inputs": [GOOD_ITEM]}}, 200),
-        ("post", "/v1/predict", "/v1/predict", {"content": b"{nope", "headers": {"content-type": "application/json"}}, 400),
+        (
+            "post",
+            "/v1/predict",
+            "/v1/predict",
+            {"content": b"{nope", "headers": {"content-type": "application/json"}},
+            400,
+        ),
         ("post", "/v1/predict", "/v1/predict", {"json": {"inputs": [GOOD_ITEM] * 33}}, 413),
         ("post", "/v1/predict", "/v1/predict", {"content": b"{}", "headers": {"content-type": "text/plain"}}, 415),
-        ("post", "/v1/predict", "/v1/predict", {"content": gzip.compress(b'{"inputs": []}'), "headers": {"content-type": "application/json", "content-encoding": "gzip"}}, 415),
-        ("post", "/v1/predict", "/v1/predict", {"content": b'{"inputs":[' + b",".join([b"[[[0]]]"] * 5000) + b"]}", "headers": {"content-type": "application/json"}}, 413),
+        (
+            "post",
+            "/v1/predict",
+            "/v1/predict",
+            {
+                "content": gzip.compress(b'{"inputs": []}'),
+                "headers": {"content-type": "application/json", "content-encoding": "gzip"},
+            },
+            415,
+        ),
+        (
+            "post",
+            "/v1/predict",
+            "/v1/predict",
+            {
+                "content": b'{"inputs":[' + b",".join([b"[[[0]]]"] * 5000) + b"]}",
+                "headers": {"content-type": "application/json"},
+            },
+            413,
+        ),
         ("post", "/v1/predict", "/v1/predict", {"json": {"inputs": [[[1.5]]]}}, 422),
         ("post", "/v1/predict/image", "/v1/predict/image", img(2), 200),
         ("post", "/v1/predict/image", "/v1/predict/image", img(33), 413),
         ("post", "/v1/predict/image", "/v1/predict/image", {"json": {}}, 415),
-        ("post", "/v1/predict/image", "/v1/predict/image", {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}}, 400),
-        ("post", "/v1/predict/image", "/v1/predict/image", {"files": [("files", ("x.png", b"garbage", "image/png"))]}, 422),
+        (
+            "post",
+            "/v1/predict/image",
+            "/v1/predict/image",
+            {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}},
+            400,
+        ),
+        (
+            "post",
+            "/v1/predict/image",
+            "/v1/predict/image",
+            {"files": [("files", ("x.png", b"garbage", "image/png"))]},
+            422,
+        ),
         ("get", "/v2", "/v2", {}, 200),
         ("get", "/v2/health/live", "/v2/health/live", {}, 200),
         ("get", "/v2/health/ready", "/v2/health/ready", {}, 200),
@@ -77,13 +122,37 @@ def cases(model: str) -> list[tuple[str, str, str, dict, int]]:
         ("get", "/v2/models/{name}/versions/{version}/ready", f"/v2/models/{m}/versions/2/ready", {}, 404),
         ("post", "/v2/models/{name}/infer", f"/v2/models/{m}/infer", {"json": _v2()}, 200),
         ("post", "/v2/models/{name}/infer", f"/v2/models/{m}/infer", _v2_binary(), 200),
-        ("post", "/v2/models/{name}/infer", f"/v2/models/{m}/infer", {"json": _v2(), "headers": {"inference-header-content-length": "1_0"}}, 400),
+        (
+            "post",
+            "/v2/models/{name}/infer",
+            f"/v2/models/{m}/infer",
+            {"json": _v2(), "headers": {"inference-header-content-length": "1_0"}},
+            400,
+        ),
         ("post", "/v2/models/{name}/infer", "/v2/models/nope/infer", {"json": _v2()}, 404),
         ("post", "/v2/models/{name}/infer", f"/v2/models/{m}/infer", {"json": _v2(shape=(100, 1, 8, 8))}, 413),
-        ("post", "/v2/models/{name}/infer", f"/v2/models/{m}/infer", {"json": _v2(), "headers": {"content-encoding": "gzip"}}, 415),
+        (
+            "post",
+            "/v2/models/{name}/infer",
+            f"/v2/models/{m}/infer",
+            {"json": _v2(), "headers": {"content-encoding": "gzip"}},
+            415,
+        ),
         ("post", "/v2/models/{name}/infer", f"/v2/models/{m}/infer", {"json": _v2(name="x")}, 422),
-        ("post", "/v2/models/{name}/versions/{version}/infer", f"/v2/models/{m}/versions/1/infer", {"json": _v2()}, 200),
-        ("post", "/v2/models/{name}/versions/{version}/infer", f"/v2/models/{m}/versions/3/infer", {"json": _v2()}, 404),
+        (
+            "post",
+            "/v2/models/{name}/versions/{version}/infer",
+            f"/v2/models/{m}/versions/1/infer",
+            {"json": _v2()},
+            200,
+        ),
+        (
+            "post",
+            "/v2/models/{name}/versions/{version}/infer",
+            f"/v2/models/{m}/versions/3/infer",
+            {"json": _v2()},
+            404,
+        ),
         ("post", "/v1/models/{name}/predict", f"/v1/models/{m}/predict", {"json": {"inputs": [GOOD_ITEM]}}, 200),
         ("post", "/v1/models/{name}/predict", "/v1/models/nope/predict", {"json": {"inputs": [GOOD_ITEM]}}, 404),
         ("post", "/v1/models/{name}/predict", f"/v1/models/{m}/predict", {"json": {"inputs": [[[1.5]]]}}, 422),
@@ -92,16 +161,26 @@ def cases(model: str) -> list[tuple[str, str, str, dict, int]]:
         ("post", "/v2/repository/index", "/v2/repository/index", {}, 200),
         ("post", "/v2/repository/index", "/v2/repository/index", {"json": {"ready": True}}, 200),
         ("post", "/v2/repository/index", "/v2/repository/index", {"json": {"ready": "yes"}}, 422),
-        ("post", "/v2/repository/index", "/v2/repository/index", {"content": b"{nope", "headers": {"content-type": "application/json"}}, 400),
+        (
+            "post",
+            "/v2/repository/index",
+            "/v2/repository/index",
+            {"content": b"{nope", "headers": {"content-type": "application/json"}},
+            400,
+        ),
         ("post", "/v2/repository/models/{name}/load", f"/v2/repository/models/{m}/load", {}, 403),
         ("post", "/v2/repository/models/{name}/unload", f"/v2/repository/models/{m}/unload", {}, 403),
     ]
 
 
-def check_against_document(doc: dict, method: str, path: str, status: int, content_type: str | None, body: bytes) -> None:
+def check_against_document(
+    doc: dict, method: str, path: str, status: int, content_type: str | None, body: bytes
+) -> None:
     operation = doc["paths"][path][method]
     responses = operation["responses"]
-    assert str(status) in responses, f"{method.upper()} {path}: {status} not documented (documented: {sorted(responses)})"
+    assert str(status) in responses, (
+        f"{method.upper()} {path}: {status} not documented (documented: {sorted(responses)})"
+    )
     content = responses[str(status)].get("content") or {}
     if not content:
         assert body == b"", f"{method.upper()} {path} {status}: documented without a body, got {body[:100]!r}"
@@ -141,7 +220,9 @@ def test_every_route_answers_as_its_openapi_document_says(server):
 
 def test_a_slow_body_gets_the_documented_408(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+        sock.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+        )
         data = b""
         while True:
             chunk = sock.recv(65536)
@@ -158,7 +239,9 @@ def test_a_slow_body_gets_the_documented_408(server):
 
 def test_504_and_every_503_while_draining_match_the_document(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("SLOW_ENGINE_GATE", str(tmp_path))
-    srv = ServerProcess(tiny_checkpoint, program=SLOW_SERVER, timeout_ms=1000, max_delay_ms=0, drain_timeout_s=60, rci=False)
+    srv = ServerProcess(
+        tiny_checkpoint, program=SLOW_SERVER, timeout_ms=1000, max_delay_ms=0, drain_timeout_s=60, rci=False
+    )
     try:
         srv.wait_ready()
         model = httpx.get(srv.url + "/v1/models").json()[0]["name"]

@@ -24,7 +24,9 @@ from codedsmooth.core import (
 def _supported():
     """Every K up to 24 with every N in [K, 2K], then larger K at the Ns that get served."""
     pairs = [(k, n) for k in range(2, 25) for n in range(k, 2 * k + 1)]
-    pairs += [(k, n) for k in (31, 32, 33, 48, 64, 100, 128) for n in (k, k + 1, round(1.25 * k), round(1.5 * k), 2 * k)]
+    pairs += [
+        (k, n) for k in (31, 32, 33, 48, 64, 100, 128) for n in (k, k + 1, round(1.25 * k), round(1.5 * k), 2 * k)
+    ]
     return [(k, n) for k, n in pairs if not (k % 2 and n % 2)]
 
 
@@ -187,7 +189,9 @@ def test_apply_is_differentiable_in_items_and_companions():
     for scope in ("request", "batch"):
         plan = plan_groups([1, 2], scope, 4, 6, SeededRandomSource(0))
         for tol in (0.0, 1e-2):
-            assert torch.autograd.gradcheck(lambda a, b, plan=plan, tol=tol: apply_plan(_block(), a, b, plan, code, tol), (items, filler))
+            assert torch.autograd.gradcheck(
+                lambda a, b, plan=plan, tol=tol: apply_plan(_block(), a, b, plan, code, tol), (items, filler)
+            )
 
 
 class CountingBlock(torch.nn.Module):

@@ -29,20 +29,44 @@ def repository(tmp_path_factory, tiny_checkpoint, digits):
     root = tmp_path_factory.mktemp("ray-repo") / "models"
     root.mkdir()
     shutil.copytree(tiny_checkpoint, root / "coded")
-    train(TrainConfig(method="erm", epochs=1, width=8, batch_size=16, out=str(root / "erm"), progress=False, seed=1, filler_size=32, max_steps=5), data=digits)
+    train(
+        TrainConfig(
+            method="erm",
+            epochs=1,
+            width=8,
+            batch_size=16,
+            out=str(root / "erm"),
+            progress=False,
+            seed=1,
+            filler_size=32,
+            max_steps=5,
+        ),
+        data=digits,
+    )
     return root
 
 
 def _answers(url: str, model: str) -> list[int]:
     with httpx.Client(timeout=60) as client:
-        return [client.post(f"{url}/v1/models/{model}/predict", json={"inputs": [GOOD_ITEM]}).status_code for _ in range(TRIES)]
+        return [
+            client.post(f"{url}/v1/models/{model}/predict", json={"inputs": [GOOD_ITEM]}).status_code
+            for _ in range(TRIES)
+        ]
 
 
 def test_replicas_serve_the_repository_and_loads_reach_every_replica(repository):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        server = RayServer(None, model_repository=str(repository), model_control="explicit", replicas=2, ray_address=ray.get_runtime_context().gcs_address,
-                           rci=False, max_delay_ms=2, num_cpus=1)
+        server = RayServer(
+            None,
+            model_repository=str(repository),
+            model_control="explicit",
+            replicas=2,
+            ray_address=ray.get_runtime_context().gcs_address,
+            rci=False,
+            max_delay_ms=2,
+            num_cpus=1,
+        )
         try:
             server.wait_ready()
             url = server.url
@@ -61,7 +85,9 @@ def test_replicas_serve_the_repository_and_loads_reach_every_replica(repository)
             assert broken.status_code == 400 and "model.safetensors" in broken.json()["error"], broken.text
             assert set(_answers(url, "coded")) == {200}  # the loaded version keeps serving on every replica
         finally:
-            (repository / "coded" / "weights.moved").exists() and (repository / "coded" / "weights.moved").rename(repository / "coded" / "model.safetensors")
+            (repository / "coded" / "weights.moved").exists() and (repository / "coded" / "weights.moved").rename(
+                repository / "coded" / "model.safetensors"
+            )
             server.terminate(60)
     finally:
         serve.shutdown()

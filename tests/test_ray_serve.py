@@ -35,7 +35,9 @@ def ray_address():
     from codedsmooth.service.ray.serve import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 
     old = os.environ.get(PROXY_CALLBACK_ENV)
-    os.environ[PROXY_CALLBACK_ENV] = PROXY_CALLBACK  # the cluster's proxy inherits it (see docs/scale-out.md: attaching to a cluster)
+    os.environ[PROXY_CALLBACK_ENV] = (
+        PROXY_CALLBACK  # the cluster's proxy inherits it (see docs/scale-out.md: attaching to a cluster)
+    )
     t0 = time.monotonic()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     print(f"\nray: local cluster (2 CPUs) started in {time.monotonic() - t0:.1f}s")
@@ -55,7 +57,9 @@ def ray_server(ray_address, tiny_checkpoint):
     try:
         server.wait_ready()
         joined, ready = server.startup_seconds()
-        print(f"ray serve: 2 replicas ready {time.monotonic() - t0:.1f}s after launch (joined in {joined:.1f}s, ready after {ready:.1f}s)")
+        print(
+            f"ray serve: 2 replicas ready {time.monotonic() - t0:.1f}s after launch (joined in {joined:.1f}s, ready after {ready:.1f}s)"
+        )
         yield server
     finally:
         server.terminate(60)
@@ -106,7 +110,10 @@ def test_two_replicas_answer_like_in_process_inference_v1_v2_and_errors(ray_serv
     for binary in (True, False):
         inp = httpclient.InferInput("input", list(xs.shape), "FP32")
         inp.set_data_from_numpy(xs, binary_data=binary)
-        outputs = [httpclient.InferRequestedOutput("probabilities", binary_data=binary), httpclient.InferRequestedOutput("index", binary_data=binary)]
+        outputs = [
+            httpclient.InferRequestedOutput("probabilities", binary_data=binary),
+            httpclient.InferRequestedOutput("index", binary_data=binary),
+        ]
         result = triton.infer(ck.name, [inp], outputs=outputs)
         np.testing.assert_allclose(result.as_numpy("probabilities"), expected[:8], rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(result.as_numpy("index"), expected[:8].argmax(1))
@@ -126,7 +133,9 @@ def test_requests_spread_over_both_replicas_as_their_metrics_show(ray_server, di
 
     async def burst():
         async with httpx.AsyncClient(base_url=ray_server.url, timeout=30) as client:
-            return await asyncio.gather(*[client.post("/v1/predict", json={"inputs": digits.test_x[i : i + 1].tolist()}) for i in range(60)])
+            return await asyncio.gather(
+                *[client.post("/v1/predict", json={"inputs": digits.test_x[i : i + 1].tolist()}) for i in range(60)]
+            )
 
     assert [r.status_code for r in asyncio.run(burst())] == [200] * 60
     after = {r: served(s, "/v1/predict") for r, s in ray_server.replica_metrics().items()}
@@ -166,12 +175,16 @@ def test_killed_replica_is_replaced_and_clients_see_only_200_or_503(ray_server, 
         t_kill = time.monotonic()
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         _wait(lambda: victim not in _replica_actors(), "killed replica gone")
-        new = _wait(lambda: (_replica_actors() - old) if len(_replica_actors()) == 2 else None, "a replacement replica actor")
+        new = _wait(
+            lambda: (_replica_actors() - old) if len(_replica_actors()) == 2 else None, "a replacement replica actor"
+        )
         _wait(lambda: _running_replicas() == 2, "2 running replicas again")
         replaced_s = time.monotonic() - t_kill
         new_id = next(iter(new)).rsplit("#", 1)[1]
         # the replacement serves: its own metrics count answered requests
-        _wait(lambda: served(ray_server.replica_metrics().get(new_id, {}), "/v1/predict") > 0, "the new replica serving")
+        _wait(
+            lambda: served(ray_server.replica_metrics().get(new_id, {}), "/v1/predict") > 0, "the new replica serving"
+        )
     finally:
         stop.set()
         for t in threads:
@@ -186,13 +199,20 @@ def test_deployment_options_from_settings():
     from codedsmooth.service.ray.serve import CodedSmoothReplica, deployment_options, replica_settings
     from codedsmooth.service.settings import ServeSettings
 
-    fixed = deployment_options(ServeSettings(replicas=3, num_cpus=2, num_gpus=0.5, drain_timeout_s=10, max_queue_size=64))
+    fixed = deployment_options(
+        ServeSettings(replicas=3, num_cpus=2, num_gpus=0.5, drain_timeout_s=10, max_queue_size=64)
+    )
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
     assert fixed["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.5}
     assert fixed["graceful_shutdown_timeout_s"] == 15.0 and fixed["max_ongoing_requests"] == 64
     auto = deployment_options(ServeSettings(replicas=2, min_replicas=1, max_replicas=6, max_batch_size=16))
     assert "num_replicas" not in auto
-    assert auto["autoscaling_config"] == {"min_replicas": 1, "initial_replicas": 2, "max_replicas": 6, "target_ongoing_requests": 16}
+    assert auto["autoscaling_config"] == {
+        "min_replicas": 1,
+        "initial_replicas": 2,
+        "max_replicas": 6,
+        "target_ongoing_requests": 16,
+    }
     serve.deployment(CodedSmoothReplica).options(**auto)  # Ray accepts them
     serve.deployment(CodedSmoothReplica).options(**fixed)
     assert replica_settings(ServeSettings(replicas=2, num_cpus=3)).threads == 3

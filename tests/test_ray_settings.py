@@ -1,6 +1,5 @@
 """Ray Serve options without Ray: settings validation, CLI flags and env vars, and that nothing imports ray unless asked."""
 
-
 import sys
 import types
 
@@ -38,8 +37,25 @@ def _serve_settings(monkeypatch, argv: list[str]) -> ServeSettings:
 
 
 def test_ray_options_are_flags_and_env_vars(monkeypatch):
-    s = _serve_settings(monkeypatch, ["--replicas", "3", "--min-replicas", "1", "--max-replicas", "5", "--target-ongoing-requests", "8",
-                                      "--num-cpus", "2", "--num-gpus", "0.5", "--ray-address", "auto"])
+    s = _serve_settings(
+        monkeypatch,
+        [
+            "--replicas",
+            "3",
+            "--min-replicas",
+            "1",
+            "--max-replicas",
+            "5",
+            "--target-ongoing-requests",
+            "8",
+            "--num-cpus",
+            "2",
+            "--num-gpus",
+            "0.5",
+            "--ray-address",
+            "auto",
+        ],
+    )
     assert (s.replicas, s.min_replicas, s.max_replicas, s.target_ongoing_requests) == (3, 1, 5, 8.0) and s.autoscaling
     assert (s.num_cpus, s.num_gpus, s.ray_address) == (2.0, 0.5, "auto")
     monkeypatch.setenv("CODEDSMOOTH_REPLICAS", "2")

@@ -33,7 +33,9 @@ def test_sigterm_under_load_drains_every_replica_and_loses_nothing(tiny_checkpoi
     try:
         server.wait_ready()
         started, ready = server.startup_seconds()
-        print(f"\nray: local cluster started by `codedsmooth serve --replicas 2` in {started:.1f}s; ready after {ready:.1f}s ({time.monotonic() - t0:.1f}s after launch)")
+        print(
+            f"\nray: local cluster started by `codedsmooth serve --replicas 2` in {started:.1f}s; ready after {ready:.1f}s ({time.monotonic() - t0:.1f}s after launch)"
+        )
         results: Counter = Counter()
         refusals: list[httpx.Response] = []
         body = {"inputs": digits.test_x[:2].tolist()}
@@ -51,6 +53,7 @@ def test_sigterm_under_load_drains_every_replica_and_loses_nothing(tiny_checkpoi
         threads = [threading.Thread(target=client_loop) for _ in range(6)]
         for t in threads:
             t.start()
+
         # both replicas are serving this load
         def both_serving():
             m = server.replica_metrics()
@@ -68,7 +71,9 @@ def test_sigterm_under_load_drains_every_replica_and_loses_nothing(tiny_checkpoi
         server.terminate(60)
     answered = {d["replica"]: d["answered"].get("/v1/predict", {}) for d in drained}
     replica_200 = sum(a.get("200", 0) for a in answered.values())
-    print(f"shutdown under load: client outcomes {dict(results)}; replicas answered {answered}; exit {code} {exit_s:.1f}s after SIGTERM")
+    print(
+        f"shutdown under load: client outcomes {dict(results)}; replicas answered {answered}; exit {code} {exit_s:.1f}s after SIGTERM"
+    )
     assert code == 0
     assert len(drained) == 2 and all(d["finished"] for d in drained), drained
     assert set(results) <= {200, 503, "connect", "dropped"}, dict(results)

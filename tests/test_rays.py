@@ -24,20 +24,27 @@ def test_rays_finds_the_l_inf_distance_to_a_linear_boundary():
 
     y = label(x)
     exact = z.abs() / w.abs().sum()
-    assert float(exact.max()) < 0.25 and float(exact.min()) > 0.005 and len(set(y.tolist())) == 2  # inside [0, 1] all the way
+    assert (
+        float(exact.max()) < 0.25 and float(exact.min()) > 0.005 and len(set(y.tolist())) == 2
+    )  # inside [0, 1] all the way
     _, used, found = rays_attack(label, x, y, eps=0.0, queries=800)
     assert int(used.max()) <= 800
     torch.testing.assert_close(found, exact, atol=2e-3, rtol=0)
 
 
 def test_rays_drives_a_plain_models_accuracy_to_about_zero(tmp_path, digits):
-    train(TrainConfig(method="erm", epochs=3, width=8, batch_size=16, out=str(tmp_path / "erm"), progress=False, seed=0), data=digits)
+    train(
+        TrainConfig(method="erm", epochs=3, width=8, batch_size=16, out=str(tmp_path / "erm"), progress=False, seed=0),
+        data=digits,
+    )
     ck = load_checkpoint(tmp_path / "erm")
     x, y, pool = evaluation_data(ck, 40)
     target = InProcessTarget(RCIModel(ck, ck.coding_spec(enabled=False)))
     with torch.no_grad():
         right = (ck.model.eval()(x).argmax(1) == y).nonzero().flatten()[:10]
-    cfg = AttackConfig(attack="rays", threat="blackbox", eps=[0.3], queries=1000, score_queries=1, samples=len(right), sanity=False)
+    cfg = AttackConfig(
+        attack="rays", threat="blackbox", eps=[0.3], queries=1000, score_queries=1, samples=len(right), sanity=False
+    )
     report = run_attack(cfg, ck, target, x[right], y[right], pool)
     assert report["clean_accuracy"]["target"] == 1.0 and len(right) == 10
     assert report["robust_accuracy"]["0.3"] <= 0.1

@@ -38,13 +38,17 @@ def test_engine_and_attacker_model_agree_in_request_scope(tiny_checkpoint, digit
 def test_engine_and_attacker_model_agree_in_batch_scope(tiny_checkpoint, digits):
     ck = load_checkpoint(tiny_checkpoint)
     victim = as_float(digits.test_x[:1])
-    mates = torch.rand(20, *ck.input_shape, generator=torch.Generator().manual_seed(1))  # 21 items: a full group and a padded one
+    mates = torch.rand(
+        20, *ck.input_shape, generator=torch.Generator().manual_seed(1)
+    )  # 21 items: a full group and a padded one
     engine = _engine(ck, rci_seed=5, rci_scope="batch")
     served = engine.run([victim] + list(mates.split(1))).probabilities[0]
     model = RCIModel(ck, ck.coding_spec(scope="batch"))
     assert model.spec == engine.spec
     with torch.no_grad():
-        logits = model.in_micro_batches(model.trunk(victim), model.trunk(mates).unsqueeze(0), [1] * 20, SeededRandomSource(5, per_unit=True))
+        logits = model.in_micro_batches(
+            model.trunk(victim), model.trunk(mates).unsqueeze(0), [1] * 20, SeededRandomSource(5, per_unit=True)
+        )
     np.testing.assert_allclose(torch.softmax(logits, 1).numpy(), served, rtol=0, atol=1e-6)
     # and the victim's answer depends on its batch-mates (the model is the batch-coupled function)
     other = engine.run([victim] + list(torch.rand_like(mates).split(1))).probabilities[0]

@@ -67,8 +67,12 @@ def recipes(path: Path) -> list[Recipe]:
         line = body.count("\n", 0, m.start()) + 1
         if "<!-- recipe" in before:
             marker = MARKER.fullmatch(before.strip())
-            assert marker, f"{path.name}:{line - 1}: malformed marker {before!r}; use <!-- recipe: server|docker|ray|skip: REASON -->"
-            assert kind, f"{path.name}:{line}: a recipe marker on a {m.group(1) or 'untagged'} block, which is never run"
+            assert marker, (
+                f"{path.name}:{line - 1}: malformed marker {before!r}; use <!-- recipe: server|docker|ray|skip: REASON -->"
+            )
+            assert kind, (
+                f"{path.name}:{line}: a recipe marker on a {m.group(1) or 'untagged'} block, which is never run"
+            )
             mark = marker.group(1).split(":")[0]
             out.append(Recipe(path.name, line, kind, m.group(2), mark, marker.group("reason") or ""))
         elif kind:
@@ -78,8 +82,13 @@ def recipes(path: Path) -> list[Recipe]:
 
 def test_markers_parse_and_a_skip_needs_a_reason(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("a\n<!-- recipe: skip: too long -->\n```bash\nsleep 1d\n```\n\n<!-- recipe: server -->\n```python\nprint(1)\n```\n```json\n{}\n```\n")
-    assert [(r.kind, r.mark, r.reason, r.line) for r in recipes(page)] == [("bash", "skip", "too long", 3), ("python", "server", "", 8)]
+    page.write_text(
+        "a\n<!-- recipe: skip: too long -->\n```bash\nsleep 1d\n```\n\n<!-- recipe: server -->\n```python\nprint(1)\n```\n```json\n{}\n```\n"
+    )
+    assert [(r.kind, r.mark, r.reason, r.line) for r in recipes(page)] == [
+        ("bash", "skip", "too long", 3),
+        ("python", "server", "", 8),
+    ]
     for bad in ("<!-- recipe: skip -->", "<!-- recipe: skip:  -->", "<!-- recipe: sever -->"):
         page.write_text(f"{bad}\n```bash\ntrue\n```\n")
         with pytest.raises(AssertionError, match="malformed marker"):
@@ -108,9 +117,15 @@ def run(recipe: Recipe, work: Path, server_url: str | None) -> None:
     else:
         address = server_url.removeprefix("http://")
     body = recipe.body.replace(ADDRESS, address)
-    args = ["bash", "-e", "-o", "pipefail", "-c", body + "\nwait\n"] if recipe.kind == "bash" else [sys.executable, "-c", body]
+    args = (
+        ["bash", "-e", "-o", "pipefail", "-c", body + "\nwait\n"]
+        if recipe.kind == "bash"
+        else [sys.executable, "-c", body]
+    )
     start = time.monotonic()
-    proc = subprocess.Popen(args, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        args, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=BLOCK_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -121,8 +136,12 @@ def run(recipe: Recipe, work: Path, server_url: str | None) -> None:
         except ProcessLookupError:
             pass
         proc.wait()
-    print(f"{recipe.page}:{recipe.line}: {recipe.kind} block, exit {proc.returncode} in {time.monotonic() - start:.1f}s")  # pytest -s: where the time goes
-    assert proc.returncode == 0, f"{recipe.page}:{recipe.line}: the {recipe.kind} block failed (exit {proc.returncode}):\n{body}\n--- output ---\n{output[-3000:]}"
+    print(
+        f"{recipe.page}:{recipe.line}: {recipe.kind} block, exit {proc.returncode} in {time.monotonic() - start:.1f}s"
+    )  # pytest -s: where the time goes
+    assert proc.returncode == 0, (
+        f"{recipe.page}:{recipe.line}: the {recipe.kind} block failed (exit {proc.returncode}):\n{body}\n--- output ---\n{output[-3000:]}"
+    )
 
 
 @pytest.mark.slow
@@ -131,7 +150,10 @@ def test_the_pages_recipes_run_as_written(page, tmp_path):
     blocks = recipes(page)
     runnable = [r for r in blocks if r.mark in (None, "server")]
     if not runnable:
-        pytest.skip("; ".join(f"line {r.line}: {r.mark}{': ' + r.reason if r.reason else ''}" for r in blocks) or "no bash or python blocks")
+        pytest.skip(
+            "; ".join(f"line {r.line}: {r.mark}{': ' + r.reason if r.reason else ''}" for r in blocks)
+            or "no bash or python blocks"
+        )
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed: the recipes use it")
     work = checkout(tmp_path)

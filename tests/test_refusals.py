@@ -40,7 +40,15 @@ def keys(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, keys, tmp_path_factory):
     root = two_model_repository(tmp_path_factory.mktemp("repository") / "models", tiny_checkpoint)
-    srv = LoggedServer(None, model_repository=root, default_model="a", api_keys_file=keys[0], log_level="info", rci=False, max_delay_ms=1)
+    srv = LoggedServer(
+        None,
+        model_repository=root,
+        default_model="a",
+        api_keys_file=keys[0],
+        log_level="info",
+        rci=False,
+        max_delay_ms=1,
+    )
     try:
         srv.wait_ready()
         yield srv
@@ -62,8 +70,10 @@ def test_an_exhausted_quota_gets_429_while_its_upload_is_still_being_sent(server
     boundary = "flood"
     part = f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\nContent-Type: image/png\r\n\r\n'.encode()
     length = 4 * 1024 * 1024  # declared; the test sends 64 KiB of it and keeps the rest back
-    head = (f"POST /v1/predict/image HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\n"
-            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {length}\r\n\r\n").encode()
+    head = (
+        f"POST /v1/predict/image HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(head + part + b"\x89PNG\r\n\x1a\n" + b"\0" * 65536)
         status, headers, body = read_response(sock)
@@ -78,11 +88,21 @@ def test_a_hold_is_given_back_when_the_body_is_refused_and_settled_when_it_is_ch
     key = keys[1]["thrifty"]
     with httpx.Client(base_url=server.url, headers=auth(key), timeout=30) as c:
         for _ in range(4):  # answered before any item is charged: each hold is given back
-            assert c.post("/v1/predict", content=b"{not json", headers={"content-type": "application/json"}).status_code == 400
+            assert (
+                c.post("/v1/predict", content=b"{not json", headers={"content-type": "application/json"}).status_code
+                == 400
+            )
             assert c.post("/v1/models/nosuch/predict", json={"inputs": [ITEM]}).status_code == 404
         assert c.post("/v1/predict", json={"inputs": [ITEM, ITEM]}).status_code == 200
-        over = c.post("/v2/models/a/infer", json={"inputs": [{"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 128}]})
-        assert over.status_code == 429 and "(1 left, 2 asked)" in over.json()["error"] and int(over.headers["retry-after"]) > 0
+        over = c.post(
+            "/v2/models/a/infer",
+            json={"inputs": [{"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 128}]},
+        )
+        assert (
+            over.status_code == 429
+            and "(1 left, 2 asked)" in over.json()["error"]
+            and int(over.headers["retry-after"]) > 0
+        )
         assert c.post("/v1/predict", json={"inputs": [ITEM]}).status_code == 200
         last = c.post("/v1/predict", json={"inputs": [ITEM]})
         assert last.status_code == 429 and "(0 left, 1 asked)" in last.json()["error"]
@@ -147,7 +167,9 @@ def test_refusal_log_writes_one_line_per_sender_and_reason_per_interval_with_the
     for i in range(1000):
         clock.now = i * 0.01  # 1000 refusals in 10 s
         log.refused("peer 10.0.0.1", "400", lambda: calls.append(1) or "bad body (400)")
-    assert lines == ["refused peer 10.0.0.1: bad body (400)"] and len(calls) == 1  # the detail is built for written lines only
+    assert (
+        lines == ["refused peer 10.0.0.1: bad body (400)"] and len(calls) == 1
+    )  # the detail is built for written lines only
     log.refused("peer 10.0.0.1", "431", "head too large (431)")  # another reason: its own line at once
     log.refused("client alice", "400", "bad body (400)")  # another sender: its own line at once
     assert len(lines) == 3
@@ -179,17 +201,42 @@ def test_300_malformed_requests_write_a_bounded_log(server, keys):
     unmatched = metric(server, "codedsmooth_requests_total", endpoint="unmatched", status="400", model="")
     with httpx.Client(base_url=server.url, headers=auth(key), timeout=30) as c:
         for _ in range(100):
-            assert c.post("/v1/models/b/predict", content=b"[[[", headers={"content-type": "application/json"}).status_code == 400
-            assert c.post("/v2/models/b/infer", json={"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}).status_code == 422
+            assert (
+                c.post("/v1/models/b/predict", content=b"[[[", headers={"content-type": "application/json"}).status_code
+                == 400
+            )
+            assert (
+                c.post(
+                    "/v2/models/b/infer",
+                    json={"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]},
+                ).status_code
+                == 422
+            )
     for _ in range(100):  # not HTTP at all: the connection layer answers 400 and closes
         with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
             sock.sendall(b"\x16\x03\x01 not http\r\n\r\n")
             assert read_response(sock)[0] == 400
-    wait_for_metric(server, "codedsmooth_rejected_total", lambda v: v >= rejected["bad_request"] + 100, reason="bad_request")
-    wait_for_metric(server, "codedsmooth_rejected_total", lambda v: v >= rejected["invalid_input"] + 100, reason="invalid_input")
-    wait_for_metric(server, "codedsmooth_requests_total", lambda v: v >= unmatched + 100, endpoint="unmatched", status="400", model="")
+    wait_for_metric(
+        server, "codedsmooth_rejected_total", lambda v: v >= rejected["bad_request"] + 100, reason="bad_request"
+    )
+    wait_for_metric(
+        server, "codedsmooth_rejected_total", lambda v: v >= rejected["invalid_input"] + 100, reason="invalid_input"
+    )
+    wait_for_metric(
+        server,
+        "codedsmooth_requests_total",
+        lambda v: v >= unmatched + 100,
+        endpoint="unmatched",
+        status="400",
+        model="",
+    )
     # a last refusal after the 300, to know the log has caught up: its line is due (a reason new to this client)
-    assert httpx.post(server.url + "/v1/predict", content=b"{}", headers={**auth(key), "content-type": "text/plain"}).status_code == 415
+    assert (
+        httpx.post(
+            server.url + "/v1/predict", content=b"{}", headers={**auth(key), "content-type": "text/plain"}
+        ).status_code
+        == 415
+    )
     server.wait_line("refused client free: POST '/v1/predict'")
     new = server.lines[before:]
     refusals = [line for line in new if "refused " in line]
@@ -212,7 +259,11 @@ def test_an_emptied_keys_file_fails_closed_says_so_and_is_logged(server, keys):
     try:
         wait_for_metric(server, "codedsmooth_api_keys_reloads_total", lambda v: v > empty, result="empty")
         r = httpx.get(server.url + "/v1/models", headers=auth(out["free"]))
-        assert r.status_code == 401 and "no API keys loaded" in r.json()["error"] and r.headers["www-authenticate"].startswith("Bearer")
+        assert (
+            r.status_code == 401
+            and "no API keys loaded" in r.json()["error"]
+            and r.headers["www-authenticate"].startswith("Bearer")
+        )
         server.wait_line(f"keys file {path} holds no keys")
     finally:
         path.write_text(original)

@@ -35,13 +35,17 @@ def test_cascade_is_the_per_image_worst_case_of_the_attacks_run_on_every_image(t
     assert scorer.draws == 1  # a plain model is one deterministic draw
     attacks = _fgsm_attacks(model, [0.05, 0.1, 0.2])
     out = run_cascade(attacks, scorer, x, y, scorer.start(x, y))
-    independent = worst_case([correct_per_image(model, x, y)] + [correct_per_image(model, fn(x, y, None), y) for _, fn in attacks])
+    independent = worst_case(
+        [correct_per_image(model, x, y)] + [correct_per_image(model, fn(x, y, None), y) for _, fn in attacks]
+    )
     assert torch.equal(out.correct[0], independent)
     assert out.accuracy < out.log[0][1]  # the attacks did something, or the test proves nothing
     accs = [a for _, a in out.log]
     assert accs == sorted(accs, reverse=True)  # each attack can only lower the worst case
     # every kept input is inside the ball of the largest radius and in [0, 1]
-    assert float((out.x_adv - x).abs().max()) <= 0.2 + 1e-6 and float(out.x_adv.min()) >= 0 and float(out.x_adv.max()) <= 1
+    assert (
+        float((out.x_adv - x).abs().max()) <= 0.2 + 1e-6 and float(out.x_adv.min()) >= 0 and float(out.x_adv.max()) <= 1
+    )
 
 
 def test_larger_eps_starts_from_the_smaller_eps_result(tiny_checkpoint):
@@ -92,7 +96,19 @@ def test_quick_report_end_to_end(tmp_path):
     weights whose numbers agree; its samples are balanced; a second run reuses every cached stage."""
     out = tmp_path / "RESULTS.md"
     # --width 4: the same pipeline on narrower models (what is checked below holds at any width; training them is most of the run)
-    cmd = [sys.executable, "-m", "codedsmooth", "report", "--quick", "--width", "4", "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "codedsmooth",
+        "report",
+        "--quick",
+        "--width",
+        "4",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "smoke test" in proc.stderr  # the terminal says what this is
@@ -107,22 +123,30 @@ def test_quick_report_end_to_end(tmp_path):
         assert sorted(counts) == classes and len(set(counts.values())) == 1, (name, counts)
         assert len(set(idx)) == len(idx)
         assert f"*{name}*: {len(idx)} images, {len(idx) // len(classes)} of each of the {len(classes)} classes" in md
-    assert r["samples"]["rci"] == r["samples"]["white-box"][: len(r["samples"]["rci"])]  # nested: results on the smaller sample line up
+    assert (
+        r["samples"]["rci"] == r["samples"]["white-box"][: len(r["samples"]["rci"])]
+    )  # nested: results on the smaller sample line up
     for key, m in r["models"].items():
         assert set(m["settings"]) == {"plain", "request", "batch"}
-        assert m["settings"]["plain"]["0.1"]["n"] == len(r["samples"]["white-box"]) and m["settings"]["request"]["0.1"]["n"] == len(r["samples"]["rci"])
+        assert m["settings"]["plain"]["0.1"]["n"] == len(r["samples"]["white-box"]) and m["settings"]["request"]["0.1"][
+            "n"
+        ] == len(r["samples"]["rci"])
         for setting, by_eps in m["settings"].items():
             accs = [by_eps[e]["accuracy"] for e in ("0.1", "0.2", "0.3")]
             assert accs == sorted(accs, reverse=True), (key, setting, accs)  # a larger ball never helps the model
             for s in by_eps.values():
                 assert math.isclose(s["accuracy"], sum(s["score"]) / len(s["score"]), abs_tol=1e-3)
                 ci = wilson(round(s["accuracy"] * s["n"]), s["n"])
-                assert math.isclose(s["interval"][0], ci.low, abs_tol=1e-9) and math.isclose(s["interval"][1], ci.high, abs_tol=1e-9)
+                assert math.isclose(s["interval"][0], ci.low, abs_tol=1e-9) and math.isclose(
+                    s["interval"][1], ci.high, abs_tol=1e-9
+                )
                 assert s["draws"] == (1 if setting == "plain" else r["config"]["draws"])
     b = r["blackbox"]
     assert set(b["servers"]) == {"plain", "request", "noise"}
     noise = b["noise"]["coded"]
-    assert noise["sigma"] == min(r["config"]["noise_grid"], key=lambda s: (abs(noise["grid"][f"{s:g}"] - noise["rci_clean"]), s))
+    assert noise["sigma"] == min(
+        r["config"]["noise_grid"], key=lambda s: (abs(noise["grid"][f"{s:g}"] - noise["rci_clean"]), s)
+    )
     bb_n = len(r["samples"]["black-box"])
     for row in b["rows"]:
         assert row["n"] == bb_n and len(row["queries"]) == bb_n
@@ -130,7 +154,9 @@ def test_quick_report_end_to_end(tmp_path):
         assert math.isclose(row["accuracy"], sum(row["score"]) / bb_n, abs_tol=1e-3)
         if row["server"] in ("plain", "request"):
             assert "whitebox_accuracy" in row
-    assert {row["served_by"] for row in b["rows"]} == {"repository"} and "all of them models of one repository server" in md
+    assert {row["served_by"] for row in b["rows"]} == {
+        "repository"
+    } and "all of them models of one repository server" in md
     for budget in r["config"]["budgets"]:
         assert {x["server"] for x in b["rows"] if x["budget"] == budget} == {"plain", "request", "noise"}
     assert any(x["attacker"].startswith("transfer") and x["budget"] == 1 for x in b["rows"])
@@ -145,7 +171,12 @@ def test_quick_report_end_to_end(tmp_path):
         for name, rec in c["files"].items():
             assert hashlib.sha256((tmp_path / c["published"] / name).read_bytes()).hexdigest() == rec["sha256"]
     assert r["environment"]["torch"] == torch.__version__
-    assert {c["name"] for c in r["sanity"]} >= {"black-box ≤ white-box", "more steps and restarts no longer help", "ε-curve reaches ~0", "identity permutation"}
+    assert {c["name"] for c in r["sanity"]} >= {
+        "black-box ≤ white-box",
+        "more steps and restarts no longer help",
+        "ε-curve reaches ~0",
+        "identity permutation",
+    }
     assert all(isinstance(c["passed"], bool) and c["what"] for c in r["sanity"])
     assert len(r["eot_curve"]["rows"]) >= 4 and r["n_sweep"]["rows"]
     for fig in ("RESULTS-eps.png", "RESULTS-eot.png", "RESULTS-examples.png"):
@@ -153,7 +184,11 @@ def test_quick_report_end_to_end(tmp_path):
         assert fig in md
     pgd_at = r["models"]["pgd-at/seed0"]["settings"]["plain"]["0.1"]
     assert f"{100 * pgd_at['accuracy']:.1f}" in md
-    assert shlex.split(r["command"])[:2] == ["codedsmooth", "report"] and "--quick" in shlex.split(r["command"]) and f"`{r['command']}`" in md
+    assert (
+        shlex.split(r["command"])[:2] == ["codedsmooth", "report"]
+        and "--quick" in shlex.split(r["command"])
+        and f"`{r['command']}`" in md
+    )
     _check_size_study(r, md, tmp_path / "runs")
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -170,17 +205,25 @@ def _check_size_study(r, md, runs):
     st, cfg = r["sizes"], r["config"]
     data = load_dataset("mnist")
     x, y = data.test_x.float() / 255, data.test_y
-    assert {(x_["size"], x_["method"], x_["seed"]) for x_ in st["rows"]} == {(n, m, s) for n in cfg["sizes"] for m in cfg["size_methods"] for s in cfg["size_seeds"]}
+    assert {(x_["size"], x_["method"], x_["seed"]) for x_ in st["rows"]} == {
+        (n, m, s) for n in cfg["sizes"] for m in cfg["size_methods"] for s in cfg["size_seeds"]
+    }
     assert min(cfg["sizes"]) < st["n_train"] == max(cfg["sizes"])
     for row in st["rows"]:
-        path = runs / (f"{row['method']}-seed{row['seed']}" if row["size"] == st["n_train"] else f"sizes/{row['method']}-n{row['size']}-seed{row['seed']}")
+        path = runs / (
+            f"{row['method']}-seed{row['seed']}"
+            if row["size"] == st["n_train"]
+            else f"sizes/{row['method']}-n{row['size']}-seed{row['seed']}"
+        )
         ck = load_checkpoint(path)
         assert ck.config.training.method == row["method"]
         assert getattr(ck.config.training, "train_images", st["n_train"]) == row["size"]
         assert hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest() == row["sha256"]
         model = RCIModel(ck, CodingSpec.plain())
         clean = correct_per_image(model, x, y)
-        assert "".join("1" if c else "0" for c in clean.tolist()) == row["clean"]["per_image"] and row["clean"]["correct"] == int(clean.sum())
+        assert "".join("1" if c else "0" for c in clean.tolist()) == row["clean"]["per_image"] and row["clean"][
+            "correct"
+        ] == int(clean.sum())
         with torch.no_grad():
             assert row["clean"]["classes_predicted"] == len(model(x).argmax(1).unique())
         if "worst" in row:
@@ -192,7 +235,15 @@ def _check_size_study(r, md, runs):
         assert sum(counts.values()) == int(size) and len(set(counts.values())) == 1
     by = {(x_["size"], x_["method"], x_["seed"]): x_ for x_ in st["rows"]}
     assert {(t["size"], t["a"], t["b"], t["measure"]) for t in st["tests"]} == {
-        (n, a, b, m) for n in cfg["sizes"] for a, b, m in (("coded", "erm", "clean"), ("coded", "mixup", "clean"), ("coded-at", "pgd-at", "clean"), ("coded-at", "pgd-at", "worst"))}
+        (n, a, b, m)
+        for n in cfg["sizes"]
+        for a, b, m in (
+            ("coded", "erm", "clean"),
+            ("coded", "mixup", "clean"),
+            ("coded-at", "pgd-at", "clean"),
+            ("coded-at", "pgd-at", "worst"),
+        )
+    }
     for t in st["tests"]:
         for one in t["tests"]:
             a = by[(t["size"], t["a"], one["seed"])][t["measure"]]["per_image"]

@@ -54,12 +54,17 @@ def test_stage_cache_runs_a_stage_once_per_inputs(tmp_path):
     first = cache.run("white-box/m", {"eps": [0.1], "sample": torch.arange(4)}, lambda: stage(2))
     again = StageCache(tmp_path).run("white-box/m", {"sample": torch.arange(4), "eps": [0.1]}, lambda: stage(3))
     assert calls == [2] and torch.equal(again["x"], first["x"]) and again["log"] == [["a", 0.5]]
-    other = StageCache(tmp_path).run("white-box/m", {"eps": [0.1], "sample": torch.arange(5)}, lambda: stage(4))  # other inputs: run again
+    other = StageCache(tmp_path).run(
+        "white-box/m", {"eps": [0.1], "sample": torch.arange(5)}, lambda: stage(4)
+    )  # other inputs: run again
     assert calls == [2, 4] and other["n"] == 4
     path = cache.path("white-box/m", {"eps": [0.1], "sample": torch.arange(4)})
     path.write_bytes(b"damaged")
     fresh = StageCache(tmp_path)
-    assert fresh.run("white-box/m", {"eps": [0.1], "sample": torch.arange(4)}, lambda: stage(5))["n"] == 5 and fresh.reused == []
+    assert (
+        fresh.run("white-box/m", {"eps": [0.1], "sample": torch.arange(4)}, lambda: stage(5))["n"] == 5
+        and fresh.reused == []
+    )
     assert not list(tmp_path.rglob("*.tmp*"))  # results are written atomically
 
 
@@ -75,21 +80,44 @@ def test_checkpoint_hashes_and_published_copy(tiny_checkpoint, tmp_path):
 
 def test_a_trained_checkpoint_records_the_threads_and_torch_it_was_trained_with(tiny_checkpoint):
     env = json.loads((tiny_checkpoint / "config.json").read_text())["training"]["environment"]
-    assert env["torch"] == torch.__version__ and env["torch_threads"] == 2 and env["cpu_count"] == os.cpu_count()  # conftest trains with 2 threads
+    assert (
+        env["torch"] == torch.__version__ and env["torch_threads"] == 2 and env["cpu_count"] == os.cpu_count()
+    )  # conftest trains with 2 threads
 
 
 def _bb_row(method, server, budget, score_queries, sent, broken, n=10, attacker="adaptive Square"):
-    return {"method": method, "server": server, "budget": budget, "score_queries": score_queries, "attacker": attacker,
-            "queries_sent": sent, "confirmed_broken": broken, "n": n}
+    return {
+        "method": method,
+        "server": server,
+        "budget": budget,
+        "score_queries": score_queries,
+        "attacker": attacker,
+        "queries_sent": sent,
+        "confirmed_broken": broken,
+        "n": n,
+    }
 
 
 def test_attacker_cost_is_arithmetic_on_the_largest_budgets_counts():
-    blackbox = {"budgets": [100, 1000], "budgets_by_method": {"erm": [100, 1000], "pgd-at": [100]}, "score_queries": 2, "rows": [
-        _bb_row("erm", "plain", 100, 2, 900, 9), _bb_row("erm", "plain", 1000, 2, 2_345, 10), _bb_row("erm", "request", 1000, 1, 50, 1),
-        _bb_row("erm", "request", 1000, 2, 7_001, 7), _bb_row("erm", "plain", 1, None, 10, 3, attacker="transfer from erm seed 1"),
-        _bb_row("pgd-at", "plain", 100, 2, 1_000, 0)]}
+    blackbox = {
+        "budgets": [100, 1000],
+        "budgets_by_method": {"erm": [100, 1000], "pgd-at": [100]},
+        "score_queries": 2,
+        "rows": [
+            _bb_row("erm", "plain", 100, 2, 900, 9),
+            _bb_row("erm", "plain", 1000, 2, 2_345, 10),
+            _bb_row("erm", "request", 1000, 1, 50, 1),
+            _bb_row("erm", "request", 1000, 2, 7_001, 7),
+            _bb_row("erm", "plain", 1, None, 10, 3, attacker="transfer from erm seed 1"),
+            _bb_row("pgd-at", "plain", 100, 2, 1_000, 0),
+        ],
+    }
     rows = {(r["method"], r["server"]): r for r in attacker_cost(blackbox, quota=1_000, keys=[1, 3, 10])}
-    assert sorted(rows) == [("erm", "plain"), ("erm", "request"), ("pgd-at", "plain")]  # largest budget, main m, no transfer rows
+    assert sorted(rows) == [
+        ("erm", "plain"),
+        ("erm", "request"),
+        ("pgd-at", "plain"),
+    ]  # largest budget, main m, no transfer rows
     assert rows[("pgd-at", "plain")]["budget"] == 100 and rows[("pgd-at", "plain")]["queries_per_broken"] is None
     assert rows[("pgd-at", "plain")]["broken_per_window_per_key"] == 0.0
     for r in (rows[("erm", "plain")], rows[("erm", "request")]):
@@ -103,7 +131,16 @@ def test_the_recorded_report_command_parses_back_to_the_same_config():
     from codedsmooth.cli import _config_from_args, _non_default_flags, build_parser
     from codedsmooth.probe.report import ReportConfig
 
-    cfg = ReportConfig(methods=["erm", "pgd-at"], seeds=[0, 2], threads=1, runs="/tmp/a b", budgets=[50], quick=True, retrain=False, sample_seed=3)
+    cfg = ReportConfig(
+        methods=["erm", "pgd-at"],
+        seeds=[0, 2],
+        threads=1,
+        runs="/tmp/a b",
+        budgets=[50],
+        quick=True,
+        retrain=False,
+        sample_seed=3,
+    )
     flags = _non_default_flags(cfg, ReportConfig())
     assert "--retrain" not in flags and "--no-retrain" not in flags  # defaults are left out
     again = _config_from_args(ReportConfig, build_parser().parse_args(["report", *flags]))
@@ -129,20 +166,55 @@ def test_size_study_names_collapsed_runs_and_says_which_tests_they_decide():
     from codedsmooth.probe.report.sizes import size_tests
 
     def row(method, seed, correct, classes_predicted, worst=None):
-        r = {"size": 100, "method": method, "seed": seed, "epochs": 40, "steps": 160, "sha256": "x", "training_seconds": 1.0,
-             "clean": {"correct": correct.count("1"), "n": len(correct), "per_image": correct, "classes_predicted": classes_predicted}}
+        r = {
+            "size": 100,
+            "method": method,
+            "seed": seed,
+            "epochs": 40,
+            "steps": 160,
+            "sha256": "x",
+            "training_seconds": 1.0,
+            "clean": {
+                "correct": correct.count("1"),
+                "n": len(correct),
+                "per_image": correct,
+                "classes_predicted": classes_predicted,
+            },
+        }
         if worst is not None:
-            r["worst"] = {"accuracy": worst.count("1") / len(worst), "interval": [0, 1], "n": len(worst), "per_image": worst, "cascade": []}
+            r["worst"] = {
+                "accuracy": worst.count("1") / len(worst),
+                "interval": [0, 1],
+                "n": len(worst),
+                "per_image": worst,
+                "cascade": [],
+            }
         return r
 
     good, chance = "1" * 18 + "0" * 2, "1" * 2 + "0" * 18
-    rows = [row("pgd-at", 0, good, 10, "1" * 5 + "0" * 5), row("pgd-at", 1, chance, 1, "0" * 10),
-            row("coded-at", 0, good, 10, "1" * 5 + "0" * 5), row("coded-at", 1, good, 10, "1" * 5 + "0" * 5)]
-    st = {"eps": 0.3, "n_train": 400, "seeds": [0, 1], "methods": ["pgd-at", "coded-at"], "sizes": [100], "sample": list(range(10)),
-          "sample_classes": {str(c): 1 for c in range(10)}, "subset_classes": {"100": {str(c): 10 for c in range(10)}}, "rows": rows, "tests": size_tests(rows)}
+    rows = [
+        row("pgd-at", 0, good, 10, "1" * 5 + "0" * 5),
+        row("pgd-at", 1, chance, 1, "0" * 10),
+        row("coded-at", 0, good, 10, "1" * 5 + "0" * 5),
+        row("coded-at", 1, good, 10, "1" * 5 + "0" * 5),
+    ]
+    st = {
+        "eps": 0.3,
+        "n_train": 400,
+        "seeds": [0, 1],
+        "methods": ["pgd-at", "coded-at"],
+        "sizes": [100],
+        "sample": list(range(10)),
+        "sample_classes": {str(c): 1 for c in range(10)},
+        "subset_classes": {"100": {str(c): 10 for c in range(10)}},
+        "rows": rows,
+        "tests": size_tests(rows),
+    }
     text = "\n".join(_training_sizes_section({"sizes": st}))
     assert "**Collapsed runs.**" in text and "pgd-at on 100 images, seed 1 (1 class, 10.0 % clean)" in text
-    assert "pgd-at collapsed in seed 1 at 100: what those seeds' tests measure is a training failure of one side" in text
+    assert (
+        "pgd-at collapsed in seed 1 at 100: what those seeds' tests measure is a training failure of one side" in text
+    )
     rows[1]["clean"]["classes_predicted"] = 10  # the same accuracy without a collapse: no such note
     assert "collapsed" not in "\n".join(_training_sizes_section({"sizes": st})).lower()
 
@@ -168,5 +240,8 @@ def test_paired_tests_keep_method_and_setting_without_parsing_labels():
     between = PairedTest("coded", PLAIN, "pgd-at", PLAIN, "0.3")
     assert (rci.a, rci.b, rci.to_dict()["setting"]) == ("coded-at, RCI request", "coded-at, no RCI", "request")
     assert (between.a, between.b, between.to_dict()["setting"]) == ("coded", "pgd-at", "no RCI")
-    for row in (rci, between):  # through the results file and back, with a method whose name holds a comma-free prefix of another
+    for row in (
+        rci,
+        between,
+    ):  # through the results file and back, with a method whose name holds a comma-free prefix of another
         assert PairedTest.from_dict(row.to_dict(), ["coded", "coded-at", "pgd-at"]) == row

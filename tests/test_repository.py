@@ -40,7 +40,12 @@ from codedsmooth.train import TrainConfig, train
 @pytest.fixture(scope="module")
 def erm_checkpoint(tmp_path_factory, digits):
     out = tmp_path_factory.mktemp("ckpt-erm") / "tiny-erm"
-    train(TrainConfig(method="erm", epochs=2, width=8, batch_size=16, out=str(out), progress=False, seed=1, filler_size=32), data=digits)
+    train(
+        TrainConfig(
+            method="erm", epochs=2, width=8, batch_size=16, out=str(out), progress=False, seed=1, filler_size=32
+        ),
+        data=digits,
+    )
     return out
 
 
@@ -69,7 +74,10 @@ def v1(url, name, x) -> np.ndarray:
 
 
 def v2_json(url, name, x) -> np.ndarray:
-    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}], "outputs": [{"name": "probabilities"}]}
+    body = {
+        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}],
+        "outputs": [{"name": "probabilities"}],
+    }
     r = httpx.post(f"{url}/v2/models/{name}/infer", json=body, timeout=30)
     assert r.status_code == 200, r.text
     out = r.json()
@@ -79,11 +87,25 @@ def v2_json(url, name, x) -> np.ndarray:
 
 def v2_binary(url, name, x) -> np.ndarray:
     data = x.numpy().astype(np.float32).tobytes()
-    header = json.dumps({
-        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": len(data)}}],
-        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
-    }).encode()
-    r = httpx.post(f"{url}/v2/models/{name}/infer", content=header + data, headers={"Inference-Header-Content-Length": str(len(header))}, timeout=30)
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(data)},
+                }
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    r = httpx.post(
+        f"{url}/v2/models/{name}/infer",
+        content=header + data,
+        headers={"Inference-Header-Content-Length": str(len(header))},
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
     n = int(r.headers["Inference-Header-Content-Length"])
     head = json.loads(r.content[:n])
@@ -100,7 +122,9 @@ def triton(url, name, x) -> np.ndarray:
         assert client.get_model_metadata(name)["inputs"][0]["shape"] == [-1, *x.shape[1:]]
         inp = httpclient.InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x.numpy(), binary_data=True)
-        return client.infer(name, [inp], outputs=[httpclient.InferRequestedOutput("probabilities", binary_data=True)]).as_numpy("probabilities")
+        return client.infer(
+            name, [inp], outputs=[httpclient.InferRequestedOutput("probabilities", binary_data=True)]
+        ).as_numpy("probabilities")
     finally:
         client.close()
 
@@ -112,12 +136,20 @@ def test_each_model_answers_exactly_as_a_single_checkpoint_server_of_it(repo, ti
         listed = httpx.get(server.url + "/v1/models").json()
         index = httpx.post(server.url + "/v2/repository/index").json()
     assert [m["name"] for m in listed] == ["coded", "erm"]
-    assert index == [{"name": "coded", "version": "1", "state": "READY"}, {"name": "erm", "version": "1", "state": "READY"}]
+    assert index == [
+        {"name": "coded", "version": "1", "state": "READY"},
+        {"name": "erm", "version": "1", "state": "READY"},
+    ]
     for name, checkpoint in (("coded", tiny_checkpoint), ("erm", erm_checkpoint)):
         with running_server(checkpoint, rci=False) as single:
             (info,) = httpx.get(single.url + "/v1/models").json()
             own = info["name"]
-            expected = [v1(single.url, None, x), v2_json(single.url, own, x), v2_binary(single.url, own, x), triton(single.url, own, x)]
+            expected = [
+                v1(single.url, None, x),
+                v2_json(single.url, own, x),
+                v2_binary(single.url, own, x),
+                triton(single.url, own, x),
+            ]
         for protocol, a, b in zip(("v1", "v2 JSON", "v2 binary", "tritonclient"), got[name], expected):
             np.testing.assert_array_equal(a, b, err_msg=f"{name} over {protocol}")
     # the two models are different models: the test would see a mix-up
@@ -127,7 +159,12 @@ def test_each_model_answers_exactly_as_a_single_checkpoint_server_of_it(repo, ti
 def test_unknown_models_get_404_with_the_json_body_and_no_default_means_naming_one(repo, digits):
     item = {"inputs": digits.test_x[:1].tolist()}
     with running_server(None, model_repository=repo, rci=False) as server:
-        for method, path in (("POST", "/v1/models/nope/predict"), ("POST", "/v2/models/nope/infer"), ("GET", "/v2/models/nope"), ("GET", "/v2/models/nope/ready")):
+        for method, path in (
+            ("POST", "/v1/models/nope/predict"),
+            ("POST", "/v2/models/nope/infer"),
+            ("GET", "/v2/models/nope"),
+            ("GET", "/v2/models/nope/ready"),
+        ):
             r = httpx.request(method, server.url + path, json=item)
             assert r.status_code == 404 and "unknown model 'nope'" in r.json()["error"], (path, r.text)
         r = httpx.post(server.url + "/v1/predict", json=item)
@@ -140,12 +177,16 @@ def test_unknown_models_get_404_with_the_json_body_and_no_default_means_naming_o
 
 async def _flood(url, name, n, x):
     async with httpx.AsyncClient(timeout=60) as client:
-        return await asyncio.gather(*[client.post(f"{url}/v1/models/{name}/predict", json={"inputs": x}) for _ in range(n)])
+        return await asyncio.gather(
+            *[client.post(f"{url}/v1/models/{name}/predict", json={"inputs": x}) for _ in range(n)]
+        )
 
 
 def test_a_flood_on_one_model_does_not_starve_the_other(tmp_path, tiny_checkpoint, erm_checkpoint, digits, monkeypatch):
     """Model "coded" holds a backlog (one item per batch, each batch slowed); a request to "erm" is answered while that backlog is still there."""
-    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint, serving={"coded": {"max_batch_size": 1, "max_delay_ms": 0}})
+    root = make_repository(
+        tmp_path / "repo", tiny_checkpoint, erm_checkpoint, serving={"coded": {"max_batch_size": 1, "max_delay_ms": 0}}
+    )
     monkeypatch.setenv("SLOW_BATCH_S", "0.05")
     monkeypatch.delenv("SLOW_ENGINE_GATE", raising=False)
     server = ServerProcess(None, program=SLOW_SERVER, model_repository=root, rci=False, timeout_ms=60000)
@@ -155,7 +196,9 @@ def test_a_flood_on_one_model_does_not_starve_the_other(tmp_path, tiny_checkpoin
 
         async def scenario():
             flood = asyncio.ensure_future(_flood(server.url, "coded", 60, x))
-            await asyncio.to_thread(wait_for_metric, server, "codedsmooth_queue_depth", lambda v: v >= 30, model="coded")
+            await asyncio.to_thread(
+                wait_for_metric, server, "codedsmooth_queue_depth", lambda v: v >= 30, model="coded"
+            )
             async with httpx.AsyncClient(timeout=60) as client:
                 r = await client.post(f"{server.url}/v1/models/erm/predict", json={"inputs": x})
             backlog = await asyncio.to_thread(metric, server, "codedsmooth_queue_depth", model="coded")
@@ -166,7 +209,9 @@ def test_a_flood_on_one_model_does_not_starve_the_other(tmp_path, tiny_checkpoin
         # one shared queue would have answered "erm" after the whole backlog; its own queue answers it after at most one "coded" batch
         assert backlog >= 20, f"'coded' still had {backlog} requests queued when 'erm' was answered"
         assert all(f.status_code == 200 for f in flooded)
-        assert metric(server, "codedsmooth_batch_size_count", model="coded") >= 60  # one item per batch: its own max_batch_size
+        assert (
+            metric(server, "codedsmooth_batch_size_count", model="coded") >= 60
+        )  # one item per batch: its own max_batch_size
     finally:
         server.terminate()
 
@@ -190,21 +235,51 @@ def test_explicit_load_unload_and_reload_under_load(tmp_path, tiny_checkpoint, e
             stop = asyncio.Event()
             workers = [asyncio.ensure_future(_traffic(url, name, stop, x)) for name in ("coded", "coded", "erm", "erm")]
             async with httpx.AsyncClient(timeout=60) as client:
-                await asyncio.to_thread(wait_for_metric, server, "codedsmooth_requests_total", lambda v: v >= 10, endpoint="/v1/models/{name}/predict", status="200", model="erm")
+                await asyncio.to_thread(
+                    wait_for_metric,
+                    server,
+                    "codedsmooth_requests_total",
+                    lambda v: v >= 10,
+                    endpoint="/v1/models/{name}/predict",
+                    status="200",
+                    model="erm",
+                )
                 answers = [await client.post(f"{url}/v2/repository/models/erm/load") for _ in range(2)]
-                (root / "erm" / "serving.json").write_text('{"max_batch_size": 0}')  # a broken new version: refused, the old one stays
+                (root / "erm" / "serving.json").write_text(
+                    '{"max_batch_size": 0}'
+                )  # a broken new version: refused, the old one stays
                 broken = await client.post(f"{url}/v2/repository/models/erm/load")
                 (root / "erm" / "serving.json").unlink()
-                before = metric(server, "codedsmooth_requests_total", endpoint="/v1/models/{name}/predict", status="200", model="erm")
-                await asyncio.to_thread(wait_for_metric, server, "codedsmooth_requests_total", lambda v: v >= before + 10, endpoint="/v1/models/{name}/predict", status="200", model="erm")
+                before = metric(
+                    server,
+                    "codedsmooth_requests_total",
+                    endpoint="/v1/models/{name}/predict",
+                    status="200",
+                    model="erm",
+                )
+                await asyncio.to_thread(
+                    wait_for_metric,
+                    server,
+                    "codedsmooth_requests_total",
+                    lambda v: v >= before + 10,
+                    endpoint="/v1/models/{name}/predict",
+                    status="200",
+                    model="erm",
+                )
             stop.set()
             return answers, broken, await asyncio.gather(*workers)
 
         answers, broken, traffic = asyncio.run(reloads())
         assert [a.status_code for a in answers] == [200, 200] and [a.json()["version"] for a in answers] == ["2", "3"]
-        assert broken.status_code == 400 and "serving.json" in broken.json()["error"] and "max_batch_size" in broken.json()["error"]
+        assert (
+            broken.status_code == 400
+            and "serving.json" in broken.json()["error"]
+            and "max_batch_size" in broken.json()["error"]
+        )
         for answers_of_one in traffic:
-            assert answers_of_one and all(status == 200 for status, _ in answers_of_one), [a for a in answers_of_one if a[0] != 200][:3]
+            assert answers_of_one and all(status == 200 for status, _ in answers_of_one), [
+                a for a in answers_of_one if a[0] != 200
+            ][:3]
         assert httpx.get(url + "/v2/models/erm").json()["versions"] == ["3"]
 
         # unload "erm" while "coded" is under load: "coded" loses nothing; "erm" is then 404, the server unready (it is required)
@@ -228,18 +303,30 @@ def test_explicit_load_unload_and_reload_under_load(tmp_path, tiny_checkpoint, e
         shutil.copytree(erm_checkpoint, root / "broken")
         (root / "broken" / "config.json").write_text("{not json")
         r = httpx.post(url + "/v2/repository/models/broken/load")
-        assert r.status_code == 400 and "broken/config.json: not valid JSON" in r.json()["error"] and str(root) not in r.text  # no server paths
+        assert (
+            r.status_code == 400
+            and "broken/config.json: not valid JSON" in r.json()["error"]
+            and str(root) not in r.text
+        )  # no server paths
         index = {e["name"]: e for e in httpx.post(url + "/v2/repository/index").json()}
         assert index["broken"]["state"] == "UNAVAILABLE" and "config.json" in index["broken"]["reason"]
         assert httpx.post(url + "/v2/repository/models/elsewhere/load").status_code == 404
         v1(url, "coded", digits.test_x[:1])
 
-        assert httpx.post(url + "/v2/repository/models/erm/load").json() == {"name": "erm", "version": "4", "state": "READY"}
+        assert httpx.post(url + "/v2/repository/models/erm/load").json() == {
+            "name": "erm",
+            "version": "4",
+            "state": "READY",
+        }
         assert httpx.get(url + "/health/ready").status_code == 200 and metric(server, "codedsmooth_model_ready") == 1
 
 
-def test_a_weighted_alias_routes_by_its_weights_and_every_answer_names_its_model(tmp_path, tiny_checkpoint, erm_checkpoint, digits):
-    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint, repository={"aliases": {"ab": {"coded": 0.9, "erm": 0.1}}})
+def test_a_weighted_alias_routes_by_its_weights_and_every_answer_names_its_model(
+    tmp_path, tiny_checkpoint, erm_checkpoint, digits
+):
+    root = make_repository(
+        tmp_path / "repo", tiny_checkpoint, erm_checkpoint, repository={"aliases": {"ab": {"coded": 0.9, "erm": 0.1}}}
+    )
     x = digits.test_x[:1].tolist()
     with running_server(None, model_repository=root, default_model="ab", rci=False) as server:
 
@@ -261,13 +348,20 @@ def test_a_weighted_alias_routes_by_its_weights_and_every_answer_names_its_model
         assert set(names) == {"coded", "erm"}
         # the metrics count per model, as the answers say
         for name in ("coded", "erm"):
-            assert metric(server, "codedsmooth_requests_total", endpoint="/v1/predict", status="200", model=name) == names.count(name)
+            assert metric(
+                server, "codedsmooth_requests_total", endpoint="/v1/predict", status="200", model=name
+            ) == names.count(name)
         # each answer is the named model's own: the alias's answers equal that model's direct answers (batched with
         # others, so BLAS may sum in another order: float32 rounding only; the two models differ by far more)
         direct = {name: v1(server.url, name, digits.test_x[:1]) for name in ("coded", "erm")}
         assert np.abs(direct["coded"] - direct["erm"]).max() > 1e-3
         for a in answers[:50]:
-            np.testing.assert_allclose(np.array([a.json()["predictions"][0]["probabilities"]], dtype=np.float32), direct[a.json()["model"]], rtol=0, atol=1e-6)
+            np.testing.assert_allclose(
+                np.array([a.json()["predictions"][0]["probabilities"]], dtype=np.float32),
+                direct[a.json()["model"]],
+                rtol=0,
+                atol=1e-6,
+            )
         v2_names = {v2_json_model_name(server.url, "ab", digits.test_x[:1]) for _ in range(40)}
         assert v2_names == {"coded", "erm"} or v2_names == {"coded"}  # 40 draws at 10 %: "erm" is likely, not certain
         assert httpx.get(server.url + "/v2/models/ab/ready").status_code == 200
@@ -283,20 +377,31 @@ def v2_json_model_name(url, name, x) -> str:
 def test_a_models_own_settings_and_per_key_quota(tmp_path, tiny_checkpoint, erm_checkpoint, digits):
     keys = tmp_path / "keys.txt"
     key = add_key(keys, "alice")
-    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint, serving={"erm": {"quota": 3, "rci": False, "max_batch_size": 4}})
+    root = make_repository(
+        tmp_path / "repo",
+        tiny_checkpoint,
+        erm_checkpoint,
+        serving={"erm": {"quota": 3, "rci": False, "max_batch_size": 4}},
+    )
     auth = {"Authorization": f"Bearer {key}"}
     x = digits.test_x[:1].tolist()
     with running_server(None, model_repository=root, api_keys_file=keys) as server:
         listed = {m["name"]: m for m in httpx.get(server.url + "/v1/models", headers=auth).json()}
-        assert listed["erm"]["rci"]["enabled"] is False and listed["coded"]["rci"]["enabled"] is True  # each its own spec
+        assert (
+            listed["erm"]["rci"]["enabled"] is False and listed["coded"]["rci"]["enabled"] is True
+        )  # each its own spec
         r = httpx.post(server.url + "/v1/models/erm/predict", json={"inputs": digits.test_x[:5].tolist()}, headers=auth)
         assert r.status_code == 413  # its max_batch_size of 4 bounds its requests
         for _ in range(3):
-            assert httpx.post(server.url + "/v1/models/erm/predict", json={"inputs": x}, headers=auth).status_code == 200
+            assert (
+                httpx.post(server.url + "/v1/models/erm/predict", json={"inputs": x}, headers=auth).status_code == 200
+            )
         r = httpx.post(server.url + "/v1/models/erm/predict", json={"inputs": x}, headers=auth)
         assert r.status_code == 429 and "on model 'erm'" in r.json()["error"]
         for _ in range(5):  # the quota is the model's: the other model is not limited
-            assert httpx.post(server.url + "/v1/models/coded/predict", json={"inputs": x}, headers=auth).status_code == 200
+            assert (
+                httpx.post(server.url + "/v1/models/coded/predict", json={"inputs": x}, headers=auth).status_code == 200
+            )
 
 
 def test_a_clients_own_limits_on_a_model_override_the_models(tmp_path, tiny_checkpoint, erm_checkpoint, digits):
@@ -307,17 +412,30 @@ def test_a_clients_own_limits_on_a_model_override_the_models(tmp_path, tiny_chec
     key = {name: add_key(keys, name) for name in ("alice", "batch", "capped")}
     own = {"alice": " quota@emr=3 rate@ab=2", "batch": " quota@erm=none", "capped": " quota@coded=1"}
     keys.write_text("".join(line + own[line.split()[0]] + "\n" for line in keys.read_text().splitlines()))
-    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint, repository={"aliases": {"ab": {"coded": 0.5, "erm": 0.5}}},
-                           serving={"erm": {"quota": 2, "rci": False}})
+    root = make_repository(
+        tmp_path / "repo",
+        tiny_checkpoint,
+        erm_checkpoint,
+        repository={"aliases": {"ab": {"coded": 0.5, "erm": 0.5}}},
+        serving={"erm": {"quota": 2, "rci": False}},
+    )
     x = {"inputs": digits.test_x[:1].tolist()}
 
     def answers(name: str, model: str, n: int) -> list[int]:
-        return [httpx.post(f"{server.url}/v1/models/{model}/predict", json=x, headers={"Authorization": f"Bearer {key[name]}"}).status_code for _ in range(n)]
+        return [
+            httpx.post(
+                f"{server.url}/v1/models/{model}/predict", json=x, headers={"Authorization": f"Bearer {key[name]}"}
+            ).status_code
+            for _ in range(n)
+        ]
 
     server = LoggedServer(None, model_repository=root, api_keys_file=keys)
     try:
         server.wait_ready()
-        assert "client 'alice': quota@emr names no model of this server (coded, erm); it limits nothing" in server.wait_line("quota@emr")
+        assert (
+            "client 'alice': quota@emr names no model of this server (coded, erm); it limits nothing"
+            in server.wait_line("quota@emr")
+        )
         assert "rate@ab names an alias" in server.wait_line("rate@ab")
         assert answers("alice", "erm", 3) == [200, 200, 429]
         assert answers("batch", "erm", 5) == [200] * 5
@@ -331,7 +449,9 @@ def test_a_clients_own_limits_on_a_model_override_the_models(tmp_path, tiny_chec
         server.terminate()
 
 
-def test_with_api_keys_only_a_client_with_manage_yes_loads_and_unloads(tmp_path, tiny_checkpoint, erm_checkpoint, digits):
+def test_with_api_keys_only_a_client_with_manage_yes_loads_and_unloads(
+    tmp_path, tiny_checkpoint, erm_checkpoint, digits
+):
     keys = tmp_path / "keys.txt"
     reader, ops = add_key(keys, "reader"), add_key(keys, "ops", manage=True)
     root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint)
@@ -340,10 +460,19 @@ def test_with_api_keys_only_a_client_with_manage_yes_loads_and_unloads(tmp_path,
     with running_server(None, model_repository=root, model_control="explicit", api_keys_file=keys, rci=False) as server:
         for action in ("unload", "load"):
             r = httpx.post(f"{server.url}/v2/repository/models/erm/{action}", headers=as_reader)
-            assert r.status_code == 403 and "'reader' may not load or unload models" in r.json()["error"] and "manage=yes" in r.json()["error"], r.text
+            assert (
+                r.status_code == 403
+                and "'reader' may not load or unload models" in r.json()["error"]
+                and "manage=yes" in r.json()["error"]
+            ), r.text
         assert httpx.post(f"{server.url}/v2/repository/models/erm/unload").status_code == 401  # no key at all
-        states = {e["name"]: e["state"] for e in httpx.post(server.url + "/v2/repository/index", headers=as_reader).json()}
-        assert states == {"coded": "READY", "erm": "READY"}  # the refused calls changed nothing; the index is every client's
+        states = {
+            e["name"]: e["state"] for e in httpx.post(server.url + "/v2/repository/index", headers=as_reader).json()
+        }
+        assert states == {
+            "coded": "READY",
+            "erm": "READY",
+        }  # the refused calls changed nothing; the index is every client's
         assert httpx.post(server.url + "/v1/models/erm/predict", json=x, headers=as_reader).status_code == 200
         r = httpx.post(f"{server.url}/v2/repository/models/erm/unload", headers=as_ops)
         assert r.status_code == 200 and r.json()["state"] == "UNAVAILABLE", r.text
@@ -357,7 +486,12 @@ def test_model_settings_files_are_validated_with_the_file_named(tmp_path):
     base = ServeSettings()
     (tmp_path / "serving.json").write_text('{"max_batch_size": 8, "rci_scope": "batch"}')
     settings, limits = model_settings(base, tmp_path)
-    assert (settings.max_batch_size, settings.max_items_per_request, settings.rci_scope, limits) == (8, 8, "batch", NO_OVERRIDE)
+    assert (settings.max_batch_size, settings.max_items_per_request, settings.rci_scope, limits) == (
+        8,
+        8,
+        "batch",
+        NO_OVERRIDE,
+    )
     assert settings.max_delay_ms == base.max_delay_ms  # the server's flags are the defaults
     keyed = ServeSettings(api_keys_file="keys", rate_limit=50.0, quota=1000)
     (tmp_path / "serving.json").write_text('{"quota": 5, "rate_limit": null}')
@@ -381,13 +515,20 @@ def test_model_settings_files_are_validated_with_the_file_named(tmp_path):
 
 
 def serve_error(*args) -> str:
-    r = subprocess.run([sys.executable, "-m", "codedsmooth.cli", "serve", "--port", "0", "--metrics-port", "0", *args], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "codedsmooth.cli", "serve", "--port", "0", "--metrics-port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stderr
     return r.stderr
 
 
 def test_the_cli_refuses_bad_repositories_with_the_file_named(tmp_path, tiny_checkpoint, erm_checkpoint):
-    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint, repository={"aliases": {"ab": {"coded": 1, "gone": 1}}})
+    root = make_repository(
+        tmp_path / "repo", tiny_checkpoint, erm_checkpoint, repository={"aliases": {"ab": {"coded": 1, "gone": 1}}}
+    )
     error = serve_error("--model-repository", str(root))
     assert "ab" in error and "'gone' is no model of the repository" in error
     (root / "repository.json").unlink()
@@ -397,12 +538,16 @@ def test_the_cli_refuses_bad_repositories_with_the_file_named(tmp_path, tiny_che
     assert str(root / "erm" / "model.safetensors") in serve_error("--model-repository", str(root))
 
 
-def test_explicit_load_takes_only_the_repositorys_own_model_directories(tmp_path, tiny_checkpoint, erm_checkpoint, digits):
+def test_explicit_load_takes_only_the_repositorys_own_model_directories(
+    tmp_path, tiny_checkpoint, erm_checkpoint, digits
+):
     """'..' (percent-encoded, as a client can send it), '.' and hidden directories are no models: 404, nothing loaded."""
     root = make_repository(tmp_path / "parent" / "repo", tiny_checkpoint, erm_checkpoint)
     for f in tiny_checkpoint.iterdir():  # a valid checkpoint one level above the repository
         shutil.copy(f, tmp_path / "parent" / f.name)
-    shutil.copytree(erm_checkpoint, root / ".staging")  # a hidden directory (as save_checkpoint writes): skipped at start
+    shutil.copytree(
+        erm_checkpoint, root / ".staging"
+    )  # a hidden directory (as save_checkpoint writes): skipped at start
     with running_server(None, model_repository=root, model_control="explicit", rci=False) as server:
         for name in ("%2E%2E", "%2E", ".staging"):
             r = httpx.post(f"{server.url}/v2/repository/models/{name}/load")
@@ -418,7 +563,9 @@ def test_unloading_a_model_whose_directory_is_gone_answers_its_state(tmp_path, t
     with running_server(None, model_repository=root, model_control="explicit", rci=False) as server:
         shutil.rmtree(root / "erm")  # the operator removes a model's files, then unloads it
         r = httpx.post(server.url + "/v2/repository/models/erm/unload")
-        assert r.status_code == 200 and r.json() == {"name": "erm", "state": "UNAVAILABLE", "reason": "unloaded"}, r.text
+        assert r.status_code == 200 and r.json() == {"name": "erm", "state": "UNAVAILABLE", "reason": "unloaded"}, (
+            r.text
+        )
         assert [e["name"] for e in httpx.post(server.url + "/v2/repository/index").json()] == ["coded"]
 
 
@@ -426,18 +573,36 @@ def test_a_model_first_loaded_explicitly_is_version_1(tmp_path, tiny_checkpoint,
     root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint)
     with running_server(None, model_repository=root, model_control="explicit", rci=False) as server:
         shutil.copytree(tiny_checkpoint, root / "added")  # a model added to the repository after start
-        assert httpx.post(server.url + "/v2/repository/models/added/load").json() == {"name": "added", "version": "1", "state": "READY"}
+        assert httpx.post(server.url + "/v2/repository/models/added/load").json() == {
+            "name": "added",
+            "version": "1",
+            "state": "READY",
+        }
         assert httpx.get(server.url + "/v2/models/added").json()["versions"] == ["1"]
-        assert httpx.post(server.url + "/v2/repository/models/added/load").json()["version"] == "2"  # a reload: the next version
+        assert (
+            httpx.post(server.url + "/v2/repository/models/added/load").json()["version"] == "2"
+        )  # a reload: the next version
 
 
 def test_explicit_load_refuses_a_directory_named_as_an_alias(tmp_path, tiny_checkpoint, erm_checkpoint, digits):
-    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint, repository={"aliases": {"ab": {"coded": 1, "erm": 1}}})
+    root = make_repository(
+        tmp_path / "repo", tiny_checkpoint, erm_checkpoint, repository={"aliases": {"ab": {"coded": 1, "erm": 1}}}
+    )
     with running_server(None, model_repository=root, model_control="explicit", rci=False) as server:
         shutil.copytree(tiny_checkpoint, root / "ab")  # would shadow the alias: refused, as at start-up
         r = httpx.post(server.url + "/v2/repository/models/ab/load")
-        assert r.status_code == 400 and "repository.json: alias" in r.json()["error"] and str(root) not in r.text and "alias 'ab'" in r.json()["error"], r.text
-        names = {httpx.post(server.url + "/v1/models/ab/predict", json={"inputs": digits.test_x[:1].tolist()}).json()["model"] for _ in range(20)}
+        assert (
+            r.status_code == 400
+            and "repository.json: alias" in r.json()["error"]
+            and str(root) not in r.text
+            and "alias 'ab'" in r.json()["error"]
+        ), r.text
+        names = {
+            httpx.post(server.url + "/v1/models/ab/predict", json={"inputs": digits.test_x[:1].tolist()}).json()[
+                "model"
+            ]
+            for _ in range(20)
+        }
         assert names <= {"coded", "erm"} and names, names  # the alias still routes to its models
 
 
@@ -447,9 +612,16 @@ def test_a_request_still_held_when_its_model_is_unloaded_is_told_so(tmp_path, ti
 
     root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint)
     body = json.dumps({"inputs": [GOOD_ITEM]}).encode()
-    with running_server(None, model_repository=root, model_control="explicit", rci=False, drain_timeout_s=0.2, body_timeout_s=60) as server:
-        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as slow:  # routed to "erm", its body still coming
-            slow.sendall(b"POST /v1/models/erm/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body[:5]))
+    with running_server(
+        None, model_repository=root, model_control="explicit", rci=False, drain_timeout_s=0.2, body_timeout_s=60
+    ) as server:
+        with socket.create_connection(
+            ("127.0.0.1", server.port), timeout=60
+        ) as slow:  # routed to "erm", its body still coming
+            slow.sendall(
+                b"POST /v1/models/erm/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body[:5])
+            )
             wait_for_metric(server, "codedsmooth_requests_in_flight", lambda v: v == 1)
             assert httpx.post(server.url + "/v2/repository/models/erm/unload", timeout=60).status_code == 200
             slow.sendall(body[5:])
@@ -461,7 +633,9 @@ def test_a_request_still_held_when_its_model_is_unloaded_is_told_so(tmp_path, ti
         assert httpx.get(server.url + "/health/live").json()["status"] == "ok"  # the server is not shutting down
 
 
-def test_with_a_thread_per_model_a_held_batch_holds_only_its_own_model(tmp_path, tiny_checkpoint, erm_checkpoint, digits, monkeypatch):
+def test_with_a_thread_per_model_a_held_batch_holds_only_its_own_model(
+    tmp_path, tiny_checkpoint, erm_checkpoint, digits, monkeypatch
+):
     """Model "coded"'s first batch is held on its thread (a gate the test opens only after the other answer came);
     meanwhile a request to "erm" is answered. On the one shared thread (the default) it would wait behind the held
     batch, the gate would open only at the engine's own 60 s limit, and "coded" would answer first."""
@@ -470,7 +644,16 @@ def test_with_a_thread_per_model_a_held_batch_holds_only_its_own_model(tmp_path,
     gate.mkdir()
     monkeypatch.setenv("SLOW_ENGINE_GATE", str(gate))
     monkeypatch.setenv("SLOW_ENGINE_METHOD", "coded")
-    server = ServerProcess(None, program=SLOW_SERVER, model_repository=root, model_threads="per-model", threads=1, rci=False, max_delay_ms=0, timeout_ms=90000)
+    server = ServerProcess(
+        None,
+        program=SLOW_SERVER,
+        model_repository=root,
+        model_threads="per-model",
+        threads=1,
+        rci=False,
+        max_delay_ms=0,
+        timeout_ms=90000,
+    )
     x = digits.test_x[:1].tolist()
     try:
         server.wait_ready()
@@ -478,7 +661,9 @@ def test_with_a_thread_per_model_a_held_batch_holds_only_its_own_model(tmp_path,
         async def scenario():
             async with httpx.AsyncClient(timeout=90) as client:
                 held = asyncio.ensure_future(client.post(f"{server.url}/v1/models/coded/predict", json={"inputs": x}))
-                await asyncio.to_thread(wait_until, lambda: (gate / "entered").exists(), "the held batch on the model thread", 60)
+                await asyncio.to_thread(
+                    wait_until, lambda: (gate / "entered").exists(), "the held batch on the model thread", 60
+                )
                 other = asyncio.ensure_future(client.post(f"{server.url}/v1/models/erm/predict", json={"inputs": x}))
                 done, _ = await asyncio.wait({held, other}, return_when=asyncio.FIRST_COMPLETED)
                 first = "erm" if other in done else "coded"
@@ -502,8 +687,11 @@ async def _answers_while(url: str, name: str, x, metrics_url: str, busy) -> list
     seen = []
     async with httpx.AsyncClient(timeout=10) as client:
         while busy() or not seen:
-            for what, call in (("predict", client.post(f"{url}/v1/models/{name}/predict", json=x)), ("live", client.get(url + "/health/live")),
-                               ("metrics", client.get(metrics_url + "/metrics"))):
+            for what, call in (
+                ("predict", client.post(f"{url}/v1/models/{name}/predict", json=x)),
+                ("live", client.get(url + "/health/live")),
+                ("metrics", client.get(metrics_url + "/metrics")),
+            ):
                 t0 = time.monotonic()
                 r = await call
                 seen.append((what, r.status_code, time.monotonic() - t0))
@@ -512,40 +700,55 @@ async def _answers_while(url: str, name: str, x, metrics_url: str, busy) -> list
 
 def _load_in_background(url: str, name: str) -> tuple[threading.Thread, list]:
     answer: list = []
-    thread = threading.Thread(target=lambda: answer.append(httpx.post(f"{url}/v2/repository/models/{name}/load", timeout=60)), daemon=True)
+    thread = threading.Thread(
+        target=lambda: answer.append(httpx.post(f"{url}/v2/repository/models/{name}/load", timeout=60)), daemon=True
+    )
     thread.start()
     return thread, answer
 
 
-def test_a_fifo_in_a_model_directory_is_refused_at_once_while_another_model_answers(tmp_path, tiny_checkpoint, erm_checkpoint, digits):
+def test_a_fifo_in_a_model_directory_is_refused_at_once_while_another_model_answers(
+    tmp_path, tiny_checkpoint, erm_checkpoint, digits
+):
     root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint)
     x = {"inputs": digits.test_x[:1].tolist()}
     with running_server(None, model_repository=root, model_control="explicit", rci=False) as server:
         shutil.copytree(erm_checkpoint, root / "piped")
         (root / "piped" / "model.safetensors").unlink()
         os.mkfifo(root / "piped" / "model.safetensors")  # opening it would block until a writer comes
-        assert httpx.post(f"{server.url}/v1/models/coded/predict", json=x).status_code == 200  # a first request, as before any load
+        assert (
+            httpx.post(f"{server.url}/v1/models/coded/predict", json=x).status_code == 200
+        )  # a first request, as before any load
         thread, answer = _load_in_background(server.url, "piped")
         seen = asyncio.run(_answers_while(server.url, "coded", x, server.metrics_url, thread.is_alive))
         thread.join()
         r = answer[0]
-        assert r.status_code == 400 and "piped/model.safetensors: a FIFO; only regular files are loaded" in r.json()["error"], r.text
+        assert (
+            r.status_code == 400
+            and "piped/model.safetensors: a FIFO; only regular files are loaded" in r.json()["error"]
+        ), r.text
         assert r.elapsed.total_seconds() < 5
         assert all(status == 200 for _, status, _ in seen), seen
-        print(f"\nduring a FIFO load: {len(seen)} answers of another model, /health/live and /metrics, slowest {max(s for *_, s in seen) * 1000:.0f} ms")
+        print(
+            f"\nduring a FIFO load: {len(seen)} answers of another model, /health/live and /metrics, slowest {max(s for *_, s in seen) * 1000:.0f} ms"
+        )
         assert max(s for *_, s in seen) < 1.0
         index = {e["name"]: e for e in httpx.post(server.url + "/v2/repository/index").json()}
         assert index["piped"]["state"] == "UNAVAILABLE" and "FIFO" in index["piped"]["reason"]
 
 
-def test_a_stuck_load_fails_at_its_timeout_while_the_shared_model_thread_serves(tmp_path, tiny_checkpoint, erm_checkpoint, digits, monkeypatch):
+def test_a_stuck_load_fails_at_its_timeout_while_the_shared_model_thread_serves(
+    tmp_path, tiny_checkpoint, erm_checkpoint, digits, monkeypatch
+):
     root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint)
     gate = tmp_path / "gate"
     gate.mkdir()
     monkeypatch.setenv("SLOW_LOAD_MODEL", "stuck")
     monkeypatch.setenv("SLOW_LOAD_GATE", str(gate))
     x = {"inputs": digits.test_x[:1].tolist()}
-    server = ServerProcess(None, program=SLOW_LOAD_SERVER, model_repository=root, model_control="explicit", rci=False, load_timeout_s=3)
+    server = ServerProcess(
+        None, program=SLOW_LOAD_SERVER, model_repository=root, model_control="explicit", rci=False, load_timeout_s=3
+    )
     try:
         server.wait_ready()
         shutil.copytree(erm_checkpoint, root / "stuck")
@@ -554,10 +757,14 @@ def test_a_stuck_load_fails_at_its_timeout_while_the_shared_model_thread_serves(
         seen = asyncio.run(_answers_while(server.url, "coded", x, server.metrics_url, thread.is_alive))
         thread.join()
         r = answer[0]
-        assert r.status_code == 504 and "stuck: the load did not finish within 3 s (--load-timeout-s)" in r.json()["error"], r.text
+        assert (
+            r.status_code == 504 and "stuck: the load did not finish within 3 s (--load-timeout-s)" in r.json()["error"]
+        ), r.text
         assert str(root) not in r.text
         assert all(status == 200 for _, status, _ in seen), seen
-        print(f"\nduring a stuck load (3 s timeout): {len(seen)} answers, slowest {max(s for *_, s in seen) * 1000:.0f} ms")
+        print(
+            f"\nduring a stuck load (3 s timeout): {len(seen)} answers, slowest {max(s for *_, s in seen) * 1000:.0f} ms"
+        )
         assert max(s for *_, s in seen) < 1.0
         index = {e["name"]: e for e in httpx.post(server.url + "/v2/repository/index").json()}
         assert index["stuck"]["state"] == "UNAVAILABLE" and "did not finish" in index["stuck"]["reason"]
@@ -569,12 +776,16 @@ def test_a_stuck_load_fails_at_its_timeout_while_the_shared_model_thread_serves(
         server.terminate()
 
 
-def test_a_failed_loads_reason_shows_server_paths_only_to_management_clients(tmp_path, tiny_checkpoint, erm_checkpoint, digits):
+def test_a_failed_loads_reason_shows_server_paths_only_to_management_clients(
+    tmp_path, tiny_checkpoint, erm_checkpoint, digits
+):
     keys = tmp_path / "keys.txt"
     reader, ops = add_key(keys, "reader"), add_key(keys, "ops", manage=True)
     root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint)
     as_reader, as_ops = {"Authorization": f"Bearer {reader}"}, {"Authorization": f"Bearer {ops}"}
-    server = LoggedServer(None, model_repository=root, model_control="explicit", api_keys_file=keys, rci=False, log_level="info")
+    server = LoggedServer(
+        None, model_repository=root, model_control="explicit", api_keys_file=keys, rci=False, log_level="info"
+    )
     try:
         server.wait_ready()
         shutil.copytree(erm_checkpoint, root / "broken")
@@ -582,15 +793,27 @@ def test_a_failed_loads_reason_shows_server_paths_only_to_management_clients(tmp
         config["format_version"] = None
         (root / "broken" / "config.json").write_text(json.dumps(config))
         r = httpx.post(f"{server.url}/v2/repository/models/broken/load", headers=as_ops)
-        assert r.status_code == 400 and "broken/config.json: format_version None, expected 1" in r.json()["error"], r.text
+        assert r.status_code == 400 and "broken/config.json: format_version None, expected 1" in r.json()["error"], (
+            r.text
+        )
         full = str(root / "broken" / "config.json")
         assert full not in r.text
         assert full in server.wait_line("load of broken refused")  # the operator's log has the path
         for headers in (as_reader, as_ops):
-            r = httpx.post(f"{server.url}/v1/models/broken/predict", json={"inputs": digits.test_x[:1].tolist()}, headers=headers)
-            assert r.status_code == 404 and "broken/config.json: format_version None" in r.json()["error"] and str(root) not in r.text, r.text
-        reasons = {who: {e["name"]: e.get("reason") for e in httpx.post(server.url + "/v2/repository/index", headers=h).json()}["broken"]
-                   for who, h in (("reader", as_reader), ("ops", as_ops))}
+            r = httpx.post(
+                f"{server.url}/v1/models/broken/predict", json={"inputs": digits.test_x[:1].tolist()}, headers=headers
+            )
+            assert (
+                r.status_code == 404
+                and "broken/config.json: format_version None" in r.json()["error"]
+                and str(root) not in r.text
+            ), r.text
+        reasons = {
+            who: {
+                e["name"]: e.get("reason") for e in httpx.post(server.url + "/v2/repository/index", headers=h).json()
+            }["broken"]
+            for who, h in (("reader", as_reader), ("ops", as_ops))
+        }
         assert reasons["reader"] == "broken/config.json: format_version None, expected 1", reasons
         assert reasons["ops"] == f"{full}: format_version None, expected 1", reasons
     finally:

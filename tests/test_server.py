@@ -46,15 +46,22 @@ def test_rci_on_with_fixed_seed_equals_in_process_engine(tiny_checkpoint, digits
         settings = ServeSettings(rci_seed=123, rci_scope=scope, coded_points=20, rci_check_rate=0)
         engine = InferenceEngine(load_checkpoint(tiny_checkpoint), settings, torch.device("cpu"))
         expected = engine.run([x]).probabilities[0]
-        with running_server(tiny_checkpoint, rci_seed=123, rci_scope=scope, coded_points=20, rci_check_rate=0) as server:
+        with running_server(
+            tiny_checkpoint, rci_seed=123, rci_scope=scope, coded_points=20, rci_check_rate=0
+        ) as server:
             got = predict(server.url, x)
             body = httpx.post(server.url + "/v1/predict", json={"inputs": x[:1].tolist()}).json()
             (info,) = httpx.get(server.url + "/v1/models").json()
         np.testing.assert_array_equal(got, expected)
         assert body["rci"] == {"enabled": True, "scope": scope}  # a prediction says whether and how it was coded
         assert info["rci"] == {  # the model list has the whole spec
-            "enabled": True, "scope": scope, "group_size": 16, "coded_points": 20, "data_point_kind": "equispaced",
-            "coded_point_kind": "chebyshev-gauss", "decode_tolerance": DEFAULT_DECODE_TOLERANCE if scope == "request" else 0.0,
+            "enabled": True,
+            "scope": scope,
+            "group_size": 16,
+            "coded_points": 20,
+            "data_point_kind": "equispaced",
+            "coded_point_kind": "chebyshev-gauss",
+            "decode_tolerance": DEFAULT_DECODE_TOLERANCE if scope == "request" else 0.0,
         }
 
 
@@ -80,7 +87,9 @@ def test_request_scope_result_does_not_depend_on_batch_mates(tiny_checkpoint, di
     gen = torch.Generator().manual_seed(0)
     noisy = [torch.rand(3, 1, 8, 8, generator=gen) for _ in range(4)]
     bright = [torch.ones(3, 1, 8, 8) for _ in range(4)]
-    with running_server(tiny_checkpoint, rci_seed=7, rci_scope="request", max_delay_ms=300, max_batch_size=64) as server:
+    with running_server(
+        tiny_checkpoint, rci_seed=7, rci_scope="request", max_delay_ms=300, max_batch_size=64
+    ) as server:
         alone = predict(server.url, victim)[0]
         with_noise = _victim_under_batch_mates(server, victim, noisy)
         with_bright = _victim_under_batch_mates(server, victim, bright)
@@ -94,7 +103,15 @@ def test_batch_scope_result_depends_on_batch_mates(tiny_checkpoint, digits):
     victim = digits.test_x[:1]
     gen = torch.Generator().manual_seed(0)
     noisy = [torch.rand(3, 1, 8, 8, generator=gen) for _ in range(4)]
-    with running_server(tiny_checkpoint, rci_seed=7, rci_scope="batch", coded_points=16, max_delay_ms=300, max_batch_size=64, rci_check_rate=1.0) as server:
+    with running_server(
+        tiny_checkpoint,
+        rci_seed=7,
+        rci_scope="batch",
+        coded_points=16,
+        max_delay_ms=300,
+        max_batch_size=64,
+        rci_check_rate=1.0,
+    ) as server:
         alone = predict(server.url, victim)[0]
         with_noise = _victim_under_batch_mates(server, victim, noisy)
         samples = metric_samples(server)
@@ -137,7 +154,10 @@ def test_tritonclient_health_metadata_and_infer(plain_server, tiny_checkpoint, d
     for binary in (True, False):
         inp = httpclient.InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x, binary_data=binary)
-        outputs = [httpclient.InferRequestedOutput("probabilities", binary_data=binary), httpclient.InferRequestedOutput("index", binary_data=binary)]
+        outputs = [
+            httpclient.InferRequestedOutput("probabilities", binary_data=binary),
+            httpclient.InferRequestedOutput("index", binary_data=binary),
+        ]
         result = client.infer(ck.name, [inp], outputs=outputs)
         np.testing.assert_array_equal(result.as_numpy("probabilities"), expected)
         np.testing.assert_array_equal(result.as_numpy("index"), expected.argmax(1))

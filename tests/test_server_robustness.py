@@ -15,7 +15,9 @@ from helpers import ServerProcess, running_server, wait_for_metric
 from PIL import Image
 
 GOOD_ITEM = np.full((1, 8, 8), 0.5).tolist()
-PNG_1x1 = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg==")
+PNG_1x1 = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg=="
+)
 
 
 def _gif() -> bytes:
@@ -42,7 +44,13 @@ JSON = {"content-type": "application/json"}
 MALFORMED = [
     ("not json", "POST", "/v1/predict", JSON, b"{inputs: [1, 2"),
     ("empty body", "POST", "/v1/predict", JSON, b""),
-    ("text content type", "POST", "/v1/predict", {"content-type": "text/plain"}, json.dumps({"inputs": [GOOD_ITEM]}).encode()),
+    (
+        "text content type",
+        "POST",
+        "/v1/predict",
+        {"content-type": "text/plain"},
+        json.dumps({"inputs": [GOOD_ITEM]}).encode(),
+    ),
     ("no content type", "POST", "/v1/predict", {}, json.dumps({"inputs": [GOOD_ITEM]}).encode()),
     ("array body", "POST", "/v1/predict", JSON, b"[1, 2, 3]"),
     ("no inputs key", "POST", "/v1/predict", JSON, b'{"data": []}'),
@@ -59,31 +67,85 @@ MALFORMED = [
     ("objects inside", "POST", "/v1/predict", JSON, json.dumps({"inputs": [[[[{"v": 1}] * 8] * 8]]}).encode()),
     ("NaN", "POST", "/v1/predict", JSON, json.dumps({"inputs": [[[[float("nan")] * 8] * 8]]}).encode()),
     ("Infinity", "POST", "/v1/predict", JSON, json.dumps({"inputs": [[[[float("inf")] * 8] * 8]]}).encode()),
-    ("overflowing number", "POST", "/v1/predict", JSON, ('{"inputs": [[[' + ",".join(["[" + ",".join(["1e400"] * 8) + "]"] * 8) + "]]]}").encode()),
-    ("values above 1", "POST", "/v1/predict", JSON, json.dumps({"inputs": [np.full((1, 8, 8), 255.0).tolist()]}).encode()),
-    ("negative values", "POST", "/v1/predict", JSON, json.dumps({"inputs": [np.full((1, 8, 8), -0.5).tolist()]}).encode()),
+    (
+        "overflowing number",
+        "POST",
+        "/v1/predict",
+        JSON,
+        ('{"inputs": [[[' + ",".join(["[" + ",".join(["1e400"] * 8) + "]"] * 8) + "]]]}").encode(),
+    ),
+    (
+        "values above 1",
+        "POST",
+        "/v1/predict",
+        JSON,
+        json.dumps({"inputs": [np.full((1, 8, 8), 255.0).tolist()]}).encode(),
+    ),
+    (
+        "negative values",
+        "POST",
+        "/v1/predict",
+        JSON,
+        json.dumps({"inputs": [np.full((1, 8, 8), -0.5).tolist()]}).encode(),
+    ),
     ("too many items", "POST", "/v1/predict", JSON, json.dumps({"inputs": [GOOD_ITEM] * 65}).encode()),
     ("unknown field", "POST", "/v1/predict", JSON, json.dumps({"inputs": [GOOD_ITEM], "seed": 1}).encode()),
     ("invalid utf-8", "POST", "/v1/predict", JSON, b'{"inputs": "\xff\xfe"}'),
     ("nested too deep", "POST", "/v1/predict", JSON, b"[" * 100000 + b"]" * 100000),
     ("image endpoint with json", "POST", "/v1/predict/image", JSON, json.dumps({"inputs": [GOOD_ITEM]}).encode()),
-    ("image not an image", "POST", "/v1/predict/image", None, {"files": ("x.png", b"not an image at all", "image/png")}),
+    (
+        "image not an image",
+        "POST",
+        "/v1/predict/image",
+        None,
+        {"files": ("x.png", b"not an image at all", "image/png")},
+    ),
     ("image is gif", "POST", "/v1/predict/image", None, {"files": ("x.gif", _gif(), "image/gif")}),
     ("image truncated png", "POST", "/v1/predict/image", None, {"files": ("x.png", PNG_1x1[:40], "image/png")}),
     ("image wrong field", "POST", "/v1/predict/image", None, {"picture": ("x.png", PNG_1x1, "image/png")}),
     ("multipart without boundary", "POST", "/v1/predict/image", {"content-type": "multipart/form-data"}, b"garbage"),
     ("v2 unknown model", "POST", "/v2/models/nope/infer", JSON, _v2([_v2_input()])),
-    ("v2 wrong datatype", "POST", "/v2/models/{model}/infer", JSON, _v2([_v2_input(datatype="BYTES", data=["a"] * 64)])),
+    (
+        "v2 wrong datatype",
+        "POST",
+        "/v2/models/{model}/infer",
+        JSON,
+        _v2([_v2_input(datatype="BYTES", data=["a"] * 64)]),
+    ),
     ("v2 int datatype", "POST", "/v2/models/{model}/infer", JSON, _v2([_v2_input(datatype="INT32", data=[0] * 64)])),
     ("v2 data does not fill shape", "POST", "/v2/models/{model}/infer", JSON, _v2([_v2_input(data=[0.5] * 10)])),
     ("v2 wrong shape", "POST", "/v2/models/{model}/infer", JSON, _v2([_v2_input(shape=(1, 1, 4, 16))])),
-    ("v2 negative shape", "POST", "/v2/models/{model}/infer", JSON, _v2([_v2_input(shape=(-1, 1, 8, 8), data=[0.5] * 64)])),
+    (
+        "v2 negative shape",
+        "POST",
+        "/v2/models/{model}/infer",
+        JSON,
+        _v2([_v2_input(shape=(-1, 1, 8, 8), data=[0.5] * 64)]),
+    ),
     ("v2 no inputs", "POST", "/v2/models/{model}/infer", JSON, _v2([])),
     ("v2 two inputs", "POST", "/v2/models/{model}/infer", JSON, _v2([_v2_input(), _v2_input()])),
     ("v2 unknown output", "POST", "/v2/models/{model}/infer", JSON, _v2([_v2_input()], outputs=[{"name": "logits"}])),
-    ("v2 input without data", "POST", "/v2/models/{model}/infer", JSON, _v2([{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32"}])),
-    ("v2 bad header length", "POST", "/v2/models/{model}/infer", {"inference-header-content-length": "abc"}, _v2([_v2_input()])),
-    ("v2 header length beyond body", "POST", "/v2/models/{model}/infer", {"inference-header-content-length": "99999"}, _v2([_v2_input()])),
+    (
+        "v2 input without data",
+        "POST",
+        "/v2/models/{model}/infer",
+        JSON,
+        _v2([{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32"}]),
+    ),
+    (
+        "v2 bad header length",
+        "POST",
+        "/v2/models/{model}/infer",
+        {"inference-header-content-length": "abc"},
+        _v2([_v2_input()]),
+    ),
+    (
+        "v2 header length beyond body",
+        "POST",
+        "/v2/models/{model}/infer",
+        {"inference-header-content-length": "99999"},
+        _v2([_v2_input()]),
+    ),
     ("v2 binary size mismatch", "POST", "/v2/models/{model}/infer", None, "binary-mismatch"),
     ("v2 gzip body", "POST", "/v2/models/{model}/infer", {"content-encoding": "gzip"}, _v2([_v2_input()])),
     ("v2 unknown version", "POST", "/v2/models/{model}/versions/7/infer", JSON, _v2([_v2_input()])),
@@ -102,7 +164,9 @@ def server(tiny_checkpoint):
 def _send(client: httpx.Client, model: str, method, path, headers, body):
     path = path.format(model=model)
     if body == "binary-mismatch":
-        head = _v2([{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "parameters": {"binary_data_size": 256}}])
+        head = _v2(
+            [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "parameters": {"binary_data_size": 256}}]
+        )
         raw = head + np.full(32, 0.5, dtype=np.float32).tobytes()  # only 128 bytes follow
         return client.post(path, content=raw, headers={"inference-header-content-length": str(len(head))})
     if isinstance(body, dict):
@@ -181,7 +245,9 @@ def test_overload_answers_every_request_with_200_or_503(tiny_checkpoint):
         assert len(results) == total
         assert set(codes) <= {200, 503}, Counter(codes)
         assert all(ra is not None for c, ra in results if c == 503)
-        assert codes.count(200) > 0 and codes.count(503) > 0  # some answered, some refused: it was overloaded, or this proves nothing
+        assert (
+            codes.count(200) > 0 and codes.count(503) > 0
+        )  # some answered, some refused: it was overloaded, or this proves nothing
         assert httpx.get(srv.url + "/health/ready").status_code == 200
         assert httpx.post(srv.url + "/v1/predict", json={"inputs": [GOOD_ITEM]}).status_code == 200
         print(f"overload: {codes.count(200)} x 200, {codes.count(503)} x 503 in {elapsed:.1f}s")
@@ -194,7 +260,9 @@ def test_sigterm_finishes_accepted_requests_refuses_new_ones_and_exits_0(tiny_ch
 
         async def main():
             async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
-                accepted = [asyncio.ensure_future(client.post("/v1/predict", json={"inputs": [GOOD_ITEM]})) for _ in range(40)]
+                accepted = [
+                    asyncio.ensure_future(client.post("/v1/predict", json={"inputs": [GOOD_ITEM]})) for _ in range(40)
+                ]
                 # all 40 accepted by the batcher and waiting for batch-mates (state, not time)
                 await asyncio.to_thread(wait_for_metric, srv, "codedsmooth_queue_depth", lambda v: v == 40)
                 srv.proc.send_signal(signal.SIGTERM)

@@ -63,9 +63,13 @@ def _statuses(answers) -> list:
 
 
 def test_sighup_drains_like_sigterm(tiny_checkpoint, tmp_path, monkeypatch):
-    answers, late, code, exit_s, _, output = _signal_scenario(tiny_checkpoint, tmp_path, monkeypatch, [signal.SIGHUP], drain_timeout_s=5)
+    answers, late, code, exit_s, _, output = _signal_scenario(
+        tiny_checkpoint, tmp_path, monkeypatch, [signal.SIGHUP], drain_timeout_s=5
+    )
     statuses = _statuses(answers)
-    print(f"SIGHUP: {statuses.count(200)} of {len(statuses)} accepted requests answered 200; exit {code} after {exit_s:.2f}s")
+    print(
+        f"SIGHUP: {statuses.count(200)} of {len(statuses)} accepted requests answered 200; exit {code} after {exit_s:.2f}s"
+    )
     assert statuses == [200] * REQUESTS
     assert late.status_code == 503 and late.headers.get("retry-after") and "error" in late.json()
     assert code == 0
@@ -74,12 +78,18 @@ def test_sighup_drains_like_sigterm(tiny_checkpoint, tmp_path, monkeypatch):
     assert "Traceback" not in output
 
 
-@pytest.mark.parametrize("first, second", [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGHUP)], ids=["int-int", "term-hup"])
+@pytest.mark.parametrize(
+    "first, second", [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGHUP)], ids=["int-int", "term-hup"]
+)
 def test_second_signal_during_drain_answers_503_at_once(tiny_checkpoint, tmp_path, monkeypatch, first, second):
     # The model never finishes its batch and the drain timeout is long: only the second signal ends it.
-    answers, _, code, _, after_second_s, output = _signal_scenario(tiny_checkpoint, tmp_path, monkeypatch, [first, second], drain_timeout_s=30)
+    answers, _, code, _, after_second_s, output = _signal_scenario(
+        tiny_checkpoint, tmp_path, monkeypatch, [first, second], drain_timeout_s=30
+    )
     statuses = _statuses(answers)
-    print(f"{first.name} then {second.name}: statuses {sorted(set(map(str, statuses)))}; exit {code} {after_second_s:.2f}s after the second signal")
+    print(
+        f"{first.name} then {second.name}: statuses {sorted(set(map(str, statuses)))}; exit {code} {after_second_s:.2f}s after the second signal"
+    )
     assert statuses == [503] * REQUESTS
     assert all(a.headers.get("retry-after") and "error" in a.json() for a in answers)
     assert code == 0
@@ -94,13 +104,27 @@ def test_busy_port_fails_in_one_line_before_the_model_loads(tiny_checkpoint):
         taken.listen()
         port = taken.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if not k.startswith("CODEDSMOOTH_")}
-        args = [sys.executable, "-m", "codedsmooth.cli", "--log-level", "info", "serve", "--port", str(port),
-                "--metrics-port", str(free_port()), "--checkpoint", str(tiny_checkpoint)]
+        args = [
+            sys.executable,
+            "-m",
+            "codedsmooth.cli",
+            "--log-level",
+            "info",
+            "serve",
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(free_port()),
+            "--checkpoint",
+            str(tiny_checkpoint),
+        ]
         r = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
     print(r.stdout[-2000:], r.stderr[-2000:])
     errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
     assert r.returncode == 2
-    assert errors == [f"codedsmooth serve: error: cannot listen on 127.0.0.1:{port}: already in use (another server is listening there; pick another --port or stop it)"]
+    assert errors == [
+        f"codedsmooth serve: error: cannot listen on 127.0.0.1:{port}: already in use (another server is listening there; pick another --port or stop it)"
+    ]
     assert "loaded" not in r.stderr and "Traceback" not in r.stderr
 
 

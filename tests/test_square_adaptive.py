@@ -94,7 +94,9 @@ def test_reduces_to_square_as_in_the_reference(tiny_checkpoint, digits):
             return plain(batch).softmax(1)
 
     x_old, q_old = square_attack(probs, x, y, 0.1, 150, generator=_gen(3))
-    res = adaptive_square_attack(probs, x, y, 0.1, 150, score_queries=1, requery_incumbent=False, confirm=0, generator=_gen(3))
+    res = adaptive_square_attack(
+        probs, x, y, 0.1, 150, score_queries=1, requery_incumbent=False, confirm=0, generator=_gen(3)
+    )
     assert torch.equal(res.x_adv, x_old) and torch.equal(res.queries, q_old)
     with torch.no_grad():
         fooled = plain(x_old).argmax(1) != y
@@ -103,7 +105,17 @@ def test_reduces_to_square_as_in_the_reference(tiny_checkpoint, digits):
     # and on a randomized target answering the same sequence of calls with the same draws
     xs, ys = _spiky_images()
     x_old, q_old = square_attack(SpikyTarget(xs, ys, seed=7), xs, ys, 0.15, 80, generator=_gen(4))
-    res = adaptive_square_attack(SpikyTarget(xs, ys, seed=7), xs, ys, 0.15, 80, score_queries=1, requery_incumbent=False, confirm=0, generator=_gen(4))
+    res = adaptive_square_attack(
+        SpikyTarget(xs, ys, seed=7),
+        xs,
+        ys,
+        0.15,
+        80,
+        score_queries=1,
+        requery_incumbent=False,
+        confirm=0,
+        generator=_gen(4),
+    )
     assert torch.equal(res.x_adv, x_old) and torch.equal(res.queries, q_old)
 
 
@@ -140,8 +152,10 @@ def test_confirmed_breaks_hold_on_fresh_draws_of_rci_where_the_reference_attack_
     agreement_new = float(f_new[res.broken].mean())
     false_old = float(((f_old < 0.5) | old_plain_correct)[old_broken].float().mean())
     false_new = float(((f_new < 0.5) | new_plain_correct)[res.broken].float().mean())
-    print(f"\nreference: {int(old_broken.sum())} 'broken', {false_old:.0%} of them correct on most fresh draws or the plain model, "
-          f"fresh agreement {float(f_old[old_broken].mean()):.2f}; adaptive: {int(res.broken.sum())} broken, {false_new:.0%}, agreement {agreement_new:.2f}")
+    print(
+        f"\nreference: {int(old_broken.sum())} 'broken', {false_old:.0%} of them correct on most fresh draws or the plain model, "
+        f"fresh agreement {float(f_old[old_broken].mean()):.2f}; adaptive: {int(res.broken.sum())} broken, {false_new:.0%}, agreement {agreement_new:.2f}"
+    )
     assert agreement_new >= 0.85
     assert false_new <= 0.1
     assert false_old >= false_new + 0.15
@@ -169,9 +183,13 @@ def test_on_a_deterministic_model_it_is_the_reference_attack_at_the_steps_its_bu
     with torch.no_grad():
         ref_broken = plain(x_ref).argmax(1) != y
         full_broken = plain(square_attack(probs, x, y, 0.1, budget, generator=_gen(1))[0]).argmax(1) != y
-        assert torch.equal(res.broken, plain(res.x_adv).argmax(1) != y)  # on a deterministic model a confirmed break is a break
-    print(f"\n{len(y)} images: adaptive broke {int(res.broken.sum())} at {budget} queries; Square at the {steps + 1} its steps pay for "
-          f"broke {int(ref_broken.sum())}, at the full {budget} {int(full_broken.sum())}")
+        assert torch.equal(
+            res.broken, plain(res.x_adv).argmax(1) != y
+        )  # on a deterministic model a confirmed break is a break
+    print(
+        f"\n{len(y)} images: adaptive broke {int(res.broken.sum())} at {budget} queries; Square at the {steps + 1} its steps pay for "
+        f"broke {int(ref_broken.sum())}, at the full {budget} {int(full_broken.sum())}"
+    )
     assert int(ref_broken.sum()) >= 10
     assert int((res.broken != ref_broken).sum()) <= 1
     same = res.broken & ref_broken
@@ -181,7 +199,13 @@ def test_on_a_deterministic_model_it_is_the_reference_attack_at_the_steps_its_bu
 
 @pytest.mark.parametrize(
     "kw",
-    [{"statistic": "median"}, {"score_queries": 0}, {"confirm": -1}, {"scores": "logprobs"}, {"queries": 1, "score_queries": 2}],
+    [
+        {"statistic": "median"},
+        {"score_queries": 0},
+        {"confirm": -1},
+        {"scores": "logprobs"},
+        {"queries": 1, "score_queries": 2},
+    ],
 )
 def test_rejects_settings_it_cannot_honour(kw):
     x, y = _spiky_images(4)

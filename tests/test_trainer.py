@@ -14,7 +14,10 @@ from codedsmooth.train import TrainConfig, load_dataset, train
 
 @pytest.mark.parametrize("method", ["erm", "mixup", "coded"])
 def test_each_method_learns_digits(method, digits, tmp_path):
-    res = train(TrainConfig(method=method, epochs=3, width=8, batch_size=32, out=str(tmp_path / method), progress=False), data=digits)
+    res = train(
+        TrainConfig(method=method, epochs=3, width=8, batch_size=32, out=str(tmp_path / method), progress=False),
+        data=digits,
+    )
     assert res.test_accuracy > 0.5  # chance is 0.1
     ck = load_checkpoint(res.checkpoint)
     assert ck.config.method == method
@@ -42,20 +45,53 @@ def test_imagefolder_built_on_the_fly(tmp_path):
     data = load_dataset("imagefolder", tmp_path / "data", image_size=8)
     assert data.classes == ["dark", "light"] and data.input_shape == (3, 8, 8)
     assert len(data.train_x) + len(data.test_x) == 24
-    res = train(TrainConfig(data="imagefolder", arch="small_cnn", method="coded", epochs=5, width=4, batch_size=6, lr=0.05, out=str(tmp_path / "ck"), progress=False), data=data)
+    res = train(
+        TrainConfig(
+            data="imagefolder",
+            arch="small_cnn",
+            method="coded",
+            epochs=5,
+            width=4,
+            batch_size=6,
+            lr=0.05,
+            out=str(tmp_path / "ck"),
+            progress=False,
+        ),
+        data=data,
+    )
     assert res.test_accuracy >= 0.5
 
 
 def test_cli_train_writes_checkpoint_and_rejects_bad_options(tmp_path):
     out = tmp_path / "cli"
     proc = subprocess.run(
-        [sys.executable, "-m", "codedsmooth.cli", "train", "--data", "digits", "--epochs", "1", "--width", "4", "--out", str(out)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "codedsmooth.cli",
+            "train",
+            "--data",
+            "digits",
+            "--epochs",
+            "1",
+            "--width",
+            "4",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["checkpoint"] == str(out)
     assert "epoch 1/1" in proc.stderr
-    bad = subprocess.run([sys.executable, "-m", "codedsmooth.cli", "train", "--data", "cifar10"], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "codedsmooth.cli", "train", "--data", "cifar10"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "data_dir" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -67,10 +103,21 @@ def test_import_from_a_directory_with_its_own_models_folder(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run(
         [sys.executable, "-c", "import codedsmooth.core, codedsmooth.models; import models"],
-        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert "the user folder was imported" in proc.stderr  # the user's own `models` is theirs
-    proc = subprocess.run([sys.executable, "-c", "import codedsmooth.core, codedsmooth.models"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import codedsmooth.core, codedsmooth.models"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -82,7 +129,17 @@ def test_pgd_at_trains_loads_and_is_more_robust_than_erm(digits, tmp_path):
     eps = 0.1
     robust = {}
     for method in ("erm", "pgd-at"):
-        cfg = TrainConfig(method=method, epochs=3, width=8, batch_size=32, at_eps=eps, at_steps=5, seed=0, out=str(tmp_path / method), progress=False)
+        cfg = TrainConfig(
+            method=method,
+            epochs=3,
+            width=8,
+            batch_size=32,
+            at_eps=eps,
+            at_steps=5,
+            seed=0,
+            out=str(tmp_path / method),
+            progress=False,
+        )
         res = train(cfg, data=digits)
         ck = load_checkpoint(res.checkpoint)
         assert ck.config.method == method
@@ -92,7 +149,15 @@ def test_pgd_at_trains_loads_and_is_more_robust_than_erm(digits, tmp_path):
         if method == "pgd-at":
             assert res.test_accuracy > 0.85
             at = ck.config.training.model_dump()["adversarial_training"]
-            assert at == {"eps": eps, "steps": 5, "step_size": 2.5 * eps / 5, "warmup": 0.3, "random_start": True, "loss": "ce", "attack_mode": "train"}
+            assert at == {
+                "eps": eps,
+                "steps": 5,
+                "step_size": 2.5 * eps / 5,
+                "warmup": 0.3,
+                "random_start": True,
+                "loss": "ce",
+                "attack_mode": "train",
+            }
         else:
             assert ck.config.training.model_dump()["adversarial_training"] is None
     print(f"digits, PGD-20 at eps {eps}: robust accuracy {robust}")
@@ -124,4 +189,6 @@ def test_every_method_is_one_registered_objective_that_agrees_with_the_method_vo
     assert set(OBJECTIVES) == set(METHODS)
     assert {m for m, o in OBJECTIVES.items() if o.uses_code} == set(CODED_METHODS)
     cfg = TrainConfig()
-    assert {m for m, o in OBJECTIVES.items() if o.attack_settings(cfg, (1, 28, 28)) is not None} == set(ADVERSARIAL_METHODS)
+    assert {m for m, o in OBJECTIVES.items() if o.attack_settings(cfg, (1, 28, 28)) is not None} == set(
+        ADVERSARIAL_METHODS
+    )

@@ -39,8 +39,13 @@ def adversarial_training_settings(cfg, input_shape: tuple[int, ...]) -> dict:
     eps = cfg.at_eps if cfg.at_eps is not None else (0.3 if mnist_like else 8 / 255)
     step_size = cfg.at_step_size if cfg.at_step_size is not None else pgd_step_size(eps, cfg.at_steps)
     return {
-        "eps": eps, "steps": cfg.at_steps, "step_size": step_size, "warmup": cfg.at_warmup,
-        "random_start": True, "loss": "ce", "attack_mode": "train",
+        "eps": eps,
+        "steps": cfg.at_steps,
+        "step_size": step_size,
+        "warmup": cfg.at_warmup,
+        "random_start": True,
+        "loss": "ce",
+        "attack_mode": "train",
     }
 
 
@@ -52,7 +57,10 @@ class FrozenBatchNormStats:
         self.layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
     def __enter__(self):
-        self.saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in self.layers]
+        self.saved = [
+            (m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+            for m in self.layers
+        ]
         for m in self.layers:
             m.momentum = 0.0  # running = (1 − 0) · running + 0 · batch
         return self
@@ -98,7 +106,16 @@ def pgd_examples(model, xb, yb, at: dict, generator: torch.Generator, progress: 
     if scale <= 0:
         return xb
     with _Attacking(model):
-        return pgd(model, xb, yb, scale * at["eps"], steps=at["steps"], step_size=scale * at["step_size"], random_start=True, generator=generator)
+        return pgd(
+            model,
+            xb,
+            yb,
+            scale * at["eps"],
+            steps=at["steps"],
+            step_size=scale * at["step_size"],
+            random_start=True,
+            generator=generator,
+        )
 
 
 def kl_per_item(p: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -120,6 +137,12 @@ def trades_examples(model, xb, yb, at: dict, generator: torch.Generator, progres
             p_clean = F.softmax(model(xb), dim=1)
         start = xb + TRADES_START_STD * torch.randn(xb.shape, generator=generator).to(xb)
         return pgd(
-            model, xb, yb, scale * at["eps"], steps=at["steps"], step_size=scale * at["step_size"],
-            loss=lambda logits, _y: kl_per_item(p_clean, logits), start=start,
+            model,
+            xb,
+            yb,
+            scale * at["eps"],
+            steps=at["steps"],
+            step_size=scale * at["step_size"],
+            loss=lambda logits, _y: kl_per_item(p_clean, logits),
+            start=start,
         )

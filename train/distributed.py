@@ -30,6 +30,7 @@ log = logging.getLogger("codedsmooth.train")
 
 MAX_RUNS = 3  # a run that keeps dying after progress is started at most this often
 
+
 @dataclass(frozen=True)
 class Ranks:
     rank: int = 0
@@ -102,12 +103,27 @@ def launch(nproc: int, argv: list[str], saved_epoch: Callable[[], int | None] = 
     args = list(argv)
     for run in range(1, MAX_RUNS + 1):
         before = saved_epoch()
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "codedsmooth.cli", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "codedsmooth.cli",
+            *args,
+        ]
         code = subprocess.call(cmd)
         after = saved_epoch()
         if code == 0 or run == MAX_RUNS or after is None or after == before:
             return code
-        log.warning("a rank failed (exit code %d) after epoch %d was saved; resuming from it (run %d of at most %d)", code, after, run + 1, MAX_RUNS)
+        log.warning(
+            "a rank failed (exit code %d) after epoch %d was saved; resuming from it (run %d of at most %d)",
+            code,
+            after,
+            run + 1,
+            MAX_RUNS,
+        )
         if "--resume" not in args:
             args.append("--resume")
     return code

@@ -12,6 +12,10 @@ import torch
 def environment() -> dict:
     """torch build and threads, CPUs, platform, Python."""
     return {
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "platform": platform.platform(), "machine": platform.machine(), "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": sys.version.split()[0],
     }

@@ -27,10 +27,20 @@ class Objective(nn.Module):
     """ERM: cross-entropy on the clean batch. The base of every method."""
 
     uses_code: ClassVar[bool] = False  # trains the coded block (mu, the N schedule)
-    checks_collapse: ClassVar[bool] = False  # checked for catastrophic overfitting after every epoch (train.overfitting)
+    checks_collapse: ClassVar[bool] = (
+        False  # checked for catastrophic overfitting after every epoch (train.overfitting)
+    )
 
-    def __init__(self, cfg: Any, model: nn.Module, trunk: nn.Module, coded: CodedSmoothing | None, at: dict | None,
-                 generator: torch.Generator, at_generator: torch.Generator):
+    def __init__(
+        self,
+        cfg: Any,
+        model: nn.Module,
+        trunk: nn.Module,
+        coded: CodedSmoothing | None,
+        at: dict | None,
+        generator: torch.Generator,
+        at_generator: torch.Generator,
+    ):
         super().__init__()
         self.cfg, self.model, self.trunk, self.coded, self.at = cfg, model, trunk, coded, at
         self.gen, self.at_gen = generator, at_generator
@@ -105,7 +115,11 @@ class Trades(PgdAt):
 
     @classmethod
     def attack_settings(cls, cfg: Any, input_shape: tuple[int, ...]) -> dict | None:
-        return {**adversarial_training_settings(cfg, input_shape), "random_start": f"normal(0, {TRADES_START_STD})", "loss": "kl"}
+        return {
+            **adversarial_training_settings(cfg, input_shape),
+            "random_start": f"normal(0, {TRADES_START_STD})",
+            "loss": "kl",
+        }
 
     def recorded(self) -> dict[str, Any]:
         return {"trades_beta": self.cfg.trades_beta}

@@ -68,8 +68,26 @@ class CollapseGuard:
             p.requires_grad_(False)
         try:
             gen = torch.Generator().manual_seed(self.seed)  # the same starts every epoch
-            x_pgd = pgd(self.model, self.x, self.y, self.eps, steps=PGD_STEPS, step_size=pgd_step_size(self.eps, PGD_STEPS), random_start=True, generator=gen)
-            x_fgsm = pgd(self.model, self.x, self.y, self.eps, steps=1, step_size=self.fgsm_step, random_start=True, generator=gen)
+            x_pgd = pgd(
+                self.model,
+                self.x,
+                self.y,
+                self.eps,
+                steps=PGD_STEPS,
+                step_size=pgd_step_size(self.eps, PGD_STEPS),
+                random_start=True,
+                generator=gen,
+            )
+            x_fgsm = pgd(
+                self.model,
+                self.x,
+                self.y,
+                self.eps,
+                steps=1,
+                step_size=self.fgsm_step,
+                random_start=True,
+                generator=gen,
+            )
             with torch.no_grad():
                 acc = [float((self.model(xa).argmax(1) == self.y).float().mean()) for xa in (x_pgd, x_fgsm)]
         finally:

@@ -17,8 +17,25 @@ import torch
 
 # Settings that must be the same for a run to continue another one.
 RESUME_MUST_MATCH = (
-    "data", "arch", "width", "method", "epochs", "batch_size", "lr", "weight_decay", "mu", "n_start", "n_end", "target_block", "seed", "nproc",
-    "trades_beta", "at_eps", "at_steps", "at_step_size", "at_warmup",
+    "data",
+    "arch",
+    "width",
+    "method",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "mu",
+    "n_start",
+    "n_end",
+    "target_block",
+    "seed",
+    "nproc",
+    "trades_beta",
+    "at_eps",
+    "at_steps",
+    "at_step_size",
+    "at_warmup",
 )
 
 
@@ -34,7 +51,9 @@ def last_saved_epoch(out) -> int | None:
     return int(saved[-1].parent.name.removeprefix("epoch-")) if saved else None
 
 
-def save_state(out, config: dict, epoch: int, history: list[dict], model, opt, sched, gens: dict[str, torch.Generator]) -> None:
+def save_state(
+    out, config: dict, epoch: int, history: list[dict], model, opt, sched, gens: dict[str, torch.Generator]
+) -> None:
     """Rank 0: model, optimiser, schedule and random states after ``epoch`` epochs of the run ``config``, written atomically."""
     from safetensors.torch import save_file
 
@@ -46,7 +65,13 @@ def save_state(out, config: dict, epoch: int, history: list[dict], model, opt, s
                 tensors[f"opt.{i}.{name}"] = value.detach().cpu().contiguous()
     tensors.update({f"rng.{name}": g.get_state() for name, g in gens.items()})
     tensors["rng.torch"] = torch.get_rng_state()
-    meta = {"epoch": epoch, "config": config, "history": history, "param_groups": opt_state["param_groups"], "scheduler": sched.state_dict()}
+    meta = {
+        "epoch": epoch,
+        "config": config,
+        "history": history,
+        "param_groups": opt_state["param_groups"],
+        "scheduler": sched.state_dict(),
+    }
     root = resume_dir(out)
     root.mkdir(parents=True, exist_ok=True)
     # One directory per epoch, renamed into place whole; older ones go only once the new one
@@ -73,11 +98,13 @@ def load_state(out, config: dict, model, opt, sched, gens: dict[str, torch.Gener
         raise FileNotFoundError(f"nothing to resume: no saved epoch under {resume_dir(out)}")
     where = saved[-1]
     meta = json.loads((where / "state.json").read_text())
-    differ = {k: (meta["config"].get(k), config.get(k)) for k in RESUME_MUST_MATCH if meta["config"].get(k) != config.get(k)}
+    differ = {
+        k: (meta["config"].get(k), config.get(k)) for k in RESUME_MUST_MATCH if meta["config"].get(k) != config.get(k)
+    }
     if differ:
         raise ValueError(f"{where}: saved by a run with other settings {differ} (saved, now)")
     tensors = load_file(str(where / "state.safetensors"))
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict = {}
     for key, value in tensors.items():
         if key.startswith("opt."):

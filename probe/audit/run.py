@@ -42,32 +42,101 @@ RANDOM_ATOL = 1e-4  # answers closer than this are the same (a batch's float rou
 class AuditConfig:
     """One audit; ``codedsmooth audit`` takes its options and defaults from these fields."""
 
-    url: str | None = field(default=None, metadata={"help": "the endpoint's base URL (required), e.g. http://127.0.0.1:8000"})
-    model: str | None = field(default=None, metadata={"help": "the model's name at the endpoint (default: the first of GET /v1/models; a v2 endpoint without it needs the name)"})
-    protocol: str = field(default="auto", metadata={"help": "v2 (Open Inference Protocol), v1 (this server's), or auto: v2 when GET /v2/models/NAME answers", "choices": PROTOCOLS})
-    api_key: str | None = field(default=None, metadata={"help": "API key, sent as Authorization: Bearer (default: env CODEDSMOOTH_API_KEY, which keeps it out of shell history and the card)"})
-    data: str = field(default="mnist", metadata={"help": "the data set the endpoint classifies (its test split is sampled)", "choices": AUDIT_DATA})
+    url: str | None = field(
+        default=None, metadata={"help": "the endpoint's base URL (required), e.g. http://127.0.0.1:8000"}
+    )
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "the model's name at the endpoint (default: the first of GET /v1/models; a v2 endpoint without it needs the name)"
+        },
+    )
+    protocol: str = field(
+        default="auto",
+        metadata={
+            "help": "v2 (Open Inference Protocol), v1 (this server's), or auto: v2 when GET /v2/models/NAME answers",
+            "choices": PROTOCOLS,
+        },
+    )
+    api_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "API key, sent as Authorization: Bearer (default: env CODEDSMOOTH_API_KEY, which keeps it out of shell history and the card)"
+        },
+    )
+    data: str = field(
+        default="mnist",
+        metadata={"help": "the data set the endpoint classifies (its test split is sampled)", "choices": AUDIT_DATA},
+    )
     data_dir: str | None = field(default=None, metadata={"help": "local files of the data set (imagefolder: its root)"})
-    images: int = field(default=20, metadata={"help": "images audited: a class-balanced sample of the test split, by index"})
+    images: int = field(
+        default=20, metadata={"help": "images audited: a class-balanced sample of the test split, by index"}
+    )
     eps: float = field(default=0.3, metadata={"help": "L∞ radius in pixel units [0, 1]"})
-    attack: list[str] = field(default_factory=lambda: ["square", "decision"], metadata={"help": "square: adaptive Square (needs scores); decision: RayS, label-only, majority votes", "choices": tuple(AUDIT_ATTACKS)})
+    attack: list[str] = field(
+        default_factory=lambda: ["square", "decision"],
+        metadata={
+            "help": "square: adaptive Square (needs scores); decision: RayS, label-only, majority votes",
+            "choices": tuple(AUDIT_ATTACKS),
+        },
+    )
     budget: int = field(default=500, metadata={"help": "queries per image per attack, confirmations included"})
-    max_queries: int | None = field(default=None, metadata={"help": "hard cap on the audit's total queries, over resumed runs too (default: none)"})
-    votes: int | None = field(default=None, metadata={"help": "queries per candidate: Square's robust statistic, RayS's majority vote (default: 1 against a deterministic endpoint, 3 against a randomized one)"})
-    confirm: int = field(default=4, metadata={"help": "fresh queries that must all miss the label before an image counts as broken"})
-    clean_draws: int = field(default=2, metadata={"help": "queries per image of the clean pass (two answers that differ show a randomized endpoint)"})
+    max_queries: int | None = field(
+        default=None, metadata={"help": "hard cap on the audit's total queries, over resumed runs too (default: none)"}
+    )
+    votes: int | None = field(
+        default=None,
+        metadata={
+            "help": "queries per candidate: Square's robust statistic, RayS's majority vote (default: 1 against a deterministic endpoint, 3 against a randomized one)"
+        },
+    )
+    confirm: int = field(
+        default=4, metadata={"help": "fresh queries that must all miss the label before an image counts as broken"}
+    )
+    clean_draws: int = field(
+        default=2,
+        metadata={"help": "queries per image of the clean pass (two answers that differ show a randomized endpoint)"},
+    )
     pixel_scale: float = field(default=1.0, metadata={"help": "pixels are sent in [0, SCALE]: 1 or 255"})
-    layout: str = field(default="auto", metadata={"help": "NCHW, NHWC, flat, or auto: from the metadata's input shape", "choices": LAYOUTS})
-    class_order: list[int] | None = field(default=None, metadata={"help": "the data set's class of each of the endpoint's outputs, in output order (default: the same order)"})
-    output: str = field(default="auto", metadata={"help": "what the endpoint answers: logits, probabilities, label, or auto (from the answer)", "choices": OUTPUT_KINDS})
-    output_name: str | None = field(default=None, metadata={"help": "v2: the output to read (default: the first score output, else the first label output)"})
+    layout: str = field(
+        default="auto",
+        metadata={"help": "NCHW, NHWC, flat, or auto: from the metadata's input shape", "choices": LAYOUTS},
+    )
+    class_order: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "the data set's class of each of the endpoint's outputs, in output order (default: the same order)"
+        },
+    )
+    output: str = field(
+        default="auto",
+        metadata={
+            "help": "what the endpoint answers: logits, probabilities, label, or auto (from the answer)",
+            "choices": OUTPUT_KINDS,
+        },
+    )
+    output_name: str | None = field(
+        default=None,
+        metadata={"help": "v2: the output to read (default: the first score output, else the first label output)"},
+    )
     concurrency: int = field(default=8, metadata={"help": "requests in flight"})
-    chunk: int = field(default=5, metadata={"help": "images attacked together; each chunk's results are saved as it ends"})
-    min_clean_accuracy: float | None = field(default=None, metadata={"help": "stop before the attacks below this clean accuracy (default: twice chance)"})
-    card: str = field(default="audit-card.json", metadata={"help": "the card's JSON; its Markdown goes beside it (.md)"})
+    chunk: int = field(
+        default=5, metadata={"help": "images attacked together; each chunk's results are saved as it ends"}
+    )
+    min_clean_accuracy: float | None = field(
+        default=None, metadata={"help": "stop before the attacks below this clean accuracy (default: twice chance)"}
+    )
+    card: str = field(
+        default="audit-card.json", metadata={"help": "the card's JSON; its Markdown goes beside it (.md)"}
+    )
     plot: str | None = field(default=None, metadata={"help": "also write a PNG bar plot of the accuracies here"})
-    state: str | None = field(default=None, metadata={"help": "the resumable state file (default: the card's path + .state.json)"})
-    resume: bool = field(default=False, metadata={"help": "continue an interrupted audit from its state file; nothing finished is queried again"})
+    state: str | None = field(
+        default=None, metadata={"help": "the resumable state file (default: the card's path + .state.json)"}
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "continue an interrupted audit from its state file; nothing finished is queried again"},
+    )
     seed: int = field(default=0, metadata={"help": "sample and attack seed"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar with ETA (stderr)"})
 
@@ -79,7 +148,13 @@ class AuditConfig:
         unknown = [a for a in self.attack if a not in AUDIT_ATTACKS]
         if unknown or not self.attack:
             raise ValueError(f"unknown attack(s) {unknown}; known: {list(AUDIT_ATTACKS)}")
-        counts = {"images": self.images, "budget": self.budget, "clean_draws": self.clean_draws, "chunk": self.chunk, "concurrency": self.concurrency}
+        counts = {
+            "images": self.images,
+            "budget": self.budget,
+            "clean_draws": self.clean_draws,
+            "chunk": self.chunk,
+            "concurrency": self.concurrency,
+        }
         bad = {k: v for k, v in counts.items() if v < 1}
         if self.votes is not None and self.votes < 1:
             bad["votes"] = self.votes
@@ -90,12 +165,33 @@ class AuditConfig:
 
     def endpoint_options(self) -> EndpointOptions:
         assert self.url is not None
-        return EndpointOptions(url=self.url, model=self.model, protocol=self.protocol, api_key=self.api_key, pixel_scale=self.pixel_scale, layout=self.layout,
-                               class_order=self.class_order, output=self.output, output_name=self.output_name, concurrency=self.concurrency, max_queries=self.max_queries)
+        return EndpointOptions(
+            url=self.url,
+            model=self.model,
+            protocol=self.protocol,
+            api_key=self.api_key,
+            pixel_scale=self.pixel_scale,
+            layout=self.layout,
+            class_order=self.class_order,
+            output=self.output,
+            output_name=self.output_name,
+            concurrency=self.concurrency,
+            max_queries=self.max_queries,
+        )
 
     def settings(self) -> dict[str, Any]:
         """What changes an answer: the state file's key (not the cap, the card's path or the concurrency)."""
-        skip = {"api_key", "max_queries", "concurrency", "card", "plot", "state", "resume", "progress", "min_clean_accuracy"}
+        skip = {
+            "api_key",
+            "max_queries",
+            "concurrency",
+            "card",
+            "plot",
+            "state",
+            "resume",
+            "progress",
+            "min_clean_accuracy",
+        }
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -112,16 +208,20 @@ def _data(cfg: AuditConfig, endpoint: Endpoint) -> tuple[torch.Tensor, torch.Ten
     x, y = as_float(data.test_x[idx]), data.test_y[idx].long()
     want = math.prod(endpoint.meta.shape) if endpoint.meta.shape and all(s > 0 for s in endpoint.meta.shape) else None
     if want is not None and want != math.prod(x.shape[1:]):
-        raise ValueError(f"the endpoint's input {endpoint.meta.input_name} has shape {endpoint.meta.shape} ({want} values), "
-                         f"the {cfg.data} images {list(x.shape[1:])} ({math.prod(x.shape[1:])}): audit it with the data set it classifies")
+        raise ValueError(
+            f"the endpoint's input {endpoint.meta.input_name} has shape {endpoint.meta.shape} ({want} values), "
+            f"the {cfg.data} images {list(x.shape[1:])} ({math.prod(x.shape[1:])}): audit it with the data set it classifies"
+        )
     return idx, x, y, list(data.classes)
 
 
 def _mismatch(endpoint: Endpoint, cfg: AuditConfig, x: torch.Tensor) -> str:
     layout = endpoint.layout(tuple(x.shape[1:]))
-    return (f"the requests likely do not match what the endpoint expects: check --pixel-scale (sent pixels in [0, {cfg.pixel_scale:g}]), "
-            f"--layout (sent {layout}, input shape {list(endpoint.encode(x[:1].numpy()).shape[1:])}), --class-order "
-            f"({'as given' if cfg.class_order else 'the data set order'}) and --output ({cfg.output})")
+    return (
+        f"the requests likely do not match what the endpoint expects: check --pixel-scale (sent pixels in [0, {cfg.pixel_scale:g}]), "
+        f"--layout (sent {layout}, input shape {list(endpoint.encode(x[:1].numpy()).shape[1:])}), --class-order "
+        f"({'as given' if cfg.class_order else 'the data set order'}) and --output ({cfg.output})"
+    )
 
 
 def _diagnose(pred: torch.Tensor, y: torch.Tensor, classes: int) -> str:
@@ -146,8 +246,12 @@ def _clean(cfg: AuditConfig, endpoint: Endpoint, x: torch.Tensor, y: torch.Tenso
         raise ValueError(f"the endpoint refused the audit's request ({exc}); {_mismatch(endpoint, cfg, x)}") from None
     correct = torch.stack([(d.argmax(1) == y) for d in draws]).long().sum(0)
     randomized = any(not torch.allclose(draws[0], d, rtol=0, atol=RANDOM_ATOL) for d in draws[1:])
-    return {"correct": [bool(2 * c >= cfg.clean_draws) for c in correct.tolist()], "labels": draws[0].argmax(1).tolist(),
-            "randomized": randomized, "returns_scores": bool(endpoint.returns_scores)}
+    return {
+        "correct": [bool(2 * c >= cfg.clean_draws) for c in correct.tolist()],
+        "labels": draws[0].argmax(1).tolist(),
+        "randomized": randomized,
+        "returns_scores": bool(endpoint.returns_scores),
+    }
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
@@ -156,7 +260,17 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="image", disable=not enabled, dynamic_ncols=True)
 
 
-def _attack(cfg: AuditConfig, name: str, endpoint: Endpoint, state: AuditState, path: Path, x: torch.Tensor, y: torch.Tensor, todo: list[int], votes: int) -> str | None:
+def _attack(
+    cfg: AuditConfig,
+    name: str,
+    endpoint: Endpoint,
+    state: AuditState,
+    path: Path,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    todo: list[int],
+    votes: int,
+) -> str | None:
     """Attack images ``todo`` (positions in the sample) chunk by chunk; returns why it stopped early, if it did."""
     cls = ATTACKS[AUDIT_ATTACKS[name]]
     done = state.attacks.setdefault(name, {})
@@ -168,7 +282,9 @@ def _attack(cfg: AuditConfig, name: str, endpoint: Endpoint, state: AuditState, 
             part = left[start : start + cfg.chunk]
             sent = endpoint.queries
             try:
-                out = cls.query_only(endpoint, x[part], y[part], cfg.eps, cfg.budget, votes, cfg.confirm, cfg.seed + part[0])  # type: ignore[attr-defined]
+                out = cls.query_only(
+                    endpoint, x[part], y[part], cfg.eps, cfg.budget, votes, cfg.confirm, cfg.seed + part[0]
+                )  # type: ignore[attr-defined]
             except QueryCapReached as exc:
                 return str(exc)
             for j, i in enumerate(part):
@@ -211,8 +327,10 @@ def audit_command(cfg: AuditConfig, command: str = "codedsmooth audit") -> Audit
         accuracy = float(correct.float().mean())
         if accuracy < floor:
             hint = _diagnose(torch.tensor(clean["labels"]), y, n_classes)
-            raise ValueError(f"clean accuracy {100 * accuracy:.0f} % on {len(y)} images is near chance ({100 / n_classes:.0f} %; the audit needs {100 * floor:.0f} %): "
-                             f"{hint}; {_mismatch(endpoint, cfg, x)}")
+            raise ValueError(
+                f"clean accuracy {100 * accuracy:.0f} % on {len(y)} images is near chance ({100 / n_classes:.0f} %; the audit needs {100 * floor:.0f} %): "
+                f"{hint}; {_mismatch(endpoint, cfg, x)}"
+            )
         votes = cfg.votes or (3 if clean["randomized"] else 1)
         todo = correct.nonzero().flatten().tolist()
         stopped: dict[str, str] = {}
@@ -235,8 +353,17 @@ def audit_command(cfg: AuditConfig, command: str = "codedsmooth audit") -> Audit
     return card
 
 
-def build_card(cfg: AuditConfig, endpoint: Endpoint, state: AuditState, idx: torch.Tensor, y: torch.Tensor, votes: int, stopped: dict[str, str], command: str,
-               layout: str) -> AuditCard:
+def build_card(
+    cfg: AuditConfig,
+    endpoint: Endpoint,
+    state: AuditState,
+    idx: torch.Tensor,
+    y: torch.Tensor,
+    votes: int,
+    stopped: dict[str, str],
+    command: str,
+    layout: str,
+) -> AuditCard:
     assert state.clean is not None
     clean = state.clean
     n = len(y)
@@ -247,8 +374,16 @@ def build_card(cfg: AuditConfig, endpoint: Endpoint, state: AuditState, idx: tor
         access = getattr(cls, "access", "labels")
         method = f"{cls.__name__} ({cls.__doc__.splitlines()[0] if cls.__doc__ else ''})"
         if access == "scores" and not clean["returns_scores"]:
-            results.append(AttackResult(name=name, method=method, access=access, status="skipped", budget=cfg.budget,
-                                        reason="the endpoint answers labels only; a score-based attack cannot run"))
+            results.append(
+                AttackResult(
+                    name=name,
+                    method=method,
+                    access=access,
+                    status="skipped",
+                    budget=cfg.budget,
+                    reason="the endpoint answers labels only; a score-based attack cannot run",
+                )
+            )
             continue
         done = state.attacks.get(name, {})
         attacked = [i for i in range(n) if correct[i]]
@@ -257,10 +392,25 @@ def build_card(cfg: AuditConfig, endpoint: Endpoint, state: AuditState, idx: tor
         broken = [i for i in finished if done[str(i)]["broken"]]
         robust = sum(1 for i in range(n) if correct[i] and str(i) in done and not done[str(i)]["broken"])
         median, p90 = _queries([done[str(i)]["queries"] for i in broken])
-        reason = stopped.get(name) or (None if status == "complete" else f"{len(attacked) - len(finished)} images not attacked yet: run again with --resume")
-        result = AttackResult(name=name, method=method, access=access, status=status, reason=reason, budget=cfg.budget,
-                              robust_accuracy=Interval.of(robust, n) if status == "complete" else None, broken=len(broken), attacked=len(finished),
-                              queries_per_broken_image=Queries(median=median, p90=p90, total=sum(done[str(i)]["queries"] for i in finished)))
+        reason = stopped.get(name) or (
+            None
+            if status == "complete"
+            else f"{len(attacked) - len(finished)} images not attacked yet: run again with --resume"
+        )
+        result = AttackResult(
+            name=name,
+            method=method,
+            access=access,
+            status=status,
+            reason=reason,
+            budget=cfg.budget,
+            robust_accuracy=Interval.of(robust, n) if status == "complete" else None,
+            broken=len(broken),
+            attacked=len(finished),
+            queries_per_broken_image=Queries(
+                median=median, p90=p90, total=sum(done[str(i)]["queries"] for i in finished)
+            ),
+        )
         results.append(result)
         if status == "complete":
             robust_all = [r and not done[str(i)]["broken"] for i, r in enumerate(robust_all)]
@@ -273,17 +423,34 @@ def build_card(cfg: AuditConfig, endpoint: Endpoint, state: AuditState, idx: tor
     if not clean["returns_scores"]:
         notes.append("label-only endpoint: the decision attack only")
     return AuditCard(
-        endpoint=EndpointInfo(url=endpoint.url, protocol=meta.protocol, model=meta.name, version=meta.version, checkpoint_sha256=meta.sha256,  # type: ignore[arg-type]
-                              input=f"{meta.input_name} {meta.datatype} {meta.shape}", returns="scores" if clean["returns_scores"] else "labels",
-                              randomized=bool(clean["randomized"])),
+        endpoint=EndpointInfo(
+            url=endpoint.url,
+            protocol=meta.protocol,
+            model=meta.name,
+            version=meta.version,
+            checkpoint_sha256=meta.sha256,  # type: ignore[arg-type]
+            input=f"{meta.input_name} {meta.datatype} {meta.shape}",
+            returns="scores" if clean["returns_scores"] else "labels",
+            randomized=bool(clean["randomized"]),
+        ),
         eps=cfg.eps,
         sample=Sample(data=cfg.data, seed=cfg.seed, indices=[int(i) for i in idx], labels=[int(v) for v in y]),
-        request=RequestShape(pixel_scale=cfg.pixel_scale, layout=layout, class_order=cfg.class_order, output=cfg.output),
+        request=RequestShape(
+            pixel_scale=cfg.pixel_scale, layout=layout, class_order=cfg.class_order, output=cfg.output
+        ),
         clean_accuracy=Interval.of(sum(correct), n),
         attacks=results,
         worst_case=Interval.of(sum(robust_all), n) if complete else None,
-        traffic=TrafficCard(queries=t.queries, requests=t.requests, status_429=t.status.get(429, 0), status_503=t.status.get(503, 0), waited_s=round(t.waited_s, 3),
-                            wall_s=round(wall, 3), queries_per_second=rate, days_per_million_queries=(1e6 / rate / 86400) if rate else None),
+        traffic=TrafficCard(
+            queries=t.queries,
+            requests=t.requests,
+            status_429=t.status.get(429, 0),
+            status_503=t.status.get(503, 0),
+            waited_s=round(t.waited_s, 3),
+            wall_s=round(wall, 3),
+            queries_per_second=rate,
+            days_per_million_queries=(1e6 / rate / 86400) if rate else None,
+        ),
         command=command,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         seed=cfg.seed,

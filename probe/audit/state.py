@@ -24,7 +24,9 @@ class AuditState:
     key: str
     settings: dict[str, Any]
     clean: dict[str, Any] | None = None  # {"correct": [per image], "randomized": bool, "returns_scores": bool}
-    attacks: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # attack -> str(position) -> {"broken", "queries"}
+    attacks: dict[str, dict[str, dict[str, Any]]] = field(
+        default_factory=dict
+    )  # attack -> str(position) -> {"broken", "queries"}
     traffic: dict[str, Any] | None = None
     wall_s: float = 0.0
 
@@ -34,7 +36,9 @@ class AuditState:
         if not path.exists():
             return cls(key, settings)
         if not resume:
-            raise ValueError(f"{path} holds an earlier audit's results: pass --resume to continue it, or remove the file to start over")
+            raise ValueError(
+                f"{path} holds an earlier audit's results: pass --resume to continue it, or remove the file to start over"
+            )
         try:
             d = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
@@ -42,13 +46,22 @@ class AuditState:
         if d.get("key") != key:
             old = d.get("settings", {})
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise ValueError(f"{path} belongs to an audit with other settings ({', '.join(diff)} differ): resume with the same settings, or use another --state")
+            raise ValueError(
+                f"{path} belongs to an audit with other settings ({', '.join(diff)} differ): resume with the same settings, or use another --state"
+            )
         return cls(key, settings, d.get("clean"), d.get("attacks", {}), d.get("traffic"), float(d.get("wall_s", 0.0)))
 
     def save(self, path: Path) -> None:
         """Written to a temporary file and renamed: an interruption mid-write leaves the previous state whole."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        body = {"key": self.key, "settings": self.settings, "clean": self.clean, "attacks": self.attacks, "traffic": self.traffic, "wall_s": self.wall_s}
+        body = {
+            "key": self.key,
+            "settings": self.settings,
+            "clean": self.clean,
+            "attacks": self.attacks,
+            "traffic": self.traffic,
+            "wall_s": self.wall_s,
+        }
         tmp.write_text(json.dumps(body) + "\n")
         os.replace(tmp, path)

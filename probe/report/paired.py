@@ -33,6 +33,8 @@ def paired_tests(outcomes: dict, cfg: ReportConfig) -> list[PairedTest]:
                     on = o[scope][eps]
                     off_majority = o[PLAIN][eps].majority()[: on.correct.shape[1]]
                     off_acc = float(off_majority.float().mean())
-                    tests.append(_test(seed, float(on.majority().float().mean()) - off_acc, on.majority(), off_majority))
+                    tests.append(
+                        _test(seed, float(on.majority().float().mean()) - off_acc, on.majority(), off_majority)
+                    )
                 rows.append(PairedTest(m, scope, m, PLAIN, eps, tuple(tests)))
     return rows

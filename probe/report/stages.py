@@ -68,14 +68,20 @@ def summary(out: Outcome) -> dict:
     n = int(out.correct.shape[1])
     ci = wilson(int(round(out.accuracy * n)), n)
     return {
-        "accuracy": out.accuracy, "interval": [ci.low, ci.high], "n": n, "draws": int(out.correct.shape[0]), "draw_sd": out.draw_sd,
+        "accuracy": out.accuracy,
+        "interval": [ci.low, ci.high],
+        "n": n,
+        "draws": int(out.correct.shape[0]),
+        "draw_sd": out.draw_sd,
         "majority_accuracy": float(out.majority().float().mean()),
         "cascade": [[name, acc] for name, acc in out.log],
         "score": [round(float(s), 4) for s in out.score],
     }
 
 
-def curve_stage(cfg: ReportConfig, suite: SuiteConfig, ck: Checkpoint, x, y, plain: dict[str, Outcome]) -> dict[str, Outcome]:
+def curve_stage(
+    cfg: ReportConfig, suite: SuiteConfig, ck: Checkpoint, x, y, plain: dict[str, Outcome]
+) -> dict[str, Outcome]:
     """The plain ε-curve's extra points: above the table's radii from its largest ε's worst case, below it from the clean images."""
     plain_model, plain_scorer = attacker_and_scorer(ck, CodingSpec.plain(), None, 1, suite.seed)
     current = plain[f"{cfg.eps[-1]:g}"]
@@ -84,19 +90,24 @@ def curve_stage(cfg: ReportConfig, suite: SuiteConfig, ck: Checkpoint, x, y, pla
         current = run_cascade(whitebox_attacks(plain_model, eps, suite), plain_scorer, x, y, current)
         curve[f"{eps:g}"] = current
     for eps in sorted(e for e in cfg.curve_eps if e < cfg.eps[0]):
-        curve[f"{eps:g}"] = run_cascade(whitebox_attacks(plain_model, eps, suite), plain_scorer, x, y, plain_scorer.start(x, y))
+        curve[f"{eps:g}"] = run_cascade(
+            whitebox_attacks(plain_model, eps, suite), plain_scorer, x, y, plain_scorer.start(x, y)
+        )
     return curve
 
 
 def transfer_source(suite: SuiteConfig, surrogate: Checkpoint, x, y, eps: float) -> torch.Tensor:
     """White-box APGD-CE on a surrogate model the attacker trained itself (no queries to the target)."""
     model = RCIModel(surrogate, CodingSpec.plain())
-    return apgd(model, x, y, eps, steps=suite.apgd_steps, loss="ce", generator=torch.Generator().manual_seed(suite.seed)).detach()
+    return apgd(
+        model, x, y, eps, steps=suite.apgd_steps, loss="ce", generator=torch.Generator().manual_seed(suite.seed)
+    ).detach()
 
 
 @torch.no_grad()
 def noise_calibration(cfg: ReportConfig, ck: Checkpoint, x, y, pool, seed: int) -> dict:
     """The input-noise σ whose clean accuracy (expected over draws) is closest to RCI's (request scope), from a grid."""
+
     def clean(model):
         return Scorer(model, cfg.calibration_draws).start(x, y).accuracy
 
@@ -104,7 +115,15 @@ def noise_calibration(cfg: ReportConfig, ck: Checkpoint, x, y, pool, seed: int) 
     plain = clean(RCIModel(ck, CodingSpec.plain()))
     grid = {f"{s:g}": clean(served_model(ck, CodingSpec.plain(), pool, seed, noise_sigma=s)) for s in cfg.noise_grid}
     sigma = min(grid, key=lambda s: (abs(grid[s] - rci), float(s)))
-    return {"sigma": float(sigma), "noise_clean": grid[sigma], "rci_clean": rci, "plain_clean": plain, "grid": grid, "images": len(x), "draws": cfg.calibration_draws}
+    return {
+        "sigma": float(sigma),
+        "noise_clean": grid[sigma],
+        "rci_clean": rci,
+        "plain_clean": plain,
+        "grid": grid,
+        "images": len(x),
+        "draws": cfg.calibration_draws,
+    }
 
 
 def eot_curve(cfg: ReportConfig, ck: Checkpoint, x, y, pool, eps: float, seed: int) -> list[dict]:
@@ -112,9 +131,19 @@ def eot_curve(cfg: ReportConfig, ck: Checkpoint, x, y, pool, eps: float, seed: i
     attacker, scorer = attacker_and_scorer(ck, ck.coding_spec(scope="request"), pool, cfg.draws, seed)
     rows = []
     for draws, steps in cfg.eot_grid():
-        x_adv = apgd(attacker, x, y, eps, steps=steps, loss="ce", eot=draws, generator=torch.Generator().manual_seed(seed + 7))
+        x_adv = apgd(
+            attacker, x, y, eps, steps=steps, loss="ce", eot=draws, generator=torch.Generator().manual_seed(seed + 7)
+        )
         scored = Outcome(x_adv, scorer(x_adv, y))
-        rows.append({"draws": draws, "steps": steps, "gradients": draws * steps, "accuracy": scored.accuracy, "draw_sd": scored.draw_sd})
+        rows.append(
+            {
+                "draws": draws,
+                "steps": steps,
+                "gradients": draws * steps,
+                "accuracy": scored.accuracy,
+                "draw_sd": scored.draw_sd,
+            }
+        )
     return rows
 
 
@@ -125,7 +154,9 @@ def n_sweep(cfg: ReportConfig, suite: SuiteConfig, ck: Checkpoint, x, y, pool, p
     for n in sorted({k, 2 * math.ceil(0.625 * k), 2 * math.ceil(0.75 * k)}):
         attacker, scorer = attacker_and_scorer(ck, ck.coding_spec(scope="request", n=n), pool, cfg.draws, suite.seed)
         start = scorer.start(x, y)
-        worst = run_cascade([transfer_attack("transfer", plain), *eot_attacks(attacker, eps, suite)], scorer, x, y, start)
+        worst = run_cascade(
+            [transfer_attack("transfer", plain), *eot_attacks(attacker, eps, suite)], scorer, x, y, start
+        )
         rows[n] = {"clean": start.accuracy, "worst": worst.accuracy, "draw_sd": worst.draw_sd}
     return {"k": k, "eps": eps, "rows": rows}
 
@@ -159,4 +190,11 @@ def default_checkpoint_accuracy(x, y, pool, draws: int) -> dict:
     ck = load_checkpoint(default_checkpoint_path())
     plain = Scorer(RCIModel(ck, CodingSpec.plain()), 1).start(x, y)
     rci = Scorer(RCIModel(ck, ck.coding_spec(), pool, seed=3000), draws).start(x, y)
-    return {"name": ck.name, "n": len(x), "plain": plain.accuracy, "rci": rci.accuracy, "rci_draw_sd": rci.draw_sd, "draws": int(rci.correct.shape[0])}
+    return {
+        "name": ck.name,
+        "n": len(x),
+        "plain": plain.accuracy,
+        "rci": rci.accuracy,
+        "rci_draw_sd": rci.draw_sd,
+        "draws": int(rci.correct.shape[0]),
+    }

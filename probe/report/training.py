@@ -14,7 +14,9 @@ from .config import ReportConfig
 log = logging.getLogger("codedsmooth.report")
 
 
-def checkpoint_plan(cfg: ReportConfig, method: str, seed: int, n_train: int, size: int | None = None) -> tuple[Path, int, int | None]:
+def checkpoint_plan(
+    cfg: ReportConfig, method: str, seed: int, n_train: int, size: int | None = None
+) -> tuple[Path, int, int | None]:
     """(directory, epochs, training subset) of one of the report's models. A model trained on ``size`` of the
     ``n_train`` training items gets about as many optimiser steps as one trained on all of them
     (``epochs × n_train / size``, rounded up), so a smaller training set is not also a shorter training."""
@@ -32,14 +34,35 @@ def ensure_checkpoint(cfg: ReportConfig, method: Method, seed: int, data, size: 
             ck = load_checkpoint(path)
             t = ck.config.training
             hp = t.model_dump()  # the hyper-parameters as the trainer recorded them
-            seen = getattr(t, "train_images", n_train)  # checkpoints written before the record trained on the whole split
-            if (t.method, hp["epochs"], hp["seed"], ck.config.arch_kwargs.get("width"), ck.config.dataset, seen) == (method, epochs, seed, cfg.width, cfg.data, subset or n_train):
+            seen = getattr(
+                t, "train_images", n_train
+            )  # checkpoints written before the record trained on the whole split
+            if (t.method, hp["epochs"], hp["seed"], ck.config.arch_kwargs.get("width"), ck.config.dataset, seen) == (
+                method,
+                epochs,
+                seed,
+                cfg.width,
+                cfg.data,
+                subset or n_train,
+            ):
                 log.info("reusing %s", path)
                 return path
         except ValueError:
             pass
     log.info("training %s seed %d (%d epochs, %d training items)", method, seed, epochs, subset or n_train)
-    train(TrainConfig(data=cfg.data, method=method, epochs=epochs, seed=seed, width=cfg.width, out=str(path), max_steps=cfg.max_steps, train_size=subset), data=data)
+    train(
+        TrainConfig(
+            data=cfg.data,
+            method=method,
+            epochs=epochs,
+            seed=seed,
+            width=cfg.width,
+            out=str(path),
+            max_steps=cfg.max_steps,
+            train_size=subset,
+        ),
+        data=data,
+    )
     return path
 
 

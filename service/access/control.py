@@ -53,7 +53,9 @@ HELD = "codedsmooth.held"  # scope["state"] key: the Hold charged on admission, 
 PREDICT_PATHS = re.compile(r"/v1(/models/[^/]+)?/predict(/image)?|/v2/models/[^/]+(/versions/[^/]+)?/infer")
 NO_KEYS = "this server has no API keys loaded: every request is refused until its operator adds a key"
 HEALTH_PATHS = frozenset({"/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"})
-DOC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})  # FastAPI's defaults, which the app keeps
+DOC_PATHS = frozenset(
+    {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)  # FastAPI's defaults, which the app keeps
 OPEN_PATHS = HEALTH_PATHS | DOC_PATHS
 
 
@@ -78,7 +80,13 @@ class Hold:
 class Access:
     """The keys table in force, the limits it sets, and the counters they are charged to (``limiter``)."""
 
-    def __init__(self, settings: ServeSettings, metrics: Metrics, known_models: Callable[[], tuple[set[str], set[str]]], limiter=None):
+    def __init__(
+        self,
+        settings: ServeSettings,
+        metrics: Metrics,
+        known_models: Callable[[], tuple[set[str], set[str]]],
+        limiter=None,
+    ):
         """``known_models``: the server's (models, aliases) now, against which the keys file's per-model limits are checked."""
         self.settings = settings
         self.metrics = metrics
@@ -146,7 +154,9 @@ class Access:
         """
         s = self.settings
         rate, quota = client.limits.over(s.rate_limit, s.quota)
-        charges = [(CounterKey(client.name), Limits(rate=rate, burst=s.max_batch_size, quota=quota, window_s=s.quota_window_s))]
+        charges = [
+            (CounterKey(client.name), Limits(rate=rate, burst=s.max_batch_size, quota=quota, window_s=s.quota_window_s))
+        ]
         if model is not None:
             rate, quota = client.on_model(model.name).over(*model.key_limits.over(None, None))
             if rate is not None or quota is not None:
@@ -183,7 +193,9 @@ class Access:
         self.metrics.client_refused.labels(client.name, "429").inc()
         raise TooManyRequests(f"{reason}{on}; {when}", retry_after_s)
 
-    async def queue(self, client: Client, items: int, submit: Callable[[], T], model=None, held: Hold | None = None) -> T:
+    async def queue(
+        self, client: Client, items: int, submit: Callable[[], T], model=None, held: Hold | None = None
+    ) -> T:
         """Charge ``items`` to ``client`` (and to its counters on ``model`` when the model or the client's line limits it there), then
         ``submit()`` (which queues the request) and return what it returns.
 
@@ -221,8 +233,20 @@ class Access:
         models, aliases = self.known_models()
         for client, kind, model in self.keys.table.model_overrides():
             if model not in models:
-                what = "an alias; per-model limits name the models it routes to" if model in aliases else "no model of this server"
-                log.warning("%s: client %r: %s@%s names %s (%s); it limits nothing", self.keys.path, client, kind, model, what, ", ".join(sorted(models)))
+                what = (
+                    "an alias; per-model limits name the models it routes to"
+                    if model in aliases
+                    else "no model of this server"
+                )
+                log.warning(
+                    "%s: client %r: %s@%s names %s (%s); it limits nothing",
+                    self.keys.path,
+                    client,
+                    kind,
+                    model,
+                    what,
+                    ", ".join(sorted(models)),
+                )
 
     def poll(self) -> None:
         """Reload the keys file if it changed: log and count the outcome."""

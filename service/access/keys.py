@@ -100,7 +100,12 @@ class KeyTable:
 
     def model_overrides(self) -> list[tuple[str, str, str]]:
         """(client name, kind, model) of every per-model limit in the table, sorted."""
-        return sorted((c.name, kind, model) for c in self.clients.values() for model, limits in c.per_model for kind in _given(limits))
+        return sorted(
+            (c.name, kind, model)
+            for c in self.clients.values()
+            for model, limits in c.per_model
+            for kind in _given(limits)
+        )
 
 
 def _limit(value: str, kind: type, where: str, what: str):
@@ -131,7 +136,9 @@ def check_name(name: str, where: str) -> None:
     if not NAME.fullmatch(name):
         raise KeysFileError(f"{where}: client name {name[:70]!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
     if name == UNKNOWN:
-        raise KeysFileError(f"{where}: the client name {UNKNOWN!r} is reserved (it labels requests without a known key)")
+        raise KeysFileError(
+            f"{where}: the client name {UNKNOWN!r} is reserved (it labels requests without a known key)"
+        )
 
 
 def parse_line(line: str, where: str) -> Client | None:
@@ -141,27 +148,47 @@ def parse_line(line: str, where: str) -> Client | None:
         return None
     parts = text.split()
     if len(parts) < 2:
-        raise KeysFileError(f"{where}: expected '<client-name> <sha256 hex of the key> [rate=R] [quota=Q] [rate@MODEL=R] [quota@MODEL=Q] [manage=yes]'")
+        raise KeysFileError(
+            f"{where}: expected '<client-name> <sha256 hex of the key> [rate=R] [quota=Q] [rate@MODEL=R] [quota@MODEL=Q] [manage=yes]'"
+        )
     name, digest, options = parts[0], parts[1], parts[2:]
     check_name(name, where)
     if not DIGEST.fullmatch(digest):
-        raise KeysFileError(f"{where}: expected the SHA-256 of the key as 64 hex digits after the name (keys are never stored in clear)")
+        raise KeysFileError(
+            f"{where}: expected the SHA-256 of the key as 64 hex digits after the name (keys are never stored in clear)"
+        )
     given: dict[tuple[str, str], object] = {}  # (kind, model: "" for the client-wide limit) -> value
     for option in options:
         key, sep, value = option.partition("=")
         kind, at, model = key.partition("@")
         if not sep or kind not in ("rate", "quota", "manage") or (at and kind == "manage"):
-            raise KeysFileError(f"{where}: unknown option {option[:40]!r}; a line may end with rate=R, quota=Q, rate@MODEL=R, quota@MODEL=Q and manage=yes")
+            raise KeysFileError(
+                f"{where}: unknown option {option[:40]!r}; a line may end with rate=R, quota=Q, rate@MODEL=R, quota@MODEL=Q and manage=yes"
+            )
         if at and not NAME.fullmatch(model):
-            raise KeysFileError(f"{where}: {option[:40]!r}: MODEL in {kind}@MODEL must be a model's name, 1-64 characters of A-Z a-z 0-9 _ . -")
+            raise KeysFileError(
+                f"{where}: {option[:40]!r}: MODEL in {kind}@MODEL must be a model's name, 1-64 characters of A-Z a-z 0-9 _ . -"
+            )
         if (kind, model) in given:
             raise KeysFileError(f"{where}: {key} given twice")
-        given[kind, model] = _manage(value, where) if kind == "manage" else _limit(value, float if kind == "rate" else int, where, key)
+        given[kind, model] = (
+            _manage(value, where) if kind == "manage" else _limit(value, float if kind == "rate" else int, where, key)
+        )
+
     def override(model: str) -> LimitOverride:  # the kind decides the type: rate is _limit(float), quota _limit(int)
-        return LimitOverride(cast("float | None | Inherit", given.get(("rate", model), INHERIT)), cast("int | None | Inherit", given.get(("quota", model), INHERIT)))
+        return LimitOverride(
+            cast("float | None | Inherit", given.get(("rate", model), INHERIT)),
+            cast("int | None | Inherit", given.get(("quota", model), INHERIT)),
+        )
 
     models = dict.fromkeys(model for _, model in given if model)  # in the order the line names them
-    return Client(name, bytes.fromhex(digest), override(""), bool(given.get(("manage", ""), False)), tuple((m, override(m)) for m in models))
+    return Client(
+        name,
+        bytes.fromhex(digest),
+        override(""),
+        bool(given.get(("manage", ""), False)),
+        tuple((m, override(m)) for m in models),
+    )
 
 
 def parse_keys(text: str, path: str) -> KeyTable:
@@ -175,7 +202,9 @@ def parse_keys(text: str, path: str) -> KeyTable:
         if client.name in names:
             raise KeysFileError(f"{where}: client {client.name!r} is already on line {names[client.name]}")
         if client.digest in table.clients:
-            raise KeysFileError(f"{where}: the same key as client {table.clients[client.digest].name!r} (each client needs its own key)")
+            raise KeysFileError(
+                f"{where}: the same key as client {table.clients[client.digest].name!r} (each client needs its own key)"
+            )
         names[client.name] = number
         table.clients[client.digest] = client
     return table
@@ -186,7 +215,9 @@ def read_keys(path: str | os.PathLike) -> KeyTable:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise KeysFileError(f"keys file {path} does not exist (make one with: codedsmooth keys add NAME --file {path})") from None
+        raise KeysFileError(
+            f"keys file {path} does not exist (make one with: codedsmooth keys add NAME --file {path})"
+        ) from None
     except UnicodeDecodeError:
         raise KeysFileError(f"keys file {path} is not UTF-8 text") from None
     except OSError as exc:
@@ -211,7 +242,9 @@ def _written(value: float | int | None) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def add_key(path: str | os.PathLike, name: str, rate: str | None = None, quota: str | None = None, manage: bool = False) -> str:
+def add_key(
+    path: str | os.PathLike, name: str, rate: str | None = None, quota: str | None = None, manage: bool = False
+) -> str:
     """Make a key for a new client ``name``, append its line to the file (mode 0600 when created) and return the key.
 
     ``rate``/``quota``: the client's own limits as the file writes them (a number or ``none``;
@@ -251,7 +284,9 @@ class KeysFile:
         self.interval_s = interval_s
         self._stamp = self._stat()  # before reading: a change while reading is seen at the next poll
         self.table = read_keys(self.path)
-        self._failed_stamp: tuple[int, int, int] | str | None = None  # the version that failed last (reported once, not on every poll)
+        self._failed_stamp: tuple[int, int, int] | str | None = (
+            None  # the version that failed last (reported once, not on every poll)
+        )
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:
@@ -272,11 +307,16 @@ class KeysFile:
             if self._failed_stamp == "missing":
                 return None
             self._failed_stamp = "missing"
-            return Reload(f"keys file {self.path} is gone; keeping the last table ({len(self.table.clients)} clients)", len(self.table.clients))
+            return Reload(
+                f"keys file {self.path} is gone; keeping the last table ({len(self.table.clients)} clients)",
+                len(self.table.clients),
+            )
         try:
             table = read_keys(self.path)
         except KeysFileError as exc:
             self._failed_stamp = stamp
-            return Reload(f"{exc}; keeping the last good table ({len(self.table.clients)} clients)", len(self.table.clients))
+            return Reload(
+                f"{exc}; keeping the last good table ({len(self.table.clients)} clients)", len(self.table.clients)
+            )
         self.table, self._stamp, self._failed_stamp = table, stamp, None
         return Reload(None, len(table.clients))

@@ -83,17 +83,39 @@ class Counters:
         if limits.quota is not None:
             start, used = self._window(client, limits, now)
             if items > limits.quota:  # never fits: no Retry-After (0), whatever the other limits say
-                never = "this key may send no items" if limits.quota == 0 else f"a request of {items} items can never fit the quota of {limits.quota:g} items per {limits.window_s:g} s"
+                never = (
+                    "this key may send no items"
+                    if limits.quota == 0
+                    else f"a request of {items} items can never fit the quota of {limits.quota:g} items per {limits.window_s:g} s"
+                )
                 return Decision(False, 0, never)
             elif used + items > limits.quota:
                 left = int(limits.quota - used)
-                refusals.append(Decision(False, _whole_seconds(start + limits.window_s - now), f"quota of {limits.quota} items per {limits.window_s:g} s used ({left} left, {items} asked)"))
+                refusals.append(
+                    Decision(
+                        False,
+                        _whole_seconds(start + limits.window_s - now),
+                        f"quota of {limits.quota} items per {limits.window_s:g} s used ({left} left, {items} asked)",
+                    )
+                )
         if limits.rate is not None:
-            if items > limits.burst:  # never fits the bucket: no Retry-After (waiting would only loop), whatever the other limits say
-                return Decision(False, 0, f"a request of {items} items can never fit the rate limit's burst of {limits.burst} items; send at most {limits.burst} items per request")
+            if (
+                items > limits.burst
+            ):  # never fits the bucket: no Retry-After (waiting would only loop), whatever the other limits say
+                return Decision(
+                    False,
+                    0,
+                    f"a request of {items} items can never fit the rate limit's burst of {limits.burst} items; send at most {limits.burst} items per request",
+                )
             tokens = self._tokens(client, limits, now)
             if tokens + EPSILON < items:
-                refusals.append(Decision(False, _whole_seconds((items - tokens) / limits.rate), f"rate limit of {limits.rate:g} items/s (burst {limits.burst}) reached"))
+                refusals.append(
+                    Decision(
+                        False,
+                        _whole_seconds((items - tokens) / limits.rate),
+                        f"rate limit of {limits.rate:g} items/s (burst {limits.burst}) reached",
+                    )
+                )
         if refusals:
             return max(refusals, key=lambda d: d.retry_after_s)
         if limits.quota is not None:

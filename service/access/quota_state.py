@@ -151,7 +151,9 @@ def check_quota_state(quota_state: str | None, api_keys_file: str | None) -> Non
             db.execute(_SCHEMA)
         db.close()
     except sqlite3.Error as exc:
-        raise ValueError(f"{path}: cannot keep the quota counters there ({exc}); give --quota-state PATH, or --quota-state none") from None
+        raise ValueError(
+            f"{path}: cannot keep the quota counters there ({exc}); give --quota-state PATH, or --quota-state none"
+        ) from None
 
 
 def close_counters(counters: Counters) -> None:

@@ -85,7 +85,11 @@ class SharedLimiter:
         try:
             return await getattr(self._handle(), method).remote(*args)
         except (ray.exceptions.RayError, ValueError) as exc:  # ValueError: no actor of that name (yet)
-            log.warning("the shared per-client limits are unavailable (%s: %s): answering 503", type(exc).__name__, str(exc)[:300])
+            log.warning(
+                "the shared per-client limits are unavailable (%s: %s): answering 503",
+                type(exc).__name__,
+                str(exc)[:300],
+            )
             self._actor = None  # look it up again next time
             raise Unavailable("per-client limits are unavailable; retry", retry_after_s=1) from None
 

@@ -31,13 +31,17 @@ JSON_ENVELOPE_VALUES = 256  # JSON values around the tensors: keys, a v2 header'
 def require_content_type(content_type: str | None, expected: str) -> None:
     main = (content_type or "").split(";")[0].strip().lower()
     if main != expected:
-        raise UnsupportedMediaType(f"content type must be {expected}, got {quoted(content_type) if content_type else 'none'}")
+        raise UnsupportedMediaType(
+            f"content type must be {expected}, got {quoted(content_type) if content_type else 'none'}"
+        )
 
 
 def require_identity_encoding(content_encoding: str | None) -> None:
     """Request bodies are read as sent: a compressed body gets 415 (it is never inflated)."""
     if content_encoding not in (None, "", "identity"):
-        raise UnsupportedMediaType(f"compressed request bodies are not supported (Content-Encoding {quoted(content_encoding)}); send the body uncompressed")
+        raise UnsupportedMediaType(
+            f"compressed request bodies are not supported (Content-Encoding {quoted(content_encoding)}); send the body uncompressed"
+        )
 
 
 def max_json_values(input_shape: Sequence[int], max_items: int) -> int:
@@ -157,7 +161,11 @@ def to_float_array(data: Any, what: str = "inputs", raw: bytes | None = None) ->
     except (ValueError, TypeError) as exc:
         if "maximum number of dimension" in str(exc):  # more nesting levels than numpy has dimensions
             raise InvalidInput(f"{what} is nested too deeply for a tensor") from None
-        reason = "ragged (items or rows of different lengths)" if "inhomogeneous" in str(exc) else "not nested lists of numbers"
+        reason = (
+            "ragged (items or rows of different lengths)"
+            if "inhomogeneous" in str(exc)
+            else "not nested lists of numbers"
+        )
         raise InvalidInput(f"{what} is not a regular tensor: {reason}") from None
     except RecursionError:
         raise InvalidInput(f"{what} is nested too deeply") from None

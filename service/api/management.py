@@ -45,7 +45,9 @@ async def index(request: Request):
     if not isinstance(ready, bool):
         raise InvalidInput('body must be empty or {"ready": true|false}')
     client = request.scope["state"].get(CLIENT)
-    entries = lc.repository.index(paths=client is not None and client.manage)  # server paths for management clients only
+    entries = lc.repository.index(
+        paths=client is not None and client.manage
+    )  # server paths for management clients only
     return JSONResponse([e for e in entries if e["state"] == "READY"] if ready else entries)
 
 
@@ -54,7 +56,9 @@ def _allowed(request: Request):
     lc = current_lifecycle(request)
     lc.require_ready()
     if not lc.repository.explicit:
-        raise Forbidden("model control is off: start the server with --model-repository DIR --model-control explicit to load and unload models")
+        raise Forbidden(
+            "model control is off: start the server with --model-repository DIR --model-control explicit to load and unload models"
+        )
     if lc.access is not None:  # keys required: the admission has set the client, which must have manage=yes
         client = request.scope["state"].get(CLIENT)
         if client is None or not client.manage:
@@ -65,7 +69,10 @@ def _allowed(request: Request):
 
 def _entry(lc, name: str) -> dict:
     """``name``'s index entry; a model unloaded after its directory was removed is in the index no more."""
-    return next((e for e in lc.repository.index() if e["name"] == name), {"name": name, "state": "UNAVAILABLE", "reason": UNLOADED})
+    return next(
+        (e for e in lc.repository.index() if e["name"] == name),
+        {"name": name, "state": "UNAVAILABLE", "reason": UNLOADED},
+    )
 
 
 ACTIONS = ("load", "unload")
@@ -102,7 +109,9 @@ async def _control(request: Request, action: str, name: str) -> JSONResponse:
     return JSONResponse(_entry(lc, name))
 
 
-@router.post("/v2/repository/models/{name}/load", response_model=V2RepositoryModel, responses=errors(400, 403, 404, 503))
+@router.post(
+    "/v2/repository/models/{name}/load", response_model=V2RepositoryModel, responses=errors(400, 403, 404, 503)
+)
 async def load(name: str, request: Request):
     """Load (or reload as a new version) the checkpoint directory ``name`` of the repository (under Ray Serve: on every replica)."""
     return await _control(request, "load", name)

@@ -53,7 +53,9 @@ def schema_ref(model) -> dict:
 
 def request_body(content: dict[str, dict]) -> dict:
     """``openapi_extra`` for a route that reads its body itself: ``{media type: schema}``."""
-    return {"requestBody": {"required": True, "content": {media: {"schema": schema} for media, schema in content.items()}}}
+    return {
+        "requestBody": {"required": True, "content": {media: {"schema": schema} for media, schema in content.items()}}
+    }
 
 
 def install_openapi(app: FastAPI, keys_required: bool = False) -> None:
@@ -89,7 +91,9 @@ BEARER = "apiKey"
 
 def _require_keys(doc: dict) -> None:
     doc["components"].setdefault("securitySchemes", {})[BEARER] = {
-        "type": "http", "scheme": "bearer", "description": "an API key from the server's keys file: Authorization: Bearer <key>",
+        "type": "http",
+        "scheme": "bearer",
+        "description": "an API key from the server's keys file: Authorization: Bearer <key>",
     }
     for path, operations in doc.get("paths", {}).items():
         if path in OPEN_PATHS:
@@ -97,6 +101,11 @@ def _require_keys(doc: dict) -> None:
         for operation in operations.values():
             operation["security"] = [{BEARER: []}]
             responses = operation.setdefault("responses", {})
-            codes = (401, 429) if "504" in responses else (401,)  # items are charged where a deadline applies: the predict routes
+            codes = (
+                (401, 429) if "504" in responses else (401,)
+            )  # items are charged where a deadline applies: the predict routes
             for code, entry in errors(*codes).items():
-                responses[str(code)] = {"description": entry["description"], "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+                responses[str(code)] = {
+                    "description": entry["description"],
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+                }

@@ -18,7 +18,9 @@ class ErrorBody(BaseModel):
 
 class PredictRequest(BaseModel):
     inputs: list[list[list[list[float]]]] = Field(
-        ..., description="items, each a tensor of the model's input shape [C, H, W] as nested lists of raw pixels in [0, 1]", min_length=1
+        ...,
+        description="items, each a tensor of the model's input shape [C, H, W] as nested lists of raw pixels in [0, 1]",
+        min_length=1,
     )
 
 
@@ -36,25 +38,37 @@ class RciInfo(RciSummary):
     random draw from the OS CSPRNG, not the secrecy of the code; an adaptive attacker is assumed
     to know the spec, and the attack client (``codedsmooth attack --url``) builds it from here.
     """
+
     group_size: int = Field(..., description="K: items per coding group")
     coded_points: int = Field(..., description="N: coded samples per coding group")
     data_point_kind: str = Field(..., description="where the K items sit on [-1, 1]")
     coded_point_kind: str = Field(..., description="where the N coded samples sit on [-1, 1]")
-    decode_tolerance: float = Field(..., description="request scope: decoder weights below this are skipped (0: full decode)")
+    decode_tolerance: float = Field(
+        ..., description="request scope: decoder weights below this are skipped (0: full decode)"
+    )
 
     @staticmethod
     def from_spec(spec: CodingSpec) -> RciInfo:
         return RciInfo(
-            enabled=spec.enabled, scope=spec.scope, group_size=spec.k, coded_points=spec.n, data_point_kind=spec.data_points,
-            coded_point_kind=spec.coded_points, decode_tolerance=spec.decode_tolerance,
+            enabled=spec.enabled,
+            scope=spec.scope,
+            group_size=spec.k,
+            coded_points=spec.n,
+            data_point_kind=spec.data_points,
+            coded_point_kind=spec.coded_points,
+            decode_tolerance=spec.decode_tolerance,
         )
 
     def to_spec(self) -> CodingSpec:
         """The spec a server reports (validated as any spec: a client refuses a code it cannot build)."""
         return CodingSpec(
-            enabled=self.enabled, scope=self.scope, k=self.group_size, n=self.coded_points,
+            enabled=self.enabled,
+            scope=self.scope,
+            k=self.group_size,
+            n=self.coded_points,
             data_points=cast(DataPointKind, self.data_point_kind),  # a string off the wire: CodingSpec checks it
-            coded_points=cast(CodedPointKind, self.coded_point_kind), decode_tolerance=self.decode_tolerance,
+            coded_points=cast(CodedPointKind, self.coded_point_kind),
+            decode_tolerance=self.decode_tolerance,
         )
 
     def summary(self) -> RciSummary:
@@ -64,7 +78,9 @@ class RciInfo(RciSummary):
 class Prediction(BaseModel):
     label: str
     index: int
-    probabilities: list[float] | None = Field(None, description="class probabilities by index; absent when the server answers labels only (--output labels)")
+    probabilities: list[float] | None = Field(
+        None, description="class probabilities by index; absent when the server answers labels only (--output labels)"
+    )
 
 
 class PredictResponse(BaseModel):
@@ -78,25 +94,40 @@ class ModelDetails(BaseModel):
 
     method: str = Field(..., description="training method (erm, mixup, coded, pgd-at, coded-at)")
     dataset: str = Field(..., description="the data set it was trained on")
-    test_accuracy: float | None = Field(None, description="accuracy on that data set's test split (absent when not measured)")
+    test_accuracy: float | None = Field(
+        None, description="accuracy on that data set's test split (absent when not measured)"
+    )
     target_block: str = Field(..., description="the block RCI codes through")
 
 
 class CardSummary(BaseModel):
     """What ``GET /v1/models`` says of a model's robustness card: its worst case at each ε, or that it has none."""
 
-    available: bool = Field(..., description="whether the model has a robustness card (robustness.json in its checkpoint directory)")
+    available: bool = Field(
+        ..., description="whether the model has a robustness card (robustness.json in its checkpoint directory)"
+    )
     note: str | None = Field(None, description="when there is no card: saying so")
     href: str | None = Field(None, description="where the whole card is: GET /v1/models/{name}/card")
-    source: Literal["report", "audit"] | None = Field(None, description="what measured it: report (with the weights) or audit (query-only)")
+    source: Literal["report", "audit"] | None = Field(
+        None, description="what measured it: report (with the weights) or audit (query-only)"
+    )
     date: str | None = Field(None, description="when it was measured")
-    worst_case: list[WorstCase] | None = Field(None, description="at each ε, the lowest robust accuracy of the card, with its 95 % Wilson interval, images, attack and setting")
+    worst_case: list[WorstCase] | None = Field(
+        None,
+        description="at each ε, the lowest robust accuracy of the card, with its 95 % Wilson interval, images, attack and setting",
+    )
 
     @staticmethod
     def of(name: str, card: RobustnessCard | None) -> CardSummary:
         if card is None:
             return CardSummary(available=False, note=no_card(name))
-        return CardSummary(available=True, href=f"/v1/models/{name}/card", source=card.source, date=card.date, worst_case=card.worst_cases())
+        return CardSummary(
+            available=True,
+            href=f"/v1/models/{name}/card",
+            source=card.source,
+            date=card.date,
+            worst_case=card.worst_cases(),
+        )
 
 
 def no_card(name: str) -> str:
@@ -111,8 +142,12 @@ class ModelInfo(BaseModel):
     classes: list[str] = Field(..., description="labels, by output index")
     rci: RciInfo
     details: ModelDetails | None = Field(None, description="only with --expose-model-details")
-    output: Output = Field(..., description="what answers carry: scores (probabilities) or labels (the top-1 label only)")
-    card: CardSummary = Field(..., description="the robustness card's worst case at each ε, or a note that there is none")
+    output: Output = Field(
+        ..., description="what answers carry: scores (probabilities) or labels (the top-1 label only)"
+    )
+    card: CardSummary = Field(
+        ..., description="the robustness card's worst case at each ε, or a note that there is none"
+    )
 
 
 class HealthBody(BaseModel):
@@ -120,6 +155,7 @@ class HealthBody(BaseModel):
 
 
 # Open Inference Protocol v2 -------------------------------------------------
+
 
 class V2ServerMetadata(BaseModel):
     name: str
@@ -137,7 +173,9 @@ class V2ModelParameters(BaseModel):
     """The protocol's extension point: the coding spec in force and the model's robustness card."""
 
     rci: RciInfo = Field(..., description="the coding spec in force")
-    card: RobustnessCard | None = Field(..., description="the robustness card (as GET /v1/models/{name}/card); null when the model has none")
+    card: RobustnessCard | None = Field(
+        ..., description="the robustness card (as GET /v1/models/{name}/card); null when the model has none"
+    )
 
 
 class V2ModelMetadata(BaseModel):

@@ -62,14 +62,16 @@ def tensor_from_predict_body(payload: Any, input_shape, max_items: int, raw: byt
         raise InvalidInput('body must be a JSON object with an "inputs" list')
     extra = [key for key in payload if key != "inputs"]
     if extra:
-        raise InvalidInput(f"{len(extra)} unknown field(s) {quoted(extra)}; only \"inputs\" is accepted")
+        raise InvalidInput(f'{len(extra)} unknown field(s) {quoted(extra)}; only "inputs" is accepted')
     inputs = payload["inputs"]
     if isinstance(inputs, list):
         check_count(len(inputs), max_items, "inputs")  # before building an array of a huge request
     return check_batch(to_float_array(inputs, raw=raw), input_shape, max_items)
 
 
-def decode_images(images: list[tuple[str, bytes]], input_shape, max_pixels: int, background: tuple[float, ...] = (0.0,)) -> np.ndarray:
+def decode_images(
+    images: list[tuple[str, bytes]], input_shape, max_pixels: int, background: tuple[float, ...] = (0.0,)
+) -> np.ndarray:
     """PNG/JPEG files → (n, C, H, W) float32 in [0, 1]: upright, opaque, in the model's channels and H×W.
 
     Runs on the decode thread. The pixel count comes from the header (``Image.open`` is lazy);
@@ -85,7 +87,9 @@ def decode_images(images: list[tuple[str, bytes]], input_shape, max_pixels: int,
             with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
                 w, h = img.size
                 if w * h > max_pixels:
-                    raise PayloadTooLarge(f"image {quoted(name)} is {w}x{h} = {w * h} pixels; at most {max_pixels} per image")
+                    raise PayloadTooLarge(
+                        f"image {quoted(name)} is {w}x{h} = {w * h} pixels; at most {max_pixels} per image"
+                    )
                 if img.format == "JPEG":
                     side = max(width, height)  # the EXIF orientation may swap width and height
                     img.draft(mode, (side, side))  # decode at a reduced scale where JPEG allows it
@@ -95,9 +99,13 @@ def decode_images(images: list[tuple[str, bytes]], input_shape, max_pixels: int,
         except ServiceError:
             raise
         except Image.DecompressionBombError:
-            raise PayloadTooLarge(f"image {quoted(name)} is too large to decode; at most {max_pixels} pixels per image") from None
+            raise PayloadTooLarge(
+                f"image {quoted(name)} is too large to decode; at most {max_pixels} pixels per image"
+            ) from None
         except Exception as exc:  # noqa: BLE001 - any failure to decode an upload is the upload's fault
-            raise InvalidInput(f"image {quoted(name)} cannot be decoded ({_decode_problem(exc)}); only PNG and JPEG are accepted") from None
+            raise InvalidInput(
+                f"image {quoted(name)} cannot be decoded ({_decode_problem(exc)}); only PNG and JPEG are accepted"
+            ) from None
         arrays.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
     return np.stack(arrays)
 
@@ -125,7 +133,7 @@ def _multipart_problem(message: str, max_items: int) -> ServiceError:
     if "Too many files" in message:
         return PayloadTooLarge(f"too many files; at most {max_items} images per request")
     if "Too many fields" in message:
-        return PayloadTooLarge(f"too many form fields; send at most {max_items} images in fields named \"files\"")
+        return PayloadTooLarge(f'too many form fields; send at most {max_items} images in fields named "files"')
     if "maximum size" in message:
         return PayloadTooLarge("a form field that is not a file is too large; send images as files")
     if "boundary" in message:
@@ -163,7 +171,9 @@ async def ready(request: Request):
     lc = current_lifecycle(request)
     if lc.ready:
         return HealthBody(status="ok")
-    return JSONResponse({"status": "draining" if lc.draining else "loading"}, status_code=503, headers={"Retry-After": "2"})
+    return JSONResponse(
+        {"status": "draining" if lc.draining else "loading"}, status_code=503, headers={"Retry-After": "2"}
+    )
 
 
 # ---- models and prediction --------------------------------------------------
@@ -173,10 +183,20 @@ def _model_info(lc, model) -> ModelInfo:
     ck = model.checkpoint
     details = None
     if lc.settings.expose_model_details:
-        details = ModelDetails(method=ck.config.method, dataset=ck.config.dataset, test_accuracy=ck.config.test_accuracy, target_block=ck.target_block)
+        details = ModelDetails(
+            method=ck.config.method,
+            dataset=ck.config.dataset,
+            test_accuracy=ck.config.test_accuracy,
+            target_block=ck.target_block,
+        )
     return ModelInfo(
-        name=model.name, input_shape=list(ck.input_shape), classes=ck.classes, rci=RciInfo.from_spec(model.engine.spec), details=details,
-        output=model.settings.output, card=CardSummary.of(model.name, ck.card),
+        name=model.name,
+        input_shape=list(ck.input_shape),
+        classes=ck.classes,
+        rci=RciInfo.from_spec(model.engine.spec),
+        details=details,
+        output=model.settings.output,
+        card=CardSummary.of(model.name, ck.card),
     )
 
 
@@ -210,19 +230,33 @@ async def _predict(request: Request, name: str | None) -> Response:
     assert max_items is not None  # validated settings have it (max_batch_size by default)
     x = tensor_from_predict_body(parse_json(raw, ck.input_shape, max_items), ck.input_shape, max_items, raw=raw)
     probs = await lc.infer(request, x, model)
-    return json_response(PredictResponse(model=model.name, predictions=_predictions(probs, ck.classes, model.settings.output), rci=RciInfo.from_spec(model.engine.spec).summary()))
+    return json_response(
+        PredictResponse(
+            model=model.name,
+            predictions=_predictions(probs, ck.classes, model.settings.output),
+            rci=RciInfo.from_spec(model.engine.spec).summary(),
+        )
+    )
 
 
 PREDICT_DOC = request_body({"application/json": schema_ref(PredictRequest)})
 
 
-@router.post("/v1/predict", response_model=PredictResponse, responses=INFER_ERRORS, tags=["v1"], openapi_extra=PREDICT_DOC)
+@router.post(
+    "/v1/predict", response_model=PredictResponse, responses=INFER_ERRORS, tags=["v1"], openapi_extra=PREDICT_DOC
+)
 async def predict(request: Request):
     """Classify tensors with the default model: `inputs` is a list of items of the model's input shape, raw pixels in [0, 1]."""
     return await _predict(request, None)
 
 
-@router.post("/v1/models/{name}/predict", response_model=PredictResponse, responses={**errors(404), **INFER_ERRORS}, tags=["v1"], openapi_extra=PREDICT_DOC)
+@router.post(
+    "/v1/models/{name}/predict",
+    response_model=PredictResponse,
+    responses={**errors(404), **INFER_ERRORS},
+    tags=["v1"],
+    openapi_extra=PREDICT_DOC,
+)
 async def predict_model(name: str, request: Request):
     """Classify tensors with the model or alias `name` (the answer's `model` names the one that ran)."""
     return await _predict(request, name)
@@ -230,7 +264,9 @@ async def predict_model(name: str, request: Request):
 
 IMAGE_BODY = {
     "type": "object",
-    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}, "description": "PNG or JPEG images"}},
+    "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "description": "PNG or JPEG images"}
+    },
     "required": ["files"],
 }
 IMAGE_DOC = request_body({"multipart/form-data": IMAGE_BODY})
@@ -261,16 +297,30 @@ async def _predict_image(request: Request, name: str | None) -> Response:
     arr = await lc.decode(decode_images, images, ck.input_shape, lc.settings.max_image_pixels, ck.background)
     x = check_batch(arr, ck.input_shape, max_items, what="images")
     probs = await lc.infer(request, x, model)
-    return json_response(PredictResponse(model=model.name, predictions=_predictions(probs, ck.classes, model.settings.output), rci=RciInfo.from_spec(model.engine.spec).summary()))
+    return json_response(
+        PredictResponse(
+            model=model.name,
+            predictions=_predictions(probs, ck.classes, model.settings.output),
+            rci=RciInfo.from_spec(model.engine.spec).summary(),
+        )
+    )
 
 
-@router.post("/v1/predict/image", response_model=PredictResponse, responses=INFER_ERRORS, tags=["v1"], openapi_extra=IMAGE_DOC)
+@router.post(
+    "/v1/predict/image", response_model=PredictResponse, responses=INFER_ERRORS, tags=["v1"], openapi_extra=IMAGE_DOC
+)
 async def predict_image(request: Request):
     """Classify PNG/JPEG images (multipart field `files`) with the default model, resized and converted as its checkpoint needs."""
     return await _predict_image(request, None)
 
 
-@router.post("/v1/models/{name}/predict/image", response_model=PredictResponse, responses={**errors(404), **INFER_ERRORS}, tags=["v1"], openapi_extra=IMAGE_DOC)
+@router.post(
+    "/v1/models/{name}/predict/image",
+    response_model=PredictResponse,
+    responses={**errors(404), **INFER_ERRORS},
+    tags=["v1"],
+    openapi_extra=IMAGE_DOC,
+)
 async def predict_model_image(name: str, request: Request):
     """Classify PNG/JPEG images (multipart field `files`) with the model or alias `name`."""
     return await _predict_image(request, name)

@@ -88,17 +88,23 @@ def tensor_from_request(req: V2InferRequest, binary: bytes, input_shape, max_ite
         raise InvalidInput(f"unknown input {quoted(inp.name)}; the model's input is {V2_INPUT!r}")
     dtype = FLOAT_TYPES.get(inp.datatype)
     if dtype is None:
-        raise InvalidInput(f"input {inp.name!r}: datatype {quoted(inp.datatype)} not supported; use one of {sorted(FLOAT_TYPES)}")
+        raise InvalidInput(
+            f"input {inp.name!r}: datatype {quoted(inp.datatype)} not supported; use one of {sorted(FLOAT_TYPES)}"
+        )
     shape, want = list(inp.shape), [len(input_shape) + 1, *input_shape]
     if len(shape) != want[0] or shape[1:] != list(input_shape) or shape[0] < 0:
-        raise InvalidInput(f"input {inp.name!r}: shape {quoted(shape)} must be [n, {', '.join(map(str, input_shape))}] with n >= 1")
+        raise InvalidInput(
+            f"input {inp.name!r}: shape {quoted(shape)} must be [n, {', '.join(map(str, input_shape))}] with n >= 1"
+        )
     check_count(shape[0], max_items, f"input {inp.name!r}")
     count = math.prod(shape)  # Python ints: bounded by the checks above, never overflows
     params = inp.parameters or {}
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if type(size) is not int or size != len(binary):
-            raise BadRequest(f"input {inp.name!r}: binary_data_size {quoted(size)} but {len(binary)} binary bytes follow the header")
+            raise BadRequest(
+                f"input {inp.name!r}: binary_data_size {quoted(size)} but {len(binary)} binary bytes follow the header"
+            )
         if size != count * np.dtype(dtype).itemsize:
             raise InvalidInput(f"input {inp.name!r}: {size} bytes do not hold shape {shape} of {inp.datatype}")
         arr = np.frombuffer(binary, dtype=dtype).astype(np.float32)
@@ -124,16 +130,30 @@ def _bytes_tensor(labels: list[str]) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in (label.encode() for label in labels))
 
 
-def encode_response(req: V2InferRequest, model_name: str, probs: np.ndarray, version: int = 1, classes: list[str] | None = None, output: str = "scores") -> Response:
+def encode_response(
+    req: V2InferRequest,
+    model_name: str,
+    probs: np.ndarray,
+    version: int = 1,
+    classes: list[str] | None = None,
+    output: str = "scores",
+) -> Response:
     """The answer's tensors: probabilities and index, or (``output == "labels"``) the top-1 label (class name) and index only."""
     available = model_outputs(output)
     wanted = [o.name for o in req.outputs] if req.outputs else list(available)
     binary_default = _flag(req.parameters, "binary_data_output", False, "request")
-    binary_wanted = {o.name: _flag(o.parameters, "binary_data", binary_default, f"output {quoted(o.name)}") for o in (req.outputs or [])}
+    binary_wanted = {
+        o.name: _flag(o.parameters, "binary_data", binary_default, f"output {quoted(o.name)}")
+        for o in (req.outputs or [])
+    }
     index = probs.argmax(1).astype(np.int64)
     outputs, chunks = [], []
     for out_name in wanted:
-        entry: dict[str, Any] = {"name": out_name, "datatype": available[out_name], "shape": [len(probs)] if out_name != V2_PROBABILITIES else list(probs.shape)}
+        entry: dict[str, Any] = {
+            "name": out_name,
+            "datatype": available[out_name],
+            "shape": [len(probs)] if out_name != V2_PROBABILITIES else list(probs.shape),
+        }
         if out_name == V2_LABEL:
             labels = [(classes or [])[i] for i in index.tolist()]
             data, values = _bytes_tensor(labels), labels
@@ -146,11 +166,17 @@ def encode_response(req: V2InferRequest, model_name: str, probs: np.ndarray, ver
         else:
             entry["data"] = values
         outputs.append(entry)
-    body = V2InferResponse(model_name=model_name, model_version=str(version), id=req.id, outputs=outputs).model_dump(exclude_none=True)
+    body = V2InferResponse(model_name=model_name, model_version=str(version), id=req.id, outputs=outputs).model_dump(
+        exclude_none=True
+    )
     head = json.dumps(body).encode()
     if not chunks:
         return Response(head, media_type="application/json")
-    return Response(head + b"".join(chunks), media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(len(head))})
+    return Response(
+        head + b"".join(chunks),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )
 
 
 def _check_request(req: V2InferRequest, output: str = "scores") -> None:
@@ -177,7 +203,11 @@ async def health_live():
     return Response(status_code=200)
 
 
-@router.get("/v2/health/ready", response_class=Response, responses={200: NO_BODY, 503: {**NO_BODY, "description": "loading or draining; empty body"}})
+@router.get(
+    "/v2/health/ready",
+    response_class=Response,
+    responses={200: NO_BODY, 503: {**NO_BODY, "description": "loading or draining; empty body"}},
+)
 async def health_ready(request: Request):
     return Response(status_code=200 if current_lifecycle(request).ready else 503)
 
@@ -192,7 +222,9 @@ def _metadata(request: Request, name: str, version: str = "") -> V2ModelMetadata
         platform="pytorch",
         inputs=[V2TensorMetadata(name=V2_INPUT, datatype=V2_INPUT_DATATYPE, shape=[-1, *ck.input_shape])],
         outputs=[
-            V2TensorMetadata(name=out, datatype=datatype, shape=[-1, len(ck.classes)] if out == V2_PROBABILITIES else [-1])
+            V2TensorMetadata(
+                name=out, datatype=datatype, shape=[-1, len(ck.classes)] if out == V2_PROBABILITIES else [-1]
+            )
             for out, datatype in model_outputs(model.settings.output).items()
         ],
         parameters=V2ModelParameters(rci=RciInfo.from_spec(model.engine.spec), card=ck.card),
@@ -220,7 +252,9 @@ async def model_ready(name: str, request: Request):
     return Response(status_code=200)
 
 
-@router.get("/v2/models/{name}/versions/{version}/ready", response_class=Response, responses={200: NO_BODY, **errors(404, 503)})
+@router.get(
+    "/v2/models/{name}/versions/{version}/ready", response_class=Response, responses={200: NO_BODY, **errors(404, 503)}
+)
 async def model_version_ready(name: str, version: str, request: Request):
     _check_version(version, current_lifecycle(request).describe_model(name))
     return Response(status_code=200)
@@ -265,12 +299,19 @@ async def _infer(name: str, request: Request, version: str = "") -> Response:
     return encode_response(req, model.name, probs, model.version, ck.classes, model.settings.output)
 
 
-@router.post("/v2/models/{name}/infer", response_model=V2InferResponse, responses=INFER_RESPONSES, openapi_extra=INFER_DOC)
+@router.post(
+    "/v2/models/{name}/infer", response_model=V2InferResponse, responses=INFER_RESPONSES, openapi_extra=INFER_DOC
+)
 async def infer(name: str, request: Request):
     """Open Inference Protocol v2 inference, JSON or with the binary tensor data extension; ``model_name`` names the model that ran."""
     return await _infer(name, request)
 
 
-@router.post("/v2/models/{name}/versions/{version}/infer", response_model=V2InferResponse, responses=INFER_RESPONSES, openapi_extra=INFER_DOC)
+@router.post(
+    "/v2/models/{name}/versions/{version}/infer",
+    response_model=V2InferResponse,
+    responses=INFER_RESPONSES,
+    openapi_extra=INFER_DOC,
+)
 async def infer_version(name: str, version: str, request: Request):
     return await _infer(name, request, version)

@@ -30,7 +30,14 @@ CLOSE = {"Connection": "close"}  # uvicorn closes the connection after the answe
 log = logging.getLogger("codedsmooth.service")
 # Answers that refuse a request's input or its client's rights, by the reason they are counted under in
 # codedsmooth_rejected_total (401 and 429 are access control's: codedsmooth_client_refused_total).
-REFUSALS = {400: "bad_request", 403: "forbidden", 408: "body_timeout", 413: "too_large", 415: "media_type", 422: "invalid_input"}
+REFUSALS = {
+    400: "bad_request",
+    403: "forbidden",
+    408: "body_timeout",
+    413: "too_large",
+    415: "media_type",
+    422: "invalid_input",
+}
 
 
 class AdmissionMiddleware:
@@ -88,7 +95,9 @@ class AdmissionMiddleware:
                         raise asyncio.TimeoutError
                     message = await asyncio.wait_for(receive(), remaining)
                 except asyncio.TimeoutError:
-                    raise RequestTimeout(f"request body not received within {admission.body_deadline - admission.arrival:g} s") from None
+                    raise RequestTimeout(
+                        f"request body not received within {admission.body_deadline - admission.arrival:g} s"
+                    ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
@@ -103,12 +112,16 @@ class AdmissionMiddleware:
             if not state.get(ADMITTED, True):  # the connection holds no slot (see connections.ConnectionSlots)
                 lc.metrics.rejected.labels("connections").inc()
                 message = f"too many connections (at most {lc.settings.max_connections}); retry later"
-                return await error_response(503, message, {"Retry-After": "1", "Connection": "close"})(scope, receive, recording_send)
+                return await error_response(503, message, {"Retry-After": "1", "Connection": "close"})(
+                    scope, receive, recording_send
+                )
             access = lc.access
             if access is not None and not access.is_open(scope["path"]):
                 try:
                     # keys are hashed as UTF-8 text (keys.py): read the header's bytes as UTF-8, not latin-1
-                    client = state[CLIENT] = access.authenticate(_headers(scope, b"authorization", "utf-8"), scope["method"], scope["path"])
+                    client = state[CLIENT] = access.authenticate(
+                        _headers(scope, b"authorization", "utf-8"), scope["method"], scope["path"]
+                    )
                     if charges_items(scope["method"], scope["path"]):
                         state[HELD] = await access.hold(client)  # 429 here for a client without room for one item
                 except ServiceError as exc:
@@ -118,11 +131,13 @@ class AdmissionMiddleware:
             declared = _header(scope, b"content-length")
             if declared is not None:
                 if not (declared.isascii() and declared.isdigit()):
-                    return await error_response(400, "Content-Length is not a decimal integer")(scope, receive, recording_send)
-                if int(declared) > self.max_bytes:
-                    return await error_response(413, f"body of {int(declared)} bytes exceeds the limit of {self.max_bytes} bytes", CLOSE)(
+                    return await error_response(400, "Content-Length is not a decimal integer")(
                         scope, receive, recording_send
                     )
+                if int(declared) > self.max_bytes:
+                    return await error_response(
+                        413, f"body of {int(declared)} bytes exceeds the limit of {self.max_bytes} bytes", CLOSE
+                    )(scope, receive, recording_send)
             await self.app(scope, guarded_receive, recording_send)
         finally:
             held = state.get(HELD)

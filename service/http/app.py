@@ -20,7 +20,12 @@ from codedsmooth.service.metrics import Metrics
 from codedsmooth.service.settings import ServeSettings
 
 
-def create_app(settings: ServeSettings | None = None, engine_factory: EngineFactory | None = None, metrics: Metrics | None = None, limiter=None) -> FastAPI:
+def create_app(
+    settings: ServeSettings | None = None,
+    engine_factory: EngineFactory | None = None,
+    metrics: Metrics | None = None,
+    limiter=None,
+) -> FastAPI:
     """``engine_factory(checkpoint, settings, device)`` replaces ``InferenceEngine`` (tests inject slowed doubles);
     ``limiter`` holds the per-client counters (default: in this process; see ``codedsmooth.service.access.limits``)."""
     lifecycle = Lifecycle(settings or ServeSettings(), metrics, engine_factory, limiter)

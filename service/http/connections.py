@@ -110,7 +110,9 @@ def protocol_class(settings, lifecycle):
     header_timeout_s = settings.header_timeout_s
     max_head = settings.max_header_bytes
     max_fields = settings.max_headers
-    refusals = RefusalLog(log, logging.INFO)  # one line per (peer, status) per interval, counted in codedsmooth_requests_total
+    refusals = RefusalLog(
+        log, logging.INFO
+    )  # one line per (peer, status) per interval, counted in codedsmooth_requests_total
 
     class BoundedHttpProtocol(HttpToolsProtocol):
         _header_timer = None
@@ -200,7 +202,9 @@ def protocol_class(settings, lifecycle):
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserUpgrade:
-                log.debug("a protocol upgrade request was answered as HTTP/1.1 (WebSocket is off); its connection closes")
+                log.debug(
+                    "a protocol upgrade request was answered as HTTP/1.1 (WebSocket is off); its connection closes"
+                )
             except httptools.HttpParserError as exc:
                 cause = exc.__context__
                 if isinstance(cause, _HeadTooLarge):

@@ -115,12 +115,18 @@ def bind_public_socket(host: str, port: int) -> socket.socket:
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: rebinding past TIME_WAIT, not sharing a live port
+    sock.setsockopt(
+        socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+    )  # as uvicorn: rebinding past TIME_WAIT, not sharing a live port
     try:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        why = "already in use (another server is listening there; pick another --port or stop it)" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        why = (
+            "already in use (another server is listening there; pick another --port or stop it)"
+            if exc.errno == errno.EADDRINUSE
+            else (exc.strerror or str(exc))
+        )
         raise ValueError(f"cannot listen on {host}:{port}: {why}") from None
     except (socket.gaierror, UnicodeError) as exc:  # pragma: no cover - gaierror is an OSError on Unix
         sock.close()
@@ -133,15 +139,23 @@ def startup_warnings(settings: ServeSettings) -> list[str]:
     """What an operator should know about how this server is exposed (logged as warnings at start)."""
     warnings = []
     if hasattr(os, "geteuid") and os.geteuid() == 0:
-        warnings.append("running as root: a flaw in any dependency would own the host; run as an unprivileged user (the Docker image runs as uid 10001)")
-    open_to_anyone = "" if settings.api_keys_file else "; without --api-keys-file anyone who reaches it may query, as much as they like"
+        warnings.append(
+            "running as root: a flaw in any dependency would own the host; run as an unprivileged user (the Docker image runs as uid 10001)"
+        )
+    open_to_anyone = (
+        ""
+        if settings.api_keys_file
+        else "; without --api-keys-file anyone who reaches it may query, as much as they like"
+    )
     if settings.host in ALL_INTERFACES:
         warnings.append(
             f"listening on all interfaces ({settings.host or '0.0.0.0'}:{settings.port}): the API is reachable from other hosts{open_to_anyone}; "
             "expose it through a reverse proxy or firewall, or bind --host 127.0.0.1"
         )
     elif open_to_anyone and not _loopback(settings.host):
-        warnings.append(f"listening on {settings.host}:{settings.port}, not a loopback address: the API is reachable from other hosts{open_to_anyone}")
+        warnings.append(
+            f"listening on {settings.host}:{settings.port}, not a loopback address: the API is reachable from other hosts{open_to_anyone}"
+        )
     return warnings
 
 
@@ -155,7 +169,10 @@ def _loopback(host: str) -> bool:
 
 
 def run_server(
-    settings: ServeSettings, engine_factory: EngineFactory | None = None, exit_when_done: bool = True, listener: socket.socket | None = None
+    settings: ServeSettings,
+    engine_factory: EngineFactory | None = None,
+    exit_when_done: bool = True,
+    listener: socket.socket | None = None,
 ) -> int:
     """Serve until a signal stops the server; returns the exit code.
 
@@ -178,17 +195,25 @@ def run_server(
         metrics_listener = start_metrics_listener(lifecycle.metrics, settings.metrics_host, settings.metrics_port)
     except OSError as exc:  # e.g. a second server on this host with the default metrics port
         listener.close()
-        raise ValueError(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} ({exc.strerror or exc}); pick another --metrics-port") from None
+        raise ValueError(
+            f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} ({exc.strerror or exc}); pick another --metrics-port"
+        ) from None
     server = DrainingServer(uvicorn_config(app, settings), lifecycle)
     host, port = listener.getsockname()[:2]
-    log.info("bound http://%s:%d; accepting connections once the model has loaded and warmed up", f"[{host}]" if ":" in host else host, port)
+    log.info(
+        "bound http://%s:%d; accepting connections once the model has loaded and warmed up",
+        f"[{host}]" if ":" in host else host,
+        port,
+    )
     try:
         server.run(sockets=[listener])
     finally:
         metrics_listener.shutdown()
     code = 0 if server.started else 1
     if lifecycle.model_busy:
-        log.warning("a model call is still running after the drain (its requests were answered 503); not waiting for it")
+        log.warning(
+            "a model call is still running after the drain (its requests were answered 503); not waiting for it"
+        )
     log.info("stopped (exit code %d)", code)
     if exit_when_done:
         logging.shutdown()

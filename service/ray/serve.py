@@ -97,7 +97,10 @@ class CodedSmoothReplica:
         self.labels = {"replica": self.replica, "deployment": ctx.deployment, "app": ctx.app_name}
         self.local_rank = getattr(getattr(ctx, "rank", None), "local_rank", 0) or 0
         _tag_log_records(self.replica)  # log lines name the replica
-        logging.basicConfig(level=self.settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [replica %(replica)s]: %(message)s")
+        logging.basicConfig(
+            level=self.settings.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s [replica %(replica)s]: %(message)s",
+        )
         self._metrics_listener = None
         self.metrics_address: str | None = None
 
@@ -153,8 +156,18 @@ async def broadcast_model_control(request, action: str, name: str) -> list[dict]
     (this one included), each from the repository directory at the same path, and every replica's result comes back."""
     handle = serve.get_deployment_handle(DEPLOYMENT_NAME, APP_NAME)
     results = await handle.broadcast("model_control", action, name).results_async(return_exceptions=True)
-    return [r if isinstance(r, dict) else {"error": {"status": 503, "message": f"a replica did not answer the {action} of {name!r}: {type(r).__name__}", "headers": {"Retry-After": "1"}}}
-            for r in results]
+    return [
+        r
+        if isinstance(r, dict)
+        else {
+            "error": {
+                "status": 503,
+                "message": f"a replica did not answer the {action} of {name!r}: {type(r).__name__}",
+                "headers": {"Retry-After": "1"},
+            }
+        }
+        for r in results
+    ]
 
 
 def _tag_log_records(replica: str) -> None:
@@ -231,7 +244,11 @@ class ReplicaLostMiddleware:
             logging.getLogger("codedsmooth.ray").warning("request failed in the proxy before an answer", exc_info=True)
         if not started:
             body = json.dumps({"error": "the replica serving this request stopped; retry"}).encode()
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"retry-after", b"1")]
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", b"1"),
+            ]
             await send({"type": "http.response.start", "status": 503, "headers": headers})
             await send({"type": "http.response.body", "body": body})
 
@@ -261,7 +278,13 @@ def start_ray(settings: ServeSettings) -> bool:
 
 
 def start_serve(settings: ServeSettings):
-    serve.start(http_options={"host": settings.host, "port": settings.port, "keep_alive_timeout_s": max(1, round(settings.keep_alive_s))})
+    serve.start(
+        http_options={
+            "host": settings.host,
+            "port": settings.port,
+            "keep_alive_timeout_s": max(1, round(settings.keep_alive_s)),
+        }
+    )
     # Ray's per-request access log only at debug: the replicas' metrics count every request.
     logging_config = {"enable_access_log": settings.log_level.lower() == "debug"}
     return serve.run(build_app(settings), name=APP_NAME, route_prefix="/", logging_config=logging_config)
@@ -293,24 +316,42 @@ def run_ray_serve(settings: ServeSettings) -> int:
         if settings.api_keys_file:
             from codedsmooth.service.access.shared_limits import start_limits_actor
 
-            limits_actor = start_limits_actor(settings.quota_state, settings.api_keys_file, settings.quota_flush_ms / 1000.0)  # before the replicas, which charge it; the handle keeps it alive (a non-detached actor ends with its last handle)
+            limits_actor = start_limits_actor(
+                settings.quota_state, settings.api_keys_file, settings.quota_flush_ms / 1000.0
+            )  # before the replicas, which charge it; the handle keeps it alive (a non-detached actor ends with its last handle)
         handle = start_serve(settings)
         # A first call through the handle makes its router learn the replicas, so that the
         # broadcast on shutdown reaches every replica at once.
         first = handle.info.remote().result(timeout_s=60)
         log.info("replica %s answered: %s", first["replica"], first)
-        replicas = f"{settings.min_replicas}..{settings.max_replicas} (autoscaling, {settings.replicas} initially)" if settings.autoscaling else str(settings.replicas)
+        replicas = (
+            f"{settings.min_replicas}..{settings.max_replicas} (autoscaling, {settings.replicas} initially)"
+            if settings.autoscaling
+            else str(settings.replicas)
+        )
         log.info(
             "Ray Serve ready: %s replicas at http://%s:%d (ray %s in %.1fs, ready after %.1fs); replica metrics from port %d + rank",
-            replicas, settings.host, settings.port, "started" if started_ray else "joined", t_ray, time.monotonic() - t0, settings.metrics_port,
+            replicas,
+            settings.host,
+            settings.port,
+            "started" if started_ray else "joined",
+            t_ray,
+            time.monotonic() - t0,
+            settings.metrics_port,
         )
         while not stop.wait(0.5):
             pass
         for sig, old in signals.items():
             signal.signal(sig, old)  # a second signal stops at once
-        log.info("draining: replicas refuse new requests and finish accepted ones (at most %gs)", settings.drain_timeout_s)
+        log.info(
+            "draining: replicas refuse new requests and finish accepted ones (at most %gs)", settings.drain_timeout_s
+        )
         results = drain_replicas(handle, settings.drain_timeout_s + 5.0)
-        log.info("drained %d replicas: %s", len(results), json.dumps([r if isinstance(r, dict) else repr(r) for r in results]))
+        log.info(
+            "drained %d replicas: %s",
+            len(results),
+            json.dumps([r if isinstance(r, dict) else repr(r) for r in results]),
+        )
         if limits_actor is not None:
             ray.get(limits_actor.close.remote(), timeout=30)  # the quota windows not yet written
         del limits_actor  # its last handle: the shared counters end with the application

@@ -36,8 +36,19 @@ MODEL_SETTINGS_FILE = "serving.json"
 # What a model's serving.json may set; the server's flags are the defaults. rate_limit and quota
 # there are per API key on this model, on top of the key's own limits (see access.Access.queue).
 MODEL_SETTINGS = (
-    "max_batch_size", "max_delay_ms", "max_queue_size", "max_items_per_request", "rci", "rci_scope", "rci_group_size", "coded_points",
-    "rci_decode_tolerance", "input_noise_sigma", "rate_limit", "quota", "output",
+    "max_batch_size",
+    "max_delay_ms",
+    "max_queue_size",
+    "max_items_per_request",
+    "rci",
+    "rci_scope",
+    "rci_group_size",
+    "coded_points",
+    "rci_decode_tolerance",
+    "input_noise_sigma",
+    "rate_limit",
+    "quota",
+    "output",
 )
 MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -69,7 +80,9 @@ def model_names(root: Path) -> list[str]:
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
     for name in names:
         if not MODEL_NAME.fullmatch(name):
-            raise RepositoryError(f"{root / name}: a model's directory name must be 1-64 characters of A-Z a-z 0-9 _ . - (it is the model's name in URLs)")
+            raise RepositoryError(
+                f"{root / name}: a model's directory name must be 1-64 characters of A-Z a-z 0-9 _ . - (it is the model's name in URLs)"
+            )
     if not names:
         raise RepositoryError(f"{root}: no checkpoint directories in the model repository")
     return names
@@ -95,10 +108,10 @@ def read_repository_config(root: Path, names: list[str]) -> RepositoryConfig:
     data = _read_json(path)
     unknown = sorted(set(data) - {"required", "aliases"})
     if unknown:
-        raise RepositoryError(f"{path}: unknown key(s) {unknown}; it may hold \"required\" and \"aliases\"")
+        raise RepositoryError(f'{path}: unknown key(s) {unknown}; it may hold "required" and "aliases"')
     aliases = data.get("aliases", {})
     if not isinstance(aliases, dict):
-        raise RepositoryError(f"{path}: \"aliases\" must map alias names to {{model: weight}} objects")
+        raise RepositoryError(f'{path}: "aliases" must map alias names to {{model: weight}} objects')
     checked: dict[str, dict[str, float]] = {}
     for alias, weights in aliases.items():
         where = f"{path}: alias {alias!r}"
@@ -107,7 +120,7 @@ def read_repository_config(root: Path, names: list[str]) -> RepositoryConfig:
         if alias in names:
             raise named_as_alias(path, alias)
         if not isinstance(weights, dict) or not weights:
-            raise RepositoryError(f"{where}: must map model names to weights, e.g. {{\"pgd-at\": 0.9, \"coded-at\": 0.1}}")
+            raise RepositoryError(f'{where}: must map model names to weights, e.g. {{"pgd-at": 0.9, "coded-at": 0.1}}')
         for model, weight in weights.items():
             if model not in names:
                 raise RepositoryError(f"{where}: {model!r} is no model of the repository ({', '.join(names)})")
@@ -116,7 +129,7 @@ def read_repository_config(root: Path, names: list[str]) -> RepositoryConfig:
         checked[alias] = {m: float(w) for m, w in weights.items()}
     required = data.get("required", [])
     if not isinstance(required, list) or not all(isinstance(n, str) for n in required):
-        raise RepositoryError(f"{path}: \"required\" must be a list of model names")
+        raise RepositoryError(f'{path}: "required" must be a list of model names')
     missing = [n for n in required if n not in names]
     if missing:
         raise RepositoryError(f"{path}: required model(s) {missing} are not in the repository ({', '.join(names)})")
@@ -145,11 +158,18 @@ def model_settings(base: ServeSettings, model_dir: Path) -> tuple[ServeSettings,
     values.update(given)
     if "max_batch_size" in given and "max_items_per_request" not in given:
         assert base.max_items_per_request is not None  # validated settings have it (max_batch_size by default)
-        values["max_items_per_request"] = min(base.max_items_per_request, given["max_batch_size"]) if isinstance(given["max_batch_size"], int) else None
+        values["max_items_per_request"] = (
+            min(base.max_items_per_request, given["max_batch_size"])
+            if isinstance(given["max_batch_size"], int)
+            else None
+        )
     try:
         checked = ServeSettings(**values)
     except ValidationError as exc:
-        problems = [f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()[:3]]
+        problems = [
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()[:3]
+        ]
         raise RepositoryError(f"{path}: {'; '.join(problems)}") from None
     limits = LimitOverride(
         rate=checked.rate_limit if "rate_limit" in given else INHERIT,
@@ -179,7 +199,9 @@ def check_repository(settings: ServeSettings) -> list[str]:
     return names
 
 
-def mismatched_alias(aliases: dict[str, dict[str, float]], checkpoints: dict[str, Checkpoint], naming: str | None = None) -> str | None:
+def mismatched_alias(
+    aliases: dict[str, dict[str, float]], checkpoints: dict[str, Checkpoint], naming: str | None = None
+) -> str | None:
     """The first alias whose models among ``checkpoints`` differ in input shape or classes (a client cannot tell
     which it gets, so they must not); ``naming``: only the aliases that name that model. None when all agree."""
     for alias, weights in aliases.items():
@@ -200,12 +222,19 @@ def check_aliases(config: RepositoryConfig, checkpoints: dict[str, Checkpoint], 
 
 def check_default(default: str | None, names: list[str], config: RepositoryConfig) -> None:
     if default is not None and default not in names and default not in config.aliases:
-        raise RepositoryError(f"--default-model {default!r} is neither a model nor an alias of the repository ({', '.join(names + sorted(config.aliases))})")
+        raise RepositoryError(
+            f"--default-model {default!r} is neither a model nor an alias of the repository ({', '.join(names + sorted(config.aliases))})"
+        )
 
 
 # ---- what a load may open --------------------------------------------------------
 
-_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
 _READ = ("config.json", "model.safetensors")  # what load_checkpoint opens
 
 
@@ -219,7 +248,9 @@ def _inside(path: Path, root: Path, allow_external: bool) -> None:
         return
     target = Path(os.path.realpath(path))
     if not target.is_relative_to(Path(os.path.realpath(root))):
-        raise RepositoryError(f"{path}: a symlink that leads outside the model repository; refused (--allow-external-symlinks allows it)")
+        raise RepositoryError(
+            f"{path}: a symlink that leads outside the model repository; refused (--allow-external-symlinks allows it)"
+        )
 
 
 def check_model_files(root: Path, name: str, allow_external: bool = False) -> None:
@@ -267,4 +298,3 @@ def public_reason(reason: str, root: Path | None) -> str:
         for base in {str(Path(os.path.realpath(root))), str(root.absolute()), str(root)}:
             reason = reason.replace(base.rstrip("/") + "/", "")
     return _ABSOLUTE.sub(r"\1", reason)
-

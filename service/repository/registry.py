@@ -122,7 +122,15 @@ class ServedModel:
             self.own_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"codedsmooth-model-{self.name}")
         executor = self.own_thread or shared_thread
         observer = BatchObserver(self.metrics, self.engine.scope)
-        self.batcher = MicroBatcher(self.engine, self.metrics, executor, s.max_batch_size, s.max_delay_ms / 1000.0, s.max_queue_size, on_batch=observer)
+        self.batcher = MicroBatcher(
+            self.engine,
+            self.metrics,
+            executor,
+            s.max_batch_size,
+            s.max_delay_ms / 1000.0,
+            s.max_queue_size,
+            on_batch=observer,
+        )
         self.batcher.start()
 
 
@@ -230,18 +238,24 @@ class Repository:
         model = self._serving(name)
         if model is not None or name not in self.config.aliases:
             return model or self.resolve(name)
-        return next((m for t in self.config.aliases[name] if (m := self._serving(t)) is not None), None) or self.resolve(name)
+        return next(
+            (m for t in self.config.aliases[name] if (m := self._serving(t)) is not None), None
+        ) or self.resolve(name)
 
     def default_model(self) -> ServedModel:
         if self.default is None:
-            raise NotFound(f"no default model; use POST /v1/models/{{name}}/predict with one of {', '.join(self.names())}, or start the server with --default-model")
+            raise NotFound(
+                f"no default model; use POST /v1/models/{{name}}/predict with one of {', '.join(self.names())}, or start the server with --default-model"
+            )
         return self.resolve(self.default)
 
     def _not_found(self, name: str) -> NotFound | Unavailable:
         if name in self.loading:
             return Unavailable(f"model {name!r} is loading", retry_after_s=2)
         if self.root is not None and is_model_dir(self.root, name):
-            why = f" (its last load failed: {public_reason(self.failed[name], self.root)})" if name in self.failed else ""
+            why = (
+                f" (its last load failed: {public_reason(self.failed[name], self.root)})" if name in self.failed else ""
+            )
             return NotFound(f"model {name!r} is not loaded{why}")
         return NotFound(f"unknown model {quoted(name)}; this server serves {', '.join(repr(n) for n in self.names())}")
 
@@ -311,7 +325,9 @@ class Repository:
                 self.loading.discard(name)
             checkpoints = {**{t: m.checkpoint for t, m in self.models.items()}, name: model.checkpoint}
             if mismatched_alias(self.config.aliases, checkpoints, naming=name) is not None:
-                raise LoadFailed(f"model {name!r} not loaded: it differs in input shape or classes from the other models of its alias")
+                raise LoadFailed(
+                    f"model {name!r} not loaded: it differs in input shape or classes from the other models of its alias"
+                )
             model.start(self.executor, own_thread=self.own_threads)
             self.loads[name] = version
             self.failed.pop(name, None)
@@ -343,8 +359,12 @@ class Repository:
             await asyncio.sleep(0.01)
         if model.batcher is not None:
             if not model.idle:
-                log.warning("%s version %d: drain timeout passed; answering what is left 503", model.name, model.version)
-            model.batcher.refusal = f"model {model.name!r} was unloaded (version {model.version})"  # not the server stopping
+                log.warning(
+                    "%s version %d: drain timeout passed; answering what is left 503", model.name, model.version
+                )
+            model.batcher.refusal = (
+                f"model {model.name!r} was unloaded (version {model.version})"  # not the server stopping
+            )
             model.batcher.draining = True
             model.batcher.fail_pending(model.batcher.refusal)
             await model.batcher.stop()
