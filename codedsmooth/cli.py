@@ -206,6 +206,7 @@ def _run_serve(args) -> int:
             if settings.model_repository is not None:
                 pool.submit(check_repository, settings).result()
             else:
+                assert settings.checkpoint is not None  # the settings give one checkpoint or a repository
                 pool.submit(load_checkpoint, settings.checkpoint).result()
     if settings.replicas is not None:
         try:

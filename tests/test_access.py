@@ -412,10 +412,11 @@ def test_limits_arithmetic_against_its_definition():
                 assert d.retry_after_s == 0 and ("never fit" in d.reason or "no items" in d.reason)
                 continue
             assert d.retry_after_s >= 1
+
             # the same request fits at now + Retry-After, and not one whole second earlier (unless that is now)
-            later = lambda dt, c=c, n=n, limits=limits, now=now: (
-                Counters.charge(_copy(c), CounterKey("x"), n, limits, now + dt).allowed
-            )  # noqa: E731
+            def later(dt, c=c, n=n, limits=limits, now=now):
+                return Counters.charge(_copy(c), CounterKey("x"), n, limits, now + dt).allowed
+
             assert later(d.retry_after_s), (trial, limits, n, d)
             if d.retry_after_s > 1:
                 assert not later(d.retry_after_s - 1), (trial, limits, n, d)

@@ -282,9 +282,10 @@ def _attack(
             part = left[start : start + cfg.chunk]
             sent = endpoint.queries
             try:
-                out = cls.query_only(
+                query_only = cls.query_only  # type: ignore[attr-defined]  # AUDIT_ATTACKS names only attacks that have it
+                out = query_only(
                     endpoint, x[part], y[part], cfg.eps, cfg.budget, votes, cfg.confirm, cfg.seed + part[0]
-                )  # type: ignore[attr-defined]
+                )
             except QueryCapReached as exc:
                 return str(exc)
             for j, i in enumerate(part):

@@ -64,7 +64,8 @@ class LimitsActor:
 def start_limits_actor(quota_state: str | None = None, api_keys_file: str | None = None, flush_s: float = 0.2):
     """The shared counters' actor (created by the driver before the replicas; reused if it exists)."""
     absolute = [str(Path(p).resolve()) if p and p != NONE else p for p in (quota_state, api_keys_file)]
-    actor = LimitsActor.options(name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True).remote(*absolute, flush_s)
+    options = LimitsActor.options  # type: ignore[attr-defined]  # ray.remote adds .options; its stubs do not say so
+    actor = options(name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True).remote(*absolute, flush_s)
     ray.get(actor.state.remote())
     log.info("per-client limits shared by all replicas in actor %s/%s", NAMESPACE, ACTOR_NAME)
     return actor

@@ -181,7 +181,7 @@ class Repository:
             self.default = names[0]
 
     def _load(self, name: str, version: int) -> ServedModel:
-        assert self.root is not None  # loading by name: a repository server only
+        assert self.root is not None and self.device is not None  # loading by name: a started repository server only
         path = self.root / name
         if name in self.config.aliases:  # a directory added after start with an alias's name: refused, as at start-up
             raise named_as_alias(self.root / REPOSITORY_FILE, name)
@@ -307,6 +307,7 @@ class Repository:
         async with self._lock:
             old = self.models.get(name)
             version = self.loads.get(name, 0) + 1
+            assert self.root is not None  # loading by name: a repository server only
             self.loading.add(name)
             try:
                 loading = asyncio.wrap_future(_on_loader_thread(self._load, name, version))
@@ -370,7 +371,8 @@ class Repository:
             await model.batcher.stop()
         model.end_thread()  # its batcher has stopped
         if model.holders == 0:  # drop the last references: the weights go with them
-            model.engine = model.checkpoint = model.batcher = None
+            # typed as always set: no request reaches a model once it is unloaded and unheld
+            model.engine = model.checkpoint = model.batcher = None  # type: ignore[assignment]
         await asyncio.get_running_loop().run_in_executor(self.executor, _free_memory)
         log.info("unloaded %s version %d", model.name, model.version)
 
