@@ -77,7 +77,9 @@ def repository_server(targets: dict[str, tuple[Checkpoint, str, float]]):
                     (folder / f.name).symlink_to(f.resolve())
             (folder / "serving.json").write_text(json.dumps(model_settings(setting, sigma)))
         live: dict[str, HttpTarget] = {}
-        with local_server(None, capture_output=True, model_repository=str(root), **SERVER_OPTIONS) as server:
+        # the models are links to the checkpoints' own files: a repository this process made, so links out are allowed
+        repository = {"model_repository": str(root), "allow_external_symlinks": True}
+        with local_server(None, capture_output=True, **repository, **SERVER_OPTIONS) as server:
 
             def target(name: str) -> HttpTarget:
                 if name not in live:

@@ -1,6 +1,7 @@
 """Attack math against closed forms; each threat model on a trained tiny model; probes against real servers."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -354,7 +355,7 @@ def test_attack_cli_targets_one_model_of_a_repository_server(tiny_checkpoint, tm
     for name in ("first", "second"):
         (repo / name).mkdir(parents=True)
         for f in ("config.json", "model.safetensors"):
-            (repo / name / f).symlink_to((tiny_checkpoint / f).resolve())
+            shutil.copyfile(tiny_checkpoint / f, repo / name / f)
     (repo / "first" / "serving.json").write_text(json.dumps({"rci": False}))
     report = tmp_path / "attack.json"
     with local_server(None, model_repository=str(repo), threads=1) as server:
