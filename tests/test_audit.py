@@ -215,3 +215,27 @@ def test_rays_over_http_breaks_a_plain_model_at_eps_0_3(digits, tmp_path):
     rays = measured(card, "decision")
     assert card.output == "labels" and card.clean_accuracy is not None and card.clean_accuracy >= 0.8
     assert rays is not None and rays.threat == "decision-based" and rays.robust_accuracy <= 0.1
+
+
+def test_write_card_puts_a_valid_card_into_a_checkpoint_that_a_server_then_serves(
+    plain_server, tiny_checkpoint, tmp_path
+):
+    import shutil
+
+    import httpx
+
+    target = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoint, target)
+    settings = {**SMALL, "images": 4, "budget": 20, "attack": ["decision"], "url": plain_server.url}
+    before = infer_requests(plain_server)
+    with pytest.raises(ValueError, match=r"--write-card .*not a checkpoint directory"):
+        audit_command(AuditConfig(card=str(tmp_path / "x.json"), write_card=str(tmp_path), **settings))
+    assert infer_requests(plain_server) == before  # refused before any query
+    card = audit_command(AuditConfig(card=str(tmp_path / "card.json"), write_card=str(target), **settings))
+    written = validated(target / "robustness.json")
+    assert written == card and written.source == "audit"
+    with running_server(target, rci=False, max_delay_ms=1) as server:
+        (info,) = httpx.get(server.url + "/v1/models").json()
+        r = httpx.get(f"{server.url}/v1/models/{info['name']}/card")
+        assert r.status_code == 200 and RobustnessCard.model_validate(r.json()) == card
+        assert info["card"]["source"] == "audit" and info["card"]["worst_case"][0]["eps"] == 0.3

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,13 +21,16 @@ from typing import Any
 import torch
 
 from codedsmooth.models.card import (
+    CARD_FILE,
     AuditRun,
+    CardError,
     Endpoint as CardEndpoint,
     Measurement,
     Queries,
     RobustnessCard,
     Traffic as CardTraffic,
     Unfinished,
+    read_card,
 )
 
 from ..attacks import ATTACKS
@@ -42,6 +46,7 @@ from ..endpoint import (
 )
 from ..samples import balanced_order
 from ..stats import wilson
+from ..weights import sha256
 from .state import AuditState
 
 AUDIT_ATTACKS = {"square": "square", "decision": "rays"}  # the audit's name -> the registry's (probe.attacks.ATTACKS)
@@ -141,6 +146,12 @@ class AuditConfig:
         default="audit-card.json", metadata={"help": "the card's JSON; its Markdown goes beside it (.md)"}
     )
     plot: str | None = field(default=None, metadata={"help": "also write a PNG bar plot of the accuracies here"})
+    write_card: str | None = field(
+        default=None,
+        metadata={
+            "help": "also write the card, validated, as this checkpoint directory's robustness.json (served at GET /v1/models/{name}/card)"
+        },
+    )
     state: str | None = field(
         default=None, metadata={"help": "the resumable state file (default: the card's path + .state.json)"}
     )
@@ -198,6 +209,7 @@ class AuditConfig:
             "concurrency",
             "card",
             "plot",
+            "write_card",
             "state",
             "resume",
             "progress",
@@ -321,6 +333,8 @@ def audit_command(cfg: AuditConfig, command: str = "codedsmooth audit") -> Robus
     """Run the audit (resuming where the state file says) and write the card; returns it."""
     cfg.validate()
     card_path = Path(cfg.card)
+    if cfg.write_card:
+        _checkpoint_dir(Path(cfg.write_card))  # refused before any query, not after the audit
     state_path = Path(cfg.state) if cfg.state else card_path.with_name(card_path.name + ".state.json")
     settings = cfg.settings()
     state = AuditState.open(state_path, settings, cfg.resume)
@@ -362,7 +376,44 @@ def audit_command(cfg: AuditConfig, command: str = "codedsmooth audit") -> Robus
     finally:
         endpoint.close()
     write_card(card, card_path, cfg.plot)
+    if cfg.write_card:
+        write_checkpoint_card(card, Path(cfg.write_card))
     return card
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    missing = [f for f in ("config.json", "model.safetensors") if not (path / f).is_file()]
+    if missing:
+        raise ValueError(f"--write-card {path}: not a checkpoint directory (no {' or '.join(missing)})")
+    return path
+
+
+def write_checkpoint_card(card: RobustnessCard, directory: Path) -> Path:
+    """Write ``card`` as the checkpoint's ``robustness.json``, read back and validated as the server loads it.
+
+    A card whose endpoint exposed a checkpoint SHA-256 goes only into the checkpoint with that
+    ``model.safetensors``: a card describes the weights it measured, not whatever directory is named.
+    The file is written beside and renamed, so a server never loads half a card.
+    """
+    _checkpoint_dir(directory)
+    if card.model.sha256 is not None:
+        found = sha256(directory / "model.safetensors")
+        if found != card.model.sha256:
+            raise ValueError(
+                f"--write-card {directory}: its model.safetensors has SHA-256 {found}, the audited endpoint "
+                f"serves {card.model.sha256}: the card describes other weights"
+            )
+    target = directory / CARD_FILE
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(card.to_json(), encoding="utf-8")
+    try:
+        if read_card(tmp) != card:
+            raise ValueError(f"{tmp}: the card read back differs from the card written")
+    except (CardError, ValueError):
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)
+    return target
 
 
 SETTING = {
