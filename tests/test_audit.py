@@ -3,6 +3,7 @@ RCI off and on, clean accuracy matches an in-process evaluation on the same indi
 before any attack, 429 + Retry-After is waited out and counted, ``--resume`` queries nothing twice, and the
 label-only RayS breaks a plain model over HTTP."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from codedsmooth.cli import main
 from codedsmooth.models import load_checkpoint
 from codedsmooth.models.card import RobustnessCard
 from codedsmooth.probe.audit import AuditConfig, audit_command
+from codedsmooth.probe.audit.run import write_checkpoint_card
 from codedsmooth.probe.samples import balanced_order
 from codedsmooth.service.access.keys import add_key
 from codedsmooth.train import TrainConfig, as_float, train
@@ -234,6 +236,14 @@ def test_write_card_puts_a_valid_card_into_a_checkpoint_that_a_server_then_serve
     card = audit_command(AuditConfig(card=str(tmp_path / "card.json"), write_card=str(target), **settings))
     written = validated(target / "robustness.json")
     assert written == card and written.source == "audit"
+    assert card.model.sha256 == hashlib.sha256((target / "model.safetensors").read_bytes()).hexdigest()
+    other = tmp_path / "other"
+    shutil.copytree(tiny_checkpoint, other)
+    with open(other / "model.safetensors", "ab") as f:
+        f.write(b" ")  # other weights: a card never goes into a checkpoint it did not measure
+    with pytest.raises(ValueError, match="describes other weights"):
+        write_checkpoint_card(card, other)
+    assert not (other / "robustness.json").exists()
     with running_server(target, rci=False, max_delay_ms=1) as server:
         (info,) = httpx.get(server.url + "/v1/models").json()
         r = httpx.get(f"{server.url}/v1/models/{info['name']}/card")
