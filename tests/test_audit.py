@@ -249,3 +249,24 @@ def test_write_card_puts_a_valid_card_into_a_checkpoint_that_a_server_then_serve
         r = httpx.get(f"{server.url}/v1/models/{info['name']}/card")
         assert r.status_code == 200 and RobustnessCard.model_validate(r.json()) == card
         assert info["card"]["source"] == "audit" and info["card"]["worst_case"][0]["eps"] == 0.3
+
+
+def test_the_cli_writes_the_card_its_markdown_and_plot_and_prints_a_summary(plain_server, tmp_path, capsys):
+    argv = ["audit", "--url", plain_server.url, "--data", "digits", "--images", "4", "--budget", "20"]
+    argv += [
+        "--attack",
+        "decision",
+        "--no-progress",
+        "--card",
+        str(tmp_path / "c.json"),
+        "--plot",
+        str(tmp_path / "c.png"),
+    ]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    card = validated(tmp_path / "c.json")
+    assert summary["clean_accuracy"] == card.clean_accuracy and summary["queries"] == traffic(card).queries
+    assert list(summary["attacks"]) == [m.attack for m in card.measurements]
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "c.md").read_text()
+    assert card.measurements[0].attack in md and card.command.startswith("codedsmooth audit --url")
