@@ -393,13 +393,15 @@ def _run_audit(args) -> int:
     card = audit_command(
         cfg, shlex.join(["codedsmooth", "audit", *_redacted(args.argv[args.argv.index("audit") + 1 :])])
     )
+    traffic = card.audit.traffic if card.audit else None
     summary = {
         "card": cfg.card,
-        "clean_accuracy": card.clean_accuracy.value,
-        "attacks": {a.name: (a.robust_accuracy.value if a.robust_accuracy else a.status) for a in card.attacks},
-        "queries": card.traffic.queries,
-        "status_429": card.traffic.status_429,
-        "status_503": card.traffic.status_503,
+        "clean_accuracy": card.clean_accuracy,
+        "attacks": {m.attack: m.robust_accuracy for m in card.measurements}
+        | {u.attack: u.status for u in (card.audit.unfinished if card.audit else [])},
+        "queries": traffic.queries if traffic else None,
+        "status_429": traffic.status_429 if traffic else None,
+        "status_503": traffic.status_503 if traffic else None,
     }
     print(json.dumps(summary, indent=2))
     return 0

@@ -34,6 +34,12 @@ class Endpoint(_Strict):
     version: str | None = Field(None, description="the model version measured, where the server reports one")
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="SHA-256 of model.safetensors, where known")
     url: str | None = Field(None, description="the endpoint attacked (audit); none for a report measured in process")
+    protocol: Literal["v1", "v2"] | None = Field(
+        None, description="the protocol the audit spoke: v2 (Open Inference Protocol) or this server's v1"
+    )
+    randomized: bool | None = Field(
+        None, description="audit: two answers to one input differed (RCI, input noise, ...); none where not checked"
+    )
 
 
 class Queries(_Strict):
@@ -73,6 +79,50 @@ class Measurement(_Strict):
         return self
 
 
+class Unfinished(_Strict):
+    """An attack the card has no number for: skipped (it cannot run against this endpoint) or stopped early."""
+
+    attack: str
+    threat: Literal["white-box", "score-based", "decision-based", "transfer"]
+    eps: float = Field(..., gt=0)
+    status: Literal["incomplete", "skipped"]
+    reason: str = Field(..., description="why: the stop reason (e.g. the query cap), or why it could not run")
+    attacked: int = Field(0, ge=0, description="images attacked before it stopped")
+    broken: int = Field(0, ge=0, description="of those, images broken")
+    queries: int = Field(0, ge=0, description="queries sent before it stopped")
+
+
+class Traffic(_Strict):
+    """What the audit cost the endpoint: requests, the 429s and 503s met, the time waited on them, the rate seen."""
+
+    queries: int = Field(..., ge=0)
+    requests: int = Field(..., ge=0, description="HTTP requests sent, refused ones (and their retries) included")
+    status_429: int = Field(0, ge=0)
+    status_503: int = Field(0, ge=0)
+    waited_s: float = Field(0.0, ge=0, description="seconds waited on Retry-After")
+    wall_s: float = Field(..., ge=0, description="the audit's wall-clock seconds, resumed runs summed")
+    queries_per_second: float | None = Field(None, ge=0)
+    days_per_million_queries: float | None = Field(None, ge=0, description="an attack's price at the observed rate")
+
+
+class AuditRun(_Strict):
+    """How an audit (``source: audit``) queried the endpoint: what its metadata could not say, and what it cost."""
+
+    input: str = Field(..., description="the input tensor sent: name, datatype, shape")
+    pixel_scale: float = Field(..., gt=0, description="pixels were sent in [0, pixel_scale]")
+    layout: str = Field(..., description="NCHW, NHWC or flat")
+    class_order: list[int] | None = Field(None, description="the data set's class of each output (none: the same)")
+    output: str = Field(..., description="how answers were read: logits, probabilities, label or auto")
+    seed: int = Field(..., description="the class-balanced sample's and the attacks' seed")
+    budget: int = Field(..., ge=1, description="queries per image per attack")
+    votes: int = Field(..., ge=1, description="queries per candidate (majority vote against a randomized endpoint)")
+    confirm: int = Field(
+        ..., ge=0, description="fresh queries that all missed the label before an image counted broken"
+    )
+    traffic: Traffic
+    unfinished: list[Unfinished] = Field(default_factory=list, description="attacks without a number, and why")
+
+
 class WorstCase(_Strict):
     """The lowest robust accuracy the card records at one ε, over every attack and setting."""
 
@@ -98,18 +148,23 @@ class RobustnessCard(_Strict):
         ...,
         description="the images attacked, by index into the data set's test split, under a key each measurement names",
     )
-    measurements: list[Measurement] = Field(..., min_length=1)
+    measurements: list[Measurement] = Field(
+        ..., description="every number; empty only for an audit whose attacks all stopped (audit.unfinished says why)"
+    )
     clean_accuracy: float | None = Field(None, ge=0, le=1, description="accuracy without attack, where measured")
     rate_limited: int = Field(0, ge=0, description="429 / 503 answers met in all")
     output: Literal["scores", "labels"] = Field(
         "scores", description="what the endpoint answered: scores, or only its top-1 label"
     )
     notes: list[str] = Field(default_factory=list, description="what the numbers do and do not cover")
+    audit: AuditRun | None = Field(None, description="how an audit queried the endpoint (source: audit)")
     command: str = Field(..., description="the command that measured it")
     date: str = Field(..., pattern=r"^\d{4}-\d{2}-\d{2}", description="when (ISO 8601 date)")
 
     @model_validator(mode="after")
     def _consistent(self) -> RobustnessCard:
+        if not self.measurements and not (self.audit and self.audit.unfinished):
+            raise ValueError("a card needs a measurement, or an audit's unfinished attacks saying why it has none")
         for m in self.measurements:
             if m.sample not in self.samples:
                 raise ValueError(

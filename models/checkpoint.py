@@ -7,6 +7,7 @@ Loading validates everything and raises ``CheckpointError`` naming the file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -46,6 +47,7 @@ class Checkpoint:
     model: StagedModel
     filler: torch.Tensor  # (m, *input_shape) trusted clean inputs, float32 in [0, 1]
     card: RobustnessCard | None = None  # robustness.json beside config.json, validated at load (None: there is none)
+    sha256: str | None = None  # of model.safetensors, hashed at load: clients and audits can name the exact weights
 
     @property
     def name(self) -> str:
@@ -224,6 +226,15 @@ def _check_filler(weights_path: Path, filler: torch.Tensor | None, config: Check
     return filler
 
 
+def _file_sha256(path: Path) -> str:
+    """SHA-256 of the weights file as it is on disk (the digest ``report`` publishes and ``sha256sum`` prints)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Checkpoint:
     """Load and validate a checkpoint directory (or its ``model.safetensors``); model in eval mode.
 
@@ -282,7 +293,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
             f"{config_path}: model outputs {tuple(probe.shape[1:])} values but {len(config.classes)} classes are named"
         )
     model.to(device)
-    return Checkpoint(Path(path), config, model, filler.to(device), card)
+    return Checkpoint(Path(path), config, model, filler.to(device), card, _file_sha256(weights_path))
 
 
 def default_checkpoint_path() -> Path:

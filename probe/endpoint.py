@@ -127,9 +127,12 @@ class Metadata:
 
     @property
     def sha256(self) -> str | None:
-        """The checkpoint's SHA-256 where the endpoint exposes one (parameters or a card)."""
+        """The checkpoint's SHA-256 where the endpoint exposes one: this server's ``checkpoint_sha256`` (v2 metadata
+        ``parameters``, ``/v1/models``), else the served card's ``model.sha256``."""
         p = self.parameters
-        for source in (p, p.get("card") or {}, (p.get("card") or {}).get("endpoint") or {}):
+        raw = p.get("card")
+        card: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        for source in (p, card.get("model") or {}):
             if isinstance(source, dict):
                 for key in ("checkpoint_sha256", "sha256"):
                     if isinstance(source.get(key), str):

@@ -1,6 +1,8 @@
 """The audit's endpoint adapter against a real server: the metadata it reads, and how it shapes requests and reads
 answers (layouts, pixel scale, class order, logits, labels) against independent torch/numpy computations."""
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -27,6 +29,12 @@ def test_metadata_of_both_protocols(server, tiny_checkpoint):
             )
         assert (v2.meta.protocol, v2.meta.input_name, v2.meta.datatype, v2.meta.version) == ("v2", "input", "FP32", "1")
         assert v1.meta.protocol == "v1"
+        assert ck.sha256 is not None and len(ck.sha256) == 64
+        assert (
+            v2.meta.sha256
+            == v1.meta.sha256
+            == hashlib.sha256(ck.path.joinpath("model.safetensors").read_bytes()).hexdigest()
+        )
 
 
 def test_both_protocols_answer_the_checkpoints_probabilities_and_every_query_counts(server, tiny_checkpoint, digits):

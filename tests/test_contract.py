@@ -6,6 +6,7 @@ Waits are on state (the server's peak memory in /proc, its log after it stopped)
 """
 
 import gzip
+import hashlib
 import json
 import logging
 
@@ -222,7 +223,9 @@ def test_models_shows_what_a_client_needs_and_the_rci_spec(server, tiny_checkpoi
         "rci",
         "output",
         "card",
-    }  # output and card: issue 31 (labels only, robustness cards)
+        "checkpoint_sha256",
+    }  # output, card and checkpoint_sha256: issue 31 (labels only, robustness cards, the exact weights served)
+    assert info["checkpoint_sha256"] == hashlib.sha256((tiny_checkpoint / "model.safetensors").read_bytes()).hexdigest()
     assert info["output"] == "scores" and info["card"] == {
         "available": False,
         "note": f"model {ck.name!r} has no robustness card",

@@ -50,9 +50,10 @@ cat "$OUT/mlserver-card.md" "$OUT/codedsmooth-card.md"
 "$PROJECT_PYTHON" - "$OUT" <<'PY'
 import json, sys
 a, b = (json.load(open(f"{sys.argv[1]}/{n}-card.json")) for n in ("mlserver", "codedsmooth"))
-assert a["sample"]["indices"] == b["sample"]["indices"]
-print("clean accuracy: MLServer", a["clean_accuracy"]["successes"], "codedsmooth", b["clean_accuracy"]["successes"], "of", a["clean_accuracy"]["n"])
-for x, y in zip(a["attacks"], b["attacks"]):
-    ra, rb = x["robust_accuracy"], y["robust_accuracy"]
-    print(f'{x["name"]}: MLServer {ra["value"]:.3f} [{ra["low"]:.3f}, {ra["high"]:.3f}], codedsmooth {rb["value"]:.3f} [{rb["low"]:.3f}, {rb["high"]:.3f}]')
+assert a["samples"]["audit"] == b["samples"]["audit"]
+n = len(a["samples"]["audit"])
+print("clean accuracy: MLServer", round(a["clean_accuracy"] * n), "codedsmooth", round(b["clean_accuracy"] * n), "of", n)
+for x, y in zip(a["measurements"], b["measurements"]):
+    ra, rb = x["interval"], y["interval"]
+    print(f'{x["attack"]}: MLServer {x["robust_accuracy"]:.3f} [{ra[0]:.3f}, {ra[1]:.3f}], codedsmooth {y["robust_accuracy"]:.3f} [{rb[0]:.3f}, {rb[1]:.3f}]')
 PY

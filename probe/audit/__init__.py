@@ -1,6 +1,6 @@
-"""``codedsmooth audit``: query-only robustness audits of any prediction endpoint, and the card they write."""
+"""``codedsmooth audit``: query-only robustness audits of any prediction endpoint, and the robustness card they write
+(``codedsmooth.models.card.RobustnessCard``, ``source: audit``; its schema is ``docs/card.schema.json``)."""
 
-from .card import AuditCard, card_schema, write_schema
 from .run import AuditConfig, audit_command
 
-__all__ = ["AuditCard", "AuditConfig", "audit_command", "card_schema", "write_schema"]
+__all__ = ["AuditConfig", "audit_command"]

@@ -11,12 +11,27 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from codedsmooth.models.card import (
+    CARD_FILE,
+    AuditRun,
+    CardError,
+    Endpoint as CardEndpoint,
+    Measurement,
+    Queries,
+    RobustnessCard,
+    Traffic as CardTraffic,
+    Unfinished,
+    read_card,
+)
 
 from ..attacks import ATTACKS
 from ..endpoint import (
@@ -30,7 +45,8 @@ from ..endpoint import (
     Traffic,
 )
 from ..samples import balanced_order
-from .card import AttackResult, AuditCard, EndpointInfo, Interval, Queries, RequestShape, Sample, Traffic as TrafficCard
+from ..stats import wilson
+from ..weights import sha256
 from .state import AuditState
 
 AUDIT_ATTACKS = {"square": "square", "decision": "rays"}  # the audit's name -> the registry's (probe.attacks.ATTACKS)
@@ -130,6 +146,12 @@ class AuditConfig:
         default="audit-card.json", metadata={"help": "the card's JSON; its Markdown goes beside it (.md)"}
     )
     plot: str | None = field(default=None, metadata={"help": "also write a PNG bar plot of the accuracies here"})
+    write_card: str | None = field(
+        default=None,
+        metadata={
+            "help": "also write the card, validated, as this checkpoint directory's robustness.json (served at GET /v1/models/{name}/card)"
+        },
+    )
     state: str | None = field(
         default=None, metadata={"help": "the resumable state file (default: the card's path + .state.json)"}
     )
@@ -187,6 +209,7 @@ class AuditConfig:
             "concurrency",
             "card",
             "plot",
+            "write_card",
             "state",
             "resume",
             "progress",
@@ -306,10 +329,12 @@ def _queries(values: list[int]) -> tuple[float | None, float | None]:
     return float(t.median()), float(torch.quantile(t, 0.9))
 
 
-def audit_command(cfg: AuditConfig, command: str = "codedsmooth audit") -> AuditCard:
+def audit_command(cfg: AuditConfig, command: str = "codedsmooth audit") -> RobustnessCard:
     """Run the audit (resuming where the state file says) and write the card; returns it."""
     cfg.validate()
     card_path = Path(cfg.card)
+    if cfg.write_card:
+        _checkpoint_dir(Path(cfg.write_card))  # refused before any query, not after the audit
     state_path = Path(cfg.state) if cfg.state else card_path.with_name(card_path.name + ".state.json")
     settings = cfg.settings()
     state = AuditState.open(state_path, settings, cfg.resume)
@@ -351,7 +376,56 @@ def audit_command(cfg: AuditConfig, command: str = "codedsmooth audit") -> Audit
     finally:
         endpoint.close()
     write_card(card, card_path, cfg.plot)
+    if cfg.write_card:
+        write_checkpoint_card(card, Path(cfg.write_card))
     return card
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    missing = [f for f in ("config.json", "model.safetensors") if not (path / f).is_file()]
+    if missing:
+        raise ValueError(f"--write-card {path}: not a checkpoint directory (no {' or '.join(missing)})")
+    return path
+
+
+def write_checkpoint_card(card: RobustnessCard, directory: Path) -> Path:
+    """Write ``card`` as the checkpoint's ``robustness.json``, read back and validated as the server loads it.
+
+    A card whose endpoint exposed a checkpoint SHA-256 goes only into the checkpoint with that
+    ``model.safetensors``: a card describes the weights it measured, not whatever directory is named.
+    The file is written beside and renamed, so a server never loads half a card.
+    """
+    _checkpoint_dir(directory)
+    if card.model.sha256 is not None:
+        found = sha256(directory / "model.safetensors")
+        if found != card.model.sha256:
+            raise ValueError(
+                f"--write-card {directory}: its model.safetensors has SHA-256 {found}, the audited endpoint "
+                f"serves {card.model.sha256}: the card describes other weights"
+            )
+    target = directory / CARD_FILE
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(card.to_json(), encoding="utf-8")
+    try:
+        if read_card(tmp) != card:
+            raise ValueError(f"{tmp}: the card read back differs from the card written")
+    except (CardError, ValueError):
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)
+    return target
+
+
+SETTING = {
+    True: "as served at the endpoint (randomized answers)",
+    False: "as served at the endpoint (deterministic answers)",
+}
+THREAT = {"scores": "score-based", "labels": "decision-based"}
+
+
+def _sha256(value: str | None) -> str | None:
+    """The endpoint's checkpoint SHA-256 where it is one (a card records only a well-formed digest)."""
+    return value.lower() if value and re.fullmatch(r"[0-9a-fA-F]{64}", value) else None
 
 
 def build_card(
@@ -364,24 +438,29 @@ def build_card(
     stopped: dict[str, str],
     command: str,
     layout: str,
-) -> AuditCard:
+) -> RobustnessCard:
+    """The audit as a robustness card (``source: audit``): a measurement per complete attack (and the per-image
+    worst case of several), the rest in ``audit.unfinished`` with the reason."""
     assert state.clean is not None
     clean = state.clean
     n = len(y)
     correct = [bool(c) for c in clean["correct"]]
-    results, robust_all = [], list(correct)
+    setting = SETTING[bool(clean["randomized"])]
+    rows: list[Measurement] = []
+    unfinished: list[Unfinished] = []
+    robust_all, complete_names, accesses = list(correct), [], set()
     for name in cfg.attack:
         cls = ATTACKS[AUDIT_ATTACKS[name]]
         access = getattr(cls, "access", "labels")
-        method = f"{cls.__name__} ({cls.__doc__.splitlines()[0] if cls.__doc__ else ''})"
+        label = f"{name}: {cls.__name__}, {cfg.budget:,} queries per image over HTTP"
+        threat = THREAT[access]
         if access == "scores" and not clean["returns_scores"]:
-            results.append(
-                AttackResult(
-                    name=name,
-                    method=method,
-                    access=access,
+            unfinished.append(
+                Unfinished(
+                    attack=label,
+                    threat=threat,
+                    eps=cfg.eps,
                     status="skipped",
-                    budget=cfg.budget,
                     reason="the endpoint answers labels only; a score-based attack cannot run",
                 )
             )
@@ -389,81 +468,121 @@ def build_card(
         done = state.attacks.get(name, {})
         attacked = [i for i in range(n) if correct[i]]
         finished = [i for i in attacked if str(i) in done]
-        status = "complete" if len(finished) == len(attacked) else "incomplete"
         broken = [i for i in finished if done[str(i)]["broken"]]
-        robust = sum(1 for i in range(n) if correct[i] and str(i) in done and not done[str(i)]["broken"])
+        total = sum(done[str(i)]["queries"] for i in finished)
+        if len(finished) < len(attacked):
+            reason = (
+                stopped.get(name) or f"{len(attacked) - len(finished)} images not attacked yet: run again with --resume"
+            )
+            unfinished.append(
+                Unfinished(
+                    attack=label,
+                    threat=threat,
+                    eps=cfg.eps,
+                    status="incomplete",
+                    reason=reason,
+                    attacked=len(finished),
+                    broken=len(broken),
+                    queries=total,
+                )
+            )
+            continue
+        robust = sum(1 for i in attacked if not done[str(i)]["broken"])
         median, p90 = _queries([done[str(i)]["queries"] for i in broken])
-        reason = stopped.get(name) or (
-            None
-            if status == "complete"
-            else f"{len(attacked) - len(finished)} images not attacked yet: run again with --resume"
+        p = wilson(robust, n)
+        rows.append(
+            Measurement(
+                attack=label,
+                threat=threat,
+                setting=setting,
+                eps=cfg.eps,
+                sample="audit",
+                n=n,
+                robust_accuracy=p.value,
+                interval=(p.low, p.high),
+                queries_per_broken=Queries(median=median, p90=p90) if median is not None and p90 is not None else None,
+                queries=total,
+            )
         )
-        result = AttackResult(
-            name=name,
-            method=method,
-            access=access,
-            status=status,
-            reason=reason,
-            budget=cfg.budget,
-            robust_accuracy=Interval.of(robust, n) if status == "complete" else None,
-            broken=len(broken),
-            attacked=len(finished),
-            queries_per_broken_image=Queries(
-                median=median, p90=p90, total=sum(done[str(i)]["queries"] for i in finished)
-            ),
+        robust_all = [r and not done[str(i)]["broken"] for i, r in enumerate(robust_all)]
+        complete_names.append(name)
+        accesses.add(access)
+    if len(rows) > 1:  # an image counts robust only when every complete attack missed it
+        p = wilson(sum(robust_all), n)
+        rows.append(
+            Measurement(
+                attack="worst case per image of: " + ", ".join(complete_names),
+                threat="score-based" if "scores" in accesses else "decision-based",
+                setting=setting,
+                eps=cfg.eps,
+                sample="audit",
+                n=n,
+                robust_accuracy=p.value,
+                interval=(p.low, p.high),
+                queries=sum(m.queries or 0 for m in rows),
+            )
         )
-        results.append(result)
-        if status == "complete":
-            robust_all = [r and not done[str(i)]["broken"] for i, r in enumerate(robust_all)]
     t = endpoint.traffic
     wall = state.wall_s
     rate = t.queries / wall if wall > 0 else None
     meta = endpoint.meta
-    complete = [r for r in results if r.status == "complete"]
-    notes = [f"votes per candidate: {votes}; confirmations per break: {cfg.confirm}"]
+    notes = [
+        "query-only audit: no weights were used; indices are into the data set's test split (a class-balanced sample)",
+        f"an image counts robust when it is right clean and the attack did not break it, out of all {n}",
+        f"votes per candidate: {votes}; confirmations per break: {cfg.confirm}",
+    ]
     if not clean["returns_scores"]:
         notes.append("label-only endpoint: the decision attack only")
-    return AuditCard(
-        endpoint=EndpointInfo(
-            url=endpoint.url,
-            protocol=meta.protocol,
-            model=meta.name,
+    return RobustnessCard(
+        source="audit",
+        model=CardEndpoint(
+            name=meta.name,
             version=meta.version,
-            checkpoint_sha256=meta.sha256,  # type: ignore[arg-type]
-            input=f"{meta.input_name} {meta.datatype} {meta.shape}",
-            returns="scores" if clean["returns_scores"] else "labels",
+            sha256=_sha256(meta.sha256),
+            url=endpoint.url,
+            protocol="v2" if meta.protocol == "v2" else "v1",
             randomized=bool(clean["randomized"]),
         ),
-        eps=cfg.eps,
-        sample=Sample(data=cfg.data, seed=cfg.seed, indices=[int(i) for i in idx], labels=[int(v) for v in y]),
-        request=RequestShape(
-            pixel_scale=cfg.pixel_scale, layout=layout, class_order=cfg.class_order, output=cfg.output
+        dataset=cfg.data,
+        eps=[cfg.eps],
+        samples={"audit": [int(i) for i in idx]},
+        measurements=rows,
+        clean_accuracy=sum(correct) / n,
+        rate_limited=t.status.get(429, 0) + t.status.get(503, 0),
+        output="scores" if clean["returns_scores"] else "labels",
+        audit=AuditRun(
+            input=f"{meta.input_name} {meta.datatype} {meta.shape}",
+            pixel_scale=cfg.pixel_scale,
+            layout=layout,
+            class_order=cfg.class_order,
+            output=cfg.output,
+            seed=cfg.seed,
+            budget=cfg.budget,
+            votes=votes,
+            confirm=cfg.confirm,
+            traffic=CardTraffic(
+                queries=t.queries,
+                requests=t.requests,
+                status_429=t.status.get(429, 0),
+                status_503=t.status.get(503, 0),
+                waited_s=round(t.waited_s, 3),
+                wall_s=round(wall, 3),
+                queries_per_second=rate,
+                days_per_million_queries=(1e6 / rate / 86400) if rate else None,
+            ),
+            unfinished=unfinished,
         ),
-        clean_accuracy=Interval.of(sum(correct), n),
-        attacks=results,
-        worst_case=Interval.of(sum(robust_all), n) if complete else None,
-        traffic=TrafficCard(
-            queries=t.queries,
-            requests=t.requests,
-            status_429=t.status.get(429, 0),
-            status_503=t.status.get(503, 0),
-            waited_s=round(t.waited_s, 3),
-            wall_s=round(wall, 3),
-            queries_per_second=rate,
-            days_per_million_queries=(1e6 / rate / 86400) if rate else None,
-        ),
+        notes=notes,
         command=command,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        seed=cfg.seed,
-        notes=notes,
     )
 
 
-def write_card(card: AuditCard, path: Path, plot: str | None = None) -> None:
+def write_card(card: RobustnessCard, path: Path, plot: str | None = None) -> None:
     from .render import card_markdown, plot_card
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(card.model_dump_json(indent=2) + "\n")
-    path.with_suffix(".md").write_text(card_markdown(card))
+    path.write_text(card.to_json(), encoding="utf-8")
+    path.with_suffix(".md").write_text(card_markdown(card), encoding="utf-8")
     if plot:
         plot_card(card, plot)

@@ -148,6 +148,9 @@ class ModelInfo(BaseModel):
     card: CardSummary = Field(
         ..., description="the robustness card's worst case at each ε, or a note that there is none"
     )
+    checkpoint_sha256: str | None = Field(
+        None, description="SHA-256 of the checkpoint's model.safetensors: the exact weights served"
+    )
 
 
 class HealthBody(BaseModel):
@@ -175,6 +178,9 @@ class V2ModelParameters(BaseModel):
     rci: RciInfo = Field(..., description="the coding spec in force")
     card: RobustnessCard | None = Field(
         ..., description="the robustness card (as GET /v1/models/{name}/card); null when the model has none"
+    )
+    checkpoint_sha256: str | None = Field(
+        None, description="SHA-256 of the checkpoint's model.safetensors: the exact weights served"
     )
 
 

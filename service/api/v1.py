@@ -197,6 +197,7 @@ def _model_info(lc, model) -> ModelInfo:
         details=details,
         output=model.settings.output,
         card=CardSummary.of(model.name, ck.card),
+        checkpoint_sha256=ck.sha256,
     )
 
 

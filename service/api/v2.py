@@ -227,7 +227,9 @@ def _metadata(request: Request, name: str, version: str = "") -> V2ModelMetadata
             )
             for out, datatype in model_outputs(model.settings.output).items()
         ],
-        parameters=V2ModelParameters(rci=RciInfo.from_spec(model.engine.spec), card=ck.card),
+        parameters=V2ModelParameters(
+            rci=RciInfo.from_spec(model.engine.spec), card=ck.card, checkpoint_sha256=ck.sha256
+        ),
     )
 
 
