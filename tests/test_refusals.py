@@ -81,6 +81,10 @@ def test_an_exhausted_quota_gets_429_while_its_upload_is_still_being_sent(server
     assert headers.get("connection") == "close" and int(headers["retry-after"]) > 0
     assert "quota of 1 items" in body.decode()
     assert metric(server, "codedsmooth_requests_total", endpoint="unmatched", status="408", model="") == 0
+    # refused before routing, and still counted under the route it was aimed at
+    wait_for_metric(
+        server, "codedsmooth_requests_total", lambda v: v >= 1, endpoint="/v1/predict/image", status="429", model=""
+    )
     server.wait_line("checked before reading the body")
 
 

@@ -18,6 +18,9 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Sequence
+
+from starlette.routing import BaseRoute, Match
 
 from codedsmooth.service.access.control import CLIENT, HELD, charges_items
 from codedsmooth.service.access.refusals import RefusalLog
@@ -57,9 +60,11 @@ class AdmissionMiddleware:
     - counts and logs (rate-limited, aggregated) the answers of ``REFUSALS``.
     """
 
-    def __init__(self, app, lifecycle: Lifecycle):
+    def __init__(self, app, lifecycle: Lifecycle, routes: Sequence[BaseRoute] = ()):
+        """``routes``: the app's routes, to count a request answered here before routing under the route it named."""
         self.app = app
         self.lifecycle = lifecycle
+        self.routes = routes
         self.max_bytes = lifecycle.settings.max_body_bytes
         self.refusals = RefusalLog(log, logging.INFO)
 
@@ -145,8 +150,7 @@ class AdmissionMiddleware:
                 await lc.access.release(held)  # answered before its items were charged: a bad body, an unknown model
             if disconnected and (status is None or status >= 500):
                 status = CLIENT_CLOSED
-            route = scope.get("route")
-            lc.release(admission, getattr(route, "path", None) or "unmatched", status or 500, state.get(MODEL))
+            lc.release(admission, _endpoint(scope, self.routes), status or 500, state.get(MODEL))
             if status in REFUSALS:
                 self._refused(scope, status, answer)
 
@@ -161,6 +165,15 @@ class AdmissionMiddleware:
             return f"{scope['method']} {quoted(scope['path'])}: {_error_text(answer)} ({status})"
 
         self.refusals.refused(who, str(status), detail)
+
+
+def _endpoint(scope, routes: Sequence[BaseRoute]) -> str:
+    """The route a request is counted under: the one it reached, or, when admission answered it before routing
+    (401, a 429 on admission's hold), the route its request line names, so a refusal is counted where it was aimed."""
+    route = scope.get("route")
+    if route is None:
+        route = next((r for r in routes if r.matches(scope)[0] == Match.FULL), None)
+    return getattr(route, "path", None) or "unmatched"
 
 
 def _error_text(body: bytes) -> str:

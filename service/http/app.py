@@ -49,5 +49,6 @@ def create_app(
     app.include_router(management.router)
     install_error_handlers(app)
     install_openapi(app, keys_required=lifecycle.access is not None)
-    app.add_middleware(AdmissionMiddleware, lifecycle=lifecycle)
+    routes = [*v1.router.routes, *v2.router.routes, *management.router.routes]
+    app.add_middleware(AdmissionMiddleware, lifecycle=lifecycle, routes=routes)
     return app
