@@ -183,3 +183,22 @@ def test_broken_image_gets_the_services_words_over_http(server, mnist_digits):
     assert (
         r.json()["error"] == "image 'cut.png' cannot be decoded (the file is truncated); only PNG and JPEG are accepted"
     )
+
+
+def test_an_inverted_digit_gets_a_warning_naming_the_background_convention(server, mnist_digits):
+    """A dark-on-light digit (a real test digit, inverted) is answered with a warning; the same digit as the
+    checkpoint's data shows it (light on dark) is answered without one. The server never inverts."""
+    digit = mnist_digits[0]
+    files = [
+        ("files", ("as-trained.png", encode(upright(digit)), "image/png")),
+        ("files", ("inverted.png", encode(upright(255 - digit)), "image/png")),
+    ]
+    r = httpx.post(server.url + "/v1/predict/image", files=files, timeout=60)
+    assert r.status_code == 200, r.text
+    plain, inverted = r.json()["predictions"]
+    assert "warnings" not in plain
+    (warning,) = inverted["warnings"]
+    assert "light" in warning and "dark background" in warning and "invert" in warning
+    # the JSON route answers the same pixels without the image route's check
+    body = {"inputs": [(255 - digit)[None].astype(float).__truediv__(255).tolist()]}
+    assert "warnings" not in httpx.post(server.url + "/v1/predict", json=body, timeout=60).json()["predictions"][0]

@@ -81,6 +81,11 @@ class Prediction(BaseModel):
     probabilities: list[float] | None = Field(
         None, description="class probabilities by index; absent when the server answers labels only (--output labels)"
     )
+    warnings: list[str] | None = Field(
+        None,
+        description="image route only: why the answer may be wrong (e.g. a light background where the model "
+        "expects a dark one); absent when nothing looks wrong",
+    )
 
 
 class PredictResponse(BaseModel):

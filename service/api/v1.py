@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 from starlette.datastructures import UploadFile
 
 from codedsmooth.models.card import RobustnessCard
+from codedsmooth.models.checkpoint import border_background
 from codedsmooth.service.api.handlers import ServiceRoute
 from codedsmooth.service.api.inputs import (
     check_batch,
@@ -108,6 +109,34 @@ def decode_images(
             ) from None
         arrays.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
     return np.stack(arrays)
+
+
+def background_warnings(arr: np.ndarray, background: tuple[float, ...]) -> list[str | None]:
+    """Per decoded image (n, C, H, W in [0, 1]): a warning when its border is far from the checkpoint's background.
+
+    A dark-on-light photo of a digit gets a confident wrong label from a model trained on light-on-dark
+    digits (MNIST, Fashion-MNIST); the server never inverts an image, so it says what looks wrong instead.
+    The border is measured as the checkpoint's own background is (``border_background``).
+    """
+    expected = float(np.mean(background))
+    out: list[str | None] = []
+    for border in _borders(arr):
+        if abs(border - expected) <= 0.5:
+            out.append(None)
+            continue
+        seen, wanted = ("light", "dark") if border > expected else ("dark", "light")
+        out.append(
+            f"the image's border is {seen} (mean {border:.2f}) but this model expects a {wanted} background "
+            f"({expected:g}): it was trained on {seen} objects on a {wanted} background; invert the image "
+            "(e.g. PIL.ImageOps.invert) before sending it, as the server never inverts one"
+        )
+    return out
+
+
+def _borders(arr: np.ndarray) -> list[float]:
+    """The median border pixel of each image, averaged over its channels (``border_background`` per image)."""
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    return [float(np.mean(border_background(x[i : i + 1]))) for i in range(len(x))]
 
 
 def _opaque(img: Image.Image, background: tuple[float, ...]) -> Image.Image:
@@ -298,10 +327,14 @@ async def _predict_image(request: Request, name: str | None) -> Response:
     arr = await lc.decode(decode_images, images, ck.input_shape, lc.settings.max_image_pixels, ck.background)
     x = check_batch(arr, ck.input_shape, max_items, what="images")
     probs = await lc.infer(request, x, model)
+    predictions = _predictions(probs, ck.classes, model.settings.output)
+    for prediction, warning in zip(predictions, background_warnings(arr, ck.background)):
+        if warning is not None:
+            prediction.warnings = [warning]
     return json_response(
         PredictResponse(
             model=model.name,
-            predictions=_predictions(probs, ck.classes, model.settings.output),
+            predictions=predictions,
             rci=RciInfo.from_spec(model.engine.spec).summary(),
         )
     )
