@@ -9,7 +9,6 @@ the real one (``run_server``); only ``load_checkpoint`` as the repository calls 
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 import slow_server
@@ -23,11 +22,7 @@ real_load = registry.load_checkpoint
 
 def held_load(path, *args, **kwargs):
     if Path(path).name == os.environ.get("SLOW_LOAD_MODEL"):
-        gate = Path(os.environ["SLOW_LOAD_GATE"])
-        (gate / "entered").touch()
-        end = time.monotonic() + 120
-        while not (gate / "open").exists() and time.monotonic() < end:
-            time.sleep(0.01)
+        slow_server.hold_at_gate(Path(os.environ["SLOW_LOAD_GATE"]), 120)
     return real_load(path, *args, **kwargs)
 
 

@@ -38,12 +38,21 @@ class SlowEngine(InferenceEngine):
         if self.warm:
             self.batches += 1
             if self.gate is not None and self.batches == 1:
-                (self.gate / "entered").touch()
-                end = time.monotonic() + 60
-                while not (self.gate / "open").exists() and time.monotonic() < end:
-                    time.sleep(0.005)
+                hold_at_gate(self.gate, 60)
             time.sleep(self.delay)
         return super().run(inputs)
+
+
+def hold_at_gate(gate: Path, timeout_s: float) -> None:
+    """Say ``gate/entered``, then hold this thread until the test creates ``gate/open`` (at most ``timeout_s``).
+
+    The server side of a test's gate: the test waits on ``entered`` and opens the gate when it has seen what it
+    needs, so nothing here stands in for a state the test expects; the timeout only ends a gate never opened.
+    """
+    (gate / "entered").touch()
+    end = time.monotonic() + timeout_s
+    while not (gate / "open").exists() and time.monotonic() < end:
+        time.sleep(0.005)
 
 
 def parse(argv: list[str]) -> tuple[str, dict]:

@@ -110,11 +110,11 @@ class Access:
         """Create every client's series at 0, so rates and alerts see a client before its first request."""
         m = self.metrics
         m.keys_clients.set(len(names))
-        m.client_refused.labels(UNKNOWN, "401")
+        m.client_refused.labels(client=UNKNOWN, status="401")
         for name in names:
-            m.client_requests.labels(name)
-            m.client_items.labels(name)
-            m.client_refused.labels(name, "429")
+            m.client_requests.labels(client=name)
+            m.client_items.labels(client=name)
+            m.client_refused.labels(client=name, status="429")
 
     @staticmethod
     def is_open(path: str) -> bool:
@@ -140,9 +140,9 @@ class Access:
                     problem = "unknown API key"
         if client is None:
             self._log_refusal(UNKNOWN, 401, f"{method} {quoted(path)}: {problem} (401)")
-            self.metrics.client_refused.labels(UNKNOWN, "401").inc()
+            self.metrics.client_refused.labels(client=UNKNOWN, status="401").inc()
             raise Unauthorized(problem, invalid_token=bool(authorization))
-        self.metrics.client_requests.labels(client.name).inc()
+        self.metrics.client_requests.labels(client=client.name).inc()
         return client
 
     def resolve(self, client: Client, model=None) -> list[tuple[CounterKey, Limits]]:
@@ -190,7 +190,7 @@ class Access:
         on = f" on model {key.model!r}" if key.model is not None else ""
         when = f"retry after {retry_after_s} s" if retry_after_s > 0 else "do not retry it"
         self._log_refusal(client.name, 429, f"{reason}{on}; {when}{note} (429)")
-        self.metrics.client_refused.labels(client.name, "429").inc()
+        self.metrics.client_refused.labels(client=client.name, status="429").inc()
         raise TooManyRequests(f"{reason}{on}; {when}", retry_after_s)
 
     async def queue(
@@ -224,7 +224,7 @@ class Access:
             for key, limits in taken:
                 await self.limiter.refund(key, items, limits)
             raise
-        self.metrics.client_items.labels(client.name).inc(items)
+        self.metrics.client_items.labels(client=client.name).inc(items)
         return queued
 
     def check_overrides(self) -> None:
@@ -255,12 +255,12 @@ class Access:
             return
         if reload.error is None:
             self._labelled(self.keys.table.names)
-            self.metrics.keys_reloads.labels("ok" if reload.clients else "empty").inc()
+            self.metrics.keys_reloads.labels(result="ok" if reload.clients else "empty").inc()
             log.info("reloaded %s: %d clients", self.keys.path, reload.clients)
             self._warn_if_empty()
             self.check_overrides()
         else:
-            self.metrics.keys_reloads.labels("error").inc()
+            self.metrics.keys_reloads.labels(result="error").inc()
             log.error("%s", reload.error)
 
     async def watch(self) -> None:

@@ -156,7 +156,7 @@ class AdmissionMiddleware:
 
     def _refused(self, scope, status: int, answer: bytes) -> None:
         """Count a refusal of the request's input and log it, one line per (client or peer, status) per interval."""
-        self.lifecycle.metrics.rejected.labels(REFUSALS[status]).inc()
+        self.lifecycle.metrics.rejected.labels(reason=REFUSALS[status]).inc()
         client = scope["state"].get(CLIENT)
         peer = scope.get("client")
         who = f"client {client.name}" if client is not None else f"peer {peer[0] if peer else 'unknown'}"
