@@ -72,6 +72,12 @@ class ReportConfig:
     )
     epochs: int = field(default=10, metadata={"help": "training epochs per model"})
     width: int = field(default=16, metadata={"help": "small_cnn channel width"})
+    at_eps: float | None = field(
+        default=None,
+        metadata={
+            "help": "L∞ radius the adversarially trained models train at (default: the trainer's, 0.3 on 28×28 grey data)"
+        },
+    )
     eps: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3], metadata={"help": "L∞ radii of the tables"})
     curve_eps: list[float] = field(
         default_factory=lambda: [0.4],

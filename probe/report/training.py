@@ -37,7 +37,16 @@ def ensure_checkpoint(cfg: ReportConfig, method: Method, seed: int, data, size: 
             seen = getattr(
                 t, "train_images", n_train
             )  # checkpoints written before the record trained on the whole split
-            if (t.method, hp["epochs"], hp["seed"], ck.config.arch_kwargs.get("width"), ck.config.dataset, seen) == (
+            adversarial = hp.get("adversarial_training") or {}
+            same_eps = cfg.at_eps is None or not adversarial or abs(adversarial.get("eps", -1.0) - cfg.at_eps) < 1e-9
+            if same_eps and (
+                t.method,
+                hp["epochs"],
+                hp["seed"],
+                ck.config.arch_kwargs.get("width"),
+                ck.config.dataset,
+                seen,
+            ) == (
                 method,
                 epochs,
                 seed,
@@ -60,6 +69,7 @@ def ensure_checkpoint(cfg: ReportConfig, method: Method, seed: int, data, size: 
             out=str(path),
             max_steps=cfg.max_steps,
             train_size=subset,
+            at_eps=cfg.at_eps,
         ),
         data=data,
     )
