@@ -413,7 +413,7 @@ def _add_report(sub) -> None:
     p = sub.add_parser(
         "report",
         allow_abbrev=False,
-        help="train (or reuse) erm, mixup, coded and pgd-at on MNIST over several seeds, attack them plain and through RCI, write docs/RESULTS.md",
+        help="train (or reuse) erm, mixup, coded and pgd-at on MNIST over several seeds, attack them plain and through RCI, write docs/RESULTS.md (--data fashion-mnist: docs/fashion/RESULTS.md)",
     )
     _add_config_options(p, ReportConfig)
     p.set_defaults(func=_run_report)
@@ -438,9 +438,10 @@ def _non_default_flags(cfg, defaults) -> list[str]:
 def _run_report(args) -> int:
     from codedsmooth.probe.report import QUICK_NOTE, ReportConfig, run_report
 
-    cfg = _config_from_args(ReportConfig, args)
+    cfg = _config_from_args(ReportConfig, args).for_data()
+    data = [] if cfg.data == ReportConfig.data else ["--data", cfg.data]
     command = shlex.join(
-        ["codedsmooth", "report", *_non_default_flags(cfg, ReportConfig())]
+        ["codedsmooth", "report", *data, *_non_default_flags(cfg, ReportConfig(data=cfg.data).for_data())]
     )  # what to type to run it again
     out = run_report(cfg, command)
     if cfg.quick:

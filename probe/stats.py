@@ -76,3 +76,24 @@ def sign_test(score_a: torch.Tensor, score_b: torch.Tensor) -> Paired:
     discordant = only_a + only_b
     p = 1.0 if discordant == 0 else float(binomtest(only_a, discordant, 0.5).pvalue)
     return Paired(only_a, only_b, p)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """Accuracy of A minus accuracy of B on the same n items, with its confidence interval."""
+
+    diff: float
+    low: float
+    high: float
+    n: int
+
+
+def paired_difference(only_a: int, only_b: int, n: int, confidence: float = 0.95) -> Difference:
+    """Wald interval of the difference of two paired proportions from their discordant counts (the normal
+    approximation McNemar's test rests on; sound at the thousands of images a clean comparison has)."""
+    if n < 1 or min(only_a, only_b) < 0 or only_a + only_b > n:
+        raise ValueError(f"need 0 <= only_a + only_b <= n and n >= 1, got {only_a} + {only_b} of {n}")
+    z = norm.ppf(0.5 + confidence / 2)
+    d = (only_a - only_b) / n
+    half = z * math.sqrt(max(only_a + only_b - (only_a - only_b) ** 2 / n, 0.0)) / n
+    return Difference(d, d - half, d + half, n)

@@ -45,3 +45,23 @@ def test_sign_test_on_scores_reduces_to_mcnemar_on_outcomes():
     t = sign_test(scores, other)
     assert (t.only_a, t.only_b) == (3, 1)  # higher in images 0, 3, 5; lower in 4; ties dropped
     assert t.p_value == pytest.approx(0.625)  # P(|X - 2| >= 1) for X ~ Bin(4, 1/2): 1 - 6/16
+
+
+def test_paired_difference_matches_a_bootstrap_of_the_pairs():
+    """The Wald interval of a paired difference against an independent reference: resampling the image pairs."""
+    from codedsmooth.probe.stats import paired_difference
+
+    gen = torch.Generator().manual_seed(0)
+    n = 4000
+    a = torch.rand(n, generator=gen) < 0.90
+    flip = torch.rand(n, generator=gen) < 0.08
+    b = a ^ flip  # B differs from A on about 8 % of the images
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    d = paired_difference(only_a, only_b, n)
+    assert d.diff == pytest.approx((a.float().mean() - b.float().mean()).item())
+    idx = torch.randint(0, n, (4000, n), generator=gen)
+    boot = (a[idx].float().mean(1) - b[idx].float().mean(1)).sort().values
+    low, high = boot[int(0.025 * len(boot))].item(), boot[int(0.975 * len(boot))].item()
+    assert d.low == pytest.approx(low, abs=0.002) and d.high == pytest.approx(high, abs=0.002)
+    with pytest.raises(ValueError):
+        paired_difference(5, 6, 10)

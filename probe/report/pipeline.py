@@ -210,23 +210,50 @@ def attack_models(run: Run) -> None:
         bar.set_postfix_str(f"{ck.name} seed {s}: {100 * o['plain'][run.last].accuracy:.1f} % at ε = {cfg.eps[-1]:g}")
 
 
+def choose_served(run: Run) -> None:
+    """With --serve-min-clean: the model to serve, the most robust (worst case without RCI at the largest ε on the
+    white-box sample) of those clean enough on the whole test split; ties go to the higher clean accuracy."""
+    cfg = run.cfg
+    if cfg.serve_min_clean is None:
+        return
+    clean = {key: float(clean_correct(run.cks[key], run.x_all, run.y_all).float().mean()) for key in run.keys}
+    eligible = [key for key in run.keys if clean[key] >= cfg.serve_min_clean]
+    if not eligible:
+        log.warning("no model reaches clean accuracy %.3f: none is chosen to serve", cfg.serve_min_clean)
+        return
+    m, s = max(eligible, key=lambda k: (run.outcomes[k]["plain"][run.last].accuracy, clean[k]))
+    run.extras["served"] = {
+        "key": f"{m}/seed{s}",
+        "name": run.cks[(m, s)].name,
+        "sha256": run.sha[f"{m}/seed{s}"],
+        "published": run.published[f"{m}/seed{s}"],
+        "min_clean": cfg.serve_min_clean,
+        "clean": clean[(m, s)],
+        "eligible": [f"{k[0]}/seed{k[1]}" for k in eligible],
+    }
+
+
 def full_split_rest(run: Run) -> None:
-    """For --full-split methods: the white-box cascade at the largest ε on the test images outside the white-box sample."""
+    """For --full-split methods and the model chosen to serve: the white-box cascade at the largest ε on the test images outside the white-box sample."""
     cfg = run.cfg
     rest = run.order[len(run.samples["white-box"]) :]
-    for m in (m for m in cfg.full_split if m in cfg.methods):
-        for s in cfg.seeds_of(m):
-            ck = run.cks[(m, s)]
-            fkey = {"checkpoint": run.sha[f"{m}/seed{s}"], "rest": rest, **run.budgets, "eps": cfg.eps[-1]}
-            run.rests[(m, s)] = outcome_from(
-                run.cache.run(
-                    f"full split/{m}-seed{s}",
-                    fkey,
-                    lambda ck=ck: outcome_data(
-                        _full_split_rest(run.suite, ck, run.x_all[rest], run.y_all[rest], cfg.eps[-1])
-                    ),
-                )
+    served = run.extras.get("served", {}).get("key")
+    keys = [(m, s) for m in cfg.full_split if m in cfg.methods for s in cfg.seeds_of(m)]
+    if served:
+        m, s = served.split("/seed")
+        keys = list(dict.fromkeys([*keys, (m, int(s))]))
+    for m, s in keys:
+        ck = run.cks[(m, s)]
+        fkey = {"checkpoint": run.sha[f"{m}/seed{s}"], "rest": rest, **run.budgets, "eps": cfg.eps[-1]}
+        run.rests[(m, s)] = outcome_from(
+            run.cache.run(
+                f"full split/{m}-seed{s}",
+                fkey,
+                lambda ck=ck: outcome_data(
+                    _full_split_rest(run.suite, ck, run.x_all[rest], run.y_all[rest], cfg.eps[-1])
+                ),
             )
+        )
 
 
 def coded_studies(run: Run) -> None:
@@ -395,6 +422,7 @@ STAGES: tuple[Callable[[Run], None], ...] = (
     train_models,
     draw_samples,
     attack_models,
+    choose_served,
     full_split_rest,
     coded_studies,
     attacks_over_http,
@@ -470,7 +498,7 @@ def write(out: Path, results: dict | None = None) -> Path:
 def run_report(cfg: ReportConfig, command: str) -> Path:
     if cfg.render_only:
         return write(Path(cfg.out))
-    cfg = cfg.resolved()
+    cfg = cfg.for_data().resolved()
     cfg.validate()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)

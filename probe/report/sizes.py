@@ -23,7 +23,7 @@ from codedsmooth.train.data import training_subset
 
 from ..cache import StageCache
 from ..samples import class_counts
-from ..stats import mcnemar
+from ..stats import mcnemar, paired_difference
 from ..suite import SuiteConfig, whitebox_stage
 from ..weights import checkpoint_record
 from .config import ReportConfig
@@ -38,6 +38,8 @@ PAIRS = (
     ("coded", "mixup", "clean"),
     ("coded-at", "pgd-at", "clean"),
     ("coded-at", "pgd-at", "worst"),
+    ("coded-fast-at", "fast-at", "clean"),
+    ("coded-fast-at", "fast-at", "worst"),
 )
 
 
@@ -159,5 +161,17 @@ def size_tests(rows: list[dict]) -> list[dict]:
                     }
                 )
             if tests:
-                out.append({"size": size, "a": a, "b": b, "measure": measure, "tests": tests})
+                pooled = paired_difference(
+                    sum(t["only_a"] for t in tests), sum(t["only_b"] for t in tests), sum(t["n"] for t in tests)
+                )  # every seed's pairs of images together: the size of the difference, with its interval
+                out.append(
+                    {
+                        "size": size,
+                        "a": a,
+                        "b": b,
+                        "measure": measure,
+                        "tests": tests,
+                        "pooled": {"diff": pooled.diff, "low": pooled.low, "high": pooled.high, "n": pooled.n},
+                    }
+                )
     return out
