@@ -435,14 +435,19 @@ def _non_default_flags(cfg, defaults) -> list[str]:
     return flags
 
 
+def report_flags(cfg) -> list[str]:
+    """The flags that give a report config (its data set's defaults applied): what to type to run it again."""
+    from codedsmooth.probe.report import ReportConfig
+
+    data = [] if cfg.data == ReportConfig.data else ["--data", cfg.data]
+    return data + _non_default_flags(cfg, ReportConfig(data=cfg.data).for_data())
+
+
 def _run_report(args) -> int:
     from codedsmooth.probe.report import QUICK_NOTE, ReportConfig, run_report
 
     cfg = _config_from_args(ReportConfig, args).for_data()
-    data = [] if cfg.data == ReportConfig.data else ["--data", cfg.data]
-    command = shlex.join(
-        ["codedsmooth", "report", *data, *_non_default_flags(cfg, ReportConfig(data=cfg.data).for_data())]
-    )  # what to type to run it again
+    command = shlex.join(["codedsmooth", "report", *report_flags(cfg)])
     out = run_report(cfg, command)
     if cfg.quick:
         print(f"codedsmooth report: {QUICK_NOTE}", file=sys.stderr)

@@ -147,6 +147,21 @@ def test_the_recorded_report_command_parses_back_to_the_same_config():
     assert again == cfg
 
 
+def test_fashion_mnist_takes_its_own_defaults_except_where_an_option_is_given():
+    from codedsmooth.cli import _config_from_args, build_parser, report_flags
+    from codedsmooth.probe.report import ReportConfig
+    from codedsmooth.probe.report.config import DATA_DEFAULTS
+
+    parse = lambda *argv: _config_from_args(ReportConfig, build_parser().parse_args(["report", *argv])).for_data()  # noqa: E731
+    cfg = parse("--data", "fashion-mnist", "--epochs", "3", "--seeds", "4", "5")
+    profile = DATA_DEFAULTS["fashion-mnist"]
+    assert (cfg.epochs, cfg.seeds) == (3, [4, 5])  # given: kept
+    assert {k: getattr(cfg, k) for k in profile if k != "epochs"} == {k: v for k, v in profile.items() if k != "epochs"}
+    assert cfg.out != ReportConfig().out and cfg.runs != ReportConfig().runs  # its own files, never MNIST's
+    assert parse(*report_flags(cfg)) == cfg  # the recorded command runs it again
+    assert parse() == ReportConfig() and report_flags(ReportConfig()) == []  # MNIST as before
+
+
 def test_size_findings_claim_an_effect_only_when_every_seed_agrees():
     from codedsmooth.probe.report.render import size_finding
 
