@@ -238,6 +238,12 @@ class ReportConfig:
         },
     )
     retrain: bool = field(default=False, metadata={"help": "train again even when checkpoints exist"})
+    train_only: bool = field(
+        default=False,
+        metadata={
+            "help": "train (or reuse) this run's models, the size study's among them, and stop: two runs of disjoint --methods and --size-methods with --threads 1 train on 2 cores at once, and the full run then reuses their checkpoints"
+        },
+    )
 
     def for_data(self) -> ReportConfig:
         """This config with the defaults of its data set (:data:`DATA_DEFAULTS`) where an option was left at the MNIST default."""

@@ -503,6 +503,13 @@ def run_report(cfg: ReportConfig, command: str) -> Path:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     run = Run(cfg, Path(cfg.out), cfg.suite(), StageCache(cfg.runs), Clock(), load_dataset(cfg.data))
+    if cfg.train_only:
+        train_models(run)
+        for size in cfg.sizes:
+            for seed in cfg.size_seeds:
+                for m in cfg.size_methods:
+                    ensure_checkpoint(cfg, m, seed, run.data, size)
+        return Path(cfg.runs)
     for stage in STAGES:
         stage(run)
     return write(run.out, results_of(run, command))
