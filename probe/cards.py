@@ -8,7 +8,6 @@ committed file. ``python -m codedsmooth.probe.cards`` writes the card and the pu
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -88,9 +87,10 @@ def _full_split(row: dict[str, Any], eps: float, n: int) -> Measurement:
 
 
 def report_card(results: dict[str, Any], date: str, key: str | None = None) -> RobustnessCard:
-    """The card of the report's model ``key`` (default: the one the embedded default checkpoint is, ``default_checkpoint.same_as``)."""
-    default = results["default_checkpoint"]
-    key = key or default["same_as"]
+    """The card of the report's model ``key`` (default: the model the report chose to serve, ``served.key``, or else
+    the one the embedded default checkpoint is, ``default_checkpoint.same_as``)."""
+    default = results.get("default_checkpoint") or {}
+    key = key or (results.get("served") or {}).get("key") or default["same_as"]
     model = results["models"][key]
     name = model["name"]
     rows: list[Measurement] = []
@@ -113,7 +113,7 @@ def report_card(results: dict[str, Any], date: str, key: str | None = None) -> R
         "RCI rows: accuracy expected over the server's random draws (draws per image given)",
         "429s: the report's servers ran without API keys or limits",
     ]
-    if default["same_as"] == key:
+    if default.get("same_as") == key:
         notes.append(f"the embedded default checkpoint is this model (SHA-256 {default['sha256']})")
     return RobustnessCard(
         source="report",
@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--date",
-        default=datetime.date.today().isoformat(),
-        help="the date the report's numbers were measured (default: today)",
+        default=None,
+        help="the date the report's numbers were measured (default: the results' own `date`; results written before the report recorded it need it given, e.g. the day `git log` shows they were committed)",
     )
     parser.add_argument(
         "--schema", default=str(SCHEMA_FILE), help="where to write the card's JSON Schema (default: %(default)s)"
@@ -155,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, json.JSONDecodeError) as exc:
         print(f"error: {args.results}: {exc}", file=sys.stderr)
         return 2
-    Path(args.out).write_text(report_card(results, args.date).to_json(), encoding="utf-8")
+    date = args.date or results.get("date")
+    if not date:
+        print(f"error: {args.results} records no date: give --date", file=sys.stderr)
+        return 2
+    Path(args.out).write_text(report_card(results, date).to_json(), encoding="utf-8")
     Path(args.schema).write_text(card_schema(), encoding="utf-8")
     print(f"wrote {args.out} and {args.schema}")
     return 0

@@ -15,6 +15,7 @@ re-rendered from it.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
 import time
@@ -451,6 +452,7 @@ def results_of(run: Run, command: str) -> dict:
     return {
         "config": dataclasses.asdict(cfg),
         "command": command,
+        "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),  # when these numbers were measured
         "quick": cfg.quick,
         "seconds": run.clock.total,
         "stages": {**run.clock.stages, **stage_minutes(run.cache.seconds)},
