@@ -47,7 +47,9 @@ HELD_LOAD_SERVER = Path(__file__).resolve().parent.parent / "tests" / "slow_load
 
 def requests_while(client: httpx.Client, x: dict, busy) -> dict:
     """One-item requests to "a", each followed by /health/live, while ``busy()`` (at least one): latencies and statuses."""
-    predict, live, statuses = [], [], set()
+    predict: list[float] = []
+    live: list[float] = []
+    statuses: set[int] = set()
     while busy() or not predict:
         t = time.perf_counter()
         r = client.post("/v1/models/a/predict", json=x)
