@@ -31,10 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _checkpoints import make_checkpoint  # noqa: E402
 
 from codedsmooth.service.access.keys import add_key  # noqa: E402
-from codedsmooth.service.access.limits import Counters, Limits  # noqa: E402
+from codedsmooth.service.access.limits import CounterKey, Counters, Limits  # noqa: E402
 from codedsmooth.service.launcher import LocalServer  # noqa: E402
 
 LIMITS = Limits(rate=1e9, burst=32, quota=10**12, window_s=86400.0)
+ALICE = CounterKey("alice")  # her overall counters, as the server keys them
 
 
 def v2_request(shape) -> tuple[bytes, dict]:
@@ -114,14 +115,14 @@ def charge_costs(calls: int) -> dict:
                 t_local = []
                 for _ in range(calls):
                     t = time.perf_counter()
-                    local.charge("alice", 1, LIMITS, time.monotonic())
+                    local.charge(ALICE, 1, LIMITS, time.monotonic())
                     t_local.append(time.perf_counter() - t)
                 for _ in range(20):
-                    await actor.charge.remote("alice", 1, LIMITS)
+                    await actor.charge.remote(ALICE, 1, LIMITS)
                 t_actor = []
                 for _ in range(calls):
                     t = time.perf_counter()
-                    await actor.charge.remote("alice", 1, LIMITS)
+                    await actor.charge.remote(ALICE, 1, LIMITS)
                     t_actor.append(time.perf_counter() - t)
                 return {
                     "in-process": statistics.median(t_local),

@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .regular_files import NotRegularFile, read_regular
+
 CARD_FILE = "robustness.json"
 CARD_VERSION = 1
 Source = Literal["report", "audit"]
@@ -220,9 +222,11 @@ def read_card(path: Path) -> RobustnessCard | None:
     if not path.exists():
         return None
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(read_regular(path).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CardError(f"{path}: not valid JSON ({exc})") from None
+    except NotRegularFile as exc:
+        raise CardError(str(exc)) from None
     except OSError as exc:
         raise CardError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if not isinstance(raw, dict):

@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from pydantic import ValidationError
@@ -28,6 +28,7 @@ from codedsmooth.core import CodingSpec, TrainedCoding, hoist_affine_prefix
 from .architectures import StagedModel, build_model
 from .card import CARD_FILE, CardError, RobustnessCard, read_card
 from .config import FORMAT_VERSION, CheckpointConfig
+from .regular_files import NotRegularFile, descriptor_path, open_regular, read_regular
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -182,9 +183,11 @@ def read_config(config_path: Path) -> CheckpointConfig:
     if not config_path.exists():
         raise CheckpointError(f"{config_path}: missing")
     try:
-        raw = json.loads(config_path.read_text())
+        raw = json.loads(read_regular(config_path).decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+    except NotRegularFile as exc:
+        raise CheckpointError(str(exc)) from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{config_path}: expected a JSON object")
     if raw.get("format_version") != FORMAT_VERSION:
@@ -195,10 +198,10 @@ def read_config(config_path: Path) -> CheckpointConfig:
         raise CheckpointError(f"{config_path}: {_problems(exc)}") from None
 
 
-def _header_shapes(weights_path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Tensor names → (shape, dtype) from the safetensors header, without reading the data."""
+def _header_shapes(weights_path: Path, opened: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor names → (shape, dtype) from the safetensors header (of ``opened``: the file as opened), without reading the data."""
     try:
-        with safe_open(str(weights_path), framework="pt") as f:
+        with safe_open(opened, framework="pt") as f:
             return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights_path}: not a readable safetensors file ({exc}); pickle is refused") from None
@@ -226,12 +229,12 @@ def _check_filler(weights_path: Path, filler: torch.Tensor | None, config: Check
     return filler
 
 
-def _file_sha256(path: Path) -> str:
-    """SHA-256 of the weights file as it is on disk (the digest ``report`` publishes and ``sha256sum`` prints)."""
+def _file_sha256(f: BinaryIO) -> str:
+    """SHA-256 of the opened weights file as it is on disk (the digest ``report`` publishes and ``sha256sum`` prints)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    f.seek(0)
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
     return h.hexdigest()
 
 
@@ -240,7 +243,9 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
 
     Order matters: the config is validated, then the model is built on the meta
     device (no memory) and its tensor shapes compared with the file's header,
-    and only then are weights read and the model materialised.
+    and only then are weights read and the model materialised. Every file is
+    opened only as a regular file (``.regular_files``: a FIFO or device is named,
+    never waited on), and the weights are read and hashed through one descriptor.
     """
     weights_path, config_path = _resolve(path)
     config = read_config(config_path)
@@ -248,7 +253,24 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         card = read_card(config_path.parent / CARD_FILE)
     except CardError as exc:
         raise CheckpointError(str(exc)) from None
-    header = _header_shapes(weights_path)
+    try:
+        weights = open_regular(weights_path)
+    except NotRegularFile as exc:
+        raise CheckpointError(str(exc)) from None
+    except OSError as exc:
+        raise CheckpointError(f"{weights_path}: cannot read it ({exc.strerror or exc})") from None
+    with weights:
+        model, filler = _load_weights(weights_path, descriptor_path(weights, weights_path), config, config_path)
+        sha256 = _file_sha256(weights)
+    model.to(device)
+    return Checkpoint(Path(path), config, model, filler.to(device), card, sha256)
+
+
+def _load_weights(
+    weights_path: Path, opened: str, config: CheckpointConfig, config_path: Path
+) -> tuple[StagedModel, torch.Tensor]:
+    """The model (eval mode, on the CPU) and its filler pool from the weights file ``opened`` (named ``weights_path``)."""
+    header = _header_shapes(weights_path, opened)
     try:
         with torch.device("meta"):
             skeleton = build_model(config.arch, **config.arch_kwargs)
@@ -270,7 +292,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     except ValueError as exc:
         raise CheckpointError(f"{config_path}: coding.target_block: {exc}") from None
     try:
-        tensors = load_file(str(weights_path))
+        tensors = load_file(opened)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights_path}: not a readable safetensors file ({exc}); pickle is refused") from None
     model = build_model(config.arch, **config.arch_kwargs)
@@ -292,8 +314,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         raise CheckpointError(
             f"{config_path}: model outputs {tuple(probe.shape[1:])} values but {len(config.classes)} classes are named"
         )
-    model.to(device)
-    return Checkpoint(Path(path), config, model, filler.to(device), card, _file_sha256(weights_path))
+    return model, filler
 
 
 def default_checkpoint_path() -> Path:

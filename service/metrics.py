@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -42,6 +43,10 @@ class Metrics:
         self._requests = Counter(
             "codedsmooth_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status", *m], registry=r
         )
+        # every request touches these two: their series are looked up once per label values, not per request (the
+        # values are bounded: routes or "unmatched", the statuses the server answers, the repository's models)
+        self._request_series: dict[tuple[str, int, str | None], Any] = {}
+        self._latency_series: dict[tuple[str, str | None], Any] = {}
         self._latency = Histogram(
             "codedsmooth_request_latency_seconds",
             "HTTP request latency",
@@ -142,11 +147,21 @@ class Metrics:
 
     def count_request(self, endpoint: str, status: int, model: str | None = None) -> None:
         """Count one answered request; ``model``: the model it was routed to (None: it reached none)."""
-        self._requests.labels(endpoint=endpoint, status=str(status), **self._model(model)).inc()
+        key = (endpoint, status, model)
+        child = self._request_series.get(key)
+        if child is None:
+            child = self._request_series[key] = self._requests.labels(
+                endpoint=endpoint, status=str(status), **self._model(model)
+            )
+        child.inc()
 
     def observe_latency(self, endpoint: str, seconds: float, model: str | None = None) -> None:
         """Record one request's latency, labelled as :meth:`count_request` labels its count."""
-        self._latency.labels(endpoint=endpoint, **self._model(model)).observe(seconds)
+        key = (endpoint, model)
+        child = self._latency_series.get(key)
+        if child is None:
+            child = self._latency_series[key] = self._latency.labels(endpoint=endpoint, **self._model(model))
+        child.observe(seconds)
 
     def status_counts(self) -> dict[str, dict[str, int]]:
         """Requests answered so far: {endpoint: {status: count}} (summed over models)."""

@@ -113,6 +113,32 @@ def test_a_hold_is_given_back_when_the_body_is_refused_and_settled_when_it_is_ch
     assert metric(server, "codedsmooth_client_items_total", client="thrifty") == 3
 
 
+def test_requests_refused_before_routing_are_counted_under_the_route_their_line_names(server):
+    """401s answered on admission, before routing, over more distinct request lines than admission remembers the route
+    of (it forgets them all when full): each is counted under the route its line names, an unknown path as unmatched."""
+    from codedsmooth.service.http.admission import MAX_REMEMBERED
+
+    def counts() -> tuple[float, float]:
+        by_route = metric(
+            server, "codedsmooth_requests_total", endpoint="/v1/models/{name}/predict", status="401", model=""
+        )
+        return by_route, metric(server, "codedsmooth_requests_total", endpoint="unmatched", status="401", model="")
+
+    named, unmatched = counts()
+    lines = MAX_REMEMBERED + 20
+    with httpx.Client(base_url=server.url, headers=auth("not-a-key"), timeout=30) as c:
+        for i in range(lines):
+            assert c.post(f"/v1/models/m{i % (lines - 10)}/predict", json={}).status_code == 401
+        for i in range(3):
+            assert c.post(f"/v1/nowhere/{i}", json={}).status_code == 401
+    route = {"endpoint": "/v1/models/{name}/predict", "status": "401", "model": ""}  # counted once answered: wait
+    wait_for_metric(server, "codedsmooth_requests_total", lambda v: v >= named + lines, **route)
+    wait_for_metric(
+        server, "codedsmooth_requests_total", lambda v: v >= unmatched + 3, endpoint="unmatched", status="401", model=""
+    )
+    assert counts() == (named + lines, unmatched + 3)
+
+
 # ---- a request that can never fit the rate limit's bucket ---------------------------
 
 

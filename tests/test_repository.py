@@ -843,3 +843,71 @@ def test_model_files_are_regular_and_inside_the_repository(tmp_path, tiny_checkp
         sock.bind(str(root / "ok" / "sock"))
         with pytest.raises(RepositoryError, match="ok/sock: a socket; only regular files are loaded"):
             check_model_files(root, "ok")
+
+
+def test_a_file_swapped_for_a_fifo_after_the_check_is_refused_when_it_is_opened(
+    tmp_path, tiny_checkpoint, erm_checkpoint, digits, monkeypatch
+):
+    """Each load of "raced" is held (tests/slow_load_server.py) after ``check_model_files`` found regular files and
+    before the checkpoint is read; meanwhile the test swaps one of its files for a FIFO, then lets the load go on.
+    The read opens without blocking and refuses the FIFO at once (400 naming it); a blocking open would wait for a
+    writer until the load timeout (504)."""
+    root = make_repository(tmp_path / "repo", tiny_checkpoint, erm_checkpoint)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    monkeypatch.setenv("SLOW_LOAD_MODEL", "raced")
+    monkeypatch.setenv("SLOW_LOAD_GATE", str(gate))
+    x = {"inputs": digits.test_x[:1].tolist()}
+    server = ServerProcess(
+        None, program=SLOW_LOAD_SERVER, model_repository=root, model_control="explicit", rci=False, load_timeout_s=20
+    )
+    try:
+        server.wait_ready()
+        shutil.copytree(erm_checkpoint, root / "raced")
+        for swapped in ("model.safetensors", "config.json", "robustness.json"):
+            path = root / "raced" / swapped
+            for signal in ("entered", "open"):
+                (gate / signal).unlink(missing_ok=True)
+            thread, answer = _load_in_background(server.url, "raced")
+            wait_until(lambda: (gate / "entered").exists(), "the load to be held after its check")
+            path.unlink(missing_ok=True)
+            os.mkfifo(path)
+            (gate / "open").touch()
+            thread.join()
+            assert answer, f"{swapped}: no answer to the load within 60 s (a read blocked on the FIFO)"
+            r = answer[0]
+            assert (
+                r.status_code == 400 and f"raced/{swapped}: a FIFO; only regular files are loaded" in r.json()["error"]
+            ), r.text
+            path.unlink()
+            if (erm_checkpoint / swapped).exists():
+                shutil.copy(erm_checkpoint / swapped, path)
+        r = httpx.post(f"{server.url}/v2/repository/models/raced/load", timeout=60)  # its files regular again
+        assert r.status_code == 200 and r.json()["state"] == "READY", r.text
+        for name in ("raced", "coded"):
+            assert httpx.post(f"{server.url}/v1/models/{name}/predict", json=x).status_code == 200
+    finally:
+        (gate / "open").touch()
+        server.terminate()
+
+
+def test_a_fifo_read_as_a_model_setting_file_is_refused_without_waiting_for_a_writer(tmp_path, tiny_checkpoint):
+    """``model_settings`` reads serving.json without ``check_model_files`` before it: the read itself refuses a FIFO.
+    (The timer only releases a blocked open, so that a regression fails here instead of hanging.)"""
+    shutil.copytree(tiny_checkpoint, tmp_path / "m")
+    fifo = tmp_path / "m" / "serving.json"
+    os.mkfifo(fifo)
+
+    def release() -> None:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # succeeds only while a reader is blocked in open
+        except OSError:
+            pass
+
+    watchdog = threading.Timer(10, release)
+    watchdog.start()
+    try:
+        with pytest.raises(RepositoryError, match="m/serving.json: a FIFO; only regular files are loaded"):
+            model_settings(ServeSettings(), tmp_path / "m")
+    finally:
+        watchdog.cancel()

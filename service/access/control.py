@@ -35,7 +35,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from codedsmooth.service.access.keys import UNKNOWN, Client, KeysFile
 from codedsmooth.service.access.limits import CounterKey, Limits, LocalLimiter
@@ -95,11 +95,12 @@ class Access:
         self.limiter = limiter or LocalLimiter()
         self.refusals = RefusalLog(log)  # every refusal is counted in the metrics; the log is bounded
         self.known_models = known_models
+        self._client_series: dict[tuple, Any] = {}  # (metric, client[, status]) -> its series (see _series)
         self._labelled(self.keys.table.names)
         log.info("API keys required: %d clients in %s", len(self.keys.table.clients), self.keys.path)
         self._warn_if_empty()
 
-    def _log_refusal(self, name: str, status: int, what: str) -> None:
+    def _log_refusal(self, name: str, status: int, what: Callable[[], str]) -> None:
         self.refusals.refused(f"client {name}", str(status), what)
 
     def _warn_if_empty(self) -> None:
@@ -139,11 +140,20 @@ class Access:
                 if client is None:
                     problem = "unknown API key"
         if client is None:
-            self._log_refusal(UNKNOWN, 401, f"{method} {quoted(path)}: {problem} (401)")
-            self.metrics.client_refused.labels(client=UNKNOWN, status="401").inc()
+            self._log_refusal(UNKNOWN, 401, lambda: f"{method} {quoted(path)}: {problem} (401)")
+            self._series(self.metrics.client_refused, client=UNKNOWN, status="401").inc()
             raise Unauthorized(problem, invalid_token=bool(authorization))
-        self.metrics.client_requests.labels(client=client.name).inc()
+        self._series(self.metrics.client_requests, client=client.name).inc()
         return client
+
+    def _series(self, metric, **labels: str):
+        """``metric``'s series for a client (and status), looked up once: a refused flood costs a dict lookup per
+        request, not prometheus' labels(). Bounded by the keys files' names, plus "unknown", times two statuses."""
+        key = (id(metric), *labels.items())
+        series = self._client_series.get(key)
+        if series is None:
+            series = self._client_series[key] = metric.labels(**labels)
+        return series
 
     def resolve(self, client: Client, model=None) -> list[tuple[CounterKey, Limits]]:
         """The one place a request's effective limits are decided, each with the counters it is charged to.
@@ -189,8 +199,8 @@ class Access:
     def _refuse(self, client: Client, key: CounterKey, reason: str, retry_after_s: int, note: str = "") -> NoReturn:
         on = f" on model {key.model!r}" if key.model is not None else ""
         when = f"retry after {retry_after_s} s" if retry_after_s > 0 else "do not retry it"
-        self._log_refusal(client.name, 429, f"{reason}{on}; {when}{note} (429)")
-        self.metrics.client_refused.labels(client=client.name, status="429").inc()
+        self._log_refusal(client.name, 429, lambda: f"{reason}{on}; {when}{note} (429)")
+        self._series(self.metrics.client_refused, client=client.name, status="429").inc()
         raise TooManyRequests(f"{reason}{on}; {when}", retry_after_s)
 
     async def queue(
@@ -224,7 +234,7 @@ class Access:
             for key, limits in taken:
                 await self.limiter.refund(key, items, limits)
             raise
-        self.metrics.client_items.labels(client=client.name).inc(items)
+        self._series(self.metrics.client_items, client=client.name).inc(items)
         return queued
 
     def check_overrides(self) -> None:

@@ -41,6 +41,7 @@ REFUSALS = {
     415: "media_type",
     422: "invalid_input",
 }
+MAX_REMEMBERED = 1024  # request lines whose route AdmissionMiddleware remembers (names in paths vary without bound)
 
 
 class AdmissionMiddleware:
@@ -65,6 +66,7 @@ class AdmissionMiddleware:
         self.app = app
         self.lifecycle = lifecycle
         self.routes = routes
+        self._endpoints: dict[tuple[str, str, str], str] = {}  # (method, root path, path) -> _endpoint's answer
         self.max_bytes = lifecycle.settings.max_body_bytes
         self.refusals = RefusalLog(log, logging.INFO)
 
@@ -150,9 +152,22 @@ class AdmissionMiddleware:
                 await lc.access.release(held)  # answered before its items were charged: a bad body, an unknown model
             if disconnected and (status is None or status >= 500):
                 status = CLIENT_CLOSED
-            lc.release(admission, _endpoint(scope, self.routes), status or 500, state.get(MODEL))
+            lc.release(admission, self._endpoint(scope), status or 500, state.get(MODEL))
             if status in REFUSALS:
                 self._refused(scope, status, answer)
+
+    def _endpoint(self, scope) -> str:
+        """:func:`_endpoint`, remembered by request line for the requests answered before routing (a refused flood repeats
+        one line: it costs a lookup, not a match against every route); at most ``MAX_REMEMBERED`` lines."""
+        if scope.get("route") is not None:
+            return _endpoint(scope, self.routes)
+        line = (scope["method"], scope.get("root_path", ""), scope["path"])
+        endpoint = self._endpoints.get(line)
+        if endpoint is None:
+            if len(self._endpoints) >= MAX_REMEMBERED:
+                self._endpoints.clear()
+            endpoint = self._endpoints[line] = _endpoint(scope, self.routes)
+        return endpoint
 
     def _refused(self, scope, status: int, answer: bytes) -> None:
         """Count a refusal of the request's input and log it, one line per (client or peer, status) per interval."""

@@ -28,6 +28,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from codedsmooth.models import Checkpoint, load_checkpoint
+from codedsmooth.models.regular_files import NotRegularFile, file_kind, read_regular
 from codedsmooth.service.access.overrides import INHERIT, NO_OVERRIDE, LimitOverride
 from codedsmooth.service.settings import ServeSettings
 
@@ -90,9 +91,11 @@ def model_names(root: Path) -> list[str]:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_regular(path).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RepositoryError(f"{path}: not valid JSON ({exc})") from None
+    except NotRegularFile as exc:
+        raise RepositoryError(str(exc)) from None
     except OSError as exc:
         raise RepositoryError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if not isinstance(data, dict):
@@ -229,18 +232,6 @@ def check_default(default: str | None, names: list[str], config: RepositoryConfi
 
 # ---- what a load may open --------------------------------------------------------
 
-_KINDS = (
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-)
-_READ = ("config.json", "model.safetensors")  # what load_checkpoint opens
-
-
-def _kind(mode: int) -> str:
-    return next((what for test, what in _KINDS if test(mode)), "not a regular file")
-
 
 def _inside(path: Path, root: Path, allow_external: bool) -> None:
     """Refuse a symlink (``path`` or a directory above it, below ``root``) that leads outside the repository."""
@@ -258,9 +249,9 @@ def check_model_files(root: Path, name: str, allow_external: bool = False) -> No
     symlink out of the repository; ``RepositoryError`` names the file.
 
     Why: opening a FIFO (or a device) blocks, and the load with it; a symlink out of the repository would let whoever
-    writes the repository make the server read any file it can. ``stat`` never blocks on a FIFO; the files a load reads
-    are also opened here with ``O_NONBLOCK`` and checked by ``fstat`` (a file swapped between the two is caught; one
-    swapped after this check is caught only by the load's timeout).
+    writes the repository make the server read any file it can. ``stat`` never blocks on a FIFO. A file swapped for a
+    FIFO after this check is caught where it is read: the load opens every file it reads without blocking and reads
+    it only when ``fstat`` of that descriptor finds a regular file (``codedsmooth.models.regular_files``).
     """
     model_dir = root / name
     _inside(model_dir, root, allow_external)
@@ -271,21 +262,7 @@ def check_model_files(root: Path, name: str, allow_external: bool = False) -> No
         except OSError as exc:
             raise RepositoryError(f"{entry}: cannot read it ({exc.strerror or exc})") from None
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            raise RepositoryError(f"{entry}: {_kind(mode)}; only regular files are loaded")
-    for file in _READ:
-        path = model_dir / file
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
-        except FileNotFoundError:
-            continue  # the load names what is missing
-        except OSError as exc:
-            raise RepositoryError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-        try:
-            mode = os.fstat(fd).st_mode
-        finally:
-            os.close(fd)
-        if not stat.S_ISREG(mode):
-            raise RepositoryError(f"{path}: {_kind(mode)}; only regular files are loaded")
+            raise RepositoryError(f"{entry}: {file_kind(mode)}; only regular files are loaded")
 
 
 _ABSOLUTE = re.compile(r"(?<![\w.~-])/(?:[^\s:'\",;()/]+/)*([^\s:'\",;()/]+)")
