@@ -125,6 +125,8 @@ def train_models(run: Run) -> None:
     run.surrogate_keys = sorted(
         {(m, cfg.surrogate_seed) for m in run.attacked} | ({("erm", cfg.surrogate_seed)} if run.attacked else set())
     )
+    if cfg.train_only:  # each part trains only its own --methods: parts side by side never train one model twice
+        run.surrogate_keys = [k for k in run.surrogate_keys if k[0] in cfg.methods]
     paths = {k: ensure_checkpoint(cfg, k[0], k[1], run.data) for k in dict.fromkeys([*run.keys, *run.surrogate_keys])}
     run.clock.add("training (or reuse)", t0)
     run.trained = {f"{m}/seed{s}": training_seconds(p) for (m, s), p in paths.items()}
