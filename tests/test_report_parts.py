@@ -260,3 +260,29 @@ def test_paired_tests_keep_method_and_setting_without_parsing_labels():
         between,
     ):  # through the results file and back, with a method whose name holds a comma-free prefix of another
         assert PairedTest.from_dict(row.to_dict(), ["coded", "coded-at", "pgd-at"]) == row
+
+
+def test_train_only_trains_the_runs_models_and_the_size_studys_and_attacks_nothing(tmp_path):
+    from codedsmooth.probe.report import ReportConfig, run_report
+
+    cfg = ReportConfig(
+        data="digits",
+        train_only=True,
+        methods=["erm", "coded"],
+        seeds=[0],
+        coded_seeds=[0],
+        epochs=1,
+        max_steps=3,
+        width=4,
+        blackbox_methods=["coded"],
+        sizes=[200],
+        size_methods=["erm"],
+        size_seeds=[0],
+        runs=str(tmp_path / "runs"),
+        out=str(tmp_path / "RESULTS.md"),
+    )
+    assert run_report(cfg, command="unused") == tmp_path / "runs"
+    trained = {p.parent.relative_to(tmp_path / "runs").as_posix() for p in (tmp_path / "runs").rglob("config.json")}
+    # its models, coded's transfer surrogates (coded and erm, seed 1: both methods of this part), the size study's
+    assert trained == {"erm-seed0", "coded-seed0", "coded-seed1", "erm-seed1", "sizes/erm-n200-seed0"}
+    assert not (tmp_path / "runs" / "stages").exists() and not (tmp_path / "RESULTS.md").exists()
