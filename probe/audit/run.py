@@ -150,6 +150,13 @@ class AuditConfig:
         metadata={"help": "v2: the output to read (default: the first score output, else the first label output)"},
     )
     concurrency: int = field(default=8, metadata={"help": "requests in flight"})
+    binary: bool = field(
+        default=False,
+        metadata={
+            "help": "v2: send and read binary tensors (the binary data extension of Triton and this server; not MLServer): "
+            "the same answers, far less parsing per query"
+        },
+    )
     chunk: int = field(
         default=5, metadata={"help": "images attacked together; each chunk's results are saved as it ends"}
     )
@@ -219,6 +226,7 @@ class AuditConfig:
             output_name=self.output_name,
             concurrency=self.concurrency,
             max_queries=self.max_queries,
+            binary=self.binary,
         )
 
     def settings(self) -> dict[str, Any]:
@@ -227,6 +235,7 @@ class AuditConfig:
             "api_key",
             "max_queries",
             "concurrency",
+            "binary",
             "card",
             "plot",
             "write_card",
