@@ -112,6 +112,16 @@ class Metadata:
         return None
 
 
+def _strings(raw: bytes) -> list[str]:
+    """A v2 binary BYTES tensor's elements."""
+    out, i = [], 0
+    while i + 4 <= len(raw):
+        n = int.from_bytes(raw[i : i + 4], "little")
+        out.append(raw[i + 4 : i + 4 + n].decode("utf-8", "replace"))
+        i += 4 + n
+    return out
+
+
 class Endpoint:
     """A prediction endpoint as the attacks see it: ``predict_proba(x)`` on (n, C, H, W) inputs in [0, 1], one
     query per item, each item its own request (a randomized server codes a request's items together)."""
@@ -360,14 +370,17 @@ class Endpoint:
         for out in payload.get("outputs") or []:
             size = (out.get("parameters") or {}).pop("binary_data_size", None)
             if size is not None:
+                raw = r.content[offset : offset + size]
+                offset += size
+                if out["datatype"] == "BYTES":  # each element: a little-endian uint32 length, then its bytes
+                    out["data"] = _strings(raw)
+                    continue
                 numeric = FLOAT_TYPES.get(out["datatype"]) or INT_TYPES.get(out["datatype"])
                 if numeric is None:
                     raise EndpointRefused(
                         f"binary output {out.get('name')!r} of datatype {out['datatype']} is not read"
                     )
-                dtype = np.dtype(numeric).newbyteorder("<")
-                out["data"] = np.frombuffer(r.content[offset : offset + size], dtype=dtype).tolist()
-                offset += size
+                out["data"] = np.frombuffer(raw, dtype=np.dtype(numeric).newbyteorder("<")).tolist()
         return self.decode(payload, n)
 
     def close(self) -> None:
