@@ -10,6 +10,7 @@
 #   erm-rci-off         the label-only attack's validation: a plain ERM model (docs/weights/erm-seed0), decision only
 #   erm-rci-on          the same ERM model with RCI on
 #   mlserver            MLServer 1.7.1 serving the default's weights (examples/mlserver), square, decision, transfer
+#                       (MLSERVER_ATTACKS="square": the committed card, for time: JSON only, no binary tensors)
 #
 # The transfer attack's surrogate is a model the auditor trained itself: another seed of the same method
 # (docs/weights/pgd-at-seed1 for the default, erm-seed1 for ERM). Minutes to an hour each on 2 shared cores;
@@ -78,7 +79,7 @@ JSON
   (cd "$dir" && exec "$venv/bin/mlserver" start .) > /tmp/audit-mlserver.log 2>&1 &
   SERVER=$!
   wait_ready "http://127.0.0.1:$PORT/v2/health/ready"
-  audit mlserver "http://127.0.0.1:$PORT" "square decision" "$W/pgd-at-seed1" --model "$name" --protocol v2
+  audit mlserver "http://127.0.0.1:$PORT" "${MLSERVER_ATTACKS:-square decision}" "$W/pgd-at-seed1" --model "$name" --protocol v2
   stop
 }
 
