@@ -60,3 +60,20 @@ def test_attack_target_and_audit_endpoint_share_one_transport_and_its_429_handli
             quota.predict_proba(x[:1])  # a spent quota is raised at once, not waited out
         assert time.monotonic() - t0 < 10 and quota.endpoint.traffic.status[429] == 1
         quota.close()
+
+
+@pytest.mark.parametrize("output", ["scores", "labels"])
+def test_binary_tensors_read_as_the_json_answers_of_a_scores_and_a_labels_server(tiny_checkpoint, digits, output):
+    """``audit --binary``: v2 binary tensors both ways (a labels server's BYTES label tensor included) give the JSON
+    answers, which are the checkpoint's."""
+    x = as_float(digits.test_x[:10])
+    with torch.no_grad():
+        want = load_checkpoint(tiny_checkpoint).model.eval()(x).argmax(1)
+    with running_server(tiny_checkpoint, rci=False, max_delay_ms=1, output=output) as server:
+        answers = {}
+        for binary in (False, True):
+            with Endpoint(EndpointOptions(url=server.url, protocol="v2", binary=binary)) as endpoint:
+                answers[binary] = endpoint.predict_proba(x)
+                assert endpoint.returns_scores == (output == "scores")
+    np.testing.assert_allclose(answers[True].numpy(), answers[False].numpy(), atol=1e-6)
+    assert torch.equal(answers[True].argmax(1), want)
