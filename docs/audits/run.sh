@@ -10,7 +10,6 @@
 #   erm-rci-off         the label-only attack's validation: a plain ERM model (docs/weights/erm-seed0), decision only
 #   erm-rci-on          the same ERM model with RCI on
 #   mlserver            MLServer 1.7.1 serving the default's weights (examples/mlserver), square, decision, transfer
-#                       (MLSERVER_ATTACKS="square": the committed card, for time: JSON only, no binary tensors)
 #
 # The transfer attack's surrogate is a model the auditor trained itself: another seed of the same method
 # (docs/weights/pgd-at-seed1 for the default, erm-seed1 for ERM). Minutes to an hour each on 2 shared cores;
