@@ -12,8 +12,6 @@ server's draws.
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -82,14 +80,12 @@ def _flips_in_process(ck, spec, x, y, clean_mates, adv_mates, seed, repeats=5) -
 
 def _flips_over_http(target: HttpTarget, x, adv_mates) -> dict:
     """Victim alone vs victim sent concurrently with its attacker's request, for each victim."""
-    client = target.client
+    endpoint = target.endpoint
     xs = x.numpy().astype(np.float32)
-    alone = np.concatenate(asyncio.run(client.predict_requests_async([xs[i : i + 1] for i in range(len(xs))]))).argmax(
-        1
-    )
+    alone = np.concatenate(endpoint.predict_requests([xs[i : i + 1] for i in range(len(xs))])).argmax(1)
     together = []
     for i in range(len(xs)):
-        answers = asyncio.run(client.predict_requests_async([xs[i : i + 1], adv_mates[i].numpy().astype(np.float32)]))
+        answers = endpoint.predict_requests([xs[i : i + 1], adv_mates[i].numpy().astype(np.float32)])
         together.append(int(answers[0].argmax(1)[0]))
     labels = np.array(together)
     return {

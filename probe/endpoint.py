@@ -8,23 +8,24 @@ always (n, C, H, W) in [0, 1] on this side; :class:`Endpoint` converts them on t
 answer back to scores over the data set's classes (a label becomes a one-hot row).
 
 Every item sent is one query, counted before it is sent and refused past ``max_queries`` (a hard cap,
-:class:`QueryCapReached`). A 429 or 503 with ``Retry-After`` is waited out as told, counted and sent again
-(the wait is the endpoint's own defence, so it is reported, not hidden).
+:class:`QueryCapReached`). The requests go through the probe's one transport (``probe.transport``), which
+``attack --url``'s target uses too: a 429 or 503 with ``Retry-After`` is waited out as told, counted and sent
+again (the wait is the endpoint's own defence, so it is reported, not hidden).
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-from collections import Counter
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import numpy as np
 import torch
 
-API_KEY_ENV = "CODEDSMOOTH_API_KEY"  # the same variable as ``attack --url`` (service.client)
+from .transport import API_KEY_ENV, EndpointRefused, HttpTransport, QueryCapReached, Traffic, raise_for
+
+__all__ = ["API_KEY_ENV", "Endpoint", "EndpointOptions", "EndpointRefused", "Metadata", "QueryCapReached", "Traffic"]
 LAYOUTS = ("auto", "NCHW", "NHWC", "flat")
 OUTPUT_KINDS = ("auto", "logits", "probabilities", "label")
 PROTOCOLS = ("auto", "v2", "v1")
@@ -38,14 +39,6 @@ INT_TYPES = {
     "UINT16": np.uint16,
     "UINT32": np.uint32,
 }
-
-
-class QueryCapReached(RuntimeError):
-    """The next request would pass the audit's hard cap on total queries."""
-
-
-class EndpointRefused(ValueError):
-    """The endpoint answered a request with a client error (4xx other than 429): the request does not fit it."""
 
 
 @dataclass
@@ -66,6 +59,8 @@ class EndpointOptions:
     timeout_s: float = 60.0
     max_wait_s: float = 120.0  # longest Retry-After waited out; a longer one (a spent quota) stops the audit
     retries: int = 50
+    binary: bool = False  # v2 binary tensors (this server's and Triton's extension): a JSON header and raw bytes
+    items_per_request: int = 1  # >1 only for an endpoint that answers items independently (no RCI)
 
     def validate(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -82,33 +77,10 @@ class EndpointOptions:
             )
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be positive, got {self.concurrency}")
-
-
-@dataclass
-class Traffic:
-    """What the endpoint cost: queries (items) and requests sent, the 429s and 503s met, and the time waited on them."""
-
-    queries: int = 0
-    requests: int = 0
-    status: Counter = field(default_factory=Counter)
-    waited_s: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "queries": self.queries,
-            "requests": self.requests,
-            "status": {str(k): v for k, v in self.status.items()},
-            "waited_s": self.waited_s,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Traffic:
-        return cls(
-            int(d["queries"]),
-            int(d["requests"]),
-            Counter({int(k): int(v) for k, v in d["status"].items()}),
-            float(d["waited_s"]),
-        )
+        if self.items_per_request < 1:
+            raise ValueError(f"items per request must be positive, got {self.items_per_request}")
+        if self.binary and self.protocol == "v1":
+            raise ValueError("binary tensors are a v2 extension: not with protocol v1")
 
 
 @dataclass
@@ -140,23 +112,14 @@ class Metadata:
         return None
 
 
-def _raise_for(r: httpx.Response, what: str) -> None:
-    if r.status_code == 200:
-        return
-    try:
-        msg = r.json().get("error", r.text)
-    except ValueError:
-        msg = r.text
-    if 400 <= r.status_code < 500:
-        raise EndpointRefused(f"{what}: HTTP {r.status_code}: {str(msg)[:300]}")
-    raise ConnectionError(f"{what}: HTTP {r.status_code}: {str(msg)[:300]}")
-
-
-def _retry_after(r: httpx.Response) -> float | None:
-    try:
-        return max(0.0, float(r.headers["retry-after"]))
-    except (KeyError, ValueError):
-        return None
+def _strings(raw: bytes) -> list[str]:
+    """A v2 binary BYTES tensor's elements."""
+    out, i = [], 0
+    while i + 4 <= len(raw):
+        n = int.from_bytes(raw[i : i + 4], "little")
+        out.append(raw[i + 4 : i + 4 + n].decode("utf-8", "replace"))
+        i += 4 + n
+    return out
 
 
 class Endpoint:
@@ -166,14 +129,23 @@ class Endpoint:
     def __init__(self, options: EndpointOptions, traffic: Traffic | None = None):
         options.validate()
         self.options = options
-        self.url = options.url.rstrip("/")
-        key = options.api_key if options.api_key is not None else os.environ.get(API_KEY_ENV)
-        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.traffic = traffic or Traffic()
+        self.transport = HttpTransport(
+            options.url,
+            api_key=options.api_key,
+            concurrency=options.concurrency,
+            timeout_s=options.timeout_s,
+            retries=options.retries,
+            max_wait_s=options.max_wait_s,
+            max_queries=options.max_queries,
+            traffic=traffic,
+        )
+        self.url = self.transport.url
         self.meta = self._metadata()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._http: httpx.AsyncClient | None = None
         self._scores_seen: bool | None = None  # what the last answer held: scores (True) or a label (False)
+
+    @property
+    def traffic(self) -> Traffic:
+        return self.transport.traffic
 
     # -- the attacks' interface (as probe.targets' targets) --
     @property
@@ -189,29 +161,29 @@ class Endpoint:
         if len(x) == 0:
             return torch.zeros(0, self.n_classes or 0)
         items = x.detach().cpu().float().numpy()
-        cap = self.options.max_queries
-        if cap is not None and self.traffic.queries + len(items) > cap:
-            raise QueryCapReached(
-                f"the next {len(items)} queries would pass the cap of {cap} (--max-queries); {self.traffic.queries} sent"
-            )
-        self.traffic.queries += len(items)
-        answers = self._run([items[i : i + 1] for i in range(len(items))])
+        step = self.options.items_per_request
+        answers = self.predict_requests([items[i : i + step] for i in range(0, len(items), step)])
         return torch.from_numpy(np.concatenate(answers)).float()
 
     def predict_label(self, x: torch.Tensor) -> torch.Tensor:
         return self.predict_proba(x).argmax(1)
 
+    def predict_requests(self, requests: list[np.ndarray]) -> list[np.ndarray]:
+        """Each (n_i, C, H, W) array as its own request, sent concurrently; its items' scores per request.
+        Every item is a query, all counted (and checked against the cap) before any is sent."""
+        self.transport.charge(sum(len(r) for r in requests))
+        built = [self._request(items) for items in requests]
+        answers = self.transport.post_all(built)
+        return [self._answer(r, len(items)) for r, items in zip(answers, requests, strict=True)]
+
     # -- metadata --
     def _get(self, path: str) -> httpx.Response:
-        try:
-            return httpx.get(self.url + path, headers=self.headers, timeout=self.options.timeout_s)
-        except httpx.HTTPError as exc:
-            raise ConnectionError(f"cannot reach {self.url}: {exc}") from None
+        return self.transport.get(path)
 
     def _v1_models(self) -> list[dict[str, Any]] | None:
         r = self._get("/v1/models")
         if r.status_code == 401:
-            _raise_for(r, f"GET {self.url}/v1/models (pass --api-key or set {API_KEY_ENV})")
+            raise_for(r, f"GET {self.url}/v1/models (pass --api-key or set {API_KEY_ENV})")
         return r.json() if r.status_code == 200 and isinstance(r.json(), list) else None
 
     def _metadata(self) -> Metadata:
@@ -250,7 +222,7 @@ class Endpoint:
                     list(info["classes"]) if info else None,
                 )
             if protocol == "v2" or info is None:
-                _raise_for(r, f"GET {self.url}/v2/models/{model}")
+                raise_for(r, f"GET {self.url}/v2/models/{model}")
                 raise ValueError(f"GET {self.url}/v2/models/{model}: HTTP {r.status_code}")
         assert info is not None
         return Metadata(
@@ -310,19 +282,23 @@ class Endpoint:
         if self.meta.protocol == "v1":
             path = f"/v1/models/{self.meta.name}/predict" if self.options.model else "/v1/predict"
             return path, {"json": {"inputs": data.tolist()}}
-        body: dict[str, Any] = {
-            "inputs": [
-                {
-                    "name": self.meta.input_name,
-                    "shape": list(data.shape),
-                    "datatype": dtype,
-                    "data": data.flatten().tolist(),
-                }
-            ]
-        }
+        path = f"/v2/models/{self.meta.name}/infer"
+        tensor: dict[str, Any] = {"name": self.meta.input_name, "shape": list(data.shape), "datatype": dtype}
+        body: dict[str, Any] = {"inputs": [tensor]}
         if self.options.output_name:
             body["outputs"] = [{"name": self.options.output_name}]
-        return f"/v2/models/{self.meta.name}/infer", {"json": body}
+        if not self.options.binary:
+            tensor["data"] = data.flatten().tolist()
+            return path, {"json": body}
+        raw = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).tobytes()
+        tensor["parameters"] = {"binary_data_size": len(raw)}
+        if self.options.output_name:
+            body["outputs"][0]["parameters"] = {"binary_data": True}
+        else:
+            body["parameters"] = {"binary_data_output": True}
+        head = json.dumps(body).encode()
+        headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
+        return path, {"content": head + raw, "headers": headers}
 
     def decode(self, payload: dict[str, Any], n: int) -> np.ndarray:
         """A response → (n, classes) scores over the data set's classes."""
@@ -385,65 +361,30 @@ class Endpoint:
         out[np.arange(len(labels)), labels.astype(int)] = 1.0
         return self._reorder(out)
 
-    async def _post(self, client: httpx.AsyncClient, items: np.ndarray) -> np.ndarray:
-        path, kwargs = self._request(items)
-        o = self.options
-        for attempt in range(o.retries + 1):
-            try:
-                self.traffic.requests += 1
-                r = await client.post(path, **kwargs)
-            except (httpx.ReadError, httpx.RemoteProtocolError, httpx.ConnectError) as exc:
-                if attempt == o.retries:
-                    raise ConnectionError(f"{self.url}: {type(exc).__name__} after {o.retries} retries") from None
-                await asyncio.sleep(min(2.0, 0.05 * (attempt + 1)))
-                continue
-            if r.status_code in (429, 503):
-                self.traffic.status[r.status_code] += 1
-                wait = _retry_after(r)
-                if wait is None:
-                    wait = min(2.0, 0.1 * (attempt + 1))
-                if wait > o.max_wait_s:
-                    raise ConnectionError(
-                        f"{self.url} answered {r.status_code} with Retry-After {wait:g} s, longer than {o.max_wait_s:g} s (a spent quota?)"
-                    )
-                if attempt < o.retries:
-                    self.traffic.waited_s += wait
-                    await asyncio.sleep(wait)
+    def _answer(self, r: httpx.Response, n: int) -> np.ndarray:
+        if r.headers.get("inference-header-content-length") is None:
+            return self.decode(r.json(), n)
+        head = int(r.headers["inference-header-content-length"])  # v2 binary: a JSON header, then raw tensors
+        payload = json.loads(r.content[:head])
+        offset = head
+        for out in payload.get("outputs") or []:
+            size = (out.get("parameters") or {}).pop("binary_data_size", None)
+            if size is not None:
+                raw = r.content[offset : offset + size]
+                offset += size
+                if out["datatype"] == "BYTES":  # each element: a little-endian uint32 length, then its bytes
+                    out["data"] = _strings(raw)
                     continue
-            _raise_for(r, f"POST {self.url}{path}")
-            return self.decode(r.json(), len(items))
-        raise ConnectionError(f"{self.url}: still refused after {o.retries} retries")
-
-    def _run(self, requests: list[np.ndarray]) -> list[np.ndarray]:
-        if self._loop is None or self._loop.is_closed():
-            self._loop = asyncio.new_event_loop()
-            self._http = None
-        if self._http is None:
-            n = self.options.concurrency
-            self._http = httpx.AsyncClient(
-                base_url=self.url,
-                timeout=self.options.timeout_s,
-                headers=self.headers,
-                limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
-            )
-        http = self._http
-        sem = asyncio.Semaphore(self.options.concurrency)
-
-        async def one(items: np.ndarray) -> np.ndarray:
-            async with sem:
-                return await self._post(http, items)
-
-        async def everything() -> list[np.ndarray]:
-            return list(await asyncio.gather(*[one(items) for items in requests]))
-
-        return self._loop.run_until_complete(everything())
+                numeric = FLOAT_TYPES.get(out["datatype"]) or INT_TYPES.get(out["datatype"])
+                if numeric is None:
+                    raise EndpointRefused(
+                        f"binary output {out.get('name')!r} of datatype {out['datatype']} is not read"
+                    )
+                out["data"] = np.frombuffer(raw, dtype=np.dtype(numeric).newbyteorder("<")).tolist()
+        return self.decode(payload, n)
 
     def close(self) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            if self._http is not None:
-                self._loop.run_until_complete(self._http.aclose())
-            self._loop.close()
-        self._loop, self._http = None, None
+        self.transport.close()
 
     def __enter__(self) -> Endpoint:
         return self

@@ -12,16 +12,19 @@ requests, in-process or over HTTP.
 
 from __future__ import annotations
 
-import httpx
-import numpy as np
 import torch
 
 from codedsmooth.core import CodingPlan, CodingSpec, SeededRandomSource, apply_plan, identity_permutations, plan_groups
 from codedsmooth.core.randomness import choices, gaussian
 from codedsmooth.models import Checkpoint
 from codedsmooth.service.api.schemas import RciInfo
-from codedsmooth.service.client import CodedSmoothClient
-from codedsmooth.service.errors import ServiceError
+from codedsmooth.service.vocabulary import V2_PROBABILITIES
+
+from .endpoint import Endpoint, EndpointOptions
+from .transport import EndpointRefused, HttpTransport, raise_for
+
+MAX_RATE_WAIT_S = 60  # longest Retry-After of a 429 the attack waits out (a longer one: a spent quota, raised at once)
+MAX_RETRIES = 20
 
 
 def spec_from_server(info: dict) -> CodingSpec:
@@ -144,14 +147,15 @@ class InProcessTarget:
 
 
 class HttpTarget:
-    """Queries sent to a running server, concurrently on kept connections (v2 binary tensors).
+    """Queries sent to a running server of this project: the probe's one HTTP target (``probe.endpoint.Endpoint``,
+    which ``audit`` queries too) speaking v2 binary tensors, plus the coding spec the server reports.
 
     ``items_per_request=1`` (the default) sends each item as its own one-item request, as
     independent clients do; RCI codes a request's items together, so against RCI that is the
     only way to query the served one-item function. A server whose items are answered
     independently (no RCI, with or without input noise) gives the same answers to items sent
     several per request, which is much faster over HTTP. ``api_key`` is sent as
-    ``Authorization: Bearer`` (default: env ``CODEDSMOOTH_API_KEY``; see ``service.client``).
+    ``Authorization: Bearer`` (default: env ``CODEDSMOOTH_API_KEY``; see ``probe.transport``).
     ``model``: one model of a repository server (``serve --model-repository``), by name.
     """
 
@@ -163,13 +167,13 @@ class HttpTarget:
         api_key: str | None = None,
         model: str | None = None,
     ):
-        self.client = CodedSmoothClient(url, concurrency=concurrency, api_key=api_key, model=model)
+        transport = HttpTransport(url, api_key=api_key, concurrency=concurrency)
+        r = transport.get("/v1/models")
         try:
-            models = self.client.models()
-        except httpx.HTTPError as exc:
-            raise ConnectionError(f"cannot reach a server at {url}: {exc}") from None
-        except ServiceError as exc:
-            raise ConnectionError(f"{url} did not answer GET /v1/models: {exc}") from None
+            raise_for(r, f"{transport.url} did not answer GET /v1/models")
+        except EndpointRefused as exc:
+            raise ConnectionError(str(exc)) from None
+        models = r.json()
         named = [m for m in models if model is None or m["name"] == model]
         if not named:
             raise ValueError(f"{url} serves no model {model!r}; it serves {[m['name'] for m in models]}")
@@ -178,24 +182,40 @@ class HttpTarget:
         if self.spec.enabled and items_per_request != 1:
             raise ValueError("an RCI server codes a request's items together: query it with one-item requests")
         self.items_per_request = items_per_request
-        self.queries = 0
+        self.endpoint = Endpoint(
+            EndpointOptions(
+                url=url,
+                model=self.info["name"],
+                protocol="v2",
+                api_key=api_key,
+                layout="NCHW",
+                output="probabilities",
+                output_name=V2_PROBABILITIES,
+                concurrency=concurrency,
+                retries=MAX_RETRIES,
+                max_wait_s=MAX_RATE_WAIT_S,
+                binary=True,
+                items_per_request=items_per_request,
+            )
+        )
+
+    @property
+    def url(self) -> str:
+        return self.endpoint.url
+
+    @property
+    def queries(self) -> int:
+        return self.endpoint.queries
 
     @property
     def name(self) -> str:
-        return f"{self.client.url} ({self.spec.label()})"
+        return f"{self.url} ({self.spec.label()})"
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
-        self.queries += len(x)
-        items = x.detach().cpu().numpy().astype(np.float32)
-        if self.items_per_request == 1:
-            return torch.from_numpy(self.client.predict_each(items))
-        step = self.items_per_request
-        return torch.from_numpy(
-            np.concatenate([self.client.predict(items[i : i + step]) for i in range(0, len(items), step)])
-        )
+        return self.endpoint.predict_proba(x)
 
     def close(self) -> None:
-        self.client.close()
+        self.endpoint.close()
 
 
 def is_randomized(target) -> bool:

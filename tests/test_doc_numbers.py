@@ -11,8 +11,8 @@ code, link targets and comments are not prose). It passes when it lies
 - in a region marked as not checked, with its reason: ``<!-- unchecked: REASON -->`` …
   ``<!-- /unchecked -->`` (recorded measurements whose output was not kept, other people's results);
 - or when it equals, at the precision it is written with, a number of a source: docs/RESULTS.json
-  or a committed benchmark run under benchmarks/results/ (as written, as a percentage of a
-  fraction, or a mean or sd over a method's seeds).
+  or a committed benchmark run under benchmarks/results/, or a committed audit's card under docs/audits/
+  (as written, as a percentage of a fraction, or a mean or sd over a method's seeds).
 
 Excluded by rule: integers without a unit (counts, sizes, ports, steps), thresholds (after ≥, ≤, <, >,
 "at least", "at most"), coefficients of a formula (1.5K, 2.5·ε), versions (a number right after a
@@ -33,14 +33,19 @@ from pathlib import Path
 
 import pytest
 
+from codedsmooth.probe.audit.table import AUDITS, load_cards, page_block, render_audits
 from codedsmooth.probe.costs import BENCH, RESULTS, readme_block, render_costs
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 PAGES = [README, *(p for p in sorted((ROOT / "docs").glob("*.md")) if p.name != "RESULTS.md")]
-SOURCES = [ROOT / RESULTS, *sorted((ROOT / "benchmarks" / "results").glob("*.json"))]
+SOURCES = [
+    ROOT / RESULTS,
+    *sorted((ROOT / "benchmarks" / "results").glob("*.json")),
+    *sorted((ROOT / AUDITS).glob("*.json")),  # the audits' cards (their per-image state lies under state/)
+]
 FENCE = re.compile(r"^```[^\n]*\n.*?^```", re.MULTILINE | re.DOTALL)
-RENDERED = {"rci-costs"}  # generated blocks, each checked by a test below
+RENDERED = {"rci-costs", "audits"}  # generated blocks, each checked by a test below
 GENERATED = re.compile(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", re.DOTALL)
 UNCHECKED = re.compile(r"<!-- unchecked:(.*?)-->.*?<!-- /unchecked -->", re.DOTALL)
 CHECKED_BY = re.compile(r"<!-- checked-by: (\w+) -->.*?<!-- /checked-by -->", re.DOTALL)
@@ -245,3 +250,34 @@ def test_results_md_is_the_rendering_of_results_json(tmp_path):
     assert (tmp_path / "RESULTS.md").read_text(encoding="utf-8") == (ROOT / "docs" / "RESULTS.md").read_text(
         encoding="utf-8"
     )
+
+
+def test_robustness_audit_table_is_the_rendered_one():
+    """docs/robustness.md's audit table is the rendering of the committed audit cards (docs/audits/*.json)."""
+    cards = load_cards(ROOT / AUDITS)
+    assert set(cards) == {
+        "default-rci-on",
+        "default-rci-off",
+        "default-labels",
+        "mlserver",
+        "erm-rci-off",
+        "erm-rci-on",
+    }
+    page = (ROOT / "docs" / "robustness.md").read_text(encoding="utf-8")
+    assert page_block(page) == render_audits(cards), (
+        "robustness.md's audit table is stale: run `python -m codedsmooth.probe.audit.table --write`"
+    )
+
+
+def test_the_audit_prose_quotes_the_cards_and_a_wrong_figure_is_caught(source_values):
+    """The label-only validation's prose in robustness.md is matched against the audit cards: its figures are
+    among the cards' numbers, and a figure the cards do not give is reported."""
+    page = (ROOT / "docs" / "robustness.md").read_text(encoding="utf-8")
+    section = page.split("### Audits of this server and of MLServer")[1].split("\n## ")[0]
+    audit_values: list[tuple[str, float]] = []
+    for path in sorted((ROOT / AUDITS).glob("*.json")):
+        _leaves(json.loads(path.read_text(encoding="utf-8")), audit_values)
+    found = claims(section)
+    assert len(found) >= 4, found
+    assert [c for c in found if not matches(c[0], c[1], audit_values)] == []
+    assert [t for t, u, _ in claims("RayS leaves 41.3 % of the images") if not matches(t, u, audit_values)]

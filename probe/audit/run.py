@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from codedsmooth.models import Checkpoint
 from codedsmooth.models.card import (
     CARD_FILE,
     AuditRun,
@@ -48,8 +49,13 @@ from ..samples import balanced_order
 from ..stats import wilson
 from ..weights import sha256
 from .state import AuditState
+from .transfer import SurrogateTransfer
 
-AUDIT_ATTACKS = {"square": "square", "decision": "rays"}  # the audit's name -> the registry's (probe.attacks.ATTACKS)
+AUDIT_ATTACKS: dict[str, Any] = {  # the audit's name -> its class: the registry's own (probe.attacks.ATTACKS)
+    "square": ATTACKS["square"],
+    "decision": ATTACKS["rays"],
+    "transfer": SurrogateTransfer,  # the report's transfer source, from --surrogate
+}
 AUDIT_DATA = ("mnist", "fashion-mnist", "imagefolder", "digits")
 RANDOM_ATOL = 1e-4  # answers closer than this are the same (a batch's float rounding differs with its size)
 
@@ -92,8 +98,16 @@ class AuditConfig:
     attack: list[str] = field(
         default_factory=lambda: ["square", "decision"],
         metadata={
-            "help": "square: adaptive Square (needs scores); decision: RayS, label-only, majority votes",
+            "help": "square: adaptive Square (needs scores); decision: RayS, label-only, majority votes; "
+            "transfer: APGD-CE adversarials of --surrogate, sent and confirmed (added when --surrogate is given)",
             "choices": tuple(AUDIT_ATTACKS),
+        },
+    )
+    surrogate: str | None = field(
+        default=None,
+        metadata={
+            "help": "a local checkpoint for the same data (not the endpoint's weights): its white-box adversarials are "
+            "the transfer attack, each sent to the endpoint and confirmed"
         },
     )
     budget: int = field(default=500, metadata={"help": "queries per image per attack, confirmations included"})
@@ -136,6 +150,13 @@ class AuditConfig:
         metadata={"help": "v2: the output to read (default: the first score output, else the first label output)"},
     )
     concurrency: int = field(default=8, metadata={"help": "requests in flight"})
+    binary: bool = field(
+        default=False,
+        metadata={
+            "help": "v2: send and read binary tensors (the binary data extension of Triton and this server; not MLServer): "
+            "the same answers, far less parsing per query"
+        },
+    )
     chunk: int = field(
         default=5, metadata={"help": "images attacked together; each chunk's results are saved as it ends"}
     )
@@ -167,6 +188,12 @@ class AuditConfig:
             raise ValueError("--url is required: the endpoint to audit")
         if not 0 <= self.eps <= 1:
             raise ValueError(f"eps must lie in [0, 1] (pixels in [0, 1]), got {self.eps}")
+        if self.surrogate and "transfer" not in self.attack:
+            self.attack = [*self.attack, "transfer"]
+        if "transfer" in self.attack and not self.surrogate:
+            raise ValueError(
+                "--attack transfer needs --surrogate CHECKPOINT: the local model whose adversarials transfer"
+            )
         unknown = [a for a in self.attack if a not in AUDIT_ATTACKS]
         if unknown or not self.attack:
             raise ValueError(f"unknown attack(s) {unknown}; known: {list(AUDIT_ATTACKS)}")
@@ -199,6 +226,7 @@ class AuditConfig:
             output_name=self.output_name,
             concurrency=self.concurrency,
             max_queries=self.max_queries,
+            binary=self.binary,
         )
 
     def settings(self) -> dict[str, Any]:
@@ -207,6 +235,7 @@ class AuditConfig:
             "api_key",
             "max_queries",
             "concurrency",
+            "binary",
             "card",
             "plot",
             "write_card",
@@ -293,9 +322,11 @@ def _attack(
     y: torch.Tensor,
     todo: list[int],
     votes: int,
+    surrogate: Checkpoint | None = None,
 ) -> str | None:
     """Attack images ``todo`` (positions in the sample) chunk by chunk; returns why it stopped early, if it did."""
-    cls = ATTACKS[AUDIT_ATTACKS[name]]
+    cls = AUDIT_ATTACKS[name]
+    extra = {"surrogate": surrogate} if name == "transfer" else {}
     done = state.attacks.setdefault(name, {})
     left = [i for i in todo if str(i) not in done]
     bar = _progress(len(todo), name, cfg.progress)
@@ -305,9 +336,8 @@ def _attack(
             part = left[start : start + cfg.chunk]
             sent = endpoint.queries
             try:
-                query_only = cls.query_only  # type: ignore[attr-defined]  # AUDIT_ATTACKS names only attacks that have it
-                out = query_only(
-                    endpoint, x[part], y[part], cfg.eps, cfg.budget, votes, cfg.confirm, cfg.seed + part[0]
+                out = cls.query_only(
+                    endpoint, x[part], y[part], cfg.eps, cfg.budget, votes, cfg.confirm, cfg.seed + part[0], **extra
                 )
             except QueryCapReached as exc:
                 return str(exc)
@@ -339,9 +369,15 @@ def audit_command(cfg: AuditConfig, command: str = "codedsmooth audit") -> Robus
     settings = cfg.settings()
     state = AuditState.open(state_path, settings, cfg.resume)
     started = time.monotonic()
+    surrogate = _surrogate(cfg)  # refused before any query, as --write-card is
     endpoint = Endpoint(cfg.endpoint_options(), Traffic.from_dict(state.traffic) if state.traffic else None)
     try:
         idx, x, y, classes = _data(cfg, endpoint)
+        if surrogate is not None and tuple(surrogate.input_shape) != tuple(x.shape[1:]):
+            raise ValueError(
+                f"--surrogate {cfg.surrogate}: it takes inputs of shape {list(surrogate.input_shape)}, "
+                f"the {cfg.data} images are {list(x.shape[1:])}"
+            )
         if state.clean is None:
             state.clean = _clean(cfg, endpoint, x, y)
             state.traffic = endpoint.traffic.as_dict()
@@ -361,24 +397,40 @@ def audit_command(cfg: AuditConfig, command: str = "codedsmooth audit") -> Robus
         todo = correct.nonzero().flatten().tolist()
         stopped: dict[str, str] = {}
         for name in cfg.attack:
-            cls = ATTACKS[AUDIT_ATTACKS[name]]
+            cls = AUDIT_ATTACKS[name]
             if getattr(cls, "access", "labels") == "scores" and not clean["returns_scores"]:
                 continue
             if name in stopped or stopped:
                 continue
-            why = _attack(cfg, name, endpoint, state, state_path, x, y, todo, votes)
+            why = _attack(cfg, name, endpoint, state, state_path, x, y, todo, votes, surrogate)
             if why:
                 stopped[name] = why
         state.wall_s += time.monotonic() - started
         state.traffic = endpoint.traffic.as_dict()
         state.save(state_path)
-        card = build_card(cfg, endpoint, state, idx, y, votes, stopped, command, endpoint.layout(tuple(x.shape[1:])))
+        named = (
+            (surrogate.name, surrogate.sha256 or sha256(surrogate.path / "model.safetensors")) if surrogate else None
+        )
+        layout = endpoint.layout(tuple(x.shape[1:]))
+        card = build_card(cfg, endpoint, state, idx, y, votes, stopped, command, layout, named)
     finally:
         endpoint.close()
     write_card(card, card_path, cfg.plot)
     if cfg.write_card:
         write_checkpoint_card(card, Path(cfg.write_card))
     return card
+
+
+def _surrogate(cfg: AuditConfig) -> Checkpoint | None:
+    """The transfer attack's local model (``--surrogate``), loaded and validated."""
+    if not cfg.surrogate:
+        return None
+    from codedsmooth.models import CheckpointError, load_checkpoint
+
+    try:
+        return load_checkpoint(cfg.surrogate)
+    except (CheckpointError, FileNotFoundError, OSError) as exc:
+        raise ValueError(f"--surrogate {cfg.surrogate}: {exc}") from None
 
 
 def _checkpoint_dir(path: Path) -> Path:
@@ -438,6 +490,7 @@ def build_card(
     stopped: dict[str, str],
     command: str,
     layout: str,
+    surrogate: tuple[str, str] | None = None,
 ) -> RobustnessCard:
     """The audit as a robustness card (``source: audit``): a measurement per complete attack (and the per-image
     worst case of several), the rest in ``audit.unfinished`` with the reason."""
@@ -450,10 +503,15 @@ def build_card(
     unfinished: list[Unfinished] = []
     robust_all, complete_names, accesses = list(correct), [], set()
     for name in cfg.attack:
-        cls = ATTACKS[AUDIT_ATTACKS[name]]
+        cls = AUDIT_ATTACKS[name]
         access = getattr(cls, "access", "labels")
         label = f"{name}: {cls.__name__}, {cfg.budget:,} queries per image over HTTP"
-        threat = THREAT[access]
+        if name == "transfer" and surrogate is not None:
+            label = (
+                f"transfer: APGD-CE {cls.steps} steps on surrogate {surrogate[0]} (SHA-256 {surrogate[1][:12]}), "
+                f"each adversarial sent and confirmed by {max(cfg.confirm, 1)} queries over HTTP"
+            )
+        threat = getattr(cls, "threat", None) or THREAT[access]
         if access == "scores" and not clean["returns_scores"]:
             unfinished.append(
                 Unfinished(
@@ -533,6 +591,11 @@ def build_card(
     ]
     if not clean["returns_scores"]:
         notes.append("label-only endpoint: the decision attack only")
+    if surrogate is not None:
+        notes.append(
+            f"transfer surrogate: {surrogate[0]}, model.safetensors SHA-256 {surrogate[1]} (a local model; "
+            "its adversarials cost no query, only their confirmations)"
+        )
     return RobustnessCard(
         source="audit",
         model=CardEndpoint(
