@@ -1,3 +1,6 @@
+import fcntl
+import os
+
 import pytest
 import torch
 
@@ -24,3 +27,37 @@ def tiny_checkpoint(tmp_path_factory, digits):
 def _fixed_threads():
     torch.set_num_threads(2)
     yield
+
+
+# ---- parallel runs (pytest-xdist, ``-n 2 --dist loadgroup``; see tests/README.md) -------------------------------
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under ``--dist loadgroup`` a module's tests run on one worker, so its module-scoped servers and models
+    are made once; every Ray test shares one group, so two local Ray clusters never share the machine's cores.
+    (Marks only: without xdist they change nothing.)"""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            group = "ray" if item.get_closest_marker("ray") else item.module.__name__
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.fixture(autouse=True)
+def _alone_when_marked(request, tmp_path_factory):
+    """Under xdist, a test marked ``alone`` (it loads the CPUs on purpose, or bounds latencies) runs while no other
+    worker runs a test: it takes an exclusive lock that every other test takes shared. A turnstile lock, taken
+    first by both, keeps the exclusive taker from waiting forever behind back-to-back shared ones."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    root = tmp_path_factory.getbasetemp().parent  # shared by the workers of one run
+    exclusive = request.node.get_closest_marker("alone") is not None
+    with open(root / "alone.turnstile", "a") as turnstile, open(root / "alone.lock", "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -190,6 +190,7 @@ def _busy_env():
     return {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # threads as a user gets them
 
 
+@pytest.mark.alone  # busy-loops on every core: nothing else may run beside it
 def test_a_rank_killed_on_a_busy_host_resumes_from_the_last_saved_epoch(tmp_path):
     out = tmp_path / "busy"
     cmd = CLI + [
@@ -228,6 +229,7 @@ def test_a_rank_killed_on_a_busy_host_resumes_from_the_last_saved_epoch(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]  # the resume state is gone once done
 
 
+@pytest.mark.alone  # busy-loops on every core: nothing else may run beside it
 def test_a_run_that_dies_before_any_epoch_says_how_to_go_on(tmp_path):
     cmd = CLI + ["--method", "erm", "--epochs", "3", "--nproc", "2", "--out", str(tmp_path / "early")]
     with cpu_contention():

@@ -707,6 +707,7 @@ def _load_in_background(url: str, name: str) -> tuple[threading.Thread, list]:
     return thread, answer
 
 
+@pytest.mark.alone  # bounds another model's latency during the load
 def test_a_fifo_in_a_model_directory_is_refused_at_once_while_another_model_answers(
     tmp_path, tiny_checkpoint, erm_checkpoint, digits
 ):
@@ -737,6 +738,7 @@ def test_a_fifo_in_a_model_directory_is_refused_at_once_while_another_model_answ
         assert index["piped"]["state"] == "UNAVAILABLE" and "FIFO" in index["piped"]["reason"]
 
 
+@pytest.mark.alone  # bounds another model's latency during the load
 def test_a_stuck_load_fails_at_its_timeout_while_the_shared_model_thread_serves(
     tmp_path, tiny_checkpoint, erm_checkpoint, digits, monkeypatch
 ):
