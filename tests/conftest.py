@@ -23,6 +23,16 @@ def tiny_checkpoint(tmp_path_factory, digits):
     return out
 
 
+@pytest.fixture(scope="session")
+def plain_erm_checkpoint(tmp_path_factory, digits):
+    """A plain ERM CNN on digits (no coding), the model the label-only attacks are validated on; read-only."""
+    out = tmp_path_factory.mktemp("ckpt-erm") / "erm"
+    train(
+        TrainConfig(method="erm", epochs=3, width=8, batch_size=16, out=str(out), progress=False, seed=0), data=digits
+    )
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _fixed_threads():
     torch.set_num_threads(2)
