@@ -1,5 +1,8 @@
+import dataclasses
 import fcntl
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,25 +15,37 @@ def digits():
     return load_dataset("digits")
 
 
+def _trained_once(tmp_path_factory, name: str, cfg: TrainConfig, data) -> Path:
+    """The checkpoint ``cfg`` trains, made once per run: under xdist the first worker trains it into the run's
+    shared temporary directory (under a lock) and the others read it (the tests only read checkpoints)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        out = tmp_path_factory.mktemp(name) / name
+        train(dataclasses.replace(cfg, out=str(out)), data=data)
+        return out
+    root = tmp_path_factory.getbasetemp().parent / "shared-checkpoints"
+    root.mkdir(exist_ok=True)
+    out, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)  # left by a worker that failed half-way
+            train(dataclasses.replace(cfg, out=str(out)), data=data)
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, digits):
     """A small coded-smoothing CNN on digits, trained in a few seconds."""
-    out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    cfg = TrainConfig(
-        method="coded", epochs=4, width=8, batch_size=16, out=str(out), progress=False, seed=0, filler_size=32
-    )
-    train(cfg, data=digits)
-    return out
+    cfg = TrainConfig(method="coded", epochs=4, width=8, batch_size=16, progress=False, seed=0, filler_size=32)
+    return _trained_once(tmp_path_factory, "tiny", cfg, digits)
 
 
 @pytest.fixture(scope="session")
 def plain_erm_checkpoint(tmp_path_factory, digits):
-    """A plain ERM CNN on digits (no coding), the model the label-only attacks are validated on; read-only."""
-    out = tmp_path_factory.mktemp("ckpt-erm") / "erm"
-    train(
-        TrainConfig(method="erm", epochs=3, width=8, batch_size=16, out=str(out), progress=False, seed=0), data=digits
-    )
-    return out
+    """A plain ERM CNN on digits (no coding), the model the label-only attacks are validated on."""
+    cfg = TrainConfig(method="erm", epochs=3, width=8, batch_size=16, progress=False, seed=0)
+    return _trained_once(tmp_path_factory, "erm", cfg, digits)
 
 
 @pytest.fixture(autouse=True)
