@@ -54,18 +54,57 @@ def _fixed_threads():
     yield
 
 
-# ---- parallel runs (pytest-xdist, ``-n 2 --dist loadgroup``; see tests/README.md) -------------------------------
+# ---- parallel runs (pytest-xdist, ``-n 2``; see tests/README.md) ----------------------------------------------------
+
+RAY_MODULES = "test_ray_"  # modules that start Ray are named so: the parallel scheduler runs them one after another
+FIRST = ("ray", "test_distributed.py", "test_report.py", "test_docker.py", "test_attacks.py", "test_repository.py")
 
 
-@pytest.hookimpl(tryfirst=True)
+class _ByModule:
+    """pytest-xdist's scheduler for ``-n N`` (its default ``--dist load``): each module's tests on one worker, so
+    its module-scoped servers and models are made once; every Ray module in one unit, so two local Ray clusters
+    never share the cores; the longest units first, so none starts last and leaves the other worker idle.
+    (pytest-xdist's own ``loadgroup`` marks no longer take effect on pytest 9.)"""
+
+    @pytest.hookimpl
+    def pytest_xdist_make_scheduler(self, config, log):
+        if config.getvalue("dist") != "load":
+            return None  # an explicit --dist is the caller's choice
+        from xdist.scheduler import LoadFileScheduling
+
+        class ByModule(LoadFileScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                path = super()._split_scope(nodeid)
+                return "ray" if Path(path).name.startswith(RAY_MODULES) else path
+
+            def _assign_work_unit(self, node) -> None:
+                def rank(unit: str) -> tuple[int, int]:
+                    name = Path(unit).name
+                    return (FIRST.index(name) if name in FIRST else len(FIRST), -len(self.workqueue[unit]))
+
+                for unit in sorted(self.workqueue, key=rank):
+                    self.workqueue.move_to_end(unit)
+                super()._assign_work_unit(node)
+
+        return ByModule(config, log)
+
+
+def pytest_configure(config):
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_ByModule(), "codedsmooth-by-module")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under ``--dist loadgroup`` a module's tests run on one worker, so its module-scoped servers and models
-    are made once; every Ray test shares one group, so two local Ray clusters never share the machine's cores.
-    (Marks only: without xdist they change nothing.)"""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            group = "ray" if item.get_closest_marker("ray") else item.module.__name__
-            item.add_marker(pytest.mark.xdist_group(group))
+    """A module that starts Ray must be named ``test_ray_*.py`` (the parallel scheduler groups them by name)."""
+    misnamed = sorted(
+        {
+            item.path.name
+            for item in items
+            if item.get_closest_marker("ray") and not item.path.name.startswith(RAY_MODULES)
+        }
+    )
+    if misnamed:
+        raise pytest.UsageError(f"modules marked ray must be named {RAY_MODULES}*.py: {misnamed}")
 
 
 @pytest.fixture(autouse=True)
