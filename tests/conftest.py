@@ -57,7 +57,19 @@ def _fixed_threads():
 # ---- parallel runs (pytest-xdist, ``-n 2``; see tests/README.md) ----------------------------------------------------
 
 RAY_MODULES = "test_ray_"  # modules that start Ray are named so: the parallel scheduler runs them one after another
-FIRST = ("ray", "test_distributed.py", "test_report.py", "test_docker.py", "test_attacks.py", "test_repository.py")
+FIRST = (  # the longest units, longest first (the rest: most tests first)
+    "ray",
+    "test_distributed.py",
+    "test_report.py",
+    "test_docker.py",
+    "test_attacks.py",
+    "test_repository.py",
+    "test_audit.py",
+    "test_art_agreement.py",
+    "test_fast_at.py",
+    "test_trainer.py",
+    "test_adversarial_methods.py",
+)
 
 
 class _ByModule:
