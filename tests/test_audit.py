@@ -19,7 +19,7 @@ from codedsmooth.probe.audit import AuditConfig, audit_command
 from codedsmooth.probe.audit.run import write_checkpoint_card
 from codedsmooth.probe.samples import balanced_order
 from codedsmooth.service.access.keys import add_key
-from codedsmooth.train import TrainConfig, as_float, train
+from codedsmooth.train import as_float
 
 SCHEMA = Path(__file__).resolve().parent.parent / "docs" / "card.schema.json"
 SMALL = {"data": "digits", "images": 6, "eps": 0.3, "budget": 40, "chunk": 3, "progress": False}
@@ -198,13 +198,9 @@ def test_resume_continues_after_the_cap_and_recomputes_nothing(plain_server, tmp
     assert traffic(third).queries == traffic(second).queries and third.measurements == second.measurements
 
 
-def test_rays_over_http_breaks_a_plain_model_at_eps_0_3(digits, tmp_path):
+def test_rays_over_http_breaks_a_plain_model_at_eps_0_3(plain_erm_checkpoint, tmp_path):
     """The label-only attack's validation: an ERM model behind the server falls to about 0 % at ε = 0.3."""
-    train(
-        TrainConfig(method="erm", epochs=3, width=8, batch_size=16, out=str(tmp_path / "erm"), progress=False, seed=0),
-        data=digits,
-    )
-    with running_server(tmp_path / "erm", rci=False, max_delay_ms=1) as server:
+    with running_server(plain_erm_checkpoint, rci=False, max_delay_ms=1) as server:
         card = audit_command(
             AuditConfig(
                 url=server.url,

@@ -8,7 +8,6 @@ from codedsmooth.probe.evaluate import AttackConfig, run_attack
 from codedsmooth.probe.rays import rays_attack
 from codedsmooth.probe.runner import evaluation_data
 from codedsmooth.probe.targets import InProcessTarget, RCIModel
-from codedsmooth.train import TrainConfig, train
 
 
 def test_rays_finds_the_l_inf_distance_to_a_linear_boundary():
@@ -32,12 +31,8 @@ def test_rays_finds_the_l_inf_distance_to_a_linear_boundary():
     torch.testing.assert_close(found, exact, atol=2e-3, rtol=0)
 
 
-def test_rays_drives_a_plain_models_accuracy_to_about_zero(tmp_path, digits):
-    train(
-        TrainConfig(method="erm", epochs=3, width=8, batch_size=16, out=str(tmp_path / "erm"), progress=False, seed=0),
-        data=digits,
-    )
-    ck = load_checkpoint(tmp_path / "erm")
+def test_rays_drives_a_plain_models_accuracy_to_about_zero(plain_erm_checkpoint):
+    ck = load_checkpoint(plain_erm_checkpoint)
     x, y, pool = evaluation_data(ck, 40)
     target = InProcessTarget(RCIModel(ck, ck.coding_spec(enabled=False)))
     with torch.no_grad():

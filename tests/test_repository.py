@@ -66,6 +66,13 @@ def repo(tmp_path_factory, tiny_checkpoint, erm_checkpoint):
     return make_repository(tmp_path_factory.mktemp("repo") / "models", tiny_checkpoint, erm_checkpoint)
 
 
+@pytest.fixture(scope="module")
+def repo_server(repo):
+    """One server of ``repo`` (RCI off) for the tests that only read from it."""
+    with running_server(None, model_repository=repo, rci=False) as server:
+        yield server
+
+
 def v1(url, name, x) -> np.ndarray:
     path = "/v1/predict" if name is None else f"/v1/models/{name}/predict"
     r = httpx.post(url + path, json={"inputs": x.tolist()}, timeout=30)
@@ -129,12 +136,14 @@ def triton(url, name, x) -> np.ndarray:
         client.close()
 
 
-def test_each_model_answers_exactly_as_a_single_checkpoint_server_of_it(repo, tiny_checkpoint, erm_checkpoint, digits):
+def test_each_model_answers_exactly_as_a_single_checkpoint_server_of_it(
+    repo_server, tiny_checkpoint, erm_checkpoint, digits
+):
     x = digits.test_x[:5]
-    with running_server(None, model_repository=repo, rci=False) as server:
-        got = {name: [f(server.url, name, x) for f in (v1, v2_json, v2_binary, triton)] for name in ("coded", "erm")}
-        listed = httpx.get(server.url + "/v1/models").json()
-        index = httpx.post(server.url + "/v2/repository/index").json()
+    server = repo_server
+    got = {name: [f(server.url, name, x) for f in (v1, v2_json, v2_binary, triton)] for name in ("coded", "erm")}
+    listed = httpx.get(server.url + "/v1/models").json()
+    index = httpx.post(server.url + "/v2/repository/index").json()
     assert [m["name"] for m in listed] == ["coded", "erm"]
     assert index == [
         {"name": "coded", "version": "1", "state": "READY"},
@@ -156,23 +165,23 @@ def test_each_model_answers_exactly_as_a_single_checkpoint_server_of_it(repo, ti
     assert np.abs(got["coded"][0] - got["erm"][0]).max() > 1e-3
 
 
-def test_unknown_models_get_404_with_the_json_body_and_no_default_means_naming_one(repo, digits):
+def test_unknown_models_get_404_with_the_json_body_and_no_default_means_naming_one(repo_server, digits):
     item = {"inputs": digits.test_x[:1].tolist()}
-    with running_server(None, model_repository=repo, rci=False) as server:
-        for method, path in (
-            ("POST", "/v1/models/nope/predict"),
-            ("POST", "/v2/models/nope/infer"),
-            ("GET", "/v2/models/nope"),
-            ("GET", "/v2/models/nope/ready"),
-        ):
-            r = httpx.request(method, server.url + path, json=item)
-            assert r.status_code == 404 and "unknown model 'nope'" in r.json()["error"], (path, r.text)
-        r = httpx.post(server.url + "/v1/predict", json=item)
-        assert r.status_code == 404 and "--default-model" in r.json()["error"]
-        r = httpx.post(server.url + "/v2/repository/models/erm/unload")
-        assert r.status_code == 403 and "--model-control explicit" in r.json()["error"]
-        assert httpx.get(server.url + "/v2/models/erm/versions/2").status_code == 404
-        assert httpx.get(server.url + "/v2/models/erm/versions/1/ready").status_code == 200
+    server = repo_server
+    for method, path in (
+        ("POST", "/v1/models/nope/predict"),
+        ("POST", "/v2/models/nope/infer"),
+        ("GET", "/v2/models/nope"),
+        ("GET", "/v2/models/nope/ready"),
+    ):
+        r = httpx.request(method, server.url + path, json=item)
+        assert r.status_code == 404 and "unknown model 'nope'" in r.json()["error"], (path, r.text)
+    r = httpx.post(server.url + "/v1/predict", json=item)
+    assert r.status_code == 404 and "--default-model" in r.json()["error"]
+    r = httpx.post(server.url + "/v2/repository/models/erm/unload")
+    assert r.status_code == 403 and "--model-control explicit" in r.json()["error"]
+    assert httpx.get(server.url + "/v2/models/erm/versions/2").status_code == 404
+    assert httpx.get(server.url + "/v2/models/erm/versions/1/ready").status_code == 200
 
 
 async def _flood(url, name, n, x):
@@ -707,6 +716,7 @@ def _load_in_background(url: str, name: str) -> tuple[threading.Thread, list]:
     return thread, answer
 
 
+@pytest.mark.alone  # bounds another model's latency during the load
 def test_a_fifo_in_a_model_directory_is_refused_at_once_while_another_model_answers(
     tmp_path, tiny_checkpoint, erm_checkpoint, digits
 ):
@@ -737,6 +747,7 @@ def test_a_fifo_in_a_model_directory_is_refused_at_once_while_another_model_answ
         assert index["piped"]["state"] == "UNAVAILABLE" and "FIFO" in index["piped"]["reason"]
 
 
+@pytest.mark.alone  # bounds another model's latency during the load
 def test_a_stuck_load_fails_at_its_timeout_while_the_shared_model_thread_serves(
     tmp_path, tiny_checkpoint, erm_checkpoint, digits, monkeypatch
 ):
