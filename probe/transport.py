@@ -111,7 +111,7 @@ class HttpTransport:
         try:
             return httpx.get(self.url + path, headers=self.headers, timeout=self.timeout_s)
         except httpx.HTTPError as exc:
-            raise ConnectionError(f"cannot reach {self.url}: {exc}") from None
+            raise ConnectionError(f"cannot reach a server at {self.url}: {exc}") from None
 
     def charge(self, items: int) -> None:
         """Count ``items`` queries before they are sent; refused past the cap (nothing is counted then)."""

@@ -70,9 +70,13 @@ class LocalServer:
                 output = self.proc.stdout.read() if self.proc.stdout else ""
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {output}")
             try:
-                if httpx.get(self.url + "/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
+                r = httpx.get(self.url + "/health/ready", timeout=1)
+                # this server's own answer: another process that took the port between free_port() and the
+                # bind (a second server's metrics listener, say) answers something else
+                if r.status_code == 200 and r.headers.get("content-type", "").startswith("application/json"):
+                    if r.json().get("status") == "ok":
+                        return
+            except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(0.1)
         raise TimeoutError(f"server at {self.url} not ready after {timeout:.0f}s")
@@ -89,11 +93,26 @@ class LocalServer:
         return self.proc.returncode
 
 
+PORT_TAKEN = "already in use"  # serve's one-line error when it cannot bind a port
+START_ATTEMPTS = 3
+
+
 @contextmanager
 def local_server(checkpoint=None, **settings):
-    server = LocalServer(checkpoint, **settings)
+    """A ready server; started again on other free ports when one of its ports was taken before it could bind."""
+    for attempt in range(START_ATTEMPTS):
+        server = LocalServer(checkpoint, **settings)
+        try:
+            server.wait_ready()
+            break
+        except RuntimeError as exc:
+            server.terminate()
+            if PORT_TAKEN not in str(exc).lower() or attempt == START_ATTEMPTS - 1:
+                raise
+        except BaseException:
+            server.terminate()
+            raise
     try:
-        server.wait_ready()
         yield server
     finally:
         server.terminate()
