@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
+
+from .blocks import generated_block
 
 BEGIN, END = "<!-- rci-costs:begin -->", "<!-- rci-costs:end -->"
 RESULTS = "docs/RESULTS.json"
@@ -158,10 +159,7 @@ def render_costs(results: dict, bench: dict, results_path: str = RESULTS, bench_
 
 def readme_block(readme: str) -> str:
     """The README's current block, markers included; ValueError when the markers are missing."""
-    m = re.search(re.escape(BEGIN) + r".*?" + re.escape(END), readme, re.DOTALL)
-    if not m:
-        raise ValueError(f"README has no {BEGIN} … {END} block")
-    return m.group(0)
+    return generated_block(readme, BEGIN, END)
 
 
 def replace_block(readme: str, block: str) -> str:

@@ -9,11 +9,12 @@ it does not hold. ``python -m codedsmooth.probe.audit.table --write`` rewrites t
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 from codedsmooth.models.card import RobustnessCard, read_card
+
+from ..blocks import generated_block
 
 AUDITS = "docs/audits"
 PAGE = "docs/robustness.md"
@@ -102,10 +103,8 @@ def render_audits(cards: dict[str, RobustnessCard]) -> str:
 
 
 def page_block(page: str) -> str:
-    m = re.search(re.escape(BEGIN) + r".*?" + re.escape(END), page, re.DOTALL)
-    if not m:
-        raise ValueError(f"no {BEGIN} … {END} block")
-    return m.group(0)
+    """The page's current audits table, markers included; ValueError when the markers are missing."""
+    return generated_block(page, BEGIN, END)
 
 
 def main(argv: list[str] | None = None) -> int:
