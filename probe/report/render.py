@@ -204,7 +204,8 @@ def _data_lines(r: dict, sizes: dict) -> list[str]:
         head = (
             "- **Data**: Fashion-MNIST, the standard split (28×28 grey garments, 10 classes)"
             + (f": {n_train:,} training and {n_test:,} test images" if n_train else f": {n_test:,} test images")
-            + ", read from the four IDX files of Debian's `dataset-fashion-mnist` (`/usr/share/datasets/fashion-mnist`). "
+            + ", read from its four standard IDX files (where `--data fashion-mnist` finds them: `--data-dir`, "
+            "`$CODEDSMOOTH_FASHION_MNIST_DIR`, or Debian's `dataset-fashion-mnist` in `/usr/share/datasets/fashion-mnist`). "
             f"Clean accuracy uses all {n_test:,} test images; "
         )
     if "samples" not in r:
